@@ -1,0 +1,23 @@
+# quota-gw — `make dev` runs the product, `make test` passes the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test test-long bench venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(VENV)/bin/quota-gw dev --config examples/quota-gw.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-long: $(STAMP)
+	QUOTA_GW_SOAK=1 $(PY) -m pytest -q -m soak

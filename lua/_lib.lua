@@ -1,0 +1,430 @@
+-- Shared prelude, prepended to every operation script when it is registered.
+-- All money is integer tokens; Lua numbers are doubles, exact up to 2^53.
+-- Time comes from the Redis server (TIME), never from the caller.
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+-- Howard Hinnant's civil calendar algorithms (UTC), integer only.
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+
+-- End (unix seconds) of the period containing now_s: 'month', 'week' (Monday 00:00 UTC),
+-- 'day', or '<n>s' (fixed windows aligned to the epoch).
+local function period_end(spec, now_s)
+  local days = math.floor(now_s / 86400)
+  if spec == 'month' then
+    local y, m = civil_from_days(days)
+    if m == 12 then y = y + 1; m = 1 else m = m + 1 end
+    return days_from_civil(y, m, 1) * 86400
+  elseif spec == 'day' then
+    return (days + 1) * 86400
+  elseif spec == 'week' then
+    -- 1970-01-01 was a Thursday: days since the last Monday = (days + 3) % 7.
+    return (days - (days + 3) % 7 + 7) * 86400
+  end
+  local n = tonumber(string.match(spec, '^(%d+)s$'))
+  return (math.floor(now_s / n) + 1) * n
+end
+
+-- Derived event ids (period resets, expired holds) share the request's id but for the last
+-- two hex digits, so they are unique, stable and need no extra round trip.
+local function derived_id(base, i)
+  return string.sub(base, 1, 30) .. string.format('%02x', 128 + i)
+end
+
+-- The event sink: one XADD per balance change (or refusal) to the shard's stream.
+local Events = {}
+Events.__index = Events
+
+local function new_events(stream, base_id, now, org, key_id)
+  return setmetatable({stream = stream, base = base_id, n = 0, now = now, org = org, key = key_id}, Events)
+end
+
+-- e: {id?, kind, user, meter, feature, delta, dp, cost, bal, meta}
+function Events:add(e)
+  local id = e.id
+  if not id then
+    self.n = self.n + 1
+    id = derived_id(self.base, self.n)
+  end
+  redis.call('XADD', self.stream, '*',
+    'id', id, 'kind', e.kind, 'org', self.org, 'user', e.user or '', 'key', self.key,
+    'meter', e.meter or '', 'feature', e.feature or '',
+    'delta', fmt(e.delta or 0), 'dp', fmt(e.dp or 0), 'cost', fmt(e.cost or 0),
+    'bal', fmt(e.bal or 0), 'ts', fmt(self.now), 'meta', e.meta or '')
+  return id
+end
+
+-- Balance of one meter of one org, all in one hash per org (fields '<meter>:<f>') so that
+-- every meter an operation may touch is inside one declared key.
+--   a allocated left, p purchased left, h held by reservations, u used this period,
+--   pe period end (unix s), lim the allocation the period was granted (-1 unlimited).
+local Meter = {}
+Meter.__index = Meter
+
+local function load_meter(bal_key, meter)
+  local v = redis.call('HMGET', bal_key, meter .. ':a', meter .. ':p', meter .. ':h',
+    meter .. ':u', meter .. ':pe', meter .. ':lim')
+  return setmetatable({key = bal_key, m = meter,
+    a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = tonumber(v[3]) or 0,
+    u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]),
+    pending = {}}, Meter)
+end
+
+-- Brings the meter to the current period and plan, in memory only: `pending` holds the
+-- reset/adjust events that save() writes, so read-only callers see the same numbers.
+function Meter:refresh(alloc, spec, rollover, now_s)
+  if self.pe == nil or now_s >= self.pe then
+    local old_a = self.a
+    local new_a = 0
+    if alloc > 0 then
+      new_a = alloc
+      if rollover and self.pe ~= nil then new_a = old_a + alloc end
+    end
+    self.a = new_a
+    self.u = 0
+    self.pe = period_end(spec, now_s)
+    self.lim = alloc
+    table.insert(self.pending, {kind = 'reset', delta = new_a - old_a,
+      meta = cjson.encode({period_end = self.pe, allocation = alloc})})
+  elseif self.lim ~= alloc then
+    -- The plan (or its allocation) changed mid-period: move the allocation by the difference.
+    local old_a = self.a
+    local old_lim = self.lim or 0
+    if old_lim < 0 then old_lim = 0 end
+    local new_a = 0
+    if alloc > 0 then new_a = math.max(0, old_a + alloc - old_lim) end
+    self.a = new_a
+    self.lim = alloc
+    table.insert(self.pending, {kind = 'adjust', delta = new_a - old_a,
+      meta = cjson.encode({period_end = self.pe, allocation = alloc, reason = 'plan_change'})})
+  end
+end
+
+function Meter:unlimited()
+  return self.lim ~= nil and self.lim < 0
+end
+
+-- What can still be spent at org level (-1: unlimited).
+function Meter:available()
+  if self:unlimited() then return -1 end
+  return self.a + self.p - self.h
+end
+
+function Meter:balance()
+  return self.a + self.p
+end
+
+-- Draws allocated first, then purchased. Returns the purchased part.
+function Meter:charge(cost)
+  if self:unlimited() then
+    self.u = self.u + cost
+    return 0, 0
+  end
+  local from_a = math.min(self.a, cost)
+  local from_p = cost - from_a
+  self.a = self.a - from_a
+  self.p = self.p - from_p
+  self.u = self.u + cost
+  return from_a, from_p
+end
+
+function Meter:save(events, user, feature)
+  for _, e in ipairs(self.pending) do
+    e.user = user; e.meter = self.m; e.feature = feature; e.dp = 0; e.cost = 0
+    e.bal = self:balance()
+    events:add(e)
+  end
+  self.pending = {}
+  local m = self.m
+  redis.call('HSET', self.key, m .. ':a', fmt(self.a), m .. ':p', fmt(self.p), m .. ':h', fmt(self.h),
+    m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim))
+end
+
+-- Sub-quota of a user ('u:<id>') or team ('t:<name>') for one meter, in the org's quota hash.
+-- Usage resets when the org meter's period moves on.
+local Quota = {}
+Quota.__index = Quota
+
+local function load_quota(q_key, subject, meter, pe)
+  if subject == nil then return nil end
+  local f = subject .. ':' .. meter
+  local v = redis.call('HMGET', q_key, f .. ':lim', f .. ':used', f .. ':h', f .. ':pe')
+  local lim = tonumber(v[1])
+  if lim == nil then return nil end
+  local used = tonumber(v[2]) or 0
+  if tonumber(v[4]) ~= pe then used = 0 end
+  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = tonumber(v[3]) or 0, pe = pe,
+    subject = subject}, Quota)
+end
+
+function Quota:available()
+  return self.lim - self.used - self.h
+end
+
+function Quota:save()
+  redis.call('HSET', self.key, self.f .. ':used', fmt(self.used), self.f .. ':h', fmt(self.h),
+    self.f .. ':pe', fmt(self.pe))
+end
+
+-- GCRA on the server clock. interval_us = window / limit; burst = calls allowed at once.
+-- Returns allowed, new_tat, retry_after_us, remaining, reset_us.
+local function gcra(key, interval_us, burst, now)
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval_us
+  local allow_at = new_tat - burst * interval_us
+  if now < allow_at then
+    return false, tat, allow_at - now, 0, tat - now
+  end
+  local remaining = math.floor((now - allow_at) / interval_us)
+  return true, new_tat, 0, remaining, new_tat - now
+end
+
+-- Checks every configured rate limit without writing. rl = {{key, interval_us, burst}, ...}.
+-- Returns ok, retry_after_ms, limit, remaining, reset_s (of the tightest limit), writes.
+local function rate_limits(rl, now)
+  local ok, retry, writes = true, 0, {}
+  local best_limit, best_rem, best_reset = -1, -1, 0
+  for _, r in ipairs(rl) do
+    local allowed, tat, wait, rem, reset = gcra(r[1], r[2], r[3], now)
+    if not allowed then
+      ok = false
+      if wait > retry then retry = wait end
+    else
+      table.insert(writes, {r[1], tat, reset})
+    end
+    if best_rem < 0 or rem < best_rem then
+      best_limit, best_rem, best_reset = r[3], rem, reset
+    end
+  end
+  return ok, math.ceil(retry / 1000), best_limit, best_rem, math.ceil(best_reset / 1000000), writes
+end
+
+local function save_rate_limits(writes)
+  for _, w in ipairs(writes) do
+    redis.call('SET', w[1], fmt(w[2]), 'PX', math.max(1, math.ceil(w[3] / 1000)))
+  end
+end
+
+-- Reservations of an org: hash rid -> JSON record, and a zset of their expiries.
+local function release_hold(bal_key, q_key, rec, now_s)
+  local m = rec.m
+  redis.call('HINCRBY', bal_key, m .. ':h', -rec.held)
+  for _, subject in ipairs({rec.ut, rec.tt}) do
+    if subject and subject ~= '' then
+      redis.call('HINCRBY', q_key, subject .. ':' .. m .. ':h', -rec.held)
+    end
+  end
+end
+
+-- Returns expired holds (at most `max` a call, oldest first) to their meters.
+local function sweep_expired(rv_key, rx_key, bal_key, q_key, events, now, max)
+  local now_s = math.floor(now / 1000000)
+  local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s, 'LIMIT', 0, max)
+  for _, rid in ipairs(due) do
+    local raw = redis.call('HGET', rv_key, rid)
+    if raw then
+      local rec = cjson.decode(raw)
+      release_hold(bal_key, q_key, rec, now_s)
+      local bal = (tonumber(redis.call('HGET', bal_key, rec.m .. ':a')) or 0)
+        + (tonumber(redis.call('HGET', bal_key, rec.m .. ':p')) or 0)
+      events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f, bal = bal,
+        meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
+      redis.call('HDEL', rv_key, rid)
+    end
+    redis.call('ZREM', rx_key, rid)
+  end
+end
+
+-- The gate every decision (check, consume, reserve) goes through.
+-- KEYS: 1 bal, 2 quotas, 3 users, 4 rl user, 5 rl key, 6 rl org, 7 idem, 8 stream, 9 event record,
+--       10 reservations, 11 reservation expiries
+-- ARGV: 1 event_id, 2 org, 3 user, 4 key_id, 5 feature, 6 meter, 7 cost, 8 allocation (-1 unlimited),
+--       9 period, 10 rollover, 11..16 rate limits (interval_us, burst) for user, key, org (0 = none),
+--       17 auto-register users, 18 idempotency ttl s, 19 fingerprint, 20 metadata json, 21 shadow,
+--       22 event record ttl s, 23 op-specific (reservation ttl s)
+-- Returns the parsed request, the meter and levels, and a refusal (status, code, detail) or nil.
+local function gate(write)
+  local now = now_us()
+  local now_s = math.floor(now / 1000000)
+  local req = {
+    id = ARGV[1], org = ARGV[2], user = ARGV[3], key = ARGV[4], feature = ARGV[5], meter = ARGV[6],
+    cost = tonumber(ARGV[7]), alloc = tonumber(ARGV[8]), period = ARGV[9], rollover = ARGV[10] == '1',
+    auto = ARGV[17] == '1', idem_ttl = tonumber(ARGV[18]), fp = ARGV[19], meta = ARGV[20],
+    shadow = ARGV[21] == '1', rec_ttl = tonumber(ARGV[22]), extra = ARGV[23], now = now, now_s = now_s,
+  }
+  local events = new_events(KEYS[8], req.id, now, req.org, req.key)
+  req.events = events
+  if write then
+    sweep_expired(KEYS[10], KEYS[11], KEYS[1], KEYS[2], events, now, 16)
+  end
+
+  local refusal = nil
+  -- Users: a known user may belong to a team; an unknown one is registered (or refused).
+  local team = ''
+  if req.user ~= '' then
+    local t = redis.call('HGET', KEYS[3], req.user)
+    if t then
+      team = t
+    elseif req.auto then
+      if write then redis.call('HSET', KEYS[3], req.user, '') end
+    else
+      refusal = {403, 'forbidden', 'unknown user ' .. req.user}
+    end
+  end
+  req.team = team
+
+  local rl = {}
+  local rl_keys = {KEYS[4], KEYS[5], KEYS[6]}
+  for i = 0, 2 do
+    local interval = tonumber(ARGV[11 + 2 * i])
+    if interval > 0 and not (i == 0 and req.user == '') then
+      table.insert(rl, {rl_keys[i + 1], interval, tonumber(ARGV[12 + 2 * i])})
+    end
+  end
+  local rl_ok, retry_ms, rl_limit, rl_rem, rl_reset, rl_writes = rate_limits(rl, now)
+  req.rl = {rl_limit, rl_rem, rl_reset, retry_ms}
+  req.rl_writes = rl_writes
+  if not refusal and not rl_ok then
+    refusal = {429, 'rate_limited', 'rate limit exceeded; retry in ' .. retry_ms .. ' ms'}
+  end
+
+  local meter = load_meter(KEYS[1], req.meter)
+  meter:refresh(req.alloc, req.period, req.rollover, now_s)
+  req.mtr = meter
+  if not refusal and meter.lim == 0 and meter.p <= 0 then
+    refusal = {403, 'plan_forbids', req.meter .. ' is not available on your plan'}
+  end
+  local levels = {}
+  local uq = nil
+  local tq = nil
+  if req.user ~= '' then uq = load_quota(KEYS[2], 'u:' .. req.user, req.meter, meter.pe) end
+  if team ~= '' then tq = load_quota(KEYS[2], 't:' .. team, req.meter, meter.pe) end
+  req.uq, req.tq = uq, tq
+  if not refusal and not meter:unlimited() and req.cost > meter:available() then
+    refusal = {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. meter:available()
+      .. ', the call costs ' .. req.cost}
+  end
+  if not refusal and tq and req.cost > tq:available() then
+    refusal = {402, 'insufficient_balance', 'team ' .. team .. ' quota of ' .. req.meter .. ' has '
+      .. math.max(0, tq:available()) .. ' left, the call costs ' .. req.cost}
+  end
+  if not refusal and uq and req.cost > uq:available() then
+    refusal = {402, 'insufficient_balance', 'user ' .. req.user .. ' quota of ' .. req.meter .. ' has '
+      .. math.max(0, uq:available()) .. ' left, the call costs ' .. req.cost}
+  end
+  return req, refusal
+end
+
+-- What the caller may still spend: the tightest of the levels (-1 unlimited).
+local function remaining(req)
+  local r = req.mtr:available()
+  for _, q in ipairs({req.uq, req.tq}) do
+    if q then
+      local a = math.max(0, q:available())
+      if r < 0 or a < r then r = a end
+    end
+  end
+  return r
+end
+
+-- Reply layout shared by every decision: status, code, detail, cost, remaining, event_id,
+-- retry_after_ms, rl_limit, rl_remaining, rl_reset_s, replay, would (shadow), extra json.
+local function reply(req, status, code, detail, cost, rem, event_id, would, extra)
+  local rl = req.rl or {-1, -1, 0, 0}
+  return {status, code or '', detail or '', cost, rem, event_id or '', rl[4], rl[1], rl[2], rl[3], 0,
+    would or '', extra or ''}
+end
+
+-- Returns the stored answer of an idempotent retry, or nil. An empty fingerprint: no key given.
+local function replay(idem_key, fp)
+  if fp == '' then return nil end
+  local stored = redis.call('GET', idem_key)
+  if not stored then return nil end
+  local r = cjson.decode(stored)
+  if r.fp ~= fp then
+    return {422, 'invalid_request', 'idempotency key reused with a different request', 0, -1, '',
+      0, -1, -1, 0, 1, '', ''}
+  end
+  r.reply[11] = 1
+  return r.reply
+end
+
+local function remember(idem_key, fp, ttl, rep)
+  if fp == '' then return end
+  redis.call('SET', idem_key, cjson.encode({fp = fp, reply = rep}), 'EX', ttl)
+end
+
+-- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
+-- passes, uncharged, and the answer says what would have happened.
+local function refuse(req, refusal)
+  req.events:add({id = req.id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
+    delta = 0, cost = 0, bal = req.mtr:balance(),
+    meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost})})
+  if req.shadow then
+    return reply(req, 200, '', '', 0, remaining(req), req.id, refusal[2])
+  end
+  return reply(req, refusal[1], refusal[2], refusal[3], req.cost, remaining(req), req.id)
+end
+
+-- Settling a reservation (commit, release) happens once; a retry gets the first answer.
+-- KEYS: 1 bal, 2 quotas, 3 reservations, 4 expiries, 5 stream, 6 settled-answer key,
+--       7 event record (commit only)
+-- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata
+local function settle_start(op)
+  local rid = ARGV[1]
+  local done = redis.call('GET', KEYS[6])
+  if done then
+    local d = cjson.decode(done)
+    if d.op ~= op then
+      return nil, nil, {409, 'conflict', 'reservation already ' .. d.op .. 'ed', 0, -1, '', 0, -1, -1, 0, 1, '', ''}
+    end
+    d.reply[11] = 1
+    return nil, nil, d.reply
+  end
+  local raw = redis.call('HGET', KEYS[3], rid)
+  if not raw then
+    return nil, nil, {404, 'not_found', 'reservation ' .. rid .. ' not found or expired', 0, -1, '', 0, -1, -1, 0, 0, '', ''}
+  end
+  local rec = cjson.decode(raw)
+  local now = now_us()
+  local events = new_events(KEYS[5], ARGV[2], now, ARGV[3], ARGV[4])
+  release_hold(KEYS[1], KEYS[2], rec, math.floor(now / 1000000))
+  redis.call('HDEL', KEYS[3], rid)
+  redis.call('ZREM', KEYS[4], rid)
+  return rec, events, nil
+end
+
+local function settle_finish(op, rep)
+  redis.call('SET', KEYS[6], cjson.encode({op = op, reply = rep}), 'EX', tonumber(ARGV[6]))
+  return rep
+end

@@ -1,0 +1,17 @@
+-- grant / purchase / adjust: changes purchased credit (never below zero), once per idempotency key.
+-- KEYS: 1 bal, 2 idem, 3 stream
+-- ARGV: 1 event id, 2 org, 3 meter, 4 amount (signed), 5 kind, 6 metadata, 7 idem ttl, 8 fingerprint,
+--       9 actor key id, 10 user
+local idem = replay(KEYS[2], ARGV[8])
+if idem then return idem end
+local now = now_us()
+local events = new_events(KEYS[3], ARGV[1], now, ARGV[2], ARGV[9])
+local m = load_meter(KEYS[1], ARGV[3])
+local delta = math.max(tonumber(ARGV[4]), -m.p)
+m.p = m.p + delta
+redis.call('HSET', KEYS[1], ARGV[3] .. ':p', fmt(m.p))
+local id = events:add({id = ARGV[1], kind = ARGV[5], user = ARGV[10], meter = ARGV[3], feature = '',
+  delta = delta, dp = delta, cost = 0, bal = m:balance(), meta = ARGV[6]})
+local rep = {201, '', '', delta, m:available(), id, 0, -1, -1, 0, 0, '', ''}
+remember(KEYS[2], ARGV[8], tonumber(ARGV[7]), rep)
+return rep

@@ -1,0 +1,119 @@
+"""The gateway application: routes, shared state and error rendering."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import admin, api, db, metrics
+from .api import Context, json_response
+from .auth import KeyStore
+from .config import Config
+from .decisions import Decider
+from .layout import Layout
+from .problems import Problem, problem_body, problem_response
+
+log = logging.getLogger("quota_gw")
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, decode_responses=True, max_connections=256, socket_connect_timeout=2,
+                             socket_timeout=5, health_check_interval=30)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    c: Context = request.app.state.ctx
+    checks: dict[str, str] = {}
+    try:
+        await c.decider.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as e:  # noqa: BLE001 - any failure means not ready
+        checks["redis"] = f"down: {e}"
+    if c.db is not None:
+        try:
+            await c.db.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            checks["postgres"] = f"down: {e}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"ready": ready, **checks}, 200 if ready else 503)
+
+
+async def on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    metrics.DECISIONS.labels(request.url.path.rsplit("/", 1)[-1][:20], exc.code).inc()
+    return problem_response(exc)
+
+
+async def on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(exc.status_code, "invalid_request")
+    return Response(problem_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code,
+                    media_type="application/problem+json", headers=exc.headers)
+
+
+async def on_redis_down(request: Request, exc: Exception) -> Response:
+    metrics.REDIS_ERRORS.inc()
+    log.warning("redis unavailable: %s", exc)
+    return Response(problem_body(503, "unavailable", "the quota store is unavailable; nothing was charged"),
+                    status_code=503, media_type="application/problem+json", headers={"Retry-After": "1"})
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(problem_body(500, "internal", "internal error"), status_code=500,
+                    media_type="application/problem+json")
+
+
+def create_app(config: Config, redis_url: str | None = None, database_url: str | None = None,
+               prefix: str | None = None, extra_routes: list[Any] | None = None) -> Starlette:
+    redis_url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    database_url = database_url if database_url is not None else os.environ.get("DATABASE_URL")
+    prefix = prefix or os.environ.get("QUOTA_GW_PREFIX", "qgw")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        r = redis_client(redis_url)
+        pool = await db.pool(database_url) if database_url else None
+        layout = Layout(prefix, config.shards)
+        decider = Decider(r, config, layout)
+        keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)
+        app.state.ctx = Context(config, decider, keys, pool)
+        try:
+            yield
+        finally:
+            await r.aclose()
+            if pool is not None:
+                await pool.close()
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics.endpoint),
+        *api.routes,
+        *admin.routes,
+        *(extra_routes or []),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        Problem: on_problem,
+        HTTPException: on_http,
+        RedisConnectionError: on_redis_down,
+        RedisTimeoutError: on_redis_down,
+        Exception: on_error,
+    })

@@ -1,0 +1,125 @@
+"""API keys: minted once, stored hashed, resolved through Redis with a short in-process cache.
+
+The cache lives at most `behaviour.key_cache_s` (≤ 1 s), so a revocation reaches every
+replica within a second without a Redis round trip on every request. Postgres is the source
+of truth; a key missing from Redis (say, after a flush) is read from Postgres and written
+back with HSETNX, so a concurrent revocation's tombstone always wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+
+import asyncpg
+from redis.asyncio import Redis
+from starlette.requests import Request
+
+from .decisions import Identity
+from .layout import Layout
+from .problems import Problem
+
+KEY_PREFIX = "qgw_"
+
+
+def new_key() -> tuple[str, str]:
+    """Returns (key_id, key). The key is shown once; only its hash is kept."""
+    return "key_" + secrets.token_hex(8), KEY_PREFIX + secrets.token_urlsafe(30)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization")
+    if not h or not h[:7].lower() == "bearer ":
+        return None
+    return h[7:].strip() or None
+
+
+class KeyStore:
+    def __init__(self, redis: Redis, layout: Layout, db: asyncpg.Pool | None, ttl: float = 1.0) -> None:
+        self.redis, self.layout, self.db, self.ttl = redis, layout, db, ttl
+        self._keys: dict[str, tuple[Identity | None, float]] = {}
+        self._plans: dict[str, tuple[str | None, float]] = {}
+
+    async def resolve(self, key: str) -> Identity | None:
+        now = time.monotonic()
+        hit = self._keys.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        ident = await self._load(key)
+        if len(self._keys) > 100_000:
+            self._keys.clear()
+        self._keys[key] = (ident, now + self.ttl)
+        return ident
+
+    async def _load(self, key: str) -> Identity | None:
+        if not key.startswith(KEY_PREFIX) or len(key) > 200:
+            return None
+        h = hash_key(key)
+        rec = await self.redis.hgetall(self.layout.api_key(h))
+        if not rec and self.db is not None:
+            rec = await self._from_postgres(h)
+        if not rec or rec.get("revoked") == "1":
+            return None
+        plan = await self.plan(rec["org"])
+        if plan is None:
+            return None
+        return Identity(rec["key_id"], rec["org"], rec.get("user") or None,
+                        frozenset(rec.get("scopes", "").split(",")), plan)
+
+    async def _from_postgres(self, h: str) -> dict[str, str]:
+        row = await self.db.fetchrow(
+            "SELECT key_id, org_id, user_id, scopes, revoked_at FROM api_keys WHERE key_hash = $1", h)
+        if row is None:
+            return {}
+        rec = {"key_id": row["key_id"], "org": row["org_id"], "user": row["user_id"] or "",
+               "scopes": ",".join(row["scopes"])}
+        if row["revoked_at"] is not None:
+            rec["revoked"] = "1"
+        k = self.layout.api_key(h)
+        async with self.redis.pipeline(transaction=False) as p:
+            for f, v in rec.items():
+                p.hsetnx(k, f, v)
+            await p.execute()
+        return rec
+
+    async def plan(self, org_id: str) -> str | None:
+        """The org's plan name (None: no such org), cached like keys."""
+        now = time.monotonic()
+        hit = self._plans.get(org_id)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        plan = await self.redis.hget(self.layout.org(org_id), "plan")
+        if plan is None and self.db is not None:
+            plan = await self.db.fetchval("SELECT plan FROM orgs WHERE org_id = $1", org_id)
+            if plan is not None:
+                await self.redis.hsetnx(self.layout.org(org_id), "plan", plan)
+        self._plans[org_id] = (plan, now + self.ttl)
+        return plan
+
+    async def authenticate(self, request: Request, scope: str) -> Identity:
+        key = bearer(request)
+        if key is None:
+            raise Problem(401, "unauthorized", "missing bearer API key (Authorization: Bearer qgw_...)",
+                          headers={"WWW-Authenticate": "Bearer"})
+        ident = await self.resolve(key)
+        if ident is None:
+            raise Problem(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        if scope not in ident.scopes:
+            raise Problem(403, "forbidden", f"this key lacks the {scope!r} scope")
+        return ident
+
+
+def require_admin(request: Request) -> None:
+    token = os.environ.get("QUOTA_GW_ADMIN_TOKEN")
+    if not token:
+        raise Problem(403, "forbidden", "the admin API is disabled: set QUOTA_GW_ADMIN_TOKEN")
+    given = bearer(request)
+    if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Problem(401, "unauthorized", "admin token required", headers={"WWW-Authenticate": "Bearer"})

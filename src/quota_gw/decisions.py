@@ -1,0 +1,193 @@
+"""Decisions: each operation is one Lua script call, so one Redis round trip.
+
+Python only prices the call, names the keys and translates the script's reply; every read
+and write of a balance happens inside the script, atomically, on the Redis server clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from .config import Config, Plan
+from .layout import Layout
+from .problems import Problem
+from .scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: resolved from an API key (see auth.py)."""
+
+    key_id: str
+    org_id: str
+    user_id: str | None
+    scopes: frozenset[str]
+    plan: str
+
+
+@dataclass(slots=True)
+class Decision:
+    status: int
+    code: str
+    detail: str
+    cost: int
+    remaining: int
+    event_id: str
+    retry_after_ms: int
+    rl_limit: int
+    rl_remaining: int
+    rl_reset: int
+    replay: bool
+    would: str
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_reply(cls, r: list[Any]) -> Decision:
+        return cls(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
+                   int(r[9]), bool(int(r[10])), r[11], orjson.loads(r[12]) if r[12] else {})
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 300
+
+    def headers(self) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if self.remaining >= 0:
+            h["X-Quota-Remaining"] = str(self.remaining)
+        if self.rl_limit >= 0:
+            h["RateLimit-Limit"] = str(self.rl_limit)
+            h["RateLimit-Remaining"] = str(max(self.rl_remaining, 0))
+            h["RateLimit-Reset"] = str(self.rl_reset)
+        if self.status == 429:
+            h["Retry-After"] = str(max(1, -(-self.retry_after_ms // 1000)))
+        if self.would:
+            h["X-Quota-Shadow"] = self.would
+        if self.replay:
+            h["Idempotent-Replayed"] = "true"
+        return h
+
+    def problem(self) -> Problem:
+        return Problem(self.status, self.code, self.detail, headers=self.headers(), cost=self.cost,
+                       remaining=self.remaining)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Decider:
+    def __init__(self, redis: Redis, config: Config, layout: Layout) -> None:
+        self.redis = redis
+        self.config = config
+        self.layout = layout
+        self.scripts = Scripts(redis)
+        b = config.behaviour
+        self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
+
+    def plan(self, ident: Identity) -> Plan:
+        p = self.config.plans.get(ident.plan)
+        if p is None:
+            raise Problem(503, "unavailable", f"org {ident.org_id} is on plan {ident.plan!r}, which the config does not define")
+        return p
+
+    def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
+                   fingerprint: str, metadata: bytes | None, shadow: bool, extra: str = "", unit: int | None = None,
+                   event_id: str | None = None) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the gate (see lua/_lib.lua gate())."""
+        L, org = self.layout, ident.org_id
+        meter = self.config.features[feature].meter
+        plan = self.plan(ident)
+        rl = plan.rate_limits
+        event_id = event_id or new_id()
+        keys = [
+            L.balances(org), L.quotas(org), L.users(org),
+            L.rate(org, "u", user), L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
+            L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
+            L.stream(org), L.event_record(org, event_id), L.reservations(org), L.expiries(org),
+        ]
+        args: list[Any] = [
+            event_id, org, user, ident.key_id, feature, meter, cost, plan.allocation(meter), plan.period,
+            int(plan.rollover),
+        ]
+        for lim in (rl.user, rl.key, rl.org):
+            args += (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
+        b = self.config.behaviour
+        args += [int(b.auto_register_users), self._ttl[0], fingerprint if idem else "",
+                 metadata.decode() if metadata else "", int(shadow), self._ttl[1], extra]
+        if unit is not None:
+            args.append(unit)
+        return keys, args
+
+    def cost(self, feature: str, units: int) -> int:
+        return self.config.features[feature].cost * units
+
+    async def consume(self, ident: Identity, feature: str, units: int, user: str, idem: str | None = None,
+                      metadata: bytes | None = None, shadow: bool = False) -> Decision:
+        keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
+                                     f"consume|{feature}|{units}|{user}", metadata, shadow)
+        return Decision.from_reply(await self.scripts.consume(keys=keys, args=args))
+
+    async def check(self, ident: Identity, feature: str, units: int, user: str) -> Decision:
+        keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, None, "", None, False)
+        return Decision.from_reply(await self.scripts.check(keys=keys, args=args))
+
+    async def reserve(self, ident: Identity, feature: str, units: int, user: str, ttl_s: int,
+                      idem: str | None = None, shadow: bool = False, cost: int | None = None) -> Decision:
+        """Holds `units` x the feature's cost (or an explicit `cost`, for LLM estimates)."""
+        unit = self.config.features[feature].cost
+        held = self.cost(feature, units) if cost is None else cost
+        keys, args = self._gate_call(ident, feature, held, user, idem, f"reserve|{feature}|{units}|{user}",
+                                     None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
+        return Decision.from_reply(await self.scripts.reserve(keys=keys, args=args))
+
+    def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None) -> tuple[list[str], list[Any]]:
+        L, org = self.layout, ident.org_id
+        event_id = new_id()
+        keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org),
+                L.settled(org, rid), L.event_record(org, event_id)]
+        args = [rid, event_id, org, ident.key_id, units, self._ttl[0], self._ttl[1],
+                metadata.decode() if metadata else ""]
+        return keys, args
+
+    async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None) -> Decision:
+        keys, args = self._settle_call(ident, rid, units, metadata)
+        return Decision.from_reply(await self.scripts.commit(keys=keys, args=args))
+
+    async def release(self, ident: Identity, rid: str) -> Decision:
+        keys, args = self._settle_call(ident, rid, 0, None)
+        return Decision.from_reply(await self.scripts.release(keys=keys, args=args))
+
+    async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
+        L, org = self.layout, ident.org_id
+        keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org)]
+        args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else ""]
+        return Decision.from_reply(await self.scripts.refund(keys=keys, args=args))
+
+    async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
+                    idem: str | None = None, actor: str = "admin", user: str = "",
+                    event_id: str | None = None) -> Decision:
+        """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key."""
+        L = self.layout
+        meta = orjson.dumps(metadata or {}).decode()
+        keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org)]
+        args = [event_id or new_id(), org, meter, amount, kind, meta, self._ttl[0],
+                f"{kind}|{meter}|{amount}" if idem else "", actor, user]
+        return Decision.from_reply(await self.scripts.grant(keys=keys, args=args))
+
+    async def balances(self, org: str, plan: Plan) -> dict[str, dict[str, int]]:
+        """Every meter as the next decision would see it (read only)."""
+        args: list[Any] = []
+        meters = self.config.meter_names
+        for m in meters:
+            args += [m, plan.allocation(m), plan.period, int(plan.rollover)]
+        rows = await self.scripts.balance(keys=[self.layout.balances(org)], args=args)
+        out = {}
+        for m, (a, p, h, u, pe, lim) in zip(meters, rows):
+            out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),
+                      "period_end": int(pe), "limit": int(lim)}
+        return out
