@@ -265,13 +265,26 @@ local function sweep_expired(rv_key, rx_key, bal_key, q_key, events, now, max)
   end
 end
 
+-- What the caller may still spend: the tightest of the levels (-1 unlimited).
+local function remaining(req)
+  local r = req.mtr:available()
+  for _, q in ipairs({req.uq, req.tq}) do
+    if q then
+      local a = math.max(0, q:available())
+      if r < 0 or a < r then r = a end
+    end
+  end
+  return r
+end
+
 -- The gate every decision (check, consume, reserve) goes through.
 -- KEYS: 1 bal, 2 quotas, 3 users, 4 rl user, 5 rl key, 6 rl org, 7 idem, 8 stream, 9 event record,
 --       10 reservations, 11 reservation expiries
 -- ARGV: 1 event_id, 2 org, 3 user, 4 key_id, 5 feature, 6 meter, 7 cost, 8 allocation (-1 unlimited),
 --       9 period, 10 rollover, 11..16 rate limits (interval_us, burst) for user, key, org (0 = none),
 --       17 auto-register users, 18 idempotency ttl s, 19 fingerprint, 20 metadata json, 21 shadow,
---       22 event record ttl s, 23 op-specific (reservation ttl s)
+--       22 event record ttl s, 23 op-specific (reservation ttl s), 24 unit cost (reserve),
+--       25 minimum hold (reserve: hold less than asked, down to this, when that is all there is)
 -- Returns the parsed request, the meter and levels, and a refusal (status, code, detail) or nil.
 local function gate(write)
   local now = now_us()
@@ -330,6 +343,12 @@ local function gate(write)
   if req.user ~= '' then uq = load_quota(KEYS[2], 'u:' .. req.user, req.meter, meter.pe) end
   if team ~= '' then tq = load_quota(KEYS[2], 't:' .. team, req.meter, meter.pe) end
   req.uq, req.tq = uq, tq
+  -- A flexible hold (LLM max_tokens): take what every level can afford, if at least the minimum.
+  local min_cost = tonumber(ARGV[25]) or 0
+  if min_cost > 0 then
+    local cap = remaining(req)
+    if cap >= 0 and req.cost > cap and cap >= min_cost then req.cost = cap end
+  end
   if not refusal and not meter:unlimited() and req.cost > meter:available() then
     refusal = {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. meter:available()
       .. ', the call costs ' .. req.cost}
@@ -343,18 +362,6 @@ local function gate(write)
       .. math.max(0, uq:available()) .. ' left, the call costs ' .. req.cost}
   end
   return req, refusal
-end
-
--- What the caller may still spend: the tightest of the levels (-1 unlimited).
-local function remaining(req)
-  local r = req.mtr:available()
-  for _, q in ipairs({req.uq, req.tq}) do
-    if q then
-      local a = math.max(0, q:available())
-      if r < 0 or a < r then r = a end
-    end
-  end
-  return r
 end
 
 -- Reply layout shared by every decision: status, code, detail, cost, remaining, event_id,

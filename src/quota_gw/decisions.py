@@ -137,12 +137,15 @@ class Decider:
         return Decision.from_reply(await self.scripts.check(keys=keys, args=args))
 
     async def reserve(self, ident: Identity, feature: str, units: int, user: str, ttl_s: int,
-                      idem: str | None = None, shadow: bool = False, cost: int | None = None) -> Decision:
-        """Holds `units` x the feature's cost (or an explicit `cost`, for LLM estimates)."""
+                      idem: str | None = None, shadow: bool = False, cost: int | None = None,
+                      min_cost: int = 0) -> Decision:
+        """Holds `units` x the feature's cost, or an explicit `cost` (LLM estimates; committed per
+        token). With `min_cost`, holds less than asked, down to `min_cost`, when that is all there is."""
         unit = self.config.features[feature].cost
         held = self.cost(feature, units) if cost is None else cost
         keys, args = self._gate_call(ident, feature, held, user, idem, f"reserve|{feature}|{units}|{user}",
                                      None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
+        args.append(min_cost)
         return Decision.from_reply(await self.scripts.reserve(keys=keys, args=args))
 
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None) -> tuple[list[str], list[Any]]:
