@@ -86,16 +86,17 @@ end
 -- Balance of one meter of one org, all in one hash per org (fields '<meter>:<f>') so that
 -- every meter an operation may touch is inside one declared key.
 --   a allocated left, p purchased left, h held by reservations, u used this period,
---   pe period end (unix s), lim the allocation the period was granted (-1 unlimited).
+--   pe period end (unix s), lim the allocation the period was granted (-1 unlimited),
+--   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought).
 local Meter = {}
 Meter.__index = Meter
 
 local function load_meter(bal_key, meter)
   local v = redis.call('HMGET', bal_key, meter .. ':a', meter .. ':p', meter .. ':h',
-    meter .. ':u', meter .. ':pe', meter .. ':lim')
+    meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt')
   return setmetatable({key = bal_key, m = meter,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = tonumber(v[3]) or 0,
-    u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]),
+    u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
     pending = {}}, Meter)
 end
 
@@ -265,14 +266,20 @@ local function sweep_expired(rv_key, rx_key, bal_key, q_key, events, now, max)
   end
 end
 
+-- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
+local function quotas(req)
+  local qs = {}
+  if req.uq then table.insert(qs, req.uq) end
+  if req.tq then table.insert(qs, req.tq) end
+  return qs
+end
+
 -- What the caller may still spend: the tightest of the levels (-1 unlimited).
 local function remaining(req)
   local r = req.mtr:available()
-  for _, q in ipairs({req.uq, req.tq}) do
-    if q then
-      local a = math.max(0, q:available())
-      if r < 0 or a < r then r = a end
-    end
+  for _, q in ipairs(quotas(req)) do
+    local a = math.max(0, q:available())
+    if r < 0 or a < r then r = a end
   end
   return r
 end
@@ -334,7 +341,7 @@ local function gate(write)
   local meter = load_meter(KEYS[1], req.meter)
   meter:refresh(req.alloc, req.period, req.rollover, now_s)
   req.mtr = meter
-  if not refusal and meter.lim == 0 and meter.p <= 0 then
+  if not refusal and meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
     refusal = {403, 'plan_forbids', req.meter .. ' is not available on your plan'}
   end
   local levels = {}

@@ -1,11 +1,11 @@
 -- balance: every meter of one org as a decision would see it now (period refresh applied in
 -- memory only). KEYS: 1 bal. ARGV: (meter, allocation, period, rollover) repeated.
--- Returns per meter: a, p, h, u, pe, lim.
+-- Returns per meter: a, p, h, u, pe, lim, pt.
 local now_s = math.floor(now_us() / 1000000)
 local out = {}
 for i = 1, #ARGV, 4 do
   local m = load_meter(KEYS[1], ARGV[i])
   m:refresh(tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3] == '1', now_s)
-  table.insert(out, {m.a, m.p, m.h, m.u, m.pe, m.lim})
+  table.insert(out, {m.a, m.p, m.h, m.u, m.pe, m.lim, m.pt})
 end
 return out

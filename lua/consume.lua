@@ -8,8 +8,8 @@ if refusal then return refuse(req, refusal) end
 
 local m = req.mtr
 local from_a, from_p = m:charge(req.cost)
-for _, q in ipairs({req.uq, req.tq}) do
-  if q then q.used = q.used + req.cost; q:save() end
+for _, q in ipairs(quotas(req)) do
+  q.used = q.used + req.cost; q:save()
 end
 m:save(req.events, req.user, req.feature)
 save_rate_limits(req.rl_writes)

@@ -10,6 +10,7 @@ local m = load_meter(KEYS[1], ARGV[3])
 local delta = math.max(tonumber(ARGV[4]), -m.p)
 m.p = m.p + delta
 redis.call('HSET', KEYS[1], ARGV[3] .. ':p', fmt(m.p))
+if delta > 0 then redis.call('HINCRBY', KEYS[1], ARGV[3] .. ':pt', delta) end
 local id = events:add({id = ARGV[1], kind = ARGV[5], user = ARGV[10], meter = ARGV[3], feature = '',
   delta = delta, dp = delta, cost = 0, bal = m:balance(), meta = ARGV[6]})
 local rep = {201, '', '', delta, m:available(), id, 0, -1, -1, 0, 0, '', ''}

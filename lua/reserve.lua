@@ -10,8 +10,8 @@ local m = req.mtr
 local ttl = tonumber(req.extra)
 local expires = req.now_s + ttl
 m.h = m.h + req.cost
-for _, q in ipairs({req.uq, req.tq}) do
-  if q then q.h = q.h + req.cost; q:save() end
+for _, q in ipairs(quotas(req)) do
+  q.h = q.h + req.cost; q:save()
 end
 m:save(req.events, req.user, req.feature)
 save_rate_limits(req.rl_writes)

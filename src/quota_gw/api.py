@@ -232,7 +232,7 @@ async def balance_of(c: Context, org_id: str, plan_name: str) -> dict[str, Any]:
             "allocated": m["allocated"], "purchased": m["purchased"], "held": m["held"], "used": m["used"],
             "limit": None if unlimited else m["limit"], "unlimited": unlimited,
             "period_end": iso(m["period_end"]),
-            "available": not (m["limit"] == 0 and m["purchased"] <= 0),
+            "available": not (m["limit"] == 0 and m["purchased_total"] <= 0),
             "low": (not unlimited) and m["limit"] > 0 and avail * 100 < m["limit"] * low_pct,
         }
     return {"org_id": org_id, "plan": plan_name, "meters": meters}

@@ -29,8 +29,11 @@ log = logging.getLogger("quota_gw")
 
 
 def redis_client(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, decode_responses=True, max_connections=256, socket_connect_timeout=2,
-                             socket_timeout=5, health_check_interval=30)
+    """A bounded pool that waits for a free connection rather than failing under bursts."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=True, max_connections=64, timeout=5, socket_connect_timeout=2,
+        socket_timeout=5, health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def healthz(request: Request) -> Response:

@@ -190,7 +190,7 @@ class Decider:
             args += [m, plan.allocation(m), plan.period, int(plan.rollover)]
         rows = await self.scripts.balance(keys=[self.layout.balances(org)], args=args)
         out = {}
-        for m, (a, p, h, u, pe, lim) in zip(meters, rows):
+        for m, (a, p, h, u, pe, lim, pt) in zip(meters, rows):
             out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),
-                      "period_end": int(pe), "limit": int(lim)}
+                      "period_end": int(pe), "limit": int(lim), "purchased_total": int(pt)}
         return out

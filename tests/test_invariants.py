@@ -1,0 +1,264 @@
+"""The invariants of SPEC §3 on the hot path: no overspend, idempotency, refused calls cost
+nothing, period refresh. Real Redis, real concurrency (1,000 requests in flight at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+
+from quota_gw.layout import Layout
+
+
+async def balance(client: httpx.AsyncClient, h: dict[str, str], meter: str) -> dict:
+    r = await client.get("/v1/balance", headers=h)
+    assert r.status_code == 200, r.text
+    return r.json()["meters"][meter]
+
+
+async def stream_kinds(redis, layout: Layout, org: str) -> list[dict]:
+    entries = await redis.xrange(layout.stream(org))
+    return [f for _, f in entries if f["org"] == org]
+
+
+async def test_no_overspend_1000_concurrent_consumes(client, tenant):
+    org, h = await tenant("starter", general=100)  # starter allocates nothing: only purchased credit
+
+    async def one(i: int) -> int:
+        r = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+        return r.status_code
+
+    codes = await asyncio.gather(*(one(i) for i in range(1000)))
+    assert codes.count(200) == 100
+    assert codes.count(402) == 900
+    b = await balance(client, h, "general")
+    assert b["balance"] == 0 and b["purchased"] == 0 and b["used"] == 100
+
+
+async def test_no_overspend_user_sub_quota_and_org_balance_at_once(client, tenant, admin):
+    # Org has 100 (bulk plan). Two users capped at 30 each plus uncapped traffic: the org
+    # balance and both sub-quotas must all hold at once.
+    org, h = await tenant("bulk")
+    await admin.quota(org, "general", 30, user_id="alice")
+    await admin.quota(org, "general", 30, user_id="bob")
+
+    async def one(i: int) -> tuple[str, int]:
+        user = ("alice", "bob", f"u{i % 50}")[i % 3]
+        r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": user}, headers=h)
+        return user, r.status_code
+
+    results = await asyncio.gather(*(one(i) for i in range(1000)))
+    ok = [u for u, s in results if s == 200]
+    assert all(s in (200, 402) for _, s in results)
+    assert ok.count("alice") <= 30 and ok.count("bob") <= 30
+    assert len(ok) == 100  # the org balance is the binding level overall
+    b = await balance(client, h, "general")
+    assert b["balance"] == 0
+
+
+async def test_no_overspend_team_quota(client, tenant, admin):
+    org, h = await tenant("bulk")
+    for u in ("t1", "t2", "t3"):
+        await admin.user(org, u, team="red")
+    await admin.quota(org, "general", 7, team="red")
+    results = await asyncio.gather(*(client.post(
+        "/v1/consume", json={"feature": "generate_insight", "user_id": f"t{1 + i % 3}"}, headers=h)
+        for i in range(60)))
+    assert [r.status_code for r in results].count(200) == 7
+    denied = [r.json() for r in results if r.status_code == 402]
+    assert denied and all("team red" in d["detail"] for d in denied)
+
+
+async def test_no_overspend_with_reservations_mixed_in(client, tenant):
+    org, h = await tenant("starter", general=100)
+    held: list[str] = []
+
+    async def one(i: int) -> tuple[str, int, int]:
+        kind = i % 4
+        if kind == 0:
+            r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 3}, headers=h)
+            if r.status_code == 201:
+                held.append(r.json()["reservation_id"])
+                return "reserve", 201, 3
+            return "reserve", r.status_code, 0
+        r = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+        return "consume", r.status_code, 1 if r.status_code == 200 else 0
+
+    results = await asyncio.gather(*(one(i) for i in range(1000)))
+    assert {s for _, s, _ in results} <= {200, 201, 402}
+    spent = sum(c for _, _, c in results)
+    assert spent == 100  # holds + charges fill the balance exactly, never more
+    b = await balance(client, h, "general")
+    assert b["balance"] == 0 and b["held"] == 3 * len(held)
+
+    # Commit some holds partly, release the rest: the unused part comes back, nothing else.
+    random.shuffle(held)
+    half = len(held) // 2
+    commits = await asyncio.gather(*(client.post(f"/v1/reservations/{rid}/commit", json={"units": 1}, headers=h)
+                                     for rid in held[:half]))
+    releases = await asyncio.gather(*(client.delete(f"/v1/reservations/{rid}", headers=h) for rid in held[half:]))
+    assert all(r.status_code == 200 for r in commits + releases)
+    assert all(r.json()["cost"] == 1 and r.json()["released"] == 2 for r in commits)
+    b = await balance(client, h, "general")
+    assert b["held"] == 0
+    assert b["balance"] == 2 * half + 3 * (len(held) - half)
+
+
+async def test_commit_never_charges_more_than_the_hold(client, tenant):
+    org, h = await tenant("starter", general=10)
+    r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 4}, headers=h)
+    rid = r.json()["reservation_id"]
+    r = await client.post(f"/v1/reservations/{rid}/commit", json={"units": 9}, headers=h)
+    assert r.status_code == 200 and r.json()["cost"] == 4
+    assert (await balance(client, h, "general"))["balance"] == 6
+
+
+async def test_settling_twice_returns_the_first_answer(client, tenant):
+    org, h = await tenant("starter", general=10)
+    rid = (await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 5}, headers=h)).json()["reservation_id"]
+    first = await client.post(f"/v1/reservations/{rid}/commit", json={"units": 2}, headers=h)
+    again = await client.post(f"/v1/reservations/{rid}/commit", json={"units": 2}, headers=h)
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    late_release = await client.delete(f"/v1/reservations/{rid}", headers=h)
+    assert late_release.status_code == 409
+    assert (await balance(client, h, "general"))["balance"] == 8
+
+
+async def test_expired_reservation_returns_its_hold(client, tenant, redis, config, prefix):
+    org, h = await tenant("starter", general=10)
+    r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 6, "ttl_s": 1}, headers=h)
+    rid = r.json()["reservation_id"]
+    layout = Layout(prefix, config.shards)
+    # Age the hold instead of sleeping: the expiry is a score in the org's expiry set.
+    await redis.zadd(layout.expiries(org), {rid: 1})
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 10}, headers=h)
+    assert r.status_code == 200, r.text  # the sweep returned the 6 before deciding
+    assert (await client.post(f"/v1/reservations/{rid}/commit", json={"units": 1}, headers=h)).status_code == 404
+    released = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "release"]
+    assert len(released) == 1 and '"expired"' in released[0]["meta"]
+
+
+async def test_rate_limit_sixth_call_in_a_minute_is_429_and_free(client, tenant):
+    org, h = await tenant("pro")
+    codes = []
+    for _ in range(5):
+        r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "ana"}, headers=h)
+        codes.append(r.status_code)
+        assert r.headers["RateLimit-Limit"] == "5"
+    assert codes == [200] * 5
+    before = await balance(client, h, "general")
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "ana"}, headers=h)
+    assert r.status_code == 429
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 12
+    assert await balance(client, h, "general") == before
+    # Another user of the same org is not limited by ana's calls.
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "ben"}, headers=h)
+    assert r.status_code == 200
+
+
+async def test_period_refresh_restores_allocation_and_keeps_purchased(client, tenant, redis, config, prefix):
+    org, h = await tenant("bulk", general=7)
+    for _ in range(3):
+        assert (await client.post("/v1/consume", json={"feature": "generate_insight", "units": 30}, headers=h)).status_code == 200
+    b = await balance(client, h, "general")
+    assert (b["allocated"], b["purchased"], b["used"]) == (10, 7, 90)
+    # Move the period end into the past.
+    layout = Layout(prefix, config.shards)
+    await redis.hset(layout.balances(org), "general:pe", 1000)
+    b = await balance(client, h, "general")
+    assert (b["allocated"], b["purchased"], b["used"]) == (100, 7, 0)
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 105}, headers=h)
+    assert r.status_code == 200 and r.json()["remaining"] == 2
+    resets = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "reset" and f["meter"] == "general"]
+    assert [int(f["delta"]) for f in resets] == [100, 90]  # first period, then the refill of what was used
+
+
+async def test_idempotency_key_charges_once_and_returns_the_first_answer(client, tenant):
+    org, h = await tenant("starter", general=50)
+    hk = {**h, "Idempotency-Key": "order-42"}
+    answers = await asyncio.gather(*(client.post("/v1/consume", json={"feature": "generate_insight", "units": 5},
+                                                 headers=hk) for _ in range(20)))
+    assert all(a.status_code == 200 for a in answers)
+    assert len({a.json()["event_id"] for a in answers}) == 1
+    assert len({a.json()["remaining"] for a in answers}) == 1
+    assert (await balance(client, h, "general"))["balance"] == 45
+    # The same key with another request is refused, not silently answered.
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 6}, headers=hk)
+    assert r.status_code == 422
+
+
+async def test_refund_once(client, tenant):
+    org, h = await tenant("starter", general=10)
+    eid = (await client.post("/v1/consume", json={"feature": "generate_insight", "units": 4}, headers=h)).json()["event_id"]
+    answers = await asyncio.gather(*(client.post("/v1/refunds", json={"event_id": eid}, headers=h) for _ in range(10)))
+    assert all(a.status_code == 200 for a in answers)
+    assert len({a.json()["event_id"] for a in answers}) == 1
+    assert (await balance(client, h, "general"))["balance"] == 10
+
+
+async def test_grant_idempotent(client, tenant, admin):
+    org, h = await tenant("starter")
+    for _ in range(3):
+        await admin.grant(org, "general", 25, idempotency_key="promo-1")
+    assert (await balance(client, h, "general"))["purchased"] == 25
+
+
+async def test_starter_plan_forbids_and_exhausted_is_402(client, tenant):
+    org, h = await tenant("starter")
+    r = await client.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)
+    assert r.status_code == 403 and r.json()["code"] == "plan_forbids"
+    org, h = await tenant("bulk")
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 101}, headers=h)
+    assert r.status_code == 402 and r.json()["code"] == "insufficient_balance"
+    assert (await balance(client, h, "general"))["balance"] == 100
+
+
+async def test_refused_calls_record_denied_events_and_change_nothing(client, tenant, redis, config, prefix):
+    org, h = await tenant("starter")
+    for _ in range(3):
+        await client.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)
+    layout = Layout(prefix, config.shards)
+    kinds = [f["kind"] for f in await stream_kinds(redis, layout, org)]
+    assert kinds == ["denied"] * 3
+    assert await redis.hget(layout.balances(org), "goal_generation:a") is None
+
+
+async def test_seed_example_seven_goal_calls(client, tenant):
+    """The origin journey: pro org, goal_generation 20, seven users each generate a goal."""
+    org, h = await tenant("pro")
+    remaining = []
+    for i in range(7):
+        r = await client.post("/v1/consume", json={"feature": "generate_goal", "user_id": f"user{i}"}, headers=h)
+        remaining.append((r.status_code, r.json().get("remaining")))
+    assert remaining[:6] == [(200, 17), (200, 14), (200, 11), (200, 8), (200, 5), (200, 2)]
+    assert remaining[6][0] == 402
+    assert (await balance(client, h, "goal_generation"))["balance"] == 2
+
+
+async def test_check_changes_nothing(client, tenant, redis, config, prefix):
+    org, h = await tenant("pro")
+    for _ in range(10):
+        r = await client.post("/v1/check", json={"feature": "generate_goal", "units": 2, "user_id": "x"}, headers=h)
+        assert r.json() == {"allowed": True, "cost": 6, "remaining": 20}
+    r = await client.post("/v1/check", json={"feature": "generate_goal", "units": 7}, headers=h)
+    assert r.status_code == 200 and r.json()["allowed"] is False and r.json()["code"] == "insufficient_balance"
+    layout = Layout(prefix, config.shards)
+    assert await redis.exists(layout.balances(org), layout.stream(org) + "-none") == 0
+    assert not await stream_kinds(redis, layout, org)
+
+
+async def test_plan_upgrade_moves_the_allocation_mid_period(client, tenant, admin):
+    org, h = await tenant("pro")
+    assert (await client.post("/v1/consume", json={"feature": "generate_goal", "user_id": "a"}, headers=h)).status_code == 200
+    r = await client.put(f"/v1/admin/orgs/{org}/plan", json={"plan": "enterprise"}, headers=admin.h)
+    assert r.status_code == 200
+    deadline = asyncio.get_running_loop().time() + 3
+    while True:  # key/plan caches live ≤ 1 s
+        b = await balance(client, h, "goal_generation")
+        if b["limit"] == 200 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert (b["limit"], b["balance"]) == (200, 197)
