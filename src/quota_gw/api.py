@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .config import MAX_AMOUNT, NAME_RE, Config
+from . import metrics
 from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
 
@@ -125,7 +126,8 @@ def ctx(request: Request) -> Context:
     return request.app.state.ctx
 
 
-def decided(d: Decision, body: dict[str, Any], status: int = 200) -> Response:
+def decided(d: Decision, op: str, body: dict[str, Any], status: int = 200) -> Response:
+    metrics.DECISIONS.labels(op, d.code or ("shadow_" + d.would if d.would else "ok")).inc()
     if not d.ok:
         raise d.problem()
     return json_response(body, status, d.headers())
@@ -141,6 +143,7 @@ async def check(request: Request) -> Response:
     data = await json_body(request)
     feature = c.feature(data)
     d = await c.decider.check(ident, feature, c.units(data, feature), c.user(ident, data, request))
+    metrics.DECISIONS.labels("check", d.code or "ok").inc()
     body: dict[str, Any] = {"allowed": d.ok, "cost": d.cost, "remaining": d.remaining}
     if not d.ok:
         body["code"] = d.code
@@ -156,7 +159,7 @@ async def consume(request: Request) -> Response:
     d = await c.decider.consume(ident, feature, c.units(data, feature), c.user(ident, data, request),
                                 c.idempotency_key(data, request), c.metadata(data),
                                 c.config.behaviour.shadow)
-    return decided(d, {"event_id": d.event_id, "cost": d.cost, "remaining": d.remaining})
+    return decided(d, "consume", {"event_id": d.event_id, "cost": d.cost, "remaining": d.remaining})
 
 
 async def reserve(request: Request) -> Response:
@@ -168,7 +171,7 @@ async def reserve(request: Request) -> Response:
     ttl = int_field(data, "ttl_s", b.reservation_ttl_s, 1, b.max_reservation_ttl_s)
     d = await c.decider.reserve(ident, feature, c.units(data, feature), c.user(ident, data, request), ttl,
                                 c.idempotency_key(data, request), b.shadow)
-    return decided(d, {"reservation_id": d.event_id, "held": d.cost, "remaining": d.remaining,
+    return decided(d, "reserve", {"reservation_id": d.event_id, "held": d.cost, "remaining": d.remaining,
                        "expires_at": iso(d.extra.get("expires_at", 0))}, 201)
 
 
@@ -186,7 +189,7 @@ async def commit(request: Request) -> Response:
     data = await json_body(request)
     units = int_field(data, "units", None, 0, c.config.behaviour.max_units * 1000)
     d = await c.decider.commit(ident, reservation_id(request), units, c.metadata(data))
-    return decided(d, {"event_id": d.event_id, "cost": d.cost, "released": d.extra.get("released", 0),
+    return decided(d, "commit", {"event_id": d.event_id, "cost": d.cost, "released": d.extra.get("released", 0),
                        "remaining": d.remaining})
 
 
@@ -194,7 +197,7 @@ async def release(request: Request) -> Response:
     c = ctx(request)
     ident = await c.keys.authenticate(request, "consume")
     d = await c.decider.release(ident, reservation_id(request))
-    return decided(d, {"event_id": d.event_id, "released": d.extra.get("released", 0), "remaining": d.remaining})
+    return decided(d, "release", {"event_id": d.event_id, "released": d.extra.get("released", 0), "remaining": d.remaining})
 
 
 async def refund(request: Request) -> Response:
@@ -209,7 +212,7 @@ async def refund(request: Request) -> Response:
     if eid is None:
         raise invalid("event_id: the id of a consume or commit event", field="event_id")
     d = await c.decider.refund(ident, eid, c.metadata(data))
-    return decided(d, {"event_id": d.event_id, "refunded": d.cost, "remaining": d.remaining})
+    return decided(d, "refund", {"event_id": d.event_id, "refunded": d.cost, "remaining": d.remaining})
 
 
 async def balance(request: Request) -> Response:

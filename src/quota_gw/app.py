@@ -60,7 +60,6 @@ async def readyz(request: Request) -> Response:
 
 async def on_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
-    metrics.DECISIONS.labels(request.url.path.rsplit("/", 1)[-1][:20], exc.code).inc()
     return problem_response(exc)
 
 

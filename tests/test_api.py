@@ -1,0 +1,187 @@
+"""HTTP contract: auth, isolation, revocation, bad input as problem+json with no state change."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from quota_gw.layout import Layout
+
+
+def problem(r, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["status"] == status and body["code"] == code and body["title"] and body["detail"]
+    return body
+
+
+async def test_missing_and_unknown_keys_are_401(client):
+    problem(await client.post("/v1/consume", json={"feature": "generate_goal"}), 401, "unauthorized")
+    r = await client.post("/v1/consume", json={"feature": "generate_goal"}, headers={"Authorization": "Bearer qgw_nope"})
+    problem(r, 401, "unauthorized")
+    problem(await client.get("/v1/balance", headers={"Authorization": "Basic abc"}), 401, "unauthorized")
+
+
+async def test_scopes(client, tenant, admin):
+    org, _ = await tenant("pro")
+    read_only = {"Authorization": f"Bearer {await admin.key(org, scopes=['read'])}"}
+    consume_only = {"Authorization": f"Bearer {await admin.key(org, scopes=['consume'])}"}
+    problem(await client.post("/v1/consume", json={"feature": "generate_goal"}, headers=read_only), 403, "forbidden")
+    problem(await client.get("/v1/balance", headers=consume_only), 403, "forbidden")
+    assert (await client.get("/v1/balance", headers=read_only)).status_code == 200
+
+
+async def test_isolation_between_orgs(client, tenant, admin):
+    org_a, ha = await tenant("starter", general=10)
+    org_b, hb = await tenant("starter", general=10)
+    ev_b = (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=hb)).json()["event_id"]
+    rid_b = (await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 2}, headers=hb)).json()["reservation_id"]
+    # A's key cannot refund, commit or release B's things: they do not exist for A.
+    problem(await client.post("/v1/refunds", json={"event_id": ev_b}, headers=ha), 404, "not_found")
+    problem(await client.post(f"/v1/reservations/{rid_b}/commit", json={"units": 1}, headers=ha), 404, "not_found")
+    problem(await client.delete(f"/v1/reservations/{rid_b}", headers=ha), 404, "not_found")
+    # Balance answers only for the key's own org, whatever the caller asks for.
+    r = await client.get("/v1/balance", params={"org_id": org_b}, headers=ha)
+    assert r.json()["org_id"] == org_a
+    # An org header is not a way in either.
+    r = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers={**ha, "X-Quota-Org": org_b})
+    assert r.status_code == 200
+    rb = (await client.get("/v1/balance", headers=hb)).json()["meters"]["general"]
+    assert (rb["balance"], rb["held"]) == (7, 2)
+    ra = (await client.get("/v1/balance", headers=ha)).json()["meters"]["general"]
+    assert ra["balance"] == 9
+
+
+async def test_user_key_cannot_act_as_another_user(client, tenant, admin):
+    org, _ = await tenant("pro")
+    hu = {"Authorization": f"Bearer {await admin.key(org, user_id='carol')}"}
+    problem(await client.post("/v1/consume", json={"feature": "generate_goal", "user_id": "dave"}, headers=hu),
+            403, "forbidden")
+    r = await client.post("/v1/consume", json={"feature": "generate_goal"}, headers=hu)
+    assert r.status_code == 200
+
+
+async def test_revoked_key_is_refused_within_one_second(client, tenant, admin):
+    org, _ = await tenant("pro")
+    r = await client.post(f"/v1/admin/orgs/{org}/keys", json={"scopes": ["consume", "read"]}, headers=admin.h)
+    key_id, key = r.json()["key_id"], r.json()["key"]
+    h = {"Authorization": f"Bearer {key}"}
+    assert (await client.get("/v1/balance", headers=h)).status_code == 200  # now cached in process
+    loop = asyncio.get_running_loop()
+    assert (await client.delete(f"/v1/admin/keys/{key_id}", headers=admin.h)).status_code == 200
+    revoked_at = loop.time()
+    while (await client.get("/v1/balance", headers=h)).status_code != 401:
+        assert loop.time() - revoked_at < 1.0, "revocation took longer than 1 s"
+        await asyncio.sleep(0.02)
+    listed = (await client.get(f"/v1/admin/orgs/{org}/keys", headers=admin.h)).json()["keys"]
+    assert [k["revoked_at"] is not None for k in listed if k["key_id"] == key_id] == [True]
+    assert all("key" not in k and "key_hash" not in k for k in listed)
+
+
+async def test_keys_survive_a_redis_flush_but_revocations_too(client, tenant, admin, redis, prefix, config, app):
+    org, _ = await tenant("pro")
+    live = await admin.key(org)
+    r = await client.post(f"/v1/admin/orgs/{org}/keys", json={"scopes": ["read"]}, headers=admin.h)
+    dead_id, dead = r.json()["key_id"], r.json()["key"]
+    await client.delete(f"/v1/admin/keys/{dead_id}", headers=admin.h)
+    layout = Layout(prefix, config.shards)
+    from quota_gw.auth import hash_key
+    await redis.delete(layout.api_key(hash_key(live)), layout.api_key(hash_key(dead)), layout.org(org))
+    app.state.ctx.keys._keys.clear()
+    app.state.ctx.keys._plans.clear()
+    assert (await client.get("/v1/balance", headers={"Authorization": f"Bearer {live}"})).status_code == 200
+    assert (await client.get("/v1/balance", headers={"Authorization": f"Bearer {dead}"})).status_code == 401
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"feature": "no_such_feature"}, 422, "feature"),
+    ({}, 422, "feature"),
+    ({"feature": "generate_goal", "units": -1}, 422, "units"),
+    ({"feature": "generate_goal", "units": 0}, 422, "units"),
+    ({"feature": "generate_goal", "units": 10**15}, 422, "units"),
+    ({"feature": "generate_goal", "units": 1.5}, 422, "units"),
+    ({"feature": "generate_goal", "units": "3"}, 422, "units"),
+    ({"feature": "generate_goal", "units": True}, 422, "units"),
+    ({"feature": "generate_goal", "user_id": "bad user!"}, 422, "user_id"),
+    ({"feature": "generate_goal", "metadata": [1]}, 422, "metadata"),
+    ({"feature": "generate_goal", "metadata": {"x": "y" * 5000}}, 422, "metadata"),
+])
+async def test_bad_input_is_422_and_changes_nothing(client, tenant, redis, prefix, config, body, status, field):
+    org, h = await tenant("pro")
+    r = await client.post("/v1/consume", json=body, headers=h)
+    b = problem(r, status, "invalid_request")
+    assert field in b["detail"]
+    layout = Layout(prefix, config.shards)
+    assert await redis.exists(layout.balances(org)) == 0
+    assert not [f for _, f in await redis.xrange(layout.stream(org)) if f["org"] == org]
+
+
+async def test_malformed_json_is_400(client, tenant):
+    org, h = await tenant("pro")
+    for raw in (b"{not json", b"[1,2]", b""):
+        r = await client.post("/v1/consume", content=raw, headers={**h, "content-type": "application/json"})
+        problem(r, 400, "invalid_request")
+
+
+async def test_unknown_route_and_method_are_problems(client):
+    problem(await client.get("/v1/nope"), 404, "not_found")
+    r = await client.get("/v1/consume")
+    assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
+
+
+async def test_admin_requires_the_token(client):
+    problem(await client.post("/v1/admin/orgs", json={"org_id": "x", "plan": "pro"}), 401, "unauthorized")
+    r = await client.post("/v1/admin/orgs", json={"org_id": "x", "plan": "pro"},
+                          headers={"Authorization": "Bearer wrong"})
+    problem(r, 401, "unauthorized")
+
+
+async def test_admin_validation(client, admin):
+    problem(await client.post("/v1/admin/orgs", json={"org_id": "bad id", "plan": "pro"}, headers=admin.h),
+            422, "invalid_request")
+    problem(await client.post("/v1/admin/orgs", json={"org_id": "ok-1", "plan": "gold"}, headers=admin.h),
+            422, "invalid_request")
+    org = await admin.org("pro")
+    problem(await client.post("/v1/admin/orgs", json={"org_id": org, "plan": "pro"}, headers=admin.h), 409, "conflict")
+    problem(await client.post("/v1/admin/orgs/nobody/keys", json={"scopes": ["read"]}, headers=admin.h), 404, "not_found")
+    problem(await client.post(f"/v1/admin/orgs/{org}/keys", json={"scopes": ["root"]}, headers=admin.h),
+            422, "invalid_request")
+    problem(await client.post(f"/v1/admin/orgs/{org}/grants", json={"meter": "gold", "amount": 5, "reason": "x"},
+                              headers=admin.h), 422, "invalid_request")
+    problem(await client.post(f"/v1/admin/orgs/{org}/grants", json={"meter": "general", "amount": -5, "reason": "x"},
+                              headers=admin.h), 422, "invalid_request")
+
+
+async def test_quota_headers_on_decisions(client, tenant):
+    org, h = await tenant("pro")
+    r = await client.post("/v1/consume", json={"feature": "forecast_revenue", "user_id": "q"}, headers=h)
+    assert r.status_code == 200
+    assert r.headers["X-Quota-Remaining"] == "26"
+    assert (r.headers["RateLimit-Limit"], r.headers["RateLimit-Remaining"]) == ("5", "4")
+    assert 0 < int(r.headers["RateLimit-Reset"]) <= 60
+
+
+async def test_pricing_and_balance_shapes(client, tenant):
+    org, h = await tenant("pro")
+    p = (await client.get("/v1/pricing", headers=h)).json()
+    assert p["features"]["generate_goal"] == {"meter": "goal_generation", "cost": 3}
+    assert p["plans"]["enterprise"]["allocations"]["tokens"] == "unlimited"
+    b = (await client.get("/v1/balance", headers=h)).json()
+    assert b["plan"] == "pro"
+    m = b["meters"]["goal_generation"]
+    assert {"balance", "allocated", "purchased", "used", "limit", "period_end", "low"} <= set(m)
+
+
+async def test_unknown_users_are_registered_unless_config_says_otherwise(client, tenant, redis, prefix, config):
+    org, h = await tenant("pro")
+    assert (await client.post("/v1/consume", json={"feature": "generate_goal", "user_id": "newbie"}, headers=h)).status_code == 200
+    assert await redis.hget(Layout(prefix, config.shards).users(org), "newbie") == ""
+
+
+async def test_health_and_readiness(client):
+    assert (await client.get("/healthz")).status_code == 200
+    r = await client.get("/readyz")
+    assert r.status_code == 200 and r.json()["redis"] == "ok" and r.json()["postgres"] == "ok"
+    assert "quota_gw_decisions_total" in (await client.get("/metrics")).text
