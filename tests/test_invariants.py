@@ -262,3 +262,16 @@ async def test_plan_upgrade_moves_the_allocation_mid_period(client, tenant, admi
             break
         await asyncio.sleep(0.05)
     assert (b["limit"], b["balance"]) == (200, 197)
+
+
+async def test_decisions_survive_a_script_flush(client, tenant, redis):
+    """Redis restarted or scripts flushed: batched and single calls reload and answer once."""
+    org, h = await tenant("starter", general=300)
+    await redis.script_flush()
+    single = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+    assert single.status_code == 200
+    await redis.script_flush()
+    batch = await asyncio.gather(*(client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+                                   for _ in range(200)))
+    assert [r.status_code for r in batch].count(200) == 200
+    assert (await balance(client, h, "general"))["balance"] == 99

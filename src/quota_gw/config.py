@@ -146,6 +146,7 @@ class Behaviour(_Model):
     max_units: int = Field(default=1_000_000, gt=0)
     low_balance_percent: int = Field(default=25, ge=0, le=100)
     key_cache_s: float = Field(default=1.0, ge=0, le=1.0)
+    coalesce: bool = True  # pipeline the decisions of one event-loop turn (see coalesce.py)
     org_header: str = "X-Quota-Org"
     user_header: str = "X-Quota-User"
     spool_dir: str = ".quota-gw/spool"

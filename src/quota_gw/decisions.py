@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from .coalesce import Coalescer
 from .config import Config, Plan
 from .layout import Layout
 from .problems import Problem
@@ -76,6 +77,10 @@ class Decision:
                        remaining=self.remaining)
 
 
+async def _direct(script: Any, keys: list[str], args: list[Any]) -> Any:
+    return await script(keys=keys, args=args)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -86,6 +91,8 @@ class Decider:
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
+        coalescer = Coalescer(redis)
+        self._run = coalescer.run if config.behaviour.coalesce else _direct
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
 
@@ -130,11 +137,11 @@ class Decider:
                       metadata: bytes | None = None, shadow: bool = False) -> Decision:
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
                                      f"consume|{feature}|{units}|{user}", metadata, shadow)
-        return Decision.from_reply(await self.scripts.consume(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.consume, keys, args))
 
     async def check(self, ident: Identity, feature: str, units: int, user: str) -> Decision:
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, None, "", None, False)
-        return Decision.from_reply(await self.scripts.check(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.check, keys, args))
 
     async def reserve(self, ident: Identity, feature: str, units: int, user: str, ttl_s: int,
                       idem: str | None = None, shadow: bool = False, cost: int | None = None,
@@ -146,7 +153,7 @@ class Decider:
         keys, args = self._gate_call(ident, feature, held, user, idem, f"reserve|{feature}|{units}|{user}",
                                      None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
         args.append(min_cost)
-        return Decision.from_reply(await self.scripts.reserve(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
 
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None) -> tuple[list[str], list[Any]]:
         L, org = self.layout, ident.org_id
@@ -159,17 +166,17 @@ class Decider:
 
     async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None) -> Decision:
         keys, args = self._settle_call(ident, rid, units, metadata)
-        return Decision.from_reply(await self.scripts.commit(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.commit, keys, args))
 
     async def release(self, ident: Identity, rid: str) -> Decision:
         keys, args = self._settle_call(ident, rid, 0, None)
-        return Decision.from_reply(await self.scripts.release(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.release, keys, args))
 
     async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
         L, org = self.layout, ident.org_id
         keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org)]
         args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else ""]
-        return Decision.from_reply(await self.scripts.refund(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.refund, keys, args))
 
     async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
                     idem: str | None = None, actor: str = "admin", user: str = "",
@@ -180,7 +187,7 @@ class Decider:
         keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org)]
         args = [event_id or new_id(), org, meter, amount, kind, meta, self._ttl[0],
                 f"{kind}|{meter}|{amount}" if idem else "", actor, user]
-        return Decision.from_reply(await self.scripts.grant(keys=keys, args=args))
+        return Decision.from_reply(await self._run(self.scripts.grant, keys, args))
 
     async def balances(self, org: str, plan: Plan) -> dict[str, dict[str, int]]:
         """Every meter as the next decision would see it (read only)."""
@@ -188,7 +195,7 @@ class Decider:
         meters = self.config.meter_names
         for m in meters:
             args += [m, plan.allocation(m), plan.period, int(plan.rollover)]
-        rows = await self.scripts.balance(keys=[self.layout.balances(org)], args=args)
+        rows = await self._run(self.scripts.balance, [self.layout.balances(org)], args)
         out = {}
         for m, (a, p, h, u, pe, lim, pt) in zip(meters, rows):
             out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),
