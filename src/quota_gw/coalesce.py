@@ -12,7 +12,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
+
+from . import metrics
 
 Call = tuple[AsyncScript, list[str], list[Any], "asyncio.Future[Any]"]
 
@@ -40,15 +42,24 @@ class Coalescer:
             asyncio.ensure_future(self._send(pending[i:i + self.max_batch]))
 
     async def _send(self, batch: list[Call], retried: bool = False) -> None:
+        metrics.ROUND_TRIPS.inc()
+        metrics.SCRIPT_CALLS.inc(len(batch))
+        pool = self.redis.connection_pool
+        results: list[Any] = []
         try:
-            if len(batch) == 1:
-                s, k, a, fut = batch[0]
-                results: list[Any] = [await _one(s, k, a)]
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for s, k, a, _ in batch:
-                        pipe.evalsha(s.sha, len(k), *k, *a)
-                    results = await pipe.execute(raise_on_error=False)
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command([pack_evalsha(s.sha, k, a) for s, k, a, _ in batch])
+                for _ in batch:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as e:  # an error reply; the stream stays in step
+                        results.append(e)
+            except BaseException:
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
         except Exception as e:  # noqa: BLE001 - every caller gets the error
             for *_, fut in batch:
                 if not fut.done():
@@ -71,6 +82,12 @@ class Coalescer:
             await self._send(missing, retried=True)
 
 
-async def _one(script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-    # A lone call: redis-py's Script does EVALSHA and reloads on NOSCRIPT by itself.
-    return await script(keys=keys, args=args)
+def pack_evalsha(sha: str, keys: list[str], args: list[Any]) -> bytes:
+    """RESP encoding of one EVALSHA, several times faster than redis-py's generic packer
+    (which showed as a third of the CPU of a decision in the profile)."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n"
+             % (3 + len(keys) + len(args), sha.encode(), len(str(len(keys))), len(keys))]
+    for a in (*keys, *args):
+        b = a.encode() if isinstance(a, str) else b"%d" % a if isinstance(a, int) else a
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(parts)

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from . import metrics
 from .coalesce import Coalescer
 from .config import Config, Plan
 from .layout import Layout
@@ -78,6 +79,8 @@ class Decision:
 
 
 async def _direct(script: Any, keys: list[str], args: list[Any]) -> Any:
+    metrics.ROUND_TRIPS.inc()
+    metrics.SCRIPT_CALLS.inc()
     return await script(keys=keys, args=args)
 
 

@@ -1,0 +1,197 @@
+"""Side-by-side benchmarks of the decision path (issue 5), printed as ratios.
+
+    .venv/bin/python bench/bench.py [--duration 10] [--connections 64] [--rounds 2] [--write]
+
+Starts its own Valkey (embedded, on a free port, so `INFO commandstats` counts only this run)
+and the gateway on 127.0.0.1, then runs wrk against a hello-world route and POST /v1/consume
+on the same server, alternating, several rounds. The machine is shared and noisy: compare the
+ratios, not the absolute numbers. --write appends the table to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import redis
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from quota_gw import embedded  # noqa: E402
+from quota_gw.auth import hash_key, new_key  # noqa: E402
+from quota_gw.layout import Layout  # noqa: E402
+
+CONSUME_LUA = """
+wrk.method = "POST"
+wrk.body = '{"feature":"generate_insight","user_id":"bench"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
+def wrk(url: str, duration: int, connections: int, script: Path | None = None) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if script:
+        cmd += ["-s", str(script)]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def config_file(tmp: Path) -> Path:
+    data = yaml.safe_load((ROOT / "examples" / "quota-gw.yaml").read_text())
+    data["plans"]["bench"] = {"allocations": {"general": 10**12}}
+    data["routes"] = []
+    p = tmp / "bench.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def seed(redis_url: str, prefix: str, shards: int) -> str:
+    """An org on the bench plan and a key, written as the admin API writes them."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    layout = Layout(prefix, shards)
+    key_id, key = new_key()
+    r.hset(layout.org("bench-org"), mapping={"plan": "bench", "name": "bench"})
+    r.hset(layout.api_key(hash_key(key)), mapping={"key_id": key_id, "org": "bench-org", "user": "",
+                                                   "scopes": "consume,read"})
+    return key
+
+
+def start_server(kind: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    if kind == "uvicorn":
+        cmd = [sys.executable, "-m", "uvicorn", "serve_app:factory", "--factory", "--app-dir", str(ROOT / "bench"),
+               "--port", str(port), "--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools",
+               "--no-access-log", "--log-level", "warning"]
+    else:
+        cmd = [str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--factory", "--host",
+               "127.0.0.1", "--port", str(port), "--workers", "1", "--loop", "uvloop", "--log-level", "warning",
+               "--no-ws", "serve_app:factory"]
+        env = {**env, "PYTHONPATH": str(ROOT / "bench")}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT / "bench")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{kind} did not start")
+
+
+def scrape(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    m = re.search(rf"^{name} ([\d.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def commandstats(r: redis.Redis) -> int:
+    return sum(v["calls"] for k, v in r.info("commandstats").items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--servers", default="uvicorn,granian")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="qgw-bench-"))
+    rsrv = embedded.start_redis(tmp / "redis")
+    r = redis.Redis.from_url(rsrv.url, decode_responses=True)
+    cfg = config_file(tmp)
+    rows = []
+    try:
+        for server in args.servers.split(","):
+            for coalesce in (True, False):
+                data = yaml.safe_load(cfg.read_text())
+                data["behaviour"] = {**data.get("behaviour", {}), "coalesce": coalesce}
+                variant = tmp / f"bench-{coalesce}.yaml"
+                variant.write_text(yaml.safe_dump(data))
+                prefix = f"bench{int(coalesce)}{server[0]}"
+                key = seed(rsrv.url, prefix, data["shards"])
+                lua = tmp / "consume.lua"
+                lua.write_text(CONSUME_LUA % key)
+                port = embedded.free_port()
+                env = {**os.environ, "QUOTA_GW_CONFIG": str(variant), "REDIS_URL": rsrv.url, "QUOTA_GW_PREFIX": prefix}
+                env.pop("DATABASE_URL", None)
+                proc = start_server(server, port, env)
+                try:
+                    base = f"http://127.0.0.1:{port}"
+                    wrk(f"{base}/hello", 2, args.connections)  # warm up
+                    wrk(f"{base}/v1/consume", 2, args.connections, lua)
+                    hello, consume = [], []
+                    cmds = trips = calls = 0.0
+                    for _ in range(args.rounds):
+                        hello.append(wrk(f"{base}/hello", args.duration, args.connections))
+                        c0, t0, s0 = commandstats(r), scrape(port, "quota_gw_redis_round_trips_total"), \
+                            scrape(port, "quota_gw_redis_script_calls_total")
+                        res = wrk(f"{base}/v1/consume", args.duration, args.connections, lua)
+                        consume.append(res)
+                        cmds += commandstats(r) - c0 - 1  # minus the INFO call itself
+                        trips += scrape(port, "quota_gw_redis_round_trips_total") - t0
+                        calls += scrape(port, "quota_gw_redis_script_calls_total") - s0
+                    h = statistics.median(x["rps"] for x in hello)
+                    c = statistics.median(x["rps"] for x in consume)
+                    n = sum(x["rps"] for x in consume) * args.duration
+                    rows.append({
+                        "server": server, "coalesce": coalesce, "hello": h, "consume": c, "ratio": c / h,
+                        "p50": statistics.median(x["p50"] for x in consume),
+                        "p99": statistics.median(x["p99"] for x in consume),
+                        "errors": sum(x["errors"] for x in consume),
+                        "cmds_per_decision": cmds / max(calls, 1), "trips_per_decision": trips / max(calls, 1),
+                        "decisions": int(calls), "requests": int(n)})
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=20)
+    finally:
+        rsrv.stop()
+
+    head = ("| server | coalesce | hello req/s | consume req/s | ratio | consume p50 ms | p99 ms | non-2xx |"
+            " Redis cmds/decision | round trips/decision |")
+    lines = [head, "|" + "---|" * 10]
+    for x in rows:
+        lines.append(f"| {x['server']} | {'on' if x['coalesce'] else 'off'} | {x['hello']:,.0f} | {x['consume']:,.0f} |"
+                     f" **{x['ratio']:.2f}×** | {x['p50']:.2f} | {x['p99']:.2f} | {x['errors']} |"
+                     f" {x['cmds_per_decision']:.2f} | {x['trips_per_decision']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        cmd = "python bench/bench.py " + " ".join(sys.argv[1:])
+        section = (f"\n### Decision API vs hello world — {stamp}\n\n`{cmd}` on {platform.node()} "
+                   f"({os.cpu_count()} cores), wrk -t1 -c{args.connections}, {args.duration}s × {args.rounds} rounds "
+                   f"(median), one server worker, embedded Valkey.\n\n{table}\n")
+        docs = ROOT / "docs" / "benchmarks.md"
+        with docs.open("a") as f:
+            f.write(section)
+        print(f"appended to {docs}")
+
+
+if __name__ == "__main__":
+    main()
