@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent).")
 
+    from sync_worker.cli import add_commands as add_sync_commands  # worker, rebuild, reconcile
+
+    add_sync_commands(command, _config)
+
     args = parser.parse_args(argv)
     return args.fn(args)
 
