@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import admin, api, db, metrics
+from . import admin, api, db, metrics, proxy
 from .api import Context, json_response
 from .auth import KeyStore
 from .config import Config
@@ -97,9 +97,12 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         decider = Decider(r, config, layout)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)
         app.state.ctx = Context(config, decider, keys, pool)
+        app.state.sidecar = proxy.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool
+        await app.state.sidecar.start()
         try:
             yield
         finally:
+            await app.state.sidecar.stop()
             await r.aclose()
             if pool is not None:
                 await pool.close()
@@ -111,6 +114,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         *api.routes,
         *admin.routes,
         *(extra_routes or []),
+        *proxy.routes(config),  # last: a configured prefix never shadows the API
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         Problem: on_problem,

@@ -62,6 +62,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_upstream(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .demo import create_demo_app
+
+    app = create_demo_app(args.latency_ms, args.fail_rate, args.token_delay_ms)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v else None
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .dev import run
+
+    cfg = _config(args)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(run(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
+                      Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quota-gw", description="Redis-backed quota gateway for AI features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,6 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     from sync_worker.cli import add_commands as add_sync_commands  # worker, rebuild, reconcile
 
     add_sync_commands(command, _config)
+
+    p = command("demo-upstream", cmd_demo_upstream, "Run an OpenAI-compatible fake model (dev, tests, load tests).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--latency-ms", type=float, default=0, help="wait before each answer")
+    p.add_argument("--token-delay-ms", type=float, default=0, help="pause between streamed tokens")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of calls answered 500 (0..1)")
+    p.add_argument("--log-level", default="info")
+
+    p = command("dev", cmd_dev, "Everything on one machine: Redis, Postgres (embedded unless REDIS_URL/DATABASE_URL), "
+                                "migrations, a demo org and key, the demo upstream, gateway and worker.")
+    p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--data-dir", default=os.environ.get("QUOTA_GW_DEV_DIR", ".quota-gw"),
+                   help="where embedded Redis/Postgres keep their data between runs (default ./.quota-gw)")
+    p.add_argument("--redis-port", type=int, default=_env_int("QUOTA_GW_DEV_REDIS_PORT"),
+                   help="embedded Redis port (default: a free port)")
+    p.add_argument("--pg-port", type=int, default=_env_int("QUOTA_GW_DEV_PG_PORT"),
+                   help="embedded Postgres port (default: a free port)")
+    p.add_argument("--no-worker", action="store_true", help="do not start the sync worker")
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -1,0 +1,252 @@
+"""`quota-gw dev`: the whole product on one machine, in one command.
+
+Redis and Postgres come from REDIS_URL / DATABASE_URL, or are embedded servers started in
+`--data-dir` (default ./.quota-gw, kept between runs) on free ports; migrations run; a demo
+org on the pro plan gets a key (printed, and reused next time while it is valid); the demo
+upstream, the gateway and the sync worker start. Ctrl-C or SIGTERM stops everything, in
+reverse order, and waits for each part to exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import uvicorn
+
+from .config import Config
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+DEMO_ORG = "demo"
+
+
+class LoopServer(uvicorn.Server):
+    """A uvicorn server that shares the caller's event loop and leaves signals to the caller
+    (several servers run side by side in `dev` and in tests)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+    @property
+    def port(self) -> int:
+        return int(self.servers[0].sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on",
+                log_level: str = "warning") -> AsyncIterator[LoopServer]:
+    """Runs `app` on host:port (0: a free port, see `.port`) until the block ends."""
+    server = LoopServer(uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level=log_level,
+                                       access_log=False, timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError(f"server on {host}:{port} did not start")
+        await asyncio.sleep(0.01)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await task
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _demo_upstreams(config: Config) -> list[tuple[str, int]]:
+    """Loopback upstreams the config routes to: where the demo upstream should listen."""
+    out = []
+    for r in config.routes:
+        u = urlsplit(r.upstream)
+        if u.hostname in LOOPBACK:
+            addr = ("127.0.0.1", u.port or 80)
+            if addr not in out:
+                out.append(addr)
+    return out
+
+
+def _worker_available() -> bool:
+    exe = shutil.which("quota-gw") or ""
+    cmd = [exe] if exe else [sys.executable, "-m", "quota_gw.cli"]
+    try:
+        return subprocess.run([*cmd, "worker", "--help"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+async def _database(admin_url: str, name: str) -> str:
+    """A database of its own on the embedded server (created once), migrated."""
+    import asyncpg
+
+    from . import db
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    conn = await asyncpg.connect(url)
+    try:
+        applied = await db.migrate(conn)
+    finally:
+        await conn.close()
+    _say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
+    return url
+
+
+async def _demo_key(base: str, admin_token: str, plan: str, data_dir: Path) -> str:
+    """The demo org (created once) and a consume+read key, reused while it still works."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {admin_token}"}
+    key_file = data_dir / "demo-key"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+        r = await c.post("/v1/admin/orgs", json={"org_id": DEMO_ORG, "name": "Demo Org", "plan": plan}, headers=h)
+        if r.status_code not in (201, 409):
+            raise RuntimeError(f"creating the demo org failed: {r.status_code} {r.text}")
+        if key_file.exists():
+            key = key_file.read_text().strip()
+            r = await c.get("/v1/balance", headers={"Authorization": f"Bearer {key}"})
+            if r.status_code == 200:
+                return key
+        r = await c.post(f"/v1/admin/orgs/{DEMO_ORG}/keys", json={"scopes": ["consume", "read"]}, headers=h)
+        if r.status_code != 201:
+            raise RuntimeError(f"creating the demo key failed: {r.status_code} {r.text}")
+        key = r.json()["key"]
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+        return key
+
+
+def _admin_token(data_dir: Path) -> str:
+    token = os.environ.get("QUOTA_GW_ADMIN_TOKEN")
+    if token:
+        return token
+    f = data_dir / "admin-token"
+    if f.exists():
+        token = f.read_text().strip()
+    else:
+        token = "qgw_admin_" + secrets.token_urlsafe(24)
+        f.write_text(token + "\n")
+        f.chmod(0o600)
+    os.environ["QUOTA_GW_ADMIN_TOKEN"] = token
+    return token
+
+
+async def run(config: Config, config_path: str | None, host: str, port: int, data_dir: Path,
+              redis_port: int | None, pg_port: int | None, worker: bool = True) -> int:
+    from . import embedded
+    from .app import create_app
+    from .demo import create_demo_app
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    servers: list[embedded.EmbeddedServer] = []
+    worker_proc: subprocess.Popen[bytes] | None = None
+    try:
+        _say("quota-gw dev")
+        redis_url = os.environ.get("REDIS_URL")
+        if redis_url:
+            _say(f"  redis:      {redis_url} (REDIS_URL)")
+        else:
+            servers.append(await asyncio.to_thread(embedded.start_redis, data_dir / "redis", redis_port, persist=True))
+            redis_url = servers[-1].url
+            _say(f"  redis:      {redis_url} (embedded, data in {data_dir / 'redis'})")
+        database_url = os.environ.get("DATABASE_URL")
+        if database_url:
+            _say(f"  postgres:   {database_url} (DATABASE_URL)")
+            database_url = await _database_direct(database_url)
+        else:
+            servers.append(await asyncio.to_thread(embedded.start_postgres, data_dir / "postgres", pg_port))
+            database_url = await _database(servers[-1].url, "quota_gw")
+            _say(f"  postgres:   {database_url} (embedded, data in {data_dir / 'postgres'})")
+        admin_token = _admin_token(data_dir)
+        os.environ["REDIS_URL"], os.environ["DATABASE_URL"] = redis_url, database_url
+        if config_path:
+            os.environ["QUOTA_GW_CONFIG"] = str(Path(config_path).resolve())
+        os.environ.setdefault("QUOTA_GW_SPOOL_DIR", str(data_dir / "spool"))
+
+        async with contextlib.AsyncExitStack() as stack:
+            for up_host, up_port in _demo_upstreams(config):
+                await stack.enter_async_context(serve(create_demo_app(latency_ms=20, token_delay_ms=10),
+                                                      up_host, up_port))
+                _say(f"  upstream:   http://{up_host}:{up_port} (demo OpenAI-compatible model)")
+            gw = await stack.enter_async_context(serve(create_app(config, redis_url, database_url), host, port,
+                                                       log_level="info"))
+            base = f"http://{host}:{gw.port}"
+            plan = "pro" if "pro" in config.plans else (config.default_plan or next(iter(config.plans)))
+            key = await _demo_key(base, admin_token, plan, data_dir)
+            if worker and config_path and _worker_available():
+                worker_proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "worker"],
+                                               stdin=subprocess.DEVNULL, start_new_session=True)
+                _say(f"  worker:     pid {worker_proc.pid} (draining events into Postgres)")
+            else:
+                _say("  worker:     not started (`quota-gw worker` is unavailable or no --config was given); "
+                     "events stay in the Redis streams until a worker runs")
+            _say(f"  gateway:    {base}")
+            _say(f"  dashboard:  {base}/v1/analytics (JSON; Postgres views: see README)")
+            _say(f"  admin token: {admin_token}")
+            _say(f"  API key:    {key}   (org {DEMO_ORG!r}, plan {plan!r})")
+            _say("")
+            _say("  try:")
+            _say(f"    curl -s {base}/v1/balance -H 'Authorization: Bearer {key}'")
+            for r in config.routes:
+                if r.metering == "openai":
+                    _say(f"    curl -sN {base}{r.prefix} -H 'Authorization: Bearer {key}' "
+                         "-H 'Content-Type: application/json' -d '{\"model\":\"demo-1\",\"stream\":true,"
+                         "\"max_tokens\":20,\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'")
+                elif r.metering == "fixed":
+                    _say(f"    curl -s -X POST {base}{r.prefix} -H 'Authorization: Bearer {key}'")
+            _say("  Ctrl-C stops everything.")
+            _say("ready", )
+            await stop.wait()
+            _say("stopping...")
+        return 0
+    finally:
+        if worker_proc is not None and worker_proc.poll() is None:
+            worker_proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(worker_proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                worker_proc.kill()
+                worker_proc.wait()
+        for s in reversed(servers):
+            await asyncio.to_thread(s.stop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        _say("stopped")
+
+
+async def _database_direct(url: str) -> str:
+    """DATABASE_URL given: migrate it as it is."""
+    import asyncpg
+
+    from . import db
+
+    conn = await asyncpg.connect(url)
+    try:
+        applied = await db.migrate(conn)
+    finally:
+        await conn.close()
+    _say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
+    return url

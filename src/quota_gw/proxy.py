@@ -1,0 +1,678 @@
+"""The sidecar: configured routes forwarded to their upstream, charged and settled.
+
+A proxied call is authenticated, decided in one Redis script, forwarded over a pooled
+aiohttp client (chosen by measurement, docs/benchmarks.md) and streamed back chunk by
+chunk. Each call then settles exactly once, by how it ended:
+
+| ended by                        | fixed route           | openai route (a hold)          |
+|---------------------------------|-----------------------|--------------------------------|
+| upstream answered               | charged at admission  | commit usage.total_tokens      |
+| status in `refund_statuses`     | refund                | release                        |
+| connect error, timeout, a cut   | refund                | release                        |
+| the client went away            | stays charged         | commit what was produced       |
+
+Shadow mode decides and records but never blocks (the answer says what would have happened
+in `X-Quota-Shadow`). When Redis is down a `fail: closed` route answers 503 and forwards
+nothing; a `fail: open` route forwards and writes the usage to the spool (spool.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from prometheus_client import Counter
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from . import metering, metrics
+from .api import Context, json_response
+from .config import Route as RouteConfig
+from .decisions import Decision, Identity
+from .problems import Problem, invalid
+from .spool import Spool, entry, replay_forever
+
+log = logging.getLogger("quota_gw.proxy")
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
+MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded but not metered
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+# Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway owns.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forwarded-for",
+                             "x-forwarded-proto", "x-forwarded-host"}
+
+PROXIED = Counter("quota_gw_proxied_total", "Proxied calls by route and how they settled",
+                  ["route", "outcome"], registry=metrics.REGISTRY)
+SPOOLED = Counter("quota_gw_spooled_total", "Calls whose usage went to the fail-open spool", ["op"],
+                  registry=metrics.REGISTRY)
+
+
+class Sidecar:
+    """What every proxied call shares: the routes, the upstream client and the spool."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        b = ctx.config.behaviour
+        self.routes = sorted(ctx.config.routes, key=lambda r: len(r.prefix), reverse=True)
+        # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
+        spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or b.spool_dir
+        self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
+        self.session: aiohttp.ClientSession | None = None
+        self._replayer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        conn = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30,
+                                    enable_cleanup_closed=False)
+        self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False, trust_env=False,
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                                             timeout=aiohttp.ClientTimeout(total=None))
+        self._replayer = asyncio.create_task(replay_forever(self.spool, self.ctx.decider), name="spool-replay")
+
+    async def stop(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            try:
+                await self._replayer
+            except asyncio.CancelledError:
+                pass
+        self.spool.rotate()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- routing
+
+    def match(self, path: str) -> RouteConfig | None:
+        """The longest configured prefix that covers `path` on a segment boundary."""
+        for r in self.routes:
+            p = r.prefix
+            if path == p or path.startswith(p if p.endswith("/") else p + "/"):
+                return r
+        return None
+
+    def shadow(self, route: RouteConfig) -> bool:
+        return self.config.behaviour.shadow if route.shadow is None else route.shadow
+
+    def fail_open(self, route: RouteConfig) -> bool:
+        return (route.fail or self.config.behaviour.fail) == "open"
+
+    # -- identity
+
+    async def authenticate(self, request: Request, route: RouteConfig) -> tuple[Identity, bool]:
+        """(identity, redis_down). With Redis down, a fail-open route reads the key from Postgres."""
+        try:
+            return await self.ctx.keys.authenticate(request, "consume"), False
+        except REDIS_DOWN:
+            if not self.fail_open(route):
+                raise unavailable() from None
+            metrics.REDIS_ERRORS.inc()
+        return await self._authenticate_from_postgres(request), True
+
+    async def _authenticate_from_postgres(self, request: Request) -> Identity:
+        from .auth import KEY_PREFIX, bearer, hash_key
+
+        db = self.ctx.db
+        key = bearer(request)
+        if key is None:
+            raise Problem(401, "unauthorized", "missing bearer API key (Authorization: Bearer qgw_...)",
+                          headers={"WWW-Authenticate": "Bearer"})
+        if db is None:
+            raise unavailable("the quota store is unavailable and there is no Postgres to check the key")
+        row = None
+        if key.startswith(KEY_PREFIX) and len(key) <= 200:
+            row = await db.fetchrow(
+                "SELECT k.key_id, k.org_id, k.user_id, k.scopes, o.plan FROM api_keys k JOIN orgs o USING (org_id)"
+                " WHERE k.key_hash = $1 AND k.revoked_at IS NULL", hash_key(key))
+        if row is None:
+            raise Problem(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        ident = Identity(row["key_id"], row["org_id"], row["user_id"], frozenset(row["scopes"]), row["plan"])
+        if "consume" not in ident.scopes:
+            raise Problem(403, "forbidden", "this key lacks the 'consume' scope")
+        return ident
+
+    def who(self, ident: Identity, user: str) -> list[tuple[bytes, bytes]]:
+        b = self.config.behaviour
+        h = [(b.org_header.lower().encode(), ident.org_id.encode())]
+        if user:
+            h.append((b.user_header.lower().encode(), user.encode()))
+        return h
+
+    # -- the call
+
+    async def handle(self, route: RouteConfig, request: Request, send: Send) -> None:
+        scope = request.scope
+        path = scope["path"]
+        rest = path[len(route.prefix.rstrip("/")):]
+        if rest and not rest.startswith("/") and not route.prefix.endswith("/"):
+            raise Problem(404, "not_found", f"no route for {path}")
+        ident, redis_down = await self.authenticate(request, route)
+        user = self.ctx.user(ident, {}, request)
+        body = await read_body(request)
+        target = route.upstream + ((rest or "/") if route.strip_prefix else path)
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        headers = self.upstream_headers(request, ident, user)
+        kind = metering.kind_of(path) if route.metering == "openai" and request.method == "POST" else None
+        if route.metering == "none":
+            charge: Charge = Charge(self, route, ident, user)
+        elif kind is not None:
+            charge = await self.hold(route, ident, user, kind, body, redis_down)
+            body = charge.body
+            headers.append(("accept-encoding", "identity"))  # the gateway reads usage from the answer
+        elif route.metering == "openai":  # GET /v1/models and the like on an LLM route: not metered
+            charge = Charge(self, route, ident, user)
+        else:
+            charge = await self.admit(route, ident, user, request, redis_down)
+        await self.forward(route, request, send, target, headers, body, charge)
+
+    def upstream_headers(self, request: Request, ident: Identity, user: str) -> list[tuple[str, str]]:
+        b = self.config.behaviour
+        drop = set(REQUEST_DROP) | {b.org_header.lower(), b.user_header.lower()}
+        conn = request.headers.get("connection")
+        if conn:
+            drop |= {t.strip().lower() for t in conn.split(",")}
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]
+               if k.decode("latin-1").lower() not in drop]
+        client = request.client.host if request.client else ""
+        prior = request.headers.get("x-forwarded-for")
+        out.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
+        out.append(("X-Forwarded-Proto", request.url.scheme))
+        out.append(("X-Forwarded-Host", request.headers.get("host", "")))
+        out.append((b.org_header, ident.org_id))
+        if user:
+            out.append((b.user_header, user))
+        return out
+
+    async def admit(self, route: RouteConfig, ident: Identity, user: str, request: Request,
+                    redis_down: bool) -> Charge:
+        """Fixed cost: charge on admission."""
+        assert route.feature is not None
+        charge = FixedCharge(self, route, ident, user)
+        if not redis_down:
+            meta = orjson.dumps({"route": route.prefix, "method": request.method})
+            try:
+                d = await self.ctx.decider.consume(ident, route.feature, 1, user, None, meta, self.shadow(route))
+            except REDIS_DOWN:
+                if not self.fail_open(route):
+                    raise unavailable() from None
+                redis_down = True
+            else:
+                if not d.ok:
+                    raise d.problem()
+                charge.decided(d)
+        charge.redis_down = redis_down
+        return charge
+
+    async def hold(self, route: RouteConfig, ident: Identity, user: str, kind: str, raw: bytes,
+                   redis_down: bool) -> LLMCharge:
+        """LLM usage: hold the prompt estimate plus the completion budget, lowering the budget to
+        what the org can afford, so the call can never overspend."""
+        assert route.feature is not None
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as e:
+            raise invalid(f"malformed JSON: {e}", status=400) from None
+        if not isinstance(body, dict):
+            raise invalid("the body must be a JSON object", status=400)
+        charge = LLMCharge(self, route, ident, user, kind, body)
+        unit = self.config.features[route.feature].cost
+        prompt = metering.prompt_tokens(kind, body)
+        field = metering.max_tokens_field(body)
+        asked = metering.requested_max_tokens(body)
+        budget = 0 if kind == "embeddings" else (asked or route.default_max_tokens)
+        charge.prompt = prompt
+        shadow = self.shadow(route)
+        if not redis_down:
+            floor = prompt + min(route.min_completion_tokens, budget)
+            ttl = self.config.behaviour.reservation_ttl_s
+            try:
+                d = await self.ctx.decider.reserve(ident, route.feature, 1, user, ttl, None, shadow,
+                                                   cost=(prompt + budget) * unit,
+                                                   min_cost=0 if shadow or unit == 0 else floor * unit)
+            except REDIS_DOWN:
+                if not self.fail_open(route):
+                    raise unavailable() from None
+                redis_down = True
+            else:
+                if not d.ok:
+                    raise d.problem()
+                charge.decided(d)
+                if charge.rid is not None and unit > 0:
+                    affordable = d.cost // unit - prompt
+                    if kind != "embeddings" and affordable < budget:
+                        budget = max(affordable, 0)
+                        charge.lowered = budget
+        charge.redis_down = redis_down
+        if kind != "embeddings":
+            body[field] = budget  # always explicit: the upstream's own default could exceed the hold
+        if body.get("stream"):
+            opts = body.get("stream_options")
+            opts = dict(opts) if isinstance(opts, dict) else {}
+            charge.drop_usage_only = not opts.get("include_usage")
+            opts["include_usage"] = True
+            body["stream_options"] = opts
+        charge.body = orjson.dumps(body)
+        return charge
+
+    async def forward(self, route: RouteConfig, request: Request, send: Send, url: str,
+                      headers: list[tuple[str, str]], body: bytes, charge: Charge) -> None:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
+        answered = False
+        try:
+            try:
+                resp = await self.session.request(request.method, url, headers=headers, data=body or None,
+                                                  allow_redirects=False, timeout=timeout)
+            except asyncio.TimeoutError:
+                await charge.failed("timeout")
+                raise Problem(504, "upstream_timeout", f"the upstream did not answer within {route.timeout_s:g} s; "
+                              "nothing was charged", headers=charge.headers()) from None
+            except UPSTREAM_DOWN as e:
+                await charge.failed("connect")
+                raise Problem(502, "upstream_error", f"the upstream is unreachable ({type(e).__name__}); "
+                              "nothing was charged", headers=charge.headers()) from None
+            answered = True
+            async with resp:
+                await self.relay(request, send, resp, charge)
+        finally:
+            if not charge.settled:  # cancelled (shutdown) or a bug: settle by how far it got
+                await asyncio.shield(charge.abandoned() if answered else charge.failed("error"))
+
+    async def relay(self, request: Request, send: Send, resp: aiohttp.ClientResponse, charge: Charge) -> None:
+        charge.status = resp.status
+        sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        charge.start(sse)
+        if resp.status in charge.route.refund_statuses:
+            # Known failure before a byte is sent: settle first, so the quota headers are true.
+            await charge.failed(f"status {resp.status}")
+        ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
+        drop = {k for k, _ in ours} | ({b"content-length"} if charge.rewrites else set())
+        out = [(k.lower(), v) for k, v in resp.raw_headers
+               if k.decode("latin-1").lower() not in HOP_BY_HOP and k.lower() not in drop]
+        out += ours
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        ended = await pump(resp, request.receive, send, charge.feed)
+        if ended == "done":
+            tail = charge.flush()
+            await charge.succeeded()
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        elif ended == "disconnect":
+            await charge.abandoned()
+        else:  # the upstream broke mid-answer: refund, and cut the client's response too
+            await charge.failed("cut mid-response")
+
+
+async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
+               feed: Callable[[bytes], bytes]) -> str:
+    """Copies the upstream body to the client as it arrives. Returns 'done', 'disconnect'
+    (the client went away: stop reading, the upstream is closed) or 'upstream' (it broke)."""
+
+    async def copy() -> None:
+        async for chunk in resp.content.iter_any():
+            out = feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    copier = asyncio.ensure_future(copy())
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({copier, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (copier, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(copier, watcher, return_exceptions=True)
+    if copier in done and not copier.cancelled():
+        exc = copier.exception()
+        if exc is None:
+            return "done"
+        if isinstance(exc, UPSTREAM_DOWN):
+            log.warning("upstream cut mid-response: %r", exc)
+            return "upstream"
+        raise exc
+    return "disconnect"
+
+
+async def read_body(request: Request) -> bytes:
+    if request.method in ("GET", "HEAD") and "content-length" not in request.headers \
+            and "transfer-encoding" not in request.headers:
+        return b""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise Problem(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def unavailable(detail: str = "the quota store is unavailable; nothing was forwarded or charged") -> Problem:
+    metrics.REDIS_ERRORS.inc()
+    return Problem(503, "unavailable", detail, headers={"Retry-After": "1"})
+
+
+class Charge:
+    """One proxied call's settlement; every path through `forward` ends in exactly one of
+    succeeded / failed / abandoned. This base class charges nothing (metering: none)."""
+
+    rewrites = False
+
+    def __init__(self, sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str) -> None:
+        self.sidecar, self.route, self.ident, self.user = sidecar, route, ident, user
+        self.decision: Decision | None = None
+        self.redis_down = False
+        self.settled = False
+        self.status = 0
+        self.outcome = ""
+
+    def decided(self, d: Decision) -> None:
+        self.decision = d
+
+    def headers(self) -> dict[str, str]:
+        h = self.decision.headers() if self.decision is not None else {}
+        if self.redis_down:
+            h["X-Quota-Degraded"] = "fail-open"
+        return h
+
+    def start(self, sse: bool) -> None:
+        pass
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    async def _settle(self, outcome: str, fn: Callable[[], Awaitable[None]]) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        self.outcome = outcome
+        PROXIED.labels(self.route.prefix, outcome).inc()
+        try:
+            await fn()
+        except Exception:  # noqa: BLE001 - the client's answer must not fail because settling did
+            log.exception("settling a %s call on %s failed", outcome, self.route.prefix)
+
+    async def succeeded(self) -> None:
+        await self._settle("ok", self._nothing)
+
+    async def failed(self, reason: str) -> None:
+        await self._settle("upstream_failed", self._nothing)
+
+    async def abandoned(self) -> None:
+        await self._settle("client_gone", self._nothing)
+
+    async def _nothing(self) -> None:
+        return None
+
+    async def spool(self, op: str, **fields: Any) -> None:
+        SPOOLED.labels(op).inc()
+        await self.sidecar.spool.append(entry(op, self.ident, user=self.user, feature=self.route.feature,
+                                              metadata={"route": self.route.prefix}, **fields))
+
+
+class FixedCharge(Charge):
+    """Charged on admission; refunded once if the upstream fails."""
+
+    @property
+    def event_id(self) -> str | None:
+        d = self.decision
+        return d.event_id if d is not None and d.ok and not d.would else None
+
+    async def succeeded(self) -> None:
+        if self.status in self.route.refund_statuses:
+            await self.failed(f"status {self.status}")
+        else:
+            await self._settle("ok", self._keep)
+
+    async def abandoned(self) -> None:
+        await self._settle("client_gone", self._keep)
+
+    async def _keep(self) -> None:
+        if self.redis_down:
+            await self.spool("consume", units=1)
+
+    async def failed(self, reason: str) -> None:
+        async def refund() -> None:
+            eid = self.event_id
+            if eid is None:
+                return
+            meta = orjson.dumps({"reason": reason, "route": self.route.prefix})
+            try:
+                d = await self.sidecar.ctx.decider.refund(self.ident, eid, meta)
+            except REDIS_DOWN:
+                await self.spool("refund", event_id=eid)
+                return
+            if d.ok:
+                self.decision.remaining = d.remaining  # type: ignore[union-attr]
+
+        await self._settle("refunded", refund)
+
+
+class LLMCharge(Charge):
+    """A hold of prompt + max_tokens, committed from the usage the upstream reports."""
+
+    def __init__(self, sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str, kind: str,
+                 body: dict[str, Any]) -> None:
+        super().__init__(sidecar, route, ident, user)
+        self.kind = kind
+        self.prompt = 0
+        self.lowered: int | None = None
+        self.drop_usage_only = False
+        self.body = b""
+        self.sse: metering.SSEMeter | None = None
+        self._json = bytearray()
+        self._json_over = False
+        self.charged_tokens: int | None = None
+        self.source = ""
+
+    @property
+    def rid(self) -> str | None:
+        d = self.decision
+        return d.event_id if d is not None and d.ok and not d.would else None
+
+    @property
+    def unit(self) -> int:
+        assert self.route.feature is not None
+        return self.sidecar.config.features[self.route.feature].cost
+
+    def headers(self) -> dict[str, str]:
+        h = super().headers()
+        if self.lowered is not None:
+            h["X-Quota-Max-Tokens"] = str(self.lowered)
+        return h
+
+    def start(self, sse: bool) -> None:
+        if sse:
+            self.sse = metering.SSEMeter(drop_usage_only=self.drop_usage_only)
+            self.rewrites = self.drop_usage_only
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.sse is not None:
+            return self.sse.feed(chunk)
+        if not self._json_over:
+            if len(self._json) + len(chunk) > MAX_JSON_RESPONSE:
+                self._json_over = True
+                self._json.clear()
+            else:
+                self._json += chunk
+        return chunk
+
+    def flush(self) -> bytes:
+        return self.sse.flush() if self.sse is not None else b""
+
+    def _produced(self) -> int:
+        """Tokens the call used: the upstream's usage, else an estimate from what was relayed."""
+        if self.sse is not None:
+            total = metering.usage_total(self.sse.usage)
+            if total is not None:
+                self.source = "usage"
+                return total
+            self.source = "streamed_chunks"
+            return self.prompt + self.sse.completion_chunks
+        try:
+            obj = orjson.loads(self._json) if self._json else None
+        except orjson.JSONDecodeError:
+            obj = None
+        total = metering.usage_total(obj.get("usage")) if isinstance(obj, dict) else None
+        if total is not None:
+            self.source = "usage"
+            return total
+        self.source = "estimate"
+        text = ""
+        if isinstance(obj, dict):
+            for ch in obj.get("choices") or []:
+                if isinstance(ch, dict):
+                    msg = ch.get("message")
+                    text += (msg.get("content") or "") if isinstance(msg, dict) else (ch.get("text") or "")
+        return self.prompt + metering.text_tokens(text)
+
+    async def _commit(self) -> None:
+        tokens = self._produced()
+        self.charged_tokens = tokens
+        if self.redis_down:
+            await self.spool("consume", units=tokens)
+            return
+        rid = self.rid
+        if rid is None:  # shadow let a refused call through: nothing was held
+            return
+        meta = orjson.dumps({"route": self.route.prefix, "tokens": tokens, "source": self.source,
+                             "status": self.status, "prompt_estimate": self.prompt})
+        try:
+            d = await self.sidecar.ctx.decider.commit(self.ident, rid, tokens * self.unit, meta)
+        except REDIS_DOWN:
+            await self.spool("commit", rid=rid, units=tokens * self.unit)
+            return
+        if d.status == 404:  # the hold expired before the answer ended: charge it plainly
+            from .spool import consume_unlimited
+
+            await consume_unlimited(self.sidecar.ctx.decider, self.ident, self.route.feature or "", tokens,
+                                    self.user, f"commit:{rid}", meta)
+
+    async def _release(self) -> None:
+        rid = self.rid
+        if rid is None or self.redis_down:
+            return
+        try:
+            d = await self.sidecar.ctx.decider.release(self.ident, rid)
+        except REDIS_DOWN:
+            return  # the hold expires by itself after reservation_ttl_s
+        if d.ok and self.decision is not None:
+            self.decision.remaining = d.remaining
+
+    async def succeeded(self) -> None:
+        if self.status >= 400:
+            self._produced()
+            if self.status in self.route.refund_statuses or self.source != "usage":
+                await self._settle("released", self._release)
+                return
+        await self._settle("ok", self._commit)
+
+    async def failed(self, reason: str) -> None:
+        await self._settle("released", self._release)
+
+    async def abandoned(self) -> None:
+        await self._settle("client_gone", self._commit)
+
+
+class Endpoint:
+    """The ASGI endpoint of one configured route (raw ASGI: the proxy streams and watches
+    for the client going away itself)."""
+
+    def __init__(self, route: RouteConfig) -> None:
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        await request.app.state.sidecar.handle(self.route, request, send)
+
+
+async def authorize(request: Request) -> Response:
+    """nginx auth_request / Envoy ext_authz: decide for X-Original-Method X-Original-URI.
+
+    Allowed: 200 with the quota headers and the org (and user) in the configured headers, for
+    nginx to pass upstream. Refused: the problem with its status (Envoy forwards it as is);
+    nginx turns statuses other than 401/403 into 500, so the answer also carries
+    X-Quota-Status and X-Quota-Problem for examples/nginx.conf to rebuild the refusal.
+    """
+    sidecar: Sidecar = request.app.state.sidecar
+    c = sidecar.ctx
+    uri = request.headers.get("x-original-uri")
+    if not uri:
+        raise invalid("X-Original-URI: required (the URI of the request being authorized)", status=400)
+    method = request.headers.get("x-original-method", "GET").upper()
+    path = urlsplit(uri).path or "/"
+    route = sidecar.match(path)
+    try:
+        if route is None:
+            raise Problem(404, "not_found", f"no route for {path}")
+        ident, redis_down = await sidecar.authenticate(request, route)
+        user = c.user(ident, {}, request)
+        headers = {k.decode(): v.decode() for k, v in sidecar.who(ident, user)}
+        if route.metering == "none":
+            return json_response({"allowed": True}, headers=headers)
+        assert route.feature is not None
+        if redis_down:
+            if route.metering == "fixed":
+                charge = FixedCharge(sidecar, route, ident, user)
+                charge.redis_down = True
+                await charge._keep()
+            headers["X-Quota-Degraded"] = "fail-open"
+            return json_response({"allowed": True}, headers=headers)
+        try:
+            if route.metering == "fixed":
+                meta = orjson.dumps({"route": route.prefix, "method": method, "via": "authorize"})
+                d = await c.decider.consume(ident, route.feature, 1, user, None, meta, sidecar.shadow(route))
+            else:  # LLM usage cannot be measured from here: check that the org can pay at all
+                d = await c.decider.check(ident, route.feature, 1, user)
+        except REDIS_DOWN:
+            if not sidecar.fail_open(route):
+                raise unavailable() from None
+            if route.metering == "fixed":
+                charge = FixedCharge(sidecar, route, ident, user)
+                charge.redis_down = True
+                await charge._keep()
+            headers["X-Quota-Degraded"] = "fail-open"
+            return json_response({"allowed": True}, headers=headers)
+        if not d.ok:
+            raise d.problem()
+        headers.update(d.headers())
+        if d.event_id and route.metering == "fixed" and not d.would:
+            headers["X-Quota-Event"] = d.event_id
+        return json_response({"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers=headers)
+    except Problem as p:
+        body = {"type": f"https://quota-gw.dev/problems/{p.code}", "status": p.status, "code": p.code,
+                "detail": p.detail}
+        p.headers = {**p.headers, "X-Quota-Status": str(p.status),
+                     "X-Quota-Problem": json.dumps(body, ensure_ascii=True, separators=(",", ":"))}
+        raise
+
+
+def routes(config: Any) -> list[Route]:
+    """The decision-service authorize route, then one route per configured prefix (longest
+    first), after the API so they never shadow it."""
+    out = [Route("/v1/authorize", authorize, methods=["GET", "POST", "HEAD"])]
+    for r in sorted(config.routes, key=lambda r: len(r.prefix), reverse=True):
+        out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r), methods=METHODS))
+    return out
