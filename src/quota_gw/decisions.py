@@ -98,6 +98,7 @@ class Decider:
         self._run = coalescer.run if config.behaviour.coalesce else _direct
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
+        self._terms: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
 
     def plan(self, ident: Identity) -> Plan:
         p = self.config.plans.get(ident.plan)
@@ -105,14 +106,26 @@ class Decider:
             raise Problem(503, "unavailable", f"org {ident.org_id} is on plan {ident.plan!r}, which the config does not define")
         return p
 
+    def _priced(self, ident: Identity, feature: str) -> tuple[str, tuple[Any, ...]]:
+        """The plan's terms for a feature's meter (ARGV 8..18), computed once per (plan, feature)."""
+        hit = self._terms.get((ident.plan, feature))
+        if hit is None:
+            meter = self.config.features[feature].meter
+            plan = self.plan(ident)
+            rl = plan.rate_limits
+            terms: list[Any] = [plan.allocation(meter), plan.period, int(plan.rollover)]
+            for lim in (rl.user, rl.key, rl.org):
+                terms += (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
+            terms += [int(self.config.behaviour.auto_register_users), self._ttl[0]]
+            hit = self._terms[(ident.plan, feature)] = (meter, tuple(terms))
+        return hit
+
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
                    fingerprint: str, metadata: bytes | None, shadow: bool, extra: str = "", unit: int | None = None,
                    event_id: str | None = None) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the gate (see lua/_lib.lua gate())."""
         L, org = self.layout, ident.org_id
-        meter = self.config.features[feature].meter
-        plan = self.plan(ident)
-        rl = plan.rate_limits
+        meter, priced = self._priced(ident, feature)
         event_id = event_id or new_id()
         keys = [
             L.balances(org), L.quotas(org), L.users(org),
@@ -120,15 +133,9 @@ class Decider:
             L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
             L.stream(org), L.event_record(org, event_id), L.reservations(org), L.expiries(org),
         ]
-        args: list[Any] = [
-            event_id, org, user, ident.key_id, feature, meter, cost, plan.allocation(meter), plan.period,
-            int(plan.rollover),
-        ]
-        for lim in (rl.user, rl.key, rl.org):
-            args += (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
-        b = self.config.behaviour
-        args += [int(b.auto_register_users), self._ttl[0], fingerprint if idem else "",
-                 metadata.decode() if metadata else "", int(shadow), self._ttl[1], extra]
+        args: list[Any] = [event_id, org, user, ident.key_id, feature, meter, cost, *priced,
+                           fingerprint if idem else "", metadata.decode() if metadata else "", int(shadow),
+                           self._ttl[1], extra]
         if unit is not None:
             args.append(unit)
         return keys, args

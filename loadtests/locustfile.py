@@ -1,0 +1,132 @@
+"""Realistic traffic for quota-gw: many orgs and users, the seed's feature mix, a few heavy
+spenders who run into 402 and 429, and streaming LLM calls through the proxy.
+
+Run it with `loadtests/run.py` (starts everything, then checks the invariants); on its own it
+needs QGW_TENANTS (a JSON file of {org_id, key, plan}) written by run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+
+from locust import FastHttpUser, between, events, task
+
+TENANTS = json.loads(open(os.environ["QGW_TENANTS"]).read()) if os.environ.get("QGW_TENANTS") else []
+PROXY = os.environ.get("QGW_PROXY", "1") == "1"
+
+# The seed catalogue, weighted as the origin systems' usage reports suggest.
+FEATURES = [("generate_insight", 10), ("analyze_strategy", 5), ("generate_goal", 4), ("generate_leads", 3),
+            ("forecast_revenue", 2)]
+NAMES = [f for f, _ in FEATURES]
+WEIGHTS = [w for _, w in FEATURES]
+
+OUTCOMES: dict[str, int] = {}
+
+
+def count(name: str, status: int) -> None:
+    key = f"{name}:{status}"
+    OUTCOMES[key] = OUTCOMES.get(key, 0) + 1
+
+
+@events.quitting.add_listener
+def _dump(environment, **_kw) -> None:  # noqa: ANN001
+    out = os.environ.get("QGW_OUTCOMES")
+    if out:
+        with open(out, "w") as f:
+            json.dump(OUTCOMES, f)
+
+
+class _Tenant(FastHttpUser):
+    abstract = True
+
+    def on_start(self) -> None:
+        t = random.choice([t for t in TENANTS if t["kind"] == self.kind] or TENANTS)
+        self.org = t["org_id"]
+        self.auth = {"Authorization": f"Bearer {t['key']}", "Content-Type": "application/json"}
+        self.users = [f"{self.kind}-{i}" for i in range(t.get("users", 20))]
+
+    def decide(self, feature: str, user: str, idem: bool = False) -> None:
+        headers = dict(self.auth)
+        if idem:
+            headers["Idempotency-Key"] = uuid.uuid4().hex
+        body = json.dumps({"feature": feature, "user_id": user})
+        with self.client.post("/v1/consume", data=body, headers=headers, name="consume",
+                               catch_response=True) as r:
+            count("consume", r.status_code)
+            if r.status_code in (200, 402, 403, 429):
+                r.success()
+            if idem and r.status_code == 200:
+                # A retry with the same key must give the same answer and charge nothing more.
+                with self.client.post("/v1/consume", data=body, headers=headers, name="consume-retry",
+                                      catch_response=True) as again:
+                    count("consume-retry", again.status_code)
+                    if again.status_code != 200 or again.json()["event_id"] != r.json()["event_id"]:
+                        again.failure("idempotent retry gave a different answer")
+
+
+class TypicalUser(_Tenant):
+    """Most traffic: users of pro and enterprise orgs calling the catalogue's features."""
+
+    kind = "typical"
+    weight = 8
+    wait_time = between(0.0, 0.05)
+
+    @task(10)
+    def feature(self) -> None:
+        self.decide(random.choices(NAMES, WEIGHTS)[0], random.choice(self.users), idem=random.random() < 0.1)
+
+    @task(2)
+    def check_then_reserve(self) -> None:
+        user = random.choice(self.users)
+        r = self.client.post("/v1/reservations", name="reserve", headers=self.auth,
+                             data=json.dumps({"feature": "generate_insight", "units": 3, "user_id": user}))
+        count("reserve", r.status_code)
+        if r.status_code == 201:
+            rid = r.json()["reservation_id"]
+            if random.random() < 0.7:
+                c = self.client.post(f"/v1/reservations/{rid}/commit", name="commit", headers=self.auth,
+                                     data=json.dumps({"units": random.randint(0, 3)}))
+                count("commit", c.status_code)
+            else:
+                c = self.client.delete(f"/v1/reservations/{rid}", name="release", headers=self.auth)
+                count("release", c.status_code)
+
+    @task(1)
+    def balance(self) -> None:
+        self.client.get("/v1/balance", headers=self.auth, name="balance")
+
+
+class HeavySpender(_Tenant):
+    """A few users who hammer one feature: they run into 429 first, then 402."""
+
+    kind = "heavy"
+    weight = 1
+    wait_time = between(0.0, 0.01)
+
+    @task
+    def hammer(self) -> None:
+        self.decide("generate_leads", random.choice(self.users[:2]))
+
+
+class StreamingChat(_Tenant):
+    """LLM calls through the proxy (OpenAI-compatible route, streamed), metered by usage."""
+
+    kind = "llm"
+    weight = 2 if PROXY else 0
+    wait_time = between(0.0, 0.05)
+
+    @task
+    def chat(self) -> None:
+        body = {"model": "demo", "stream": True, "max_tokens": random.choice([16, 64, 128]),
+                "messages": [{"role": "user", "content": "Summarise our pipeline " * random.randint(1, 20)}]}
+        headers = {**self.auth, "X-Quota-User": random.choice(self.users)}
+        with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=headers, name="chat-stream",
+                              catch_response=True, stream=True) as r:
+            for _ in r.iter_content(chunk_size=4096) if hasattr(r, "iter_content") else []:
+                pass
+            count("chat", r.status_code)
+            if r.status_code in (200, 402, 429):
+                r.success()
