@@ -321,7 +321,7 @@ class Worker:
         try:
             reply = await self.redis.execute_command(*args)
         except ResponseError as e:
-            if "NOGROUP" in str(e):  # the streams were deleted (flush, new Redis): join again
+            if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):  # streams deleted (flush, new Redis): join again
                 self._setup_done = False
                 self.backlog = True
                 return [], False
@@ -364,6 +364,8 @@ class Worker:
         dt = time.perf_counter() - t0
         BATCH_SECONDS.observe(dt)
         ROWS_PER_S.set(len(entries) / dt if dt > 0 else 0)
+        if dups:
+            log.info("worker %s: skipped %d events already in Postgres (redelivered)", self.consumer, dups)
         if gone:
             log.warning("worker %s: %d pending entries were deleted from their stream before being written",
                         self.consumer, len(gone))
@@ -532,6 +534,8 @@ async def _chunks(lines: list[bytes], size: int = 1 << 16) -> AsyncIterator[byte
                 first = False
     if buf:
         yield b"".join(buf)
+        if first:
+            _fault("copy")
 
 
 # --- the small HTTP endpoint: /metrics, /healthz, /readyz -----------------------------------------

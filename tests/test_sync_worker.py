@@ -1,0 +1,242 @@
+"""The sync worker against real Redis and Postgres (SPEC §3.2 exactly-once audit): SIGKILLs at
+random moments and at injected points (mid-COPY, between COMMIT and XACK), Postgres connections
+killed, poison entries, two workers at once, and trimming that never drops an unacked entry.
+
+Default runs are bounded; QUOTA_GW_SOAK=1 runs the long versions (20,000 events, 20 kills)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import asyncpg
+import pytest
+
+from conftest import test_config_data
+from quota_gw.decisions import Decider
+from quota_gw.layout import Layout
+from sync_worker.worker import GROUP, Worker
+from worker_support import (SOAK, WorkerProc, drained, hold_streams, identities, ledger_vs_redis, seed_orgs,
+                            stream_events, traffic, wait_drained, write_config)
+
+
+@pytest.fixture
+async def wenv(redis, redis_url: str, database_url: str, prefix: str, config, tmp_path: Path) -> AsyncIterator[Any]:
+    """A key prefix of its own, a Decider on it, and a way to start workers on it."""
+    sub = f"{prefix}:w{secrets.token_hex(3)}"
+    layout = Layout(sub, config.shards)
+    cfg = write_config(tmp_path, test_config_data())
+    procs: list[WorkerProc] = []
+
+    def worker(consumer: str, *extra: str, faults: str = "") -> WorkerProc:
+        w = WorkerProc(cfg, redis_url, database_url, sub, consumer, tmp_path, *extra, faults=faults)
+        procs.append(w)
+        return w
+
+    pg = await asyncpg.connect(database_url)
+    env = SimpleNamespace(prefix=sub, layout=layout, decider=Decider(redis, config, layout), worker=worker, pg=pg,
+                          meters=config.meter_names, redis_url=redis_url, database_url=database_url)
+    yield env
+    for w in procs:
+        await w.kill()
+    await pg.close()
+    async for k in redis.scan_iter(match=f"{sub}:*", count=1000):
+        await redis.delete(k)
+
+
+async def ledger_ids(env: Any) -> Counter[str]:
+    rows = await env.pg.fetch("SELECT replace(event_id::text, '-', '') AS id FROM usage_events WHERE stream_id LIKE $1",
+                              env.prefix + ":%")
+    return Counter(r["id"] for r in rows)
+
+
+async def assert_exactly_once(env: Any, redis, orgs, answered: list[str]) -> int:
+    """The streams (kept whole by an idle group) against usage_events, id by id, and every
+    (org, meter) ledger sum against the Redis balance."""
+    xadded = [f["id"] for f in await stream_events(redis, env.layout)]
+    assert len(xadded) == len(set(xadded)), "an event was XADDed twice"
+    written = await ledger_ids(env)
+    dups = {k: n for k, n in written.items() if n > 1}
+    assert not dups, f"duplicates in usage_events: {list(dups.items())[:5]}"
+    missing = set(xadded) - set(written)
+    extra = set(written) - set(xadded)
+    assert not missing, f"{len(missing)} events never reached Postgres, e.g. {sorted(missing)[:3]}"
+    assert not extra, f"{len(extra)} rows that no stream holds, e.g. {sorted(extra)[:3]}"
+    assert set(answered) <= set(written)
+    assert await ledger_vs_redis(env.pg, redis, env.layout, orgs, env.meters) == []
+    return len(xadded)
+
+
+async def test_exactly_once_across_sigkills(wenv, redis) -> None:
+    n_ops, kills = (20_000, 20) if SOAK else (5_000, 8)
+    orgs = identities(12)
+    await hold_streams(redis, wenv.layout)
+    await seed_orgs(wenv.decider, orgs)
+    w = wenv.worker("crashy", "--batch", "100", "--claim-idle", "1")
+    rng = random.Random(20240611)
+    answered: list[str] = []
+    per_round = n_ops // kills
+    modes = Counter()
+    for i in range(kills):
+        # Most kills come from outside at a random moment (starting up, blocked in XREADGROUP, in
+        # COPY, in COMMIT, in XACK); every 4th incarnation crashes itself at an exact point.
+        mode = ("outside", "commit", "outside", "copy")[i % 4]
+        w.env["QUOTA_GW_WORKER_FAULTS"] = "" if mode == "outside" else f"{mode}:1"
+        await w.start()
+        gen = asyncio.create_task(traffic(wenv.decider, orgs, per_round, seed=i))
+        if mode == "outside":
+            await asyncio.sleep(rng.uniform(0.2, 1.2))  # when to pull the plug, not a wait for anything
+            await w.kill()
+        else:
+            assert w.proc is not None
+            await asyncio.wait_for(w.proc.wait(), 30)  # it kills itself at the fault point
+            assert w.proc.returncode == -9, w.output()[-2000:]
+        modes[mode] += 1
+        answered += await gen
+    w.env["QUOTA_GW_WORKER_FAULTS"] = ""
+    await w.start()
+    await wait_drained(redis, wenv.layout, 60, w)
+    assert await w.stop() == 0, w.output()[-2000:]
+    n = await assert_exactly_once(wenv, redis, orgs, answered)
+    assert n >= n_ops
+    log = w.output()
+    assert "already in Postgres (redelivered)" in log  # the crash between COMMIT and XACK was replayed
+    assert sum(modes.values()) == kills and w.starts == kills + 1
+
+
+async def test_postgres_connections_killed_mid_run(wenv, redis) -> None:
+    orgs = identities(6)
+    await hold_streams(redis, wenv.layout)
+    await seed_orgs(wenv.decider, orgs)
+    w = wenv.worker("pgkill", "--batch", "100")
+    await w.start()
+    killed, rounds = 0, 0
+    target = 20 if SOAK else 5
+    answered: list[str] = []
+    while killed < target:
+        # Terminate the worker's backend at a random moment while events flow (an idle worker
+        # only notices at its next write, and a reconnecting one has no backend to kill).
+        rounds += 1
+        assert rounds < 20 * target, f"only {killed} backends terminated in {rounds} rounds"
+        gen = asyncio.create_task(traffic(wenv.decider, orgs, 300, seed=100 + rounds))
+        await asyncio.sleep(random.uniform(0.02, 0.2))  # fault timing
+        killed += await wenv.pg.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            "qgw-sync:pgkill")
+        answered += await gen
+    await wait_drained(redis, wenv.layout, 60, w)
+    assert await w.stop() == 0
+    assert "postgres error" in w.output()
+    await assert_exactly_once(wenv, redis, orgs, answered)
+
+
+async def test_poison_entries_go_to_dead_letters_and_the_rest_drains(wenv, redis) -> None:
+    orgs = identities(3)
+    await hold_streams(redis, wenv.layout)
+    await seed_orgs(wenv.decider, orgs)
+    answered = await traffic(wenv.decider, orgs, 300, seed=1)
+    stream = wenv.layout.stream(orgs[0].org_id)
+
+    def event(**over: Any) -> dict[str, Any]:
+        e = {"id": uuid.uuid4().hex, "kind": "grant", "org": orgs[0].org_id, "user": "", "key": "admin",
+             "meter": "general", "feature": "", "delta": 0, "dp": 0, "cost": 0, "bal": 0,
+             "ts": int(time.time() * 1e6), "meta": ""}
+        return {**e, **over}
+
+    poison = [await redis.xadd(stream, {"junk": "x"}),
+              await redis.xadd(stream, event(id="not-a-uuid")),
+              await redis.xadd(stream, event(delta="12abc")),
+              await redis.xadd(stream, event(ts="soon"))]
+    # Only the metadata is bad: the balance change is kept, the metadata replaced by a note.
+    odd_meta = [event(meta="{not json"), event(meta='{"x": "a\\u0000b"}')]
+    for e in odd_meta:
+        await redis.xadd(stream, e)
+    answered += await traffic(wenv.decider, orgs, 300, seed=2)
+
+    w = wenv.worker("poison")
+    await w.start()
+    await wait_drained(redis, wenv.layout, 30, w)
+    assert w.alive
+    dead = await redis.xrange(stream + ":dead")
+    assert sorted(f["entry_id"] for _, f in dead) == sorted(poison)
+    errors = " | ".join(f["error"] for _, f in dead)
+    assert "unexpected fields" in errors and "uuid" in errors and "bigint" in errors and "bad ts" in errors
+    assert await w.stop() == 0
+    # The poison entries are gone from the ledger, and everything else is in it exactly once.
+    for _, f in await redis.xrange(stream):
+        if f.get("id") in ("not-a-uuid",) or "junk" in f or f.get("delta") == "12abc" or f.get("ts") == "soon":
+            await redis.xdel(stream, _)
+    await assert_exactly_once(wenv, redis, orgs, answered)
+    for e in odd_meta:
+        meta = await wenv.pg.fetchval("SELECT metadata FROM usage_events WHERE event_id = $1", uuid.UUID(e["id"]))
+        assert "_invalid_metadata" in meta and "raw" in meta
+
+
+async def test_two_workers_share_the_streams_without_duplicates(wenv, redis) -> None:
+    orgs = identities(16)
+    await hold_streams(redis, wenv.layout)
+    await seed_orgs(wenv.decider, orgs)
+    a, b = wenv.worker("a", "--batch", "50"), wenv.worker("b", "--batch", "50")
+    await a.start()
+    await b.start()
+    answered: list[str] = []
+    for i in range(10):
+        answered += await traffic(wenv.decider, orgs, 400, seed=300 + i)
+    await wait_drained(redis, wenv.layout, 60, a)
+    assert await a.stop() == 0 and await b.stop() == 0
+    n = await assert_exactly_once(wenv, redis, orgs, answered)
+    inserted = [int(p.output().split("stopped: ")[1].split(" inserted")[0]) for p in (a, b)]
+    assert all(k > 0 for k in inserted), inserted  # both made progress
+    assert sum(inserted) == n  # and between them wrote each event once
+
+
+async def test_trim_only_below_what_every_group_acked(wenv, redis, database_url) -> None:
+    orgs = identities(1)
+    stream = wenv.layout.stream(orgs[0].org_id)
+    w = Worker(wenv.redis_url, database_url, wenv.layout, "trimmer", block_ms=50)
+    await w._connect()
+    await redis.xgroup_create(stream, "slow", id="0", mkstream=True)
+    await seed_orgs(wenv.decider, orgs)
+    await traffic(wenv.decider, orgs, 40, seed=5)
+    ids = [i for i, _ in await redis.xrange(stream)]
+    # "slow" reads 10 and acks the first 4: it still needs the 5th onwards.
+    got = await redis.xreadgroup("slow", "s1", {stream: ">"}, count=10)
+    await redis.xack(stream, "slow", *[i for i, _ in got[0][1][:4]])
+    while not await drained(redis, wenv.layout):
+        await w._round()
+    await w.maintain()
+    left = [i for i, _ in await redis.xrange(stream)]
+    assert left == ids[4:], "trimmed an entry the slow group has not acked (or kept an acked one)"
+    # Once "slow" acks everything it read and reads no more, the floor is its last delivered id.
+    await redis.xack(stream, "slow", *[i for i, _ in got[0][1]])
+    await w.maintain()
+    assert [i for i, _ in await redis.xrange(stream)] == ids[9:]
+    await redis.xgroup_destroy(stream, "slow")
+    await w.maintain()
+    assert [i for i, _ in await redis.xrange(stream)] == ids[-1:]  # the last delivered entry stays
+    await w._disconnect(pg=True, redis=True)
+    assert w.stats.inserted == len(ids)
+
+
+async def test_worker_rejoins_after_the_streams_are_deleted(wenv, redis) -> None:
+    orgs = identities(2)
+    w = wenv.worker("rejoin")
+    await w.start()
+    await seed_orgs(wenv.decider, orgs)
+    await wait_drained(redis, wenv.layout, 30, w)
+    for s in wenv.layout.streams():
+        await redis.delete(s)  # FLUSHALL, a new Redis: groups are gone with the streams
+    answered = await traffic(wenv.decider, orgs, 200, seed=9)
+    deadline = time.monotonic() + 30
+    while not (set(answered) <= set(await ledger_ids(wenv))):
+        assert time.monotonic() < deadline and w.alive, w.output()[-2000:]
+        await asyncio.sleep(0.05)
+    assert await w.stop() == 0
