@@ -93,8 +93,9 @@ class Demo:
         delay = float(h.get("x-demo-latency-ms", self.latency_ms))
         if delay:
             await asyncio.sleep(delay / 1000)
-        if h.get("x-demo-hang"):
-            await asyncio.sleep(3600)
+        if h.get("x-demo-hang"):  # until the caller gives up
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
         status = h.get("x-demo-status")
         if status is None and self.fail_rate and self.rng.random() < self.fail_rate:
             status = "500"

@@ -191,7 +191,11 @@ class Sidecar:
                if k.decode("latin-1").lower() not in drop]
         client = request.client.host if request.client else ""
         prior = request.headers.get("x-forwarded-for")
-        out.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
+        if prior and prior.rsplit(",", 1)[-1].strip() == client:
+            # uvicorn trusted a local proxy's header and made its last hop the client already
+            out.append(("X-Forwarded-For", prior))
+        else:
+            out.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
         out.append(("X-Forwarded-Proto", request.url.scheme))
         out.append(("X-Forwarded-Host", request.headers.get("host", "")))
         out.append((b.org_header, ident.org_id))

@@ -1,0 +1,386 @@
+"""The sidecar (SPEC §1): forwarding, streaming, LLM metering, refunds, shadow mode, authorize.
+
+A real gateway (uvicorn, in this event loop, 127.0.0.1 on a free port) in front of the demo
+upstream (the same), with the shared Redis and Postgres. Settlement must be exactly once and
+before the response completes, so a balance read right after a call sees the final number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from conftest import test_config_data
+from quota_gw import config as config_mod
+from quota_gw import metering
+from quota_gw.app import create_app
+from quota_gw.demo import Stats, create_demo_app
+from quota_gw.dev import serve
+from quota_gw.embedded import free_port
+from quota_gw.layout import Layout
+
+CHAT = "/v1/chat/completions"
+
+
+class Gateway:
+    def __init__(self, base: str, app: Any, demo: Stats, layout: Layout) -> None:
+        self.base, self.app, self.demo, self.layout = base, app, demo, layout
+        self.http = httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=200))
+
+
+def proxy_config(upstream: str, spool_dir: str) -> config_mod.Config:
+    data = test_config_data()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    data["routes"] = [
+        {"prefix": "/ai/goals", "upstream": upstream, "feature": "generate_goal"},
+        {"prefix": "/ai/slow", "upstream": upstream, "feature": "generate_goal", "timeout_s": 0.5},
+        {"prefix": "/ai/down", "upstream": dead, "feature": "generate_goal", "connect_timeout_s": 1},
+        {"prefix": "/ai/shadow", "upstream": upstream, "feature": "generate_goal", "shadow": True},
+        {"prefix": "/ai/free", "upstream": upstream, "metering": "none"},
+        {"prefix": "/api", "upstream": upstream + "/v2", "feature": "generate_insight", "strip_prefix": True},
+        {"prefix": "/v1", "upstream": upstream, "feature": "chat", "metering": "openai", "timeout_s": 1},
+        {"prefix": "/llm-down", "upstream": dead, "feature": "chat", "metering": "openai", "strip_prefix": True},
+    ]
+    data["behaviour"] = {"spool_dir": spool_dir}
+    return config_mod.parse(data, "tests/test_proxy.py")
+
+
+@pytest.fixture(scope="module")
+async def gw(redis_url: str, database_url: str, prefix: str, redis: Any, tmp_path_factory: Any) -> AsyncIterator[Gateway]:
+    demo_app = create_demo_app()
+    async with serve(demo_app, lifespan="off") as up:
+        cfg = proxy_config(f"http://127.0.0.1:{up.port}", str(tmp_path_factory.mktemp("spool")))
+        app = create_app(cfg, redis_url, database_url, prefix)
+        async with serve(app) as server:
+            g = Gateway(f"http://127.0.0.1:{server.port}", app, demo_app.state.demo.stats, Layout(prefix, cfg.shards))
+            yield g
+            await g.http.aclose()
+
+
+async def tokens_left(gw: Gateway, h: dict[str, str], meter: str = "tokens") -> int:
+    r = await gw.http.get("/v1/balance", headers=h)
+    assert r.status_code == 200, r.text
+    m = r.json()["meters"][meter]
+    assert m["held"] == 0, "a hold was left behind"
+    return m["balance"]
+
+
+async def org_events(redis: Any, gw: Gateway, org: str) -> list[dict[str, str]]:
+    return [f for _, f in await redis.xrange(gw.layout.stream(org)) if f["org"] == org]
+
+
+async def wait_event(redis: Any, gw: Gateway, org: str, kind: str, timeout: float = 10) -> dict[str, str]:
+    """Waits for the org's first event of `kind` to appear in its Redis stream."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for e in await org_events(redis, gw, org):
+                if e["kind"] == kind:
+                    return e
+            await asyncio.sleep(0.02)
+
+
+def chat(max_tokens: int | None = 50, stream: bool = False, content: str = "Say something about quotas.",
+         **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "demo-1", "messages": [{"role": "user", "content": content}], "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body.update(extra)
+    return body
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    out = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"data: "):
+            data = block[6:]
+            out.append("[DONE]" if data == b"[DONE]" else orjson.loads(data))
+    return out
+
+
+# --- fixed-cost routes ------------------------------------------------------------------------
+
+async def test_fixed_route_forwards_the_request_and_charges_once(gw, tenant):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h, "goal_generation")
+    r = await gw.http.post("/ai/goals/new?lang=en&x=1", content=b'{"goal":"grow"}', headers={
+        **h, "Content-Type": "application/json", "X-Custom": "kept", "X-Quota-Org": "spoofed-org",
+        "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "hop", "X-Forwarded-For": "10.0.0.9"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"ok": True, "method": "POST", "path": "/ai/goals/new", "query": "lang=en&x=1"}
+    assert r.headers["X-Quota-Remaining"] == str(before - 3)
+    seen = gw.demo.requests[-1]
+    hs = seen["headers"]
+    assert seen["body"] == {"goal": "grow"}
+    assert hs["x-custom"] == "kept" and hs["content-type"] == "application/json"
+    assert "authorization" not in hs and "x-drop-me" not in hs
+    assert hs["x-quota-org"] == org  # the gateway's word, never the caller's
+    assert hs["x-forwarded-for"] == "10.0.0.9"  # uvicorn trusts a local proxy's chain (forwarded_allow_ips)
+    assert hs["x-forwarded-proto"] == "http" and hs["x-forwarded-host"] == gw.base.removeprefix("http://")
+    assert await tokens_left(gw, h, "goal_generation") == before - 3
+
+
+async def test_strip_prefix_user_header_and_unmetered_route(gw, tenant):
+    org, h = await tenant("pro")
+    r = await gw.http.get("/api/items", headers={**h, "X-Quota-User": "alice"})
+    assert r.status_code == 200 and r.json()["path"] == "/v2/items"
+    assert gw.demo.requests[-1]["headers"]["x-quota-user"] == "alice"
+    assert gw.demo.requests[-1]["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert await tokens_left(gw, h, "general") == 49
+    r = await gw.http.get("/ai/free/x", headers=h)
+    assert r.status_code == 200 and await tokens_left(gw, h, "general") == 49
+    assert (await gw.http.get("/ai/free/x")).status_code == 401  # still authenticated
+    assert (await gw.http.get("/ai/goalsX", headers=h)).status_code == 404  # prefixes match whole segments
+
+
+async def test_refused_calls_are_not_forwarded(gw, tenant):
+    org, h = await tenant("starter")  # goal_generation not on the plan
+    n = gw.demo.count
+    r = await gw.http.post("/ai/goals", headers=h)
+    assert r.status_code == 403 and r.json()["code"] == "plan_forbids"
+    assert r.headers["content-type"] == "application/problem+json"
+    r = await gw.http.post("/ai/goals", headers={"Authorization": "Bearer qgw_nope"})
+    assert r.status_code == 401
+    assert gw.demo.count == n
+
+
+@pytest.mark.parametrize("path,headers,status,code", [
+    ("/ai/goals", {"X-Demo-Status": "500"}, 500, None),
+    ("/ai/goals", {"X-Demo-Status": "503"}, 503, None),
+    ("/ai/slow", {"X-Demo-Hang": "1"}, 504, "upstream_timeout"),
+    ("/ai/down", {}, 502, "upstream_error"),
+])
+async def test_upstream_failure_is_refunded_once(gw, tenant, redis, path, headers, status, code):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h, "goal_generation")
+    r = await gw.http.post(path, headers={**h, **headers})
+    assert r.status_code == status, r.text
+    if code:
+        assert r.json()["code"] == code
+    assert await tokens_left(gw, h, "goal_generation") == before
+    kinds = [e["kind"] for e in await org_events(redis, gw, org) if e["kind"] in ("consume", "refund")]
+    assert kinds == ["consume", "refund"]
+
+
+async def test_upstream_client_errors_stay_charged(gw, tenant):
+    org, h = await tenant("pro")
+    r = await gw.http.post("/ai/goals", headers={**h, "X-Demo-Status": "404"})
+    assert r.status_code == 404  # not in refund_statuses: the upstream did its work
+    assert await tokens_left(gw, h, "goal_generation") == 17
+
+
+# --- LLM routes -------------------------------------------------------------------------------
+
+async def test_streamed_completion_arrives_in_chunks_and_charges_exactly_the_usage(gw, tenant):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    body = chat(200, stream=True, stream_options={"include_usage": True})
+    reads, raw, first_at_active = 0, b"", None
+    async with gw.http.stream("POST", CHAT, json=body, headers={**h, "X-Demo-Token-Delay-Ms": "3"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        async for chunk in r.aiter_raw():
+            if first_at_active is None:
+                first_at_active = gw.demo.active_streams  # the upstream is still generating
+            reads += 1
+            raw += chunk
+    assert first_at_active == 1
+    assert reads >= 100, f"the stream was buffered: {reads} reads"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    content = [e for e in events[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(content) == 200
+    usage = events[-2]["usage"]
+    assert usage["completion_tokens"] == 200
+    assert before - await tokens_left(gw, h) == usage["total_tokens"]
+
+
+async def test_usage_chunk_is_hidden_from_callers_that_did_not_ask(gw, tenant):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    body = chat(20, stream=True)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200
+    events = sse_events(r.content)
+    assert all(e == "[DONE]" or e["choices"] for e in events)  # no usage-only chunk
+    sent = gw.demo.requests[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 20
+    assert before - await tokens_left(gw, h) == metering.prompt_tokens("chat/completions", body) + 20
+
+
+async def test_non_streamed_completion_and_embeddings_charge_the_usage(gw, tenant):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    r = await gw.http.post(CHAT, json=chat(None), headers=h)  # no max_tokens: the route's default
+    assert r.status_code == 200
+    assert gw.demo.requests[-1]["body"]["max_tokens"] == 1024
+    spent = r.json()["usage"]["total_tokens"]
+    assert before - await tokens_left(gw, h) == spent
+    r = await gw.http.post("/v1/embeddings", json={"model": "demo-embed", "input": ["a" * 40, "b" * 8]}, headers=h)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 12
+    assert before - await tokens_left(gw, h) == spent + 12
+    r = await gw.http.get("/v1/models", headers=h)  # on an LLM route but not metered
+    assert r.status_code == 200 and before - await tokens_left(gw, h) == spent + 12
+
+
+async def test_max_tokens_is_lowered_to_what_the_org_can_afford(gw, tenant, client):
+    org, h = await tenant("bulk")  # 1,000 tokens
+    r = await client.post("/v1/consume", json={"feature": "chat", "units": 800}, headers=h)
+    assert r.status_code == 200
+    body = chat(500)
+    prompt = metering.prompt_tokens("chat/completions", body)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200
+    assert r.headers["X-Quota-Max-Tokens"] == str(200 - prompt)
+    assert gw.demo.requests[-1]["body"]["max_tokens"] == 200 - prompt
+    assert r.json()["usage"]["total_tokens"] == 200
+    assert await tokens_left(gw, h) == 0
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 402 and r.json()["code"] == "insufficient_balance"
+
+
+async def test_50_concurrent_streams_never_overspend_1000_tokens(gw, tenant, redis):
+    org, h = await tenant("bulk")  # 1,000 tokens
+    served: list[tuple[int, int]] = []
+
+    async def one(i: int) -> int:
+        headers = {**h, "X-Demo-Token-Delay-Ms": "1"}
+        async with gw.http.stream("POST", CHAT, json=chat(500, stream=True), headers=headers) as r:
+            raw = await r.aread()
+            if r.status_code == 200:
+                limit = int(r.headers.get("X-Quota-Max-Tokens", 500))
+                n = sum(1 for e in sse_events(raw) if e != "[DONE]" and e["choices"]
+                        and e["choices"][0]["delta"].get("content"))
+                served.append((limit, n))
+            return r.status_code
+
+    codes = await asyncio.gather(*(one(i) for i in range(50)))
+    assert set(codes) <= {200, 402}, codes
+    assert codes.count(200) == len(served) >= 1
+    assert all(n == limit <= 500 for limit, n in served)
+    left = await tokens_left(gw, h)
+    assert 0 <= left and 1000 - left <= 1000
+    events = await org_events(redis, gw, org)
+    assert all(int(e["bal"]) >= 0 for e in events)
+    charged = -sum(int(e["delta"]) for e in events if e["kind"] == "commit")
+    assert charged == 1000 - left
+    assert len([e for e in events if e["kind"] == "reserve"]) == len(served)
+
+
+async def test_client_disconnect_mid_stream_charges_only_what_was_produced(gw, tenant, redis):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    aborted = gw.demo.aborted_streams
+    body = chat(200, stream=True)
+    seen = 0
+    async with httpx.AsyncClient(base_url=gw.base, timeout=30) as c:
+        async with c.stream("POST", CHAT, json=body, headers={**h, "X-Demo-Token-Delay-Ms": "20"}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if '"content":" ' in line:
+                    seen += 1
+                    if seen == 10:
+                        break
+    # the client closed its connection; the gateway must notice, stop the upstream and settle
+    await gw.demo.wait_for(lambda s: s.aborted_streams > aborted)
+    commit = await wait_event(redis, gw, org, "commit")
+    meta = orjson.loads(commit["meta"])["request"]  # what the gateway attached to the commit
+    produced = meta["tokens"] - metering.prompt_tokens("chat/completions", body)
+    assert meta["source"] == "streamed_chunks"
+    assert 10 <= produced < 200
+    assert before - await tokens_left(gw, h) == meta["tokens"]
+
+
+@pytest.mark.parametrize("path,headers,status", [
+    (CHAT, {"X-Demo-Status": "503"}, 503),
+    (CHAT, {"X-Demo-Hang": "1"}, 504),
+    ("/llm-down/v1/chat/completions", {}, 502),
+])
+async def test_llm_upstream_failure_releases_the_hold(gw, tenant, redis, path, headers, status):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    r = await gw.http.post(path, json=chat(100), headers={**h, **headers})
+    assert r.status_code == status
+    assert await tokens_left(gw, h) == before
+    kinds = [e["kind"] for e in await org_events(redis, gw, org) if e["kind"] in ("reserve", "commit", "release")]
+    assert kinds == ["reserve", "release"]
+
+
+async def test_upstream_cut_mid_stream_releases_the_hold(gw, tenant, redis):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    with pytest.raises(httpx.HTTPError):
+        async with gw.http.stream("POST", CHAT, json=chat(100, stream=True),
+                                  headers={**h, "X-Demo-Drop-After": "5"}) as r:
+            await r.aread()
+    await wait_event(redis, gw, org, "release")
+    assert await tokens_left(gw, h) == before
+
+
+async def test_bad_llm_body_is_400_and_charges_nothing(gw, tenant):
+    org, h = await tenant("pro")
+    r = await gw.http.post(CHAT, content=b"{nope", headers=h)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    assert await tokens_left(gw, h) == 100000
+
+
+# --- shadow mode and authorize ----------------------------------------------------------------
+
+async def test_shadow_route_lets_an_exhausted_org_through_and_records_denied(gw, tenant, client, redis):
+    org, h = await tenant("pro")
+    assert (await client.post("/v1/consume", json={"feature": "generate_goal", "units": 6}, headers=h)).status_code == 200
+    assert (await gw.http.post("/ai/goals", headers=h)).status_code == 402  # 2 left, a call costs 3
+    n = gw.demo.count
+    for _ in range(3):
+        r = await gw.http.post("/ai/shadow", headers=h)
+        assert r.status_code == 200
+        assert r.headers["X-Quota-Shadow"] == "insufficient_balance"
+    assert gw.demo.count == n + 3
+    assert await tokens_left(gw, h, "goal_generation") == 2
+    denied = [e for e in await org_events(redis, gw, org) if e["kind"] == "denied"]
+    assert len(denied) == 4 and all(e["delta"] == "0" for e in denied)
+    assert [orjson.loads(e["meta"])["code"] for e in denied] == ["insufficient_balance"] * 4
+
+
+async def test_global_shadow_setting_and_route_override(gw):
+    sc = gw.app.state.sidecar
+    by_prefix = {r.prefix: r for r in sc.routes}
+    assert sc.shadow(by_prefix["/ai/shadow"]) is True and sc.shadow(by_prefix["/ai/goals"]) is False
+    data = test_config_data()
+    data["routes"] = [{"prefix": "/a", "upstream": "http://x", "feature": "chat", "shadow": False},
+                      {"prefix": "/b", "upstream": "http://x", "feature": "chat"}]
+    data["behaviour"] = {"shadow": True, "fail": "open"}
+    cfg = config_mod.parse(data)
+    from quota_gw.proxy import Sidecar
+
+    fake = Sidecar.__new__(Sidecar)
+    fake.config = cfg
+    assert fake.shadow(cfg.routes[0]) is False and fake.shadow(cfg.routes[1]) is True
+    assert fake.fail_open(cfg.routes[1]) is True
+
+
+async def test_authorize_decides_for_the_original_uri(gw, tenant):
+    org, h = await tenant("pro")
+    ask = {**h, "X-Original-URI": "/ai/goals/x?y=1", "X-Original-Method": "POST", "X-Quota-User": "bob"}
+    r = await gw.http.get("/v1/authorize", headers=ask)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Quota-Org"] == org and r.headers["X-Quota-User"] == "bob"
+    assert r.headers["X-Quota-Remaining"] == "17" and "X-Quota-Event" in r.headers
+    assert (await gw.http.get("/v1/authorize", headers=h)).status_code == 400
+    r = await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": "/nowhere"})
+    assert r.status_code == 404 and r.headers["X-Quota-Status"] == "404"
+    r = await gw.http.get("/v1/authorize", headers={"X-Original-URI": "/ai/goals"})
+    assert r.status_code == 401 and orjson.loads(r.headers["X-Quota-Problem"])["code"] == "unauthorized"
+    for _ in range(5):
+        assert (await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": "/ai/goals"})).status_code == 200
+    r = await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": "/ai/goals"})
+    assert r.status_code == 402 and r.headers["X-Quota-Status"] == "402"
+    assert orjson.loads(r.headers["X-Quota-Problem"])["code"] == "insufficient_balance"
+    # An LLM route cannot be metered from here: authorize checks, and charges nothing.
+    before = await tokens_left(gw, h)
+    assert (await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": CHAT})).status_code == 200
+    assert await tokens_left(gw, h) == before
