@@ -305,6 +305,8 @@ class Sidecar:
         if resp.status in charge.route.refund_statuses:
             # Known failure before a byte is sent: settle first, so the quota headers are true.
             await charge.failed(f"status {resp.status}")
+        elif charge.redis_down:
+            charge.rewrites = True  # the spool entry is written before the client sees the end
         ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
         drop = {k for k, _ in ours} | ({b"content-length"} if charge.rewrites else set())
         out = [(k.lower(), v) for k, v in resp.raw_headers
@@ -377,7 +379,10 @@ def unavailable(detail: str = "the quota store is unavailable; nothing was forwa
 
 class Charge:
     """One proxied call's settlement; every path through `forward` ends in exactly one of
-    succeeded / failed / abandoned. This base class charges nothing (metering: none)."""
+    succeeded / failed / abandoned. This base class charges nothing (metering: none).
+
+    `rewrites`: the body may change, or the call settles after the last upstream byte; either
+    way Content-Length is dropped (chunked), so the client sees the end only once settled."""
 
     rewrites = False
 
@@ -508,9 +513,9 @@ class LLMCharge(Charge):
         return h
 
     def start(self, sse: bool) -> None:
+        self.rewrites = True  # the commit lands before the client sees the end of the answer
         if sse:
             self.sse = metering.SSEMeter(drop_usage_only=self.drop_usage_only)
-            self.rewrites = self.drop_usage_only
 
     def feed(self, chunk: bytes) -> bytes:
         if self.sse is not None:
