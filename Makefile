@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-long bench venv
+.PHONY: dev test test-long bench venv system-deps
 
 venv: $(STAMP)
 
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(VENV)/bin/quota-gw dev --config examples/quota-gw.yaml
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+system-deps:  # nginx for tests/test_nginx.py; skipped unless root with apt-get, never fatal
+	@sh scripts/system-deps.sh
 
 test-long: $(STAMP)
 	QUOTA_GW_SOAK=1 $(PY) -m pytest -q -m soak
