@@ -1,0 +1,60 @@
+"""`quota-gw dev` with REDIS_URL/DATABASE_URL unset: embedded servers on free ports (never
+6379/5432), a demo key that works through the proxy, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from conftest import ROOT
+from quota_gw.embedded import free_port, reachable
+
+
+async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
+    up_port, gw_port = free_port(), free_port()
+    cfg = (ROOT / "examples" / "quota-gw.yaml").read_text().replace("127.0.0.1:9100", f"127.0.0.1:{up_port}")
+    (tmp_path / "quota-gw.yaml").write_text(cfg)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL", "QUOTA_GW_ADMIN_TOKEN", "QUOTA_GW_CONFIG", "QUOTA_GW_PREFIX",
+                        "QUOTA_GW_SPOOL_DIR")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quota_gw.cli", "dev", "--config", "quota-gw.yaml", "--port", str(gw_port),
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out: list[str] = []
+    try:
+        async with asyncio.timeout(120):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "quota-gw dev exited early:\n" + "".join(out)
+                out.append(line)
+                if line.strip() == "ready":
+                    break
+        text = "".join(out)
+        key = re.search(r"API key:\s+(qgw_\S+)", text).group(1)
+        ports = [int(p) for p in re.findall(r"(?:redis|postgresql)://[^\s]*?:(\d+)/", text)]
+        assert len(ports) == 2 and not {6379, 5432} & set(ports), text
+        assert (tmp_path / ".quota-gw" / "postgres" / "PG_VERSION").exists()
+        h = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw_port}", timeout=30) as c:
+            r = await c.post("/ai/goals", headers=h)
+            assert r.status_code == 200 and r.json()["ok"] is True
+            r = await c.post("/v1/chat/completions", headers=h, json={
+                "model": "demo-1", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+            meters = (await c.get("/v1/balance", headers=h)).json()["meters"]
+            assert meters["goal_generation"]["balance"] == 17 and meters["tokens"]["balance"] < 100000
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            rest = (await proc.stdout.read()).decode()
+            rc = await proc.wait()
+    assert rc == 0, "".join(out) + rest
+    assert rest.rstrip().endswith("stopped")
+    assert not any(reachable("127.0.0.1", p) for p in (*ports, gw_port, up_port))
