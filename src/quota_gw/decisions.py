@@ -144,9 +144,12 @@ class Decider:
         return self.config.features[feature].cost * units
 
     async def consume(self, ident: Identity, feature: str, units: int, user: str, idem: str | None = None,
-                      metadata: bytes | None = None, shadow: bool = False) -> Decision:
+                      metadata: bytes | None = None, shadow: bool = False, rate_limit: bool = True) -> Decision:
+        """`rate_limit=False`: for a call that already happened (the fail-open spool's replay)."""
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
                                      f"consume|{feature}|{units}|{user}", metadata, shadow)
+        if not rate_limit:
+            args[10:16] = (0, 0, 0, 0, 0, 0)  # ARGV 11..16: no user, key or org rate limit
         return Decision.from_reply(await self._run(self.scripts.consume, keys, args))
 
     async def check(self, ident: Identity, feature: str, units: int, user: str) -> Decision:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import inspect
 import logging
 import os
 import threading
@@ -163,9 +162,7 @@ class Spool:
 async def consume_unlimited(decider: Decider, ident: Identity, feature: str, units: int, user: str, idem: str,
                             meta: bytes) -> Any:
     """A consume for a call that has already happened: rate limits do not apply to the past."""
-    if "rate_limit" in inspect.signature(decider.consume).parameters:
-        return await decider.consume(ident, feature, units, user, idem, meta, rate_limit=False)
-    return await decider.consume(ident, feature, units, user, idem, meta)
+    return await decider.consume(ident, feature, units, user, idem, meta, rate_limit=False)
 
 
 async def replay_forever(spool: Spool, decider: Decider, interval_s: float = 0.5) -> None:
