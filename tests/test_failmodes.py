@@ -74,8 +74,13 @@ async def test_fail_open_spools_and_replays_once_fail_closed_forwards_nothing(tm
                 assert r.status_code == 200
                 llm_tokens = r.json()["usage"]["total_tokens"]
                 assert stats.count == n + 4
+                # auth_request mode too: a fail-open route is allowed (and spooled), a closed one is 503
+                r = await c.get("/v1/authorize", headers={**h, "X-Original-URI": "/ai/goals"})
+                assert r.status_code == 200 and r.headers["X-Quota-Degraded"] == "fail-open"
+                r = await c.get("/v1/authorize", headers={**h, "X-Original-URI": "/ai/closed"})
+                assert r.status_code == 503 and r.headers["X-Quota-Status"] == "503"
                 spool = app.state.sidecar.spool
-                assert spool.pending() == 4
+                assert spool.pending() == 5
                 backup = tmp_path / "backup"
                 shutil.copytree(spool.dir, backup)  # as if a replayer crashed before deleting the file
 
@@ -87,18 +92,18 @@ async def test_fail_open_spools_and_replays_once_fail_closed_forwards_nothing(tm
                     m = (await c.get("/v1/balance", headers=h)).json()["meters"]
                     return m["goal_generation"]["balance"], m["tokens"]["balance"]
 
-                assert await balances() == (17 - 9, 100000 - llm_tokens)
+                assert await balances() == (17 - 12, 100000 - llm_tokens)
                 for f in backup.iterdir():  # the same entries again: they must not land twice
                     shutil.copy(f, spool.dir / f.name)
                 await wait_until(lambda: _done(spool))
-                assert spool.replayed == 8
-                assert await balances() == (17 - 9, 100000 - llm_tokens)
+                assert spool.replayed == 10
+                assert await balances() == (17 - 12, 100000 - llm_tokens)
 
                 redis = app.state.ctx.decider.redis
                 events = [f for _, f in await redis.xrange(layout.stream(org)) if f["org"] == org]
                 spooled = [e for e in events if e["kind"] == "consume" and orjson.loads(e["meta"]).get("spooled")]
-                assert sorted(e["feature"] for e in spooled) == ["chat", "generate_goal", "generate_goal", "generate_goal"]
-                assert sum(-int(e["delta"]) for e in spooled) == 9 + llm_tokens
+                assert sorted(e["feature"] for e in spooled) == ["chat"] + ["generate_goal"] * 4
+                assert sum(-int(e["delta"]) for e in spooled) == 12 + llm_tokens
 
                 # ... and the worker carries each of them into Postgres once.
                 from sync_worker.worker import Worker
@@ -114,8 +119,8 @@ async def test_fail_open_spools_and_replays_once_fail_closed_forwards_nothing(tm
                     await wait_until(landed, 30)
                     rows = await conn.fetch("SELECT event_id, delta FROM usage_events WHERE org_id = $1 AND kind = "
                                             "'consume' AND metadata->>'spooled' = 'true'", org)
-                    assert len(rows) == 4 and len({r["event_id"] for r in rows}) == 4
-                    assert sum(-r["delta"] for r in rows) == 9 + llm_tokens
+                    assert len(rows) == 5 and len({r["event_id"] for r in rows}) == 5
+                    assert sum(-r["delta"] for r in rows) == 12 + llm_tokens
                 finally:
                     worker.stop()
                     await task

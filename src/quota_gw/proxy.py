@@ -642,22 +642,18 @@ async def authorize(request: Request) -> Response:
         if route.metering == "none":
             return json_response({"allowed": True}, headers=headers)
         assert route.feature is not None
-        if redis_down:
-            if route.metering == "fixed":
-                charge = FixedCharge(sidecar, route, ident, user)
-                charge.redis_down = True
-                await charge._keep()
-            headers["X-Quota-Degraded"] = "fail-open"
-            return json_response({"allowed": True}, headers=headers)
-        try:
-            if route.metering == "fixed":
-                meta = orjson.dumps({"route": route.prefix, "method": method, "via": "authorize"})
-                d = await c.decider.consume(ident, route.feature, 1, user, None, meta, sidecar.shadow(route))
-            else:  # LLM usage cannot be measured from here: check that the org can pay at all
-                d = await c.decider.check(ident, route.feature, 1, user)
-        except REDIS_DOWN:
-            if not sidecar.fail_open(route):
-                raise unavailable() from None
+        d = None
+        if not redis_down:
+            try:
+                if route.metering == "fixed":
+                    meta = orjson.dumps({"route": route.prefix, "method": method, "via": "authorize"})
+                    d = await c.decider.consume(ident, route.feature, 1, user, None, meta, sidecar.shadow(route))
+                else:  # LLM usage cannot be measured from here: check that the org can pay at all
+                    d = await c.decider.check(ident, route.feature, 1, user)
+            except REDIS_DOWN:
+                if not sidecar.fail_open(route):
+                    raise unavailable() from None
+        if d is None:  # fail open: allow, and spool what a fixed route costs
             if route.metering == "fixed":
                 charge = FixedCharge(sidecar, route, ident, user)
                 charge.redis_down = True
