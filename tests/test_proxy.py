@@ -209,6 +209,7 @@ async def test_usage_chunk_is_hidden_from_callers_that_did_not_ask(gw, tenant):
     assert all(e == "[DONE]" or e["choices"] for e in events)  # no usage-only chunk
     sent = gw.demo.requests[-1]["body"]
     assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 20
+    assert gw.demo.requests[-1]["headers"]["accept-encoding"] == "identity"  # usage must be readable
     assert before - await tokens_left(gw, h) == metering.prompt_tokens("chat/completions", body) + 20
 
 

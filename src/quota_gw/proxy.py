@@ -174,7 +174,8 @@ class Sidecar:
         elif kind is not None:
             charge = await self.hold(route, ident, user, kind, body, redis_down)
             body = charge.body
-            headers.append(("accept-encoding", "identity"))  # the gateway reads usage from the answer
+            # the gateway reads usage from the answer: ask for it uncompressed
+            headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"] + [("Accept-Encoding", "identity")]
         elif route.metering == "openai":  # GET /v1/models and the like on an LLM route: not metered
             charge = Charge(self, route, ident, user)
         else:
