@@ -138,6 +138,21 @@ return n
 """
 
 
+try:
+    from redis.connection import HiredisRespSerializer
+
+    class _HiredisPacking(aioredis.Connection):
+        """redis-py's asyncio client packs commands in pure Python, which costs more than the
+        whole COPY for an XACK of thousands of ids; hiredis packs them in C."""
+
+        _packer = HiredisRespSerializer()
+
+        def pack_command(self, *args: Any) -> list[bytes]:
+            return self._packer.pack(*args)
+except ImportError:  # no hiredis: the slower packer still works
+    _HiredisPacking = None  # type: ignore[assignment,misc]
+
+
 class BadEntry(ValueError):
     """A stream entry that is not an event the worker can write."""
 
@@ -176,13 +191,31 @@ def copy_line(stream_ref: bytes, entry_id: bytes, f: list[bytes] | None, meta: b
                        v[7], v[8], v[9], v[10], v[12] or NULL, stream_ref + entry_id)) + b"\n"
 
 
+# A stream entry to write: (stream, entry id, raw fields, COPY line). Tuples, not objects: a
+# batch holds thousands and the worker's CPU is the drain's limit (docs/benchmarks.md).
+Row = tuple[bytes, bytes, list[bytes], bytes]
+
+
 @dataclass(slots=True)
 class Entry:
+    """An entry that goes to the dead-letter stream, and why."""
+
     stream: bytes
     id: bytes
-    fields: list[bytes] | None  # None: the entry was deleted while pending
-    line: bytes = b""
+    fields: list[bytes] | None
     error: str = ""
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one XREADGROUP returned, parsed."""
+
+    redelivered: bool  # read from this consumer's pending entries: likely written already
+    rows: list[Row] = field(default_factory=list)
+    dead: list[Entry] = field(default_factory=list)
+    ids: dict[bytes, list[bytes]] = field(default_factory=dict)  # everything to ack, per stream
+    gone: int = 0  # pending entries deleted from the stream before they were written
+    size: int = 0
 
 
 @dataclass
@@ -230,6 +263,7 @@ class Worker:
         self.ready = False
         self._setup_done = False
         self._due: dict[str, float] = {}
+        self._next: Batch | None = None  # read ahead while the previous batch was written
 
     # --- lifecycle ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -239,7 +273,7 @@ class Worker:
     async def run(self) -> Stats:
         log.info("worker %s: group %s on %d streams", self.consumer, self.group, len(self.streams))
         delay = 0.1
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() or self._next is not None:
             try:
                 await self._connect()
                 await self._round()
@@ -248,9 +282,11 @@ class Worker:
                 kind = "postgres" if type(e).__module__.startswith("asyncpg") else "redis"
                 ERRORS.labels(kind).inc()
                 self.stats.errors += 1
-                log.warning("worker %s: %s error, retrying in %.1fs: %r", self.consumer, kind, delay, e)
+                log.warning("worker %s: %s error, retrying in %.1fs: %s: %s", self.consumer, kind, delay,
+                            type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
                 self.ready = False
                 self.backlog = True  # whatever was read stays pending: read it again
+                self._next = None
                 await self._disconnect(pg=True, redis=True)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), delay)
@@ -265,8 +301,11 @@ class Worker:
 
     async def _connect(self) -> None:
         if self.redis is None:
+            kw: dict[str, Any] = {}
+            if _HiredisPacking is not None and self.redis_url.startswith("redis://"):
+                kw["connection_class"] = _HiredisPacking
             self.redis = aioredis.from_url(self.redis_url, decode_responses=False, protocol=2,
-                                           socket_connect_timeout=5, socket_timeout=self.block_ms / 1000 + 10)
+                                           socket_connect_timeout=5, socket_timeout=self.block_ms / 1000 + 10, **kw)
             raw = lambda r, **kw: r  # noqa: E731 - keep replies as nested lists of bytes
             self.redis.set_response_callback("XREADGROUP", raw)
             self.redis.set_response_callback("XAUTOCLAIM", raw)
@@ -305,17 +344,30 @@ class Worker:
     # --- one round ---------------------------------------------------------------------------
     async def _round(self) -> None:
         await self._housekeeping()
-        entries, redelivered = await self._read()
-        if entries:
-            await self._handle(entries, redelivered)
+        batch, self._next = self._next or await self._read(), None
+        if not batch.size:
+            return
+        # Read (and parse) the next batch while Postgres writes this one: the two then run on
+        # two cores. Only new entries: pending ones are re-read in order after an error.
+        nxt = None
+        if not batch.redelivered and not self.stopping.is_set():
+            nxt = asyncio.create_task(self._read(block=False))
+        try:
+            await self._handle(batch)
+        except BaseException:
+            if nxt is not None:  # what it read stays pending; it is read again from there
+                nxt.add_done_callback(lambda t: t.cancelled() or t.exception())
+                nxt.cancel()
+            raise
+        if nxt is not None:
+            self._next = await nxt
 
-    async def _read(self) -> tuple[list[Entry], bool]:
-        """Own pending entries first (id 0), else new ones (id >), across every stream.
-        Returns the entries and whether they were delivered before (likely already written)."""
+    async def _read(self, block: bool = True) -> Batch:
+        """Own pending entries first (id 0), else new ones (id >), across every stream."""
         assert self.redis is not None
         pending = self.backlog
         args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.batch]
-        if not pending:
+        if not pending and block:
             args += ["BLOCK", self.block_ms]
         args += ["STREAMS", *self.streams, *([b"0" if pending else b">"] * len(self.streams))]
         try:
@@ -324,89 +376,89 @@ class Worker:
             if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):  # streams deleted (flush, new Redis): join again
                 self._setup_done = False
                 self.backlog = True
-                return [], False
+                return Batch(False)
             raise
-        entries = [Entry(stream, eid, f) for stream, items in (reply or []) for eid, f in items]
-        if pending and not entries:
-            self.backlog = False
-        return entries, pending
-
-    async def _handle(self, entries: list[Entry], redelivered: bool) -> None:
-        t0 = time.perf_counter()
-        good: list[Entry] = []
-        dead: list[Entry] = []
-        gone: list[Entry] = []
-        refs: dict[bytes, bytes] = {}
-        for e in entries:
-            if e.fields is None:
-                gone.append(e)  # deleted while pending (trimmed by someone else): nothing to write
+        batch = Batch(pending)
+        rows, ids_of = batch.rows, batch.ids
+        for stream, items in reply or ():
+            if not items:
                 continue
-            ref = refs.get(e.stream)
-            if ref is None:
-                ref = refs[e.stream] = _escape(e.stream) + b"/"
-            try:
-                e.line = copy_line(ref, e.id, e.fields)
-                good.append(e)
-            except BadEntry as err:
-                e.error = str(err)
-                dead.append(e)
-        inserted, dups = await self._write(good, dead, redelivered)
+            ref = _escape(stream) + b"/"
+            ids = ids_of[stream] = []
+            for eid, f in items:
+                ids.append(eid)
+                if f is None:
+                    batch.gone += 1  # deleted while pending (trimmed by someone else): nothing to write
+                    continue
+                try:
+                    rows.append((stream, eid, f, copy_line(ref, eid, f)))
+                except BadEntry as err:
+                    batch.dead.append(Entry(stream, eid, f, str(err)))
+            batch.size += len(items)
+        if pending and not batch.size:
+            self.backlog = False
+        return batch
+
+    async def _handle(self, batch: Batch) -> None:
+        t0 = time.perf_counter()
+        inserted, dups = await self._write(batch.rows, batch.dead, batch.redelivered)
         _fault("commit")
-        await self._ack(good + gone, dead)
+        await self._dead_letter(batch.dead)
+        await self._ack(batch.ids)
+        n_dead = len(batch.dead)
         self.stats.batches += 1
         self.stats.inserted += inserted
         self.stats.duplicates += dups
-        self.stats.dead += len(dead)
+        self.stats.dead += n_dead
         ROWS.labels("inserted").inc(inserted)
         ROWS.labels("duplicate").inc(dups)
-        ROWS.labels("dead").inc(len(dead))
-        BATCH_SIZE.observe(len(entries))
+        ROWS.labels("dead").inc(n_dead)
+        BATCH_SIZE.observe(batch.size)
         dt = time.perf_counter() - t0
         BATCH_SECONDS.observe(dt)
-        ROWS_PER_S.set(len(entries) / dt if dt > 0 else 0)
+        ROWS_PER_S.set(batch.size / dt if dt > 0 else 0)
         if dups:
             log.info("worker %s: skipped %d events already in Postgres (redelivered)", self.consumer, dups)
-        if gone:
+        if batch.gone:
             log.warning("worker %s: %d pending entries were deleted from their stream before being written",
-                        self.consumer, len(gone))
+                        self.consumer, batch.gone)
 
     # --- Postgres ----------------------------------------------------------------------------
-    async def _write(self, good: list[Entry], dead: list[Entry], redelivered: bool) -> tuple[int, int]:
-        """Writes `good`, moving rows Postgres refuses to `dead`. Returns (inserted, duplicates)."""
-        if not good:
+    async def _write(self, rows: list[Row], dead: list[Entry], redelivered: bool) -> tuple[int, int]:
+        """Writes `rows`, moving rows Postgres refuses to `dead`. Returns (inserted, duplicates)."""
+        if not rows:
             return 0, 0
         try:
-            n = await self._transaction([e.line for e in good], fast=not redelivered)
-            return n, len(good) - n
+            n = await self._transaction([r[3] for r in rows], fast=not redelivered)
+            return n, len(rows) - n
         except asyncpg.PostgresError as e:
             if not _poison(e):
                 raise
-            if len(good) == 1:
-                return await self._write_one(good[0], dead, e)
+            if len(rows) == 1:
+                return await self._write_one(rows[0], dead, e)
         # Isolate the poison: each half in its own transaction, down to single rows.
-        mid = len(good) // 2
-        a = await self._write(good[:mid], dead, redelivered)
-        b = await self._write(good[mid:], dead, redelivered)
+        mid = len(rows) // 2
+        a = await self._write(rows[:mid], dead, redelivered)
+        b = await self._write(rows[mid:], dead, redelivered)
         return a[0] + b[0], a[1] + b[1]
 
-    async def _write_one(self, e: Entry, dead: list[Entry], err: BaseException) -> tuple[int, int]:
+    async def _write_one(self, row: Row, dead: list[Entry], err: BaseException) -> tuple[int, int]:
         """A single refused row. If only its metadata is bad (say, JSON with \\u0000, which jsonb
         refuses) the event is still a balance change: keep it, with the metadata replaced."""
-        assert e.fields is not None
-        meta = e.fields[25]
+        stream, eid, fields, _ = row
+        meta = fields[25]
         if meta:
             note = orjson.dumps({"_invalid_metadata": str(err)[:200],
                                  "raw": meta.decode("utf-8", "replace").replace("\x00", "")})
             try:
-                line = copy_line(_escape(e.stream) + b"/", e.id, list(e.fields), meta=note)
+                line = copy_line(_escape(stream) + b"/", eid, fields, meta=note)
                 n = await self._transaction([line], fast=False)
-                log.warning("worker %s: kept %s with its metadata replaced: %s", self.consumer, e.id.decode(), err)
+                log.warning("worker %s: kept %s with its metadata replaced: %s", self.consumer, eid.decode(), err)
                 return n, 1 - n
             except (BadEntry, asyncpg.PostgresError) as e2:
                 if isinstance(e2, asyncpg.PostgresError) and not _poison(e2):
                     raise
-        e.error = f"{type(err).__name__}: {err}"
-        dead.append(e)
+        dead.append(Entry(stream, eid, fields, f"{type(err).__name__}: {err}"))
         return 0, 0
 
     async def _transaction(self, lines: list[bytes], fast: bool) -> int:
@@ -427,17 +479,10 @@ class Worker:
         return int(status.rsplit(" ", 1)[1])
 
     # --- Redis -------------------------------------------------------------------------------
-    async def _ack(self, done: list[Entry], dead: list[Entry]) -> None:
+    async def _dead_letter(self, dead: list[Entry]) -> None:
         assert self.redis is not None
-        by_stream: dict[bytes, list[bytes]] = {}
-        for e in done:
-            by_stream.setdefault(e.stream, []).append(e.id)
-        async with self.redis.pipeline(transaction=False) as p:
-            for s, ids in by_stream.items():
-                p.xack(s, self.group, *ids)
-            await p.execute()
         for e in dead:
-            # The dead letter and the ack in one MULTI (same hash tag): never one without the other.
+            # The dead letter and its ack in one MULTI (same hash tag): never one without the other.
             fields = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
                       b"consumer": self.consumer.encode(),
                       b"fields": orjson.dumps([x.decode("utf-8", "replace") for x in (e.fields or [])])}
@@ -446,6 +491,13 @@ class Worker:
                 p.xack(e.stream, self.group, e.id)
                 await p.execute()
             log.error("worker %s: dead letter %s %s: %s", self.consumer, e.stream.decode(), e.id.decode(), e.error)
+
+    async def _ack(self, ids: dict[bytes, list[bytes]]) -> None:
+        assert self.redis is not None
+        async with self.redis.pipeline(transaction=False) as p:
+            for s, batch in ids.items():
+                p.xack(s, self.group, *batch)
+            await p.execute()
 
     def _due_now(self, what: str, every: float) -> bool:
         now = time.monotonic()
