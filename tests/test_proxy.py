@@ -244,6 +244,19 @@ async def test_max_tokens_is_lowered_to_what_the_org_can_afford(gw, tenant, clie
     assert r.status_code == 402 and r.json()["code"] == "insufficient_balance"
 
 
+async def test_the_hold_covers_every_requested_choice(gw, tenant, redis):
+    org, h = await tenant("bulk")  # 1,000 tokens
+    body = chat(100, n=3)
+    prompt = metering.prompt_tokens("chat/completions", body)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200 and "X-Quota-Max-Tokens" not in r.headers
+    reserve = await wait_event(redis, gw, org, "reserve")
+    assert orjson.loads(reserve["meta"])["held"] == prompt + 300
+    r = await gw.http.post(CHAT, json=chat(400, n=3), headers=h)  # 1000 - used left, split three ways
+    left = 1000 - (prompt + 100)
+    assert r.status_code == 200 and r.headers["X-Quota-Max-Tokens"] == str((left - prompt) // 3)
+
+
 async def test_50_concurrent_streams_never_overspend_1000_tokens(gw, tenant, redis):
     org, h = await tenant("bulk")  # 1,000 tokens
     served: list[tuple[int, int]] = []

@@ -73,6 +73,17 @@ def requested_max_tokens(body: dict[str, Any]) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
+def choices(body: dict[str, Any]) -> int:
+    """How many completions one call asks for (`n`, or `best_of` for legacy completions):
+    each may spend the whole max_tokens, so the hold scales with it."""
+    out = 1
+    for f in ("n", "best_of"):
+        v = body.get(f)
+        if isinstance(v, int) and not isinstance(v, bool) and v > out:
+            out = v
+    return min(out, 128)
+
+
 def usage_total(usage: Any) -> int | None:
     """total_tokens of a `usage` object (or prompt + completion when total is missing)."""
     if not isinstance(usage, dict):

@@ -241,14 +241,15 @@ class Sidecar:
         field = metering.max_tokens_field(body)
         asked = metering.requested_max_tokens(body)
         budget = 0 if kind == "embeddings" else (asked or route.default_max_tokens)
+        per = metering.choices(body)  # n completions may each spend the whole budget
         charge.prompt = prompt
         shadow = self.shadow(route)
         if not redis_down:
-            floor = prompt + min(route.min_completion_tokens, budget)
+            floor = prompt + min(route.min_completion_tokens, budget) * per
             ttl = self.config.behaviour.reservation_ttl_s
             try:
                 d = await self.ctx.decider.reserve(ident, route.feature, 1, user, ttl, None, shadow,
-                                                   cost=(prompt + budget) * unit,
+                                                   cost=(prompt + budget * per) * unit,
                                                    min_cost=0 if shadow or unit == 0 else floor * unit)
             except REDIS_DOWN:
                 if not self.fail_open(route):
@@ -259,7 +260,7 @@ class Sidecar:
                     raise d.problem()
                 charge.decided(d)
                 if charge.rid is not None and unit > 0:
-                    affordable = d.cost // unit - prompt
+                    affordable = (d.cost // unit - prompt) // per
                     if kind != "embeddings" and affordable < budget:
                         budget = max(affordable, 0)
                         charge.lowered = budget
