@@ -76,6 +76,7 @@ def test_prompt_estimates_and_budget_fields():
     assert metering.prompt_tokens("chat/completions", chat) == 3 + (4 + 10) + (4 + 3)
     assert metering.prompt_tokens("completions", {"prompt": ["abcd", "abcde"]}) == 1 + 2
     assert metering.prompt_tokens("embeddings", {"input": [[1, 2, 3], [4]]}) == 4
+    assert metering.text_tokens("配额网关 ok!") == 4 + 1  # one per CJK character, ⌈4 / 4⌉ for " ok!"
     assert metering.kind_of("/openai/v1/chat/completions") == "chat/completions"
     assert metering.kind_of("/v1/completions/") == "completions" and metering.kind_of("/v1/models") is None
     assert metering.max_tokens_field({"max_completion_tokens": 5}) == "max_completion_tokens"

@@ -28,7 +28,12 @@ def kind_of(path: str) -> str | None:
 
 
 def text_tokens(text: str) -> int:
-    return -(-len(text) // 4)
+    """⌈ASCII characters / 4⌉ plus one per other character: tokenizers spend about a token per
+    CJK character, so chars/4 alone would under-hold non-English prompts several times over."""
+    if text.isascii():
+        return -(-len(text) // 4)
+    ascii_n = len(text.encode("ascii", "ignore"))
+    return -(-ascii_n // 4) + (len(text) - ascii_n)
 
 
 def _content_text(content: Any) -> str:
