@@ -395,6 +395,10 @@ async def test_authorize_decides_for_the_original_uri(gw, tenant):
     r = await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": "/ai/goals"})
     assert r.status_code == 402 and r.headers["X-Quota-Status"] == "402"
     assert orjson.loads(r.headers["X-Quota-Problem"])["code"] == "insufficient_balance"
+    # Envoy's ext_authz calls path_prefix + the original path with the original method
+    org2, h2 = await tenant("pro")
+    r = await gw.http.post("/v1/authorize/ai/goals/x", headers=h2)
+    assert r.status_code == 200 and r.headers["X-Quota-Org"] == org2 and r.headers["X-Quota-Remaining"] == "17"
     # An LLM route cannot be metered from here: authorize checks, and charges nothing.
     before = await tokens_left(gw, h)
     assert (await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": CHAT})).status_code == 200

@@ -620,7 +620,8 @@ class Endpoint:
 
 
 async def authorize(request: Request) -> Response:
-    """nginx auth_request / Envoy ext_authz: decide for X-Original-Method X-Original-URI.
+    """nginx auth_request / Envoy ext_authz: decide for X-Original-Method X-Original-URI, or
+    (Envoy's HTTP ext_authz, `path_prefix: /v1/authorize`) for the method and path it is called with.
 
     Allowed: 200 with the quota headers and the org (and user) in the configured headers, for
     nginx to pass upstream. Refused: the problem with its status (Envoy forwards it as is);
@@ -630,9 +631,12 @@ async def authorize(request: Request) -> Response:
     sidecar: Sidecar = request.app.state.sidecar
     c = sidecar.ctx
     uri = request.headers.get("x-original-uri")
+    rest = request.path_params.get("rest")
+    if not uri and rest is not None:  # Envoy ext_authz: path_prefix + the original path, same method
+        uri = "/" + rest
     if not uri:
         raise invalid("X-Original-URI: required (the URI of the request being authorized)", status=400)
-    method = request.headers.get("x-original-method", "GET").upper()
+    method = request.headers.get("x-original-method", request.method if rest is not None else "GET").upper()
     path = urlsplit(uri).path or "/"
     route = sidecar.match(path)
     try:
@@ -679,7 +683,8 @@ async def authorize(request: Request) -> Response:
 def routes(config: Any) -> list[Route]:
     """The decision-service authorize route, then one route per configured prefix (longest
     first), after the API so they never shadow it."""
-    out = [Route("/v1/authorize", authorize, methods=["GET", "POST", "HEAD"])]
+    out = [Route("/v1/authorize", authorize, methods=["GET", "POST", "HEAD"]),
+           Route("/v1/authorize/{rest:path}", authorize, methods=METHODS)]
     for r in sorted(config.routes, key=lambda r: len(r.prefix), reverse=True):
         out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r), methods=METHODS))
     return out
