@@ -335,7 +335,10 @@ async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
         async for chunk in resp.content.iter_any():
             out = feed(chunk)
             if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+                try:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                except OSError as e:  # ASGI 2.4 servers raise when the client has gone
+                    raise _ClientGone() from e
 
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -354,11 +357,17 @@ async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
         exc = copier.exception()
         if exc is None:
             return "done"
+        if isinstance(exc, _ClientGone):
+            return "disconnect"
         if isinstance(exc, UPSTREAM_DOWN):
             log.warning("upstream cut mid-response: %r", exc)
             return "upstream"
         raise exc
     return "disconnect"
+
+
+class _ClientGone(Exception):
+    """Sending to the client failed: it went away (not the upstream's fault)."""
 
 
 async def read_body(request: Request) -> bytes:
