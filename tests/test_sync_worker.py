@@ -48,7 +48,7 @@ async def wenv(redis, redis_url: str, database_url: str, prefix: str, config, tm
     for w in procs:
         await w.kill()
     await pg.close()
-    async for k in redis.scan_iter(match=f"{sub}:*", count=1000):
+    async for k in redis.scan_iter(match=f"{sub}:*", count=5000):
         await redis.delete(k)
 
 

@@ -1,0 +1,416 @@
+"""`quota-gw rebuild` and `quota-gw reconcile`: Redis state from the Postgres ledger, and drift.
+
+The ledger holds every balance change, so per (org, meter):
+    allocated `a` = sum(delta - delta_purchased)     purchased `p` = sum(delta_purchased)
+    credit ever bought `pt` = sum(delta_purchased) of grants/purchases/adjustments that added
+    period end `pe`, allocation `lim` = metadata of the latest reset (new period) or plan adjust
+    used `u` = what consume/commit charged since the latest reset, less refunds of those charges
+Reservations are not rebuilt (holds are released: they never changed a or p).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from quota_gw.config import Config
+from quota_gw.layout import Layout
+
+from .worker import GROUP
+
+log = logging.getLogger("quota_gw.recovery")
+
+GRANT_KINDS = ("grant", "purchase", "adjust")
+
+LEDGER_BALANCES = f"""
+SELECT org_id, meter,
+       sum(delta - delta_purchased)::bigint AS a,
+       sum(delta_purchased)::bigint AS p,
+       coalesce(sum(delta_purchased) FILTER (WHERE delta_purchased > 0 AND kind IN {GRANT_KINDS}), 0)::bigint AS pt
+FROM usage_events
+WHERE meter IS NOT NULL {{where}}
+GROUP BY org_id, meter
+HAVING bool_or(kind <> 'denied')  -- a refusal saves nothing: no balance for a meter only ever refused
+"""
+
+# The latest reset or plan adjustment per (org, meter): the period and allocation now in force.
+PERIODS = """
+SELECT DISTINCT ON (org_id, meter) org_id, meter,
+       (metadata ->> 'period_end')::bigint AS pe, (metadata ->> 'allocation')::bigint AS lim
+FROM usage_events
+WHERE kind IN ('reset', 'adjust') AND metadata ? 'allocation' AND meter IS NOT NULL
+ORDER BY org_id, meter, ts DESC
+"""
+
+# Usage in the current period, per user: charges after the latest reset (the reset and the
+# charge that triggered it share a ts), less refunds of charges made after it (a refund of an
+# older period's charge does not give back this period's usage; see lua/refund.lua).
+PERIOD_USAGE = """
+WITH resets AS (
+    SELECT DISTINCT ON (org_id, meter) org_id, meter, event_id, ts
+    FROM usage_events WHERE kind = 'reset' AND meter IS NOT NULL
+    ORDER BY org_id, meter, ts DESC
+)
+SELECT e.org_id, e.meter, coalesce(e.user_id, '') AS user_id, sum(e.cost)::bigint AS used
+FROM resets r
+JOIN usage_events e ON e.org_id = r.org_id AND e.meter = r.meter AND e.ts >= r.ts AND e.event_id <> r.event_id
+WHERE e.kind IN ('consume', 'commit')
+   OR (e.kind = 'refund' AND EXISTS (
+        SELECT 1 FROM usage_events o
+        WHERE o.event_id = (e.metadata ->> 'refund_of')::uuid AND o.org_id = e.org_id AND o.ts >= r.ts))
+GROUP BY 1, 2, 3
+"""
+
+# Users Redis knew: the users table, plus users registered on first use (auto_register_users),
+# who appear only in the ledger. A refusal of an unknown user ('forbidden') registered nobody.
+USERS = """
+SELECT org_id, user_id, coalesce(team, '') AS team FROM users
+UNION
+SELECT DISTINCT org_id, user_id, '' FROM usage_events e
+WHERE user_id IS NOT NULL AND NOT (kind = 'denied' AND metadata ->> 'code' = 'forbidden')
+  AND NOT EXISTS (SELECT 1 FROM users u WHERE u.org_id = e.org_id AND u.user_id = e.user_id)
+"""
+
+
+def _id(u: uuid.UUID) -> str:
+    return u.hex
+
+
+async def _write(r: aioredis.Redis, ops: list[tuple[Any, ...]]) -> None:
+    for i in range(0, len(ops), 1000):
+        async with r.pipeline(transaction=False) as p:
+            for op, *a in ops[i:i + 1000]:
+                getattr(p, op)(*a)
+            await p.execute()
+
+
+async def org_keys(r: aioredis.Redis, layout: Layout, kinds: tuple[str, ...]) -> dict[str, list[str]]:
+    """Per-org keys of these kinds ('b', 'q', 'users') under the prefix, by kind: one SCAN pass
+    (a SCAN walks the whole keyspace whatever its MATCH, so one pass, not one per shard)."""
+    tags = set(layout.shard_tags())
+    out: dict[str, list[str]] = {k: [] for k in kinds}
+    async for k in r.scan_iter(match=f"{_glob(layout.prefix)}:*", count=5000):
+        tag, sep, rest = k.partition("}:")
+        kind = rest.split(":", 1)[0]
+        if sep and kind in out and tag + "}" in tags:
+            out[kind].append(k)
+    return out
+
+
+async def state_keys(r: aioredis.Redis, layout: Layout) -> list[str]:
+    """Keys rebuild would overwrite (balances, quotas, users), if any exist."""
+    return [k for keys in (await org_keys(r, layout, ("b", "q", "users"))).values() for k in keys]
+
+
+def _glob(s: str) -> str:
+    """Escapes a key prefix for SCAN MATCH (the shard tag has braces, the prefix may have more)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+async def stream_entries(r: aioredis.Redis, layout: Layout) -> list[dict[str, str]]:
+    entries = []
+    for s in layout.streams():
+        start = "-"
+        while True:
+            chunk = await r.xrange(s, min=start, count=10_000)
+            entries += [f for _, f in chunk]
+            if len(chunk) < 10_000:
+                break
+            start = "(" + chunk[-1][0]
+    return entries
+
+
+async def not_in_ledger(pg: asyncpg.Connection, entries: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The entries whose event is not (yet) in Postgres."""
+    ids = []
+    for f in entries:
+        try:
+            ids.append(uuid.UUID(f.get("id", "")))
+        except ValueError:
+            pass
+    have = {_id(x["event_id"]) for x in await pg.fetch(
+        "SELECT event_id FROM usage_events WHERE event_id = ANY($1::uuid[])", ids)} if ids else set()
+    return [f for f in entries if f.get("id") not in have and "org" in f]
+
+
+async def undrained(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout) -> list[dict[str, str]]:
+    """Events still in the streams and not (yet) in Postgres."""
+    return await not_in_ledger(pg, await stream_entries(r, layout))
+
+
+@dataclass
+class RebuildReport:
+    orgs: int = 0
+    balances: int = 0
+    users: int = 0
+    quotas: int = 0
+    keys: int = 0
+    revoked: int = 0
+    refundable: int = 0
+
+
+async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
+    """Writes every org, key, user, quota and balance of Postgres into Redis (see module doc)."""
+    rep = RebuildReport()
+    ops: list[tuple[Any, ...]] = []
+
+    for o in await pg.fetch("SELECT org_id, name, plan FROM orgs"):
+        ops.append(("hset", layout.org(o["org_id"]), None, None, {"plan": o["plan"], "name": o["name"] or ""}))
+        rep.orgs += 1
+    for k in await pg.fetch("SELECT key_id, org_id, user_id, key_hash, scopes, revoked_at FROM api_keys"):
+        rec = {"key_id": k["key_id"], "org": k["org_id"], "user": k["user_id"] or "", "scopes": ",".join(k["scopes"])}
+        if k["revoked_at"] is not None:
+            rec["revoked"] = "1"  # a tombstone, as the admin API writes it
+            rep.revoked += 1
+        ops.append(("hset", layout.api_key(k["key_hash"]), None, None, rec))
+        rep.keys += 1
+
+    team_of: dict[tuple[str, str], str] = {}
+    users: dict[str, dict[str, str]] = defaultdict(dict)
+    for u in await pg.fetch(USERS):
+        users[u["org_id"]][u["user_id"]] = u["team"]
+        team_of[(u["org_id"], u["user_id"])] = u["team"]
+    for org, mapping in users.items():
+        ops.append(("hset", layout.users(org), None, None, mapping))
+        rep.users += len(mapping)
+
+    periods = {(p["org_id"], p["meter"]): (p["pe"], p["lim"]) for p in await pg.fetch(PERIODS)}
+    org_used: dict[tuple[str, str], int] = defaultdict(int)
+    subject_used: dict[tuple[str, str, str], int] = defaultdict(int)  # (org, 'u:x' | 't:y', meter)
+    for row in await pg.fetch(PERIOD_USAGE):
+        org, meter, user, used = row["org_id"], row["meter"], row["user_id"], row["used"]
+        org_used[(org, meter)] += used
+        if user:
+            subject_used[(org, f"u:{user}", meter)] += used
+            team = team_of.get((org, user), "")
+            if team:
+                subject_used[(org, f"t:{team}", meter)] += used
+
+    for b in await pg.fetch(LEDGER_BALANCES.format(where="")):
+        org, m = b["org_id"], b["meter"]
+        fields: dict[str, Any] = {f"{m}:a": b["a"], f"{m}:p": b["p"], f"{m}:h": 0,
+                                  f"{m}:u": max(0, org_used.get((org, m), 0))}
+        if b["pt"] > 0:
+            fields[f"{m}:pt"] = b["pt"]
+        if (org, m) in periods:
+            pe, lim = periods[(org, m)]
+            fields[f"{m}:pe"], fields[f"{m}:lim"] = pe, lim
+        ops.append(("hset", layout.balances(org), None, None, fields))
+        rep.balances += 1
+
+    for q in await pg.fetch("SELECT org_id, meter, scope, subject, quota FROM sub_quotas"):
+        org, m = q["org_id"], q["meter"]
+        f = f"{q['scope'][0]}:{q['subject']}:{m}"
+        fields = {f"{f}:lim": q["quota"], f"{f}:h": 0}
+        if (org, m) in periods:
+            fields[f"{f}:used"] = max(0, subject_used.get((org, f"{q['scope'][0]}:{q['subject']}", m), 0))
+            fields[f"{f}:pe"] = periods[(org, m)][0]
+        ops.append(("hset", layout.quotas(org), None, None, fields))
+        rep.quotas += 1
+
+    rep.refundable = await _refund_records(pg, config, layout, team_of, ops)
+    await _write(r, ops)
+    return rep
+
+
+async def _refund_records(pg: asyncpg.Connection, config: Config, layout: Layout,
+                          team_of: dict[tuple[str, str], str], ops: list[tuple[Any, ...]]) -> int:
+    """What a refund of a recent consume/commit needs (lua/consume.lua writes it at charge time),
+    for the charges of the refund window that were not refunded yet."""
+    window = config.behaviour.refund_window_s
+    refunded = {r["id"] for r in await pg.fetch(
+        """SELECT metadata ->> 'refund_of' AS id FROM usage_events
+           WHERE kind = 'refund' AND ts > now() - $1 * interval '1 second'""", float(window))}
+    quota_subjects = {(q["org_id"], q["meter"], f"{q['scope'][0]}:{q['subject']}")
+                      for q in await pg.fetch("SELECT org_id, meter, scope, subject FROM sub_quotas")}
+    # Period ends in force at each moment, to tell which period a charge belongs to.
+    starts: dict[tuple[str, str], tuple[list[Any], list[int]]] = {}
+    for p in await pg.fetch("""SELECT org_id, meter, ts, (metadata ->> 'period_end')::bigint AS pe
+                               FROM usage_events WHERE kind IN ('reset', 'adjust') AND metadata ? 'period_end'
+                               AND ts > now() - $1 * interval '1 second' - interval '400 days'
+                               ORDER BY ts""", float(window)):
+        ts_list, pes = starts.setdefault((p["org_id"], p["meter"]), ([], []))
+        ts_list.append(p["ts"])
+        pes.append(p["pe"])
+    now = time.time()
+    n = 0
+    for e in await pg.fetch(
+            """SELECT org_id, event_id, ts, meter, coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature,
+                      delta, delta_purchased, cost
+               FROM usage_events WHERE kind IN ('consume', 'commit') AND cost > 0
+               AND ts > now() - $1 * interval '1 second'""", float(window)):
+        eid = _id(e["event_id"])
+        if eid in refunded:
+            continue
+        org, m, user = e["org_id"], e["meter"], e["user_id"]
+        ts_list, pes = starts.get((org, m), ([], []))
+        i = bisect.bisect_right(ts_list, e["ts"]) - 1
+        if i < 0:
+            continue
+        team = team_of.get((org, user), "")
+        rec = {"m": m, "a": -(e["delta"] - e["delta_purchased"]), "p": -e["delta_purchased"], "cost": e["cost"],
+               "u": user, "f": e["feature"], "pe": pes[i],
+               "ut": f"u:{user}" if user and (org, m, f"u:{user}") in quota_subjects else "",
+               "tt": f"t:{team}" if team and (org, m, f"t:{team}") in quota_subjects else ""}
+        ttl = int(window - (now - e["ts"].timestamp()))
+        if ttl > 0:
+            ops.append(("set", layout.event_record(org, eid), orjson.dumps(rec).decode(), ttl))
+            n += 1
+    return n
+
+
+@dataclass
+class Drift:
+    org: str
+    meter: str
+    field: str
+    redis: int
+    ledger: int
+
+
+async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
+                    org: str | None = None) -> tuple[list[Drift], dict[str, int]]:
+    """Redis a/p/pt against the ledger, per (org, meter).
+
+    Per shard, one MULTI reads the clock and every balance at one instant T. Every balance
+    change up to T is then either in Postgres or still in the stream (entries are trimmed only
+    after they are committed), so: read the streams, then Postgres, keep events with ts <= T.
+    Safe to run while the gateway and the worker run."""
+    stats = {"pairs": 0, "undrained": 0, "dead_letters": 0}
+    known = [org] if org else [x["org_id"] for x in await pg.fetch("SELECT org_id FROM orgs")]
+    known_by_tag: dict[str, list[str]] = defaultdict(list)
+    for o in known:
+        known_by_tag[layout.tag(o)].append(layout.balances(o))
+    # 1. Snapshot: balances and the server time, per shard, atomically. Keys: every known org's
+    #    (whether or not it exists yet) and any other balance key found.
+    snap: dict[str, dict[str, str]] = {}  # org -> balance fields
+    t_of: dict[str, int] = {}  # org -> snapshot time (unix us)
+    found: dict[str, set[str]] = defaultdict(set)
+    if org is None:
+        for k in (await org_keys(r, layout, ("b",)))["b"]:
+            found[k.partition("}:")[0] + "}"].add(k)
+    for tag in layout.shard_tags():
+        keys = set(known_by_tag.get(tag, [])) | found.get(tag, set())
+        async with r.pipeline(transaction=True) as p:
+            p.time()
+            for k in keys:
+                p.hgetall(k)
+            res = await p.execute()
+        sec, us = res[0]
+        t = int(sec) * 1_000_000 + int(us)
+        for k, fields in zip(keys, res[1:]):
+            o = k[len(tag) + 3:]
+            snap[o], t_of[o] = fields, t
+    # 2. The streams (after the snapshot), 3. Postgres (after the streams), in one snapshot of its
+    #    own so an event the worker commits meanwhile is seen either in both queries or in neither.
+    entries = [f for f in await stream_entries(r, layout) if f.get("org") in t_of]
+    for s in layout.streams():
+        stats["dead_letters"] += await r.xlen(s + ":dead")
+    ledger: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    by_t: dict[int, list[str]] = defaultdict(list)  # one query per snapshot time (per shard)
+    for o in sorted(t_of):
+        by_t[t_of[o]].append(o)
+    async with pg.transaction(isolation="repeatable_read", readonly=True):
+        pending = await not_in_ledger(pg, entries)
+        for t, group in by_t.items():
+            rows = await pg.fetch(LEDGER_BALANCES.format(
+                where="AND org_id = ANY($1) AND ts <= timestamptz 'epoch' + $2 * interval '1 microsecond'"), group, t)
+            for x in rows:
+                ledger[(x["org_id"], x["meter"])] = [x["a"], x["p"], x["pt"]]
+    for f in pending:
+        o = f["org"]
+        try:
+            ts, delta, dp = int(f["ts"]), int(f["delta"]), int(f["dp"])
+        except (KeyError, ValueError):
+            continue  # not an event; the worker dead-letters it
+        if ts > t_of[o] or not f.get("meter"):
+            continue  # after the snapshot: not in the balances read
+        v = ledger[(o, f["meter"])]
+        v[0] += delta - dp
+        v[1] += dp
+        if dp > 0 and f.get("kind") in GRANT_KINDS:
+            v[2] += dp
+        stats["undrained"] += 1
+    drift = []
+    pairs = set(ledger)
+    for o, fields in snap.items():
+        pairs |= {(o, k[:-2]) for k in fields if k.endswith(":a") or k.endswith(":p")}
+    for o, m in sorted(pairs):
+        fields = snap.get(o, {})
+        want = ledger.get((o, m), [0, 0, 0])
+        for i, name in enumerate(("a", "p", "pt")):
+            have = int(fields.get(f"{m}:{name}", 0))
+            if have != want[i]:
+                drift.append(Drift(o, m, name, have, want[i]))
+    stats["pairs"] = len(pairs)
+    return drift, stats
+
+
+def print_drift(drift: list[Drift], stats: dict[str, int], out: Any = sys.stdout) -> None:
+    w = max([len("org")] + [len(d.org) for d in drift])
+    wm = max([len("meter")] + [len(d.meter) for d in drift])
+    if drift:
+        out.write(f"{'org':<{w}}  {'meter':<{wm}}  field  {'redis':>14}  {'ledger':>14}  {'redis-ledger':>14}\n")
+        for d in drift:
+            out.write(f"{d.org:<{w}}  {d.meter:<{wm}}  {d.field:<5}  {d.redis:>14}  {d.ledger:>14}  "
+                      f"{d.redis - d.ledger:>14}\n")
+    pairs = len({(d.org, d.meter) for d in drift})
+    out.write(f"{stats['pairs']} (org, meter) balances checked, {pairs} differ; {stats['undrained']} events not yet "
+              f"drained were counted; {stats['dead_letters']} dead letters\n")
+    if drift and stats["dead_letters"]:
+        out.write("dead letters are balance changes missing from the ledger: see the <stream>:dead streams\n")
+
+
+async def _connect(redis_url: str, database_url: str) -> tuple[aioredis.Redis, asyncpg.Connection]:
+    return aioredis.from_url(redis_url, decode_responses=True), await asyncpg.connect(database_url)
+
+
+async def rebuild_main(redis_url: str, database_url: str, config: Config, layout: Layout, force: bool = False) -> int:
+    r, pg = await _connect(redis_url, database_url)
+    try:
+        if not force:
+            existing = await state_keys(r, layout)
+            if existing:
+                print(f"quota-gw rebuild: Redis already holds state for prefix {layout.prefix!r} (e.g. {existing[0]}); "
+                      "rebuild restores into an empty Redis. Stop the gateway, then rerun with --force to "
+                      "overwrite.", file=sys.stderr)
+                return 2
+            left = await undrained(r, pg, layout)
+            if left:
+                print(f"quota-gw rebuild: {len(left)} events in the streams are not in Postgres yet; run "
+                      "`quota-gw worker` until they drain (or --force to rebuild without them).", file=sys.stderr)
+                return 2
+        t0 = time.monotonic()
+        rep = await rebuild(r, pg, config, layout)
+        print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
+              f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
+              f"{rep.refundable} refundable events; open reservations were released")
+        return 0
+    finally:
+        await r.aclose()
+        await pg.close()
+
+
+async def reconcile_main(redis_url: str, database_url: str, config: Config, layout: Layout,
+                         org: str | None = None) -> int:
+    r, pg = await _connect(redis_url, database_url)
+    try:
+        drift, stats = await reconcile(r, pg, layout, org)
+        print_drift(drift, stats)
+        return 1 if drift else 0
+    finally:
+        await r.aclose()
+        await pg.close()
+
+
+__all__ = ["rebuild", "reconcile", "rebuild_main", "reconcile_main", "GROUP"]
