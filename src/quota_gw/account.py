@@ -1,0 +1,226 @@
+"""Account routes served from the Postgres ledger (SPEC §4): usage, analytics, admin top spenders.
+
+They read what the sync worker has drained, so they trail the live balance (GET /v1/balance,
+from Redis) by the worker's lag, typically well under a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .admin import _admin
+from .api import Context, balance_of, ctx, json_response
+from .problems import Problem, invalid
+
+KINDS = ("consume", "refund", "reserve", "commit", "release", "grant", "purchase", "reset", "adjust", "denied")
+USAGE_KINDS = ("consume", "commit", "refund")  # what a call was priced at; refunds count negative
+BURN_WINDOW_DAYS = 7
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _db(c: Context) -> Any:
+    if c.db is None:
+        raise Problem(503, "unavailable", "usage and analytics need Postgres (DATABASE_URL)")
+    return c.db
+
+
+def _time(q: Any, name: str) -> datetime | None:
+    """An instant: ISO 8601 ('2026-05-01T12:00:00Z', naive means UTC), a date, or unix seconds."""
+    v = q.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        if re.fullmatch(r"-?\d+(\.\d+)?", v):
+            return datetime.fromtimestamp(float(v), timezone.utc)
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+            return datetime.combine(date.fromisoformat(v), datetime.min.time(), timezone.utc)
+        t = datetime.fromisoformat(v)
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise invalid(f"{name}: an ISO 8601 time (2026-05-01T12:00:00Z), a date or unix seconds",
+                      field=name) from None
+
+
+def _int(q: Any, name: str, default: int, lo: int, hi: int) -> int:
+    v = q.get(name)
+    if v is None or v == "":
+        return default
+    if not re.fullmatch(r"\d{1,9}", v) or not lo <= int(v) <= hi:
+        raise invalid(f"{name}: an integer from {lo} to {hi}", field=name)
+    return int(v)
+
+
+def _choice(q: Any, name: str, allowed: Any) -> str | None:
+    v = q.get(name)
+    if v is None or v == "":
+        return None
+    if v not in allowed:
+        raise invalid(f"{name}: unknown {name} {v[:64]!r}", field=name)
+    return v
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# Keyset cursor: the (ts, event_id) of the last row returned, opaque to clients.
+def _cursor(ts: datetime, event_hex: str) -> str:
+    us = (ts - EPOCH) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"{us}:{event_hex}".encode()).decode().rstrip("=")
+
+
+def _uncursor(v: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(v + "=" * (-len(v) % 4)).decode()
+        us, event_hex = raw.split(":")
+        if not re.fullmatch(r"[0-9a-f]{32}", event_hex):
+            raise ValueError
+        return EPOCH + timedelta(microseconds=int(us)), event_hex
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        raise invalid("cursor: not a cursor this API returned", field="cursor") from None
+
+
+async def usage(request: Request) -> Response:
+    """GET /v1/usage: the org's events, newest first, `limit` a page, `next_cursor` for the next.
+    A key bound to a user sees that user's events only."""
+    c = ctx(request)
+    ident = await c.keys.authenticate(request, "read")
+    q = request.query_params
+    since, until = _time(q, "since"), _time(q, "until")
+    if since and until and since >= until:
+        raise invalid("since: must be before until", field="since")
+    limit = _int(q, "limit", 100, 1, 1000)
+    feature = _choice(q, "feature", c.config.features)
+    meter = _choice(q, "meter", c.config.meter_names)
+    kind = _choice(q, "kind", KINDS)
+    user = ident.user_id or q.get("user_id") or None
+    cur = _uncursor(q["cursor"]) if q.get("cursor") else None
+    args: list[Any] = [ident.org_id]
+    where = ["org_id = $1"]
+    for col, val in (("feature", feature), ("meter", meter), ("kind", kind), ("user_id", user)):
+        if val is not None:
+            args.append(val)
+            where.append(f"{col} = ${len(args)}")
+    if since:
+        args.append(since)
+        where.append(f"ts >= ${len(args)}")
+    if until:
+        args.append(until)
+        where.append(f"ts < ${len(args)}")
+    if cur:
+        args += [cur[0], cur[1]]
+        where.append(f"(ts, event_id) < (${len(args) - 1}, ${len(args)}::uuid)")
+    args.append(limit + 1)
+    rows = await _db(c).fetch(
+        f"""SELECT event_id, ts, kind, user_id, key_id, meter, feature, delta, delta_purchased, cost,
+                   balance_after, metadata::text AS metadata
+            FROM usage_events WHERE {' AND '.join(where)}
+            ORDER BY ts DESC, event_id DESC LIMIT ${len(args)}""", *args)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    events = [{
+        "event_id": r["event_id"].hex, "ts": _iso(r["ts"]), "kind": r["kind"], "user_id": r["user_id"],
+        "key_id": r["key_id"], "meter": r["meter"], "feature": r["feature"], "delta": r["delta"],
+        "delta_purchased": r["delta_purchased"], "cost": r["cost"], "balance_after": r["balance_after"],
+        "metadata": orjson.Fragment(r["metadata"]) if r["metadata"] else None,
+    } for r in rows]
+    nxt = _cursor(rows[-1]["ts"], rows[-1]["event_id"].hex) if more else None
+    return json_response({"org_id": ident.org_id, "events": events, "next_cursor": nxt})
+
+
+async def analytics(request: Request) -> Response:
+    """GET /v1/analytics?days=30: usage by feature and by day over the window, and per meter the
+    burn rate (tokens a day over the last 7 days, or the window if shorter) and the date the
+    balance runs out at that rate."""
+    c = ctx(request)
+    ident = await c.keys.authenticate(request, "read")
+    days = _int(request.query_params, "days", 30, 1, 366)
+    pool = _db(c)
+    now = datetime.now(timezone.utc)
+    start = datetime.combine((now - timedelta(days=days - 1)).date(), datetime.min.time(), timezone.utc)
+    burn_days = min(days, BURN_WINDOW_DAYS)
+    burn_since = now - timedelta(days=burn_days)
+    rows = await pool.fetch(
+        """SELECT (ts AT TIME ZONE 'UTC')::date AS day, meter, feature,
+                  count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls,
+                  coalesce(sum(cost) FILTER (WHERE kind IN ('consume', 'commit', 'refund')), 0)::bigint AS tokens,
+                  coalesce(-sum(cost) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded,
+                  count(*) FILTER (WHERE kind = 'denied') AS denied,
+                  coalesce(sum(cost) FILTER (WHERE kind IN ('consume', 'commit', 'refund') AND ts >= $3), 0)::bigint
+                      AS burn
+           FROM usage_events
+           WHERE org_id = $1 AND ts >= $2 AND kind IN ('consume', 'commit', 'refund', 'denied')
+           GROUP BY 1, 2, 3""", ident.org_id, start, burn_since)
+    features: dict[str, dict[str, Any]] = {}
+    day_rows: dict[date, dict[str, Any]] = {}
+    burn: dict[str, int] = {}
+    for r in rows:
+        key = r["feature"] or "-"
+        f = features.setdefault(key, {"feature": r["feature"], "meter": r["meter"], "calls": 0, "tokens": 0,
+                                      "refunded": 0, "denied": 0})
+        for k in ("calls", "tokens", "refunded", "denied"):
+            f[k] += r[k]
+        d = day_rows.setdefault(r["day"], {"calls": 0, "tokens": 0, "meters": {}})
+        d["calls"] += r["calls"]
+        d["tokens"] += r["tokens"]
+        if r["meter"]:
+            d["meters"][r["meter"]] = d["meters"].get(r["meter"], 0) + r["tokens"]
+            burn[r["meter"]] = burn.get(r["meter"], 0) + r["burn"]
+    by_day = []
+    for i in range(days):  # every day of the window, zeros included, oldest first
+        day = start.date() + timedelta(days=i)
+        by_day.append({"date": day.isoformat(), **day_rows.get(day, {"calls": 0, "tokens": 0, "meters": {}})})
+    live = await balance_of(c, ident.org_id, ident.plan)
+    meters = {}
+    for name, m in live["meters"].items():
+        rate = burn.get(name, 0) / burn_days
+        runs_out = None
+        if m["balance"] is not None and rate > 0:
+            runs_out = now + timedelta(days=max(0, m["balance"]) / rate)
+        meters[name] = {
+            "balance": m["balance"], "unlimited": m["unlimited"], "period_end": m["period_end"],
+            "burn_per_day": round(rate, 2),
+            "projected_exhaustion": _iso(runs_out) if runs_out else None,
+            "exhausts_before_reset": bool(runs_out and runs_out < datetime.fromisoformat(m["period_end"])),
+        }
+    totals = {"calls": sum(f["calls"] for f in features.values()), "tokens": sum(f["tokens"] for f in features.values())}
+    return json_response({
+        "org_id": ident.org_id, "days": days, "since": _iso(start), "totals": totals,
+        "by_feature": sorted(features.values(), key=lambda f: -f["tokens"]), "by_day": by_day,
+        "burn_window_days": burn_days, "meters": meters,
+    })
+
+
+async def top(request: Request) -> Response:
+    """GET /v1/admin/top?days=30&limit=20[&meter=]: orgs by tokens used in the window."""
+    c = await _admin(request)
+    q = request.query_params
+    days = _int(q, "days", 30, 1, 366)
+    limit = _int(q, "limit", 20, 1, 1000)
+    meter = _choice(q, "meter", c.config.meter_names)
+    rows = await _db(c).fetch(
+        """SELECT e.org_id, o.name, o.plan, sum(e.cost)::bigint AS tokens,
+                  count(*) FILTER (WHERE e.kind IN ('consume', 'commit')) AS calls
+           FROM usage_events e LEFT JOIN orgs o USING (org_id)
+           WHERE e.ts >= now() - $1 * interval '1 day' AND e.kind IN ('consume', 'commit', 'refund')
+             AND ($3::text IS NULL OR e.meter = $3)
+           GROUP BY e.org_id, o.name, o.plan
+           ORDER BY tokens DESC, e.org_id LIMIT $2""", days, limit, meter)
+    return json_response({"days": days, "meter": meter, "orgs": [
+        {"rank": i + 1, "org_id": r["org_id"], "name": r["name"], "plan": r["plan"], "tokens": r["tokens"],
+         "calls": r["calls"]} for i, r in enumerate(rows)]})
+
+
+routes = [
+    Route("/v1/usage", usage, methods=["GET"]),
+    Route("/v1/analytics", analytics, methods=["GET"]),
+    Route("/v1/admin/top", top, methods=["GET"]),
+]
