@@ -275,3 +275,41 @@ async def test_decisions_survive_a_script_flush(client, tenant, redis):
                                    for _ in range(200)))
     assert [r.status_code for r in batch].count(200) == 200
     assert (await balance(client, h, "general"))["balance"] == 99
+
+
+async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, config, redis, tenant):
+    """A script that may have run must not be retried by the client: that would charge twice.
+    A busy script holds Redis while our call times out in the queue behind it; Redis then runs
+    what was sent. A client that retries (redis-py does, by default) sends it again."""
+    import redis.asyncio as aioredis
+
+    from quota_gw.decisions import Decider, Identity
+
+    org, _ = await tenant("starter", general=10)
+    r = aioredis.from_url(redis_url, decode_responses=True, socket_timeout=0.2)  # retries by default
+    blocker = aioredis.from_url(redis_url, decode_responses=True)
+    busy = "local t = redis.call('TIME')[1] * 1 repeat until redis.call('TIME')[1] - t >= 1"
+    layout = Layout(prefix, config.shards)
+    ident = Identity("key_test", org, None, frozenset({"consume"}), "starter")
+    for coalesce in (True, False):
+        cfg = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"coalesce": coalesce})})
+        d = Decider(r, cfg, layout)
+        await d.check(ident, "generate_insight", 1, "")  # scripts loaded, connection open
+        hold = asyncio.ensure_future(blocker.eval(busy, 0))
+        await asyncio.sleep(0.1)  # Redis cannot be asked whether the busy script started: it is busy
+        try:
+            await d.consume(ident, "generate_insight", 1, "")
+            raise AssertionError("expected a timeout")
+        except (TimeoutError, aioredis.RedisError) as e:
+            assert "imeout" in type(e).__name__ + str(e)
+        await hold
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len([f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]) < 2:
+        assert loop.time() < deadline, "the timed-out calls did not run"
+        await asyncio.sleep(0.02)
+    consumes = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]
+    assert len(consumes) == 2  # one per timed-out call, each run exactly once
+    assert await redis.hget(layout.balances(org), "general:p") == "8"
+    await r.aclose()
+    await blocker.aclose()

@@ -3,6 +3,10 @@
 Under load, many requests reach their decision in the same loop turn; sending them together
 costs one network round trip and one syscall pair instead of one per request. Each call is
 still its own atomic script: pipelining changes how calls travel, not what they do.
+
+Scripts are never retried on a connection error or timeout: a script that may have run must
+not run twice (that would charge twice). The caller gets the error; an idempotency key makes
+its own retry safe.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ class Coalescer:
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
+        return await fut
+
+    async def run_now(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """One call, sent at once (coalescing off)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._send([(script, keys, args, fut)])
         return await fut
 
     def _flush(self) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import metrics
 from .coalesce import Coalescer
 from .config import Config, Plan
 from .layout import Layout
@@ -78,12 +77,6 @@ class Decision:
                        remaining=self.remaining)
 
 
-async def _direct(script: Any, keys: list[str], args: list[Any]) -> Any:
-    metrics.ROUND_TRIPS.inc()
-    metrics.SCRIPT_CALLS.inc()
-    return await script(keys=keys, args=args)
-
-
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -95,7 +88,7 @@ class Decider:
         self.layout = layout
         self.scripts = Scripts(redis)
         coalescer = Coalescer(redis)
-        self._run = coalescer.run if config.behaviour.coalesce else _direct
+        self._run = coalescer.run if config.behaviour.coalesce else coalescer.run_now
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
         self._terms: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
