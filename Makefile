@@ -24,3 +24,13 @@ system-deps:  # nginx for tests/test_nginx.py; skipped unless root with apt-get,
 
 test-long: $(STAMP)
 	QUOTA_GW_SOAK=1 $(PY) -m pytest -q -m soak
+
+# Locust, headless, long: req/s and p50/p95/p99, then the invariants against Postgres and Redis.
+loadtest: $(STAMP)
+	$(PY) loadtests/run.py --users 100 --duration 120
+
+# Side-by-side benchmarks (needs wrk); appends to docs/benchmarks.md.
+bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) bench/bench.py --write
+	$(PY) bench/drain.py
