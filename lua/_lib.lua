@@ -55,9 +55,11 @@ local function period_end(spec, now_s)
 end
 
 -- Derived event ids (period resets, expired holds) share the request's id but for the last
--- two hex digits, so they are unique, stable and need no extra round trip.
+-- two hex digits, so they are unique, stable and need no extra round trip. The version nibble
+-- (13th hex digit) becomes 0, which no request id (a UUID, version 1-8) has: without it, a
+-- request id ending in 81 was its own reset's id, and the ledger kept only one of the two.
 local function derived_id(base, i)
-  return string.sub(base, 1, 30) .. string.format('%02x', 128 + i)
+  return string.sub(base, 1, 12) .. '0' .. string.sub(base, 14, 30) .. string.format('%02x', 128 + i)
 end
 
 -- The event sink: one XADD per balance change (or refusal) to the shard's stream.
