@@ -13,7 +13,9 @@ database and a fresh key prefix of its own, both removed at the end.
    transaction each: the ceiling for writing these rows into this schema on this machine.
    Both run --rounds times, alternating; the medians and the median ratio are printed. The
    machine is shared: the ratio is the figure, absolute numbers move with the neighbours.
-3. Lag: XADDs --rate events/s for --seconds while the worker runs, and samples the age of the
+3. Write paths: the worker's fast path (COPY straight into usage_events) beside its idempotent
+   path (COPY into a temp table + INSERT ... ON CONFLICT DO NOTHING), same lines, Postgres only.
+4. Lag: XADDs --rate events/s for --seconds while the worker runs, and samples the age of the
    oldest entry the group has not acked every 50 ms (what qgw_worker_stream_lag_seconds shows).
 """
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from quota_gw import db  # noqa: E402
 from quota_gw.layout import Layout  # noqa: E402
 from sync_worker import sql  # noqa: E402
-from sync_worker.worker import GROUP, MAINTAIN_LUA, _HiredisPacking  # noqa: E402
+from sync_worker.worker import GROUP, MAINTAIN_LUA, Worker, _HiredisPacking, copy_line  # noqa: E402
 
 SHARDS = 16
 KINDS = ["consume"] * 6 + ["denied", "refund", "reserve", "commit", "release", "grant"]
@@ -134,6 +136,33 @@ async def drain_round(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
     return args.events / drain_s, len(rows) / copy_s
 
 
+async def write_paths(pg: asyncpg.Connection, layout: Layout, args: argparse.Namespace) -> dict[str, float]:
+    """The worker's two write paths alone, on the same COPY lines: straight COPY into
+    usage_events (the fast path) and COPY into the temp table + INSERT ... ON CONFLICT DO NOTHING
+    (the idempotent path, taken after a redelivery), both through Worker._transaction."""
+    now_us = int(time.time() * 1e6)
+    lines = []
+    for i in range(args.events):
+        e = event(i, now_us)
+        fields = [x for k, v in e.items() for x in (k.encode(), v.encode())]
+        lines.append(copy_line(layout.stream(e["org"]).encode() + b"/", b"%d-0" % i, fields))
+    w = Worker("redis://unused", "", layout)
+    w.pg = pg
+    await pg.execute(sql.CREATE_STAGE)
+    per_tx = min(args.events, args.batch * SHARDS)
+    out = {}
+    for name, fast in (("COPY into usage_events", True), ("temp table + INSERT ON CONFLICT", False),
+                       ("temp table + INSERT, every row a duplicate", False)):
+        if "duplicate" not in name:
+            await pg.execute("TRUNCATE usage_events")
+        t0 = time.perf_counter()
+        for i in range(0, len(lines), per_tx):
+            await w._transaction(lines[i:i + per_tx], fast=fast)
+        out[name] = len(lines) / (time.perf_counter() - t0)
+    await pg.execute("TRUNCATE usage_events")
+    return out
+
+
 async def lag_phase(r: aioredis.Redis, layout: Layout, args: argparse.Namespace, exe: str, cfg: Path,
                     env: dict[str, str]) -> tuple[float, list[float]]:
     maintain = r.register_script(MAINTAIN_LUA)
@@ -211,6 +240,8 @@ async def main() -> None:
         print(f"raw COPY of the same rows      {copy:>10,.0f} rows/s    (binary, {min(args.events, args.batch * SHARDS)} "
               f"rows a transaction)")
         print(f"ratio drain / raw COPY         {ratio:>10.2f}")
+        for name, rate in (await write_paths(pg, layout, args)).items():
+            print(f"write path: {name:<43} {rate:>10,.0f} rows/s")
         if args.seconds > 0:
             achieved, samples = await lag_phase(r, layout, args, exe, cfg, env)
             p50 = statistics.median(samples)
