@@ -22,7 +22,6 @@ SIGTERM/SIGINT: the batch in hand is written and acked, then the worker exits.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import random
