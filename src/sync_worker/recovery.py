@@ -26,7 +26,6 @@ import redis.asyncio as aioredis
 from quota_gw.config import Config
 from quota_gw.layout import Layout
 
-from .worker import GROUP
 
 log = logging.getLogger("quota_gw.recovery")
 
@@ -412,5 +411,3 @@ async def reconcile_main(redis_url: str, database_url: str, config: Config, layo
         await r.aclose()
         await pg.close()
 
-
-__all__ = ["rebuild", "reconcile", "rebuild_main", "reconcile_main", "GROUP"]
