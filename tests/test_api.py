@@ -107,6 +107,7 @@ async def test_keys_survive_a_redis_flush_but_revocations_too(client, tenant, ad
     ({"feature": "generate_goal", "user_id": "bad user!"}, 422, "user_id"),
     ({"feature": "generate_goal", "metadata": [1]}, 422, "metadata"),
     ({"feature": "generate_goal", "metadata": {"x": "y" * 5000}}, 422, "metadata"),
+    ({"feature": "generate_goal", "metadata": {"x": "a\u0000b"}}, 422, "metadata"),
 ])
 async def test_bad_input_is_422_and_changes_nothing(client, tenant, redis, prefix, config, body, status, field):
     org, h = await tenant("pro")

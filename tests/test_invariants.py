@@ -277,6 +277,22 @@ async def test_decisions_survive_a_script_flush(client, tenant, redis):
     assert (await balance(client, h, "general"))["balance"] == 99
 
 
+async def busy_started(redis_url: str) -> None:
+    """Returns once Redis stops answering (the busy script runs): a PING that times out."""
+    import redis.asyncio as aioredis
+
+    probe = aioredis.from_url(redis_url, socket_timeout=0.05, retry=None)
+    try:
+        for _ in range(200):
+            try:
+                await probe.ping()
+            except aioredis.TimeoutError:
+                return
+        raise AssertionError("Redis never became busy")
+    finally:
+        await probe.aclose()
+
+
 async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, config, redis, tenant):
     """A script that may have run must not be retried by the client: that would charge twice.
     A busy script holds Redis while our call times out in the queue behind it; Redis then runs
@@ -296,7 +312,7 @@ async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, confi
         d = Decider(r, cfg, layout)
         await d.check(ident, "generate_insight", 1, "")  # scripts loaded, connection open
         hold = asyncio.ensure_future(blocker.eval(busy, 0))
-        await asyncio.sleep(0.1)  # Redis cannot be asked whether the busy script started: it is busy
+        await busy_started(redis_url)
         try:
             await d.consume(ident, "generate_insight", 1, "")
             raise AssertionError("expected a timeout")

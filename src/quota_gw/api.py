@@ -109,6 +109,8 @@ class Context:
         if not isinstance(m, dict):
             raise invalid("metadata: must be an object", field="metadata")
         raw = orjson.dumps(m)
+        if b"\\u0000" in raw and _has_nul(m):
+            raise invalid("metadata: NUL characters are not allowed (Postgres jsonb refuses them)", field="metadata")
         if len(raw) > MAX_METADATA:
             raise invalid(f"metadata: at most {MAX_METADATA} bytes of JSON", field="metadata")
         return raw
@@ -120,6 +122,16 @@ class Context:
         if not isinstance(k, str) or not 1 <= len(k) <= 200 or not k.isprintable():
             raise invalid("idempotency_key: 1..200 printable characters", field="idempotency_key")
         return k
+
+
+def _has_nul(v: Any) -> bool:
+    if isinstance(v, str):
+        return "\x00" in v
+    if isinstance(v, dict):
+        return any(_has_nul(k) or _has_nul(x) for k, x in v.items())
+    if isinstance(v, list):
+        return any(_has_nul(x) for x in v)
+    return False
 
 
 def ctx(request: Request) -> Context:
