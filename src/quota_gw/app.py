@@ -103,6 +103,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
             yield
         finally:
             await app.state.sidecar.stop()
+            await decider.aclose()
             await r.aclose()
             if pool is not None:
                 await pool.close()

@@ -12,11 +12,15 @@ its own retry safe.
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import metrics
 
@@ -24,11 +28,21 @@ Call = tuple[AsyncScript, list[str], list[Any], "asyncio.Future[Any]"]
 
 
 class Coalescer:
-    def __init__(self, redis: Redis, max_batch: int = 512) -> None:
+    """Coalesced calls travel on one dedicated connection, written in order and answered in
+    order (Redis answers a connection's commands in the order it sent them), so there is no
+    pool to take from and give back per batch. A reader task matches replies to callers.
+    If no reply comes within the client's socket timeout, the connection is dropped and every
+    call in flight fails: they may have run, so none is sent again."""
+
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.max_batch = max_batch
+        self.timeout = float(redis.connection_pool.connection_kwargs.get("socket_timeout") or 5.0)
         self._pending: list[Call] = []
         self._scheduled = False
+        self._conn: Any = None
+        self._connecting: asyncio.Lock | None = None
+        self._inflight: deque[tuple[Call, float]] = deque()
+        self._watching = False
 
     async def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -40,16 +54,103 @@ class Coalescer:
         return await fut
 
     async def run_now(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """One call, sent at once (coalescing off)."""
+        """One call, sent at once on a pooled connection (coalescing off)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._send([(script, keys, args, fut)])
         return await fut
 
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._fail_inflight(ConnectionError("the gateway is shutting down"))
+            await conn.disconnect()
+
     def _flush(self) -> None:
         self._scheduled = False
-        pending, self._pending = self._pending, []
-        for i in range(0, len(pending), self.max_batch):
-            asyncio.ensure_future(self._send(pending[i:i + self.max_batch]))
+        batch, self._pending = self._pending, []
+        if self._conn is not None and self._conn.is_connected:
+            self._write(self._conn, batch)
+        else:
+            asyncio.ensure_future(self._connect_then_write(batch))
+
+    async def _connect_then_write(self, batch: list[Call]) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        try:
+            async with self._connecting:
+                if self._conn is None or not self._conn.is_connected:
+                    conn = self.redis.connection_pool.make_connection()
+                    await conn.connect()
+                    self._conn = conn
+                    asyncio.ensure_future(self._read(conn))
+            self._write(self._conn, batch)
+        except Exception as e:  # noqa: BLE001 - every caller gets the error
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+
+    def _write(self, conn: Any, batch: list[Call]) -> None:
+        metrics.ROUND_TRIPS.inc()
+        metrics.SCRIPT_CALLS.inc(len(batch))
+        now = asyncio.get_running_loop().time()
+        data = b"".join([pack_evalsha(s.sha, k, a) for s, k, a, _ in batch])
+        for call in batch:
+            self._inflight.append((call, now))
+        conn._writer.write(data)  # buffered by the transport, in order; the reader awaits replies
+        if not self._watching:
+            self._watching = True
+            asyncio.get_running_loop().call_later(self.timeout / 2, self._watch)
+
+    async def _read(self, conn: Any) -> None:
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(timeout=math.inf)
+                except ResponseError as e:  # an error reply; the stream stays in step
+                    reply = e
+                call, _ = self._inflight.popleft()
+                fut = call[3]
+                if fut.done():
+                    continue
+                if isinstance(reply, NoScriptError):
+                    asyncio.ensure_future(self._reload_then_send(call))  # not run: safe to send again
+                elif isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+        except Exception as e:  # noqa: BLE001 - connection lost: fail what is in flight
+            self._drop(conn, e)
+
+    async def _reload_then_send(self, call: Call) -> None:
+        try:
+            call[0].sha = await self.redis.script_load(call[0].script)
+        except Exception as e:  # noqa: BLE001
+            call[3].set_exception(e)
+            return
+        await self._send([call], retried=True)
+
+    def _watch(self) -> None:
+        self._watching = False
+        if not self._inflight:
+            return
+        waited = asyncio.get_running_loop().time() - self._inflight[0][1]
+        if waited > self.timeout and self._conn is not None:
+            self._drop(self._conn, RedisTimeoutError(f"Timeout reading from Redis ({waited:.2f} s)"))
+        elif self._inflight:
+            self._watching = True
+            asyncio.get_running_loop().call_later(self.timeout / 2, self._watch)
+
+    def _drop(self, conn: Any, error: Exception) -> None:
+        if self._conn is conn:
+            self._conn = None
+            self._fail_inflight(error if isinstance(error, RedisError) else RedisConnectionError(str(error)))
+        asyncio.ensure_future(conn.disconnect())
+
+    def _fail_inflight(self, error: Exception) -> None:
+        inflight, self._inflight = self._inflight, deque()
+        for (*_, fut), _ in inflight:
+            if not fut.done():
+                fut.set_exception(error)
 
     async def _send(self, batch: list[Call], retried: bool = False) -> None:
         metrics.ROUND_TRIPS.inc()

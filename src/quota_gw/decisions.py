@@ -87,11 +87,15 @@ class Decider:
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
-        coalescer = Coalescer(redis)
-        self._run = coalescer.run if config.behaviour.coalesce else coalescer.run_now
+        self._coalescer = Coalescer(redis)
+        self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
         self._terms: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
+
+    async def aclose(self) -> None:
+        """Closes the decision connection (the client's pool is the owner's to close)."""
+        await self._coalescer.aclose()
 
     def plan(self, ident: Identity) -> Plan:
         p = self.config.plans.get(ident.plan)
