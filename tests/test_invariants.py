@@ -332,3 +332,44 @@ async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, confi
     await d.aclose()
     await r.aclose()
     await blocker.aclose()
+
+
+async def test_decision_connection_lost_mid_flight_retries_with_keys_charge_once(client, tenant, app, redis,
+                                                                                config, prefix, redis_url):
+    """The decision connection breaks while calls are in flight (Redis is held busy so they
+    are): those calls fail with 503 and are never resent by the gateway, since they may have
+    run. A caller that retries with its idempotency key gets each call charged exactly once."""
+    import redis.asyncio as aioredis
+
+    org, h = await tenant("starter", general=1000)
+    assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 200
+    coalescer = app.state.ctx.decider._coalescer
+    failed = 0
+
+    async def call(i: int) -> int:
+        nonlocal failed
+        for _ in range(20):
+            r = await client.post("/v1/consume", json={"feature": "generate_insight"},
+                                  headers={**h, "Idempotency-Key": f"call-{i}"})
+            if r.status_code == 200:
+                return 1
+            assert r.status_code == 503, r.text
+            failed += 1
+        raise AssertionError(f"never recovered: {r.text}")
+
+    blocker = aioredis.from_url(redis_url)
+    hold = asyncio.ensure_future(blocker.eval(
+        "local t = redis.call('TIME')[1] * 1 repeat until redis.call('TIME')[1] - t >= 1", 0))
+    await busy_started(redis_url)
+    calls = asyncio.gather(*(call(i) for i in range(300)))
+    while len(coalescer._inflight) < 300:  # all written, none answered: Redis is busy
+        await asyncio.sleep(0)
+    coalescer._conn._writer.transport.abort()  # the network drops the connection
+    assert sum(await calls) == 300
+    await hold
+    await blocker.aclose()
+    assert failed >= 300  # every call in flight failed once; none was resent by the gateway
+    layout = Layout(prefix, config.shards)
+    consumes = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]
+    assert len(consumes) == len({f["id"] for f in consumes}) == 301
+    assert (await balance(client, h, "general"))["balance"] == 1000 - 301

@@ -43,6 +43,7 @@ class Coalescer:
         self._connecting: asyncio.Lock | None = None
         self._inflight: deque[tuple[Call, float]] = deque()
         self._watching = False
+        self.client_id: int | None = None
 
     async def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -81,6 +82,8 @@ class Coalescer:
                 if self._conn is None or not self._conn.is_connected:
                     conn = self.redis.connection_pool.make_connection()
                     await conn.connect()
+                    await conn.send_command("CLIENT", "ID")
+                    self.client_id = int(await conn.read_response())  # for operators (CLIENT LIST) and tests
                     self._conn = conn
                     asyncio.ensure_future(self._read(conn))
             self._write(self._conn, batch)
