@@ -281,7 +281,7 @@ def main() -> None:
     if args.write:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         cmd = "python bench/bench.py " + " ".join(sys.argv[1:])
-        section = (f"\n### Decision API vs hello world; proxy vs pass-through — {stamp}\n\n`{cmd}` on {platform.node()} "
+        section = (f"\n### {args.sections} — {stamp}\n\n`{cmd}` on {platform.node()} "
                    f"({os.cpu_count()} cores), wrk -t1 -c{args.connections}, {args.duration}s × {args.rounds} rounds "
                    f"(median), one server worker, embedded Valkey.\n\n{table}\n")
         docs = ROOT / "docs" / "benchmarks.md"
