@@ -39,25 +39,6 @@ BIN = Path(sys.executable).parent
 ADMIN = "load-" + secrets.token_hex(8)
 
 
-def servers(tmp: Path) -> tuple[str, str, list[embedded.EmbeddedServer]]:
-    started = []
-    redis_url = os.environ.get("REDIS_URL")
-    if not redis_url:
-        if embedded.reachable("127.0.0.1", 6379):
-            redis_url = "redis://127.0.0.1:6379/0"
-        else:
-            started.append(embedded.start_redis(tmp / "redis"))
-            redis_url = started[-1].url
-    pg = os.environ.get("DATABASE_URL")
-    if not pg:
-        if embedded.reachable("127.0.0.1", 5432):
-            pg = "postgresql://postgres@127.0.0.1:5432/postgres"
-        else:
-            started.append(embedded.start_postgres(tmp / "pg"))
-            pg = started[-1].url
-    return redis_url, pg, started
-
-
 def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,7 +143,7 @@ def main() -> int:
     proxy = not args.no_proxy
 
     tmp = Path(tempfile.mkdtemp(prefix="qgw-load-"))
-    redis_url, pg_admin, started = servers(tmp)
+    redis_url, pg_admin, started = embedded.servers(tmp)
     run = secrets.token_hex(4)
     db_name, prefix = f"qgw_load_{run}", f"qgwload{run}"
     procs: list[subprocess.Popen] = []

@@ -31,29 +31,9 @@ os.environ["QUOTA_GW_ADMIN_TOKEN"] = ADMIN_TOKEN
 RUN = secrets.token_hex(4)
 
 
-def _servers() -> tuple[str, str, list[embedded.EmbeddedServer]]:
-    started: list[embedded.EmbeddedServer] = []
-    redis_url = os.environ.get("REDIS_URL")
-    pg_url = os.environ.get("DATABASE_URL")
-    tmp = Path(tempfile.mkdtemp(prefix="qgw-test-"))
-    if not redis_url:
-        if embedded.reachable("127.0.0.1", 6379):
-            redis_url = "redis://127.0.0.1:6379/0"
-        else:
-            started.append(embedded.start_redis(tmp / "redis"))
-            redis_url = started[-1].url
-    if not pg_url:
-        if embedded.reachable("127.0.0.1", 5432):
-            pg_url = "postgresql://postgres@127.0.0.1:5432/postgres"
-        else:
-            started.append(embedded.start_postgres(tmp / "pg"))
-            pg_url = started[-1].url
-    return redis_url, pg_url, started
-
-
 @pytest.fixture(scope="session")
 def servers() -> Any:
-    redis_url, pg_url, started = _servers()
+    redis_url, pg_url, started = embedded.servers(Path(tempfile.mkdtemp(prefix="qgw-test-")))
     yield redis_url, pg_url
     for s in started:
         s.stop()

@@ -309,8 +309,6 @@ async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, confi
     ident = Identity("key_test", org, None, frozenset({"consume"}), "starter")
     for coalesce in (True, False):
         cfg = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"coalesce": coalesce})})
-        if coalesce is False:
-            await d.aclose()
         d = Decider(r, cfg, layout)
         await d.check(ident, "generate_insight", 1, "")  # scripts loaded, connection open
         hold = asyncio.ensure_future(blocker.eval(busy, 0))
@@ -321,6 +319,7 @@ async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, confi
         except (TimeoutError, aioredis.RedisError) as e:
             assert "imeout" in type(e).__name__ + str(e)
         await hold
+        await d.aclose()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
     while len([f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]) < 2:
@@ -329,7 +328,6 @@ async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, confi
     consumes = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]
     assert len(consumes) == 2  # one per timed-out call, each run exactly once
     assert await redis.hget(layout.balances(org), "general:p") == "8"
-    await d.aclose()
     await r.aclose()
     await blocker.aclose()
 

@@ -36,6 +36,13 @@ def _plan(c: Context, data: dict[str, Any]) -> str:
     return plan
 
 
+def _meter(c: Context, data: dict[str, Any]) -> str:
+    meter = data.get("meter")
+    if meter not in c.config.meter_names:
+        raise invalid(f"meter: one of {', '.join(c.config.meter_names)}", field="meter")
+    return meter
+
+
 async def _org_exists(c: Context, org_id: str) -> None:
     if not await c.db.fetchval("SELECT 1 FROM orgs WHERE org_id = $1", org_id):
         raise Problem(404, "not_found", f"no org {org_id}")
@@ -132,9 +139,7 @@ async def grant(request: Request) -> Response:
     c = await _admin(request)
     org_id = request.path_params["org_id"]
     data = await json_body(request)
-    meter = data.get("meter")
-    if meter not in c.config.meter_names:
-        raise invalid(f"meter: one of {', '.join(c.config.meter_names)}", field="meter")
+    meter = _meter(c, data)
     amount = int_field(data, "amount", None, 1, MAX_AMOUNT)
     reason = data.get("reason")
     if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
@@ -151,9 +156,7 @@ async def set_quota(request: Request) -> Response:
     c = await _admin(request)
     org_id = request.path_params["org_id"]
     data = await json_body(request)
-    meter = data.get("meter")
-    if meter not in c.config.meter_names:
-        raise invalid(f"meter: one of {', '.join(c.config.meter_names)}", field="meter")
+    meter = _meter(c, data)
     user_id = name_field(data, "user_id", required=False)
     team = name_field(data, "team", required=False)
     if (user_id is None) == (team is None):

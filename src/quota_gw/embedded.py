@@ -601,3 +601,25 @@ def start_postgres(data_dir: Path, port: int | None = None) -> EmbeddedServer:
         f"postgres exited with code {proc.returncode} during startup; "
         f"last lines of {log_path}:\n{_log_tail(log_path)}"
     )
+
+
+def servers(data_dir: Path) -> tuple[str, str, list[EmbeddedServer]]:
+    """(redis_url, postgres_url, started): $REDIS_URL / $DATABASE_URL when set, else
+    127.0.0.1:6379 / :5432 when they answer, else embedded servers under `data_dir`.
+    The caller stops what was started."""
+    started: list[EmbeddedServer] = []
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        if reachable("127.0.0.1", 6379):
+            redis_url = "redis://127.0.0.1:6379/0"
+        else:
+            started.append(start_redis(data_dir / "redis"))
+            redis_url = started[-1].url
+    pg_url = os.environ.get("DATABASE_URL")
+    if not pg_url:
+        if reachable("127.0.0.1", 5432):
+            pg_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+        else:
+            started.append(start_postgres(data_dir / "pg"))
+            pg_url = started[-1].url
+    return redis_url, pg_url, started
