@@ -8,7 +8,6 @@ import asyncio
 import os
 import secrets
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
