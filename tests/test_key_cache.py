@@ -1,0 +1,82 @@
+"""The key/plan cache: when an entry expires, concurrent requests share one read."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from quota_gw.auth import KeyStore, hash_key, new_key
+from quota_gw.layout import Layout
+
+
+class SlowRedis:
+    """Answers like Redis after a delay and counts the reads (only what KeyStore calls)."""
+
+    def __init__(self, layout: Layout, key: str) -> None:
+        self.reads = 0
+        self.fail: Exception | None = None
+        self.keys = {layout.api_key(hash_key(key)): {"key_id": "key_1", "org": "org_1", "user": "",
+                                                      "scopes": "consume,read"}}
+        self.orgs = {layout.org("org_1"): "starter"}
+
+    async def hgetall(self, name: str) -> dict[str, str]:
+        self.reads += 1
+        await asyncio.sleep(0.02)
+        if self.fail is not None:
+            raise self.fail
+        return dict(self.keys.get(name, {}))
+
+    async def hget(self, name: str, field: str) -> str | None:
+        self.reads += 1
+        await asyncio.sleep(0.02)
+        return self.orgs.get(name)
+
+
+@pytest.fixture
+def store() -> tuple[KeyStore, SlowRedis, str]:
+    layout = Layout("cachetest", 16)
+    _, key = new_key()
+    redis = SlowRedis(layout, key)
+    return KeyStore(redis, layout, None, ttl=0.2), redis, key  # type: ignore[arg-type]
+
+
+async def test_concurrent_misses_share_one_read(store):
+    keys, redis, key = store
+    idents = await asyncio.gather(*(keys.resolve(key) for _ in range(50)))
+    assert {i.org_id for i in idents} == {"org_1"} and idents[0].plan == "starter"
+    assert redis.reads == 2  # one HGETALL of the key, one HGET of the org's plan
+    await asyncio.gather(*(keys.resolve(key) for _ in range(50)))
+    assert redis.reads == 2  # cached
+    await asyncio.sleep(0.25)  # expired: read again, once
+    await asyncio.gather(*(keys.resolve(key) for _ in range(50)))
+    assert redis.reads == 4
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_read(store):
+    keys, redis, key = store
+    first = asyncio.ensure_future(keys.resolve(key))
+    await asyncio.sleep(0.005)
+    second = asyncio.ensure_future(keys.resolve(key))
+    await asyncio.sleep(0)
+    first.cancel()  # the first caller's client went away mid-read
+    ident = await second
+    assert ident is not None and ident.org_id == "org_1"
+    assert redis.reads == 2
+
+
+async def test_a_failed_read_fails_every_waiter_and_is_not_cached(store):
+    keys, redis, key = store
+    redis.fail = ConnectionError("redis down")
+    results = await asyncio.gather(*(keys.resolve(key) for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert redis.reads == 1
+    redis.fail = None
+    assert (await keys.resolve(key)).org_id == "org_1"  # the next request reads again
+
+
+async def test_no_cache_reads_every_time(store):
+    keys, redis, key = store
+    keys.ttl = 0
+    await asyncio.gather(*(keys.resolve(key) for _ in range(5)))
+    assert redis.reads == 10
