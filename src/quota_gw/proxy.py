@@ -71,6 +71,7 @@ class Sidecar:
         self.config = ctx.config
         b = ctx.config.behaviour
         self.routes = sorted(ctx.config.routes, key=lambda r: len(r.prefix), reverse=True)
+        self._drop = REQUEST_DROP | {b.org_header.lower(), b.user_header.lower()}  # request headers not forwarded
         # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
         spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or b.spool_dir
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
@@ -183,22 +184,32 @@ class Sidecar:
         await self.forward(route, request, send, target, headers, body, charge)
 
     def upstream_headers(self, request: Request, ident: Identity, user: str) -> list[tuple[str, str]]:
+        # From the raw ASGI headers (lowercase names; the first of a repeated one counts, as
+        # Starlette's request.headers would say): building request.headers and request.url
+        # for three values cost more than the rest of this function.
         b = self.config.behaviour
-        drop = set(REQUEST_DROP) | {b.org_header.lower(), b.user_header.lower()}
-        conn = request.headers.get("connection")
+        scope = request.scope
+        raw = scope["headers"]
+        conn = prior = host = None
+        for k, v in raw:
+            if k == b"connection" and conn is None:
+                conn = v.decode("latin-1")
+            elif k == b"x-forwarded-for" and prior is None:
+                prior = v.decode("latin-1")
+            elif k == b"host" and host is None:
+                host = v.decode("latin-1")
+        drop = self._drop
         if conn:
-            drop |= {t.strip().lower() for t in conn.split(",")}
-        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]
-               if k.decode("latin-1").lower() not in drop]
-        client = request.client.host if request.client else ""
-        prior = request.headers.get("x-forwarded-for")
+            drop = drop | {t.strip().lower() for t in conn.split(",")}
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.decode("latin-1").lower() not in drop]
+        client = scope["client"][0] if scope.get("client") else ""
         if prior and prior.rsplit(",", 1)[-1].strip() == client:
             # uvicorn trusted a local proxy's header and made its last hop the client already
             out.append(("X-Forwarded-For", prior))
         else:
             out.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
-        out.append(("X-Forwarded-Proto", request.url.scheme))
-        out.append(("X-Forwarded-Host", request.headers.get("host", "")))
+        out.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+        out.append(("X-Forwarded-Host", host or ""))
         out.append((b.org_header, ident.org_id))
         if user:
             out.append((b.user_header, user))
@@ -315,7 +326,12 @@ class Sidecar:
                if k.decode("latin-1").lower() not in HOP_BY_HOP and k.lower() not in drop]
         out += ours
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
-        ended = await pump(resp, request.receive, send, charge.feed)
+        if resp.content.is_eof():
+            # The whole body came with the head (most small answers): nothing left to stream,
+            # so no copy and watch tasks; the same sends in the same order as pump's.
+            ended = await send_whole(resp.content.read_nowait(), send, charge.feed)
+        else:
+            ended = await pump(resp, request.receive, send, charge.feed)
         if ended == "done":
             tail = charge.flush()
             await charge.succeeded()
@@ -324,6 +340,17 @@ class Sidecar:
             await charge.abandoned()
         else:  # the upstream broke mid-answer: refund, and cut the client's response too
             await charge.failed("cut mid-response")
+
+
+async def send_whole(body: bytes, send: Send, feed: Callable[[bytes], bytes]) -> str:
+    """pump() for a body that has fully arrived: 'done', or 'disconnect' if the client left."""
+    out = feed(body) if body else b""
+    if out:
+        try:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+        except OSError:  # ASGI 2.4 servers raise when the client has gone
+            return "disconnect"
+    return "done"
 
 
 async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
