@@ -46,8 +46,11 @@ async def test_fail_open_spools_and_replays_once_fail_closed_forwards_nothing(tm
             cfg = config_mod.parse(data)
             layout = Layout(prefix, cfg.shards)
             app = create_app(cfg, rs.url, database_url, prefix)
-            async with serve(app) as server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
-                                                               timeout=30) as c:
+            # No keep-alive: waits here can outlast the server's keep-alive timeout, and a request
+            # sent on a connection the server is closing fails with ReadError (seen under CI load).
+            async with serve(app) as server, httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{server.port}", timeout=30,
+                    limits=httpx.Limits(max_keepalive_connections=0)) as c:
                 adm = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
                 org = f"failopen-{RUN}"
                 assert (await c.post("/v1/admin/orgs", json={"org_id": org, "plan": "pro"}, headers=adm)).status_code == 201
