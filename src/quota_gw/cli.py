@@ -48,16 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from . import db
 
-    async def run() -> list[str]:
-        import asyncpg
-
-        conn = await asyncpg.connect(_database_url())
-        try:
-            return await db.migrate(conn)
-        finally:
-            await conn.close()
-
-    applied = asyncio.run(run())
+    applied = asyncio.run(db.migrate_url(_database_url()))
     print("applied: " + ", ".join(applied) if applied else "up to date")
     return 0
 

@@ -39,3 +39,12 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             applied.append(f"{version:03d}_{name}")
     return applied
+
+
+async def migrate_url(dsn: str) -> list[str]:
+    """`migrate` on a connection of its own (the commands' and `dev`'s way in)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

@@ -100,11 +100,7 @@ async def _database(admin_url: str, name: str) -> str:
     finally:
         await conn.close()
     url = admin_url.rsplit("/", 1)[0] + "/" + name
-    conn = await asyncpg.connect(url)
-    try:
-        applied = await db.migrate(conn)
-    finally:
-        await conn.close()
+    applied = await db.migrate_url(url)
     _say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
     return url
 
@@ -239,14 +235,8 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
 
 async def _database_direct(url: str) -> str:
     """DATABASE_URL given: migrate it as it is."""
-    import asyncpg
-
     from . import db
 
-    conn = await asyncpg.connect(url)
-    try:
-        applied = await db.migrate(conn)
-    finally:
-        await conn.close()
+    applied = await db.migrate_url(url)
     _say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
     return url
