@@ -165,7 +165,7 @@ class Route(_Model):
 class Behaviour(_Model):
     shadow: bool = Field(default=False, description=(
         "Shadow mode: refused calls pass uncharged, each recorded as a `denied` event, and the answer says "
-        "X-Quota-Shadow: <code>. For trying limits out on live traffic."))
+        "`X-Quota-Shadow: <code>`. For trying limits out on live traffic."))
     fail: Literal["open", "closed"] = Field(default="closed", description=(
         "Proxy routes when Redis is down: 'closed' answers 503; 'open' checks the key in Postgres, forwards, "
         "and spools the usage for replay. Routes may override it."))
