@@ -9,7 +9,8 @@ above a fence, invisible when the page is rendered:
 
     <!-- docs-test: skip REASON -->             never run here (say why; keep these few)
     <!-- docs-test: pending FEATURE NOTE -->    needs a feature of a branch not merged yet
-    <!-- docs-test: requires MODULE -->         python: skipped when MODULE is not installed
+    <!-- docs-test: requires NAME -->           skipped when NAME is missing: a Python module for
+                                                python blocks, a command for shell blocks
     <!-- docs-test: expect 'TEXT' -->           stdout must contain TEXT as well
 
 Each block gets the variables the docs tell readers to set: QUOTA_GW_URL, QUOTA_GW_KEY (a key
@@ -190,9 +191,12 @@ def test_doc_example_runs(block: Block, live: Live) -> None:
         pytest.skip(d["skip"])
     if "pending" in d:
         pytest.skip(f"pending {d['pending']}: remove the marker once it is merged")
-    if "requires" in d and importlib.util.find_spec(d["requires"]) is None:
-        pytest.skip(f"needs the {d['requires']} package")
     runner = RUNNERS[block.lang]
+    if "requires" in d:
+        need = d["requires"]
+        missing = importlib.util.find_spec(need) is None if runner == "python" else shutil.which(need) is None
+        if missing:
+            pytest.skip(f"needs {need}, which is not installed")
     if runner == "node" and shutil.which("node") is None:
         pytest.skip("node is not installed")
     _, key = live.org_for(block.doc)
@@ -204,6 +208,7 @@ def test_doc_example_runs(block: Block, live: Live) -> None:
            "node": ["node", str(script)]}[runner]
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     shown = f"{block.id} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+    print(shown)  # shown with -rP
     assert p.returncode == 0, shown
     if "expect" in d:
         text = d["expect"]
