@@ -150,3 +150,17 @@ def test_readme_starts_with_the_two_commands():
     fence = next(i for i, ln in enumerate(lines) if ln.startswith("```"))
     assert lines[0] == "# quota-gw" and fence <= 2
     assert lines[fence + 1].startswith("make dev") and lines[fence + 2].startswith("make test")
+
+
+def test_typescript_example_says_what_the_javascript_one_runs():
+    """The TypeScript client is shown, the JavaScript one runs (test_doc_examples.py); they must
+    call the same routes with the same fields and messages."""
+    text = (ROOT / "docs" / "integrate.md").read_text()
+    ts = re.search(r"```ts\n(.*?)```", text, re.S).group(1)
+    js = re.search(r"```js\n(.*?)```", text, re.S).group(1).split("// Demonstration")[0]
+
+    def literals(code: str) -> list[str]:
+        # strings (paths, headers, messages) and the API's snake_case field names
+        return sorted(re.findall(r"\"[^\"]*\"|`[^`]*`|\b[a-z]+_[a-z_]+\b", code))
+
+    assert literals(ts.replace("quota.ts", "quota.mjs")) == literals(js)
