@@ -21,7 +21,7 @@ from conftest import ADMIN_TOKEN, RUN, test_config_data
 from client_support import Gateway
 from quota_gw import config as config_mod
 from quota_gw.app import create_app
-from quota_gw.client import (NO_RETRY, AdminClient, AsyncQuotaClient, Conflict, ConnectionFailed, Forbidden,
+from quota_gw.client import (NO_RETRY, AdminClient, AsyncAdminClient, AsyncQuotaClient, Conflict, ConnectionFailed, Forbidden,
                              InsufficientBalance, InvalidRequest, NotFound, PlanForbids, QuotaClient, QuotaError,
                              RateLimited, Released, RetryPolicy, Unauthorized, Unavailable)
 from quota_gw.embedded import free_port
@@ -451,6 +451,24 @@ def test_admin_client_manages_orgs_users_keys_grants_and_quotas(gw, adm):
     assert isinstance(adm.top(days=1), list)
     with pytest.raises(NotFound):
         adm.set_plan(f"no-such-{org}", "pro")
+
+
+async def test_async_admin_client_and_check(gw):
+    org = f"cl-aadm-{secrets.token_hex(4)}"
+    async with AsyncAdminClient(gw.url, ADMIN_TOKEN) as a:
+        await a.create_org(org, "bulk")
+        k = await a.create_key(org)
+        g = await a.grant(org, "general", 10, "async")
+        assert g.amount == 10 and not g.replayed
+        assert [x.key_id for x in await a.keys(org)] == [k.key_id]
+    async with AsyncQuotaClient(gw.url, k.key) as q:
+        assert (await q.balance()).meters["general"].balance == 110  # 100 allocated + 10 granted
+        ok = await q.check("generate_insight", 110)
+        no = await q.check("generate_insight", 111)
+        assert ok.allowed and ok.cost == 110 and not no and no.code == "insufficient_balance"
+        c = await q.consume("generate_insight", 10)
+        assert c.rate_limit.quota_remaining == c.remaining == 100
+        assert (await q.refund(c.event_id)).refunded == 10
 
 
 def test_purchases_not_served_yet_raise_not_found(gw, tenant):
