@@ -70,8 +70,8 @@ class Gateway:
     """An app served by uvicorn in a background thread's event loop (plus a LossyProxy in front).
     `call(coro_fn)` runs a coroutine in that loop, for what the test must do there."""
 
-    def __init__(self, app: Any, lossy_match: bytes = b"POST /v1/consume ") -> None:
-        self.app, self.lossy_match = app, lossy_match
+    def __init__(self, app: Any) -> None:
+        self.app = app
         self.port = 0
         self.proxy: LossyProxy | None = None
         self._ready = threading.Event()
@@ -114,11 +114,12 @@ class Gateway:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
 
-    def lossy(self, drops: int = 1) -> LossyProxy:
-        """A fresh proxy in front of the gateway that loses the first `drops` matching answers."""
+    def lossy(self, match: bytes = b"POST /v1/consume ", drops: int = 1) -> LossyProxy:
+        """A fresh proxy in front of the gateway that loses the answers to the first `drops`
+        requests whose head starts with `match`."""
         if self.proxy is not None:
             self.call(self.proxy.stop)
-        self.proxy = LossyProxy(self.port, self.lossy_match, drops)
+        self.proxy = LossyProxy(self.port, match, drops)
         self.call(self.proxy.start)
         return self.proxy
 

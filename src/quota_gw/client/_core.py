@@ -57,7 +57,6 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     safe: bool = True
     wait: bool = False
-    admin: bool = False
 
 
 class Attempts:
@@ -94,9 +93,9 @@ class Attempts:
         if r.status_code < 400:
             return None
         if r.status_code in RETRY_STATUSES and self.call.safe:
-            return self._delay(errors._retry_after(r.headers))
+            return self._delay(errors.retry_after_of(r.headers))
         if r.status_code == 429 and self.call.wait:
-            after = errors._retry_after(r.headers) or 1.0
+            after = errors.retry_after_of(r.headers) or 1.0
             if self.rate_limit_waited + after <= self.policy.max_rate_limit_wait:
                 self.rate_limit_waited += after  # a wait, not a failure: attempts are not spent
                 return after
@@ -214,12 +213,8 @@ def purchase(pack: str) -> Call:
 
 # --- admin ----------------------------------------------------------------------------------
 
-def _admin(method: str, path: str, parse: Callable[[httpx.Response], Any], **kw: Any) -> Call:
-    return Call(method, path, parse, admin=True, **kw)
-
-
 def create_org(org_id: str, plan: str | None, name: str | None) -> Call:
-    return _admin("POST", "/v1/admin/orgs", lambda r: models.build(models.Org, r.json()),
+    return Call("POST", "/v1/admin/orgs", lambda r: models.build(models.Org, r.json()),
                   json=_drop_none({"org_id": org_id, "plan": plan, "name": name}), safe=False)
 
 
@@ -228,34 +223,34 @@ def orgs_page(cursor: str | None, limit: int, low: bool) -> Call:
         d = r.json()
         return models.Page([models.build(models.Org, o) for o in d.get("orgs", [])], d.get("next_cursor"))
 
-    return _admin("GET", "/v1/admin/orgs", parse,
+    return Call("GET", "/v1/admin/orgs", parse,
                   params=_drop_none({"limit": limit, "cursor": cursor, "low": "true" if low else None}))
 
 
 def set_plan(org_id: str, plan: str) -> Call:
-    return _admin("PUT", f"/v1/admin/orgs/{org_id}/plan", lambda r: models.build(models.Org, r.json()),
+    return Call("PUT", f"/v1/admin/orgs/{org_id}/plan", lambda r: models.build(models.Org, r.json()),
                   json={"plan": plan})
 
 
 def add_user(org_id: str, user_id: str, team: str | None) -> Call:
     # An upsert: sending it again changes nothing more.
-    return _admin("POST", f"/v1/admin/orgs/{org_id}/users",
+    return Call("POST", f"/v1/admin/orgs/{org_id}/users",
                   lambda r: models.build(models.User, r.json(), created=r.status_code == 201),
                   json=_drop_none({"user_id": user_id, "team": team}))
 
 
 def create_key(org_id: str, scopes: list[str] | None, user_id: str | None) -> Call:
-    return _admin("POST", f"/v1/admin/orgs/{org_id}/keys", lambda r: models.build(models.NewKey, r.json()),
+    return Call("POST", f"/v1/admin/orgs/{org_id}/keys", lambda r: models.build(models.NewKey, r.json()),
                   json=_drop_none({"scopes": scopes, "user_id": user_id}), safe=False)
 
 
 def list_keys(org_id: str) -> Call:
-    return _admin("GET", f"/v1/admin/orgs/{org_id}/keys",
+    return Call("GET", f"/v1/admin/orgs/{org_id}/keys",
                   lambda r: [models.build(models.KeyInfo, k) for k in r.json()["keys"]])
 
 
 def revoke_key(key_id: str) -> Call:
-    return _admin("DELETE", f"/v1/admin/keys/{key_id}", _json)
+    return Call("DELETE", f"/v1/admin/keys/{key_id}", _json)
 
 
 def grant(org_id: str, meter: str, amount: int, reason: str, idempotency_key: str | None) -> Call:
@@ -266,27 +261,27 @@ def grant(org_id: str, meter: str, amount: int, reason: str, idempotency_key: st
         return models.Grant(d["event_id"], d["amount"], d["balance"], key,
                             r.headers.get("idempotent-replayed") == "true")
 
-    return _admin("POST", f"/v1/admin/orgs/{org_id}/grants", parse,
+    return Call("POST", f"/v1/admin/orgs/{org_id}/grants", parse,
                   json={"meter": meter, "amount": amount, "reason": reason, "idempotency_key": key})
 
 
 def set_quota(org_id: str, meter: str, limit: int | None, user_id: str | None, team: str | None) -> Call:
-    return _admin("PUT", f"/v1/admin/orgs/{org_id}/quotas",
+    return Call("PUT", f"/v1/admin/orgs/{org_id}/quotas",
                   lambda r: models.build(models.SubQuota, r.json()),
                   json={"meter": meter, "limit": limit, **_drop_none({"user_id": user_id, "team": team})})
 
 
 def org_balance(org_id: str) -> Call:
-    return _admin("GET", f"/v1/admin/orgs/{org_id}/balance", lambda r: models.Balance.from_json(r.json()))
+    return Call("GET", f"/v1/admin/orgs/{org_id}/balance", lambda r: models.Balance.from_json(r.json()))
 
 
 def top(days: int, limit: int, meter: str | None) -> Call:
-    return _admin("GET", "/v1/admin/top", lambda r: [models.build(models.TopSpender, o) for o in r.json()["orgs"]],
+    return Call("GET", "/v1/admin/top", lambda r: [models.build(models.TopSpender, o) for o in r.json()["orgs"]],
                   params=_drop_none({"days": days, "limit": limit, "meter": meter}))
 
 
 def worker() -> Call:
-    return _admin("GET", "/v1/admin/worker", _json)
+    return Call("GET", "/v1/admin/worker", _json)
 
 
 # --- the decorator's arguments ---------------------------------------------------------------

@@ -77,7 +77,7 @@ class _WithRetryAfter(QuotaError):
     @property
     def retry_after(self) -> float | None:
         """Seconds from the `Retry-After` header (None when absent or not a number)."""
-        return _retry_after(self.headers)
+        return retry_after_of(self.headers)
 
 
 class RateLimited(_WithRetryAfter):
@@ -111,7 +111,7 @@ BY_STATUS: dict[int, type[QuotaError]] = {
 _FIELDS = ("type", "title", "status", "detail", "code", "field")
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def retry_after_of(headers: httpx.Headers) -> float | None:
     v = headers.get("retry-after")
     try:
         return max(0.0, float(v)) if v is not None else None
