@@ -434,7 +434,7 @@ def test_admin_client_manages_orgs_users_keys_grants_and_quotas(gw, adm):
         with pytest.raises(InsufficientBalance):  # the team's quota, not the org's balance
             q.consume("generate_insight")
         adm.revoke_key(k.key_id)
-        deadline = time.monotonic() + 5  # revocation reaches every replica within 1 s
+        deadline = time.monotonic() + 10  # revocation reaches every replica within 1 s (generous under load)
         while True:
             try:
                 q.balance()
