@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import RUN, test_config_data
+from conftest import ROOT, RUN, test_config_data
 from quota_gw.embedded import free_port
 
 OUR_VARS = ("REDIS_URL", "DATABASE_URL", "QUOTA_GW_CONFIG", "QUOTA_GW_PREFIX", "QUOTA_GW_ADMIN_TOKEN",
@@ -108,6 +108,12 @@ def test_postgres_unreachable_is_one_line_and_exit_3(argv, config_file, redis_ur
 def test_redis_unreachable_is_one_line_and_exit_3(argv, config_file, database_url):
     r = qgw(*argv, DATABASE_URL=database_url, REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
             QUOTA_GW_CONFIG=config_file)
+    fails_in_one_line(r, 3, "cannot reach Redis at 127.0.0.1:", "REDIS_URL")
+
+
+def test_dev_with_redis_unreachable_stops_before_starting_anything(tmp_path):
+    r = qgw("dev", "--data-dir", str(tmp_path / "dev"), "--no-worker", REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+            QUOTA_GW_CONFIG=str(ROOT / "examples" / "quota-gw.yaml"))
     fails_in_one_line(r, 3, "cannot reach Redis at 127.0.0.1:", "REDIS_URL")
 
 

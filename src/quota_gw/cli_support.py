@@ -83,7 +83,7 @@ def database_url() -> str:
 
 
 def _reason(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
+    msg = " ".join(str(e).split()).rstrip(".") or type(e).__name__
     return msg[:300]
 
 

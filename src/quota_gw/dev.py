@@ -157,6 +157,9 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
         _say("quota-gw dev")
         redis_url = os.environ.get("REDIS_URL")
         if redis_url:
+            from .cli_support import reach_redis
+
+            await reach_redis(redis_url)  # unreachable: one line and exit 3, before anything starts
             _say(f"  redis:      {redis_url} (REDIS_URL)")
         else:
             servers.append(await asyncio.to_thread(embedded.start_redis, data_dir / "redis", redis_port, persist=True))
