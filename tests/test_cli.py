@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -168,10 +169,19 @@ def test_help_names_the_environment_and_the_exit_codes(argv):
     codes = r.stdout.split("exit codes", 1)[1]
     for code in ("0 ", "2 "):
         assert f"\n  {code}" in codes, codes
-    if argv not in (["serve"], ["dev"]):
-        assert "\n  3 " in codes and "unreachable" in codes, codes
+    assert "\n  3 " in codes, codes
+    if argv != ["serve"]:
+        assert "unreachable" in codes, codes
     if argv == ["serve"]:
         assert "--host" in r.stdout and "0.0.0.0" in r.stdout and "default 8080" in r.stdout
+
+
+def test_serve_on_a_port_in_use_exits_3_saying_so(config_file):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = qgw("serve", "--port", str(s.getsockname()[1]), QUOTA_GW_CONFIG=config_file)
+    assert r.returncode == 3 and "address already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 async def test_serve_starts_with_redis_unreachable_and_says_so_on_readyz(config_file):

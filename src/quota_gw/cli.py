@@ -128,8 +128,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 SERVE_CODES = """exit codes:
   0  stopped; stopped by SIGTERM or Ctrl-C, it shuts down gracefully, then exits as that signal
      (143 or 130 in a shell), as servers do
-  1  the server could not start (e.g. the port is in use; the message above says)
   2  usage or config error
+  3  the server could not start (e.g. the port is in use: uvicorn's ERROR line says why)
   4  unexpected error (QUOTA_GW_DEBUG=1 prints the traceback)
 
 Redis or Postgres down does not stop the gateway from starting: calls answer 503 with
