@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from conftest import ADMIN_TOKEN, Admin, test_config_data
+from worker_support import WorkerProc
 from quota_gw.app import create_app
 from sync_worker.worker import GROUP
 
@@ -222,3 +223,34 @@ async def test_cli_grant_adds_credit_once_per_idempotency_key(client: httpx.Asyn
     refused(await qgw(cli_env, "grant", org, "gold", "5", "--reason", "r"), 2, "meter: one of")
     refused(await qgw(cli_env, "grant", org, "general", "0", "--reason", "r"), 2, "amount")
     refused(await qgw(cli_env, "grant", org_id("ghost"), "general", "5", "--reason", "r"), 1, "no org")
+
+
+async def test_admin_worker_shows_a_running_worker_drain_and_report_its_last_batch(own_prefix, redis_url: str,
+                                                                                 database_url: str, cli_env, tmp_path):
+    client, prefix = own_prefix
+    org = org_id("drain")
+    assert (await client.post("/v1/admin/orgs", json={"org_id": org, "plan": "pro"}, headers=H)).status_code == 201
+    key = (await client.post(f"/v1/admin/orgs/{org}/keys", json={}, headers=H)).json()["key"]
+    for _ in range(3):
+        r = await client.post("/v1/consume", json={"feature": "generate_insight"},
+                              headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+    before = (await client.get("/v1/admin/worker", headers=H)).json()
+    events = before["totals"]["unacked"]  # the 3 consumes and the period's start (a `reset`)
+    assert events >= 3 and before["totals"]["undelivered"] == events and before["workers"] == []
+    w = WorkerProc(cli_env["QUOTA_GW_CONFIG"], redis_url, database_url, prefix, "wstatus", tmp_path)
+    await w.start()
+    try:
+        async with asyncio.timeout(90):
+            while True:
+                assert w.alive, w.output()[-2000:]
+                st = (await client.get("/v1/admin/worker", headers=H)).json()
+                if st["totals"]["unacked"] == 0 and st["workers"] and st["workers"][0]["last_batch"]:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await w.stop()
+    rep = st["workers"][0]
+    assert rep["consumer"] == "wstatus" and rep["inserted"] == events and rep["errors"] == 0
+    assert 1 <= rep["last_batch"]["entries"] <= events and rep["last_batch"]["age_s"] >= 0
+    assert st["totals"]["consumers"] == ["wstatus"]

@@ -198,6 +198,12 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         print(_table(rows))
         t = st["totals"]
         age = t["oldest_unacked_age_s"]
+        for w in st.get("workers", []):
+            lb = w["last_batch"]
+            last = "no batch yet" if lb is None else (f"last batch {lb['entries']} entries in {lb['seconds']:.3f}s, "
+                                                      f"{lb['age_s']:.1f}s ago")
+            print(f"worker {w['consumer']}: {w['inserted']} inserted, {w['duplicates']} duplicates, "
+                  f"{w['dead_letters']} dead letters, {w['errors']} errors in {w['batches']} batches; {last}")
         print(f"group {st['group']}: {t['unacked']} unacked ({t['pending']} pending), oldest "
               f"{'-' if age is None else f'{age:.1f}s'}, {t['dead_letters']} dead letters, consumers: "
               f"{', '.join(t['consumers']) or 'none'}")

@@ -10,6 +10,7 @@ page reads at most SCAN_BUDGET orgs and may hold fewer than `limit` while `next_
 GET /v1/admin/worker: per shard stream, what the worker's consumer group has not acked yet
 (not delivered + delivered but pending), the age of the oldest such entry, the dead letters and
 the consumers, straight from Redis (XINFO/XPENDING): it answers even when the worker is down.
+Each running worker also reports its counters and last batch every few seconds (`workers`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import binascii
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -179,13 +181,26 @@ async def worker_status(request: Request) -> Response:
     streams = [await _stream_status(r, s, GROUP, now_ms) for s in c.decider.layout.streams()]
     ages = [s["oldest_unacked_age_s"] for s in streams if s["oldest_unacked_age_s"] is not None]
     consumers = sorted({x["name"] for s in streams for x in s["consumers"]})
+    workers = []
+    for name in consumers:  # each worker's own report: counters and its last batch (sync_worker/worker.py)
+        raw = await r.get(c.decider.layout.worker(name))
+        rep = orjson.loads(raw) if raw else None
+        if rep is None:
+            continue
+        last = rep.get("last_batch")
+        workers.append({
+            "consumer": name, "reported_at": _ms_iso(rep["reported_at_ms"]),
+            **{k: rep[k] for k in ("batches", "inserted", "duplicates", "dead_letters", "errors")},
+            "last_batch": None if last is None else {
+                "at": _ms_iso(last["at_ms"]), "age_s": round(max(0, now_ms - last["at_ms"]) / 1000, 3),
+                "entries": last["entries"], "seconds": last["seconds"]}})
     return json_response({
         "group": GROUP, "prefix": c.decider.layout.prefix, "shards": len(streams), "now": _ms_iso(now_ms),
         "totals": {"unacked": sum(s["unacked"] for s in streams), "undelivered": sum(s["undelivered"] for s in streams),
                    "pending": sum(s["pending"] for s in streams),
                    "dead_letters": sum(s["dead_letters"] for s in streams),
                    "oldest_unacked_age_s": max(ages) if ages else None, "consumers": consumers},
-        "streams": streams,
+        "streams": streams, "workers": workers,
     })
 
 
