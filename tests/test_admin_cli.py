@@ -99,7 +99,7 @@ async def test_admin_orgs_low_keeps_orgs_under_the_low_balance_mark(client: http
     assert full_org in {o["org_id"] for o in await all_orgs(client, low="false", limit="1000")}
 
 
-@pytest.mark.parametrize("query, field", [("limit=0", "limit"), ("limit=1001", "limit"), ("limit=ten", "limit"),
+@pytest.mark.parametrize("query, field", [("limit=0", "limit"), ("limit=1001", "limit"), ("limit=ten", "limit"), ("limit=%C2%B2", "limit"),
                                           ("cursor=not-a-cursor", "cursor"), ("low=maybe", "low")])
 async def test_admin_orgs_bad_params_are_422_naming_the_param(client: httpx.AsyncClient, query: str, field: str):
     r = await client.get(f"/v1/admin/orgs?{query}", headers=H)

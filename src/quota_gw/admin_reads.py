@@ -39,7 +39,7 @@ def _limit(q: Any) -> int:
     v = q.get("limit")
     if v is None or v == "":
         return DEFAULT_LIMIT
-    if not v.isdigit() or not 1 <= int(v) <= MAX_LIMIT:
+    if not (v.isascii() and v.isdigit() and len(v) <= 6) or not 1 <= int(v) <= MAX_LIMIT:
         raise invalid(f"limit: an integer from 1 to {MAX_LIMIT}", field="limit")
     return int(v)
 

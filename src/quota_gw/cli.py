@@ -103,7 +103,7 @@ def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     if not v:
         return None
-    if not v.isdigit():
+    if not (v.isascii() and v.isdigit()):
         print(f"quota-gw: {name} must be a port number, not {v!r}", file=sys.stderr)
         raise SystemExit(USAGE)
     return int(v)

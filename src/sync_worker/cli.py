@@ -87,7 +87,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         port = args.metrics_port
         env_port = os.environ.get("QUOTA_GW_WORKER_METRICS_PORT")
         if port is None and env_port:
-            if not env_port.isdigit():
+            if not (env_port.isascii() and env_port.isdigit()):
                 raise Fail(f"QUOTA_GW_WORKER_METRICS_PORT must be a port number, not {env_port!r}", USAGE)
             port = int(env_port)
         r_url, d_url = _stores()
