@@ -72,14 +72,15 @@ Connections and secrets come from the environment, not from the file.
 | variable | used by | default | meaning |
 |---|---|---|---|
 | `QUOTA_GW_CONFIG` | every command | — | the config file (`--config` sets it) |
-| `REDIS_URL` | serve, worker, rebuild, reconcile, dev | `redis://127.0.0.1:6379/0` | Redis (or Valkey) |
-| `DATABASE_URL` | serve, worker, migrate, rebuild, reconcile, dev | — | Postgres, e.g. `postgresql://user@host/quota_gw`. Without it `serve` still decides, but the admin, usage and analytics routes answer 503 |
-| `QUOTA_GW_PREFIX` | serve, worker, rebuild, reconcile | `qgw` | prefix of every Redis key, so several deployments can share one Redis; must not contain `{` or `}` |
+| `REDIS_URL` | serve, worker, rebuild, reconcile, the admin commands, dev | `redis://127.0.0.1:6379/0` | Redis (or Valkey) |
+| `DATABASE_URL` | serve, worker, migrate, rebuild, reconcile, the admin commands, dev | — | Postgres, e.g. `postgresql://user@host/quota_gw`. Without it `serve` still decides, but the admin, usage and analytics routes answer 503 |
+| `QUOTA_GW_PREFIX` | serve, worker, rebuild, reconcile, the admin commands | `qgw` | prefix of every Redis key, so several deployments can share one Redis; must not contain `{` or `}` |
 | `QUOTA_GW_ADMIN_TOKEN` | serve, dev | — | bearer token of `/v1/admin/*`; unset, the admin API answers 403 |
 | `QUOTA_GW_SPOOL_DIR` | serve | `behaviour.spool_dir` | folder of the fail-open spool |
 | `QUOTA_GW_WORKER_METRICS_PORT` | worker | off | port of the worker's `/metrics`, `/healthz`, `/readyz` (`--metrics-port` sets it) |
 | `QUOTA_GW_DEV_DIR` | dev | `.quota-gw` | where `quota-gw dev` keeps embedded Redis/Postgres data, the demo key and the admin token |
 | `QUOTA_GW_DEV_REDIS_PORT`, `QUOTA_GW_DEV_PG_PORT` | dev | a free port | pin the embedded servers' ports |
+| `QUOTA_GW_DEBUG` | every command | off | `1`: an unexpected error prints its traceback (otherwise one line, exit 4) |
 """
 
 
