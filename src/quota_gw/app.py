@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import account, admin, api, db, metrics, proxy
+from . import account, admin, api, db, metrics, openapi, proxy
 from .api import Context, json_response
 from .auth import KeyStore
 from .config import Config
@@ -112,6 +112,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics.endpoint),
+        Route("/openapi.json", openapi.endpoint),
         *api.routes,
         *admin.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
