@@ -1,0 +1,20 @@
+"""Defects the schemathesis run (test_openapi_fuzz.py) found, one rule each, on the in-process
+app: input the gateway ignored or mis-read instead of refusing, a 500, a wrong Allow header,
+and a route lookup answered before authentication."""
+
+from __future__ import annotations
+
+from test_api import problem
+
+from quota_gw.layout import Layout
+
+
+async def stream_len(redis, prefix, config, org) -> int:
+    return len([f for _, f in await redis.xrange(Layout(prefix, config.shards).stream(org)) if f["org"] == org])
+
+
+async def test_key_scopes_that_are_not_strings_are_422_not_500(client, admin):
+    org = await admin.org("pro")
+    for scopes in ([{}], [["read"]], [1], ["read", None]):
+        r = await client.post(f"/v1/admin/orgs/{org}/keys", json={"scopes": scopes}, headers=admin.h)
+        assert problem(r, 422, "invalid_request")["field"] == "scopes", scopes
