@@ -18,3 +18,11 @@ async def test_key_scopes_that_are_not_strings_are_422_not_500(client, admin):
     for scopes in ([{}], [["read"]], [1], ["read", None]):
         r = await client.post(f"/v1/admin/orgs/{org}/keys", json={"scopes": scopes}, headers=admin.h)
         assert problem(r, 422, "invalid_request")["field"] == "scopes", scopes
+
+
+async def test_405_allows_every_method_of_the_path(client, admin):
+    r = await client.request("OPTIONS", "/v1/admin/orgs/some-org/keys", headers=admin.h)
+    assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
+    assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
+    r = await client.get("/v1/consume")
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
