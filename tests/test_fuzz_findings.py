@@ -26,3 +26,11 @@ async def test_405_allows_every_method_of_the_path(client, admin):
     assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
     r = await client.get("/v1/consume")
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
+
+
+async def test_authorize_tells_no_route_only_to_a_caller_with_a_key(client, tenant):
+    r = await client.get("/v1/authorize", headers={"X-Original-URI": "/nowhere"})
+    assert problem(r, 401, "unauthorized") and r.headers["X-Quota-Status"] == "401"
+    _, h = await tenant("pro")
+    r = await client.get("/v1/authorize", headers={**h, "X-Original-URI": "/nowhere"})
+    assert problem(r, 404, "not_found") and r.headers["X-Quota-Status"] == "404"
