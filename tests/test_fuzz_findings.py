@@ -34,3 +34,14 @@ async def test_authorize_tells_no_route_only_to_a_caller_with_a_key(client, tena
     _, h = await tenant("pro")
     r = await client.get("/v1/authorize", headers={**h, "X-Original-URI": "/nowhere"})
     assert problem(r, 404, "not_found") and r.headers["X-Quota-Status"] == "404"
+
+
+async def test_integral_json_numbers_are_integers(client, tenant, admin):
+    org, h = await tenant("pro")
+    r = await client.post("/v1/consume", json={"feature": "generate_goal", "units": 2.0}, headers=h)
+    assert r.status_code == 200 and r.json()["cost"] == 6
+    r = await client.post("/v1/consume", json={"feature": "generate_goal", "units": 1.5}, headers=h)
+    assert problem(r, 422, "invalid_request")["field"] == "units"
+    r = await client.put(f"/v1/admin/orgs/{org}/quotas", json={"meter": "general", "team": "t", "limit": 118.0},
+                         headers=admin.h)
+    assert r.status_code == 200 and r.json()["limit"] == 118

@@ -49,6 +49,8 @@ def int_field(data: dict[str, Any], name: str, default: int | None = None, lo: i
     v = data.get(name, default)
     if v is None:
         raise invalid(f"{name}: required", field=name)
+    if isinstance(v, float) and v.is_integer() and abs(v) <= MAX_AMOUNT:
+        v = int(v)  # JSON has one number type: 72.0 is the integer 72 (JSON Schema agrees)
     if not isinstance(v, int) or isinstance(v, bool):
         raise invalid(f"{name}: must be an integer", field=name)
     if not lo <= v <= hi:
