@@ -45,3 +45,12 @@ async def test_integral_json_numbers_are_integers(client, tenant, admin):
     r = await client.put(f"/v1/admin/orgs/{org}/quotas", json={"meter": "general", "team": "t", "limit": 118.0},
                          headers=admin.h)
     assert r.status_code == 200 and r.json()["limit"] == 118
+
+
+async def test_invalid_user_header_is_refused_even_when_the_body_names_the_user(client, tenant, redis, prefix, config):
+    org, h = await tenant("pro")
+    for header in ("", "not a name", "x" * 65):
+        r = await client.post("/v1/consume", json={"feature": "generate_goal", "user_id": "u1"},
+                              headers={**h, "X-Quota-User": header})
+        assert problem(r, 422, "invalid_request")["field"] == "user_id"
+    assert await stream_len(redis, prefix, config, org) == 0

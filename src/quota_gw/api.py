@@ -91,9 +91,12 @@ class Context:
 
     def user(self, ident: Identity, data: dict[str, Any], request: Request) -> str:
         """A user key names its user; an org key may name one (body or header)."""
+        header = request.headers.get(self.config.behaviour.user_header)
+        if header is not None and not _NAME.match(header):  # never silently ignored
+            raise invalid(f"{self.config.behaviour.user_header}: must match {NAME_RE}", field="user_id")
         u = data.get("user_id")
         if u is None:
-            u = request.headers.get(self.config.behaviour.user_header)
+            u = header
         if ident.user_id:
             if u is not None and u != ident.user_id:
                 raise Problem(403, "forbidden", f"this key belongs to user {ident.user_id}")
