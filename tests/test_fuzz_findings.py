@@ -54,3 +54,21 @@ async def test_invalid_user_header_is_refused_even_when_the_body_names_the_user(
                               headers={**h, "X-Quota-User": header})
         assert problem(r, 422, "invalid_request")["field"] == "user_id"
     assert await stream_len(redis, prefix, config, org) == 0
+
+
+async def test_idempotency_key_that_is_not_a_key_is_refused_not_dropped(client, tenant, redis, prefix, config):
+    """`"idempotency_key": ""` (or 0, or false) used to mean "no key": a retry then charged twice."""
+    org, h = await tenant("pro")
+    for key in ("", 0, False, [], "a\x01b", "k" * 201):
+        r = await client.post("/v1/consume", json={"feature": "generate_goal", "idempotency_key": key}, headers=h)
+        assert problem(r, 422, "invalid_request")["field"] == "idempotency_key", key
+    r = await client.post("/v1/consume", json={"feature": "generate_goal", "idempotency_key": "ok"},
+                          headers={**h, "Idempotency-Key": "bad\x7f"})
+    assert problem(r, 422, "invalid_request")["field"] == "idempotency_key"
+    assert await stream_len(redis, prefix, config, org) == 0
+    # null is absent: the header's key applies, and a retry replays.
+    for _ in range(2):
+        r = await client.post("/v1/consume", json={"feature": "generate_goal", "idempotency_key": None},
+                              headers={**h, "Idempotency-Key": "k-1"})
+        assert r.status_code == 200
+    assert r.headers["Idempotent-Replayed"] == "true"

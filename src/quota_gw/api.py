@@ -22,6 +22,7 @@ from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
 
 _NAME = re.compile(NAME_RE)
+_IDEM = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # the pattern openapi.json states
 MAX_METADATA = 4096
 
 
@@ -121,11 +122,14 @@ class Context:
         return raw
 
     def idempotency_key(self, data: dict[str, Any], request: Request) -> str | None:
-        k = data.get("idempotency_key") or request.headers.get("idempotency-key")
-        if k is None:
-            return None
-        if not isinstance(k, str) or not 1 <= len(k) <= 200 or not k.isprintable():
-            raise invalid("idempotency_key: 1..200 printable characters", field="idempotency_key")
+        header = request.headers.get("idempotency-key")
+        if header is not None and not _IDEM.fullmatch(header):  # checked even when the body has one
+            raise invalid("Idempotency-Key: 1..200 characters, no control characters", field="idempotency_key")
+        k = data.get("idempotency_key")
+        if k is None:  # only an absent (or null) body key falls back to the header; "" or 0 is an error
+            return header
+        if not isinstance(k, str) or not _IDEM.fullmatch(k):
+            raise invalid("idempotency_key: 1..200 characters, no control characters", field="idempotency_key")
         return k
 
 
