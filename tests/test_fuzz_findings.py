@@ -72,3 +72,13 @@ async def test_idempotency_key_that_is_not_a_key_is_refused_not_dropped(client, 
                               headers={**h, "Idempotency-Key": "k-1"})
         assert r.status_code == 200
     assert r.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_refund_takes_only_the_event_id_spellings_the_api_answers(client, tenant):
+    org, h = await tenant("pro")
+    eid = (await client.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)).json()["event_id"]
+    dashed = f"{eid[:8]}-{eid[8:12]}-{eid[12:16]}-{eid[16:20]}-{eid[20:]}"
+    for odd in ("{" + eid + "}", "urn:uuid:" + dashed, eid[:4] + "-" + eid[4:]):
+        r = await client.post("/v1/refunds", json={"event_id": odd}, headers=h)
+        assert problem(r, 422, "invalid_request")["field"] == "event_id", odd
+    assert (await client.post("/v1/refunds", json={"event_id": dashed}, headers=h)).status_code == 200

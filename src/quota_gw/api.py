@@ -23,6 +23,7 @@ from .problems import Problem, invalid
 
 _NAME = re.compile(NAME_RE)
 _IDEM = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # the pattern openapi.json states
+_EVENT_ID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 MAX_METADATA = 4096
 
 
@@ -226,10 +227,8 @@ async def refund(request: Request) -> Response:
     ident = await c.keys.authenticate(request, "consume")
     data = await json_body(request)
     eid = data.get("event_id")
-    try:
-        eid = uuid.UUID(eid).hex if isinstance(eid, str) else None
-    except ValueError:
-        eid = None
+    # The two spellings the API answers with (uuid.UUID alone also takes braces, "urn:uuid:", ...).
+    eid = uuid.UUID(eid).hex if isinstance(eid, str) and _EVENT_ID.fullmatch(eid) else None
     if eid is None:
         raise invalid("event_id: the id of a consume or commit event", field="event_id")
     d = await c.decider.refund(ident, eid, c.metadata(data))
