@@ -96,7 +96,8 @@ async def create_key(request: Request) -> Response:
     data = await json_body(request)
     user_id = name_field(data, "user_id", required=False)
     scopes = data.get("scopes", ["consume", "read"])
-    if not isinstance(scopes, list) or not scopes or not set(scopes) <= SCOPES:
+    if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
+            or not set(scopes) <= SCOPES):
         raise invalid(f"scopes: a non-empty list of {sorted(SCOPES)}", field="scopes")
     await _org_exists(c, org_id)
     key_id, key = new_key()
