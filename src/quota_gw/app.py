@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 
-
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
 from . import account, admin, api, db, metrics, openapi, proxy
 from .api import Context, json_response
