@@ -247,6 +247,10 @@ def test_token_dashboard_numbers_equal_the_balance_api(gw, http, org, browser):
     assert off_origin(browser, gw.url) == []
     assert not browser.find_element(By.ID, "buy").is_displayed()  # purchases are not served yet
     shot(browser, "dashboard")
+    browser.set_window_size(420, 1500)  # a phone's width: one column, nothing cut off
+    wait_for(browser, lambda d: d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"),
+             "the page to fit a narrow window")
+    shot(browser, "dashboard-narrow")
 
 
 def test_bar_turns_amber_below_25_percent_and_red_below_10(gw, http, org, browser):

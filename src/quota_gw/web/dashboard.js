@@ -165,7 +165,7 @@
     const body = QGW.clear($("features").tBodies[0]);
     for (const f of a.by_feature) {
       body.append(QGW.el("tr", {},
-        QGW.el("td", { text: f.feature || "-" }), QGW.el("td", { class: "muted", text: f.meter || "-" }),
+        QGW.el("td", { title: f.meter ? `meter ${f.meter}` : undefined, text: f.feature || "-" }),
         QGW.el("td", { class: "num", text: QGW.fmt(f.calls) }), QGW.el("td", { class: "num", text: QGW.fmt(f.tokens) }),
         QGW.el("td", { class: "num", text: QGW.fmt(f.denied) })));
     }
@@ -174,8 +174,17 @@
 
   function reason(e) {
     const md = e.metadata || {};
-    if (e.kind === "denied") return md.status ? `${md.code} (${md.status})` : md.code || "refused";
+    if (e.kind === "denied") {
+      const why = md.status ? `${md.code} (${md.status})` : md.code || "refused";
+      return md.cost ? `${why} · ${QGW.fmt(md.cost)} tokens asked` : why;
+    }
     return md.code || md.reason || "";
+  }
+
+  /* The signed change of the balance (a refusal changes nothing). */
+  function change(e) {
+    if (!e.delta) return "0";
+    return e.delta > 0 ? `+${QGW.fmt(e.delta)}` : `−${QGW.fmt(-e.delta)}`;
   }
 
   function renderEvents(result) {
@@ -190,13 +199,12 @@
     empty.hidden = events.length > 0;
     empty.textContent = "No activity yet.";
     for (const e of events) {
-      const tokens = e.kind === "denied" ? (e.metadata && e.metadata.cost) : e.cost || -e.delta || 0;
       body.append(QGW.el("tr", { "data-kind": e.kind },
         QGW.el("td", { title: QGW.time(e.ts), text: QGW.ago(e.ts) }),
         QGW.el("td", {}, QGW.el("span", { class: `kind ${e.kind}`, text: e.kind })),
         QGW.el("td", { text: e.feature || "—" }),
         QGW.el("td", { class: "muted", text: e.user_id || "—" }),
-        QGW.el("td", { class: "num", text: QGW.fmt(tokens) }),
+        QGW.el("td", { class: e.delta > 0 ? "num credit" : "num", text: change(e) }),
         QGW.el("td", { class: "num", text: QGW.fmt(e.balance_after) }),
         QGW.el("td", { class: "muted", text: reason(e) })));
     }

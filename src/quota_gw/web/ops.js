@@ -81,7 +81,7 @@
     const options = {
       responsive: true, maintainAspectRatio: false, interaction: { mode: "index", intersect: false },
       plugins: { legend: { position: "bottom", labels: { boxWidth: 10, boxHeight: 10 } } },
-      scales: { x: { stacked: true, grid: { display: false }, ticks: { maxTicksLimit: 8 } },
+      scales: { x: { stacked: true, grid: { display: false }, ticks: { maxTicksLimit: 6, maxRotation: 0 } },
                 y: { stacked: true, beginAtZero: true, ticks: { precision: 0 } } },
     };
     QGW.chart($("decisions-chart"), { type: "bar", data: { labels, datasets: series("decisions") }, options });
