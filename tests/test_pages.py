@@ -107,10 +107,11 @@ def consume(http: httpx.Client, key: str, feature: str, units: int = 1, status: 
     return r
 
 
-def drained(http: httpx.Client, key: str, n: int) -> None:
-    """Waits until the worker has written the org's first `n` events into the ledger."""
+def drained(http: httpx.Client, key: str, n: int, kind: str = "consume") -> None:
+    """Waits until the worker has written `n` of the org's `kind` events into the ledger (counting
+    by kind: a period's first call also writes a `reset`)."""
     deadline = time.monotonic() + WAIT_S
-    while len(http.get("/v1/usage", params={"limit": 1000}, headers=bearer(key)).json()["events"]) < n:
+    while len(http.get("/v1/usage", params={"limit": 1000, "kind": kind}, headers=bearer(key)).json()["events"]) < n:
         assert time.monotonic() < deadline, "the worker did not drain the events"
         time.sleep(0.1)
 
@@ -223,7 +224,8 @@ def test_token_dashboard_numbers_equal_the_balance_api(gw, http, org, browser):
     consume(http, key, "generate_insight", 7)
     consume(http, key, "generate_goal", 2)
     consume(http, key, "chat", 130)
-    drained(http, key, 4)
+    drained(http, key, 3)
+    drained(http, key, 1, "grant")
     sign_in(browser, gw.url, "dashboard", "key", key)
     api = http.get("/v1/balance", headers=bearer(key)).json()
     assert api["org_id"] == org_id
@@ -337,7 +339,8 @@ def test_ops_page_lists_the_top_spender_the_api_lists(gw, http, org, browser):
     consume(http, small_key, "chat", 5)
     consume(http, small_key, "generate_insight", 101, status=402)  # a refusal for the 402 series
     drained(http, big_key, 2)
-    drained(http, small_key, 2)
+    drained(http, small_key, 1)
+    drained(http, small_key, 1, "denied")
     sign_in(browser, gw.url, "ops", "token", ADMIN_TOKEN)
     top = http.get("/v1/admin/top", params={"days": 30, "limit": 10}, headers=ADMIN).json()["orgs"]
     shown = rows(browser, "top")
@@ -443,7 +446,8 @@ def test_activity_counts_decisions_and_tokens_per_minute_by_outcome(http, org):
     before = http.get("/v1/admin/activity", params={"minutes": 5}, headers=ADMIN).json()["totals"]
     consume(http, key, "generate_insight", 3)
     consume(http, key, "generate_insight", 500, status=402)
-    drained(http, key, 2)
+    drained(http, key, 1)
+    drained(http, key, 1, "denied")
     a = http.get("/v1/admin/activity", params={"minutes": 5}, headers=ADMIN).json()
     assert a["minutes"] == 5 and len(a["by_minute"]) == 5 and a["outcomes"] == ["ok", "402", "403", "429"]
     assert a["totals"]["decisions"]["ok"] - before["decisions"]["ok"] >= 1
