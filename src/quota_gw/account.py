@@ -178,7 +178,8 @@ async def analytics(request: Request) -> Response:
     by_day = []
     for i in range(days):  # every day of the window, zeros included, oldest first
         day = start.date() + timedelta(days=i)
-        by_day.append({"date": day.isoformat(), **day_rows.get(day, {"calls": 0, "tokens": 0, "meters": {}, "features": {}})})
+        empty = {"calls": 0, "tokens": 0, "meters": {}, "features": {}}
+        by_day.append({"date": day.isoformat(), **day_rows.get(day, empty)})
     live = await balance_of(c, ident.org_id, ident.plan)
     meters = {}
     for name, m in live["meters"].items():

@@ -208,7 +208,8 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
                      "events stay in the Redis streams until a worker runs")
             _say(f"  gateway:    {base}")
             _say(f"  dashboard:  {pages.dashboard_url(base, DEMO_ORG, int(time.time()) + DEV_LINK_TTL_S)}")
-            _say(f"              (signed read-only link for {DEMO_ORG!r}, 12 h; or open {base}/dashboard and enter the key)")
+            _say(f"              (signed read-only link for {DEMO_ORG!r}, 12 h; "
+                 f"or open {base}/dashboard and enter the key)")
             _say(f"  ops:        {base}/ops   (enter the admin token)")
             _say(f"  admin token: {admin_token}")
             _say(f"  API key:    {key}   (org {DEMO_ORG!r}, plan {plan!r})")
