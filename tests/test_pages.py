@@ -244,7 +244,11 @@ def test_token_dashboard_numbers_equal_the_balance_api(gw, http, org, browser):
     assert browser.find_element(By.ID, "org").text == org_id
     kinds = [r["kind"] for r in rows(browser, "events")]
     assert kinds.count("consume") == 3 and "grant" in kinds
-    assert browser.execute_script("return !!Chart.getChart(document.getElementById('usage-chart'))")
+    charted = dict(browser.execute_script(
+        "return Chart.getChart(document.getElementById('usage-chart')).data.datasets.map(d => [d.label, d.data])"))
+    a = http.get("/v1/analytics", params={"days": 30}, headers=bearer(key)).json()
+    assert charted == {f["feature"]: [d["features"].get(f["feature"], 0) for d in a["by_day"]] for f in a["by_feature"]}
+    assert {f: sum(v) for f, v in charted.items()} == {"generate_insight": 7, "generate_goal": 6, "chat": 130}
     assert console_errors(browser) == []
     assert off_origin(browser, gw.url) == []
     assert not browser.find_element(By.ID, "buy").is_displayed()  # purchases are not served yet
