@@ -368,6 +368,12 @@ def test_ops_page_lists_the_top_spender_the_api_lists(gw, http, org, browser):
     assert console_errors(browser) == []
     assert off_origin(browser, gw.url) == []
     shot(browser, "ops")
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    browser.refresh()  # the token is still in this tab's sessionStorage
+    loaded(browser)
+    assert browser.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(13, 15, 22)"
+    assert console_errors(browser) == []
+    shot(browser, "ops-dark")
 
 
 def test_wrong_admin_token_gets_the_login_form_again(gw, browser):
