@@ -19,7 +19,7 @@ dev: $(STAMP)
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-system-deps:  # nginx for tests/test_nginx.py; skipped unless root with apt-get, never fatal
+system-deps:  # nginx (tests/test_nginx.py), chromium + chromedriver (tests/test_pages.py); skipped unless root with apt-get, never fatal
 	@sh scripts/system-deps.sh
 
 test-long: $(STAMP)

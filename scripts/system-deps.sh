@@ -1,13 +1,21 @@
 #!/bin/sh
 # System packages the tests use but pip cannot bring: nginx, for tests/test_nginx.py (auth_request
-# end to end). Installed only when missing, only as root with apt-get, and never fatal: without
-# nginx that one test skips and says why.
+# end to end), and chromium with its chromedriver, for tests/test_pages.py (the dashboards in a real
+# headless browser; Debian's build, so nothing is downloaded when the tests run). Installed only when
+# missing, only as root with apt-get, and never fatal: without one, the tests that need it skip and
+# say why.
 set -u
-if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
-    exit 0
+need=""
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    need="$need nginx"
 fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    need="$need chromium"
+fi
+[ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "system-deps: nginx is missing (tests/test_nginx.py will skip); install nginx (Debian)" >&2
+    echo "system-deps: missing:$need (tests/test_nginx.py, tests/test_pages.py skip without them);" \
+         "install nginx, chromium and chromium-driver (Debian)" >&2
     exit 0
 fi
 # Installing must not start an nginx service on port 80: forbid service starts while we install,
@@ -19,8 +27,14 @@ if [ ! -e "$policy" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 timeout 300 apt-get update -qq >/dev/null 2>&1
-timeout 300 apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 \
-    || timeout 300 apt-get install -y -qq --no-install-recommends nginx-light >/dev/null 2>&1 \
-    || echo "system-deps: could not install nginx (tests/test_nginx.py will skip)" >&2
+case "$need" in *nginx*)
+    timeout 300 apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 \
+        || timeout 300 apt-get install -y -qq --no-install-recommends nginx-light >/dev/null 2>&1 \
+        || echo "system-deps: could not install nginx (tests/test_nginx.py will skip)" >&2
+esac
+case "$need" in *chromium*)
+    timeout 600 apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+        || echo "system-deps: could not install chromium (tests/test_pages.py will skip)" >&2
+esac
 [ -n "$ours" ] && rm -f "$policy"
 exit 0

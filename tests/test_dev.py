@@ -54,6 +54,12 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
             assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
             meters = (await c.get("/v1/balance", headers=h)).json()["meters"]
             assert meters["goal_generation"]["balance"] == 17 and meters["tokens"]["balance"] < 100000
+            # the printed dashboard link reads the demo org (read-only); the ops page is served
+            link = re.search(rf"dashboard:\s+http://127\.0\.0\.1:{gw_port}/dashboard#t=(\S+)", text).group(1)
+            r = await c.get("/v1/balance", headers={"Authorization": f"Bearer {link}"})
+            assert r.status_code == 200 and r.json()["meters"] == (await c.get("/v1/balance", headers=h)).json()["meters"]
+            assert re.search(rf"ops:\s+http://127\.0\.0\.1:{gw_port}/ops", text)
+            assert (await c.get("/ops")).status_code == 200
         await _banner_examples_work(text)
     finally:
         if proc.returncode is None:

@@ -168,16 +168,18 @@ async def analytics(request: Request) -> Response:
                                       "refunded": 0, "denied": 0})
         for k in ("calls", "tokens", "refunded", "denied"):
             f[k] += r[k]
-        d = day_rows.setdefault(r["day"], {"calls": 0, "tokens": 0, "meters": {}})
+        d = day_rows.setdefault(r["day"], {"calls": 0, "tokens": 0, "meters": {}, "features": {}})
         d["calls"] += r["calls"]
         d["tokens"] += r["tokens"]
+        d["features"][key] = d["features"].get(key, 0) + r["tokens"]  # the pages chart a day by feature
         if r["meter"]:
             d["meters"][r["meter"]] = d["meters"].get(r["meter"], 0) + r["tokens"]
             burn[r["meter"]] = burn.get(r["meter"], 0) + r["burn"]
     by_day = []
     for i in range(days):  # every day of the window, zeros included, oldest first
         day = start.date() + timedelta(days=i)
-        by_day.append({"date": day.isoformat(), **day_rows.get(day, {"calls": 0, "tokens": 0, "meters": {}})})
+        empty = {"calls": 0, "tokens": 0, "meters": {}, "features": {}}
+        by_day.append({"date": day.isoformat(), **day_rows.get(day, empty)})
     live = await balance_of(c, ident.org_id, ident.plan)
     meters = {}
     for name, m in live["meters"].items():

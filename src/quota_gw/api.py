@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .config import MAX_AMOUNT, NAME_RE, Config
-from . import metrics
+from . import display, metrics
 from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
 
@@ -277,6 +277,8 @@ def pricing_of(cfg: Config) -> dict[str, Any]:
                       "rate_limits": p.rate_limits.model_dump(exclude_none=True)}
                   for n, p in cfg.plans.items()},
         "packs": {n: pk.model_dump(exclude_none=True) for n, pk in cfg.packs.items()},
+        "purchases_available": display.purchases_available(cfg),  # the pages show buy buttons only then
+        "balance_thresholds": display.thresholds(cfg),
     }
 
 

@@ -19,6 +19,7 @@ from starlette.routing import Match, Route
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
 from . import account, admin, api, db, metrics, openapi, proxy
+from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
 from .api import Context, json_response
 from .auth import KeyStore
 from .config import Config
@@ -129,6 +130,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         *admin.routes,
         *admin_reads.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
+        *pages.routes, *activity.routes,  # GET /dashboard, /ops, dashboard links; GET /v1/admin/activity
         *(extra_routes or []),
         *proxy.routes(config),  # last: a configured prefix never shadows the API
     ]

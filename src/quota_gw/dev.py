@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .config import Config
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 DEMO_ORG = "demo"
+DEV_LINK_TTL_S = 12 * 3600  # the dashboard link `dev` prints
 
 
 class LoopServer(uvicorn.Server):
@@ -141,6 +143,7 @@ def _admin_token(data_dir: Path) -> str:
 async def run(config: Config, config_path: str | None, host: str, port: int, data_dir: Path,
               redis_port: int | None, pg_port: int | None, worker: bool = True) -> int:
     from . import embedded
+    from . import pages
     from .app import create_app
     from .demo import create_demo_app
 
@@ -204,7 +207,10 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
                 _say("  worker:     not started (`quota-gw worker` is unavailable or no --config was given); "
                      "events stay in the Redis streams until a worker runs")
             _say(f"  gateway:    {base}")
-            _say(f"  dashboard:  {base}/v1/analytics (JSON; Postgres views: see README)")
+            _say(f"  dashboard:  {pages.dashboard_url(base, DEMO_ORG, int(time.time()) + DEV_LINK_TTL_S)}")
+            _say(f"              (signed read-only link for {DEMO_ORG!r}, 12 h; "
+                 f"or open {base}/dashboard and enter the key)")
+            _say(f"  ops:        {base}/ops   (enter the admin token)")
             _say(f"  admin token: {admin_token}")
             _say(f"  API key:    {key}   (org {DEMO_ORG!r}, plan {plan!r})")
             _say("")
