@@ -298,9 +298,9 @@ async def test_what_postgres_cannot_store_is_a_4xx_naming_the_field(client, admi
                           headers=admin.h)
     assert problem(r, 422, "invalid_request")["field"] == "reason"
     for method, url in [("GET", "/v1/admin/orgs/a%00b/keys"), ("GET", "/v1/admin/orgs/a%00b/balance"),
-                        ("DELETE", "/v1/admin/keys/k%00"), ("PUT", "/v1/admin/orgs/a%00b/plan")]:
-        r = await client.request(method, url, json={"plan": "pro"}, headers=admin.h)
-        assert 400 <= r.status_code < 500 and r.headers["content-type"] == "application/problem+json", (url, r.text)
+                        ("DELETE", "/v1/admin/keys/k%00"), ("PUT", "/v1/admin/orgs/a%00b/plan"),
+                        ("PUT", "/v1/admin/orgs/a%0A/plan")]:
+        problem(await client.request(method, url, json={"plan": "pro"}, headers=admin.h), 404, "not_found")
 
 
 # -- metadata depth, body size ---------------------------------------------------------------------
@@ -343,3 +343,26 @@ async def test_request_bodies_over_64_kib_are_413(client, tenant, admin):
     assert (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]["used"] == 0
     assert (await client.post("/v1/check", json={"feature": "generate_insight", "pad": "x" * 60_000},
                               headers=h)).status_code == 200
+
+
+async def test_postgres_refusals_under_the_checks_are_4xx_naming_the_column(app):
+    """The net under the routes' own checks (pg_errors), on real Postgres refusals."""
+    from starlette.requests import Request
+
+    from quota_gw.admin import pg_errors
+    from quota_gw.problems import Problem
+
+    db = app.state.ctx.db
+    statements = {
+        "org_id": ("INSERT INTO orgs (org_id, plan) VALUES ($1, 'pro')", "a\n"),  # the table's check
+        "plan": ("INSERT INTO orgs (org_id, plan) VALUES ($1, NULL)", "no-plan"),  # NOT NULL
+        "org_id ": ("INSERT INTO users (org_id, user_id) VALUES ($1, 'u')", "no-such-org"),  # foreign key
+        "body": ("SELECT 1 WHERE $1::text = ''", "a\x00b"),  # a value Postgres cannot hold
+    }
+    for field, (sql, arg) in statements.items():
+        async def route(request: Request) -> None:
+            await db.execute(sql, arg)
+
+        with pytest.raises(Problem) as e:
+            await pg_errors(route)(Request({"type": "http", "method": "POST", "path": "/", "headers": []}))
+        assert 400 <= e.value.status < 500 and e.value.extra["field"] == field.strip(), (sql, e.value.detail)

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from .api import Context, balance_of, ctx, int_field, json_body, json_response, name_field
 from .auth import hash_key, new_key, require_admin
-from .config import MAX_AMOUNT
+from .config import MAX_AMOUNT, is_name
 from .problems import Problem, invalid
 
 SCOPES = {"consume", "read"}
@@ -81,6 +81,14 @@ def _meter(c: Context, data: dict[str, Any]) -> str:
     return meter
 
 
+def _path_name(request: Request, param: str) -> str:
+    """An org or key id from the path; one that is not a name cannot exist: 404."""
+    v = request.path_params[param]
+    if not is_name(v):
+        raise Problem(404, "not_found", f"no {param.removesuffix('_id')} {v[:64]!r}")
+    return v
+
+
 async def _org_exists(c: Context, org_id: str) -> None:
     if not await c.db.fetchval("SELECT 1 FROM orgs WHERE org_id = $1", org_id):
         raise Problem(404, "not_found", f"no org {org_id}")
@@ -104,7 +112,7 @@ async def create_org(request: Request) -> Response:
 
 async def set_plan(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     plan = _plan(c, await json_body(request))
     if await c.db.execute("UPDATE orgs SET plan = $2, updated_at = now() WHERE org_id = $1", org_id, plan) == "UPDATE 0":
         raise Problem(404, "not_found", f"no org {org_id}")
@@ -115,7 +123,7 @@ async def set_plan(request: Request) -> Response:
 
 async def create_user(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     user_id = name_field(data, "user_id")
     team = name_field(data, "team", required=False)
@@ -130,7 +138,7 @@ async def create_user(request: Request) -> Response:
 
 async def create_key(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     user_id = name_field(data, "user_id", required=False)
     scopes = data.get("scopes")
@@ -153,7 +161,7 @@ async def create_key(request: Request) -> Response:
 
 async def list_keys(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     await _org_exists(c, org_id)
     rows = await c.db.fetch(
         """SELECT key_id, user_id, key_prefix, scopes, created_at, revoked_at FROM api_keys
@@ -166,7 +174,7 @@ async def list_keys(request: Request) -> Response:
 
 async def revoke_key(request: Request) -> Response:
     c = await _admin(request)
-    key_id = request.path_params["key_id"]
+    key_id = _path_name(request, "key_id")
     h = await c.db.fetchval(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING key_hash", key_id)
     if h is None:
@@ -178,7 +186,7 @@ async def revoke_key(request: Request) -> Response:
 
 async def grant(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     meter = _meter(c, data)
     amount = int_field(data, "amount", None, 1, MAX_AMOUNT)
@@ -197,7 +205,7 @@ async def grant(request: Request) -> Response:
 
 async def set_quota(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     meter = _meter(c, data)
     user_id = name_field(data, "user_id", required=False)
@@ -228,7 +236,7 @@ async def set_quota(request: Request) -> Response:
 
 async def org_balance(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     plan = await c.db.fetchval("SELECT plan FROM orgs WHERE org_id = $1", org_id)
     if plan is None:
         raise Problem(404, "not_found", f"no org {org_id}")
