@@ -525,7 +525,8 @@ async def test_refused_calls_402_and_403_leave_the_users_rate_budget_untouched(c
     org, h = await tenant("starter")  # every meter forbidden: 403 plan_forbids
     for _ in range(7):
         for path in ("/v1/consume", "/v1/reservations"):
-            r = await client.post(path, json={"feature": "generate_insight", "user_id": "rita"}, headers=h)
+            r = await client.post(path, json={"feature": "generate_insight", "units": 1, "user_id": "rita"},
+                                  headers=h)
             assert r.status_code == 403 and r.json()["code"] == "plan_forbids", r.text
     await client.post(f"/v1/admin/orgs/{org}/grants", json={"meter": "general", "amount": 10, "reason": "t"},
                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
