@@ -1,6 +1,6 @@
 """One command: start everything on 127.0.0.1, run Locust headless, drain, check the invariants.
 
-    .venv/bin/python loadtests/run.py [--users 50] [--duration 30] [--workers 1] [--no-proxy]
+    .venv/bin/python loadtests/run.py [--users 50] [--duration 30] [--workers 1] [--no-proxy] [--via http]
 
 Prints req/s and p50/p95/p99 per request kind, then checks against Postgres and Redis after
 the worker has drained: no overspend (no balance ever below zero, per event), every event
@@ -139,6 +139,9 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=30, help="seconds of load")
     ap.add_argument("--workers", type=int, default=1, help="gateway processes")
     ap.add_argument("--no-proxy", action="store_true", help="decision API only")
+    ap.add_argument("--via", choices=("client", "http"), default="client",
+                    help="decision calls through quota_gw.client (default) or Locust's own HTTP client, "
+                         "which costs the load generator less CPU (the gateway's numbers alone)")
     args = ap.parse_args()
     proxy = not args.no_proxy
 
@@ -183,7 +186,7 @@ def main() -> int:
         (tmp / "tenants.json").write_text(json.dumps(tenants))
         outcomes_path = tmp / "outcomes.json"
         lenv = {**env, "QGW_TENANTS": str(tmp / "tenants.json"), "QGW_OUTCOMES": str(outcomes_path),
-                "QGW_PROXY": "1" if proxy else "0"}
+                "QGW_PROXY": "1" if proxy else "0", "QGW_VIA": args.via}
         started_at = time.monotonic()
         subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
                         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s",
@@ -191,7 +194,7 @@ def main() -> int:
                         "--loglevel", "WARNING"], env=lenv, check=False, timeout=args.duration + 120,
                        stdout=subprocess.DEVNULL)
         print(f"\nLocust: {args.users} users, {args.duration}s, {args.workers} gateway worker(s), "
-              f"proxy {'on' if proxy else 'off'} ({time.monotonic() - started_at:.0f}s wall)")
+              f"proxy {'on' if proxy else 'off'}, decisions via {args.via} ({time.monotonic() - started_at:.0f}s wall)")
         print(f"{'name':<16}{'requests':>10}{'failures':>10}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
         for row in stats(tmp / "locust"):
             print(f"{row['Name']:<16}{row['Request Count']:>10}{row['Failure Count']:>10}"

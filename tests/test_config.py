@@ -94,6 +94,8 @@ def test_wheel_ships_the_lua_scripts(tmp_path):
     for script in ("consume", "check", "reserve", "commit", "release", "refund", "grant", "_lib"):
         assert f"quota_gw/lua/{script}.lua" in names
     assert "quota_gw/migrations/001_core.sql" in names
+    assert "quota_gw/client/__init__.py" in names and "quota_gw/client/sync.py" in names  # the client ships too
+    assert "quota_gw/openapi.json" in names  # GET /openapi.json
 
 
 def test_request_limits_have_defaults_and_are_configurable():

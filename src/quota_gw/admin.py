@@ -144,8 +144,8 @@ async def create_key(request: Request) -> Response:
     scopes = data.get("scopes")
     if scopes is None:
         raise invalid(f"scopes: required, a non-empty list of {sorted(SCOPES)}", field="scopes")
-    if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes) \
-            or not set(scopes) <= SCOPES:
+    if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
+            or not set(scopes) <= SCOPES):
         raise invalid(f"scopes: a non-empty list of {sorted(SCOPES)}", field="scopes")
     await _org_exists(c, org_id)
     key_id, key = new_key()

@@ -24,6 +24,8 @@ from . import metrics
 from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
 
+_IDEM = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # the pattern openapi.json states
+_EVENT_ID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 MAX_METADATA = 4096
 MAX_METADATA_DEPTH = 32  # nesting of objects and arrays; far below any encoder's recursion limit
 
@@ -75,6 +77,8 @@ def int_field(data: dict[str, Any], name: str, default: int | None = None, lo: i
     v = data.get(name, default)
     if v is None:
         raise invalid(f"{name}: required", field=name)
+    if isinstance(v, float) and v.is_integer() and abs(v) <= MAX_AMOUNT:
+        v = int(v)  # JSON has one number type: 72.0 is the integer 72 (JSON Schema agrees)
     if not isinstance(v, int) or isinstance(v, bool):
         raise invalid(f"{name}: must be an integer", field=name)
     if not lo <= v <= hi:
@@ -115,9 +119,12 @@ class Context:
 
     def user(self, ident: Identity, data: dict[str, Any], request: Request) -> str:
         """A user key names its user; an org key may name one (body or header)."""
+        header = request.headers.get(self.config.behaviour.user_header)
+        if header is not None and not is_name(header):  # never silently ignored
+            raise invalid(f"{self.config.behaviour.user_header}: must match {NAME_RE}", field="user_id")
         u = data.get("user_id")
         if u is None:
-            u = request.headers.get(self.config.behaviour.user_header)
+            u = header
         if ident.user_id:
             if u is not None and u != ident.user_id:
                 raise Problem(403, "forbidden", f"this key belongs to user {ident.user_id}")
@@ -147,11 +154,14 @@ class Context:
         return raw
 
     def idempotency_key(self, data: dict[str, Any], request: Request) -> str | None:
-        k = data.get("idempotency_key") or request.headers.get("idempotency-key")
-        if k is None:
-            return None
-        if not isinstance(k, str) or not 1 <= len(k) <= 200 or not k.isprintable():
-            raise invalid("idempotency_key: 1..200 printable characters", field="idempotency_key")
+        header = request.headers.get("idempotency-key")
+        if header is not None and not _IDEM.fullmatch(header):  # checked even when the body has one
+            raise invalid("Idempotency-Key: 1..200 characters, no control characters", field="idempotency_key")
+        k = data.get("idempotency_key")
+        if k is None:  # only an absent (or null) body key falls back to the header; "" or 0 is an error
+            return header
+        if not isinstance(k, str) or not _IDEM.fullmatch(k):
+            raise invalid("idempotency_key: 1..200 characters, no control characters", field="idempotency_key")
         return k
 
 
@@ -263,10 +273,8 @@ async def refund(request: Request) -> Response:
     ident = await c.keys.authenticate(request, "consume")
     data = await json_body(request)
     eid = data.get("event_id")
-    try:
-        eid = uuid.UUID(eid).hex if isinstance(eid, str) else None
-    except ValueError:
-        eid = None
+    # The two spellings the API answers with (uuid.UUID alone also takes braces, "urn:uuid:", ...).
+    eid = uuid.UUID(eid).hex if isinstance(eid, str) and _EVENT_ID.fullmatch(eid) else None
     if eid is None:
         raise invalid("event_id: the id of a consume or commit event", field="event_id")
     d = await c.decider.refund(ident, eid, c.metadata(data))

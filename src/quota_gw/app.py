@@ -15,9 +15,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from . import account, admin, api, db, metrics, proxy
+from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
+from . import account, admin, api, db, metrics, openapi, proxy
 from .api import Context, json_response
 from .auth import KeyStore
 from .config import Config
@@ -66,8 +67,19 @@ async def on_problem(request: Request, exc: Exception) -> Response:
 async def on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(exc.status_code, "invalid_request")
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names the first route's methods; a path can have several routes
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
     return Response(problem_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code,
-                    media_type="application/problem+json", headers=exc.headers)
+                    media_type="application/problem+json", headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 async def on_redis_down(request: Request, exc: Exception) -> Response:
@@ -112,8 +124,10 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics.endpoint),
+        Route("/openapi.json", openapi.endpoint),
         *api.routes,
         *admin.routes,
+        *admin_reads.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
         *(extra_routes or []),
         *proxy.routes(config),  # last: a configured prefix never shadows the API

@@ -52,9 +52,10 @@ def _seconds(value: Any) -> Any:
 class RateLimit(_Model):
     """`limit` calls per `window` seconds, at most `burst` at once (default: `limit`)."""
 
-    limit: int = Field(gt=0)
-    window: int = Field(gt=0)
-    burst: int | None = Field(default=None, gt=0)
+    limit: int = Field(gt=0, description="Calls allowed per `window`.")
+    window: int = Field(gt=0, description="The window in seconds: a number, or a duration such as '60s', '5m', '1h', '1d'.")
+    burst: int | None = Field(default=None, gt=0, description="Calls allowed at once after a quiet spell "
+                              "(GCRA burst); default: `limit`.")
 
     _w = field_validator("window", mode="before")(_seconds)
 
@@ -68,16 +69,22 @@ class RateLimit(_Model):
 
 
 class RateLimits(_Model):
-    user: RateLimit | None = None
-    key: RateLimit | None = None
-    org: RateLimit | None = None
+    user: RateLimit | None = Field(default=None, description="Per user of the org; applies only to calls that "
+                                   "name a user (`user_id`, `X-Quota-User` or a user's key).")
+    key: RateLimit | None = Field(default=None, description="Per API key.")
+    org: RateLimit | None = Field(default=None, description="Per org, all its keys and users together.")
 
 
 class Plan(_Model):
-    allocations: dict[str, int | Literal["unlimited"]] = Field(default_factory=dict)
-    period: str = "month"
-    rollover: bool = False
-    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    allocations: dict[str, int | Literal["unlimited"]] = Field(default_factory=dict, description=(
+        "Tokens per period for each meter (0..10^12), or 'unlimited' (metered, never limited). A meter left out "
+        "is 0: forbidden (403 plan_forbids) until the org is granted credit on it."))
+    period: str = Field(default="month", description=(
+        "When the allocation refills: 'month' (calendar month, UTC), 'week' (Monday 00:00 UTC), 'day', or a "
+        "duration ('3600s', '12h', '7d': fixed windows aligned to the Unix epoch)."))
+    rollover: bool = Field(default=False, description="Unused allocation carries over into the next period.")
+    rate_limits: RateLimits = Field(default_factory=RateLimits, description="Rate limits of callers on this plan "
+                                    "(a refused call consumes no rate).")
 
     @field_validator("period")
     @classmethod
@@ -101,35 +108,51 @@ class Plan(_Model):
 
 
 class Feature(_Model):
-    meter: str
-    cost: int = Field(ge=0, le=MAX_AMOUNT)
+    meter: str = Field(description="The meter this feature draws from (one of `meters`).")
+    cost: int = Field(ge=0, le=MAX_AMOUNT, description="Tokens per unit: a call of `units` costs `units` x `cost`; "
+                      "on an LLM route, tokens of the meter per model token.")
 
 
 class Pack(_Model):
-    meter: str
-    tokens: int = Field(gt=0, le=MAX_AMOUNT)
-    price_cents: int = Field(ge=0)
-    currency: str = "usd"
-    name: str | None = None
+    meter: str = Field(description="The meter the pack credits (one of `meters`).")
+    tokens: int = Field(gt=0, le=MAX_AMOUNT, description="Tokens of purchased credit the pack adds.")
+    price_cents: int = Field(ge=0, description="Price in the currency's smallest unit.")
+    currency: str = Field(default="usd", description="ISO 4217 currency code, lower case.")
+    name: str | None = Field(default=None, description="Display name.")
 
 
 class Route(_Model):
     """A path prefix forwarded to an upstream, priced by a feature or by LLM usage."""
 
-    prefix: str
-    upstream: str
-    feature: str | None = None
-    metering: Literal["fixed", "openai", "none"] = "fixed"
-    fail: Literal["open", "closed"] | None = None
-    shadow: bool | None = None
-    timeout_s: float = Field(default=60.0, gt=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    refund_statuses: list[int] = Field(default_factory=lambda: [500, 502, 503, 504])
-    strip_prefix: bool = False
+    prefix: str = Field(description="Path prefix this route serves, matched on whole path segments; the longest "
+                        "matching prefix wins, and the gateway's own API always wins over a route.")
+    upstream: str = Field(description="Base URL (http or https) the calls are forwarded to.")
+    feature: str | None = Field(default=None, description=(
+        "The feature a call is priced by (one of `features`). Required unless `metering` is 'none'."))
+    metering: Literal["fixed", "openai", "none"] = Field(default="fixed", description=(
+        "'fixed': each call costs the feature's cost, charged on admission and refunded if the upstream fails; "
+        "'openai': OpenAI-style chat/completions/embeddings, a hold settled at the usage the upstream reports; "
+        "'none': authenticated and forwarded, not charged."))
+    fail: Literal["open", "closed"] | None = Field(default=None, description=(
+        "When Redis is down: 'closed' answers 503 and forwards nothing; 'open' forwards and spools the usage. "
+        "Default: `behaviour.fail`."))
+    shadow: bool | None = Field(default=None, description="Shadow mode for this route: decide and record, never "
+                                "block. Default: `behaviour.shadow`.")
+    timeout_s: float = Field(default=60.0, gt=0, description="Longest wait for the response head and for each "
+                             "next chunk (not the whole stream); past it the call is 504 and settled as failed.")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Longest wait to connect to the upstream.")
+    refund_statuses: list[int] = Field(default_factory=lambda: [500, 502, 503, 504], description=(
+        "Upstream statuses that count as a failure: passed through as they are, and the call is refunded "
+        "(fixed) or its hold released (openai)."))
+    strip_prefix: bool = Field(default=False, description="Forward the path without the prefix (/ai/goals/plan "
+                               "with prefix /ai/goals goes upstream as /plan).")
     # metering: openai — the completion budget held when the caller sends no max_tokens, and the
     # least a call may be lowered to before it is refused with 402 (see proxy.py).
-    default_max_tokens: int = Field(default=1024, gt=0, le=1_000_000)
-    min_completion_tokens: int = Field(default=16, gt=0, le=1_000_000)
+    default_max_tokens: int = Field(default=1024, gt=0, le=1_000_000, description=(
+        "openai metering: the completion budget held and sent upstream as max_tokens when the caller sends none."))
+    min_completion_tokens: int = Field(default=16, gt=0, le=1_000_000, description=(
+        "openai metering: the least completion budget a call may be lowered to when the org cannot afford "
+        "max_tokens; below it the call is 402."))
 
     @field_validator("prefix")
     @classmethod
@@ -147,36 +170,62 @@ class Route(_Model):
 
 
 class Behaviour(_Model):
-    shadow: bool = False
-    fail: Literal["open", "closed"] = "closed"
-    auto_register_users: bool = True
-    idempotency_ttl_s: int = Field(default=86400, gt=0)
-    refund_window_s: int = Field(default=7 * 86400, gt=0)
-    reservation_ttl_s: int = Field(default=300, gt=0)
-    max_reservation_ttl_s: int = Field(default=3600, gt=0)
-    max_units: int = Field(default=1_000_000, gt=0)
-    low_balance_percent: int = Field(default=25, ge=0, le=100)
-    key_cache_s: float = Field(default=1.0, ge=0, le=1.0)
-    coalesce: bool = True  # pipeline the decisions of one event-loop turn (see coalesce.py)
-    org_header: str = "X-Quota-Org"
-    user_header: str = "X-Quota-User"
-    spool_dir: str = ".quota-gw/spool"
-    # Request bodies of the decision and admin API (the proxy routes have their own 16 MiB): 413.
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    # The request line and headers, enforced by `quota-gw serve`'s HTTP protocol (see limits.py): 431.
-    max_header_bytes: int = Field(default=32 * 1024, ge=4096, le=1024 * 1024)
-    max_headers: int = Field(default=100, ge=16, le=1000)
+    shadow: bool = Field(default=False, description=(
+        "Shadow mode: refused calls pass uncharged, each recorded as a `denied` event, and the answer says "
+        "`X-Quota-Shadow: <code>`. For trying limits out on live traffic."))
+    fail: Literal["open", "closed"] = Field(default="closed", description=(
+        "Proxy routes when Redis is down: 'closed' answers 503; 'open' checks the key in Postgres, forwards, "
+        "and spools the usage for replay. Routes may override it."))
+    auto_register_users: bool = Field(default=True, description=(
+        "A user_id the org has not registered is registered on first use; false: such calls are 403."))
+    idempotency_ttl_s: int = Field(default=86400, gt=0, description=(
+        "Seconds an idempotency key (and a commit's or release's answer) is remembered."))
+    refund_window_s: int = Field(default=7 * 86400, gt=0, description="Seconds after a charge during which it "
+                                 "can be refunded.")
+    reservation_ttl_s: int = Field(default=300, gt=0, description="Default lifetime of a reservation (`ttl_s`); "
+                                   "an expired hold returns to the balance.")
+    max_reservation_ttl_s: int = Field(default=3600, gt=0, description="Largest `ttl_s` a reservation may ask for.")
+    max_units: int = Field(default=1_000_000, gt=0, description="Largest `units` of one call (a commit may give "
+                           "up to 1000 times this).")
+    low_balance_percent: int = Field(default=25, ge=0, le=100, description=(
+        "GET /v1/balance marks a meter `low` below this percentage of its allocation."))
+    key_cache_s: float = Field(default=1.0, ge=0, le=1.0, description=(
+        "Seconds an API key and an org's plan are cached in each process: a revocation or plan change reaches "
+        "every replica within this. 0: read on every call."))
+    coalesce: bool = Field(default=True, description=(  # see coalesce.py
+        "Send the decisions of one event-loop turn together in one pipeline (fewer round trips under load)."))
+    org_header: str = Field(default="X-Quota-Org", description="Header that carries the org to the upstream (the "
+                            "caller's own is dropped).")
+    user_header: str = Field(default="X-Quota-User", description=(
+        "Header naming the user on a call with an org key; also sent upstream (the caller's own is replaced)."))
+    spool_dir: str = Field(default=".quota-gw/spool", description=(
+        "Folder of the fail-open spool (usage written while Redis is down); $QUOTA_GW_SPOOL_DIR overrides it."))
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description=(
+        "Largest request body of the decision and admin API, in bytes (413 beyond; refused from Content-Length "
+        "or while a chunked body streams, never read whole). Proxy routes have their own 16 MiB."))
+    max_header_bytes: int = Field(default=32 * 1024, ge=4096, le=1024 * 1024, description=(
+        "Largest request line plus headers `quota-gw serve` accepts, in bytes (431 beyond, connection closed)."))
+    max_headers: int = Field(default=100, ge=16, le=1000, description=(
+        "Most request headers `quota-gw serve` accepts (431 beyond, connection closed)."))
 
 
 class Config(_Model):
-    shards: int = Field(default=16, ge=1, le=4096)
-    default_plan: str | None = None
-    meters: list[str] | dict[str, Any]
-    features: dict[str, Feature]
-    plans: dict[str, Plan]
-    packs: dict[str, Pack] = Field(default_factory=dict)
-    routes: list[Route] = Field(default_factory=list)
-    behaviour: Behaviour = Field(default_factory=Behaviour)
+    shards: int = Field(default=16, ge=1, le=4096, description=(
+        "Shards the orgs are hashed over (each has its own event stream). Fixed for the life of the data: "
+        "another count puts an org's Redis keys elsewhere."))
+    default_plan: str | None = Field(default=None, description=(
+        "Plan of an org created without one (admin API); must be one of `plans`."))
+    meters: list[str] | dict[str, Any] = Field(description=(
+        "Meter names (a list, or a mapping whose keys are the names): the balances every org holds."))
+    features: dict[str, Feature] = Field(description="Priced operations by name: a meter and a cost per unit.")
+    plans: dict[str, Plan] = Field(description="Plans by name: allocations per period and rate limits.")
+    packs: dict[str, Pack] = Field(default_factory=dict, description=(
+        "Credit packs by name, listed by GET /v1/pricing. Informational: no route sells them yet (credit is "
+        "added with the admin grants route)."))
+    routes: list[Route] = Field(default_factory=list, description="Proxy routes: path prefixes forwarded to "
+                                "upstreams and charged.")
+    behaviour: Behaviour = Field(default_factory=Behaviour, description="How the gateway decides, caches and "
+                                 "fails.")
 
     @field_validator("meters")
     @classmethod

@@ -676,7 +676,8 @@ async def authorize(request: Request) -> Response:
     path = urlsplit(uri).path or "/"
     route = sidecar.match(path)
     try:
-        if route is None:
+        if route is None:  # only a caller with a key learns which routes exist
+            await c.keys.authenticate(request, "consume")
             raise Problem(404, "not_found", f"no route for {path}")
         ident, redis_down = await sidecar.authenticate(request, route)
         user = c.user(ident, {}, request)
