@@ -90,14 +90,42 @@ end
 --   a allocated left, p purchased left, h held by reservations, u used this period,
 --   pe period end (unix s), lim the allocation the period was granted (-1 unlimited),
 --   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought).
+--
+-- Expired holds are gone for every reader, read-only ones included: a loaded `h` (a meter's
+-- or a sub-quota's) is what live reservations hold; `xh` is the part of the stored field that
+-- belongs to holds past their expiry and not swept yet, which save() writes back untouched.
+local EXPIRED = {}
+
+-- Sums the holds of this org's reservations past their expiry (now_s >= expires_at) that are
+-- still stored, per '<meter>' and per '<subject>:<meter>', into EXPIRED for load_meter and
+-- load_quota. Reads only: check and balance must not write; the sweep returns them for good.
+local function note_expired(rv_key, rx_key, now_s)
+  EXPIRED = {}
+  local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
+  for _, rid in ipairs(due) do
+    local raw = redis.call('HGET', rv_key, rid)
+    if raw then
+      local rec = cjson.decode(raw)
+      EXPIRED[rec.m] = (EXPIRED[rec.m] or 0) + rec.held
+      for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
+        if subject ~= '' then
+          local f = subject .. ':' .. rec.m
+          EXPIRED[f] = (EXPIRED[f] or 0) + rec.held
+        end
+      end
+    end
+  end
+end
+
 local Meter = {}
 Meter.__index = Meter
 
 local function load_meter(bal_key, meter)
   local v = redis.call('HMGET', bal_key, meter .. ':a', meter .. ':p', meter .. ':h',
     meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt')
-  return setmetatable({key = bal_key, m = meter,
-    a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = tonumber(v[3]) or 0,
+  local xh = EXPIRED[meter] or 0
+  return setmetatable({key = bal_key, m = meter, xh = xh,
+    a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
     pending = {}}, Meter)
 end
@@ -168,7 +196,7 @@ function Meter:save(events, user, feature)
   end
   self.pending = {}
   local m = self.m
-  redis.call('HSET', self.key, m .. ':a', fmt(self.a), m .. ':p', fmt(self.p), m .. ':h', fmt(self.h),
+  redis.call('HSET', self.key, m .. ':a', fmt(self.a), m .. ':p', fmt(self.p), m .. ':h', fmt(self.h + self.xh),
     m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim))
 end
 
@@ -185,8 +213,9 @@ local function load_quota(q_key, subject, meter, pe)
   if lim == nil then return nil end
   local used = tonumber(v[2]) or 0
   if tonumber(v[4]) ~= pe then used = 0 end
-  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = tonumber(v[3]) or 0, pe = pe,
-    subject = subject}, Quota)
+  local xh = EXPIRED[f] or 0
+  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = (tonumber(v[3]) or 0) - xh, xh = xh,
+    pe = pe, subject = subject}, Quota)
 end
 
 function Quota:available()
@@ -194,7 +223,7 @@ function Quota:available()
 end
 
 function Quota:save()
-  redis.call('HSET', self.key, self.f .. ':used', fmt(self.used), self.f .. ':h', fmt(self.h),
+  redis.call('HSET', self.key, self.f .. ':used', fmt(self.used), self.f .. ':h', fmt(self.h + self.xh),
     self.f .. ':pe', fmt(self.pe))
 end
 
@@ -249,6 +278,17 @@ local function release_hold(bal_key, q_key, rec, now_s)
   end
 end
 
+-- Returns one expired hold to its meter (a `release` event, reason expired) and forgets it.
+local function expire_hold(rv_key, rx_key, bal_key, q_key, events, rid, rec, now_s)
+  release_hold(bal_key, q_key, rec, now_s)
+  local bal = (tonumber(redis.call('HGET', bal_key, rec.m .. ':a')) or 0)
+    + (tonumber(redis.call('HGET', bal_key, rec.m .. ':p')) or 0)
+  events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f, bal = bal,
+    meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
+  redis.call('HDEL', rv_key, rid)
+  redis.call('ZREM', rx_key, rid)
+end
+
 -- Returns expired holds (at most `max` a call, oldest first) to their meters.
 local function sweep_expired(rv_key, rx_key, bal_key, q_key, events, now, max)
   local now_s = math.floor(now / 1000000)
@@ -256,15 +296,10 @@ local function sweep_expired(rv_key, rx_key, bal_key, q_key, events, now, max)
   for _, rid in ipairs(due) do
     local raw = redis.call('HGET', rv_key, rid)
     if raw then
-      local rec = cjson.decode(raw)
-      release_hold(bal_key, q_key, rec, now_s)
-      local bal = (tonumber(redis.call('HGET', bal_key, rec.m .. ':a')) or 0)
-        + (tonumber(redis.call('HGET', bal_key, rec.m .. ':p')) or 0)
-      events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f, bal = bal,
-        meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
-      redis.call('HDEL', rv_key, rid)
+      expire_hold(rv_key, rx_key, bal_key, q_key, events, rid, cjson.decode(raw), now_s)
+    else
+      redis.call('ZREM', rx_key, rid)
     end
-    redis.call('ZREM', rx_key, rid)
   end
 end
 
@@ -309,6 +344,7 @@ local function gate(write)
   if write then
     sweep_expired(KEYS[10], KEYS[11], KEYS[1], KEYS[2], events, now, 16)
   end
+  note_expired(KEYS[10], KEYS[11], now_s)  -- what the sweep left (read-only: all of them)
 
   local refusal = nil
   -- Users: a known user may belong to a team; an unknown one is registered (or refused).
@@ -415,7 +451,8 @@ end
 -- Settling a reservation (commit, release) happens once; a retry gets the first answer.
 -- KEYS: 1 bal, 2 quotas, 3 reservations, 4 expiries, 5 stream, 6 settled-answer key,
 --       7 event record (commit only)
--- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata
+-- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata,
+--       9 fingerprint of the request (a retry with a different body is 422, not the first answer)
 local function settle_start(op)
   local rid = ARGV[1]
   local done = redis.call('GET', KEYS[6])
@@ -424,23 +461,36 @@ local function settle_start(op)
     if d.op ~= op then
       return nil, nil, {409, 'conflict', 'reservation already ' .. d.op .. 'ed', 0, -1, '', 0, -1, -1, 0, 1, '', ''}
     end
+    if d.fp and (ARGV[9] or '') ~= '' and d.fp ~= ARGV[9] then
+      return nil, nil, {422, 'invalid_request', 'reservation already ' .. op .. 'ed with a different request',
+        0, -1, '', 0, -1, -1, 0, 1, '', ''}
+    end
     d.reply[11] = 1
     return nil, nil, d.reply
   end
+  local now = now_us()
+  local now_s = math.floor(now / 1000000)
+  local events = new_events(KEYS[5], ARGV[2], now, ARGV[3], ARGV[4])
+  sweep_expired(KEYS[3], KEYS[4], KEYS[1], KEYS[2], events, now, 16)
   local raw = redis.call('HGET', KEYS[3], rid)
-  if not raw then
+  local rec = raw and cjson.decode(raw)
+  local expires = tonumber(redis.call('ZSCORE', KEYS[4], rid))  -- as the sweep reads it
+  if rec and expires and now_s >= expires then
+    -- Past its expiry: gone, swept or not, so the answer is the same whatever ran before.
+    expire_hold(KEYS[3], KEYS[4], KEYS[1], KEYS[2], events, rid, rec, now_s)
+    rec = nil
+  end
+  if not rec then
     return nil, nil, {404, 'not_found', 'reservation ' .. rid .. ' not found or expired', 0, -1, '', 0, -1, -1, 0, 0, '', ''}
   end
-  local rec = cjson.decode(raw)
-  local now = now_us()
-  local events = new_events(KEYS[5], ARGV[2], now, ARGV[3], ARGV[4])
-  release_hold(KEYS[1], KEYS[2], rec, math.floor(now / 1000000))
+  release_hold(KEYS[1], KEYS[2], rec, now_s)
   redis.call('HDEL', KEYS[3], rid)
   redis.call('ZREM', KEYS[4], rid)
+  note_expired(KEYS[3], KEYS[4], now_s)
   return rec, events, nil
 end
 
 local function settle_finish(op, rep)
-  redis.call('SET', KEYS[6], cjson.encode({op = op, reply = rep}), 'EX', tonumber(ARGV[6]))
+  redis.call('SET', KEYS[6], cjson.encode({op = op, fp = ARGV[9] or '', reply = rep}), 'EX', tonumber(ARGV[6]))
   return rep
 end

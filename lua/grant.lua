@@ -1,11 +1,12 @@
 -- grant / purchase / adjust: changes purchased credit (never below zero), once per idempotency key.
--- KEYS: 1 bal, 2 idem, 3 stream
+-- KEYS: 1 bal, 2 idem, 3 stream, 4 reservations, 5 reservation expiries (the answer's balance)
 -- ARGV: 1 event id, 2 org, 3 meter, 4 amount (signed), 5 kind, 6 metadata, 7 idem ttl, 8 fingerprint,
 --       9 actor key id, 10 user
 local idem = replay(KEYS[2], ARGV[8])
 if idem then return idem end
 local now = now_us()
 local events = new_events(KEYS[3], ARGV[1], now, ARGV[2], ARGV[9])
+note_expired(KEYS[4], KEYS[5], math.floor(now / 1000000))
 local m = load_meter(KEYS[1], ARGV[3])
 local delta = math.max(tonumber(ARGV[4]), -m.p)
 m.p = m.p + delta

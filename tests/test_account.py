@@ -172,3 +172,22 @@ async def test_admin_top_spenders_and_dashboard_views(client, tenant, drain, dat
         assert burn["projected_exhaustion"] is not None
     finally:
         await pg.close()
+
+
+@pytest.mark.parametrize("query, field", [
+    ("since=0001-01-01T00:00:00%2B14:00", "since"), ("until=0001-01-01T00:00:00%2B14:00", "until"),
+    ("since=9999-12-31T23:59:59-14:00", "since"), ("until=9999-12-31T23:59:59-14:00", "until"),
+    ("since=99999999999999", "since"), ("user_id=a%0A", "user_id"), ("user_id=a%00b", "user_id"),
+])
+async def test_usage_parameters_out_of_range_are_422_naming_the_parameter(client, tenant, query: str, field: str) -> None:
+    _, h = await tenant("bulk")
+    r = await client.get(f"/v1/usage?{query}", headers=h)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "invalid_request" and r.json()["field"] == field
+
+
+async def test_usage_dates_at_the_edges_of_the_range_work(client, tenant) -> None:
+    _, h = await tenant("bulk")
+    r = await client.get("/v1/usage?since=0001-01-02T00:00:00Z&until=9999-12-29T00:00:00%2B14:00", headers=h)
+    assert r.status_code == 200, r.text

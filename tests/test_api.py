@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from quota_gw.layout import Layout
@@ -186,3 +187,182 @@ async def test_health_and_readiness(client):
     r = await client.get("/readyz")
     assert r.status_code == 200 and r.json()["redis"] == "ok" and r.json()["postgres"] == "ok"
     assert "quota_gw_decisions_total" in (await client.get("/metrics")).text
+
+
+# -- admin writes check what their script answered; a reused key with another body is 422 ------
+
+async def test_grant_with_a_reused_idempotency_key_and_another_body_is_422(client, admin):
+    org = await admin.org("starter")
+    url = f"/v1/admin/orgs/{org}/grants"
+    first = await client.post(url, json={"meter": "general", "amount": 5, "reason": "r", "idempotency_key": "g1"},
+                              headers=admin.h)
+    assert first.status_code == 201
+    for other in ({"amount": 7, "reason": "r"}, {"amount": 5, "reason": "another reason"}):
+        r = await client.post(url, json={"meter": "general", "idempotency_key": "g1", **other}, headers=admin.h)
+        problem(r, 422, "invalid_request")
+    again = await client.post(url, json={"meter": "general", "amount": 5, "reason": "r"},
+                              headers={**admin.h, "Idempotency-Key": "g1"})
+    assert again.status_code == 201 and again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    b = (await client.get(f"/v1/admin/orgs/{org}/balance", headers=admin.h)).json()["meters"]["general"]
+    assert b["purchased"] == 5
+
+
+async def test_reused_key_with_another_body_is_422_on_every_decision_that_takes_one(client, tenant):
+    org, h = await tenant("starter", general=100)
+
+    async def same_then_other(url: str, body: dict, other: dict) -> dict:
+        first = await client.post(url, json=body, headers=h)
+        assert first.status_code in (200, 201), first.text
+        again = await client.post(url, json={**body}, headers=h)
+        assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+        problem(await client.post(url, json={**body, **other}, headers=h), 422, "invalid_request")
+        return first.json()
+
+    c = {"feature": "generate_insight", "units": 2, "idempotency_key": "c1", "metadata": {"a": 1, "b": 2}}
+    consumed = await same_then_other("/v1/consume", c, {"metadata": {"a": 1, "b": 3}})
+    problem(await client.post("/v1/consume", json={**c, "units": 3}, headers=h), 422, "invalid_request")
+    # The same metadata with its keys in another order is the same request.
+    r = await client.post("/v1/consume", json={**c, "metadata": {"b": 2, "a": 1}}, headers=h)
+    assert r.status_code == 200 and r.json() == consumed
+    rv = {"feature": "generate_insight", "units": 2, "ttl_s": 60, "idempotency_key": "r1"}
+    rid = (await same_then_other("/v1/reservations", rv, {"ttl_s": 61}))["reservation_id"]
+    await same_then_other(f"/v1/reservations/{rid}/commit", {"units": 1}, {"units": 2})
+    await same_then_other("/v1/refunds", {"event_id": consumed["event_id"], "metadata": {"why": "x"}},
+                          {"metadata": {"why": "y"}})
+    b = (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]
+    assert (b["balance"], b["held"]) == (99, 0)  # 2 consumed and refunded, 1 committed
+
+
+# -- required fields are required ---------------------------------------------------------------
+
+async def test_missing_required_fields_are_422_never_a_default(client, admin, tenant):
+    org, h = await tenant("pro")
+    await admin.quota(org, "general", 9, user_id="kim")
+    cases = [
+        ("PUT", f"/v1/admin/orgs/{org}/plan", {}, "plan"),
+        ("POST", "/v1/admin/orgs", {"org_id": f"{org}-2"}, "plan"),
+        ("POST", f"/v1/admin/orgs/{org}/keys", {}, "scopes"),
+        ("POST", f"/v1/admin/orgs/{org}/users", {}, "user_id"),
+        ("PUT", f"/v1/admin/orgs/{org}/quotas", {"meter": "general", "user_id": "kim"}, "limit"),
+        ("POST", f"/v1/admin/orgs/{org}/grants", {"meter": "general", "reason": "x"}, "amount"),
+        ("POST", f"/v1/admin/orgs/{org}/grants", {"meter": "general", "amount": 1}, "reason"),
+        ("POST", f"/v1/admin/orgs/{org}/grants", {"amount": 1, "reason": "x"}, "meter"),
+    ]
+    for method, url, body, field in cases:
+        r = await client.request(method, url, json=body, headers=admin.h)
+        assert problem(r, 422, "invalid_request")["field"] == field, (url, r.text)
+    for url, body, field in [("/v1/reservations", {"feature": "generate_insight"}, "units"),
+                             ("/v1/check", {"units": 1}, "feature"),
+                             ("/v1/consume", {}, "feature"),
+                             ("/v1/refunds", {}, "event_id")]:
+        assert problem(await client.post(url, json=body, headers=h), 422, "invalid_request")["field"] == field
+    rid = (await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 1}, headers=h)).json()
+    r = await client.post(f"/v1/reservations/{rid['reservation_id']}/commit", json={}, headers=h)
+    assert problem(r, 422, "invalid_request")["field"] == "units"
+    # Nothing moved: same plan, the sub-quota kept, no org made.
+    assert (await client.get("/v1/balance", headers=h)).json()["plan"] == "pro"
+    r = await client.post("/v1/check", json={"feature": "generate_insight", "units": 10, "user_id": "kim"}, headers=h)
+    assert r.json()["allowed"] is False
+    assert (await client.get(f"/v1/admin/orgs/{org}-2/balance", headers=admin.h)).status_code == 404
+    # An explicit null still removes the sub-quota.
+    r = await client.put(f"/v1/admin/orgs/{org}/quotas", json={"meter": "general", "user_id": "kim", "limit": None},
+                         headers=admin.h)
+    assert r.status_code == 200
+
+
+# -- names match in full; what Postgres refuses is a 4xx ------------------------------------------
+
+async def test_names_with_a_trailing_newline_are_refused(client, admin, tenant, redis, prefix, config):
+    org, h = await tenant("pro")
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "u0\n"}, headers=h)
+    assert problem(r, 422, "invalid_request")["field"] == "user_id"
+    assert (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]["used"] == 0
+    assert not await redis.hexists(Layout(prefix, config.shards).users(org), "u0\n")
+    r = await client.post("/v1/admin/orgs", json={"org_id": "a\n", "plan": "pro"}, headers=admin.h)
+    assert problem(r, 422, "invalid_request")["field"] == "org_id"
+    for body, field in [({"user_id": "u\n"}, "user_id"), ({"user_id": "u", "team": "t\n"}, "team")]:
+        r = await client.post(f"/v1/admin/orgs/{org}/users", json=body, headers=admin.h)
+        assert problem(r, 422, "invalid_request")["field"] == field
+    r = await client.put(f"/v1/admin/orgs/{org}/quotas", json={"meter": "general", "team": "t\n", "limit": 1},
+                         headers=admin.h)
+    assert problem(r, 422, "invalid_request")["field"] == "team"
+
+
+async def test_what_postgres_cannot_store_is_a_4xx_naming_the_field(client, admin):
+    r = await client.post("/v1/admin/orgs", json={"org_id": "nul-name", "name": "a\u0000b", "plan": "pro"},
+                          headers=admin.h)
+    assert problem(r, 422, "invalid_request")["field"] == "name"
+    org = await admin.org("pro")
+    r = await client.post(f"/v1/admin/orgs/{org}/grants", json={"meter": "general", "amount": 1, "reason": "a\u0000"},
+                          headers=admin.h)
+    assert problem(r, 422, "invalid_request")["field"] == "reason"
+    for method, url in [("GET", "/v1/admin/orgs/a%00b/keys"), ("GET", "/v1/admin/orgs/a%00b/balance"),
+                        ("DELETE", "/v1/admin/keys/k%00"), ("PUT", "/v1/admin/orgs/a%00b/plan"),
+                        ("PUT", "/v1/admin/orgs/a%0A/plan")]:
+        problem(await client.request(method, url, json={"plan": "pro"}, headers=admin.h), 404, "not_found")
+
+
+# -- metadata depth, body size ---------------------------------------------------------------------
+
+def nested(depth: int) -> dict:
+    m: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        m = {"x": m}
+    return m
+
+
+@pytest.mark.parametrize("depth", [33, 300, 1000])
+async def test_metadata_nested_deeper_than_32_is_422_naming_metadata(client, tenant, depth):
+    org, h = await tenant("pro")
+    raw = orjson.dumps({"feature": "generate_insight", "metadata": {"a": [1]}}).replace(
+        b'{"a":[1]}', b'{"a":' * depth + b"1" + b"}" * depth)
+    r = await client.post("/v1/consume", content=raw, headers={**h, "content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    if depth < 1000:  # (deeper than the JSON parser takes at all: 400 malformed)
+        assert problem(r, 422, "invalid_request")["field"] == "metadata"
+    assert (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]["used"] == 0
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "metadata": nested(32)}, headers=h)
+    assert r.status_code == 200, r.text
+
+
+async def test_request_bodies_over_64_kib_are_413(client, tenant, admin):
+    org, h = await tenant("pro")
+    big = {"feature": "generate_insight", "metadata": {"pad": "x" * 70_000}}
+    problem(await client.post("/v1/consume", json=big, headers=h), 413, "invalid_request")
+    r = await client.post(f"/v1/admin/orgs/{org}/grants", json={"meter": "general", "amount": 1, "reason": "x" * 70_000},
+                          headers=admin.h)
+    problem(r, 413, "invalid_request")
+
+    async def chunks():  # no Content-Length: counted while it streams
+        for _ in range(20):
+            yield b" " * 8192
+
+    problem(await client.post("/v1/check", content=chunks(), headers={**h, "content-type": "application/json"}),
+            413, "invalid_request")
+    assert (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]["used"] == 0
+    assert (await client.post("/v1/check", json={"feature": "generate_insight", "pad": "x" * 60_000},
+                              headers=h)).status_code == 200
+
+
+async def test_postgres_refusals_under_the_checks_are_4xx_naming_the_column(app):
+    """The net under the routes' own checks (pg_errors), on real Postgres refusals."""
+    from starlette.requests import Request
+
+    from quota_gw.admin import pg_errors
+    from quota_gw.problems import Problem
+
+    db = app.state.ctx.db
+    statements = {
+        "org_id": ("INSERT INTO orgs (org_id, plan) VALUES ($1, 'pro')", "a\n"),  # the table's check
+        "plan": ("INSERT INTO orgs (org_id, plan) VALUES ($1, NULL)", "no-plan"),  # NOT NULL
+        "org_id ": ("INSERT INTO users (org_id, user_id) VALUES ($1, 'u')", "no-such-org"),  # foreign key
+        "body": ("SELECT 1 WHERE $1::text = ''", "a\x00b"),  # a value Postgres cannot hold
+    }
+    for field, (sql, arg) in statements.items():
+        async def route(request: Request) -> None:
+            await db.execute(sql, arg)
+
+        with pytest.raises(Problem) as e:
+            await pg_errors(route)(Request({"type": "http", "method": "POST", "path": "/", "headers": []}))
+        assert 400 <= e.value.status < 500 and e.value.extra["field"] == field.strip(), (sql, e.value.detail)

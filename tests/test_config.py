@@ -49,6 +49,12 @@ BASE = {"meters": ["general"], "features": {"f": {"meter": "general", "cost": 1}
     ({"shards": 0}, "shards", "greater than or equal to 1"),
     ({"colour": "blue"}, "colour", "unknown key"),
     ({"default_plan": "gold"}, "default_plan", "unknown plan"),
+    ({"meters": ["general\n"]}, "meters", "must match"),
+    ({"features": {"f\n": {"meter": "general", "cost": 1}}}, "features.f\n", "must match"),
+    ({"routes": [{"prefix": "/ai", "upstream": "http://x\n", "feature": "f"}]}, "routes.0.upstream", "not an http(s) URL"),
+    ({"behaviour": {"max_body_bytes": 10}}, "behaviour.max_body_bytes", "greater than or equal to 1024"),
+    ({"behaviour": {"max_header_bytes": 10**9}}, "behaviour.max_header_bytes", "less than or equal to"),
+    ({"behaviour": {"max_headers": 2}}, "behaviour.max_headers", "greater than or equal to 16"),
 ])
 def test_bad_config_names_the_key(patch, path, words):
     with pytest.raises(config_mod.ConfigError) as e:
@@ -90,3 +96,30 @@ def test_wheel_ships_the_lua_scripts(tmp_path):
     assert "quota_gw/migrations/001_core.sql" in names
     assert "quota_gw/client/__init__.py" in names and "quota_gw/client/sync.py" in names  # the client ships too
     assert "quota_gw/openapi.json" in names  # GET /openapi.json
+
+
+def test_request_limits_have_defaults_and_are_configurable():
+    b = config_mod.parse(BASE).behaviour
+    assert (b.max_body_bytes, b.max_header_bytes, b.max_headers) == (64 * 1024, 32 * 1024, 100)
+    b = config_mod.parse({**BASE, "behaviour": {"max_body_bytes": 2048, "max_header_bytes": 8192,
+                                                 "max_headers": 20}}).behaviour
+    assert (b.max_body_bytes, b.max_header_bytes, b.max_headers) == (2048, 8192, 20)
+
+
+async def test_the_configured_body_limit_is_the_one_applied(redis_url, database_url, prefix, admin):
+    import httpx
+
+    from conftest import test_config_data
+    from quota_gw.app import create_app
+
+    data = test_config_data()
+    data["behaviour"] = {"max_body_bytes": 2048}
+    app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            org = await admin.org("bulk")
+            h = {"Authorization": f"Bearer {await admin.key(org)}"}
+            body = {"feature": "generate_insight", "pad": "x" * 1900}
+            assert (await c.post("/v1/check", json=body, headers=h)).status_code == 200
+            r = await c.post("/v1/check", json={**body, "pad": "x" * 2100}, headers=h)
+            assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"

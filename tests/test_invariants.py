@@ -7,7 +7,12 @@ import asyncio
 import random
 
 import httpx
+import orjson
+import pytest
 
+from conftest import ADMIN_TOKEN, test_config_data
+from quota_gw import config as config_mod
+from quota_gw.app import create_app
 from quota_gw.layout import Layout
 
 
@@ -381,3 +386,150 @@ async def test_decision_connection_lost_mid_flight_retries_with_keys_charge_once
     consumes = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]
     assert len(consumes) == len({f["id"] for f in consumes}) == 301
     assert (await balance(client, h, "general"))["balance"] == 1000 - 301
+
+
+# -- expired holds are gone for every reader (issue 8) --------------------------------------
+
+async def age(redis, layout: Layout, org: str, *rids: str) -> None:
+    """Puts holds past their expiry without sleeping: the expiry is a score in the org's set."""
+    await redis.zadd(layout.expiries(org), {rid: 1 for rid in rids})
+
+
+async def reserve(client, h, units: int, **kw) -> str:
+    r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": units, "ttl_s": 600, **kw},
+                          headers=h)
+    assert r.status_code == 201, r.text
+    return r.json()["reservation_id"]
+
+
+async def test_expired_hold_is_gone_for_check_and_balance_which_write_nothing(client, tenant, redis, config, prefix):
+    org, h = await tenant("starter", general=10)
+    layout = Layout(prefix, config.shards)
+    rid = await reserve(client, h, 6)
+    r = await client.post("/v1/check", json={"feature": "generate_insight", "units": 10}, headers=h)
+    assert r.json()["allowed"] is False  # held while live
+    await age(redis, layout, org, rid)
+    stored = await redis.hgetall(layout.balances(org))
+    stream_len = await redis.xlen(layout.stream(org))
+    r = await client.post("/v1/check", json={"feature": "generate_insight", "units": 10}, headers=h)
+    assert r.status_code == 200 and r.json()["allowed"] is True and r.json()["remaining"] == 10, r.text
+    b = await balance(client, h, "general")
+    assert (b["balance"], b["held"]) == (10, 0)
+    # Read-only: the hold is still stored (the next write sweeps it), nothing was written.
+    assert await redis.hgetall(layout.balances(org)) == stored and stored["general:h"] == "6"
+    assert await redis.hexists(layout.reservations(org), rid)
+    assert await redis.xlen(layout.stream(org)) == stream_len
+
+
+async def test_expired_hold_is_gone_for_a_user_sub_quota_check(client, tenant, admin, redis, config, prefix):
+    org, h = await tenant("starter", general=100)
+    await admin.quota(org, "general", 10, user_id="ula")
+    rid = await reserve(client, h, 6, user_id="ula")
+    await age(redis, Layout(prefix, config.shards), org, rid)
+    r = await client.post("/v1/check", json={"feature": "generate_insight", "units": 10, "user_id": "ula"}, headers=h)
+    assert r.json()["allowed"] is True and r.json()["remaining"] == 10, r.text
+
+
+@pytest.mark.parametrize("plan, user", [("starter", None), ("bulk", "uma")])
+async def test_expired_holds_beyond_one_sweep_are_gone_for_consume_and_reserve(client, tenant, admin, redis, config,
+                                                                               prefix, plan, user):
+    # A write sweeps at most 16 expired holds; the ones it leaves must not count either. The
+    # binding level is the org (starter: 20 bought) or a user's sub-quota (bulk: 20 of 100).
+    org, h = await tenant(plan, **({"general": 20} if plan == "starter" else {}))
+    layout = Layout(prefix, config.shards)
+    who = {"user_id": user} if user else {}
+    if user:
+        await admin.quota(org, "general", 20, user_id=user)
+    rids = [await reserve(client, h, 1, **who) for _ in range(20)]
+    await age(redis, layout, org, *rids)
+    r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 20, **who}, headers=h)
+    assert r.status_code == 201, r.text
+    assert (await client.delete(f"/v1/reservations/{r.json()['reservation_id']}", headers=h)).status_code == 200
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 20, **who}, headers=h)
+    assert r.status_code == 200 and r.json()["remaining"] == 0, r.text
+    # Every expired hold returned exactly once, and the stored holds come back to zero.
+    await admin.grant(org, "general", 5)
+    assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 200
+    assert await redis.hget(layout.balances(org), "general:h") == "0"
+    if user:
+        assert await redis.hget(layout.quotas(org), f"u:{user}:general:h") == "0"
+    expired = [f for f in await stream_kinds(redis, layout, org)
+               if f["kind"] == "release" and '"expired"' in f["meta"]]
+    assert sorted(orjson.loads(f["meta"])["reservation_id"] for f in expired) == sorted(rids)
+    b = await balance(client, h, "general")
+    assert (b["held"], b["used"]) == (0, 21)
+    assert b["balance"] == (4 if plan == "starter" else 84)
+
+
+async def test_commit_or_release_of_an_expired_hold_is_404_whatever_ran_before(client, tenant, redis, config, prefix):
+    org, h = await tenant("starter", general=30)
+    layout = Layout(prefix, config.shards)
+    a, b, c, d = [await reserve(client, h, 5) for _ in range(4)]
+    await age(redis, layout, org, a, b, c, d)
+    # Nothing ran since the expiry: still 404, nothing charged.
+    for r in (await client.post(f"/v1/reservations/{a}/commit", json={"units": 5}, headers=h),
+              await client.delete(f"/v1/reservations/{b}", headers=h)):
+        assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+    # A write swept the rest first: the same answer.
+    assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 200
+    for r in (await client.post(f"/v1/reservations/{c}/commit", json={"units": 5}, headers=h),
+              await client.delete(f"/v1/reservations/{d}", headers=h),
+              await client.post(f"/v1/reservations/{a}/commit", json={"units": 5}, headers=h)):
+        assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+    m = await balance(client, h, "general")
+    assert (m["balance"], m["held"], m["used"]) == (29, 0, 1)
+    kinds = [f["kind"] for f in await stream_kinds(redis, layout, org)]
+    assert "commit" not in kinds and kinds.count("release") == 4
+
+
+async def test_expired_hold_is_gone_for_authorize_on_an_llm_route(redis_url, database_url, prefix, admin, redis):
+    data = test_config_data()
+    data["routes"] = [{"prefix": "/v1/chat/completions", "upstream": "http://127.0.0.1:9", "feature": "chat",
+                       "metering": "openai"}]
+    cfg = config_mod.parse(data)
+    app = create_app(cfg, redis_url, database_url, prefix)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            org = await admin.org("starter")
+            await admin.grant(org, "tokens", 50)
+            h = {"Authorization": f"Bearer {await admin.key(org)}"}
+            r = await c.post("/v1/reservations", json={"feature": "chat", "units": 50, "ttl_s": 600}, headers=h)
+            assert r.status_code == 201, r.text
+            ask = {**h, "X-Original-URI": "/v1/chat/completions", "X-Original-Method": "POST"}
+            assert (await c.get("/v1/authorize", headers=ask)).status_code == 402
+            await age(redis, Layout(prefix, cfg.shards), org, r.json()["reservation_id"])
+            r = await c.get("/v1/authorize", headers=ask)
+            assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "50", r.text
+
+
+# -- refusals leave the rate budget alone (issue 8: a planted bug went through) ---------------
+
+async def test_refused_calls_402_and_403_leave_the_users_rate_budget_untouched(client, tenant):
+    # pro and starter allow a user 5 calls a minute. 402 and 403 refusals, more of them than
+    # the budget, must not use it: afterwards the user still has all 5 calls.
+    org, h = await tenant("pro")
+    call = {"feature": "generate_goal", "units": 7, "user_id": "rita"}  # 21 > the 20 allocated: 402
+    for _ in range(7):
+        r = await client.post("/v1/consume", json=call, headers=h)
+        assert r.status_code == 402, r.text
+        r = await client.post("/v1/reservations", json=call, headers=h)
+        assert r.status_code == 402, r.text
+    codes = []
+    for i in range(6):
+        r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "rita"}, headers=h)
+        codes.append(r.status_code)
+        if i == 0:
+            assert r.headers["RateLimit-Remaining"] == "4"
+    assert codes == [200] * 5 + [429]
+
+    org, h = await tenant("starter")  # every meter forbidden: 403 plan_forbids
+    for _ in range(7):
+        for path in ("/v1/consume", "/v1/reservations"):
+            r = await client.post(path, json={"feature": "generate_insight", "units": 1, "user_id": "rita"},
+                                  headers=h)
+            assert r.status_code == 403 and r.json()["code"] == "plan_forbids", r.text
+    await client.post(f"/v1/admin/orgs/{org}/grants", json={"meter": "general", "amount": 10, "reason": "t"},
+                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    codes = [(await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "rita"},
+                                headers=h)).status_code for _ in range(6)]
+    assert codes == [200] * 5 + [429]

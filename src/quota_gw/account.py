@@ -16,14 +16,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .admin import _admin
+from .admin import _admin, pg_errors
 from .api import Context, balance_of, ctx, json_response
+from .config import NAME_RE, is_name
 from .problems import Problem, invalid
 
 KINDS = ("consume", "refund", "reserve", "commit", "release", "grant", "purchase", "reset", "adjust", "denied")
 USAGE_KINDS = ("consume", "commit", "refund")  # what a call was priced at; refunds count negative
 BURN_WINDOW_DAYS = 7
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MIN_TIME = datetime(1, 1, 2, tzinfo=timezone.utc)  # since/until bounds: a day inside Python's range
+MAX_TIME = datetime(9999, 12, 30, tzinfo=timezone.utc)
 
 
 def _db(c: Context) -> Any:
@@ -43,10 +46,16 @@ def _time(q: Any, name: str) -> datetime | None:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
             return datetime.combine(date.fromisoformat(v), datetime.min.time(), timezone.utc)
         t = datetime.fromisoformat(v)
-        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        # In UTC, and inside what Python and the driver can carry: 0001-01-01T00:00:00+14:00 is
+        # year 0 in UTC (OverflowError), and so is 9999-12-31T23:59:59-14:00 the other way.
+        t = t.astimezone(timezone.utc)
+        if not MIN_TIME <= t <= MAX_TIME:
+            raise ValueError
+        return t
     except (ValueError, OverflowError, OSError):
-        raise invalid(f"{name}: an ISO 8601 time (2026-05-01T12:00:00Z), a date or unix seconds",
-                      field=name) from None
+        raise invalid(f"{name}: an ISO 8601 time (2026-05-01T12:00:00Z), a date or unix seconds, "
+                      f"from {MIN_TIME.date()} to {MAX_TIME.date()}", field=name) from None
 
 
 def _int(q: Any, name: str, default: int, lo: int, hi: int) -> int:
@@ -102,6 +111,8 @@ async def usage(request: Request) -> Response:
     meter = _choice(q, "meter", c.config.meter_names)
     kind = _choice(q, "kind", KINDS)
     user = ident.user_id or q.get("user_id") or None
+    if user is not None and not is_name(user):
+        raise invalid(f"user_id: must match {NAME_RE}", field="user_id")
     cur = _uncursor(q["cursor"]) if q.get("cursor") else None
     args: list[Any] = [ident.org_id]
     where = ["org_id = $1"]
@@ -222,7 +233,7 @@ async def top(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/usage", usage, methods=["GET"]),
-    Route("/v1/analytics", analytics, methods=["GET"]),
-    Route("/v1/admin/top", top, methods=["GET"]),
+    Route("/v1/usage", pg_errors(usage), methods=["GET"]),
+    Route("/v1/analytics", pg_errors(analytics), methods=["GET"]),
+    Route("/v1/admin/top", pg_errors(top), methods=["GET"]),
 ]

@@ -2,10 +2,18 @@
 
 Postgres is written first and is the source of truth; Redis is written after, so a crash in
 between leaves Redis behind (the gateway reads through to Postgres), never ahead.
+
+Every write checks what it was answered (a grant the script refused is that refusal, not a
+201), a field the contract requires is required (422 when missing, never a default), and what
+Postgres refuses (a check, a foreign key, a value it cannot store) is a 4xx naming the field,
+never a 500: see `pg_errors`.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -15,7 +23,7 @@ from starlette.routing import Route
 
 from .api import Context, balance_of, ctx, int_field, json_body, json_response, name_field
 from .auth import hash_key, new_key, require_admin
-from .config import MAX_AMOUNT
+from .config import MAX_AMOUNT, is_name
 from .problems import Problem, invalid
 
 SCOPES = {"consume", "read"}
@@ -29,8 +37,38 @@ async def _admin(request: Request) -> Context:
     return c
 
 
+def pg_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Turns what Postgres refuses into a 422 naming the column (a constraint or a value it
+    cannot store: a NUL character, a number out of range). The checks in the routes come first;
+    this is the net under them, so a client never sees a 500 for what it sent."""
+
+    @functools.wraps(route)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await route(request)
+        except asyncpg.UniqueViolationError as e:
+            raise Problem(409, "conflict", f"{_column(e)}: already exists", field=_column(e)) from None
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as e:
+            field = _column(e)
+            raise invalid(f"{field}: refused by the database ({e.__class__.__name__})", field=field) from None
+
+    return wrapped
+
+
+def _column(e: Exception) -> str:
+    """The column a Postgres error is about: its column name, else the one its constraint
+    names (`<table>_<column>_check`/`_fkey`/`_key`), else 'body'."""
+    col = getattr(e, "column_name", None)
+    if col:
+        return col
+    m = re.fullmatch(r"[a-z]+s_([a-z_]+?)_(check|fkey|key|pkey)", getattr(e, "constraint_name", None) or "")
+    return m.group(1) if m else "body"
+
+
 def _plan(c: Context, data: dict[str, Any]) -> str:
-    plan = data.get("plan", c.config.default_plan)
+    plan = data.get("plan")
+    if plan is None:
+        raise invalid("plan: required", field="plan")
     if not isinstance(plan, str) or plan not in c.config.plans:
         raise invalid(f"plan: one of {', '.join(c.config.plans)}", field="plan")
     return plan
@@ -43,6 +81,14 @@ def _meter(c: Context, data: dict[str, Any]) -> str:
     return meter
 
 
+def _path_name(request: Request, param: str) -> str:
+    """An org or key id from the path; one that is not a name cannot exist: 404."""
+    v = request.path_params[param]
+    if not is_name(v):
+        raise Problem(404, "not_found", f"no {param.removesuffix('_id')} {v[:64]!r}")
+    return v
+
+
 async def _org_exists(c: Context, org_id: str) -> None:
     if not await c.db.fetchval("SELECT 1 FROM orgs WHERE org_id = $1", org_id):
         raise Problem(404, "not_found", f"no org {org_id}")
@@ -53,8 +99,8 @@ async def create_org(request: Request) -> Response:
     data = await json_body(request)
     org_id = name_field(data, "org_id")
     name = data.get("name")
-    if name is not None and (not isinstance(name, str) or len(name) > 200):
-        raise invalid("name: a string of at most 200 characters", field="name")
+    if name is not None and (not isinstance(name, str) or len(name) > 200 or not _storable(name)):
+        raise invalid("name: a string of at most 200 characters, without NUL", field="name")
     plan = _plan(c, data)
     try:
         await c.db.execute("INSERT INTO orgs (org_id, name, plan) VALUES ($1, $2, $3)", org_id, name, plan)
@@ -66,7 +112,7 @@ async def create_org(request: Request) -> Response:
 
 async def set_plan(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     plan = _plan(c, await json_body(request))
     if await c.db.execute("UPDATE orgs SET plan = $2, updated_at = now() WHERE org_id = $1", org_id, plan) == "UPDATE 0":
         raise Problem(404, "not_found", f"no org {org_id}")
@@ -77,7 +123,7 @@ async def set_plan(request: Request) -> Response:
 
 async def create_user(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     user_id = name_field(data, "user_id")
     team = name_field(data, "team", required=False)
@@ -92,10 +138,12 @@ async def create_user(request: Request) -> Response:
 
 async def create_key(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     user_id = name_field(data, "user_id", required=False)
-    scopes = data.get("scopes", ["consume", "read"])
+    scopes = data.get("scopes")
+    if scopes is None:
+        raise invalid(f"scopes: required, a non-empty list of {sorted(SCOPES)}", field="scopes")
     if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
             or not set(scopes) <= SCOPES):
         raise invalid(f"scopes: a non-empty list of {sorted(SCOPES)}", field="scopes")
@@ -113,7 +161,7 @@ async def create_key(request: Request) -> Response:
 
 async def list_keys(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     await _org_exists(c, org_id)
     rows = await c.db.fetch(
         """SELECT key_id, user_id, key_prefix, scopes, created_at, revoked_at FROM api_keys
@@ -126,7 +174,7 @@ async def list_keys(request: Request) -> Response:
 
 async def revoke_key(request: Request) -> Response:
     c = await _admin(request)
-    key_id = request.path_params["key_id"]
+    key_id = _path_name(request, "key_id")
     h = await c.db.fetchval(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING key_hash", key_id)
     if h is None:
@@ -138,31 +186,36 @@ async def revoke_key(request: Request) -> Response:
 
 async def grant(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     meter = _meter(c, data)
     amount = int_field(data, "amount", None, 1, MAX_AMOUNT)
     reason = data.get("reason")
-    if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
-        raise invalid("reason: required, at most 500 characters", field="reason")
+    if not isinstance(reason, str) or not 1 <= len(reason) <= 500 or not _storable(reason):
+        raise invalid("reason: required, at most 500 characters, without NUL", field="reason")
     idem = c.idempotency_key(data, request)
     if data.get("expires_at") is not None:
         raise invalid("expires_at: expiring grants are not supported yet", field="expires_at")
     await _org_exists(c, org_id)
     d = await c.decider.grant(org_id, meter, amount, "grant", {"reason": reason}, idem)
+    if not d.ok:  # e.g. the idempotency key was used for a different grant: 422, nothing granted
+        raise d.problem()
     return json_response({"event_id": d.event_id, "amount": d.cost, "balance": d.remaining}, 201, d.headers())
 
 
 async def set_quota(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     data = await json_body(request)
     meter = _meter(c, data)
     user_id = name_field(data, "user_id", required=False)
     team = name_field(data, "team", required=False)
     if (user_id is None) == (team is None):
         raise invalid("give exactly one of user_id or team", field="user_id")
-    limit = data.get("limit")
+    if "limit" not in data:  # null removes the sub-quota; leaving it out is not the same thing
+        raise invalid("limit: required (a number of tokens per period, or null to remove the sub-quota)",
+                      field="limit")
+    limit = data["limit"]
     if limit is not None:
         limit = int_field(data, "limit", None, 0, MAX_AMOUNT)
     await _org_exists(c, org_id)
@@ -183,21 +236,32 @@ async def set_quota(request: Request) -> Response:
 
 async def org_balance(request: Request) -> Response:
     c = await _admin(request)
-    org_id = request.path_params["org_id"]
+    org_id = _path_name(request, "org_id")
     plan = await c.db.fetchval("SELECT plan FROM orgs WHERE org_id = $1", org_id)
     if plan is None:
         raise Problem(404, "not_found", f"no org {org_id}")
     return json_response(await balance_of(c, org_id, plan))
 
 
+def _storable(text: str) -> bool:
+    """Postgres text and jsonb refuse NUL; Python strings that are not UTF-8 (lone surrogates) too."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 routes = [
-    Route("/v1/admin/orgs", create_org, methods=["POST"]),
-    Route("/v1/admin/orgs/{org_id}/plan", set_plan, methods=["PUT"]),
-    Route("/v1/admin/orgs/{org_id}/users", create_user, methods=["POST"]),
-    Route("/v1/admin/orgs/{org_id}/keys", create_key, methods=["POST"]),
-    Route("/v1/admin/orgs/{org_id}/keys", list_keys, methods=["GET"]),
-    Route("/v1/admin/keys/{key_id}", revoke_key, methods=["DELETE"]),
-    Route("/v1/admin/orgs/{org_id}/grants", grant, methods=["POST"]),
-    Route("/v1/admin/orgs/{org_id}/quotas", set_quota, methods=["PUT"]),
-    Route("/v1/admin/orgs/{org_id}/balance", org_balance, methods=["GET"]),
+    Route("/v1/admin/orgs", pg_errors(create_org), methods=["POST"]),
+    Route("/v1/admin/orgs/{org_id}/plan", pg_errors(set_plan), methods=["PUT"]),
+    Route("/v1/admin/orgs/{org_id}/users", pg_errors(create_user), methods=["POST"]),
+    Route("/v1/admin/orgs/{org_id}/keys", pg_errors(create_key), methods=["POST"]),
+    Route("/v1/admin/orgs/{org_id}/keys", pg_errors(list_keys), methods=["GET"]),
+    Route("/v1/admin/keys/{key_id}", pg_errors(revoke_key), methods=["DELETE"]),
+    Route("/v1/admin/orgs/{org_id}/grants", pg_errors(grant), methods=["POST"]),
+    Route("/v1/admin/orgs/{org_id}/quotas", pg_errors(set_quota), methods=["PUT"]),
+    Route("/v1/admin/orgs/{org_id}/balance", pg_errors(org_balance), methods=["GET"]),
 ]

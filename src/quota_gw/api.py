@@ -1,7 +1,10 @@
 """The decision and account routes (SPEC §4).
 
 Request bodies are checked by hand: the hot path should not pay for a validation framework,
-and each error names the field that is wrong.
+and each error names the field that is wrong. A field the contract marks required is refused
+when missing (422), never given a default; names match NAME_RE in full (a trailing newline
+is not a name); a body larger than `behaviour.max_body_bytes` is refused (413) before it is
+read whole.
 """
 
 from __future__ import annotations
@@ -16,23 +19,46 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .config import MAX_AMOUNT, NAME_RE, Config
+from .config import MAX_AMOUNT, NAME_RE, Config, is_name
 from . import display, metrics
 from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
 
-_NAME = re.compile(NAME_RE)
 _IDEM = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # the pattern openapi.json states
 _EVENT_ID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 MAX_METADATA = 4096
+MAX_METADATA_DEPTH = 32  # nesting of objects and arrays; far below any encoder's recursion limit
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
 
 
+def too_large(limit: int) -> Problem:
+    return invalid(f"request body larger than {limit} bytes", status=413)
+
+
+async def bounded_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit`: from Content-Length
+    before reading anything, or while counting a chunked body, so it is never held whole."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise invalid("Content-Length: not a number of bytes", status=400)
+        if int(length) > limit:
+            raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def json_body(request: Request, required: bool = True) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await bounded_body(request, ctx(request).config.behaviour.max_body_bytes)
     if not raw:
         if required:
             raise invalid("a JSON object body is required", status=400)
@@ -66,7 +92,7 @@ def name_field(data: dict[str, Any], name: str, required: bool = True) -> str | 
         if required:
             raise invalid(f"{name}: required", field=name)
         return None
-    if not isinstance(v, str) or not _NAME.match(v):
+    if not is_name(v):
         raise invalid(f"{name}: must match {NAME_RE}", field=name)
     return v
 
@@ -85,8 +111,8 @@ class Context:
             raise invalid(f"feature: unknown feature {f!r}", field="feature")
         return f
 
-    def units(self, data: dict[str, Any], feature: str) -> int:
-        units = int_field(data, "units", 1, 1, self.config.behaviour.max_units)
+    def units(self, data: dict[str, Any], feature: str, default: int | None = 1) -> int:
+        units = int_field(data, "units", default, 1, self.config.behaviour.max_units)
         if self.config.features[feature].cost * units > MAX_AMOUNT:
             raise invalid("units: the call would cost more than the largest balance", field="units")
         return units
@@ -94,7 +120,7 @@ class Context:
     def user(self, ident: Identity, data: dict[str, Any], request: Request) -> str:
         """A user key names its user; an org key may name one (body or header)."""
         header = request.headers.get(self.config.behaviour.user_header)
-        if header is not None and not _NAME.match(header):  # never silently ignored
+        if header is not None and not is_name(header):  # never silently ignored
             raise invalid(f"{self.config.behaviour.user_header}: must match {NAME_RE}", field="user_id")
         u = data.get("user_id")
         if u is None:
@@ -105,7 +131,7 @@ class Context:
             return ident.user_id
         if u is None:
             return ""
-        if not isinstance(u, str) or not _NAME.match(u):
+        if not is_name(u):
             raise invalid(f"user_id: must match {NAME_RE}", field="user_id")
         return u
 
@@ -115,7 +141,12 @@ class Context:
             return None
         if not isinstance(m, dict):
             raise invalid("metadata: must be an object", field="metadata")
-        raw = orjson.dumps(m)
+        if _depth(m) > MAX_METADATA_DEPTH:
+            raise invalid(f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels", field="metadata")
+        try:  # sorted keys: the same metadata is the same request for idempotency
+            raw = orjson.dumps(m, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError as e:
+            raise invalid(f"metadata: cannot be stored as JSON ({e})", field="metadata") from None
         if b"\\u0000" in raw and _has_nul(m):
             raise invalid("metadata: NUL characters are not allowed (Postgres jsonb refuses them)", field="metadata")
         if len(raw) > MAX_METADATA:
@@ -132,6 +163,21 @@ class Context:
         if not isinstance(k, str) or not _IDEM.fullmatch(k):
             raise invalid("idempotency_key: 1..200 characters, no control characters", field="idempotency_key")
         return k
+
+
+def _depth(v: Any) -> int:
+    """How deeply objects and arrays nest in `v` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict):
+            x = list(x.values())
+        elif not isinstance(x, list):
+            continue
+        deepest = max(deepest, d)
+        if d <= MAX_METADATA_DEPTH:  # deeper is refused anyway: stop counting there
+            stack.extend((y, d + 1) for y in x)
+    return deepest
 
 
 def _has_nul(v: Any) -> bool:
@@ -191,7 +237,7 @@ async def reserve(request: Request) -> Response:
     feature = c.feature(data)
     b = c.config.behaviour
     ttl = int_field(data, "ttl_s", b.reservation_ttl_s, 1, b.max_reservation_ttl_s)
-    d = await c.decider.reserve(ident, feature, c.units(data, feature), c.user(ident, data, request), ttl,
+    d = await c.decider.reserve(ident, feature, c.units(data, feature, None), c.user(ident, data, request), ttl,
                                 c.idempotency_key(data, request), b.shadow)
     return decided(d, "reserve", {"reservation_id": d.event_id, "held": d.cost, "remaining": d.remaining,
                        "expires_at": iso(d.extra.get("expires_at", 0))}, 201)

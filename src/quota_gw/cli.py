@@ -25,6 +25,10 @@ class Parser(argparse.ArgumentParser):
         print(f"{self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
         raise SystemExit(USAGE)
 
+# uvicorn's httptools protocol with the request head bounded (431 past behaviour.max_header_bytes
+# or behaviour.max_headers; see limits.py).
+HTTP_PROTOCOL = "quota_gw.limits:BoundedHttpToolsProtocol"
+
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
     """Loads and validates the config, or fails (exit 2) with the file, key and reason."""
@@ -47,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _config(args)
     uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False, loop="uvloop", http="httptools")
+                log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL)
     return 0
 
 

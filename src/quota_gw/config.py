@@ -15,9 +15,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_RE = r"^[A-Za-z0-9_.-]{1,64}$"
+NAME_RE = r"^[A-Za-z0-9_.-]{1,64}$"  # (as in the orgs table's check) always applied with fullmatch
+_NAME = re.compile(NAME_RE)
 UNLIMITED = -1
 MAX_AMOUNT = 10**12  # keeps every sum exact in Lua doubles and in JSON
+
+
+def is_name(v: Any) -> bool:
+    """A name (org, user, team, meter, feature): the whole string matches NAME_RE. With
+    re.match, `$` also matches before a trailing newline, so "u0\n" passed."""
+    return isinstance(v, str) and _NAME.fullmatch(v) is not None
 
 
 class ConfigError(Exception):
@@ -157,7 +164,7 @@ class Route(_Model):
     @field_validator("upstream")
     @classmethod
     def _upstream(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/]+", v):
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
             raise ValueError(f"not an http(s) URL: {v!r}")
         return v.rstrip("/")
 
@@ -193,6 +200,13 @@ class Behaviour(_Model):
         "Header naming the user on a call with an org key; also sent upstream (the caller's own is replaced)."))
     spool_dir: str = Field(default=".quota-gw/spool", description=(
         "Folder of the fail-open spool (usage written while Redis is down); $QUOTA_GW_SPOOL_DIR overrides it."))
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description=(
+        "Largest request body of the decision and admin API, in bytes (413 beyond; refused from Content-Length "
+        "or while a chunked body streams, never read whole). Proxy routes have their own 16 MiB."))
+    max_header_bytes: int = Field(default=32 * 1024, ge=4096, le=1024 * 1024, description=(
+        "Largest request line plus headers `quota-gw serve` accepts, in bytes (431 beyond, connection closed)."))
+    max_headers: int = Field(default=100, ge=16, le=1000, description=(
+        "Most request headers `quota-gw serve` accepts (431 beyond, connection closed)."))
 
 
 class Config(_Model):
@@ -218,7 +232,7 @@ class Config(_Model):
     def _meters(cls, v: Any) -> list[str]:
         names = list(v)
         for n in names:
-            if not isinstance(n, str) or not re.match(NAME_RE, n):
+            if not is_name(n):
                 raise ValueError(f"meter name {n!r} must match {NAME_RE}")
         if len(set(names)) != len(names):
             raise ValueError("meter names repeat")
@@ -233,7 +247,7 @@ class Config(_Model):
                 raise _PathError(where, f"unknown meter {meter!r} (meters: {', '.join(self.meters)})")
 
         for name, f in self.features.items():
-            if not re.match(NAME_RE, name):
+            if not is_name(name):
                 raise _PathError(f"features.{name}", f"feature name must match {NAME_RE}")
             known(f.meter, f"features.{name}.meter")
         for name, p in self.plans.items():

@@ -6,6 +6,7 @@ and write of a balance happens inside the script, atomically, on the Redis serve
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,17 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
+    """What an idempotency key (or a reservation or event id, for commit and refund) stands
+    for: every field of the request, metadata included, so a key reused with a different body
+    is refused (422) instead of answering for a request that was not made. Metadata arrives
+    with sorted keys (api.Context.metadata), so a retry that reorders them is the same request."""
+    fp = "|".join(str(p) for p in parts)
+    if metadata:
+        fp += "|m:" + hashlib.sha256(metadata).hexdigest()[:24]
+    return fp
+
+
 class Decider:
     def __init__(self, redis: Redis, config: Config, layout: Layout) -> None:
         self.redis = redis
@@ -144,7 +156,7 @@ class Decider:
                       metadata: bytes | None = None, shadow: bool = False, rate_limit: bool = True) -> Decision:
         """`rate_limit=False`: for a call that already happened (the fail-open spool's replay)."""
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
-                                     f"consume|{feature}|{units}|{user}", metadata, shadow)
+                                     fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow)
         if not rate_limit:
             args[10:16] = (0, 0, 0, 0, 0, 0)  # ARGV 11..16: no user, key or org rate limit
         return Decision.from_reply(await self._run(self.scripts.consume, keys, args))
@@ -160,18 +172,21 @@ class Decider:
         token). With `min_cost`, holds less than asked, down to `min_cost`, when that is all there is."""
         unit = self.config.features[feature].cost
         held = self.cost(feature, units) if cost is None else cost
-        keys, args = self._gate_call(ident, feature, held, user, idem, f"reserve|{feature}|{units}|{user}",
+        keys, args = self._gate_call(ident, feature, held, user, idem,
+                                     fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else ""),
                                      None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
         args.append(min_cost)
         return Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
 
-    def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None) -> tuple[list[str], list[Any]]:
+    def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None,
+                     op: str = "commit") -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of settle_start (lua/_lib.lua); ARGV 9 is the request's fingerprint."""
         L, org = self.layout, ident.org_id
         event_id = new_id()
         keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org),
                 L.settled(org, rid), L.event_record(org, event_id)]
         args = [rid, event_id, org, ident.key_id, units, self._ttl[0], self._ttl[1],
-                metadata.decode() if metadata else ""]
+                metadata.decode() if metadata else "", fingerprint(op, units, metadata=metadata)]
         return keys, args
 
     async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None) -> Decision:
@@ -179,13 +194,15 @@ class Decider:
         return Decision.from_reply(await self._run(self.scripts.commit, keys, args))
 
     async def release(self, ident: Identity, rid: str) -> Decision:
-        keys, args = self._settle_call(ident, rid, 0, None)
+        keys, args = self._settle_call(ident, rid, 0, None, "release")
         return Decision.from_reply(await self._run(self.scripts.release, keys, args))
 
     async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
         L, org = self.layout, ident.org_id
-        keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org)]
-        args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else ""]
+        keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org),
+                L.reservations(org), L.expiries(org)]
+        args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else "",
+                fingerprint("refund", metadata=metadata)]
         return Decision.from_reply(await self._run(self.scripts.refund, keys, args))
 
     async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
@@ -193,10 +210,11 @@ class Decider:
                     event_id: str | None = None) -> Decision:
         """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key."""
         L = self.layout
-        meta = orjson.dumps(metadata or {}).decode()
-        keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org)]
-        args = [event_id or new_id(), org, meter, amount, kind, meta, self._ttl[0],
-                f"{kind}|{meter}|{amount}" if idem else "", actor, user]
+        meta = orjson.dumps(metadata or {}, option=orjson.OPT_SORT_KEYS)
+        keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org), L.reservations(org),
+                L.expiries(org)]
+        args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), self._ttl[0],
+                fingerprint(kind, meter, amount, user, metadata=meta) if idem else "", actor, user]
         return Decision.from_reply(await self._run(self.scripts.grant, keys, args))
 
     async def balances(self, org: str, plan: Plan) -> dict[str, dict[str, int]]:
@@ -205,7 +223,8 @@ class Decider:
         meters = self.config.meter_names
         for m in meters:
             args += [m, plan.allocation(m), plan.period, int(plan.rollover)]
-        rows = await self._run(self.scripts.balance, [self.layout.balances(org)], args)
+        L = self.layout
+        rows = await self._run(self.scripts.balance, [L.balances(org), L.reservations(org), L.expiries(org)], args)
         out = {}
         for m, (a, p, h, u, pe, lim, pt) in zip(meters, rows):
             out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),

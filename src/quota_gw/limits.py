@@ -1,0 +1,108 @@
+"""Bounds on a request's head (request line and headers) for `quota-gw serve`: 431 beyond them.
+
+uvicorn's httptools protocol keeps whatever head a client sends (no size or count limit; only
+its h11 protocol has one, and it is slower), so one connection could make the server hold an
+unbounded header. This subclass counts the head as it arrives and, past
+`behaviour.max_header_bytes` bytes or `behaviour.max_headers` headers, answers 431
+problem+json and closes the connection before the app sees the request. The close lingers
+(reads are discarded for a moment) so the client reads the answer instead of a reset.
+Request bodies are bounded by the routes themselves (api.bounded_body: 413).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .config import Behaviour
+from .problems import problem_body
+
+LINGER_S = 2.0
+
+
+@functools.cache
+def head_limits() -> tuple[int, int]:
+    """(max head bytes, max headers) from the config `serve` was started with (the worker
+    processes read $QUOTA_GW_CONFIG, which `serve` sets); the defaults without one."""
+    from . import config as config_mod
+
+    try:
+        b = config_mod.load().behaviour
+    except config_mod.ConfigError:
+        b = Behaviour()
+    return b.max_header_bytes, b.max_headers
+
+
+class _Refused(Exception):
+    """Stops the parser once the answer is sent."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_head_bytes, self.max_headers = head_limits()
+        self._in_head = True  # between the end of a message and the end of the next one's headers
+        self._raw_head = 0  # bytes received while in the head (covers a header still being parsed)
+        self._head = 0  # bytes of the URL and the headers parsed so far
+        self._count = 0
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: read and drop
+        if self._in_head:
+            self._raw_head += len(data)
+        super().data_received(data)
+        if self._in_head and not self._refused and self._raw_head > self.max_head_bytes:
+            self._refuse(f"request headers larger than {self.max_head_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        self._head = self._count = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._grow(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value) + 4, 1)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._raw_head = True, 0
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # (the parser error our _Refused raised: answered already)
+            super().send_400_response(msg)
+
+    def _grow(self, size: int, count: int) -> None:
+        self._head += size
+        self._count += count
+        if self._count > self.max_headers:
+            self._refuse(f"more than {self.max_headers} request headers")
+            raise _Refused
+        if self._head > self.max_head_bytes:
+            self._refuse(f"request headers larger than {self.max_head_bytes} bytes")
+            raise _Refused
+
+    def _refuse(self, detail: str) -> None:
+        self._refused = True
+        body = problem_body(431, "invalid_request", detail)
+        self.transport.write(b"".join([
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            b"content-type: application/problem+json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
