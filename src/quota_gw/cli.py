@@ -58,7 +58,8 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 
     from .demo import create_demo_app
 
-    app = create_demo_app(args.latency_ms, args.fail_rate, args.token_delay_ms)
+    app = create_demo_app(args.latency_ms, args.fail_rate, args.token_delay_ms,
+                          require_key=args.require_key or os.environ.get("QUOTA_GW_DEMO_KEY"))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=0, help="wait before each answer")
     p.add_argument("--token-delay-ms", type=float, default=0, help="pause between streamed tokens")
     p.add_argument("--fail-rate", type=float, default=0.0, help="share of calls answered 500 (0..1)")
+    p.add_argument("--require-key", metavar="KEY", help="answer 401 (OpenAI's shape) to calls without "
+                   "Authorization: Bearer KEY, like a real provider (default: $QUOTA_GW_DEMO_KEY; none: no key needed)")
     p.add_argument("--log-level", default="info")
 
     p = command("dev", cmd_dev, "Everything on one machine: Redis, Postgres (embedded unless REDIS_URL/DATABASE_URL), "

@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from . import config as config_mod
 from . import metering, metrics
 from .api import Context, json_response
 from .config import Route as RouteConfig
@@ -56,7 +57,20 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forwarded-for",
                              "x-forwarded-proto", "x-forwarded-host"}
+# The gateway's own server sets these on every answer; the upstream's copies would repeat them.
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 
+
+def header_key(name: bytes | str) -> str:
+    """How an upstream may read a header name: case-insensitively, and `_` as `-` (CGI/WSGI
+    servers turn both into HTTP_X_QUOTA_ORG). Filtering compares these, so `X_Quota_Org`
+    is the gateway's X-Quota-Org and is dropped with it."""
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    return name.lower().replace("_", "-")
+
+OVERAGE = Counter("quota_gw_overage_tokens_total", "Usage the upstream reported that the balance could not cover"
+                  " (the commit event's metadata says `overage`)", ["route"], registry=metrics.REGISTRY)
 PROXIED = Counter("quota_gw_proxied_total", "Proxied calls by route and how they settled",
                   ["route", "outcome"], registry=metrics.REGISTRY)
 SPOOLED = Counter("quota_gw_spooled_total", "Calls whose usage went to the fail-open spool", ["op"],
@@ -71,7 +85,8 @@ class Sidecar:
         self.config = ctx.config
         b = ctx.config.behaviour
         self.routes = sorted(ctx.config.routes, key=lambda r: len(r.prefix), reverse=True)
-        self._drop = REQUEST_DROP | {b.org_header.lower(), b.user_header.lower()}  # request headers not forwarded
+        self._drop = REQUEST_DROP | {header_key(b.org_header), header_key(b.user_header)}  # never forwarded
+        self._user_key = header_key(b.user_header)
         # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
         spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or b.spool_dir
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
@@ -156,34 +171,47 @@ class Sidecar:
 
     # -- the call
 
-    async def handle(self, route: RouteConfig, request: Request, send: Send) -> None:
+    def claimed_user(self, request: Request) -> dict[str, str]:
+        """The user the caller names in the user header, however spelled (`X_Quota_User` is
+        X-Quota-User to a CGI upstream, so it is to the gateway too: a user-bound key naming
+        another user is 403 either way). Two spellings that disagree are refused."""
+        values = {v.decode("latin-1") for k, v in request.scope["headers"] if header_key(k) == self._user_key}
+        if len(values) > 1:
+            name = self.config.behaviour.user_header
+            raise invalid(f"{name}: sent more than once with different values", status=400, field=name)
+        return {"user_id": values.pop()} if values else {}
+
+    async def handle(self, route: RouteConfig, request: Request, send: Send,
+                     route_headers: list[tuple[str, str]] | None = None) -> None:
         scope = request.scope
         path = scope["path"]
         rest = path[len(route.prefix.rstrip("/")):]
         if rest and not rest.startswith("/") and not route.prefix.endswith("/"):
             raise Problem(404, "not_found", f"no route for {path}")
         ident, redis_down = await self.authenticate(request, route)
-        user = self.ctx.user(ident, {}, request)
+        user = self.ctx.user(ident, self.claimed_user(request), request)
         body = await read_body(request)
         target = route.upstream + ((rest or "/") if route.strip_prefix else path)
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        headers = self.upstream_headers(request, ident, user)
         kind = metering.kind_of(path) if route.metering == "openai" and request.method == "POST" else None
+        headers = self.upstream_headers(request, ident, user, route_headers or [], metered=kind is not None)
         if route.metering == "none":
             charge: Charge = Charge(self, route, ident, user)
         elif kind is not None:
             charge = await self.hold(route, ident, user, kind, body, redis_down)
             body = charge.body
-            # the gateway reads usage from the answer: ask for it uncompressed
-            headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"] + [("Accept-Encoding", "identity")]
         elif route.metering == "openai":  # GET /v1/models and the like on an LLM route: not metered
             charge = Charge(self, route, ident, user)
         else:
             charge = await self.admit(route, ident, user, request, redis_down)
         await self.forward(route, request, send, target, headers, body, charge)
 
-    def upstream_headers(self, request: Request, ident: Identity, user: str) -> list[tuple[str, str]]:
+    def upstream_headers(self, request: Request, ident: Identity, user: str,
+                         route_headers: list[tuple[str, str]], metered: bool = False) -> list[tuple[str, str]]:
+        """The caller's headers, less every one the gateway strips or sets (compared as
+        header_key: case and `_`/`-` do not matter), then the gateway's: forwarding, identity,
+        and the route's own (its upstream credentials), so a caller can override none of them."""
         # From the raw ASGI headers (lowercase names; the first of a repeated one counts, as
         # Starlette's request.headers would say): building request.headers and request.url
         # for three values cost more than the rest of this function.
@@ -199,9 +227,13 @@ class Sidecar:
             elif k == b"host" and host is None:
                 host = v.decode("latin-1")
         drop = self._drop
+        if route_headers:
+            drop = drop | {header_key(k) for k, _ in route_headers}
+        if metered:  # the gateway reads usage from the answer: it asks for it uncompressed
+            drop = drop | {"accept-encoding"}
         if conn:
-            drop = drop | {t.strip().lower() for t in conn.split(",")}
-        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.decode("latin-1").lower() not in drop]
+            drop = drop | {header_key(t.strip()) for t in conn.split(",")}
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if header_key(k) not in drop]
         client = scope["client"][0] if scope.get("client") else ""
         if prior and prior.rsplit(",", 1)[-1].strip() == client:
             # uvicorn trusted a local proxy's header and made its last hop the client already
@@ -213,6 +245,9 @@ class Sidecar:
         out.append((b.org_header, ident.org_id))
         if user:
             out.append((b.user_header, user))
+        if metered:
+            out.append(("Accept-Encoding", "identity"))
+        out.extend(route_headers)
         return out
 
     async def admit(self, route: RouteConfig, ident: Identity, user: str, request: Request,
@@ -246,13 +281,17 @@ class Sidecar:
             raise invalid(f"malformed JSON: {e}", status=400) from None
         if not isinstance(body, dict):
             raise invalid("the body must be a JSON object", status=400)
+        per = metering.choices(body)  # n completions may each spend the whole budget
+        if per > metering.MAX_CHOICES:
+            raise invalid(f"n: at most {metering.MAX_CHOICES} completions per call", status=400, field="n")
         charge = LLMCharge(self, route, ident, user, kind, body)
         unit = self.config.features[route.feature].cost
-        prompt = metering.prompt_tokens(kind, body)
-        field = metering.max_tokens_field(body)
+        prompt = metering.prompt_tokens(kind, body, route.image_tokens)
+        # Every budget field the caller sent is set to the hold (an upstream may read any one of
+        # them); with none sent, the route's field. The least one sent is what is asked for.
+        fields = metering.budget_fields(body) or [route.max_tokens_field]
         asked = metering.requested_max_tokens(body)
         budget = 0 if kind == "embeddings" else (asked or route.default_max_tokens)
-        per = metering.choices(body)  # n completions may each spend the whole budget
         charge.prompt = prompt
         shadow = self.shadow(route)
         if not redis_down:
@@ -277,7 +316,8 @@ class Sidecar:
                         charge.lowered = budget
         charge.redis_down = redis_down
         if kind != "embeddings":
-            body[field] = budget  # always explicit: the upstream's own default could exceed the hold
+            for f in fields:  # always explicit: the upstream's own default could exceed the hold
+                body[f] = budget
         if body.get("stream"):
             opts = body.get("stream_options")
             opts = dict(opts) if isinstance(opts, dict) else {}
@@ -323,7 +363,7 @@ class Sidecar:
         ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
         drop = {k for k, _ in ours} | ({b"content-length"} if charge.rewrites else set())
         out = [(k.lower(), v) for k, v in resp.raw_headers
-               if k.decode("latin-1").lower() not in HOP_BY_HOP and k.lower() not in drop]
+               if k.decode("latin-1").lower() not in RESPONSE_DROP and k.lower() not in drop]
         out += ours
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         if resp.content.is_eof():
@@ -607,10 +647,16 @@ class LLMCharge(Charge):
         meta = orjson.dumps({"route": self.route.prefix, "tokens": tokens, "source": self.source,
                              "status": self.status, "prompt_estimate": self.prompt})
         try:
-            d = await self.sidecar.ctx.decider.commit(self.ident, rid, tokens * self.unit, meta)
+            # beyond the hold: the upstream did the work, whatever the estimate said
+            d = await self.sidecar.ctx.decider.commit(self.ident, rid, tokens * self.unit, meta, beyond_hold=True)
         except REDIS_DOWN:
             await self.spool("commit", rid=rid, units=tokens * self.unit)
             return
+        overage = d.extra.get("overage", 0) if d.ok else 0
+        if overage:
+            OVERAGE.labels(self.route.prefix).inc(overage)
+            log.warning("%s: usage %d beyond what org %s could pay; %d uncharged (commit %s)",
+                        self.route.prefix, tokens * self.unit, self.ident.org_id, overage, d.event_id)
         if d.status == 404:  # the hold expired before the answer ended: charge it plainly
             from .spool import consume_unlimited
 
@@ -647,12 +693,16 @@ class Endpoint:
     """The ASGI endpoint of one configured route (raw ASGI: the proxy streams and watches
     for the client going away itself)."""
 
-    def __init__(self, route: RouteConfig) -> None:
+    def __init__(self, route: RouteConfig, headers: list[tuple[str, str]]) -> None:
         self.route = route
+        self.headers = headers  # the route's own, resolved (credentials: never logged)
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.route.prefix!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        await request.app.state.sidecar.handle(self.route, request, send)
+        await request.app.state.sidecar.handle(self.route, request, send, self.headers)
 
 
 async def authorize(request: Request) -> Response:
@@ -679,7 +729,7 @@ async def authorize(request: Request) -> Response:
         if route is None:
             raise Problem(404, "not_found", f"no route for {path}")
         ident, redis_down = await sidecar.authenticate(request, route)
-        user = c.user(ident, {}, request)
+        user = c.user(ident, sidecar.claimed_user(request), request)
         headers = {k.decode(): v.decode() for k, v in sidecar.who(ident, user)}
         if route.metering == "none":
             return json_response({"allowed": True}, headers=headers)
@@ -721,6 +771,11 @@ def routes(config: Any) -> list[Route]:
     first), after the API so they never shadow it."""
     out = [Route("/v1/authorize", authorize, methods=["GET", "POST", "HEAD"]),
            Route("/v1/authorize/{rest:path}", authorize, methods=METHODS)]
-    for r in sorted(config.routes, key=lambda r: len(r.prefix), reverse=True):
-        out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r), methods=METHODS))
+    # ${ENV} in route headers is read here, when the app is built: a missing variable is a
+    # ConfigError and the gateway does not start.
+    resolved = config_mod.resolve_route_headers(config)
+    order = sorted(range(len(config.routes)), key=lambda i: len(config.routes[i].prefix), reverse=True)
+    for i in order:
+        r = config.routes[i]
+        out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r, resolved[i]), methods=METHODS))
     return out
