@@ -22,6 +22,15 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
         raise SystemExit(2) from None
 
 
+def _route_env(cfg: config_mod.Config) -> None:
+    """Route headers' ${ENV} are read when the gateway starts: a missing one stops it here, in one line."""
+    try:
+        config_mod.resolve_route_headers(cfg)
+    except config_mod.ConfigError as e:
+        print(f"quota-gw: bad config: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _database_url() -> str:
     url = os.environ.get("DATABASE_URL")
     if not url:
@@ -39,7 +48,7 @@ def app_factory():  # noqa: ANN201 - uvicorn factory
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _config(args)
+    _route_env(_config(args))
     uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level, access_log=False, loop="uvloop", http="httptools")
     return 0
@@ -75,6 +84,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .dev import run
 
     cfg = _config(args)
+    _route_env(cfg)
     try:
         import uvloop
 
