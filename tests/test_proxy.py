@@ -557,3 +557,17 @@ async def test_proxied_answers_carry_one_date_and_one_server(gw, tenant):
         r = await gw.http.request(method, path, headers=h, **kw)
         assert r.status_code == 200
         assert len(r.headers.get_list("date")) == 1 and len(r.headers.get_list("server")) == 1, r.headers
+
+
+async def test_an_answer_too_large_to_read_is_charged_the_whole_hold(gw, tenant, redis, monkeypatch):
+    from quota_gw import proxy
+
+    monkeypatch.setattr(proxy, "MAX_JSON_RESPONSE", 1000)  # a 500-token answer is ~2.5 kB
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    body = chat(500)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 500  # forwarded whole
+    commit = orjson.loads((await wait_event(redis, gw, org, "commit"))["meta"])
+    assert commit["request"]["source"] == "over_limit"
+    assert before - await tokens_left(gw, h) == metering.prompt_tokens("chat/completions", body) + 500

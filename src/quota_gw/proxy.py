@@ -6,10 +6,24 @@ chunk. Each call then settles exactly once, by how it ended:
 
 | ended by                        | fixed route           | openai route (a hold)          |
 |---------------------------------|-----------------------|--------------------------------|
-| upstream answered               | charged at admission  | commit usage.total_tokens      |
+| upstream answered               | charged at admission  | commit usage.total_tokens (*)  |
 | status in `refund_statuses`     | refund                | release                        |
 | connect error, timeout, a cut   | refund                | release                        |
 | the client went away            | stays charged         | commit what was produced       |
+
+(*) All of it, beyond the hold too, as far as the balance and the user's and team's quotas
+go (never below zero, other holds stay covered); what could not be charged is the commit
+event's `overage` (its metadata) and `quota_gw_overage_tokens_total`. The hold itself covers
+everything the upstream bills (metering.py), every budget field the caller sent
+(`max_tokens`, `max_completion_tokens`, `max_output_tokens`; the route's `max_tokens_field`
+when none) is set to it, and more than 128 completions (`n`) is refused.
+
+Headers: a request header is compared as an upstream may read it (case-insensitive, `_` as
+`-`: WSGI reads both as HTTP_X_QUOTA_ORG), and dropped when the gateway strips or sets that
+name (hop-by-hop, Host, Authorization — the caller's quota-gw key —, X-Forwarded-*, the
+identity headers, the route's own `headers`). The route's headers (upstream credentials,
+${ENV} read at start) come last, so a caller cannot override them. Answers carry the
+gateway's Date and Server, not the upstream's as well.
 
 Shadow mode decides and records but never blocks (the answer says what would have happened
 in `X-Quota-Shadow`). When Redis is down a `fail: closed` route answers 503 and forwards
@@ -49,7 +63,7 @@ log = logging.getLogger("quota_gw.proxy")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
-MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded but not metered
+MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded and charged the whole hold
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 # Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway owns.
@@ -68,6 +82,7 @@ def header_key(name: bytes | str) -> str:
     if isinstance(name, bytes):
         name = name.decode("latin-1")
     return name.lower().replace("_", "-")
+
 
 OVERAGE = Counter("quota_gw_overage_tokens_total", "Usage the upstream reported that the balance could not cover"
                   " (the commit event's metadata says `overage`)", ["route"], registry=metrics.REGISTRY)
@@ -315,6 +330,7 @@ class Sidecar:
                         budget = max(affordable, 0)
                         charge.lowered = budget
         charge.redis_down = redis_down
+        charge.most = prompt + budget * per
         if kind != "embeddings":
             for f in fields:  # always explicit: the upstream's own default could exceed the hold
                 body[f] = budget
@@ -565,6 +581,7 @@ class LLMCharge(Charge):
         super().__init__(sidecar, route, ident, user)
         self.kind = kind
         self.prompt = 0
+        self.most = 0  # tokens the call may use at most (the hold, in tokens)
         self.lowered: int | None = None
         self.drop_usage_only = False
         self.body = b""
@@ -618,6 +635,9 @@ class LLMCharge(Charge):
                 return total
             self.source = "streamed_chunks"
             return self.prompt + self.sse.completion_chunks
+        if self._json_over:  # too large to read the usage in it: as much as it was allowed
+            self.source = "over_limit"
+            return self.most
         try:
             obj = orjson.loads(self._json) if self._json else None
         except orjson.JSONDecodeError:
