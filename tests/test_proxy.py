@@ -571,3 +571,23 @@ async def test_an_answer_too_large_to_read_is_charged_the_whole_hold(gw, tenant,
     commit = orjson.loads((await wait_event(redis, gw, org, "commit"))["meta"])
     assert commit["request"]["source"] == "over_limit"
     assert before - await tokens_left(gw, h) == metering.prompt_tokens("chat/completions", body) + 500
+
+
+async def test_work_an_llm_route_cannot_meter_is_not_forwarded_free(gw, tenant):
+    org, h = await tenant("pro")
+    n = gw.demo.count
+    for path in ("/v1/responses", "/v1/images/generations", "/v1/audio/speech"):
+        r = await gw.http.post(path, json={"model": "demo-1", "input": "x" * 10_000}, headers=h)
+        assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
+    assert gw.demo.count == n
+    r = await gw.http.get("/v1/models", headers=h)  # reads still pass, unmetered
+    assert r.status_code == 200 and await tokens_left(gw, h) == 100_000
+
+
+async def test_a_batch_of_prompts_holds_a_completion_budget_for_each(gw, tenant, redis):
+    org, h = await tenant("pro")
+    body = {"model": "demo-1", "prompt": ["one", "two", "three"], "max_tokens": 100, "n": 2}
+    r = await gw.http.post("/v1/completions", json=body, headers=h)
+    assert r.status_code == 200, r.text
+    held = orjson.loads((await wait_event(redis, gw, org, "reserve"))["meta"])["held"]
+    assert held == metering.prompt_tokens("completions", body) + 100 * 2 * 3

@@ -144,6 +144,15 @@ def choices(body: dict[str, Any]) -> int:
     return out
 
 
+def prompts(kind: str, body: dict[str, Any]) -> int:
+    """How many prompts one call sends: legacy completions take a batch (a list of strings or
+    of token lists), and each prompt gets its own `n` completions of up to max_tokens."""
+    src = body.get("prompt")
+    if kind == "completions" and isinstance(src, list) and src and not isinstance(src[0], int):
+        return len(src)
+    return 1
+
+
 def usage_total(usage: Any) -> int | None:
     """total_tokens of a `usage` object (or prompt + completion when total is missing)."""
     if not isinstance(usage, dict):

@@ -217,6 +217,10 @@ class Sidecar:
             charge = await self.hold(route, ident, user, kind, body, redis_down)
             body = charge.body
         elif route.metering == "openai":  # GET /v1/models and the like on an LLM route: not metered
+            if request.method in ("POST", "PUT", "PATCH"):
+                # work the gateway cannot meter (/v1/responses, audio, images...) is not forwarded free
+                raise Problem(404, "not_found", f"{request.method} {path}: an openai route meters "
+                              f"{', '.join(metering.KINDS)} only; give this path its own route (metering: fixed or none)")
             charge = Charge(self, route, ident, user)
         else:
             charge = await self.admit(route, ident, user, request, redis_down)
@@ -299,6 +303,7 @@ class Sidecar:
         per = metering.choices(body)  # n completions may each spend the whole budget
         if per > metering.MAX_CHOICES:
             raise invalid(f"n: at most {metering.MAX_CHOICES} completions per call", status=400, field="n")
+        per *= metering.prompts(kind, body)  # a batch of prompts: n completions each
         charge = LLMCharge(self, route, ident, user, kind, body)
         unit = self.config.features[route.feature].cost
         prompt = metering.prompt_tokens(kind, body, route.image_tokens)
