@@ -382,9 +382,9 @@ class Sidecar:
         elif charge.redis_down:
             charge.rewrites = True  # the spool entry is written before the client sees the end
         ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
-        drop = {k for k, _ in ours} | ({b"content-length"} if charge.rewrites else set())
-        out = [(k.lower(), v) for k, v in resp.raw_headers
-               if k.decode("latin-1").lower() not in RESPONSE_DROP and k.lower() not in drop]
+        # the upstream cannot speak for the gateway (X-Quota-*) in any spelling either
+        drop = RESPONSE_DROP | {header_key(k) for k, _ in ours} | ({"content-length"} if charge.rewrites else set())
+        out = [(k.lower(), v) for k, v in resp.raw_headers if header_key(k) not in drop]
         out += ours
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         if resp.content.is_eof():
