@@ -107,6 +107,10 @@ async def test_a_missing_variable_stops_the_gateway_naming_the_route_and_the_var
     monkeypatch.setenv(VAR, "")
     with pytest.raises(config_mod.ConfigError, match=f"{VAR} is empty"):
         create_app(cfg)
+    monkeypatch.setenv(VAR, UPSTREAM_KEY + "\n")  # a key file read with its newline
+    with pytest.raises(config_mod.ConfigError, match=f"{VAR} holds a line break") as e:
+        create_app(cfg)
+    assert UPSTREAM_KEY not in str(e.value)
 
 
 def test_serve_refuses_to_start_without_the_variable_in_one_line(tmp_path):

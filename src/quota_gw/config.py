@@ -197,10 +197,11 @@ def resolve_route_headers(config: Config, environ: Any = None, file: str | None 
                     return "${"
                 var = m.group(1)
                 value = env.get(var)
-                if not value:
+                problem = ("is not set" if value is None else "is empty" if not value
+                           else "holds a line break or NUL" if any(c in value for c in "\r\n\0") else None)
+                if problem:
                     raise ConfigError(file, f"routes.{i}.headers.{name}",
-                                      f"environment variable {var} is {'empty' if value == '' else 'not set'}"
-                                      f" (route {r.prefix})")
+                                      f"environment variable {var} {problem} (route {r.prefix})")
                 return value
             resolved.append((name, _VAR.sub(sub, template)))
         out.append(resolved)
@@ -268,8 +269,8 @@ class Config(_Model):
             if r.metering == "fixed" and r.feature is None:
                 raise _PathError(f"routes.{i}.feature", "a fixed-cost route needs a feature")
             for name in r.headers:
-                if name.lower().replace("_", "-") in (self.behaviour.org_header.lower(),
-                                                      self.behaviour.user_header.lower()):
+                if name.lower().replace("_", "-") in (self.behaviour.org_header.lower().replace("_", "-"),
+                                                      self.behaviour.user_header.lower().replace("_", "-")):
                     raise _PathError(f"routes.{i}.headers.{name}", "set by the gateway, a route cannot set it")
             if r.metering == "openai" and r.feature is None:
                 raise _PathError(f"routes.{i}.feature", "an openai route needs a feature (its meter, 1 token = cost)")
