@@ -591,3 +591,33 @@ async def test_a_batch_of_prompts_holds_a_completion_budget_for_each(gw, tenant,
     assert r.status_code == 200, r.text
     held = orjson.loads((await wait_event(redis, gw, org, "reserve"))["meta"])["held"]
     assert held == metering.prompt_tokens("completions", body) + 100 * 2 * 3
+
+
+async def test_usage_of_an_expired_hold_is_charged_as_far_as_the_balance_goes(redis_url, database_url, prefix, redis,
+                                                                              tenant, client, tmp_path):
+    demo_app = create_demo_app()
+    async with serve(demo_app, lifespan="off") as up:
+        cfg = proxy_config(f"http://127.0.0.1:{up.port}", str(tmp_path))
+        cfg = cfg.model_copy(update={"behaviour": cfg.behaviour.model_copy(update={"reservation_ttl_s": 1})})
+        app = create_app(cfg, redis_url, database_url, prefix)
+        async with serve(app) as server:
+            gw = Gateway(f"http://127.0.0.1:{server.port}", app, demo_app.state.demo.stats, Layout(prefix, cfg.shards))
+            org, h = await tenant("bulk")  # 1,000 tokens
+            slow = {**h, "X-Demo-Prompt-Tokens": "5000", "X-Demo-Token-Delay-Ms": "150"}
+            call = asyncio.create_task(gw.http.post(CHAT, json=chat(20, stream=True), headers=slow))
+            await wait_event(redis, gw, org, "reserve")
+            async with asyncio.timeout(10):  # a write decision after expiry returns the hold
+                while not [e for e in await org_events(redis, gw, org) if e["kind"] == "release"]:
+                    await asyncio.sleep(0.2)
+                    await client.post("/v1/consume", json={"feature": "generate_insight", "units": 1}, headers=h)
+            r = await call
+            assert r.status_code == 200
+            # settled before the answer ended: the commit was 404 (expired), the usage a consume
+            events = await org_events(redis, gw, org)
+            assert not [e for e in events if e["kind"] == "commit"]
+            charged = [e for e in events if e["kind"] == "consume" and e["feature"] == "chat"]
+            assert len(charged) == 1
+            meta = orjson.loads(charged[0]["meta"])
+            assert (charged[0]["cost"], meta["requested"], meta["overage"]) == ("1000", 5020, 4020)
+            assert await tokens_left(gw, h) == 0
+            await gw.http.aclose()

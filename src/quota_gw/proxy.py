@@ -683,10 +683,25 @@ class LLMCharge(Charge):
             log.warning("%s: usage %d beyond what org %s could pay; %d uncharged (commit %s)",
                         self.route.prefix, tokens * self.unit, self.ident.org_id, overage, d.event_id)
         if d.status == 404:  # the hold expired before the answer ended: charge it plainly
-            from .spool import consume_unlimited
+            await self._consume_after_expiry(rid, tokens, meta)
 
-            await consume_unlimited(self.sidecar.ctx.decider, self.ident, self.route.feature or "", tokens,
-                                    self.user, f"commit:{rid}", meta)
+    async def _consume_after_expiry(self, rid: str, tokens: int, meta: bytes) -> None:
+        """The usage of a call whose hold expired, as a consume; when the balance no longer
+        covers all of it, what is left is charged and the rest recorded as overage (as commit does)."""
+        from .spool import consume_unlimited
+
+        decider, feature = self.sidecar.ctx.decider, self.route.feature or ""
+        d = await consume_unlimited(decider, self.ident, feature, tokens, self.user, f"commit:{rid}", meta)
+        if d.status != 402 or self.unit <= 0 or d.remaining <= 0:
+            return
+        part = min(tokens - 1, d.remaining // self.unit)
+        if part <= 0:
+            return
+        overage = (tokens - part) * self.unit
+        meta = orjson.dumps({**orjson.loads(meta), "requested": tokens * self.unit, "overage": overage})
+        d = await consume_unlimited(decider, self.ident, feature, part, self.user, f"commit:{rid}:part", meta)
+        if d.ok:
+            OVERAGE.labels(self.route.prefix).inc(overage)
 
     async def _release(self) -> None:
         rid = self.rid
