@@ -621,3 +621,15 @@ async def test_usage_of_an_expired_hold_is_charged_as_far_as_the_balance_goes(re
             assert (charged[0]["cost"], meta["requested"], meta["overage"]) == ("1000", 5020, 4020)
             assert await tokens_left(gw, h) == 0
             await gw.http.aclose()
+
+
+async def test_a_body_nested_as_deep_as_json_allows_is_a_400_not_a_500(gw, tenant):
+    org, h = await tenant("pro")
+    n = gw.demo.count
+    for depth in (300, 1000):  # orjson reads 1,024 levels, writes 255; Python recurses 1,000
+        deep = "[" * depth + "]" * depth
+        raw = ('{"model":"demo-1","max_tokens":5,"messages":[{"role":"user","content":"hi","name":"x",'
+               f'"extra":{deep}}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{deep}}}}}]}}')
+        r = await gw.http.post(CHAT, content=raw.encode(), headers={**h, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+    assert gw.demo.count == n and await tokens_left(gw, h) == 100_000  # nothing held or charged

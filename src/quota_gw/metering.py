@@ -49,23 +49,41 @@ def text_tokens(text: str) -> int:
     return -(-ascii_n // 4) + (len(text) - ascii_n)
 
 
-def _strings(value: Any) -> int:
-    """Tokens of every string inside a JSON value (keys left out: framing, not content)."""
-    if isinstance(value, str):
-        return text_tokens(value)
-    if isinstance(value, dict):
-        return sum(_strings(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_strings(v) for v in value)
-    return 0
+def _strings(value: Any, keys: bool = False) -> int:
+    """Tokens of every string inside a JSON value, keys too when `keys`. Walked with a stack,
+    not recursion: a body may nest as deep as the JSON parser allows (1,024 levels)."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            n += text_tokens(v)
+        elif isinstance(v, dict):
+            if keys:
+                n += sum(text_tokens(k) for k in v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
 
 
 def _schema(value: Any) -> int:
     """Tokens of a schema the upstream renders into the prompt (tools, functions, a JSON
-    response format): its compact JSON, keys included (parameter names are prompt text)."""
+    response format): every key and string in it (parameter names are prompt text), plus
+    one token per value for the punctuation around it."""
     if value is None:
         return 0
-    return text_tokens(orjson.dumps(value).decode())
+    n, stack = 0, [value]
+    while stack:  # the same walk as _strings, counting structure too
+        v = stack.pop()
+        n += 1
+        if isinstance(v, str):
+            n += text_tokens(v)
+        elif isinstance(v, dict):
+            n += sum(text_tokens(k) for k in v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
 
 
 def _part(part: Any, image_tokens: int) -> int:

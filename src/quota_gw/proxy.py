@@ -345,7 +345,12 @@ class Sidecar:
             charge.drop_usage_only = not opts.get("include_usage")
             opts["include_usage"] = True
             body["stream_options"] = opts
-        charge.body = orjson.dumps(body)
+        try:
+            charge.body = orjson.dumps(body)
+        except TypeError:  # orjson's nesting limit (255) is below its parser's (1,024)
+            if charge.rid is not None:
+                await charge.failed("bad request")
+            raise invalid("the body nests deeper than 255 levels", status=400) from None
         return charge
 
     async def forward(self, route: RouteConfig, request: Request, send: Send, url: str,
