@@ -633,3 +633,13 @@ async def test_a_body_nested_as_deep_as_json_allows_is_a_400_not_a_500(gw, tenan
         r = await gw.http.post(CHAT, content=raw.encode(), headers={**h, "Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
     assert gw.demo.count == n and await tokens_left(gw, h) == 100_000  # nothing held or charged
+
+
+async def test_an_absurd_budget_is_held_at_the_largest_exact_amount_not_wrapped_to_zero(gw, tenant):
+    org, h = await tenant("enterprise")  # unlimited tokens: nothing lowers the budget but the bound
+    body = chat(10**18, n=128)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200, r.text
+    sent = gw.demo.requests[-1]["body"]["max_tokens"]
+    assert sent == int(r.headers["X-Quota-Max-Tokens"])
+    assert sent == (config_mod.MAX_AMOUNT - metering.prompt_tokens("chat/completions", body)) // 128

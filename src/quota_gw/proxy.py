@@ -312,6 +312,10 @@ class Sidecar:
         fields = metering.budget_fields(body) or [route.max_tokens_field]
         asked = metering.requested_max_tokens(body)
         budget = 0 if kind == "embeddings" else (asked or route.default_max_tokens)
+        if budget and unit > 0:  # a hold is at most MAX_AMOUNT: exact in Lua doubles and Redis integers
+            most = max(0, (config_mod.MAX_AMOUNT // unit - prompt) // per)
+            if budget > most:
+                budget = charge.lowered = most
         charge.prompt = prompt
         shadow = self.shadow(route)
         if not redis_down:
