@@ -403,3 +403,243 @@ async def test_authorize_decides_for_the_original_uri(gw, tenant):
     before = await tokens_left(gw, h)
     assert (await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": CHAT})).status_code == 200
     assert await tokens_left(gw, h) == before
+
+
+# --- metering that cannot be gamed (issue 8) -----------------------------------------------------
+
+BIG_TOOL = {"type": "function", "function": {"name": "lookup", "description": "d" * 40_000,
+                                             "parameters": {"type": "object", "properties": {}}}}
+
+
+async def test_tool_schemas_are_held_as_prompt_and_their_usage_charged(gw, tenant, redis):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    body = chat(20, tools=[BIG_TOOL])
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200, r.text
+    reserve = await wait_event(redis, gw, org, "reserve")
+    assert orjson.loads(reserve["meta"])["held"] >= 10_000 + 20  # 40 kB of description is ~10k tokens
+    usage = r.json()["usage"]["total_tokens"]
+    assert usage >= 10_000 and before - await tokens_left(gw, h) == usage
+
+
+async def test_functions_schemas_and_images_are_held(gw, tenant, redis):
+    org, h = await tenant("pro")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+    body = chat(20, functions=[BIG_TOOL["function"]])
+    body["messages"].append({"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]})
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200, r.text
+    held = orjson.loads((await wait_event(redis, gw, org, "reserve"))["meta"])["held"]
+    assert held >= 10_000 + (85 + 170 * 8) + 20  # an image at its documented bound
+
+
+async def test_usage_beyond_the_hold_is_charged_in_full_while_the_balance_covers_it(gw, tenant, redis):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    for stream in (False, True):  # the upstream's tokenizer counts 5,000 where the estimate said ~16
+        body = chat(20, stream=stream)
+        r = await gw.http.post(CHAT, json=body, headers={**h, "X-Demo-Prompt-Tokens": "5000"})
+        assert r.status_code == 200, r.text
+    commits = [orjson.loads(e["meta"]) for e in await org_events(redis, gw, org) if e["kind"] == "commit"]
+    assert [c["requested"] for c in commits] == [5020, 5020]
+    assert all(c["held"] < 100 and "overage" not in c for c in commits)
+    assert before - await tokens_left(gw, h) == 2 * 5020
+
+
+async def test_usage_beyond_the_balance_is_recorded_as_overage_and_never_goes_below_zero(gw, tenant, redis, client):
+    org, h = await tenant("bulk")  # 1,000 tokens
+    body = chat(20)
+    r = await gw.http.post(CHAT, json=body, headers={**h, "X-Demo-Prompt-Tokens": "5000"})
+    assert r.status_code == 200
+    assert await tokens_left(gw, h) == 0
+    commit = await wait_event(redis, gw, org, "commit")
+    meta = orjson.loads(commit["meta"])
+    assert (commit["cost"], commit["bal"], meta["requested"], meta["overage"]) == ("1000", "0", 5020, 4020)
+    # another hold stays covered: usage beyond the hold only takes what no other hold has taken
+    org, h = await tenant("bulk")
+    d = await client.post("/v1/reservations", json={"feature": "chat", "units": 600}, headers=h)
+    assert d.status_code == 201
+    r = await gw.http.post(CHAT, json=body, headers={**h, "X-Demo-Prompt-Tokens": "5000"})
+    assert r.status_code == 200
+    commit = await wait_event(redis, gw, org, "commit")
+    assert commit["cost"] == "400" and orjson.loads(commit["meta"])["overage"] == 4620
+    rid = d.json()["reservation_id"]
+    c = await client.post(f"/v1/reservations/{rid}/commit", json={"units": 600}, headers=h)
+    assert c.status_code == 200 and c.json()["cost"] == 600
+    assert await tokens_left(gw, h) == 0
+
+
+async def test_usage_beyond_the_hold_respects_a_user_sub_quota(gw, tenant, redis, admin):
+    org, h = await tenant("pro")  # 100,000 tokens for the org
+    await admin.quota(org, "tokens", 500, user_id="alice")
+    r = await gw.http.post(CHAT, json=chat(20), headers={**h, "X-Quota-User": "alice", "X-Demo-Prompt-Tokens": "5000"})
+    assert r.status_code == 200, r.text
+    commit = await wait_event(redis, gw, org, "commit")
+    assert commit["cost"] == "500" and orjson.loads(commit["meta"])["overage"] == 4520
+    assert await tokens_left(gw, h) == 100_000 - 500
+    r = await gw.http.post(CHAT, json=chat(20), headers={**h, "X-Quota-User": "alice"})
+    assert r.status_code == 402  # alice's quota is spent, not overdrawn
+
+
+async def test_the_decision_api_commit_still_never_charges_more_than_the_hold(client, tenant):
+    org, h = await tenant("bulk")
+    d = await client.post("/v1/reservations", json={"feature": "chat", "units": 100}, headers=h)
+    rid = d.json()["reservation_id"]
+    c = await client.post(f"/v1/reservations/{rid}/commit", json={"units": 300}, headers=h)
+    assert c.status_code == 200 and c.json()["cost"] == 100
+
+
+async def test_every_budget_field_the_caller_sent_is_set_to_the_hold(gw, tenant):
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    body = chat(4000, max_completion_tokens=20, max_output_tokens=3000)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200
+    sent = gw.demo.requests[-1]["body"]
+    assert (sent["max_tokens"], sent["max_completion_tokens"], sent["max_output_tokens"]) == (20, 20, 20)
+    assert r.json()["usage"]["completion_tokens"] == 20  # the demo spends the largest field it gets
+    assert before - await tokens_left(gw, h) == metering.prompt_tokens("chat/completions", body) + 20
+    # lowered to what the org can afford: every field, not only one
+    org, h = await tenant("bulk")
+    r = await gw.http.post(CHAT, json=chat(None, max_completion_tokens=5000), headers=h)
+    sent = gw.demo.requests[-1]["body"]
+    lowered = int(r.headers["X-Quota-Max-Tokens"])
+    assert sent["max_completion_tokens"] == lowered < 1000 and "max_tokens" not in sent
+
+
+async def test_more_completions_than_the_upstream_allows_are_refused_before_anything_is_held(gw, tenant):
+    org, h = await tenant("pro")
+    n = gw.demo.count
+    r = await gw.http.post(CHAT, json=chat(10, n=129), headers=h)
+    assert r.status_code == 400 and r.json()["field"] == "n"
+    assert gw.demo.count == n and await tokens_left(gw, h) == 100_000
+
+
+# --- headers (issue 8) ---------------------------------------------------------------------------
+
+async def test_gateway_headers_in_any_spelling_never_reach_the_upstream(gw, tenant):
+    org, h = await tenant("pro")
+    r = await gw.http.get("/api/x", headers={**h, "X_Quota_Org": "victim-org", "x_quota_user": "alice",
+                                              "X_Forwarded_For": "6.6.6.6", "X-Forwarded_Host": "evil",
+                                              "Connection": "X_Drop_Me", "x-drop-me": "hop", "X_Custom": "kept"})
+    assert r.status_code == 200, r.text
+    hs = gw.demo.requests[-1]["headers"]
+    assert hs["x-quota-org"] == org and hs["x-quota-user"] == "alice"  # the gateway's, read from x_quota_user
+    assert hs["x-forwarded-for"] == "127.0.0.1" and hs["x-forwarded-host"] != "evil"
+    assert hs["x_custom"] == "kept"
+    names = [k.replace("_", "-") for k in hs]
+    for name in ("x-quota-org", "x-quota-user", "x-forwarded-for", "x-forwarded-host", "authorization", "x-drop-me"):
+        assert names.count(name) <= 1, (name, list(hs))
+    assert "victim-org" not in hs.values() and "6.6.6.6" not in hs["x-forwarded-for"]
+
+
+async def test_a_user_bound_key_naming_another_user_is_403_in_any_spelling(gw, tenant):
+    org, h = await tenant("pro", user_id="bob")
+    n = gw.demo.count
+    for name in ("X-Quota-User", "X_Quota_User", "x_quota_user"):
+        r = await gw.http.get("/api/x", headers={**h, name: "admin"})
+        assert r.status_code == 403, (name, r.text)
+    r = await gw.http.get("/v1/authorize", headers={**h, "X-Original-URI": "/api/x", "X_Quota_User": "admin"})
+    assert r.status_code == 403
+    assert gw.demo.count == n
+    r = await gw.http.get("/api/x", headers={**h, "X_Quota_User": "bob"})
+    assert r.status_code == 200 and gw.demo.requests[-1]["headers"]["x-quota-user"] == "bob"
+    org, h = await tenant("pro")  # an org key: two spellings that disagree are refused
+    r = await gw.http.get("/api/x", headers={**h, "X-Quota-User": "alice", "X_Quota_User": "admin"})
+    assert r.status_code == 400
+
+
+async def test_proxied_answers_carry_one_date_and_one_server(gw, tenant):
+    org, h = await tenant("pro")
+    for method, path, kw in (("GET", "/api/x", {}), ("POST", CHAT, {"json": chat(5)}),
+                             ("POST", CHAT, {"json": chat(5, stream=True)})):
+        r = await gw.http.request(method, path, headers=h, **kw)
+        assert r.status_code == 200
+        assert len(r.headers.get_list("date")) == 1 and len(r.headers.get_list("server")) == 1, r.headers
+
+
+async def test_an_answer_too_large_to_read_is_charged_the_whole_hold(gw, tenant, redis, monkeypatch):
+    from quota_gw import proxy
+
+    monkeypatch.setattr(proxy, "MAX_JSON_RESPONSE", 1000)  # a 500-token answer is ~2.5 kB
+    org, h = await tenant("pro")
+    before = await tokens_left(gw, h)
+    body = chat(500)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 500  # forwarded whole
+    commit = orjson.loads((await wait_event(redis, gw, org, "commit"))["meta"])
+    assert commit["request"]["source"] == "over_limit"
+    assert before - await tokens_left(gw, h) == metering.prompt_tokens("chat/completions", body) + 500
+
+
+async def test_work_an_llm_route_cannot_meter_is_not_forwarded_free(gw, tenant):
+    org, h = await tenant("pro")
+    n = gw.demo.count
+    for path in ("/v1/responses", "/v1/images/generations", "/v1/audio/speech"):
+        r = await gw.http.post(path, json={"model": "demo-1", "input": "x" * 10_000}, headers=h)
+        assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
+    assert gw.demo.count == n
+    r = await gw.http.get("/v1/models", headers=h)  # reads still pass, unmetered
+    assert r.status_code == 200 and await tokens_left(gw, h) == 100_000
+
+
+async def test_a_batch_of_prompts_holds_a_completion_budget_for_each(gw, tenant, redis):
+    org, h = await tenant("pro")
+    body = {"model": "demo-1", "prompt": ["one", "two", "three"], "max_tokens": 100, "n": 2}
+    r = await gw.http.post("/v1/completions", json=body, headers=h)
+    assert r.status_code == 200, r.text
+    held = orjson.loads((await wait_event(redis, gw, org, "reserve"))["meta"])["held"]
+    assert held == metering.prompt_tokens("completions", body) + 100 * 2 * 3
+
+
+async def test_usage_of_an_expired_hold_is_charged_as_far_as_the_balance_goes(redis_url, database_url, prefix, redis,
+                                                                              tenant, client, tmp_path):
+    demo_app = create_demo_app()
+    async with serve(demo_app, lifespan="off") as up:
+        cfg = proxy_config(f"http://127.0.0.1:{up.port}", str(tmp_path))
+        cfg = cfg.model_copy(update={"behaviour": cfg.behaviour.model_copy(update={"reservation_ttl_s": 1})})
+        app = create_app(cfg, redis_url, database_url, prefix)
+        async with serve(app) as server:
+            gw = Gateway(f"http://127.0.0.1:{server.port}", app, demo_app.state.demo.stats, Layout(prefix, cfg.shards))
+            org, h = await tenant("bulk")  # 1,000 tokens
+            slow = {**h, "X-Demo-Prompt-Tokens": "5000", "X-Demo-Token-Delay-Ms": "150"}
+            call = asyncio.create_task(gw.http.post(CHAT, json=chat(20, stream=True), headers=slow))
+            await wait_event(redis, gw, org, "reserve")
+            async with asyncio.timeout(10):  # a write decision after expiry returns the hold
+                while not [e for e in await org_events(redis, gw, org) if e["kind"] == "release"]:
+                    await asyncio.sleep(0.2)
+                    await client.post("/v1/consume", json={"feature": "generate_insight", "units": 1}, headers=h)
+            r = await call
+            assert r.status_code == 200
+            # settled before the answer ended: the commit was 404 (expired), the usage a consume
+            events = await org_events(redis, gw, org)
+            assert not [e for e in events if e["kind"] == "commit"]
+            charged = [e for e in events if e["kind"] == "consume" and e["feature"] == "chat"]
+            assert len(charged) == 1
+            meta = orjson.loads(charged[0]["meta"])
+            assert (charged[0]["cost"], meta["requested"], meta["overage"]) == ("1000", 5020, 4020)
+            assert await tokens_left(gw, h) == 0
+            await gw.http.aclose()
+
+
+async def test_a_body_nested_as_deep_as_json_allows_is_a_400_not_a_500(gw, tenant):
+    org, h = await tenant("pro")
+    n = gw.demo.count
+    for depth in (300, 1000):  # orjson reads 1,024 levels, writes 255; Python recurses 1,000
+        deep = "[" * depth + "]" * depth
+        raw = ('{"model":"demo-1","max_tokens":5,"messages":[{"role":"user","content":"hi","name":"x",'
+               f'"extra":{deep}}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{deep}}}}}]}}')
+        r = await gw.http.post(CHAT, content=raw.encode(), headers={**h, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+    assert gw.demo.count == n and await tokens_left(gw, h) == 100_000  # nothing held or charged
+
+
+async def test_an_absurd_budget_is_held_at_the_largest_exact_amount_not_wrapped_to_zero(gw, tenant):
+    org, h = await tenant("enterprise")  # unlimited tokens: nothing lowers the budget but the bound
+    body = chat(10**18, n=128)
+    r = await gw.http.post(CHAT, json=body, headers=h)
+    assert r.status_code == 200, r.text
+    sent = gw.demo.requests[-1]["body"]["max_tokens"]
+    assert sent == int(r.headers["X-Quota-Max-Tokens"])
+    assert sent == (config_mod.MAX_AMOUNT - metering.prompt_tokens("chat/completions", body)) // 128

@@ -73,13 +73,15 @@ async def test_commit_of_a_lost_hold_becomes_a_consume_and_refunds_replay(tmp_pa
 def test_prompt_estimates_and_budget_fields():
     chat = {"messages": [{"role": "system", "content": "x" * 40}, {"role": "user", "content": [
         {"type": "text", "text": "y" * 9}, {"type": "image_url", "image_url": {"url": "http://i"}}]}]}
-    assert metering.prompt_tokens("chat/completions", chat) == 3 + (4 + 10) + (4 + 3)
+    # an image part is held at its bound (metering.IMAGE_TOKENS), not left out
+    assert metering.prompt_tokens("chat/completions", chat) == 3 + (4 + 10) + (4 + 3 + metering.IMAGE_TOKENS)
     assert metering.prompt_tokens("completions", {"prompt": ["abcd", "abcde"]}) == 1 + 2
     assert metering.prompt_tokens("embeddings", {"input": [[1, 2, 3], [4]]}) == 4
     assert metering.text_tokens("配额网关 ok!") == 4 + 1  # one per CJK character, ⌈4 / 4⌉ for " ok!"
     assert metering.kind_of("/openai/v1/chat/completions") == "chat/completions"
     assert metering.kind_of("/v1/completions/") == "completions" and metering.kind_of("/v1/models") is None
-    assert metering.max_tokens_field({"max_completion_tokens": 5}) == "max_completion_tokens"
+    assert metering.budget_fields({"max_completion_tokens": 5, "n": 2}) == ["max_completion_tokens"]
+    assert metering.requested_max_tokens({"max_completion_tokens": 20, "max_tokens": 4000}) == 20
     assert metering.requested_max_tokens({"max_tokens": True}) is None
     assert metering.usage_total({"prompt_tokens": 3, "completion_tokens": 4}) == 7
 

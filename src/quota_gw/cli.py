@@ -40,6 +40,14 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
         raise Fail(f"bad config: {e.message}" if e.file == "<none>" else f"bad config: {e}", USAGE) from None
 
 
+def _route_env(cfg: config_mod.Config) -> None:
+    """Route headers' ${ENV} are read when the gateway starts: a missing one stops it here, in one line."""
+    try:
+        config_mod.resolve_route_headers(cfg)
+    except config_mod.ConfigError as e:
+        raise Fail(f"bad config: {e}", USAGE) from None
+
+
 def app_factory():  # noqa: ANN201 - uvicorn factory
     from .app import create_app
 
@@ -49,7 +57,7 @@ def app_factory():  # noqa: ANN201 - uvicorn factory
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _config(args)
+    _route_env(_config(args))
     uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL)
     return 0
@@ -98,7 +106,8 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 
     from .demo import create_demo_app
 
-    app = create_demo_app(args.latency_ms, args.fail_rate, args.token_delay_ms)
+    app = create_demo_app(args.latency_ms, args.fail_rate, args.token_delay_ms,
+                          require_key=args.require_key or os.environ.get("QUOTA_GW_DEMO_KEY"))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
@@ -119,6 +128,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .dev import run as run_dev
 
     cfg = _config(args)
+    _route_env(cfg)
     try:
         import uvloop
 
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=0, help="wait before each answer")
     p.add_argument("--token-delay-ms", type=float, default=0, help="pause between streamed tokens")
     p.add_argument("--fail-rate", type=float, default=0.0, help="share of calls answered 500 (0..1)")
+    p.add_argument("--require-key", metavar="KEY", help="answer 401 (OpenAI's shape) to calls without "
+                   "Authorization: Bearer KEY, like a real provider (default: $QUOTA_GW_DEMO_KEY; none: no key needed)")
     p.add_argument("--log-level", default="info")
 
     p = command("dev", cmd_dev, "Everything on one machine: Redis, Postgres (embedded unless REDIS_URL/DATABASE_URL), "

@@ -153,6 +153,19 @@ class Route(_Model):
     min_completion_tokens: int = Field(default=16, gt=0, le=1_000_000, description=(
         "openai metering: the least completion budget a call may be lowered to when the org cannot afford "
         "max_tokens; below it the call is 402."))
+    # OpenAI's reasoning models refuse max_tokens and want max_completion_tokens.
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens", "max_output_tokens"] = Field(
+        default="max_tokens", description=(
+            "openai metering: the budget field added when a caller sends none (every budget field a caller "
+            "sends is set to the hold)."))
+    image_tokens: int = Field(default=85 + 170 * 8, ge=0, le=1_000_000, description=(
+        "openai metering: tokens held per image part of a prompt (default: the most one image costs by "
+        "OpenAI's tile method)."))
+    # Set after the caller's headers are filtered (a caller cannot override them). Never in repr or errors.
+    headers: dict[str, str] = Field(default_factory=dict, repr=False, description=(
+        "Headers set on every forwarded request, e.g. the upstream's own key: "
+        "`{Authorization: \"Bearer ${OPENAI_API_KEY}\"}`. `${NAME}` is read from the environment when the "
+        "gateway starts (a missing variable stops it, naming route and variable); `$${` is a literal `${`."))
 
     @field_validator("prefix")
     @classmethod
@@ -167,6 +180,66 @@ class Route(_Model):
         if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
             raise ValueError(f"not an http(s) URL: {v!r}")
         return v.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        # Messages name the header, never its value (it may hold a credential).
+        seen: set[str] = set()
+        for name, value in v.items():
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name!r}: not a header name")
+            norm = name.lower().replace("_", "-")
+            if norm in _GATEWAY_HEADERS:
+                raise ValueError(f"{name}: set by the gateway, a route cannot set it")
+            if norm in seen:
+                raise ValueError(f"{name}: given twice")
+            seen.add(norm)
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"{name}: the value holds a line break or NUL")
+            for m in _VAR.finditer(value):
+                if m.group(0) == "$${":
+                    continue
+                if m.group(1) is None:
+                    raise ValueError(f"{name}: '${{' must be followed by NAME}} (letters, digits, _) or written $${{")
+        return v
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
+_VAR = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)\})?")
+# Request headers the gateway owns on the way upstream (hop-by-hop, framing, forwarding, the
+# caller's quota-gw key): a route's `headers` may set Authorization (the upstream's own key)
+# but none of these. The identity headers (behaviour.org_header/user_header) are checked in Config.
+_GATEWAY_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                              "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+                              "host", "content-length", "x-forwarded-for", "x-forwarded-proto",
+                              "x-forwarded-host"})
+
+
+def resolve_route_headers(config: Config, environ: Any = None, file: str | None = None) -> list[list[tuple[str, str]]]:
+    """Each route's `headers` with `${NAME}` read from the environment, in route order. A
+    variable that is unset or empty is a ConfigError naming the route and the variable (never
+    a value). Called when the gateway starts: only the process that forwards needs the secrets."""
+    env = os.environ if environ is None else environ
+    file = file or os.environ.get("QUOTA_GW_CONFIG") or "<config>"
+    out = []
+    for i, r in enumerate(config.routes):
+        resolved = []
+        for name, template in r.headers.items():
+            def sub(m: re.Match[str], name: str = name, i: int = i, r: Route = r) -> str:
+                if m.group(0) == "$${":
+                    return "${"
+                var = m.group(1)
+                value = env.get(var)
+                problem = ("is not set" if value is None else "is empty" if not value
+                           else "holds a line break or NUL" if any(c in value for c in "\r\n\0") else None)
+                if problem:
+                    raise ConfigError(file, f"routes.{i}.headers.{name}",
+                                      f"environment variable {var} {problem} (route {r.prefix})")
+                return value
+            resolved.append((name, _VAR.sub(sub, template)))
+        out.append(resolved)
+    return out
 
 
 class Behaviour(_Model):
@@ -260,6 +333,10 @@ class Config(_Model):
                 raise _PathError(f"routes.{i}.feature", f"unknown feature {r.feature!r}")
             if r.metering == "fixed" and r.feature is None:
                 raise _PathError(f"routes.{i}.feature", "a fixed-cost route needs a feature")
+            for name in r.headers:
+                if name.lower().replace("_", "-") in (self.behaviour.org_header.lower().replace("_", "-"),
+                                                      self.behaviour.user_header.lower().replace("_", "-")):
+                    raise _PathError(f"routes.{i}.headers.{name}", "set by the gateway, a route cannot set it")
             if r.metering == "openai" and r.feature is None:
                 raise _PathError(f"routes.{i}.feature", "an openai route needs a feature (its meter, 1 token = cost)")
         if self.default_plan is not None and self.default_plan not in self.plans:

@@ -189,8 +189,12 @@ class Decider:
                 metadata.decode() if metadata else "", fingerprint(op, units, metadata=metadata)]
         return keys, args
 
-    async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None) -> Decision:
+    async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None,
+                     beyond_hold: bool = False) -> Decision:
+        """Charges `units` of the hold. `beyond_hold` (the sidecar: the upstream already did the
+        work) charges more than the hold as far as the balance goes; the rest is `overage`."""
         keys, args = self._settle_call(ident, rid, units, metadata)
+        args.append("1" if beyond_hold else "")
         return Decision.from_reply(await self._run(self.scripts.commit, keys, args))
 
     async def release(self, ident: Identity, rid: str) -> Decision:

@@ -8,12 +8,21 @@ JSON echo, so fixed-cost routes have something to forward to.
 Per-request control headers (they pass through the gateway like any other header):
 `X-Demo-Status: 503` answer that status; `X-Demo-Latency-Ms` wait before answering;
 `X-Demo-Token-Delay-Ms` pace streamed tokens; `X-Demo-Drop-After: N` cut the connection
-after N streamed tokens; `X-Demo-Hang: 1` never answer (timeouts).
+after N streamed tokens; `X-Demo-Hang: 1` never answer (timeouts); `X-Demo-Prompt-Tokens: N`
+report N prompt tokens (an upstream whose tokenizer counts more than the gateway's estimate).
+
+It spends the largest budget field it is sent (`max_tokens`, `max_completion_tokens`,
+`max_output_tokens`): the worst of the upstreams that read only one of them.
+
+`require_key` (`quota-gw demo-upstream --require-key KEY`, or $QUOTA_GW_DEMO_KEY) answers
+every call without `Authorization: Bearer KEY` with OpenAI's 401, like a real provider.
+What each call carried (headers included) is kept in `Stats.requests` for tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import random
 import time
 import uuid
@@ -69,8 +78,9 @@ def _completion_words(n: int, offset: int = 0) -> list[str]:
 
 class Demo:
     def __init__(self, latency_ms: float = 0, fail_rate: float = 0.0, token_delay_ms: float = 0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, require_key: str | None = None) -> None:
         self.latency_ms, self.fail_rate, self.token_delay_ms = latency_ms, fail_rate, token_delay_ms
+        self.require_key = require_key or None
         self.rng = random.Random(seed)
         self.stats = Stats()
 
@@ -90,6 +100,10 @@ class Demo:
                                     "body": body, "at": time.monotonic()})
         self.stats.touch()
         h = request.headers
+        if self.require_key is not None:
+            refused = self._check_key(h.get("authorization"))
+            if refused is not None:
+                return {}, refused
         delay = float(h.get("x-demo-latency-ms", self.latency_ms))
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -104,8 +118,22 @@ class Demo:
             return {}, Response(orjson.dumps(err), int(status), media_type="application/json")
         return body if isinstance(body, dict) else {}, None
 
+    def _check_key(self, auth: str | None) -> Response | None:
+        """OpenAI's 401 (its error shape and codes) unless the call carries the key."""
+        assert self.require_key is not None
+        scheme, _, given = (auth or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.require_key.encode()):
+            return None
+        msg = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
+               "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)." if not auth else "Incorrect API key provided.")
+        err = {"error": {"message": msg, "type": "invalid_request_error", "param": None,
+                         "code": None if not auth else "invalid_api_key"}}
+        return Response(orjson.dumps(err), 401, media_type="application/json")
+
     def _budget(self, body: dict[str, Any]) -> int:
-        return min(metering.requested_max_tokens(body) or DEFAULT_TOKENS, MAX_TOKENS)
+        sent = [v for f in metering.BUDGET_FIELDS
+                if isinstance(v := body.get(f), int) and not isinstance(v, bool) and v > 0]
+        return min(max(sent) if sent else DEFAULT_TOKENS, MAX_TOKENS)
 
     # -- endpoints
 
@@ -120,6 +148,8 @@ class Demo:
         if failed:
             return failed
         prompt = metering.prompt_tokens(kind, body)
+        if request.headers.get("x-demo-prompt-tokens"):
+            prompt = int(request.headers["x-demo-prompt-tokens"])
         n = self._budget(body)
         model = body.get("model") or "demo-1"
         cid = ("chatcmpl-" if kind == "chat/completions" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -199,10 +229,26 @@ class Demo:
                                       "usage": {"prompt_tokens": n, "total_tokens": n}}),
                         media_type="application/json")
 
+    MODELS = ("demo-1", "demo-embed")
+
+    @staticmethod
+    def _model(mid: str) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": 1700000000, "owned_by": "quota-gw"}
+
     async def models(self, request: Request) -> Response:
-        return Response(orjson.dumps({"object": "list", "data": [
-            {"id": "demo-1", "object": "model", "owned_by": "quota-gw"},
-            {"id": "demo-embed", "object": "model", "owned_by": "quota-gw"}]}), media_type="application/json")
+        """GET /v1/models (and /v1/models/{id}) in OpenAI's shape: what clients list at start."""
+        _, failed = await self._record(request)
+        if failed:
+            return failed
+        mid = request.path_params.get("model")
+        if mid is None:
+            return Response(orjson.dumps({"object": "list", "data": [self._model(m) for m in self.MODELS]}),
+                            media_type="application/json")
+        if mid not in self.MODELS:
+            err = {"error": {"message": f"The model '{mid}' does not exist", "type": "invalid_request_error",
+                             "param": "model", "code": "model_not_found"}}
+            return Response(orjson.dumps(err), 404, media_type="application/json")
+        return Response(orjson.dumps(self._model(mid)), media_type="application/json")
 
     async def echo(self, request: Request) -> Response:
         body, failed = await self._record(request)
@@ -213,14 +259,15 @@ class Demo:
 
 
 def create_demo_app(latency_ms: float = 0, fail_rate: float = 0.0, token_delay_ms: float = 0,
-                    seed: int | None = None) -> Starlette:
-    demo = Demo(latency_ms, fail_rate, token_delay_ms, seed)
+                    seed: int | None = None, require_key: str | None = None) -> Starlette:
+    demo = Demo(latency_ms, fail_rate, token_delay_ms, seed, require_key)
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     app = Starlette(routes=[
         Route("/v1/chat/completions", demo.chat, methods=["POST"]),
         Route("/v1/completions", demo.completions, methods=["POST"]),
         Route("/v1/embeddings", demo.embeddings, methods=["POST"]),
         Route("/v1/models", demo.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", demo.models, methods=["GET"]),
         Route("/{path:path}", demo.echo, methods=methods),
     ])
     app.state.demo = demo

@@ -1,8 +1,12 @@
 """LLM usage metering for OpenAI-compatible bodies: estimate before, measure after.
 
-The gateway must hold enough before the call to never overspend, and charge what the
-upstream reports after it. Both sides live here so the proxy and the demo upstream count
-tokens the same way (1 token ≈ 4 characters, plus OpenAI's per-message framing).
+The gateway holds, before the call, everything the upstream may bill — every part of every
+message, tool and function schemas, images, and the completion budget times the number of
+completions — and charges what the upstream reports after it, beyond the hold too as far as
+the balance allows (lua/commit.lua). The estimate is an estimate (1 token ≈ 4 characters plus
+OpenAI's per-message framing; an image at a fixed bound); the upstream's usage decides the
+charge, so a prompt hidden where the estimate is low is still paid for. Both sides live here
+so the proxy and the demo upstream count tokens the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ PER_MESSAGE = 4  # chat framing tokens per message (role, separators)
 PER_REPLY = 3  # tokens that prime the assistant's reply
 
 KINDS = ("chat/completions", "completions", "embeddings")
+# Every field an OpenAI-compatible server may read as the completion budget: chat's current
+# and legacy names, and the Responses API's (some compatible servers accept it on chat too).
+BUDGET_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+MAX_CHOICES = 128  # OpenAI's own limit for `n`
+# An image part is held at the most one image costs under OpenAI's documented tile method for
+# GPT-4o/4.1-class models at detail high (scaled into 2048x2048, shortest side 768: at most
+# 2x4 tiles of 512 px, 170 tokens each, plus 85). The route's `image_tokens` overrides it.
+IMAGE_TOKENS = 85 + 170 * 8
+IMAGE_PARTS = ("image_url", "input_image", "image")
 
 
 def kind_of(path: str) -> str | None:
@@ -36,27 +49,84 @@ def text_tokens(text: str) -> int:
     return -(-ascii_n // 4) + (len(text) - ascii_n)
 
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # multi-part content: count the text parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
+def _strings(value: Any, keys: bool = False) -> int:
+    """Tokens of every string inside a JSON value, keys too when `keys`. Walked with a stack,
+    not recursion: a body may nest as deep as the JSON parser allows (1,024 levels)."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            n += text_tokens(v)
+        elif isinstance(v, dict):
+            if keys:
+                n += sum(text_tokens(k) for k in v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
 
 
-def prompt_tokens(kind: str, body: dict[str, Any]) -> int:
-    """Estimated prompt tokens of a request body (an integer, never below 1)."""
+def _schema(value: Any) -> int:
+    """Tokens of a schema the upstream renders into the prompt (tools, functions, a JSON
+    response format): every key and string in it (parameter names are prompt text), plus
+    one token per value for the punctuation around it."""
+    if value is None:
+        return 0
+    n, stack = 0, [value]
+    while stack:  # the same walk as _strings, counting structure too
+        v = stack.pop()
+        n += 1
+        if isinstance(v, str):
+            n += text_tokens(v)
+        elif isinstance(v, dict):
+            n += sum(text_tokens(k) for k in v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
+
+
+def _part(part: Any, image_tokens: int) -> int:
+    """One content part: text by its characters, an image at `image_tokens`, anything else
+    (audio, files) by every string in it, data included — more than the upstream bills."""
+    if isinstance(part, str):
+        return text_tokens(part)
+    if not isinstance(part, dict):
+        return 0
+    if part.get("type") in IMAGE_PARTS or "image_url" in part:
+        return image_tokens
+    if isinstance(part.get("text"), str):
+        return text_tokens(part["text"])
+    return _strings({k: v for k, v in part.items() if k != "type"})
+
+
+def _content(content: Any, image_tokens: int) -> int:
+    if isinstance(content, list):  # multi-part content
+        return sum(_part(p, image_tokens) for p in content)
+    return _part(content, image_tokens)
+
+
+def prompt_tokens(kind: str, body: dict[str, Any], image_tokens: int = IMAGE_TOKENS) -> int:
+    """Estimated prompt tokens of a request body (an integer, never below 1): everything the
+    upstream bills as input — messages (every part, tool calls and names), tool and function
+    schemas, a JSON-schema response format, predicted output; an image at `image_tokens`."""
     if kind == "chat/completions":
         n = PER_REPLY
         for m in body.get("messages") or []:
             if isinstance(m, dict):
-                n += PER_MESSAGE + text_tokens(_content_text(m.get("content"))) + text_tokens(str(m.get("name") or ""))
+                n += PER_MESSAGE + _content(m.get("content"), image_tokens)
+                n += _strings({k: v for k, v in m.items() if k not in ("role", "content")})
+        for f in ("tools", "functions", "response_format"):
+            n += _schema(body.get(f))
+        prediction = body.get("prediction")
+        if isinstance(prediction, dict):  # rejected predicted tokens are billed too
+            n += _content(prediction.get("content"), image_tokens)
         return n
     src = body.get("prompt") if kind == "completions" else body.get("input")
+    n = 0
     if isinstance(src, str):
-        return max(1, text_tokens(src))
-    if isinstance(src, list):
-        n = 0
+        n = text_tokens(src)
+    elif isinstance(src, list):
         for item in src:
             if isinstance(item, str):
                 n += text_tokens(item)
@@ -64,29 +134,41 @@ def prompt_tokens(kind: str, body: dict[str, Any]) -> int:
                 n += 1
             elif isinstance(item, list):
                 n += len(item)
-        return max(1, n)
-    return 1
+    if kind == "completions" and isinstance(body.get("suffix"), str):
+        n += text_tokens(body["suffix"])
+    return max(1, n)
 
 
-def max_tokens_field(body: dict[str, Any]) -> str:
-    """The field the caller used for its completion budget (newer clients: max_completion_tokens)."""
-    return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+def budget_fields(body: dict[str, Any]) -> list[str]:
+    """The completion-budget fields the caller sent (any value): every one is set to the hold."""
+    return [f for f in BUDGET_FIELDS if f in body]
 
 
 def requested_max_tokens(body: dict[str, Any]) -> int | None:
-    v = body.get(max_tokens_field(body))
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    """The least budget the caller asked for in any of the fields (None: no valid one)."""
+    asked = [v for f in BUDGET_FIELDS if isinstance(v := body.get(f), int) and not isinstance(v, bool) and v > 0]
+    return min(asked) if asked else None
 
 
 def choices(body: dict[str, Any]) -> int:
     """How many completions one call asks for (`n`, or `best_of` for legacy completions):
-    each may spend the whole max_tokens, so the hold scales with it."""
+    each may spend the whole max_tokens, so the hold scales with it. Not capped: a caller
+    asking for more than MAX_CHOICES is refused before anything is held (proxy.py)."""
     out = 1
     for f in ("n", "best_of"):
         v = body.get(f)
         if isinstance(v, int) and not isinstance(v, bool) and v > out:
             out = v
-    return min(out, 128)
+    return out
+
+
+def prompts(kind: str, body: dict[str, Any]) -> int:
+    """How many prompts one call sends: legacy completions take a batch (a list of strings or
+    of token lists), and each prompt gets its own `n` completions of up to max_tokens."""
+    src = body.get("prompt")
+    if kind == "completions" and isinstance(src, list) and src and not isinstance(src[0], int):
+        return len(src)
+    return 1
 
 
 def usage_total(usage: Any) -> int | None:

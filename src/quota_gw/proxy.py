@@ -6,10 +6,24 @@ chunk. Each call then settles exactly once, by how it ended:
 
 | ended by                        | fixed route           | openai route (a hold)          |
 |---------------------------------|-----------------------|--------------------------------|
-| upstream answered               | charged at admission  | commit usage.total_tokens      |
+| upstream answered               | charged at admission  | commit usage.total_tokens (*)  |
 | status in `refund_statuses`     | refund                | release                        |
 | connect error, timeout, a cut   | refund                | release                        |
 | the client went away            | stays charged         | commit what was produced       |
+
+(*) All of it, beyond the hold too, as far as the balance and the user's and team's quotas
+go (never below zero, other holds stay covered); what could not be charged is the commit
+event's `overage` (its metadata) and `quota_gw_overage_tokens_total`. The hold itself covers
+everything the upstream bills (metering.py), every budget field the caller sent
+(`max_tokens`, `max_completion_tokens`, `max_output_tokens`; the route's `max_tokens_field`
+when none) is set to it, and more than 128 completions (`n`) is refused.
+
+Headers: a request header is compared as an upstream may read it (case-insensitive, `_` as
+`-`: WSGI reads both as HTTP_X_QUOTA_ORG), and dropped when the gateway strips or sets that
+name (hop-by-hop, Host, Authorization — the caller's quota-gw key —, X-Forwarded-*, the
+identity headers, the route's own `headers`). The route's headers (upstream credentials,
+${ENV} read at start) come last, so a caller cannot override them. Answers carry the
+gateway's Date and Server, not the upstream's as well.
 
 Shadow mode decides and records but never blocks (the answer says what would have happened
 in `X-Quota-Shadow`). When Redis is down a `fail: closed` route answers 503 and forwards
@@ -36,6 +50,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from . import config as config_mod
 from . import metering, metrics
 from .api import Context, json_response
 from .config import Route as RouteConfig
@@ -48,7 +63,7 @@ log = logging.getLogger("quota_gw.proxy")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
-MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded but not metered
+MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded and charged the whole hold
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 # Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway owns.
@@ -56,7 +71,21 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forwarded-for",
                              "x-forwarded-proto", "x-forwarded-host"}
+# The gateway's own server sets these on every answer; the upstream's copies would repeat them.
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 
+
+def header_key(name: bytes | str) -> str:
+    """How an upstream may read a header name: case-insensitively, and `_` as `-` (CGI/WSGI
+    servers turn both into HTTP_X_QUOTA_ORG). Filtering compares these, so `X_Quota_Org`
+    is the gateway's X-Quota-Org and is dropped with it."""
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    return name.lower().replace("_", "-")
+
+
+OVERAGE = Counter("quota_gw_overage_tokens_total", "Usage the upstream reported that the balance could not cover"
+                  " (the commit event's metadata says `overage`)", ["route"], registry=metrics.REGISTRY)
 PROXIED = Counter("quota_gw_proxied_total", "Proxied calls by route and how they settled",
                   ["route", "outcome"], registry=metrics.REGISTRY)
 SPOOLED = Counter("quota_gw_spooled_total", "Calls whose usage went to the fail-open spool", ["op"],
@@ -71,7 +100,8 @@ class Sidecar:
         self.config = ctx.config
         b = ctx.config.behaviour
         self.routes = sorted(ctx.config.routes, key=lambda r: len(r.prefix), reverse=True)
-        self._drop = REQUEST_DROP | {b.org_header.lower(), b.user_header.lower()}  # request headers not forwarded
+        self._drop = REQUEST_DROP | {header_key(b.org_header), header_key(b.user_header)}  # never forwarded
+        self._user_key = header_key(b.user_header)
         # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
         spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or b.spool_dir
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
@@ -156,34 +186,51 @@ class Sidecar:
 
     # -- the call
 
-    async def handle(self, route: RouteConfig, request: Request, send: Send) -> None:
+    def claimed_user(self, request: Request) -> dict[str, str]:
+        """The user the caller names in the user header, however spelled (`X_Quota_User` is
+        X-Quota-User to a CGI upstream, so it is to the gateway too: a user-bound key naming
+        another user is 403 either way). Two spellings that disagree are refused."""
+        values = {v.decode("latin-1") for k, v in request.scope["headers"] if header_key(k) == self._user_key}
+        if len(values) > 1:
+            name = self.config.behaviour.user_header
+            raise invalid(f"{name}: sent more than once with different values", status=400, field=name)
+        return {"user_id": values.pop()} if values else {}
+
+    async def handle(self, route: RouteConfig, request: Request, send: Send,
+                     route_headers: list[tuple[str, str]] | None = None) -> None:
         scope = request.scope
         path = scope["path"]
         rest = path[len(route.prefix.rstrip("/")):]
         if rest and not rest.startswith("/") and not route.prefix.endswith("/"):
             raise Problem(404, "not_found", f"no route for {path}")
         ident, redis_down = await self.authenticate(request, route)
-        user = self.ctx.user(ident, {}, request)
+        user = self.ctx.user(ident, self.claimed_user(request), request)
         body = await read_body(request)
         target = route.upstream + ((rest or "/") if route.strip_prefix else path)
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        headers = self.upstream_headers(request, ident, user)
         kind = metering.kind_of(path) if route.metering == "openai" and request.method == "POST" else None
+        headers = self.upstream_headers(request, ident, user, route_headers or [], metered=kind is not None)
         if route.metering == "none":
             charge: Charge = Charge(self, route, ident, user)
         elif kind is not None:
             charge = await self.hold(route, ident, user, kind, body, redis_down)
             body = charge.body
-            # the gateway reads usage from the answer: ask for it uncompressed
-            headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"] + [("Accept-Encoding", "identity")]
         elif route.metering == "openai":  # GET /v1/models and the like on an LLM route: not metered
+            if request.method in ("POST", "PUT", "PATCH"):
+                # work the gateway cannot meter (/v1/responses, audio, images...) is not forwarded free
+                raise Problem(404, "not_found", f"{request.method} {path}: an openai route meters "
+                              f"{', '.join(metering.KINDS)} only; give this path its own route (metering: fixed or none)")
             charge = Charge(self, route, ident, user)
         else:
             charge = await self.admit(route, ident, user, request, redis_down)
         await self.forward(route, request, send, target, headers, body, charge)
 
-    def upstream_headers(self, request: Request, ident: Identity, user: str) -> list[tuple[str, str]]:
+    def upstream_headers(self, request: Request, ident: Identity, user: str,
+                         route_headers: list[tuple[str, str]], metered: bool = False) -> list[tuple[str, str]]:
+        """The caller's headers, less every one the gateway strips or sets (compared as
+        header_key: case and `_`/`-` do not matter), then the gateway's: forwarding, identity,
+        and the route's own (its upstream credentials), so a caller can override none of them."""
         # From the raw ASGI headers (lowercase names; the first of a repeated one counts, as
         # Starlette's request.headers would say): building request.headers and request.url
         # for three values cost more than the rest of this function.
@@ -199,9 +246,13 @@ class Sidecar:
             elif k == b"host" and host is None:
                 host = v.decode("latin-1")
         drop = self._drop
+        if route_headers:
+            drop = drop | {header_key(k) for k, _ in route_headers}
+        if metered:  # the gateway reads usage from the answer: it asks for it uncompressed
+            drop = drop | {"accept-encoding"}
         if conn:
-            drop = drop | {t.strip().lower() for t in conn.split(",")}
-        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.decode("latin-1").lower() not in drop]
+            drop = drop | {header_key(t.strip()) for t in conn.split(",")}
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if header_key(k) not in drop]
         client = scope["client"][0] if scope.get("client") else ""
         if prior and prior.rsplit(",", 1)[-1].strip() == client:
             # uvicorn trusted a local proxy's header and made its last hop the client already
@@ -213,6 +264,9 @@ class Sidecar:
         out.append((b.org_header, ident.org_id))
         if user:
             out.append((b.user_header, user))
+        if metered:
+            out.append(("Accept-Encoding", "identity"))
+        out.extend(route_headers)
         return out
 
     async def admit(self, route: RouteConfig, ident: Identity, user: str, request: Request,
@@ -246,13 +300,22 @@ class Sidecar:
             raise invalid(f"malformed JSON: {e}", status=400) from None
         if not isinstance(body, dict):
             raise invalid("the body must be a JSON object", status=400)
+        per = metering.choices(body)  # n completions may each spend the whole budget
+        if per > metering.MAX_CHOICES:
+            raise invalid(f"n: at most {metering.MAX_CHOICES} completions per call", status=400, field="n")
+        per *= metering.prompts(kind, body)  # a batch of prompts: n completions each
         charge = LLMCharge(self, route, ident, user, kind, body)
         unit = self.config.features[route.feature].cost
-        prompt = metering.prompt_tokens(kind, body)
-        field = metering.max_tokens_field(body)
+        prompt = metering.prompt_tokens(kind, body, route.image_tokens)
+        # Every budget field the caller sent is set to the hold (an upstream may read any one of
+        # them); with none sent, the route's field. The least one sent is what is asked for.
+        fields = metering.budget_fields(body) or [route.max_tokens_field]
         asked = metering.requested_max_tokens(body)
         budget = 0 if kind == "embeddings" else (asked or route.default_max_tokens)
-        per = metering.choices(body)  # n completions may each spend the whole budget
+        if budget and unit > 0:  # a hold is at most MAX_AMOUNT: exact in Lua doubles and Redis integers
+            most = max(0, (config_mod.MAX_AMOUNT // unit - prompt) // per)
+            if budget > most:
+                budget = charge.lowered = most
         charge.prompt = prompt
         shadow = self.shadow(route)
         if not redis_down:
@@ -276,15 +339,22 @@ class Sidecar:
                         budget = max(affordable, 0)
                         charge.lowered = budget
         charge.redis_down = redis_down
+        charge.most = prompt + budget * per
         if kind != "embeddings":
-            body[field] = budget  # always explicit: the upstream's own default could exceed the hold
+            for f in fields:  # always explicit: the upstream's own default could exceed the hold
+                body[f] = budget
         if body.get("stream"):
             opts = body.get("stream_options")
             opts = dict(opts) if isinstance(opts, dict) else {}
             charge.drop_usage_only = not opts.get("include_usage")
             opts["include_usage"] = True
             body["stream_options"] = opts
-        charge.body = orjson.dumps(body)
+        try:
+            charge.body = orjson.dumps(body)
+        except TypeError:  # orjson's nesting limit (255) is below its parser's (1,024)
+            if charge.rid is not None:
+                await charge.failed("bad request")
+            raise invalid("the body nests deeper than 255 levels", status=400) from None
         return charge
 
     async def forward(self, route: RouteConfig, request: Request, send: Send, url: str,
@@ -321,9 +391,9 @@ class Sidecar:
         elif charge.redis_down:
             charge.rewrites = True  # the spool entry is written before the client sees the end
         ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
-        drop = {k for k, _ in ours} | ({b"content-length"} if charge.rewrites else set())
-        out = [(k.lower(), v) for k, v in resp.raw_headers
-               if k.decode("latin-1").lower() not in HOP_BY_HOP and k.lower() not in drop]
+        # the upstream cannot speak for the gateway (X-Quota-*) in any spelling either
+        drop = RESPONSE_DROP | {header_key(k) for k, _ in ours} | ({"content-length"} if charge.rewrites else set())
+        out = [(k.lower(), v) for k, v in resp.raw_headers if header_key(k) not in drop]
         out += ours
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         if resp.content.is_eof():
@@ -525,6 +595,7 @@ class LLMCharge(Charge):
         super().__init__(sidecar, route, ident, user)
         self.kind = kind
         self.prompt = 0
+        self.most = 0  # tokens the call may use at most (the hold, in tokens)
         self.lowered: int | None = None
         self.drop_usage_only = False
         self.body = b""
@@ -578,6 +649,9 @@ class LLMCharge(Charge):
                 return total
             self.source = "streamed_chunks"
             return self.prompt + self.sse.completion_chunks
+        if self._json_over:  # too large to read the usage in it: as much as it was allowed
+            self.source = "over_limit"
+            return self.most
         try:
             obj = orjson.loads(self._json) if self._json else None
         except orjson.JSONDecodeError:
@@ -607,15 +681,36 @@ class LLMCharge(Charge):
         meta = orjson.dumps({"route": self.route.prefix, "tokens": tokens, "source": self.source,
                              "status": self.status, "prompt_estimate": self.prompt})
         try:
-            d = await self.sidecar.ctx.decider.commit(self.ident, rid, tokens * self.unit, meta)
+            # beyond the hold: the upstream did the work, whatever the estimate said
+            d = await self.sidecar.ctx.decider.commit(self.ident, rid, tokens * self.unit, meta, beyond_hold=True)
         except REDIS_DOWN:
             await self.spool("commit", rid=rid, units=tokens * self.unit)
             return
+        overage = d.extra.get("overage", 0) if d.ok else 0
+        if overage:
+            OVERAGE.labels(self.route.prefix).inc(overage)
+            log.warning("%s: usage %d beyond what org %s could pay; %d uncharged (commit %s)",
+                        self.route.prefix, tokens * self.unit, self.ident.org_id, overage, d.event_id)
         if d.status == 404:  # the hold expired before the answer ended: charge it plainly
-            from .spool import consume_unlimited
+            await self._consume_after_expiry(rid, tokens, meta)
 
-            await consume_unlimited(self.sidecar.ctx.decider, self.ident, self.route.feature or "", tokens,
-                                    self.user, f"commit:{rid}", meta)
+    async def _consume_after_expiry(self, rid: str, tokens: int, meta: bytes) -> None:
+        """The usage of a call whose hold expired, as a consume; when the balance no longer
+        covers all of it, what is left is charged and the rest recorded as overage (as commit does)."""
+        from .spool import consume_unlimited
+
+        decider, feature = self.sidecar.ctx.decider, self.route.feature or ""
+        d = await consume_unlimited(decider, self.ident, feature, tokens, self.user, f"commit:{rid}", meta)
+        if d.status != 402 or self.unit <= 0 or d.remaining <= 0:
+            return
+        part = min(tokens - 1, d.remaining // self.unit)
+        if part <= 0:
+            return
+        overage = (tokens - part) * self.unit
+        meta = orjson.dumps({**orjson.loads(meta), "requested": tokens * self.unit, "overage": overage})
+        d = await consume_unlimited(decider, self.ident, feature, part, self.user, f"commit:{rid}:part", meta)
+        if d.ok:
+            OVERAGE.labels(self.route.prefix).inc(overage)
 
     async def _release(self) -> None:
         rid = self.rid
@@ -647,12 +742,16 @@ class Endpoint:
     """The ASGI endpoint of one configured route (raw ASGI: the proxy streams and watches
     for the client going away itself)."""
 
-    def __init__(self, route: RouteConfig) -> None:
+    def __init__(self, route: RouteConfig, headers: list[tuple[str, str]]) -> None:
         self.route = route
+        self.headers = headers  # the route's own, resolved (credentials: never logged)
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.route.prefix!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        await request.app.state.sidecar.handle(self.route, request, send)
+        await request.app.state.sidecar.handle(self.route, request, send, self.headers)
 
 
 async def authorize(request: Request) -> Response:
@@ -680,7 +779,7 @@ async def authorize(request: Request) -> Response:
             await c.keys.authenticate(request, "consume")
             raise Problem(404, "not_found", f"no route for {path}")
         ident, redis_down = await sidecar.authenticate(request, route)
-        user = c.user(ident, {}, request)
+        user = c.user(ident, sidecar.claimed_user(request), request)
         headers = {k.decode(): v.decode() for k, v in sidecar.who(ident, user)}
         if route.metering == "none":
             return json_response({"allowed": True}, headers=headers)
@@ -722,6 +821,11 @@ def routes(config: Any) -> list[Route]:
     first), after the API so they never shadow it."""
     out = [Route("/v1/authorize", authorize, methods=["GET", "POST", "HEAD"]),
            Route("/v1/authorize/{rest:path}", authorize, methods=METHODS)]
-    for r in sorted(config.routes, key=lambda r: len(r.prefix), reverse=True):
-        out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r), methods=METHODS))
+    # ${ENV} in route headers is read here, when the app is built: a missing variable is a
+    # ConfigError and the gateway does not start.
+    resolved = config_mod.resolve_route_headers(config)
+    order = sorted(range(len(config.routes)), key=lambda i: len(config.routes[i].prefix), reverse=True)
+    for i in order:
+        r = config.routes[i]
+        out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r, resolved[i]), methods=METHODS))
     return out

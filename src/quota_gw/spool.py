@@ -148,7 +148,8 @@ class Spool:
                 log.warning("spool: refund of %s refused: %s", e["event_id"], d.detail)
             return
         if e["op"] == "commit":
-            d = await decider.commit(ident, e["rid"], e["units"], meta)
+            # only the sidecar spools commits: usage the upstream reported, beyond the hold too
+            d = await decider.commit(ident, e["rid"], e["units"], meta, beyond_hold=True)
             if d.ok or d.status != 404:
                 return
             # The hold expired (or Redis lost it): charge the usage as a plain consume.
