@@ -154,6 +154,7 @@ class Behaviour(_Model):
     org_header: str = "X-Quota-Org"
     user_header: str = "X-Quota-User"
     spool_dir: str = ".quota-gw/spool"
+    allow_evicting_redis: bool = False  # start on a Redis whose maxmemory-policy may evict (see redis_policy.py)
 
 
 class Config(_Model):
