@@ -119,6 +119,9 @@ class Route(_Model):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     refund_statuses: list[int] = Field(default_factory=lambda: [500, 502, 503, 504])
     strip_prefix: bool = False
+    # How long an idle pooled connection to the upstream is kept: below the upstream's own idle
+    # timeout (uvicorn: 5 s), so the gateway never reuses one the upstream is closing.
+    upstream_keepalive_s: float = Field(default=4.0, gt=0, le=3600)
     # metering: openai — the completion budget held when the caller sends no max_tokens, and the
     # least a call may be lowered to before it is refused with 402 (see proxy.py).
     default_max_tokens: int = Field(default=1024, gt=0, le=1_000_000)

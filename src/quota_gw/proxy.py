@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +48,7 @@ log = logging.getLogger("quota_gw.proxy")
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+DEFAULT_KEEPALIVE_S = 4.0
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
 MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded but not metered
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -59,6 +61,8 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forwa
 
 PROXIED = Counter("quota_gw_proxied_total", "Proxied calls by route and how they settled",
                   ["route", "outcome"], registry=metrics.REGISTRY)
+DROPPED_IDLE = Counter("quota_gw_upstream_idle_dropped_total", "Pooled upstream connections found closed by "
+                       "the upstream just before reuse (the request went on another one)", registry=metrics.REGISTRY)
 SPOOLED = Counter("quota_gw_spooled_total", "Calls whose usage went to the fail-open spool", ["op"],
                   registry=metrics.REGISTRY)
 
@@ -75,15 +79,18 @@ class Sidecar:
         # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
         spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or b.spool_dir
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
-        self.session: aiohttp.ClientSession | None = None
+        # One pooled client per upstream keep-alive setting (aiohttp sets it per connector).
+        self.sessions: dict[float, aiohttp.ClientSession] = {}
         self._replayer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        conn = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30,
-                                    enable_cleanup_closed=False)
-        self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False, trust_env=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                                             timeout=aiohttp.ClientTimeout(total=None))
+        for keepalive in {r.upstream_keepalive_s for r in self.routes} or {DEFAULT_KEEPALIVE_S}:
+            conn = LiveConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=keepalive,
+                                 enable_cleanup_closed=False)
+            self.sessions[keepalive] = aiohttp.ClientSession(
+                connector=conn, auto_decompress=False, trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(total=None))
         self._replayer = asyncio.create_task(replay_forever(self.spool, self.ctx.decider), name="spool-replay")
 
     async def stop(self) -> None:
@@ -94,8 +101,8 @@ class Sidecar:
             except asyncio.CancelledError:
                 pass
         self.spool.rotate()
-        if self.session is not None:
-            await self.session.close()
+        for session in self.sessions.values():
+            await session.close()
 
     # -- routing
 
@@ -289,13 +296,13 @@ class Sidecar:
 
     async def forward(self, route: RouteConfig, request: Request, send: Send, url: str,
                       headers: list[tuple[str, str]], body: bytes, charge: Charge) -> None:
-        assert self.session is not None
+        session = self.sessions[route.upstream_keepalive_s]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
         answered = False
         try:
-            try:
-                resp = await self.session.request(request.method, url, headers=headers, data=body or None,
-                                                  allow_redirects=False, timeout=timeout)
+            try:  # never sent twice: see LiveConnector for why and for what is checked instead
+                resp = await session.request(request.method, url, headers=headers, data=body or None,
+                                             allow_redirects=False, timeout=timeout)
             except asyncio.TimeoutError:
                 await charge.failed("timeout")
                 raise Problem(504, "upstream_timeout", f"the upstream did not answer within {route.timeout_s:g} s; "
@@ -391,6 +398,54 @@ async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
             return "upstream"
         raise exc
     return "disconnect"
+
+
+class LiveConnector(aiohttp.TCPConnector):
+    """The upstream pool, checking a pooled connection just before it is reused.
+
+    The race: the upstream closes an idle keep-alive connection (uvicorn after 5 s) while the
+    gateway picks that same connection for a request; the request then meets a closed socket and
+    the caller gets a 502 for a call that reached no one. Two defences, in this order:
+
+    - `upstream_keepalive_s` (per route, default 4 s) below the upstream's own idle timeout, so
+      the pool gives a connection up before the upstream does (aiohttp checks the idle time on
+      every reuse);
+    - here, a look at the socket before reuse (a non-blocking MSG_PEEK): end of stream, an error,
+      or bytes nobody asked for mean the upstream has closed it or is about to; it is dropped
+      and the request goes out on the next pooled connection or a fresh one, before a byte of
+      it was written anywhere.
+
+    A request that fails after it was written (ServerDisconnectedError, ClientOSError while or
+    after writing) is never sent again: on the wire, an upstream that read the request and then
+    died looks exactly like one that closed the idle connection as the request crossed, and
+    the upstream may have started (and billed) the work. It is a 502 and the charge is refunded."""
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        conns = self._conns.get(key)  # aiohttp's idle pool for this host (a deque of (proto, t))
+        if conns:
+            for proto, _ in conns:
+                if proto.is_connected() and closed_by_peer(proto.transport):
+                    proto.close()  # not connected any more: aiohttp's _get discards it
+                    DROPPED_IDLE.inc()
+        return await super()._get(key, traces)
+
+
+def closed_by_peer(transport: Any) -> bool:
+    """True when the socket under `transport` has an end of stream, an error or unread bytes
+    waiting (an idle HTTP/1.1 connection has none of those). Costs one recv syscall."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    peek = socket.socket(fileno=sock.fileno())  # a view of the same fd (uvloop's wrapper has no recv)
+    try:
+        peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return True  # b"" (the peer closed) or unsolicited bytes (say, a 408 before closing)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        peek.detach()
 
 
 class _ClientGone(Exception):

@@ -1,0 +1,69 @@
+"""Keep-alive races: a request sent on a pooled connection the upstream is closing (uvicorn
+closes idle ones after `timeout_keep_alive`) reaches no one and, before the fix, came back as a
+502. The upstream pool gives connections up before the upstream does (`upstream_keepalive_s`)
+and checks a pooled connection before reusing it, so idle gaps around the upstream's own
+timeout give no errors. The bounded run uses a 1 s upstream keep-alive; the soak (make
+test-long) the real thing: uvicorn's default 5 s and 200 calls."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+
+from conftest import test_config_data
+from quota_gw import config as config_mod
+from quota_gw.app import create_app
+from quota_gw.demo import create_demo_app
+from quota_gw.dev import serve
+from worker_support import SOAK
+
+
+async def idle_gap_calls(tenant, redis_url, database_url, prefix, upstream_keepalive: float, lanes: int,
+                         calls: int, route_keepalive: float | None) -> tuple[list[int], int]:
+    """`lanes` callers, each making `calls` calls with idle gaps jittered around the upstream's
+    keep-alive timeout. Returns every status and how many calls the upstream saw."""
+    demo = create_demo_app()
+    async with serve(demo, lifespan="off", timeout_keep_alive=upstream_keepalive) as up:
+        data = test_config_data()
+        route = {"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}", "feature": "generate_goal",
+                 "metering": "none"}
+        if route_keepalive is not None:
+            route["upstream_keepalive_s"] = route_keepalive
+        data["routes"] = [route]
+        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
+        _, h = await tenant("pro")
+        rng = random.Random(8)
+        statuses: list[int] = []
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as c:
+
+            async def lane(i: int) -> None:
+                await asyncio.sleep(i * upstream_keepalive / lanes)  # spread the lanes over one period
+                for _ in range(calls):
+                    statuses.append((await c.post("/ai/goals", headers=h, content=b"{}")).status_code)
+                    # the gap is the point of the test: around the upstream's idle timeout
+                    await asyncio.sleep(upstream_keepalive * rng.uniform(0.97, 1.03))
+
+            await asyncio.gather(*(lane(i) for i in range(lanes)))
+        return statuses, demo.state.demo.stats.count
+
+
+async def test_idle_gaps_around_the_upstream_keepalive_give_no_errors(tenant, redis_url, database_url, prefix):
+    statuses, seen = await idle_gap_calls(tenant, redis_url, database_url, prefix, upstream_keepalive=1,
+                                          lanes=25, calls=8, route_keepalive=0.7)
+    assert len(statuses) == 200
+    assert statuses.count(200) == 200, sorted(set(statuses))
+    assert seen == 200  # each call reached the upstream exactly once
+
+
+@pytest.mark.soak
+@pytest.mark.skipif(not SOAK, reason="long: make test-long (QUOTA_GW_SOAK=1)")
+async def test_idle_gaps_around_uvicorns_5s_keepalive_give_no_errors(tenant, redis_url, database_url, prefix):
+    """The issue's case: a uvicorn upstream (5 s) and the default pool setting (4 s)."""
+    statuses, seen = await idle_gap_calls(tenant, redis_url, database_url, prefix, upstream_keepalive=5,
+                                          lanes=20, calls=10, route_keepalive=None)
+    assert statuses.count(200) == len(statuses) == 200, sorted(set(statuses))
+    assert seen == 200
