@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import httpx
 import pytest
@@ -19,6 +20,15 @@ from quota_gw.app import create_app
 from quota_gw.demo import create_demo_app
 from quota_gw.dev import serve
 from worker_support import SOAK
+
+
+async def saturated_loop() -> None:
+    """Keeps the event loop as a saturated gateway's is: every turn takes a few milliseconds,
+    so a close from the upstream is read a turn after the request that reuses the connection
+    was already on its way (the race the benchmarks hit past saturation)."""
+    while True:
+        time.sleep(0.004)  # blocking on purpose: this is the CPU of other requests
+        await asyncio.sleep(0)
 
 
 async def idle_gap_calls(tenant, redis_url, database_url, prefix, upstream_keepalive: float, lanes: int,
@@ -47,7 +57,11 @@ async def idle_gap_calls(tenant, redis_url, database_url, prefix, upstream_keepa
                     # the gap is the point of the test: around the upstream's idle timeout
                     await asyncio.sleep(upstream_keepalive * rng.uniform(0.97, 1.03))
 
-            await asyncio.gather(*(lane(i) for i in range(lanes)))
+            busy = asyncio.ensure_future(saturated_loop())
+            try:
+                await asyncio.gather(*(lane(i) for i in range(lanes)))
+            finally:
+                busy.cancel()
         return statuses, demo.state.demo.stats.count
 
 
@@ -67,3 +81,42 @@ async def test_idle_gaps_around_uvicorns_5s_keepalive_give_no_errors(tenant, red
                                           lanes=20, calls=10, route_keepalive=None)
     assert statuses.count(200) == len(statuses) == 200, sorted(set(statuses))
     assert seen == 200
+
+
+def test_serve_keeps_idle_connections_longer_than_uvicorns_5s(tmp_path, redis_url, database_url, prefix):
+    """`quota-gw serve` defaults to a 75 s keep-alive (nginx keeps idle upstream connections
+    60 s): a connection idle for 6 s still carries the next request."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from quota_gw.embedded import free_port
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(test_config_data()))
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix}
+    proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "serve", "--config", str(cfg), "--port", str(port),
+                             "--log-level", "warning"], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        with sock:
+            req = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
+            sock.sendall(req)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(6)  # idle past uvicorn's default 5 s: the point of the test
+            sock.sendall(req)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

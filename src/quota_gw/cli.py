@@ -41,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _config(args)
     uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False, loop="uvloop", http="httptools")
+                log_level=args.log_level, access_log=False, loop="uvloop", http="httptools",
+                timeout_keep_alive=args.timeout_keep_alive)
     return 0
 
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--workers", type=int, default=1, help="server processes")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--timeout-keep-alive", type=int, default=75, metavar="SECONDS",
+                   help="close idle client connections after this long (default 75: longer than the 60 s "
+                        "proxies such as nginx keep idle upstream connections, so they never reuse one "
+                        "the gateway is closing)")
 
     command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent).")
 
