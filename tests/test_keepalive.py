@@ -120,3 +120,45 @@ def test_serve_keeps_idle_connections_longer_than_uvicorns_5s(tmp_path, redis_ur
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one(tenant, redis_url, database_url,
+                                                                                  prefix):
+    """The upstream closes the pooled connection after the gateway picked it and before the
+    request was written (made to happen here with aiohttp's reuse hook): nothing was sent, so
+    the request goes once more on a new connection, and the upstream sees it once."""
+    import aiohttp
+
+    from quota_gw import proxy
+
+    demo = create_demo_app()
+    async with serve(demo, lifespan="off") as up:
+        data = test_config_data()
+        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
+                           "feature": "generate_goal", "metering": "none"}]
+        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
+        _, h = await tenant("pro")
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as c:
+
+            async def upstream_closes_it(session, ctx, params) -> None:
+                for conn in list(up.server_state.connections):  # the upstream closes its idle connections
+                    conn.transport.close()
+                await asyncio.sleep(0.2)  # and the gateway has read the close before writing
+
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_reuseconn.append(upstream_closes_it)
+            trace.freeze()
+            session = app.state.sidecar.sessions[4.0]
+            resent = proxy.RESENT._value.get()
+            for method, body in (("POST", b"{}"), ("GET", None)):
+                assert (await c.request(method, "/ai/goals", headers=h, content=body)).status_code == 200
+                n = demo.state.demo.stats.count
+                session._trace_configs.append(trace)
+                try:
+                    r = await c.request(method, "/ai/goals", headers=h, content=body)
+                finally:
+                    session._trace_configs.remove(trace)
+                assert r.status_code == 200, r.text
+                assert demo.state.demo.stats.count == n + 1  # reached the upstream once
+            assert proxy.RESENT._value.get() == resent + 2
