@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 
 from conftest import test_config_data
 from quota_gw.decisions import Decider
+from quota_gw.embedded import free_port
 from quota_gw.layout import Layout
 from sync_worker.recovery import rollup_drift
 from sync_worker.worker import GROUP, Worker, copy_line
@@ -367,5 +368,49 @@ async def test_replayed_batch_counts_once_in_rollups(wenv, redis, database_url) 
             (org, "general", "tokens", 5), (org, "general", "tokens", -5)]
         await wenv.pg.execute("SELECT qgw_rollup_rebuild()")  # the repair: recomputed from the events
         assert (await rollup_drift(wenv.pg, org))[0] == []
+    finally:
+        await w._disconnect(pg=True, redis=True)
+
+
+async def test_postgres_outage_is_counted_as_a_postgres_error(wenv, redis) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    w = wenv.worker("pgdown", "--metrics-port", str(port))
+    w.env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{free_port()}/none"  # nothing listens there
+    await w.start()
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            except httpx.TransportError:
+                text = ""
+            errors = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("qgw_worker_errors_total{")}
+            if errors.get("postgres", 0) >= 1:
+                break
+            assert time.monotonic() < deadline and w.alive, text + w.output()[-2000:]
+            await asyncio.sleep(0.1)
+    assert "redis" not in errors, errors
+    assert await w.stop() == 0
+
+
+async def test_entries_read_again_are_counted_as_redeliveries(wenv, redis, database_url) -> None:
+    from sync_worker.worker import REDELIVERED
+
+    orgs = identities(1)
+    await seed_orgs(wenv.decider, orgs)
+    w = Worker(wenv.redis_url, database_url, wenv.layout, "redeliver", block_ms=50)
+    await w._connect()
+    try:
+        w.backlog = False
+        first = await w._read()  # new entries, not acked: they stay pending for this consumer
+        assert first.size >= 2 and not first.redelivered
+        before = REDELIVERED._value.get()
+        w.backlog = True  # as after a failed write
+        again = await w._read()
+        assert again.redelivered and again.size == first.size
+        assert REDELIVERED._value.get() - before == first.size
     finally:
         await w._disconnect(pg=True, redis=True)

@@ -23,6 +23,7 @@ import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from . import metrics
 from .decisions import Identity
 from .layout import Layout
 from .problems import Problem
@@ -47,6 +48,9 @@ def bearer(request: Request) -> str | None:
     return h[7:].strip() or None
 
 
+KEY_CACHE_HIT, KEY_CACHE_MISS = metrics.KEY_CACHE.labels("hit"), metrics.KEY_CACHE.labels("miss")
+
+
 class KeyStore:
     def __init__(self, redis: Redis, layout: Layout, db: asyncpg.Pool | None, ttl: float = 1.0) -> None:
         self.redis, self.layout, self.db, self.ttl = redis, layout, db, ttl
@@ -57,7 +61,9 @@ class KeyStore:
     async def resolve(self, key: str) -> Identity | None:
         hit = self._keys.get(key)
         if hit is not None and hit[1] > time.monotonic():
+            KEY_CACHE_HIT.inc()
             return hit[0]
+        KEY_CACHE_MISS.inc()
         return await self._once(("key", key), self._reload_key, key)
 
     async def _reload_key(self, key: str) -> Identity | None:

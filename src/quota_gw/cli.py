@@ -37,11 +37,21 @@ def app_factory():  # noqa: ANN201 - uvicorn factory
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     import uvicorn
 
     _config(args)
-    uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False, loop="uvloop", http="httptools")
+    # /metrics sums every worker process (metrics.py): they write their values into one fresh
+    # folder, named before any of them imports prometheus_client.
+    metrics_dir = tempfile.mkdtemp(prefix="quota-gw-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level, access_log=False, loop="uvloop", http="httptools")
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
