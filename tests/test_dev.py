@@ -1,12 +1,16 @@
 """`quota-gw dev` with REDIS_URL/DATABASE_URL unset: embedded servers on free ports (never
-6379/5432), a demo key that works through the proxy, and a clean stop on SIGTERM."""
+6379/5432), a demo key that works through the proxy, a banner whose every example works, the
+worker's metrics port, and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,7 +41,8 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
                     break
         text = "".join(out)
         key = re.search(r"API key:\s+(qgw_\S+)", text).group(1)
-        ports = [int(p) for p in re.findall(r"(?:redis|postgresql)://[^\s]*?:(\d+)/", text)]
+        ports = [int(p) for p in re.findall(r"^  (?:redis|postgres): +(?:redis|postgresql)://[^\s]*?:(\d+)/", text,
+                                            re.M)]
         assert len(ports) == 2 and not {6379, 5432} & set(ports), text
         assert (tmp_path / ".quota-gw" / "postgres" / "PG_VERSION").exists()
         h = {"Authorization": f"Bearer {key}"}
@@ -49,6 +54,7 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
             assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
             meters = (await c.get("/v1/balance", headers=h)).json()["meters"]
             assert meters["goal_generation"]["balance"] == 17 and meters["tokens"]["balance"] < 100000
+        await _banner_examples_work(text)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -58,3 +64,21 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
     assert rc == 0, "".join(out) + rest
     assert rest.rstrip().endswith("stopped")
     assert not any(reachable("127.0.0.1", p) for p in (*ports, gw_port, up_port))
+
+
+async def _banner_examples_work(text: str) -> None:
+    """Every `curl` the banner prints answers 2xx, with the body a real upstream takes on its route."""
+    curls = [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+    by_path = {re.search(r"https?://[^/\s]+(/\S*)", c).group(1): c for c in curls}
+    assert '"prompt"' in by_path["/v1/completions"] and "messages" not in by_path["/v1/completions"]
+    assert '"input"' in by_path["/v1/embeddings"] and "messages" not in by_path["/v1/embeddings"]
+    assert '"messages"' in by_path["/v1/chat/completions"]
+    assert "/v1/consume" in by_path and "/v1/admin/orgs/demo/grants" in by_path and "/metrics" in by_path
+    assert shutil.which("curl"), "the banner test runs the printed curl commands"
+    for c in curls:
+        argv = shlex.split(c)
+        argv.insert(1, "-f")  # non-2xx fails
+        r = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"{c}\n{r.stdout}{r.stderr}"
+        if "/metrics" in c:
+            assert "qgw_worker_stream_lag_entries" in r.stdout

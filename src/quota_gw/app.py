@@ -18,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import account, admin, api, db, metrics, proxy
+from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
 from .api import Context, json_response
 from .auth import KeyStore
 from .config import Config
@@ -114,6 +115,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/metrics", metrics.endpoint),
         *api.routes,
         *admin.routes,
+        *admin_reads.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
         *(extra_routes or []),
         *proxy.routes(config),  # last: a configured prefix never shadows the API

@@ -1,4 +1,8 @@
-"""`quota-gw` commands (SPEC §6)."""
+"""`quota-gw` commands (SPEC §6).
+
+Every command fails with one line on stderr and a documented exit code (cli_support.py); the
+`--help` of each names the environment variables it reads.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,27 @@ import sys
 from collections.abc import Callable
 
 from . import config as config_mod
+from .cli_support import (ENV_ADMIN, ENV_CONFIG, ENV_DATABASE, ENV_PREFIX, ENV_REDIS, EXIT_CODES, UNREACHABLE,
+                          USAGE, Fail, createdb_command, database_name, database_url, epilog, postgres_failure,
+                          run, where)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (what is wrong, where to look) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(USAGE)
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
-    """Loads and validates the config, or exits 2 with the file, key and reason."""
+    """Loads and validates the config, or fails (exit 2) with the file, key and reason."""
     if getattr(args, "config", None):
         os.environ["QUOTA_GW_CONFIG"] = args.config
     try:
         return config_mod.load()
     except config_mod.ConfigError as e:
-        print(f"quota-gw: bad config: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _database_url() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        print("quota-gw: DATABASE_URL is not set", file=sys.stderr)
-        raise SystemExit(2)
-    return url
+        raise Fail(f"bad config: {e.message}" if e.file == "<none>" else f"bad config: {e}", USAGE) from None
 
 
 def app_factory():  # noqa: ANN201 - uvicorn factory
@@ -55,10 +61,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _ensure_database(url: str) -> None:
+    """Creates the database when it is missing and the login may; else says the exact command."""
+    import asyncpg
+
+    from . import db
+
+    name = database_name(url)
+    try:
+        created = await db.ensure_database(url)
+    except asyncpg.InsufficientPrivilegeError:
+        raise Fail(f"database {name!r} does not exist on {where(url)} and this login may not create it; run "
+                   f"`{createdb_command(url, as_owner=True)}` as a user who may create databases, then `quota-gw migrate` again", UNREACHABLE) from None
+    except asyncpg.InvalidCatalogNameError:  # no `postgres` maintenance database to connect to
+        raise Fail(f"database {name!r} does not exist on {where(url)}; run `{createdb_command(url)}`, then "
+                   "`quota-gw migrate` again", UNREACHABLE) from None
+    except Exception as e:  # noqa: BLE001
+        f = postgres_failure(e, url)
+        if f is None:
+            raise
+        raise f from None
+    if created:
+        print(f"created database {name!r} on {where(url)}")
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from . import db
 
-    applied = asyncio.run(db.migrate_url(_database_url()))
+    url = database_url()
+
+    async def migrate() -> list[str]:
+        await _ensure_database(url)
+        return await db.migrate_url(url)
+
+    applied = asyncio.run(migrate())
     print("applied: " + ", ".join(applied) if applied else "up to date")
     return 0
 
@@ -75,13 +111,18 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
-    return int(v) if v else None
+    if not v:
+        return None
+    if not (v.isascii() and v.isdigit()):
+        print(f"quota-gw: {name} must be a port number, not {v!r}", file=sys.stderr)
+        raise SystemExit(USAGE)
+    return int(v)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .dev import run
+    from .dev import run as run_dev
 
     cfg = _config(args)
     try:
@@ -90,45 +131,75 @@ def cmd_dev(args: argparse.Namespace) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(run(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
-                      Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+    return runner(run_dev(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
+                          Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+
+
+SERVE_CODES = """exit codes:
+  0  stopped; stopped by SIGTERM or Ctrl-C, it shuts down gracefully, then exits as that signal
+     (143 or 130 in a shell), as servers do
+  2  usage or config error
+  3  the server could not start (e.g. the port is in use: uvicorn's ERROR line says why)
+  4  unexpected error (QUOTA_GW_DEBUG=1 prints the traceback)
+
+Redis or Postgres down does not stop the gateway from starting: calls answer 503 with
+Retry-After until the store is back, and /readyz says which store is down."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quota-gw", description="Redis-backed quota gateway for AI features.")
+    parser = Parser(prog="quota-gw", description="Redis-backed quota gateway for AI features.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str, *env: str,
+                codes: str = EXIT_CODES, parent: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
+        p = (parent or sub).add_parser(name, help=help, description=help, epilog=epilog(*env, codes=codes),
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(fn=fn)
         return p
 
-    p = command("serve", cmd_serve, "Run the gateway (decision API, proxy routes, admin).")
+    p = command("serve", cmd_serve, "Run the gateway (decision API, proxy routes, admin).", ENV_CONFIG, ENV_REDIS,
+                "  DATABASE_URL          Postgres of the admin, usage and analytics routes (unset: they answer 503)",
+                ENV_PREFIX, ENV_ADMIN,
+                "  QUOTA_GW_SPOOL_DIR    where fail-open routes spool usage while Redis is down "
+                "(default: behaviour.spool_dir)", codes=SERVE_CODES)
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=int, default=1, help="server processes")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface, "
+                        "e.g. in a container)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default 8080)")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
+    p.add_argument("--log-level", default="info", help="critical, error, warning, info (default) or debug")
 
-    command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent).")
+    command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent). Creates the database first when "
+                                    "it does not exist and the login may.", ENV_DATABASE)
 
     from sync_worker.cli import add_commands as add_sync_commands  # worker, rebuild, reconcile
 
     add_sync_commands(command, _config)
 
+    from .admin_cli import add_commands as add_admin_commands  # orgs, keys, grant, worker-status
+
+    add_admin_commands(command, _config)
+
     p = command("demo-upstream", cmd_demo_upstream, "Run an OpenAI-compatible fake model (dev, tests, load tests).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9100, help="TCP port (default 9100, the example config's upstream)")
     p.add_argument("--latency-ms", type=float, default=0, help="wait before each answer")
     p.add_argument("--token-delay-ms", type=float, default=0, help="pause between streamed tokens")
     p.add_argument("--fail-rate", type=float, default=0.0, help="share of calls answered 500 (0..1)")
     p.add_argument("--log-level", default="info")
 
     p = command("dev", cmd_dev, "Everything on one machine: Redis, Postgres (embedded unless REDIS_URL/DATABASE_URL), "
-                                "migrations, a demo org and key, the demo upstream, gateway and worker.")
+                                "migrations, a demo org and key, the demo upstream, gateway and worker.",
+                ENV_CONFIG,
+                "  REDIS_URL             use this Redis (default: an embedded one in --data-dir)",
+                "  DATABASE_URL          use this Postgres database (default: an embedded one in --data-dir)",
+                "  QUOTA_GW_ADMIN_TOKEN  admin token (default: one made once and kept in --data-dir/admin-token)",
+                "  QUOTA_GW_DEV_DIR, QUOTA_GW_DEV_REDIS_PORT, QUOTA_GW_DEV_PG_PORT  defaults of the options below")
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     p.add_argument("--data-dir", default=os.environ.get("QUOTA_GW_DEV_DIR", ".quota-gw"),
                    help="where embedded Redis/Postgres keep their data between runs (default ./.quota-gw)")
     p.add_argument("--redis-port", type=int, default=_env_int("QUOTA_GW_DEV_REDIS_PORT"),
@@ -138,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-worker", action="store_true", help="do not start the sync worker")
 
     args = parser.parse_args(argv)
-    return args.fn(args)
+    name = " ".join(x for x in (args.command, getattr(args, "subcommand", None)) if x)
+    return run(name, lambda: args.fn(args))
 
 
 if __name__ == "__main__":

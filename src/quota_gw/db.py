@@ -48,3 +48,40 @@ async def migrate_url(dsn: str) -> list[str]:
         return await migrate(conn)
     finally:
         await conn.close()
+
+
+def maintenance_url(dsn: str, database: str = "postgres") -> str:
+    """The same server and login, another database (`postgres`, the maintenance database)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(dsn)
+    return urlunsplit((u.scheme, u.netloc, "/" + database, u.query, u.fragment))
+
+
+async def create_database(dsn: str) -> bool:
+    """Creates the database `dsn` names, connected to the maintenance database of the same
+    server. False when it already exists. Raises asyncpg's error when the login may not."""
+    from urllib.parse import urlsplit
+
+    name = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(maintenance_url(dsn), timeout=10)
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return False
+        try:
+            await conn.execute('CREATE DATABASE "%s"' % name.replace('"', '""'))
+        except asyncpg.DuplicateDatabaseError:  # another migrator made it meanwhile
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+async def ensure_database(dsn: str) -> bool:
+    """True when the database did not exist and was created (see create_database)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        return await create_database(dsn)
+    await conn.close()
+    return False

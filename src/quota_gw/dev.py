@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -89,17 +90,10 @@ def _worker_available() -> bool:
 
 async def _database(admin_url: str, name: str) -> str:
     """A database of its own on the embedded server (created once), migrated."""
-    import asyncpg
-
     from . import db
 
-    conn = await asyncpg.connect(admin_url)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
     url = admin_url.rsplit("/", 1)[0] + "/" + name
+    await db.create_database(url)
     applied = await db.migrate_url(url)
     _say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
     return url
@@ -163,6 +157,9 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
         _say("quota-gw dev")
         redis_url = os.environ.get("REDIS_URL")
         if redis_url:
+            from .cli_support import reach_redis
+
+            await reach_redis(redis_url)  # unreachable: one line and exit 3, before anything starts
             _say(f"  redis:      {redis_url} (REDIS_URL)")
         else:
             servers.append(await asyncio.to_thread(embedded.start_redis, data_dir / "redis", redis_port, persist=True))
@@ -192,10 +189,17 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
             base = f"http://{host}:{gw.port}"
             plan = "pro" if "pro" in config.plans else (config.default_plan or next(iter(config.plans)))
             key = await _demo_key(base, admin_token, plan, data_dir)
+            metrics_url = None
             if worker and config_path and _worker_available():
-                worker_proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "worker"],
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
-                _say(f"  worker:     pid {worker_proc.pid} (draining events into Postgres)")
+                metrics_port = embedded.free_port()
+                worker_proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "worker", "--metrics-port",
+                                                str(metrics_port)], stdin=subprocess.DEVNULL, start_new_session=True)
+                metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+                if await _listening(worker_proc, metrics_port):
+                    _say(f"  worker:     pid {worker_proc.pid} (draining events into Postgres), metrics {metrics_url}")
+                else:
+                    _say(f"  worker:     exited with {worker_proc.returncode} (see its message above)")
+                    metrics_url = None
             else:
                 _say("  worker:     not started (`quota-gw worker` is unavailable or no --config was given); "
                      "events stay in the Redis streams until a worker runs")
@@ -204,15 +208,12 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
             _say(f"  admin token: {admin_token}")
             _say(f"  API key:    {key}   (org {DEMO_ORG!r}, plan {plan!r})")
             _say("")
-            _say("  try:")
-            _say(f"    curl -s {base}/v1/balance -H 'Authorization: Bearer {key}'")
-            for r in config.routes:
-                if r.metering == "openai":
-                    _say(f"    curl -sN {base}{r.prefix} -H 'Authorization: Bearer {key}' "
-                         "-H 'Content-Type: application/json' -d '{\"model\":\"demo-1\",\"stream\":true,"
-                         "\"max_tokens\":20,\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'")
-                elif r.metering == "fixed":
-                    _say(f"    curl -s -X POST {base}{r.prefix} -H 'Authorization: Bearer {key}'")
+            for line in examples(config, base, key, admin_token, plan, metrics_url):
+                _say(line)
+            _say("")
+            _say("  the CLI on these stores (quota-gw orgs list, keys create, grant, worker-status, reconcile):")
+            _say(f"    export REDIS_URL={redis_url} DATABASE_URL={database_url} "
+                 f"QUOTA_GW_CONFIG={os.environ.get('QUOTA_GW_CONFIG', '')}")
             _say("  Ctrl-C stops everything.")
             _say("ready", )
             await stop.wait()
@@ -233,10 +234,79 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
         _say("stopped")
 
 
+async def _listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 60) -> bool:
+    """Waits until the worker's metrics port answers (so `ready` means every example works);
+    False if the worker exited first."""
+    from .embedded import reachable
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if await asyncio.to_thread(reachable, "127.0.0.1", port):
+            return True
+        await asyncio.sleep(0.1)
+    return proc.poll() is None
+
+
+def _q(body: dict[str, Any]) -> str:
+    """A JSON body as one single-quoted shell word."""
+    return "'" + json.dumps(body, separators=(",", ":")).replace("'", "'\\''") + "'"
+
+
+def route_body(route: Any) -> dict[str, Any] | None:
+    """The body an OpenAI-compatible upstream accepts on this route: chat routes take
+    `messages`, /completions a `prompt`, /embeddings an `input`."""
+    p = route.prefix.rstrip("/")
+    if p.endswith("/embeddings"):
+        return {"model": "demo-1", "input": "hello"}
+    if p.endswith("/completions") and not p.endswith("/chat/completions"):
+        return {"model": "demo-1", "prompt": "hello", "max_tokens": 20}
+    return {"model": "demo-1", "stream": True, "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}
+
+
+def examples(config: Config, base: str, key: str, admin_token: str, plan: str, metrics_url: str | None) -> list[str]:
+    """The banner's `try:` lines: one curl per configured route with a body its upstream accepts,
+    the decision API (/v1/consume, /v1/balance) and the admin API (a grant, a key)."""
+    auth = f"-H 'Authorization: Bearer {key}'"
+    admin = f"-H 'Authorization: Bearer {admin_token}'"
+    js = "-H 'Content-Type: application/json'"
+    lines = ["  try:", "    # the decision API: charge a feature, then read the balance"]
+    allocated = [f for f, spec in config.features.items() if config.plans[plan].allocation(spec.meter) != 0]
+    feature = allocated[0] if allocated else next(iter(config.features))
+    lines.append(f"    curl -s -X POST {base}/v1/consume {auth} {js} "
+                 f"-d {_q({'feature': feature, 'units': 1, 'idempotency_key': 'try-1'})}")
+    lines.append(f"    curl -s {base}/v1/balance {auth}")
+    if config.routes:
+        lines.append("    # the proxy: each route with a body its upstream accepts")
+    for r in config.routes:
+        if r.metering == "openai":
+            body = route_body(r)
+            flags = "-sN" if body and body.get("stream") else "-s"
+            lines.append(f"    curl {flags} {base}{r.prefix} {auth} {js} -d {_q(body)}")
+        elif r.metering == "fixed":
+            lines.append(f"    curl -s -X POST {base}{r.prefix} {auth}")
+        else:
+            lines.append(f"    curl -s {base}{r.prefix} {auth}")
+    meter = config.features[feature].meter
+    lines.append("    # the admin API: credit for the demo org, another key")
+    lines.append(f"    curl -s -X POST {base}/v1/admin/orgs/{DEMO_ORG}/grants {admin} {js} "
+                 f"-d {_q({'meter': meter, 'amount': 100, 'reason': 'welcome credit'})}")
+    lines.append(f"    curl -s -X POST {base}/v1/admin/orgs/{DEMO_ORG}/keys {admin} {js} "
+                 f"-d {_q({'scopes': ['consume', 'read']})}")
+    if metrics_url:
+        lines.append("    # the worker's metrics (lag, batches, dead letters)")
+        lines.append(f"    curl -s {metrics_url}")
+    return lines
+
+
 async def _database_direct(url: str) -> str:
-    """DATABASE_URL given: migrate it as it is."""
+    """DATABASE_URL given: created when missing (as `quota-gw migrate` does), migrated."""
     from . import db
 
+    if await db.ensure_database(url):
+        _say(f"  created database {url.rsplit('/', 1)[-1]}")
     applied = await db.migrate_url(url)
     _say(f"  migrations: {', '.join(applied) if applied else 'up to date'}")
     return url

@@ -71,3 +71,7 @@ class Layout:
 
     def org(self, org_id: str) -> str:
         return f"{self.prefix}:org:{org_id}"
+
+    def worker(self, consumer: str) -> str:
+        """A sync worker's last report (GET /v1/admin/worker)."""
+        return f"{self.prefix}:worker:{consumer}"

@@ -226,6 +226,7 @@ class Stats:
     dead: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
+    last_batch: tuple[float, int, float] | None = None  # (monotonic time, entries, seconds)
 
 
 def _fault(point: str) -> None:
@@ -436,6 +437,7 @@ class Worker:
         ROWS.labels("dead").inc(n_dead)
         BATCH_SIZE.observe(batch.size)
         dt = time.perf_counter() - t0
+        self.stats.last_batch = (time.monotonic(), batch.size, dt)
         BATCH_SECONDS.observe(dt)
         ROWS_PER_S.set(batch.size / dt if dt > 0 else 0)
         if dups:
@@ -589,6 +591,19 @@ class Worker:
                 p.xlen(s + b":dead")
             dead = sum(await p.execute())
         DEAD.set(dead)
+        await self._report(int(now_ms) if self.streams else 0)
+
+    async def _report(self, now_ms: int) -> None:
+        """This consumer's counters and last batch, for GET /v1/admin/worker: times on Redis's
+        clock (ms), written with the maintenance (every few seconds), kept a day."""
+        assert self.redis is not None
+        s, last = self.stats, self.stats.last_batch
+        report = {"consumer": self.consumer, "reported_at_ms": now_ms, "batches": s.batches, "inserted": s.inserted,
+                  "duplicates": s.duplicates, "dead_letters": s.dead, "errors": s.errors,
+                  "last_batch": None if last is None else {
+                      "at_ms": now_ms - int((time.monotonic() - last[0]) * 1000), "entries": last[1],
+                      "seconds": round(last[2], 4)}}
+        await self.redis.set(self.layout.worker(self.consumer), orjson.dumps(report), ex=86_400)
 
 
 async def _chunks(lines: list[bytes], size: int = 1 << 16) -> AsyncIterator[bytes]:
