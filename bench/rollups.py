@@ -7,17 +7,17 @@ rollups (migration 003), on a generated ledger (issue 13).
 Uses DATABASE_URL (default postgres@127.0.0.1:5432) to make a scratch database of its own,
 migrated, dropped at the end (--keep to keep it).
 
-1. Raw ledgers (--raw): usage_events filled server-side (INSERT ... SELECT generate_series, the
+1. Synthetic (--synthetic): the rollup rows that N events over the same orgs and days would
+   produce, generated directly (every (org, feature, hour) bucket gets N / buckets events), and
+   the "after" queries over them. Raw events are not generated at that size (disk and time):
+   rollups have at most orgs x features x hours rows whatever the event count.
+2. Raw ledgers (--raw): usage_events filled server-side (INSERT ... SELECT generate_series, the
    rollup trigger disabled meanwhile) with N events over --days days for --orgs orgs: 4
    features on 4 meters, 85 % consume, 5 % commit, 5 % refund, 5 % denied, in time order like a
    real ledger, plus a period reset per (org, meter). Then the rollups are built from the events
    (qgw_rollup_rebuild, timed), and each query runs over the raw events ("before": 002's views,
    recreated as before_*, and the old GET /v1/admin/top query) and over the rollups ("after":
-   003's views and the new admin query). Sizes grow by appending to the same ledger.
-2. Synthetic (--synthetic): the rollup rows that N events over the same orgs and days would
-   produce, generated directly (every (org, feature, hour) bucket gets N / buckets events), and
-   the "after" queries over them. Raw events are not generated at that size (disk and time):
-   rollups have at most orgs x features x hours rows whatever the event count.
+   003's views and the new admin query). Each size is a fresh ledger over the whole window.
 3. Write cost (--write-events): the worker's fast path (COPY of 1,000-line batches straight into
    usage_events, one transaction each) with the rollup trigger on and off, same lines.
 
@@ -59,13 +59,16 @@ QUERIES = {
            FROM usage_events e LEFT JOIN orgs o USING (org_id)
            WHERE e.ts >= now() - 30 * interval '1 day' AND e.kind IN ('consume', 'commit', 'refund')
            GROUP BY e.org_id, o.name, o.plan ORDER BY tokens DESC, e.org_id LIMIT 20""",
-        """SELECT u.org_id, o.name, o.plan, sum(u.tokens)::bigint AS tokens, sum(u.calls)::bigint AS calls
-           FROM qgw_usage_since(now() - 30 * interval '1 day') u LEFT JOIN orgs o USING (org_id)
-           GROUP BY u.org_id, o.name, o.plan HAVING sum(u.calls) > 0 OR sum(u.tokens) <> 0
-           ORDER BY tokens DESC, u.org_id LIMIT 20"""),
+        """SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
+           FROM (SELECT org_id, sum(tokens)::bigint AS tokens, sum(calls)::bigint AS calls
+                 FROM qgw_usage_since(now() - 30 * interval '1 day')
+                 GROUP BY org_id HAVING sum(calls) > 0 OR sum(tokens) <> 0
+                 ORDER BY tokens DESC, org_id LIMIT 20) u
+           LEFT JOIN orgs o USING (org_id)
+           ORDER BY u.tokens DESC, u.org_id"""),
 }
 
-# N events in time order over the window, ids g in [lo, hi]; $1 lo, $2 hi, $3 total planned
+# Events in time order over the window, ids g in [lo, hi]; $1 lo, $2 hi, $3 the ledger's size
 # (positions the events in time), $4 orgs, $5 days.
 GENERATE = f"""
 INSERT INTO usage_events (event_id, ts, kind, org_id, user_id, key_id, meter, feature, delta, delta_purchased,
@@ -113,6 +116,26 @@ FROM (
     FROM generate_series(1, $2) o, generate_series(1, 4) f,
          generate_series(date_trunc('hour', now() - $3 * interval '1 day', 'UTC'), now(), interval '1 hour') h
 ) s
+"""
+
+
+# The rest of the synthetic rollups: days from hours, refusals split over two reasons, and per
+# (org, meter) totals with an allocation 0.8 to 1.6 times the window's use (some orgs under 25 %).
+SYNTHETIC_REST = """
+INSERT INTO usage_daily SELECT org_id, meter, feature, (hour AT TIME ZONE 'UTC')::date, sum(events), sum(calls),
+       sum(tokens), sum(refunds), sum(refunded), sum(denied), sum(delta), sum(delta_purchased), sum(purchased_in),
+       max(last_event_at)
+FROM usage_hourly GROUP BY 1, 2, 3, 4;
+INSERT INTO denials_hourly SELECT org_id, meter, feature, hour, r.reason, denied / 2
+FROM usage_hourly, unnest(ARRAY['insufficient_balance', 'rate_limited']) AS r(reason);
+INSERT INTO meter_totals (org_id, meter, allocated, purchased, purchased_total, changes, last_event_at, allocation,
+                          period_end, period_changed_at)
+SELECT org_id, meter, a.alloc + used, 0, 0, changes, last_at, a.alloc, now() + interval '5 days',
+       now() - interval '30 days'
+FROM (SELECT org_id, meter, sum(delta) AS used, sum(events - denied) AS changes, max(last_event_at) AS last_at,
+             -sum(delta) AS spent
+      FROM usage_hourly GROUP BY 1, 2) t
+CROSS JOIN LATERAL (SELECT (t.spent * (0.8 + 0.8 * (hashtext(t.org_id) & 1023) / 1023.0))::bigint AS alloc) a;
 """
 
 
@@ -192,16 +215,33 @@ async def main() -> None:
         await conn.execute(before_views())
         await conn.execute("INSERT INTO orgs (org_id, name, plan) SELECT 'org-' || lpad(o::text, 4, '0'), "
                            "'Org ' || o, 'pro' FROM generate_series(1, $1) o", args.orgs)
-        await conn.execute("ALTER TABLE usage_events DISABLE TRIGGER usage_events_rollup")
-        await conn.execute(RESETS, METERS, args.days, int(max(sizes or [1]) / args.orgs / 4 * 4.25))
-        have = 0
-        planned = max(sizes or [0])
-        for size in sizes:
+
+        if args.synthetic:
             t0 = time.perf_counter()
+            buckets = args.orgs * 4 * (args.days * 24 + 1)
+            per = max(1, args.synthetic // buckets)
+            await conn.execute(SYNTHETIC, per, args.orgs, args.days)
+            await conn.execute(SYNTHETIC_REST)
+            await conn.execute("ANALYZE usage_hourly; ANALYZE usage_daily; ANALYZE denials_hourly; ANALYZE meter_totals")
+            stands_for = await conn.fetchval("SELECT sum(events) FROM usage_hourly")
+            hourly = await conn.fetchval("SELECT count(*) FROM usage_hourly")
+            daily = await conn.fetchval("SELECT count(*) FROM usage_daily")
+            print(f"synthetic rollups for {stands_for:,} events ({hourly:,} hourly rows, {daily:,} daily rows, "
+                  f"{per} events per (org, feature, hour); made in {time.perf_counter() - t0:.0f} s)", flush=True)
+            for q, (_, after) in QUERIES.items():
+                a_ms, a_rows = await timed(conn, after, args.runs)
+                print(f"  {q:<20} after {a_ms:7.1f} ms ({a_rows} rows)", flush=True)
+                results.append((f"{stands_for:,} (rollups only)", q, "after", a_ms, a_rows))
+
+        await conn.execute("ALTER TABLE usage_events DISABLE TRIGGER usage_events_rollup")
+        for size in sizes:
+            # A fresh ledger of `size` events over the whole window.
+            await conn.execute("TRUNCATE usage_events")
+            t0 = time.perf_counter()
+            await conn.execute(RESETS, METERS, args.days, int(size / args.orgs / 4 * 4.25))
             step = 1_000_000
-            for lo in range(have + 1, size + 1, step):
-                await conn.execute(GENERATE, lo, min(lo + step - 1, size), planned, args.orgs, args.days)
-            have = size
+            for lo in range(1, size + 1, step):
+                await conn.execute(GENERATE, lo, min(lo + step - 1, size), size, args.orgs, args.days)
             await conn.execute("ANALYZE usage_events")
             gen_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -210,10 +250,9 @@ async def main() -> None:
             rebuild_s = time.perf_counter() - t0
             n = await conn.fetchval("SELECT count(*) FROM usage_events")
             hourly = await conn.fetchval("SELECT count(*) FROM usage_hourly")
-            size_mb = await conn.fetchval("SELECT pg_total_relation_size('usage_events_default') / 1e6 + "
-                                          "coalesce((SELECT sum(pg_total_relation_size(c.oid)) FROM pg_inherits i "
-                                          "JOIN pg_class c ON c.oid = i.inhrelid "
-                                          "WHERE i.inhparent = 'usage_events'::regclass), 0) / 1e6")
+            size_mb = await conn.fetchval("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) / 1e6 "
+                                          "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                                          "WHERE i.inhparent = 'usage_events'::regclass")
             print(f"\n{n:,} raw events ({size_mb:,.0f} MB with indexes; generated in {gen_s:.0f} s); "
                   f"rollups rebuilt in {rebuild_s:.1f} s: {hourly:,} hourly rows", flush=True)
             for q, (before, after) in QUERIES.items():
@@ -222,30 +261,7 @@ async def main() -> None:
                 print(f"  {q:<20} before {b_ms:9.1f} ms ({b_rows} rows)   after {a_ms:7.1f} ms ({a_rows} rows)",
                       flush=True)
                 results += [(f"{n:,} raw", q, "before", b_ms, b_rows), (f"{n:,} raw", q, "after", a_ms, a_rows)]
-
-        if args.synthetic:
-            t0 = time.perf_counter()
-            buckets = args.orgs * 4 * (args.days * 24 + 1)
-            per = max(1, args.synthetic // buckets)
-            await conn.execute("TRUNCATE usage_hourly, usage_daily, denials_hourly")
-            await conn.execute(SYNTHETIC, per, args.orgs, args.days)
-            await conn.execute("""
-                INSERT INTO usage_daily SELECT org_id, meter, feature, (hour AT TIME ZONE 'UTC')::date, sum(events),
-                       sum(calls), sum(tokens), sum(refunds), sum(refunded), sum(denied), sum(delta),
-                       sum(delta_purchased), sum(purchased_in), max(last_event_at)
-                FROM usage_hourly GROUP BY 1, 2, 3, 4""")
-            await conn.execute("""
-                INSERT INTO denials_hourly SELECT org_id, meter, feature, hour, r.reason, denied / 2
-                FROM usage_hourly, unnest(ARRAY['insufficient_balance', 'rate_limited']) AS r(reason)""")
-            await conn.execute("ANALYZE usage_hourly; ANALYZE usage_daily; ANALYZE denials_hourly")
-            stands_for = await conn.fetchval("SELECT sum(events) FROM usage_hourly")
-            hourly = await conn.fetchval("SELECT count(*) FROM usage_hourly")
-            print(f"\nsynthetic rollups for {stands_for:,} events ({hourly:,} hourly rows, {per} events per "
-                  f"bucket; made in {time.perf_counter() - t0:.0f} s)", flush=True)
-            for q, (_, after) in QUERIES.items():
-                a_ms, a_rows = await timed(conn, after, args.runs)
-                print(f"  {q:<20} after {a_ms:7.1f} ms ({a_rows} rows)", flush=True)
-                results.append((f"{stands_for:,} (rollups only)", q, "after", a_ms, a_rows))
+        await conn.execute("ALTER TABLE usage_events ENABLE TRIGGER usage_events_rollup")
 
         if args.write_events:
             rates = await write_cost(conn, args.write_events)

@@ -209,12 +209,14 @@ async def top(request: Request) -> Response:
     # From the rollups (migration 003): the window starts on the hour; a scan of the raw
     # events grows with the ledger (seconds at a few million events).
     rows = await _db(c).fetch(
-        """SELECT u.org_id, o.name, o.plan, sum(u.tokens)::bigint AS tokens, sum(u.calls)::bigint AS calls
-           FROM qgw_usage_since(now() - $1 * interval '1 day') u LEFT JOIN orgs o USING (org_id)
-           WHERE ($3::text IS NULL OR u.meter = $3)
-           GROUP BY u.org_id, o.name, o.plan
-           HAVING sum(u.calls) > 0 OR sum(u.tokens) <> 0
-           ORDER BY tokens DESC, u.org_id LIMIT $2""", days, limit, meter)
+        """SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
+           FROM (SELECT org_id, sum(tokens)::bigint AS tokens, sum(calls)::bigint AS calls
+                 FROM qgw_usage_since(now() - $1 * interval '1 day')
+                 WHERE ($3::text IS NULL OR meter = $3)
+                 GROUP BY org_id HAVING sum(calls) > 0 OR sum(tokens) <> 0
+                 ORDER BY tokens DESC, org_id LIMIT $2) u
+           LEFT JOIN orgs o USING (org_id)
+           ORDER BY u.tokens DESC, u.org_id""", days, limit, meter)
     return json_response({"days": days, "meter": meter, "orgs": [
         {"rank": i + 1, "org_id": r["org_id"], "name": r["name"], "plan": r["plan"], "tokens": r["tokens"],
          "calls": r["calls"]} for i, r in enumerate(rows)]})
