@@ -41,4 +41,5 @@ redis.call('SET', KEYS[7], cjson.encode({m = rec.m, a = from_a, p = from_p, cost
   f = rec.f, pe = pe, ut = rec.ut, tt = rec.tt}), 'EX', tonumber(ARGV[7]))
 local available = m:available()
 return settle_finish('commit', {200, '', '', cost, available, id, 0, -1, -1, 0, 0, '',
-  cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost)})})
+  cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost), meter = rec.m,
+    feature = rec.f})})
