@@ -119,6 +119,39 @@ class Pack(_Model):
     price_cents: int = Field(ge=0, description="Price in the currency's smallest unit.")
     currency: str = Field(default="usd", description="ISO 4217 currency code, lower case.")
     name: str | None = Field(default=None, description="Display name.")
+    stripe_price: str | None = Field(default=None, description=(
+        "A Stripe Price id (price_...) the checkout sells; without it the checkout names `price_cents` and "
+        "`currency` itself."))
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z]{3}", v):
+            raise ValueError("an ISO 4217 code in lower case, e.g. 'usd'")
+        return v
+
+
+class Stripe(_Model):
+    """Selling packs through Stripe Checkout. The secrets stay in the environment: the config
+    names the variables, never their values."""
+
+    secret_key_env: str = Field(default="STRIPE_SECRET_KEY", description=(
+        "Environment variable holding the Stripe secret API key (sk_...); unset: POST /v1/purchases is 503."))
+    webhook_secret_env: str = Field(default="STRIPE_WEBHOOK_SECRET", description=(
+        "Environment variable holding the webhook endpoint's signing secret (whsec_...); unset: "
+        "POST /v1/webhooks/stripe is 503."))
+    success_url: str = Field(description="Where Stripe sends the buyer after paying (Checkout `success_url`; "
+                             "Stripe replaces {CHECKOUT_SESSION_ID}).")
+    cancel_url: str = Field(description="Where Stripe sends the buyer who leaves the checkout (`cancel_url`).")
+    api_base: str | None = Field(default=None, description=(
+        "Base URL of the Stripe API (default: Stripe's own). For tests against a local Stripe-compatible server."))
+
+    @field_validator("success_url", "cancel_url", "api_base")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v
 
 
 class Route(_Model):
@@ -293,8 +326,10 @@ class Config(_Model):
     features: dict[str, Feature] = Field(description="Priced operations by name: a meter and a cost per unit.")
     plans: dict[str, Plan] = Field(description="Plans by name: allocations per period and rate limits.")
     packs: dict[str, Pack] = Field(default_factory=dict, description=(
-        "Credit packs by name, listed by GET /v1/pricing. Informational: no route sells them yet (credit is "
-        "added with the admin grants route)."))
+        "Credit packs by name, listed by GET /v1/pricing and sold by POST /v1/purchases (with a `stripe` "
+        "section)."))
+    stripe: Stripe | None = Field(default=None, description=(
+        "Stripe Checkout for the packs; without it POST /v1/purchases is 503."))
     routes: list[Route] = Field(default_factory=list, description="Proxy routes: path prefixes forwarded to "
                                 "upstreams and charged.")
     behaviour: Behaviour = Field(default_factory=Behaviour, description="How the gateway decides, caches and "
@@ -327,6 +362,8 @@ class Config(_Model):
             for meter in p.allocations:
                 known(meter, f"plans.{name}.allocations.{meter}")
         for name, pk in self.packs.items():
+            if not is_name(name):
+                raise _PathError(f"packs.{name}", f"pack name must match {NAME_RE}")
             known(pk.meter, f"packs.{name}.meter")
         for i, r in enumerate(self.routes):
             if r.feature is not None and r.feature not in self.features:

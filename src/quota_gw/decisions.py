@@ -211,13 +211,18 @@ class Decider:
 
     async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
                     idem: str | None = None, actor: str = "admin", user: str = "",
-                    event_id: str | None = None) -> Decision:
-        """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key."""
+                    event_id: str | None = None, also_idem: str | None = None,
+                    idem_ttl_s: int | None = None) -> Decision:
+        """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key (and once
+        per `also_idem`, a second key: a purchase is once per Stripe event and once per session)."""
         L = self.layout
         meta = orjson.dumps(metadata or {}, option=orjson.OPT_SORT_KEYS)
         keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org), L.reservations(org),
                 L.expiries(org)]
-        args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), self._ttl[0],
+        if also_idem:
+            keys.append(L.idem(org, "g", also_idem))
+        ttl = str(idem_ttl_s) if idem_ttl_s else self._ttl[0]
+        args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), ttl,
                 fingerprint(kind, meter, amount, user, metadata=meta) if idem else "", actor, user]
         return Decision.from_reply(await self._run(self.scripts.grant, keys, args))
 
