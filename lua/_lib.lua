@@ -89,7 +89,8 @@ end
 -- every meter an operation may touch is inside one declared key.
 --   a allocated left, p purchased left, h held by reservations, u used this period,
 --   pe period end (unix s), lim the allocation the period was granted (-1 unlimited),
---   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought).
+--   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought),
+--   ps purchased credit at the start of the period (with lim, the base of the low-balance alerts).
 --
 -- Expired holds are gone for every reader, read-only ones included: a loaded `h` (a meter's
 -- or a sub-quota's) is what live reservations hold; `xh` is the part of the stored field that
@@ -122,12 +123,12 @@ Meter.__index = Meter
 
 local function load_meter(bal_key, meter)
   local v = redis.call('HMGET', bal_key, meter .. ':a', meter .. ':p', meter .. ':h',
-    meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt')
+    meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt', meter .. ':ps')
   local xh = EXPIRED[meter] or 0
   return setmetatable({key = bal_key, m = meter, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
-    pending = {}}, Meter)
+    ps = tonumber(v[8]) or 0, pending = {}}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -144,8 +145,9 @@ function Meter:refresh(alloc, spec, rollover, now_s)
     self.u = 0
     self.pe = period_end(spec, now_s)
     self.lim = alloc
+    self.ps = self.p
     table.insert(self.pending, {kind = 'reset', delta = new_a - old_a,
-      meta = cjson.encode({period_end = self.pe, allocation = alloc})})
+      meta = cjson.encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
   elseif self.lim ~= alloc then
     -- The plan (or its allocation) changed mid-period: move the allocation by the difference.
     local old_a = self.a
@@ -197,7 +199,35 @@ function Meter:save(events, user, feature)
   self.pending = {}
   local m = self.m
   redis.call('HSET', self.key, m .. ':a', fmt(self.a), m .. ':p', fmt(self.p), m .. ':h', fmt(self.h + self.xh),
-    m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim))
+    m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim), m .. ':ps', fmt(self.ps))
+end
+
+-- Low-balance alerts. ARGV[26] of a gate call: thresholds, percent of the period's base (its
+-- allocation plus the purchased credit it started with), e.g. '25,10,0'. The decision that takes
+-- what is available to or below a threshold records one `alert` event (delta 0), in this same
+-- script; `<m>:alpe`/`<m>:alt` (the period and the lowest threshold alerted in it) make it once
+-- per threshold per meter per period. Called after save() so the events follow the charge.
+function Meter:alerts(events, user, feature, spec)
+  if spec == nil or spec == '' or self:unlimited() then return end
+  local base = math.max(self.lim or 0, 0) + self.ps
+  if base <= 0 then return end
+  local avail = self:available()
+  local v = redis.call('HMGET', self.key, self.m .. ':alpe', self.m .. ':alt')
+  local lowest = 101
+  if tonumber(v[1]) == self.pe then lowest = tonumber(v[2]) or 101 end
+  local now_lowest = lowest
+  for t in string.gmatch(spec, '%d+') do
+    t = tonumber(t)
+    if t < lowest and avail * 100 <= t * base then
+      events:add({kind = 'alert', user = user, meter = self.m, feature = feature, delta = 0, bal = self:balance(),
+        meta = cjson.encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
+          period_end = self.pe, base = base})})
+      if t < now_lowest then now_lowest = t end
+    end
+  end
+  if now_lowest ~= lowest then
+    redis.call('HSET', self.key, self.m .. ':alpe', fmt(self.pe), self.m .. ':alt', fmt(now_lowest))
+  end
 end
 
 -- Sub-quota of a user ('u:<id>') or team ('t:<name>') for one meter, in the org's quota hash.
@@ -328,7 +358,8 @@ end
 --       9 period, 10 rollover, 11..16 rate limits (interval_us, burst) for user, key, org (0 = none),
 --       17 auto-register users, 18 idempotency ttl s, 19 fingerprint, 20 metadata json, 21 shadow,
 --       22 event record ttl s, 23 op-specific (reservation ttl s), 24 unit cost (reserve),
---       25 minimum hold (reserve: hold less than asked, down to this, when that is all there is)
+--       25 minimum hold (reserve: hold less than asked, down to this, when that is all there is),
+--       26 low-balance alert thresholds ('25,10,0'; see Meter:alerts)
 -- Returns the parsed request, the meter and levels, and a refusal (status, code, detail) or nil.
 local function gate(write)
   local now = now_us()

@@ -294,7 +294,8 @@ class Behaviour(_Model):
     max_units: int = Field(default=1_000_000, gt=0, description="Largest `units` of one call (a commit may give "
                            "up to 1000 times this).")
     low_balance_percent: int = Field(default=25, ge=0, le=100, description=(
-        "GET /v1/balance marks a meter `low` below this percentage of its allocation."))
+        "GET /v1/balance marks a meter `low` below this percentage of its allocation when "
+        "`alerts.thresholds` is empty (otherwise below the highest threshold)."))
     key_cache_s: float = Field(default=1.0, ge=0, le=1.0, description=(
         "Seconds an API key and an org's plan are cached in each process: a revocation or plan change reaches "
         "every replica within this. 0: read on every call."))
@@ -315,6 +316,25 @@ class Behaviour(_Model):
         "Most request headers `quota-gw serve` accepts (431 beyond, connection closed)."))
 
 
+class Alerts(_Model):
+    thresholds: list[int] = Field(default_factory=lambda: [25, 10, 0], description=(
+        "Low-balance alerts, in percent of a meter's period allocation plus the purchased credit it started the "
+        "period with: the decision that takes the balance to or below one records an `alert` event (once per "
+        "threshold per meter per period), delivered to the org's webhook by `quota-gw notifier`. The highest "
+        "is also where GET /v1/balance says `low`."))
+    retry_initial_s: float = Field(default=5.0, gt=0, description=(
+        "First wait before a failed webhook delivery is tried again; doubled each attempt."))
+    retry_max_s: float = Field(default=3600.0, gt=0, description="Longest wait between two delivery attempts.")
+    timeout_s: float = Field(default=10.0, gt=0, description="Longest wait for the org's webhook to answer.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= t <= 100 for t in v) or len(set(v)) != len(v):
+            raise ValueError("distinct percentages, 0..100")
+        return sorted(v, reverse=True)
+
+
 class Config(_Model):
     shards: int = Field(default=16, ge=1, le=4096, description=(
         "Shards the orgs are hashed over (each has its own event stream). Fixed for the life of the data: "
@@ -330,6 +350,7 @@ class Config(_Model):
         "section)."))
     stripe: Stripe | None = Field(default=None, description=(
         "Stripe Checkout for the packs; without it POST /v1/purchases is 503."))
+    alerts: Alerts = Field(default_factory=Alerts, description="Low-balance alerts and their webhook delivery.")
     routes: list[Route] = Field(default_factory=list, description="Proxy routes: path prefixes forwarded to "
                                 "upstreams and charged.")
     behaviour: Behaviour = Field(default_factory=Behaviour, description="How the gateway decides, caches and "

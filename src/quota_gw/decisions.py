@@ -104,6 +104,7 @@ class Decider:
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
         self._terms: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
+        self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
         """Closes the decision connection (the client's pool is the owner's to close)."""
@@ -144,9 +145,7 @@ class Decider:
         ]
         args: list[Any] = [event_id, org, user, ident.key_id, feature, meter, cost, *priced,
                            fingerprint if idem else "", metadata.decode() if metadata else "", int(shadow),
-                           self._ttl[1], extra]
-        if unit is not None:
-            args.append(unit)
+                           self._ttl[1], extra, "" if unit is None else unit, 0, self._alerts]
         return keys, args
 
     def cost(self, feature: str, units: int) -> int:
@@ -175,7 +174,7 @@ class Decider:
         keys, args = self._gate_call(ident, feature, held, user, idem,
                                      fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else ""),
                                      None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
-        args.append(min_cost)
+        args[24] = min_cost  # ARGV 25
         return Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
 
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None,
@@ -235,7 +234,8 @@ class Decider:
         L = self.layout
         rows = await self._run(self.scripts.balance, [L.balances(org), L.reservations(org), L.expiries(org)], args)
         out = {}
-        for m, (a, p, h, u, pe, lim, pt) in zip(meters, rows):
+        for m, (a, p, h, u, pe, lim, pt, ps) in zip(meters, rows):
             out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),
-                      "period_end": int(pe), "limit": int(lim), "purchased_total": int(pt)}
+                      "period_end": int(pe), "limit": int(lim), "purchased_total": int(pt),
+                      "purchased_at_start": int(ps)}
         return out

@@ -5,6 +5,9 @@ The ledger holds every balance change, so per (org, meter):
     credit ever bought `pt` = sum(delta_purchased) of grants/purchases/adjustments that added
     period end `pe`, allocation `lim` = metadata of the latest reset (new period) or plan adjust
     used `u` = what consume/commit charged since the latest reset, less refunds of those charges
+    purchased at period start `ps` = the latest reset's metadata `purchased` (0 before it was recorded)
+    alerts sent this period `alpe`/`alt` = the current period end and the lowest threshold of its
+    `alert` events (so a rebuild does not alert again for what was already said)
 Reservations are not rebuilt (holds are released: they never changed a or p).
 """
 
@@ -49,6 +52,22 @@ SELECT DISTINCT ON (org_id, meter) org_id, meter,
 FROM usage_events
 WHERE kind IN ('reset', 'adjust') AND metadata ? 'allocation' AND meter IS NOT NULL
 ORDER BY org_id, meter, ts DESC
+"""
+
+# Purchased credit at the start of the current period (the alerts' base, with the allocation).
+PERIOD_START_PURCHASED = """
+SELECT DISTINCT ON (org_id, meter) org_id, meter, coalesce((metadata ->> 'purchased')::bigint, 0) AS ps
+FROM usage_events
+WHERE kind = 'reset' AND meter IS NOT NULL
+ORDER BY org_id, meter, ts DESC
+"""
+
+# The lowest low-balance threshold alerted, per period end.
+ALERTS_SENT = """
+SELECT org_id, meter, (metadata ->> 'period_end')::bigint AS pe, min((metadata ->> 'threshold')::int) AS alt
+FROM usage_events
+WHERE kind = 'alert' AND meter IS NOT NULL
+GROUP BY 1, 2, 3
 """
 
 # Usage in the current period, per user: charges after the latest reset (the reset and the
@@ -184,6 +203,8 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         rep.users += len(mapping)
 
     periods = {(p["org_id"], p["meter"]): (p["pe"], p["lim"]) for p in await pg.fetch(PERIODS)}
+    start_purchased = {(p["org_id"], p["meter"]): p["ps"] for p in await pg.fetch(PERIOD_START_PURCHASED)}
+    alerted = {(x["org_id"], x["meter"], x["pe"]): x["alt"] for x in await pg.fetch(ALERTS_SENT)}
     org_used: dict[tuple[str, str], int] = defaultdict(int)
     subject_used: dict[tuple[str, str, str], int] = defaultdict(int)  # (org, 'u:x' | 't:y', meter)
     for row in await pg.fetch(PERIOD_USAGE):
@@ -204,6 +225,9 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         if (org, m) in periods:
             pe, lim = periods[(org, m)]
             fields[f"{m}:pe"], fields[f"{m}:lim"] = pe, lim
+            fields[f"{m}:ps"] = start_purchased.get((org, m), 0)
+            if (org, m, pe) in alerted:
+                fields[f"{m}:alpe"], fields[f"{m}:alt"] = pe, alerted[(org, m, pe)]
         ops.append(("hset", layout.balances(org), None, None, fields))
         rep.balances += 1
 
