@@ -232,3 +232,38 @@ async def test_purchased_credit_survives_the_period_reset_and_allocation_does_no
         await asyncio.sleep(0.2)
         after = await shop.tokens(h)
     assert (after["allocated"], after["purchased"]) == (100, 100)  # refilled to 100, not 180; credit kept
+
+
+async def test_charge_refunded_takes_back_only_the_unspent_part_of_the_pack(shop: Any) -> None:
+    _, h = await shop.tenant()
+    p = await shop.buy(h)
+    event = paid(session_of(shop, p))
+    assert (await shop.deliver(event)).json()["credited"] is True
+    for feature in ("outbound_calling", "outbound_calling", "collect_leads", "export_csv", "export_csv"):
+        r = await shop.client.post("/v1/consume", json={"feature": feature}, headers=h)
+        assert r.status_code == 200, r.text  # 100 allocated, then 30 of the pack's 100
+    assert (await shop.tokens(h))["purchased"] == 70
+    pi = event["data"]["object"]["payment_intent"]
+    refund = {"id": "evt_" + secrets.token_hex(12), "type": "charge.refunded",
+              "data": {"object": {"id": "ch_" + secrets.token_hex(8), "object": "charge", "payment_intent": pi,
+                                  "refunded": True, "amount_refunded": 900}}}
+    r = await shop.deliver(refund)
+    assert r.status_code == 200 and r.json()["taken"] == 70, r.text
+    assert (await shop.tokens(h))["purchased"] == 0
+    assert await purchase_status(shop, h, p["purchase_id"]) == "refunded"
+    again = await shop.deliver({**refund, "id": "evt_" + secrets.token_hex(12)})
+    assert again.status_code == 200 and again.json()["taken"] == 0
+
+
+async def test_a_refund_never_takes_more_than_is_left(shop: Any) -> None:
+    _, h = await shop.tenant()
+    p = await shop.buy(h)
+    event = paid(session_of(shop, p))
+    await shop.deliver(event)
+    for _ in range(4):  # 100 allocated + all 100 bought
+        assert (await shop.client.post("/v1/consume", json={"feature": "outbound_calling"}, headers=h)).status_code == 200
+    r = await shop.deliver({"id": "evt_" + secrets.token_hex(12), "type": "charge.refunded", "data": {"object": {
+        "id": "ch_x", "object": "charge", "payment_intent": event["data"]["object"]["payment_intent"]}}})
+    assert r.json()["taken"] == 0
+    t = await shop.tokens(h)
+    assert (t["purchased"], t["balance"]) == (0, 0)

@@ -304,6 +304,8 @@ async def balance_of(c: Context, org_id: str, plan_name: str) -> dict[str, Any]:
             "limit": None if unlimited else m["limit"], "unlimited": unlimited,
             "period_end": iso(m["period_end"]),
             "available": not (m["limit"] == 0 and m["purchased_total"] <= 0),
+            "next_expiry": ({"at": iso(m["next_expiry"]), "amount": m["next_expiry_amount"]}
+                            if m["next_expiry"] else None),
             "low": (not unlimited) and m["limit"] + m["purchased_at_start"] > 0
                    and avail * 100 < (m["limit"] + m["purchased_at_start"]) * low_pct,
         }

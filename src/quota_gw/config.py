@@ -119,9 +119,14 @@ class Pack(_Model):
     price_cents: int = Field(ge=0, description="Price in the currency's smallest unit.")
     currency: str = Field(default="usd", description="ISO 4217 currency code, lower case.")
     name: str | None = Field(default=None, description="Display name.")
+    expires_in: int | None = Field(default=None, gt=0, description=(
+        "How long the bought credit counts: a duration such as '365d' or '12h' (seconds); unset: it never "
+        "expires."))
     stripe_price: str | None = Field(default=None, description=(
         "A Stripe Price id (price_...) the checkout sells; without it the checkout names `price_cents` and "
         "`currency` itself."))
+
+    _e = field_validator("expires_in", mode="before")(_seconds)
 
     @field_validator("currency")
     @classmethod

@@ -211,9 +211,12 @@ class Decider:
     async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
                     idem: str | None = None, actor: str = "admin", user: str = "",
                     event_id: str | None = None, also_idem: str | None = None,
-                    idem_ttl_s: int | None = None) -> Decision:
+                    idem_ttl_s: int | None = None, lot: str = "", expires: str = "",
+                    take_lot: bool = False) -> Decision:
         """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key (and once
-        per `also_idem`, a second key: a purchase is once per Stripe event and once per session)."""
+        per `also_idem`, a second key: a purchase is once per Stripe event and once per session).
+        `lot` names the credit (a purchase id) and `expires` ends it (unix s, or '+<s>' from now);
+        `take_lot` takes back what is left of lot `lot` (`amount`: what it gave)."""
         L = self.layout
         meta = orjson.dumps(metadata or {}, option=orjson.OPT_SORT_KEYS)
         keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org), L.reservations(org),
@@ -222,7 +225,8 @@ class Decider:
             keys.append(L.idem(org, "g", also_idem))
         ttl = str(idem_ttl_s) if idem_ttl_s else self._ttl[0]
         args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), ttl,
-                fingerprint(kind, meter, amount, user, metadata=meta) if idem else "", actor, user]
+                fingerprint(kind, meter, amount, user, lot, expires, metadata=meta) if idem else "", actor, user,
+                lot, expires, "take_lot" if take_lot else ""]
         return Decision.from_reply(await self._run(self.scripts.grant, keys, args))
 
     async def balances(self, org: str, plan: Plan) -> dict[str, dict[str, int]]:
@@ -234,8 +238,8 @@ class Decider:
         L = self.layout
         rows = await self._run(self.scripts.balance, [L.balances(org), L.reservations(org), L.expiries(org)], args)
         out = {}
-        for m, (a, p, h, u, pe, lim, pt, ps) in zip(meters, rows):
+        for m, (a, p, h, u, pe, lim, pt, ps, nx, nn) in zip(meters, rows):
             out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),
                       "period_end": int(pe), "limit": int(lim), "purchased_total": int(pt),
-                      "purchased_at_start": int(ps)}
+                      "purchased_at_start": int(ps), "next_expiry": int(nx), "next_expiry_amount": int(nn)}
         return out

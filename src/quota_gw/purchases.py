@@ -183,6 +183,8 @@ async def stripe_webhook(request: Request) -> Response:
         obj = {}
     if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         return json_response(await _completed(c, str(event.get("id") or ""), obj))
+    if kind == "charge.refunded":
+        return json_response(await _refunded(c, str(event.get("id") or ""), obj))
     if kind == "checkout.session.expired":
         n = await c.db.execute(
             "UPDATE purchases SET status = 'expired', updated_at = now() WHERE checkout_id = $1 AND status = 'pending'",
@@ -223,7 +225,8 @@ async def _completed(c: Context, event_id: str, session: dict[str, Any]) -> dict
                               {"purchase_id": pid, "pack": row["pack"], "checkout_session": sid},
                               idem="stripe-session:" + sid, also_idem="stripe-event:" + event_id,
                               actor="stripe", user=row["user_id"] or "", event_id=purchase_event_id(sid),
-                              idem_ttl_s=STRIPE_IDEM_TTL_S)
+                              idem_ttl_s=STRIPE_IDEM_TTL_S, lot=pid,
+                              expires=f"+{pack.expires_in}" if pack.expires_in else "")
     if not d.ok:
         raise d.problem()
     pi = session.get("payment_intent")
@@ -234,6 +237,31 @@ async def _completed(c: Context, event_id: str, session: dict[str, Any]) -> dict
            WHERE purchase_id = $1 AND status IN ('pending', 'expired')""",
         pid, event_id or None, purchase_event_id(sid), pi if isinstance(pi, str) else None)
     return {"received": True, "purchase_id": pid, "credited": not d.replay}
+
+
+async def _refunded(c: Context, event_id: str, charge: dict[str, Any]) -> dict[str, Any]:
+    """A refunded payment takes back what is still unspent of its purchase (its credit lot),
+    never below zero; what was spent already is recorded as `lost` in the `revoke` event."""
+    pi = charge.get("payment_intent")
+    meta = charge.get("metadata") or {}
+    row = None
+    if isinstance(pi, str) and pi:
+        row = await c.db.fetchrow("SELECT * FROM purchases WHERE payment_intent = $1", pi)
+    if row is None and isinstance(meta.get("purchase_id"), str):
+        row = await c.db.fetchrow("SELECT * FROM purchases WHERE purchase_id = $1", meta["purchase_id"])
+    if row is None or row["status"] not in ("paid", "refunded"):
+        return {"received": True, "ignored": "no paid purchase for this charge"}
+    if row["status"] == "refunded":
+        return {"received": True, "purchase_id": row["purchase_id"], "taken": 0}
+    pid = row["purchase_id"]
+    d = await c.decider.grant(row["org_id"], row["meter"], row["tokens"], "revoke",
+                              {"purchase_id": pid, "reason": "charge.refunded"},
+                              idem="stripe-refund:" + pid, also_idem="stripe-event:" + event_id, actor="stripe",
+                              user=row["user_id"] or "", idem_ttl_s=STRIPE_IDEM_TTL_S, lot=pid, take_lot=True)
+    if not d.ok:
+        raise d.problem()
+    await c.db.execute("UPDATE purchases SET status = 'refunded', updated_at = now() WHERE purchase_id = $1", pid)
+    return {"received": True, "purchase_id": pid, "taken": -d.cost if not d.replay else 0}
 
 
 routes = [

@@ -8,7 +8,10 @@ The ledger holds every balance change, so per (org, meter):
     purchased at period start `ps` = the latest reset's metadata `purchased` (0 before it was recorded)
     alerts sent this period `alpe`/`alt` = the current period end and the lowest threshold of its
     `alert` events (so a rebuild does not alert again for what was already said)
-Reservations are not rebuilt (holds are released: they never changed a or p).
+Reservations are not rebuilt (holds are released: they never changed a or p). Credit lots
+(lua/_lib.lua load_lots: expiring grants, purchases a refund may take back) are not either: which
+lot a charge drew is not in the ledger. Their credit stays in `p`, without expiry or refund tracing,
+and the report counts the lots that may still have been live.
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ SELECT org_id, meter, (metadata ->> 'period_end')::bigint AS pe, min((metadata -
 FROM usage_events
 WHERE kind = 'alert' AND meter IS NOT NULL
 GROUP BY 1, 2, 3
+"""
+
+# Credit lots that may still have been live: grants not expired yet, purchases not refunded.
+LIVE_LOTS = """
+SELECT count(*) FROM usage_events g
+WHERE (g.kind = 'grant' AND (g.metadata ->> 'expires_at')::bigint > extract(epoch FROM now()))
+   OR (g.kind = 'purchase' AND NOT EXISTS (
+        SELECT 1 FROM usage_events r WHERE r.kind = 'revoke' AND r.org_id = g.org_id
+        AND r.metadata ->> 'purchase_id' = g.metadata ->> 'purchase_id'))
 """
 
 # Usage in the current period, per user: charges after the latest reset (the reset and the
@@ -175,6 +187,7 @@ class RebuildReport:
     keys: int = 0
     revoked: int = 0
     refundable: int = 0
+    lots_not_restored: int = 0
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -242,6 +255,7 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         rep.quotas += 1
 
     rep.refundable = await _refund_records(pg, config, layout, team_of, ops)
+    rep.lots_not_restored = await pg.fetchval(LIVE_LOTS)
     await _write(r, ops)
     return rep
 
@@ -418,6 +432,9 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
               f"{rep.refundable} refundable events; open reservations were released")
+        if rep.lots_not_restored:
+            print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
+                  "restored: their credit stays purchased, but without its expiry or a refund's tracing")
         return 0
     finally:
         await r.aclose()
