@@ -9,6 +9,7 @@ import asyncio
 import os
 import secrets
 import time
+from datetime import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ def seed_config(api_base: str) -> config_mod.Config:
     data = yaml.safe_load((ROOT / "examples" / "seed-000.yaml").read_text())
     data["stripe"].update(api_base=api_base, secret_key_env=KEY_ENV, webhook_secret_env=HOOK_ENV)
     data["plans"]["free_2s"] = {"period": "2s", "allocations": {"tokens": 100}}
+    data["packs"]["trial_30d"] = {"meter": "tokens", "tokens": 40, "price_cents": 100, "expires_in": "30d"}
     return config_mod.parse(data, "examples/seed-000.yaml (test)")
 
 
@@ -267,3 +269,14 @@ async def test_a_refund_never_takes_more_than_is_left(shop: Any) -> None:
     assert r.json()["taken"] == 0
     t = await shop.tokens(h)
     assert (t["purchased"], t["balance"]) == (0, 0)
+
+
+async def test_a_pack_with_expires_in_credits_a_lot_that_expires_then(shop: Any) -> None:
+    _, h = await shop.tenant()
+    p = await shop.buy(h, "trial_30d")
+    before = int(time.time())
+    assert (await shop.deliver(paid(session_of(shop, p)))).json()["credited"] is True
+    nxt = (await shop.tokens(h))["next_expiry"]
+    assert nxt["amount"] == 40
+    at = datetime.fromisoformat(nxt["at"].replace("Z", "+00:00")).timestamp()
+    assert before + 30 * 86400 - 5 <= at <= time.time() + 30 * 86400 + 5
