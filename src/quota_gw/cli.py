@@ -55,11 +55,22 @@ def app_factory():  # noqa: ANN201 - uvicorn factory
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     import uvicorn
 
     _route_env(_config(args))
-    uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL)
+    # /metrics sums every worker process (metrics.py): they write their values into one fresh
+    # folder, named before any of them imports prometheus_client.
+    metrics_dir = tempfile.mkdtemp(prefix="quota-gw-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL,
+                    timeout_keep_alive=args.timeout_keep_alive)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -186,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default 8080)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     p.add_argument("--log-level", default="info", help="critical, error, warning, info (default) or debug")
+    p.add_argument("--timeout-keep-alive", type=int, default=75, metavar="SECONDS",
+                   help="close idle client connections after this long (default 75: longer than the 60 s "
+                        "proxies such as nginx keep idle upstream connections, so they never reuse one "
+                        "the gateway is closing)")
 
     command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent). Creates the database first when "
                                     "it does not exist and the login may.", ENV_DATABASE)
