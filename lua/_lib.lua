@@ -89,7 +89,8 @@ end
 -- every meter an operation may touch is inside one declared key.
 --   a allocated left, p purchased left, h held by reservations, u used this period,
 --   pe period end (unix s), lim the allocation the period was granted (-1 unlimited),
---   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought).
+--   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought),
+--   ps purchased credit at the start of the period (with lim, the base of the low-balance alerts).
 --
 -- Expired holds are gone for every reader, read-only ones included: a loaded `h` (a meter's
 -- or a sub-quota's) is what live reservations hold; `xh` is the part of the stored field that
@@ -120,14 +121,26 @@ end
 local Meter = {}
 Meter.__index = Meter
 
+-- Credit lots: purchased credit that expires (`x`, unix s) or must be traced (a purchase, which a
+-- refund takes back as far as it is unspent), '<meter>:lots' = JSON [{i = id, n = left, x = 0|expiry}].
+-- Purchased credit outside any lot (`p` less the lots) is the free pool. Spending draws lots that
+-- expire, earliest first, then the free pool, then lots that never expire, oldest first.
+local function load_lots(bal_key, meter)
+  local raw = redis.call('HGET', bal_key, meter .. ':lots')
+  if not raw or raw == '' then return {} end
+  local lots = cjson.decode(raw)
+  if type(lots) ~= 'table' then return {} end
+  return lots
+end
+
 local function load_meter(bal_key, meter)
   local v = redis.call('HMGET', bal_key, meter .. ':a', meter .. ':p', meter .. ':h',
-    meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt')
+    meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt', meter .. ':ps')
   local xh = EXPIRED[meter] or 0
   return setmetatable({key = bal_key, m = meter, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
-    pending = {}}, Meter)
+    ps = tonumber(v[8]) or 0, lots = load_lots(bal_key, meter), pending = {}}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -144,8 +157,9 @@ function Meter:refresh(alloc, spec, rollover, now_s)
     self.u = 0
     self.pe = period_end(spec, now_s)
     self.lim = alloc
+    self.ps = self.p
     table.insert(self.pending, {kind = 'reset', delta = new_a - old_a,
-      meta = cjson.encode({period_end = self.pe, allocation = alloc})})
+      meta = cjson.encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
   elseif self.lim ~= alloc then
     -- The plan (or its allocation) changed mid-period: move the allocation by the difference.
     local old_a = self.a
@@ -174,6 +188,71 @@ function Meter:balance()
   return self.a + self.p
 end
 
+-- Lots past their expiry stop counting: each is taken out of `p` by an `expire` event (pending,
+-- like a reset, so read-only callers see the same numbers and only save() writes).
+function Meter:expire_lots(now_s)
+  local kept = {}
+  for _, lot in ipairs(self.lots) do
+    if lot.x > 0 and lot.x <= now_s then
+      local n = math.min(lot.n, self.p)
+      if n > 0 then
+        self.p = self.p - n
+        table.insert(self.pending, {kind = 'expire', delta = -n, dp = -n,
+          meta = cjson.encode({lot = lot.i, expired = n, expires_at = lot.x})})
+      end
+      self.lots_dirty = true
+    else
+      table.insert(kept, lot)
+    end
+  end
+  self.lots = kept
+end
+
+-- Takes `amount` of purchased credit out of the lots, in spending order (see load_lots); what the
+-- free pool covers touches no lot. Call with `p` as it was before the draw.
+function Meter:draw_lots(amount, p_before)
+  if amount <= 0 or #self.lots == 0 then return end
+  local in_lots = 0
+  for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
+  local free = math.max(0, p_before - in_lots)
+  local order = {}
+  for i, lot in ipairs(self.lots) do if lot.x > 0 then table.insert(order, i) end end
+  table.sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  local left = amount
+  local function take(i)
+    local d = math.min(self.lots[i].n, left)
+    self.lots[i].n = self.lots[i].n - d
+    left = left - d
+  end
+  for _, i in ipairs(order) do if left > 0 then take(i) end end
+  left = left - math.min(free, left)
+  for i, lot in ipairs(self.lots) do if left > 0 and lot.x == 0 then take(i) end end
+  local kept = {}
+  for _, lot in ipairs(self.lots) do if lot.n > 0 then table.insert(kept, lot) end end
+  self.lots = kept
+  self.lots_dirty = true
+end
+
+function Meter:save_lots()
+  if not self.lots_dirty then return end
+  if #self.lots == 0 then
+    redis.call('HDEL', self.key, self.m .. ':lots')
+  else
+    redis.call('HSET', self.key, self.m .. ':lots', cjson.encode(self.lots))
+  end
+  self.lots_dirty = false
+end
+
+-- The lot that expires next: expiry (unix s) and amount, or 0, 0.
+function Meter:next_expiry()
+  local x, n = 0, 0
+  for _, lot in ipairs(self.lots) do
+    if lot.x > 0 and lot.n > 0 and (x == 0 or lot.x < x) then x, n = lot.x, lot.n
+    elseif lot.x > 0 and lot.x == x then n = n + lot.n end
+  end
+  return x, n
+end
+
 -- Draws allocated first, then purchased. Returns the purchased part.
 function Meter:charge(cost)
   if self:unlimited() then
@@ -182,22 +261,62 @@ function Meter:charge(cost)
   end
   local from_a = math.min(self.a, cost)
   local from_p = cost - from_a
+  self:draw_lots(from_p, self.p)
   self.a = self.a - from_a
   self.p = self.p - from_p
   self.u = self.u + cost
   return from_a, from_p
 end
 
+-- Writes the pending events only (grant.lua: expired lots, with no period refresh).
+function Meter:save_pending(events, user)
+  for _, e in ipairs(self.pending) do
+    e.user = user; e.meter = self.m; e.feature = ''; e.dp = e.dp or 0; e.cost = 0
+    e.bal = self:balance()
+    events:add(e)
+  end
+  self.pending = {}
+end
+
 function Meter:save(events, user, feature)
   for _, e in ipairs(self.pending) do
-    e.user = user; e.meter = self.m; e.feature = feature; e.dp = 0; e.cost = 0
+    e.user = user; e.meter = self.m; e.feature = feature; e.dp = e.dp or 0; e.cost = 0
     e.bal = self:balance()
     events:add(e)
   end
   self.pending = {}
   local m = self.m
   redis.call('HSET', self.key, m .. ':a', fmt(self.a), m .. ':p', fmt(self.p), m .. ':h', fmt(self.h + self.xh),
-    m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim))
+    m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim), m .. ':ps', fmt(self.ps))
+  self:save_lots()
+end
+
+-- Low-balance alerts. ARGV[26] of a gate call: thresholds, percent of the period's base (its
+-- allocation plus the purchased credit it started with), e.g. '25,10,0'. The decision that takes
+-- what is available to or below a threshold records one `alert` event (delta 0), in this same
+-- script; `<m>:alpe`/`<m>:alt` (the period and the lowest threshold alerted in it) make it once
+-- per threshold per meter per period. Called after save() so the events follow the charge.
+function Meter:alerts(events, user, feature, spec)
+  if spec == nil or spec == '' or self:unlimited() then return end
+  local base = math.max(self.lim or 0, 0) + self.ps
+  if base <= 0 then return end
+  local avail = self:available()
+  local v = redis.call('HMGET', self.key, self.m .. ':alpe', self.m .. ':alt')
+  local lowest = 101
+  if tonumber(v[1]) == self.pe then lowest = tonumber(v[2]) or 101 end
+  local now_lowest = lowest
+  for t in string.gmatch(spec, '%d+') do
+    t = tonumber(t)
+    if t < lowest and avail * 100 <= t * base then
+      events:add({kind = 'alert', user = user, meter = self.m, feature = feature, delta = 0, bal = self:balance(),
+        meta = cjson.encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
+          period_end = self.pe, base = base})})
+      if t < now_lowest then now_lowest = t end
+    end
+  end
+  if now_lowest ~= lowest then
+    redis.call('HSET', self.key, self.m .. ':alpe', fmt(self.pe), self.m .. ':alt', fmt(now_lowest))
+  end
 end
 
 -- Sub-quota of a user ('u:<id>') or team ('t:<name>') for one meter, in the org's quota hash.
@@ -328,7 +447,8 @@ end
 --       9 period, 10 rollover, 11..16 rate limits (interval_us, burst) for user, key, org (0 = none),
 --       17 auto-register users, 18 idempotency ttl s, 19 fingerprint, 20 metadata json, 21 shadow,
 --       22 event record ttl s, 23 op-specific (reservation ttl s), 24 unit cost (reserve),
---       25 minimum hold (reserve: hold less than asked, down to this, when that is all there is)
+--       25 minimum hold (reserve: hold less than asked, down to this, when that is all there is),
+--       26 low-balance alert thresholds ('25,10,0'; see Meter:alerts)
 -- Returns the parsed request, the meter and levels, and a refusal (status, code, detail) or nil.
 local function gate(write)
   local now = now_us()
@@ -378,6 +498,7 @@ local function gate(write)
 
   local meter = load_meter(KEYS[1], req.meter)
   meter:refresh(req.alloc, req.period, req.rollover, now_s)
+  meter:expire_lots(now_s)
   req.mtr = meter
   if not refusal and meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
     refusal = {403, 'plan_forbids', req.meter .. ' is not available on your plan'}

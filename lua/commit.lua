@@ -32,6 +32,7 @@ local pe = m.pe
 for _, q in ipairs(qs) do q.used = q.used + cost; q:save() end
 m.pending = {}
 redis.call('HSET', KEYS[1], rec.m .. ':a', fmt(m.a), rec.m .. ':p', fmt(m.p), rec.m .. ':u', fmt(m.u))
+m:save_lots()
 local meta = {reservation_id = ARGV[1], held = rec.held, requested = want}
 if want > cost then meta.overage = want - cost end
 if ARGV[8] ~= '' then meta.request = cjson.decode(ARGV[8]) end

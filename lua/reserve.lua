@@ -23,6 +23,7 @@ redis.call('ZADD', KEYS[11], expires, req.id)
 req.events:add({id = req.id, kind = 'reserve', user = req.user, meter = req.meter, feature = req.feature,
   delta = 0, cost = 0, bal = m:balance(),
   meta = cjson.encode({held = req.cost, expires_at = expires, reservation_id = req.id})})
+m:alerts(req.events, req.user, req.feature, ARGV[26])
 local rep = reply(req, 201, '', '', req.cost, remaining(req), req.id, '', cjson.encode({expires_at = expires}))
 remember(KEYS[7], ARGV[19], req.idem_ttl, rep)
 return rep

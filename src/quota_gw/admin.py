@@ -12,8 +12,11 @@ never a 500: see `pg_errors`.
 from __future__ import annotations
 
 import functools
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -194,10 +197,10 @@ async def grant(request: Request) -> Response:
     if not isinstance(reason, str) or not 1 <= len(reason) <= 500 or not _storable(reason):
         raise invalid("reason: required, at most 500 characters, without NUL", field="reason")
     idem = c.idempotency_key(data, request)
-    if data.get("expires_at") is not None:
-        raise invalid("expires_at: expiring grants are not supported yet", field="expires_at")
+    expires = _expires_at(data.get("expires_at"))
     await _org_exists(c, org_id)
-    d = await c.decider.grant(org_id, meter, amount, "grant", {"reason": reason}, idem)
+    d = await c.decider.grant(org_id, meter, amount, "grant", {"reason": reason}, idem,
+                              expires=str(expires) if expires else "")
     if not d.ok:  # e.g. the idempotency key was used for a different grant: 422, nothing granted
         raise d.problem()
     return json_response({"event_id": d.event_id, "amount": d.cost, "balance": d.remaining}, 201, d.headers())
@@ -241,6 +244,24 @@ async def org_balance(request: Request) -> Response:
     if plan is None:
         raise Problem(404, "not_found", f"no org {org_id}")
     return json_response(await balance_of(c, org_id, plan))
+
+
+def _expires_at(v: Any) -> int | None:
+    """`expires_at`: an RFC 3339 time with its offset, in the future; unix seconds, or None."""
+    if v is None:
+        return None
+    when = None
+    if isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", v):
+        try:
+            when = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+    if when is None:
+        raise invalid("expires_at: an RFC 3339 time with an offset, e.g. 2027-01-31T00:00:00Z", field="expires_at")
+    ts = math.ceil(when.timestamp())
+    if ts <= time.time():
+        raise invalid("expires_at: must be in the future", field="expires_at")
+    return ts
 
 
 def _storable(text: str) -> bool:

@@ -289,7 +289,9 @@ async def balance_of(c: Context, org_id: str, plan_name: str) -> dict[str, Any]:
     plan = c.config.plans.get(plan_name)
     if plan is None:
         raise Problem(503, "unavailable", f"plan {plan_name!r} is not in the config")
-    low_pct = c.config.behaviour.low_balance_percent
+    # `low`: below the highest alert threshold, of the same base the alerts use (allocation plus
+    # the purchased credit the period started with).
+    low_pct = c.config.alerts.thresholds[0] if c.config.alerts.thresholds else c.config.behaviour.low_balance_percent
     meters = {}
     for name, m in (await c.decider.balances(org_id, plan)).items():
         unlimited = m["limit"] < 0
@@ -300,7 +302,10 @@ async def balance_of(c: Context, org_id: str, plan_name: str) -> dict[str, Any]:
             "limit": None if unlimited else m["limit"], "unlimited": unlimited,
             "period_end": iso(m["period_end"]),
             "available": not (m["limit"] == 0 and m["purchased_total"] <= 0),
-            "low": (not unlimited) and m["limit"] > 0 and avail * 100 < m["limit"] * low_pct,
+            "next_expiry": ({"at": iso(m["next_expiry"]), "amount": m["next_expiry_amount"]}
+                            if m["next_expiry"] else None),
+            "low": (not unlimited) and m["limit"] + m["purchased_at_start"] > 0
+                   and avail * 100 < (m["limit"] + m["purchased_at_start"]) * low_pct,
         }
     return {"org_id": org_id, "plan": plan_name, "meters": meters}
 

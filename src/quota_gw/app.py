@@ -19,6 +19,7 @@ from starlette.routing import Match, Route
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
 from . import account, admin, api, db, metrics, openapi, proxy, redis_policy
+from . import alerts_admin, purchases  # /v1/purchases, /v1/webhooks/stripe; the alerts' webhook
 from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
 from .api import Context, json_response
 from .auth import KeyStore
@@ -142,6 +143,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/openapi.json", openapi.endpoint),
         *api.routes,
         *admin.routes,
+        *purchases.routes, *alerts_admin.routes,
         *admin_reads.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
         *pages.routes, *activity.routes,  # GET /dashboard, /ops, dashboard links; GET /v1/admin/activity

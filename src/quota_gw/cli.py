@@ -112,6 +112,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notifier(args: argparse.Namespace) -> int:
+    from . import notifier
+
+    cfg = _config(args)
+    dsn = database_url()
+    try:
+        asyncio.run(notifier.run(dsn, cfg, args.interval))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -200,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     from .admin_cli import add_commands as add_admin_commands  # orgs, keys, grant, worker-status
 
     add_admin_commands(command, _config)
+
+    p = command("notifier", cmd_notifier, "Deliver low-balance alerts to the orgs' webhooks (signed, retried "
+                "until a 2xx; several may run).", ENV_CONFIG, ENV_DATABASE)
+    p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the ledger (default 1)")
 
     p = command("demo-upstream", cmd_demo_upstream, "Run an OpenAI-compatible fake model (dev, tests, load tests).")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -119,6 +119,44 @@ class Pack(_Model):
     price_cents: int = Field(ge=0, description="Price in the currency's smallest unit.")
     currency: str = Field(default="usd", description="ISO 4217 currency code, lower case.")
     name: str | None = Field(default=None, description="Display name.")
+    expires_in: int | None = Field(default=None, gt=0, description=(
+        "How long the bought credit counts: a duration such as '365d' or '12h' (seconds); unset: it never "
+        "expires."))
+    stripe_price: str | None = Field(default=None, description=(
+        "A Stripe Price id (price_...) the checkout sells; without it the checkout names `price_cents` and "
+        "`currency` itself."))
+
+    _e = field_validator("expires_in", mode="before")(_seconds)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z]{3}", v):
+            raise ValueError("an ISO 4217 code in lower case, e.g. 'usd'")
+        return v
+
+
+class Stripe(_Model):
+    """Selling packs through Stripe Checkout. The secrets stay in the environment: the config
+    names the variables, never their values."""
+
+    secret_key_env: str = Field(default="STRIPE_SECRET_KEY", description=(
+        "Environment variable holding the Stripe secret API key (sk_...); unset: POST /v1/purchases is 503."))
+    webhook_secret_env: str = Field(default="STRIPE_WEBHOOK_SECRET", description=(
+        "Environment variable holding the webhook endpoint's signing secret (whsec_...); unset: "
+        "POST /v1/webhooks/stripe is 503."))
+    success_url: str = Field(description="Where Stripe sends the buyer after paying (Checkout `success_url`; "
+                             "Stripe replaces {CHECKOUT_SESSION_ID}).")
+    cancel_url: str = Field(description="Where Stripe sends the buyer who leaves the checkout (`cancel_url`).")
+    api_base: str | None = Field(default=None, description=(
+        "Base URL of the Stripe API (default: Stripe's own). For tests against a local Stripe-compatible server."))
+
+    @field_validator("success_url", "cancel_url", "api_base")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v
 
 
 class Route(_Model):
@@ -264,7 +302,8 @@ class Behaviour(_Model):
     max_units: int = Field(default=1_000_000, gt=0, description="Largest `units` of one call (a commit may give "
                            "up to 1000 times this).")
     low_balance_percent: int = Field(default=25, ge=0, le=100, description=(
-        "GET /v1/balance marks a meter `low` below this percentage of its allocation."))
+        "GET /v1/balance marks a meter `low` below this percentage of its allocation when "
+        "`alerts.thresholds` is empty (otherwise below the highest threshold)."))
     key_cache_s: float = Field(default=1.0, ge=0, le=1.0, description=(
         "Seconds an API key and an org's plan are cached in each process: a revocation or plan change reaches "
         "every replica within this. 0: read on every call."))
@@ -288,6 +327,25 @@ class Behaviour(_Model):
         "error-level warning. Also $QUOTA_GW_ALLOW_EVICTING_REDIS=1. Default: refuse to start."))
 
 
+class Alerts(_Model):
+    thresholds: list[int] = Field(default_factory=lambda: [25, 10, 0], description=(
+        "Low-balance alerts, in percent of a meter's period allocation plus the purchased credit it started the "
+        "period with: the decision that takes the balance to or below one records an `alert` event (once per "
+        "threshold per meter per period), delivered to the org's webhook by `quota-gw notifier`. The highest "
+        "is also where GET /v1/balance says `low`."))
+    retry_initial_s: float = Field(default=5.0, gt=0, description=(
+        "First wait before a failed webhook delivery is tried again; doubled each attempt."))
+    retry_max_s: float = Field(default=3600.0, gt=0, description="Longest wait between two delivery attempts.")
+    timeout_s: float = Field(default=10.0, gt=0, description="Longest wait for the org's webhook to answer.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= t <= 100 for t in v) or len(set(v)) != len(v):
+            raise ValueError("distinct percentages, 0..100")
+        return sorted(v, reverse=True)
+
+
 class Config(_Model):
     shards: int = Field(default=16, ge=1, le=4096, description=(
         "Shards the orgs are hashed over (each has its own event stream). Fixed for the life of the data: "
@@ -299,8 +357,11 @@ class Config(_Model):
     features: dict[str, Feature] = Field(description="Priced operations by name: a meter and a cost per unit.")
     plans: dict[str, Plan] = Field(description="Plans by name: allocations per period and rate limits.")
     packs: dict[str, Pack] = Field(default_factory=dict, description=(
-        "Credit packs by name, listed by GET /v1/pricing. Informational: no route sells them yet (credit is "
-        "added with the admin grants route)."))
+        "Credit packs by name, listed by GET /v1/pricing and sold by POST /v1/purchases (with a `stripe` "
+        "section)."))
+    stripe: Stripe | None = Field(default=None, description=(
+        "Stripe Checkout for the packs; without it POST /v1/purchases is 503."))
+    alerts: Alerts = Field(default_factory=Alerts, description="Low-balance alerts and their webhook delivery.")
     routes: list[Route] = Field(default_factory=list, description="Proxy routes: path prefixes forwarded to "
                                 "upstreams and charged.")
     behaviour: Behaviour = Field(default_factory=Behaviour, description="How the gateway decides, caches and "
@@ -333,6 +394,8 @@ class Config(_Model):
             for meter in p.allocations:
                 known(meter, f"plans.{name}.allocations.{meter}")
         for name, pk in self.packs.items():
+            if not is_name(name):
+                raise _PathError(f"packs.{name}", f"pack name must match {NAME_RE}")
             known(pk.meter, f"packs.{name}.meter")
         for i, r in enumerate(self.routes):
             if r.feature is not None and r.feature not in self.features:

@@ -108,6 +108,7 @@ class Decider:
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
         self._terms: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
+        self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
         """Closes the decision connection (the client's pool is the owner's to close)."""
@@ -148,9 +149,7 @@ class Decider:
         ]
         args: list[Any] = [event_id, org, user, ident.key_id, feature, meter, cost, *priced,
                            fingerprint if idem else "", metadata.decode() if metadata else "", int(shadow),
-                           self._ttl[1], extra]
-        if unit is not None:
-            args.append(unit)
+                           self._ttl[1], extra, "" if unit is None else unit, 0, self._alerts]
         return keys, args
 
     def cost(self, feature: str, units: int) -> int:
@@ -189,7 +188,7 @@ class Decider:
         keys, args = self._gate_call(ident, feature, held, user, idem,
                                      fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else ""),
                                      None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
-        args.append(min_cost)
+        args[24] = min_cost  # ARGV 25
         d = Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
         return self._observed("reserve", ident, feature, d, t0)
 
@@ -238,14 +237,23 @@ class Decider:
 
     async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
                     idem: str | None = None, actor: str = "admin", user: str = "",
-                    event_id: str | None = None) -> Decision:
-        """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key."""
+                    event_id: str | None = None, also_idem: str | None = None,
+                    idem_ttl_s: int | None = None, lot: str = "", expires: str = "",
+                    take_lot: bool = False) -> Decision:
+        """Adds (or, for `adjust`, removes) purchased credit; once per idempotency key (and once
+        per `also_idem`, a second key: a purchase is once per Stripe event and once per session).
+        `lot` names the credit (a purchase id) and `expires` ends it (unix s, or '+<s>' from now);
+        `take_lot` takes back what is left of lot `lot` (`amount`: what it gave)."""
         L = self.layout
         meta = orjson.dumps(metadata or {}, option=orjson.OPT_SORT_KEYS)
         keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org), L.reservations(org),
                 L.expiries(org)]
-        args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), self._ttl[0],
-                fingerprint(kind, meter, amount, user, metadata=meta) if idem else "", actor, user]
+        if also_idem:
+            keys.append(L.idem(org, "g", also_idem))
+        ttl = str(idem_ttl_s) if idem_ttl_s else self._ttl[0]
+        args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), ttl,
+                fingerprint(kind, meter, amount, user, lot, expires, metadata=meta) if idem else "", actor, user,
+                lot, expires, "take_lot" if take_lot else ""]
         return Decision.from_reply(await self._run(self.scripts.grant, keys, args))
 
     async def balances(self, org: str, plan: Plan) -> dict[str, dict[str, int]]:
@@ -257,7 +265,8 @@ class Decider:
         L = self.layout
         rows = await self._run(self.scripts.balance, [L.balances(org), L.reservations(org), L.expiries(org)], args)
         out = {}
-        for m, (a, p, h, u, pe, lim, pt) in zip(meters, rows):
+        for m, (a, p, h, u, pe, lim, pt, ps, nx, nn) in zip(meters, rows):
             out[m] = {"allocated": int(a), "purchased": int(p), "held": int(h), "used": int(u),
-                      "period_end": int(pe), "limit": int(lim), "purchased_total": int(pt)}
+                      "period_end": int(pe), "limit": int(lim), "purchased_total": int(pt),
+                      "purchased_at_start": int(ps), "next_expiry": int(nx), "next_expiry_amount": int(nn)}
         return out

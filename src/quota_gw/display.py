@@ -24,6 +24,6 @@ def thresholds(cfg: Any) -> dict[str, int]:
 
 
 def purchases_available(cfg: Any) -> bool:
-    """False until POST /v1/purchases is served: a buy button must never lead to a 404. The
-    purchases work turns this on (packs configured and a payment provider set up)."""
-    return False
+    """True when POST /v1/purchases can sell: packs configured and a `stripe` section (the secret
+    key is read per request; without it the route says 503 naming the variable)."""
+    return bool(cfg.packs) and getattr(cfg, "stripe", None) is not None

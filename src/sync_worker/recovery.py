@@ -6,7 +6,13 @@ The ledger holds every balance change, so per (org, meter):
     credit ever bought `pt` = sum(delta_purchased) of grants/purchases/adjustments that added
     period end `pe`, allocation `lim` = metadata of the latest reset (new period) or plan adjust
     used `u` = what consume/commit charged since the latest reset, less refunds of those charges
-Reservations are not rebuilt (holds are released: they never changed a or p).
+    purchased at period start `ps` = the latest reset's metadata `purchased` (0 before it was recorded)
+    alerts sent this period `alpe`/`alt` = the current period end and the lowest threshold of its
+    `alert` events (so a rebuild does not alert again for what was already said)
+Reservations are not rebuilt (holds are released: they never changed a or p). Credit lots
+(lua/_lib.lua load_lots: expiring grants, purchases a refund may take back) are not either: which
+lot a charge drew is not in the ledger. Their credit stays in `p`, without expiry or refund tracing,
+and the report counts the lots that may still have been live.
 """
 
 from __future__ import annotations
@@ -50,6 +56,31 @@ SELECT DISTINCT ON (org_id, meter) org_id, meter,
 FROM usage_events
 WHERE kind IN ('reset', 'adjust') AND metadata ? 'allocation' AND meter IS NOT NULL
 ORDER BY org_id, meter, ts DESC
+"""
+
+# Purchased credit at the start of the current period (the alerts' base, with the allocation).
+PERIOD_START_PURCHASED = """
+SELECT DISTINCT ON (org_id, meter) org_id, meter, coalesce((metadata ->> 'purchased')::bigint, 0) AS ps
+FROM usage_events
+WHERE kind = 'reset' AND meter IS NOT NULL
+ORDER BY org_id, meter, ts DESC
+"""
+
+# The lowest low-balance threshold alerted, per period end.
+ALERTS_SENT = """
+SELECT org_id, meter, (metadata ->> 'period_end')::bigint AS pe, min((metadata ->> 'threshold')::int) AS alt
+FROM usage_events
+WHERE kind = 'alert' AND meter IS NOT NULL
+GROUP BY 1, 2, 3
+"""
+
+# Credit lots that may still have been live: grants not expired yet, purchases not refunded.
+LIVE_LOTS = """
+SELECT count(*) FROM usage_events g
+WHERE (g.kind = 'grant' AND (g.metadata ->> 'expires_at')::bigint > extract(epoch FROM now()))
+   OR (g.kind = 'purchase' AND NOT EXISTS (
+        SELECT 1 FROM usage_events r WHERE r.kind = 'revoke' AND r.org_id = g.org_id
+        AND r.metadata ->> 'purchase_id' = g.metadata ->> 'purchase_id'))
 """
 
 # Usage in the current period, per user: charges after the latest reset (the reset and the
@@ -157,6 +188,7 @@ class RebuildReport:
     keys: int = 0
     revoked: int = 0
     refundable: int = 0
+    lots_not_restored: int = 0
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -185,6 +217,8 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         rep.users += len(mapping)
 
     periods = {(p["org_id"], p["meter"]): (p["pe"], p["lim"]) for p in await pg.fetch(PERIODS)}
+    start_purchased = {(p["org_id"], p["meter"]): p["ps"] for p in await pg.fetch(PERIOD_START_PURCHASED)}
+    alerted = {(x["org_id"], x["meter"], x["pe"]): x["alt"] for x in await pg.fetch(ALERTS_SENT)}
     org_used: dict[tuple[str, str], int] = defaultdict(int)
     subject_used: dict[tuple[str, str, str], int] = defaultdict(int)  # (org, 'u:x' | 't:y', meter)
     for row in await pg.fetch(PERIOD_USAGE):
@@ -205,6 +239,9 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         if (org, m) in periods:
             pe, lim = periods[(org, m)]
             fields[f"{m}:pe"], fields[f"{m}:lim"] = pe, lim
+            fields[f"{m}:ps"] = start_purchased.get((org, m), 0)
+            if (org, m, pe) in alerted:
+                fields[f"{m}:alpe"], fields[f"{m}:alt"] = pe, alerted[(org, m, pe)]
         ops.append(("hset", layout.balances(org), None, None, fields))
         rep.balances += 1
 
@@ -219,6 +256,7 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         rep.quotas += 1
 
     rep.refundable = await _refund_records(pg, config, layout, team_of, ops)
+    rep.lots_not_restored = await pg.fetchval(LIVE_LOTS)
     await _write(r, ops)
     return rep
 
@@ -478,6 +516,9 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
               f"{rep.refundable} refundable events; open reservations were released")
+        if rep.lots_not_restored:
+            print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
+                  "restored: their credit stays purchased, but without its expiry or a refund's tracing")
         return 0
     finally:
         await r.aclose()
