@@ -453,16 +453,18 @@ end
 --       7 event record (commit only)
 -- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata,
 --       9 fingerprint of the request (a retry with a different body is 422, not the first answer)
+local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past tense, for messages
+
 local function settle_start(op)
   local rid = ARGV[1]
   local done = redis.call('GET', KEYS[6])
   if done then
     local d = cjson.decode(done)
     if d.op ~= op then
-      return nil, nil, {409, 'conflict', 'reservation already ' .. d.op .. 'ed', 0, -1, '', 0, -1, -1, 0, 1, '', ''}
+      return nil, nil, {409, 'conflict', 'reservation already ' .. SETTLED[d.op], 0, -1, '', 0, -1, -1, 0, 1, '', ''}
     end
     if d.fp and (ARGV[9] or '') ~= '' and d.fp ~= ARGV[9] then
-      return nil, nil, {422, 'invalid_request', 'reservation already ' .. op .. 'ed with a different request',
+      return nil, nil, {422, 'invalid_request', 'reservation already ' .. SETTLED[op] .. ' with a different request',
         0, -1, '', 0, -1, -1, 0, 1, '', ''}
     end
     d.reply[11] = 1
