@@ -1,6 +1,11 @@
 """One command: start everything on 127.0.0.1, run Locust headless, drain, check the invariants.
 
     .venv/bin/python loadtests/run.py [--users 50] [--duration 30] [--workers 1] [--no-proxy] [--via http]
+    .venv/bin/python loadtests/run.py --rate-fraction 0.5 --faults 6 --duration 600   # the soak
+
+The soak (`--faults N`, make test-long) measures the capacity first (`--measure` seconds
+flat out), then runs Locust paced at `--rate-fraction` of it while SIGKILLing the sync worker
+and restarting Redis (AOF on, its own server) N times in turn, sampling the gateway's RSS.
 
 Prints req/s and p50/p95/p99 per request kind, then checks against Postgres and Redis after
 the worker has drained: no overspend (no balance ever below zero, per event), every event
@@ -116,7 +121,8 @@ async def check(pg_url: str, redis_url: str, prefix: str, shards: int, orgs: lis
         refused = sum(v for k, v in outcomes.items() if k.split(":")[0] == "consume" and k.split(":")[1] in ("402", "403", "429"))
         denied_api = await conn.fetchval("""SELECT count(*) FROM usage_events WHERE org_id = ANY($1) AND kind = 'denied'
                                             AND feature <> 'chat'""", orgs)
-        refused_reserve = sum(v for k, v in outcomes.items() if k.startswith("reserve:") and k != "reserve:201")
+        refused_reserve = sum(v for k, v in outcomes.items()
+                              if k.startswith("reserve:") and k.split(":")[1] in ("402", "403", "429"))
         if denied_api != refused + refused_reserve:
             problems.append(f"denied events {denied_api} != refused decisions {refused + refused_reserve}")
         else:
@@ -132,6 +138,31 @@ async def check(pg_url: str, redis_url: str, prefix: str, shards: int, orgs: lis
     return problems
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def locust(args: argparse.Namespace, lenv: dict[str, str], base: str, csv_prefix: Path, duration: int,
+           users: int) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+                             "-u", str(users), "-r", str(args.spawn_rate), "-t", f"{duration}s",
+                             "--host", base, "--csv", str(csv_prefix), "--only-summary", "--stop-timeout", "5",
+                             "--loglevel", "WARNING"], env=lenv, stdout=subprocess.DEVNULL)
+
+
+def requests_per_task(rows: list[dict[str, str]]) -> float:
+    """Each task makes one first request (consume, reserve, balance, chat) and sometimes a second
+    (consume-retry, commit, release): requests / tasks, from a run's stats."""
+    by = {r["Name"]: int(r["Request Count"]) for r in rows}
+    total = by.get("Aggregated", 0)
+    tasks = total - sum(by.get(n, 0) for n in ("consume-retry", "commit", "release"))
+    return total / tasks if tasks else 1.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=50)
@@ -142,11 +173,25 @@ def main() -> int:
     ap.add_argument("--via", choices=("client", "http"), default="client",
                     help="decision calls through quota_gw.client (default) or Locust's own HTTP client, "
                          "which costs the load generator less CPU (the gateway's numbers alone)")
+    ap.add_argument("--rate-fraction", type=float, default=0.0,
+                    help="pace Locust at this share of the capacity measured first (0: flat out)")
+    ap.add_argument("--measure", type=int, default=20, help="seconds of the capacity measurement")
+    ap.add_argument("--faults", type=int, default=0,
+                    help="SIGKILL the worker and restart Redis (AOF, a server of its own) this many times, in turn")
+    ap.add_argument("--rss-every", type=float, default=5.0, help="seconds between gateway RSS samples")
+    ap.add_argument("--max-rss-growth-mb", type=float, default=50.0,
+                    help="the gateway's RSS may grow this much from the first sample after warm-up to the end")
     args = ap.parse_args()
     proxy = not args.no_proxy
 
     tmp = Path(tempfile.mkdtemp(prefix="qgw-load-"))
+    if args.faults:  # a Redis of our own, with an append-only file, that we may restart
+        os.environ.pop("REDIS_URL", None)
+        rs = embedded.start_redis(tmp / "redis", persist=True)
+        os.environ["REDIS_URL"] = rs.url
     redis_url, pg_admin, started = embedded.servers(tmp)
+    if args.faults:
+        started.append(rs)
     run = secrets.token_hex(4)
     db_name, prefix = f"qgw_load_{run}", f"qgwload{run}"
     procs: list[subprocess.Popen] = []
@@ -170,7 +215,7 @@ def main() -> int:
     cfg_path = tmp / "load.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": pg_url, "QUOTA_GW_PREFIX": prefix,
-           "QUOTA_GW_ADMIN_TOKEN": ADMIN, "QUOTA_GW_CONFIG": str(cfg_path)}
+           "QUOTA_GW_ADMIN_TOKEN": ADMIN, "QUOTA_GW_CONFIG": str(cfg_path), "QUOTA_GW_SPOOL_DIR": str(tmp / "spool")}
     problems: list[str] = []
     try:
         subprocess.run([str(BIN / "quota-gw"), "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -178,8 +223,8 @@ def main() -> int:
                                        "--token-delay-ms", "1", "--log-level", "warning"], env=env))
         procs.append(subprocess.Popen([str(BIN / "quota-gw"), "serve", "--port", str(gw_port), "--workers",
                                        str(args.workers), "--log-level", "warning"], env=env))
-        procs.append(subprocess.Popen([str(BIN / "quota-gw"), "worker", "--consumer", f"load-{run}",
-                                       "--log-level", "warning"], env=env))
+        worker_argv = [str(BIN / "quota-gw"), "worker", "--consumer", f"load-{run}", "--log-level", "warning"]
+        procs.append(subprocess.Popen(worker_argv, env=env))
         base = f"http://127.0.0.1:{gw_port}"
         wait_http(f"{base}/readyz", procs[1], "gateway")
         tenants = seed(base, proxy)
@@ -187,21 +232,68 @@ def main() -> int:
         outcomes_path = tmp / "outcomes.json"
         lenv = {**env, "QGW_TENANTS": str(tmp / "tenants.json"), "QGW_OUTCOMES": str(outcomes_path),
                 "QGW_PROXY": "1" if proxy else "0", "QGW_VIA": args.via}
+        users = args.users
+        if args.rate_fraction:
+            # Capacity: the same traffic flat out for a while; then every user is paced so that
+            # all of them together ask for rate_fraction of it.
+            m = locust(args, {**lenv, "QGW_OUTCOMES": str(tmp / "measure-outcomes.json")}, base, tmp / "measure",
+                       args.measure, args.users)
+            m.wait(timeout=args.measure + 120)
+            rows = stats(tmp / "measure")
+            capacity = float(next(r for r in rows if r["Name"] == "Aggregated")["Requests/s"])
+            per_task = requests_per_task(rows)
+            target = capacity * args.rate_fraction
+            lenv["QGW_TASKS_PER_USER_S"] = f"{target / per_task / users:.4f}"
+            print(f"capacity: {capacity:.0f} req/s flat out ({args.measure}s, {users} users, "
+                  f"{per_task:.2f} requests per task); pacing at {target:.0f} req/s")
+        if args.faults:
+            lenv["QGW_FAULTS"] = "1"
         started_at = time.monotonic()
-        subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
-                        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s",
-                        "--host", base, "--csv", str(tmp / "locust"), "--only-summary", "--stop-timeout", "5",
-                        "--loglevel", "WARNING"], env=lenv, check=False, timeout=args.duration + 120,
-                       stdout=subprocess.DEVNULL)
-        print(f"\nLocust: {args.users} users, {args.duration}s, {args.workers} gateway worker(s), "
+        run_locust = locust(args, lenv, base, tmp / "locust", args.duration, users)
+        gw_pid = procs[1].pid
+        rss: list[tuple[float, float]] = []
+        fault_times = [args.duration * (i + 1) / (args.faults + 1) for i in range(args.faults)]
+        faults_done: list[str] = []
+        next_rss = 0.0
+        while run_locust.poll() is None:
+            t = time.monotonic() - started_at
+            if t >= next_rss:
+                rss.append((t, rss_mb(gw_pid)))
+                next_rss = t + args.rss_every
+            if fault_times and t >= fault_times[0]:
+                fault_times.pop(0)
+                if len(faults_done) % 2 == 0:  # the worker, SIGKILLed mid-whatever, then started again
+                    procs[2].kill()
+                    procs[2].wait()
+                    procs[2] = subprocess.Popen(worker_argv, env=env)
+                    faults_done.append(f"{t:.0f}s worker SIGKILL")
+                else:  # Redis stopped (SIGTERM: the AOF is written out) and started on the same port
+                    rs.stop()
+                    down = time.monotonic()
+                    rs = embedded.start_redis(tmp / "redis", rs.port, persist=True)
+                    started[-1] = rs
+                    faults_done.append(f"{t:.0f}s redis restart ({time.monotonic() - down:.1f}s down)")
+            time.sleep(0.2)
+        rss.append((time.monotonic() - started_at, rss_mb(gw_pid)))
+        print(f"\nLocust: {users} users, {args.duration}s, {args.workers} gateway worker(s), "
               f"proxy {'on' if proxy else 'off'}, decisions via {args.via} ({time.monotonic() - started_at:.0f}s wall)")
+        if args.faults:
+            print("faults: " + "; ".join(faults_done))
+        warm = next((mb for t, mb in rss if t >= min(30.0, args.duration * 0.1)), rss[0][1])
+        print(f"gateway RSS: start {rss[0][1]:.1f} MB, after warm-up {warm:.1f} MB, end {rss[-1][1]:.1f} MB, "
+              f"max {max(mb for _, mb in rss):.1f} MB ({len(rss)} samples)")
+        if args.faults and rss[-1][1] - warm > args.max_rss_growth_mb:
+            problems.append(f"gateway RSS grew {rss[-1][1] - warm:.1f} MB after warm-up")
         print(f"{'name':<16}{'requests':>10}{'failures':>10}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
         for row in stats(tmp / "locust"):
             print(f"{row['Name']:<16}{row['Request Count']:>10}{row['Failure Count']:>10}"
                   f"{float(row['Requests/s']):>10.1f}{row['50%']:>9}{row['95%']:>9}{row['99%']:>9}")
             if row["Name"] == "Aggregated" and int(row["Failure Count"]):
                 problems.append(f"{row['Failure Count']} Locust failures (unexpected statuses or idempotency)")
-        outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.exists() else {}
+        outcomes: dict[str, int] = {}
+        for path in (outcomes_path, tmp / "measure-outcomes.json"):  # the ledger holds both runs
+            for k, v in (json.loads(path.read_text()) if path.exists() else {}).items():
+                outcomes[k] = outcomes.get(k, 0) + v
         print("outcomes:", ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())))
 
         # Drain: the worker has caught up when reconcile (which counts undrained events) agrees

@@ -452,7 +452,7 @@ end
 -- KEYS: 1 bal, 2 quotas, 3 reservations, 4 expiries, 5 stream, 6 settled-answer key,
 --       7 event record (commit only)
 -- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata,
---       9 fingerprint of the request (a retry with a different body is 422, not the first answer)
+--       9 fingerprint of the request (a retry with a different body is 409, not the first answer)
 local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past tense, for messages
 
 local function settle_start(op)
@@ -464,7 +464,7 @@ local function settle_start(op)
       return nil, nil, {409, 'conflict', 'reservation already ' .. SETTLED[d.op], 0, -1, '', 0, -1, -1, 0, 1, '', ''}
     end
     if d.fp and (ARGV[9] or '') ~= '' and d.fp ~= ARGV[9] then
-      return nil, nil, {422, 'invalid_request', 'reservation already ' .. SETTLED[op] .. ' with a different request',
+      return nil, nil, {409, 'conflict', 'reservation already settled by a different ' .. op .. ' request',
         0, -1, '', 0, -1, -1, 0, 1, '', ''}
     end
     d.reply[11] = 1

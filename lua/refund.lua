@@ -10,7 +10,7 @@ end
 local rec = cjson.decode(raw)
 if rec.refunded then
   if rec.refunded_fp and rec.refunded_fp ~= (ARGV[6] or '') then
-    return {422, 'invalid_request', 'event ' .. ARGV[1] .. ' already refunded with a different request',
+    return {409, 'conflict', 'event ' .. ARGV[1] .. ' already refunded by a different request',
       0, -1, '', 0, -1, -1, 0, 1, '', ''}
   end
   rec.refunded[11] = 1

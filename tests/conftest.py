@@ -62,6 +62,36 @@ async def database_url(servers: tuple[str, str]) -> AsyncIterator[str]:
     await conn.close()
 
 
+async def fresh_database(servers: tuple[str, str], suffix: str) -> str:
+    """A database of its own, migrated: for commands (reconcile, rebuild) that look at every org
+    of a database, which the session's shared database fills with other tests' orgs."""
+    admin_url = servers[1]
+    name = f"qgw_test_{RUN}_{suffix}"
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    conn = await asyncpg.connect(url)
+    await db.migrate(conn)
+    await conn.close()
+    return url
+
+
+async def drop_database(servers: tuple[str, str], url: str) -> None:
+    conn = await asyncpg.connect(servers[1])
+    await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    await conn.close()
+
+
+@pytest.fixture(scope="module")
+async def own_database_url(servers: tuple[str, str], request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A migrated database for this test module alone (see fresh_database)."""
+    url = await fresh_database(servers, request.module.__name__.rsplit(".", 1)[-1].lower())
+    yield url
+    await drop_database(servers, url)
+
+
 @pytest.fixture(scope="session")
 def prefix() -> str:
     return f"qgwt{RUN}"

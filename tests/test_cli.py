@@ -148,8 +148,8 @@ def test_bad_arguments_are_one_line_and_exit_2(argv, words):
     fails_in_one_line(qgw(*argv), 2, words, "--help")
 
 
-def test_reconcile_exits_0_when_clean(config_file, redis_url, database_url):
-    r = qgw("reconcile", DATABASE_URL=database_url, REDIS_URL=redis_url, QUOTA_GW_CONFIG=config_file,
+def test_reconcile_exits_0_when_clean(config_file, redis_url, own_database_url):
+    r = qgw("reconcile", DATABASE_URL=own_database_url, REDIS_URL=redis_url, QUOTA_GW_CONFIG=config_file,
             QUOTA_GW_PREFIX=f"qgwclean{RUN}")
     assert r.returncode == 0 and "0 differ" in r.stdout, r.stdout + r.stderr
 

@@ -176,8 +176,9 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, redis_url: str, database_url: str) -> Any:
-    gw = Live(tmp_path_factory.mktemp("docs"), redis_url, database_url)
+def live(tmp_path_factory: pytest.TempPathFactory, redis_url: str, own_database_url: str) -> Any:
+    # A database of its own: the docs run `quota-gw reconcile`, which checks every org in it.
+    gw = Live(tmp_path_factory.mktemp("docs"), redis_url, own_database_url)
     try:
         yield gw
     finally:

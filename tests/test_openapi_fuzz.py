@@ -228,11 +228,10 @@ schema = schemathesis.openapi.from_dict(DOCUMENT, config=schemathesis.Config.fro
 
 def refused_for_what_no_schema_says(case: schemathesis.Case, problem: dict[str, Any]) -> bool:
     """422s for valid-looking data that are the contract but no JSON Schema can state: an
-    idempotency key an earlier example used for another request, a reservation an earlier
-    example settled with another body, metadata over its byte size
+    idempotency key an earlier example used for another request, metadata over its byte size
     or with a NUL inside, a usage cursor this API did not return (opaque), `since` not before
     `until` (a relation between two parameters), an orgs-list cursor this API did not return."""
-    if "with a different request" in problem.get("detail", ""):  # an idempotency key or a settled hold
+    if "idempotency key reused" in problem.get("detail", ""):
         return True
     if problem.get("field") == "metadata":  # over 4096 bytes of JSON, or a NUL somewhere in it
         return True

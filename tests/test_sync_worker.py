@@ -245,6 +245,32 @@ async def test_trim_only_below_what_every_group_acked(wenv, redis, database_url)
     assert w.stats.inserted == len(ids)
 
 
+async def test_a_fresh_batch_with_rows_already_written_falls_back_and_loses_nothing(wenv, redis,
+                                                                                   database_url) -> None:
+    """The group's progress rolls back (Redis restored from an older snapshot, failover to a
+    lagging replica): a fresh batch, not a redelivery, holds rows already in Postgres next to
+    new ones. The fast COPY fails on the primary key; the worker must fall back to the
+    idempotent insert, not skip the batch (which would drop the new events in it)."""
+    orgs = identities(4)
+    await hold_streams(redis, wenv.layout)
+    await seed_orgs(wenv.decider, orgs)
+    answered = await traffic(wenv.decider, orgs, 200, seed=41)
+    w = Worker(wenv.redis_url, database_url, wenv.layout, "rollback", block_ms=50)
+    while not await drained(redis, wenv.layout):
+        await w._round() if w.ready else await w._connect()
+    first = w.stats.inserted
+    assert first > 0 and w.stats.duplicates == 0
+    for s in wenv.layout.streams():
+        if await redis.exists(s):
+            await redis.execute_command("XGROUP", "SETID", s, GROUP, "0")  # progress rolled back
+    answered += await traffic(wenv.decider, orgs, 200, seed=42)
+    while not await drained(redis, wenv.layout):
+        await w._round()
+    await w._disconnect(pg=True, redis=True)
+    await assert_exactly_once(wenv, redis, orgs, answered)
+    assert w.stats.duplicates == first  # every old row was seen again, and skipped
+
+
 async def test_worker_rejoins_after_the_streams_are_deleted(wenv, redis) -> None:
     orgs = identities(2)
     w = wenv.worker("rejoin")

@@ -65,8 +65,10 @@ def _column(e: Exception) -> str:
     return m.group(1) if m else "body"
 
 
-def _plan(c: Context, data: dict[str, Any]) -> str:
-    plan = data.get("plan")
+def _plan(c: Context, data: dict[str, Any], default: str | None = None) -> str:
+    """The plan named in the body; `default` (org creation: the config's documented
+    `default_plan`) when it is left out, else it is required."""
+    plan = data.get("plan", default)
     if plan is None:
         raise invalid("plan: required", field="plan")
     if not isinstance(plan, str) or plan not in c.config.plans:
@@ -101,7 +103,7 @@ async def create_org(request: Request) -> Response:
     name = data.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200 or not _storable(name)):
         raise invalid("name: a string of at most 200 characters, without NUL", field="name")
-    plan = _plan(c, data)
+    plan = _plan(c, data, c.config.default_plan)
     try:
         await c.db.execute("INSERT INTO orgs (org_id, name, plan) VALUES ($1, $2, $3)", org_id, name, plan)
     except asyncpg.UniqueViolationError:
@@ -141,9 +143,7 @@ async def create_key(request: Request) -> Response:
     org_id = _path_name(request, "org_id")
     data = await json_body(request)
     user_id = name_field(data, "user_id", required=False)
-    scopes = data.get("scopes")
-    if scopes is None:
-        raise invalid(f"scopes: required, a non-empty list of {sorted(SCOPES)}", field="scopes")
+    scopes = data.get("scopes", ["consume", "read"])  # the documented default
     if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
             or not set(scopes) <= SCOPES):
         raise invalid(f"scopes: a non-empty list of {sorted(SCOPES)}", field="scopes")

@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
-from . import account, admin, api, db, metrics, openapi, proxy
+from . import account, admin, api, db, metrics, openapi, proxy, redis_policy
 from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
 from .api import Context, json_response
 from .auth import KeyStore
@@ -43,21 +43,34 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready when Redis answers and its eviction policy is safe: decisions need nothing else.
+    Postgres is reported but does not fail it (a load balancer would otherwise take every
+    replica out during a ledger outage while decisions keep working)."""
     c: Context = request.app.state.ctx
-    checks: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    ready = True
     try:
         await c.decider.redis.ping()
-        checks["redis"] = "ok"
+        out["redis"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure means not ready
-        checks["redis"] = f"down: {e}"
+        out["redis"] = f"down: {e}"
+        ready = False
+    if out["redis"] == "ok":
+        policy = await redis_policy.read(c.decider.redis)
+        out["redis_maxmemory_policy"] = policy
+        if not redis_policy.safe(policy):
+            if redis_policy.allowed(c.config):
+                out["warning"] = f"maxmemory-policy {policy} may evict balances (allowed by allow_evicting_redis)"
+            else:
+                out["redis"] = f"unsafe: maxmemory-policy {policy} may evict balances (needs noeviction)"
+                ready = False
     if c.db is not None:
         try:
-            await c.db.fetchval("SELECT 1")
-            checks["postgres"] = "ok"
-        except Exception as e:  # noqa: BLE001
-            checks["postgres"] = f"down: {e}"
-    ready = all(v == "ok" for v in checks.values())
-    return json_response({"ready": ready, **checks}, 200 if ready else 503)
+            await c.db.ping()
+            out["postgres"] = "ok"
+        except Problem as e:
+            out["postgres"] = f"down: {e.detail}"
+    return json_response({"ready": ready, **out}, 200 if ready else 503)
 
 
 async def on_problem(request: Request, exc: Exception) -> Response:
@@ -105,7 +118,8 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         r = redis_client(redis_url)
-        pool = await db.pool(database_url) if database_url else None
+        await redis_policy.check_at_start(r, config)
+        pool = db.Database(database_url) if database_url else None  # connects on first use
         layout = Layout(prefix, config.shards)
         decider = Decider(r, config, layout)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)

@@ -6,6 +6,7 @@ the requests that miss while it is being read again wait for that one read rathe
 reading it (they all did: at a saturated gateway, ~50 extra reads a second instead of one).
 Postgres is the source of truth; a key missing from Redis (say, after a flush) is read from
 Postgres and written back with HSETNX, so a concurrent revocation's tombstone always wins.
+While Postgres is down, such a key is 503 `unavailable` (it cannot be told from an unknown one).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import Request
 
 from . import links
+from .db import Database
 from .decisions import Identity
 from .layout import Layout
 from .problems import Problem
@@ -49,7 +50,7 @@ def bearer(request: Request) -> str | None:
 
 
 class KeyStore:
-    def __init__(self, redis: Redis, layout: Layout, db: asyncpg.Pool | None, ttl: float = 1.0) -> None:
+    def __init__(self, redis: Redis, layout: Layout, db: Database | None, ttl: float = 1.0) -> None:
         self.redis, self.layout, self.db, self.ttl = redis, layout, db, ttl
         self._keys: dict[str, tuple[Identity | None, float]] = {}
         self._plans: dict[str, tuple[str | None, float]] = {}

@@ -59,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _route_env(_config(args))
     uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL)
+                log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL,
+                timeout_keep_alive=args.timeout_keep_alive)
     return 0
 
 
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default 8080)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     p.add_argument("--log-level", default="info", help="critical, error, warning, info (default) or debug")
+    p.add_argument("--timeout-keep-alive", type=int, default=75, metavar="SECONDS",
+                   help="close idle client connections after this long (default 75: longer than the 60 s "
+                        "proxies such as nginx keep idle upstream connections, so they never reuse one "
+                        "the gateway is closing)")
 
     command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent). Creates the database first when "
                                     "it does not exist and the login may.", ENV_DATABASE)

@@ -146,6 +146,9 @@ class Route(_Model):
         "(fixed) or its hold released (openai)."))
     strip_prefix: bool = Field(default=False, description="Forward the path without the prefix (/ai/goals/plan "
                                "with prefix /ai/goals goes upstream as /plan).")
+    upstream_keepalive_s: float = Field(default=4.0, gt=0, le=3600, description=(
+        "Seconds an idle pooled connection to the upstream is kept: keep it below the upstream's own idle "
+        "timeout (uvicorn: 5 s), so the gateway never reuses a connection the upstream is closing."))
     # metering: openai — the completion budget held when the caller sends no max_tokens, and the
     # least a call may be lowered to before it is refused with 402 (see proxy.py).
     default_max_tokens: int = Field(default=1024, gt=0, le=1_000_000, description=(
@@ -280,6 +283,9 @@ class Behaviour(_Model):
         "Largest request line plus headers `quota-gw serve` accepts, in bytes (431 beyond, connection closed)."))
     max_headers: int = Field(default=100, ge=16, le=1000, description=(
         "Most request headers `quota-gw serve` accepts (431 beyond, connection closed)."))
+    allow_evicting_redis: bool = Field(default=False, description=(
+        "Start on a Redis whose maxmemory-policy may evict keys (an evicted balance comes back full); logs an "
+        "error-level warning. Also $QUOTA_GW_ALLOW_EVICTING_REDIS=1. Default: refuse to start."))
 
 
 class Config(_Model):

@@ -1,18 +1,106 @@
-"""Postgres: the connection pool and the versioned, idempotent migrations."""
+"""Postgres: the lazily connected pool and the versioned, idempotent migrations.
+
+The gateway's decisions live in Redis; Postgres is only the ledger, the admin API and the key
+lookup behind the Redis cache. So the pool connects on first use, not at start (a restart or a
+scale-out during a Postgres outage keeps the decision service), and a route that needs
+Postgres while it is down answers 503 `unavailable` with Retry-After instead of a 500.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
 from importlib import resources
+from typing import Any
 
 import asyncpg
 
+from .problems import Problem
+
 MIGRATIONS_LOCK = 0x71677701  # pg advisory lock: one migrator at a time
+RETRY_AFTER_S = 2
+CONNECT_TIMEOUT_S = 3.0
+log = logging.getLogger("quota_gw.db")
+
+# What "Postgres is not there" looks like from asyncpg: refused or reset sockets, a server
+# shutting down or starting up (class 57), a connection exception (class 08), a closed connection.
+DOWN = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+        asyncpg.OperatorInterventionError, asyncpg.CannotConnectNowError)
 
 
-async def pool(dsn: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     server_settings={"application_name": "quota-gw"})
+def unavailable(error: BaseException | str) -> Problem:
+    detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return Problem(503, "unavailable", f"the ledger database is unavailable ({detail}); retry later",
+                   headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class Database:
+    """The asyncpg pool, made on first use and again after a failed attempt. Connection
+    attempts are spaced by `retry_s`, so an outage costs one connect timeout per interval,
+    not one per request. A query whose connection is gone raises `unavailable`; the pool
+    replaces broken connections by itself once Postgres is back."""
+
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10, retry_s: float = 1.0) -> None:
+        self.dsn, self.min_size, self.max_size, self.retry_s = dsn, min_size, max_size, retry_s
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+        self._failed_at = 0.0
+        self._error: BaseException | None = None
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:
+            if self._pool is not None:
+                return self._pool
+            if self._error is not None and time.monotonic() - self._failed_at < self.retry_s:
+                raise unavailable(self._error)
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn, min_size=self.min_size, max_size=self.max_size, timeout=CONNECT_TIMEOUT_S,
+                    server_settings={"application_name": "quota-gw"})
+            except DOWN as e:
+                if self._error is None:
+                    log.warning("postgres unavailable, will retry on use: %s: %s", type(e).__name__, e)
+                self._error, self._failed_at = e, time.monotonic()
+                raise unavailable(e) from None
+            if self._error is not None:
+                log.info("postgres connected again")
+            self._error = None
+            return self._pool
+
+    async def _run(self, method: str, query: str, *args: Any) -> Any:
+        pool = await self.pool()
+        try:
+            return await getattr(pool, method)(query, *args, timeout=None)
+        except DOWN as e:
+            raise unavailable(e) from None
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._run("fetch", query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self._run("fetchrow", query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._run("fetchval", query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await self._run("execute", query, *args)
+
+    async def ping(self, timeout: float = 1.0) -> None:
+        """Raises `unavailable` unless Postgres answers within `timeout` (for /readyz)."""
+        try:
+            await asyncio.wait_for(self.fetchval("SELECT 1"), timeout)
+        except asyncio.TimeoutError as e:
+            raise unavailable(e) from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -85,7 +85,8 @@ def new_id() -> str:
 def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
     """What an idempotency key (or a reservation or event id, for commit and refund) stands
     for: every field of the request, metadata included, so a key reused with a different body
-    is refused (422) instead of answering for a request that was not made. Metadata arrives
+    is refused (422; 409 for a commit or refund: the reservation or event is settled already)
+    instead of answering for a request that was not made. Metadata arrives
     with sorted keys (api.Context.metadata), so a retry that reorders them is the same request."""
     fp = "|".join(str(p) for p in parts)
     if metadata:

@@ -48,10 +48,11 @@ class LoopServer(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def serve(app: Any, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on",
-                log_level: str = "warning") -> AsyncIterator[LoopServer]:
+                log_level: str = "warning", timeout_keep_alive: float = 5) -> AsyncIterator[LoopServer]:
     """Runs `app` on host:port (0: a free port, see `.port`) until the block ends."""
     server = LoopServer(uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level=log_level,
-                                       access_log=False, timeout_graceful_shutdown=5))
+                                       access_log=False, timeout_graceful_shutdown=5,
+                                       timeout_keep_alive=timeout_keep_alive))  # type: ignore[arg-type]
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

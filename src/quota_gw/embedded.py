@@ -329,11 +329,13 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
-def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = False) -> EmbeddedServer:
+def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = False,
+                args: tuple[str, ...] = ()) -> EmbeddedServer:
     """Start valkey-server on 127.0.0.1 (free port by default) with its files in ``data_dir``.
 
     ``persist=True`` turns on the append-only file so ``quota-gw dev`` keeps keys
     across restarts; otherwise nothing is written to disk (fast, stateless tests).
+    ``args``: more server options (tests: ``("--maxmemory-policy", "allkeys-lru")``).
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +360,7 @@ def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = Fals
             "--logfile", "",  # log to stdout -> log_path
             "--pidfile", str(pid_file),  # lets the next run find an orphan (see _reclaim_orphan)
             *durability,
+            *args,
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path)
         if _wait_ready("valkey", proc, log_path, lambda: _redis_ping(chosen), REDIS_START_TIMEOUT):

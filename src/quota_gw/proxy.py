@@ -36,7 +36,9 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,6 +64,7 @@ log = logging.getLogger("quota_gw.proxy")
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+DEFAULT_KEEPALIVE_S = 4.0
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
 MAX_JSON_RESPONSE = 8 * 1024 * 1024  # a JSON answer larger than this is forwarded and charged the whole hold
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -88,6 +91,10 @@ OVERAGE = Counter("quota_gw_overage_tokens_total", "Usage the upstream reported 
                   " (the commit event's metadata says `overage`)", ["route"], registry=metrics.REGISTRY)
 PROXIED = Counter("quota_gw_proxied_total", "Proxied calls by route and how they settled",
                   ["route", "outcome"], registry=metrics.REGISTRY)
+DROPPED_IDLE = Counter("quota_gw_upstream_idle_dropped_total", "Pooled upstream connections found closed by "
+                       "the upstream just before reuse (the request went on another one)", registry=metrics.REGISTRY)
+RESENT = Counter("quota_gw_upstream_resent_total", "Requests sent again on a new connection because their "
+                 "pooled one was found closed before a byte was written", registry=metrics.REGISTRY)
 SPOOLED = Counter("quota_gw_spooled_total", "Calls whose usage went to the fail-open spool", ["op"],
                   registry=metrics.REGISTRY)
 
@@ -105,15 +112,18 @@ class Sidecar:
         # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
         spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or b.spool_dir
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
-        self.session: aiohttp.ClientSession | None = None
+        # One pooled client per upstream keep-alive setting (aiohttp sets it per connector).
+        self.sessions: dict[float, aiohttp.ClientSession] = {}
         self._replayer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        conn = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30,
-                                    enable_cleanup_closed=False)
-        self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False, trust_env=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                                             timeout=aiohttp.ClientTimeout(total=None))
+        for keepalive in {r.upstream_keepalive_s for r in self.routes} or {DEFAULT_KEEPALIVE_S}:
+            conn = LiveConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=keepalive,
+                                 enable_cleanup_closed=False)
+            self.sessions[keepalive] = aiohttp.ClientSession(
+                connector=conn, request_class=LiveRequest, auto_decompress=False, trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(total=None))
         self._replayer = asyncio.create_task(replay_forever(self.spool, self.ctx.decider), name="spool-replay")
 
     async def stop(self) -> None:
@@ -124,8 +134,8 @@ class Sidecar:
             except asyncio.CancelledError:
                 pass
         self.spool.rotate()
-        if self.session is not None:
-            await self.session.close()
+        for session in self.sessions.values():
+            await session.close()
 
     # -- routing
 
@@ -359,13 +369,12 @@ class Sidecar:
 
     async def forward(self, route: RouteConfig, request: Request, send: Send, url: str,
                       headers: list[tuple[str, str]], body: bytes, charge: Charge) -> None:
-        assert self.session is not None
+        session = self.sessions[route.upstream_keepalive_s]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
         answered = False
         try:
             try:
-                resp = await self.session.request(request.method, url, headers=headers, data=body or None,
-                                                  allow_redirects=False, timeout=timeout)
+                resp = await self.upstream_request(session, request.method, url, headers, body, timeout)
             except asyncio.TimeoutError:
                 await charge.failed("timeout")
                 raise Problem(504, "upstream_timeout", f"the upstream did not answer within {route.timeout_s:g} s; "
@@ -380,6 +389,28 @@ class Sidecar:
         finally:
             if not charge.settled:  # cancelled (shutdown) or a bug: settle by how far it got
                 await asyncio.shield(charge.abandoned() if answered else charge.failed("error"))
+
+    async def upstream_request(self, session: aiohttp.ClientSession, method: str, url: str, headers: list[tuple[str, str]],
+                   body: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """Sends the request; once more on a new connection only if the first attempt found its
+        pooled connection closed before writing a byte (see LiveConnector for why no other)."""
+        attempt: dict[str, bool] = {}
+        token = _ATTEMPT.set(attempt)
+        try:
+            return await session.request(method, url, headers=headers, data=body or None,
+                                          allow_redirects=False, timeout=timeout)
+        except aiohttp.ClientConnectionError:
+            if not attempt.get("unsent"):
+                raise
+        finally:
+            _ATTEMPT.reset(token)
+        RESENT.inc()
+        fresh = _FRESH.set(True)
+        try:
+            return await session.request(method, url, headers=headers, data=body or None,
+                                          allow_redirects=False, timeout=timeout)
+        finally:
+            _FRESH.reset(fresh)
 
     async def relay(self, request: Request, send: Send, resp: aiohttp.ClientResponse, charge: Charge) -> None:
         charge.status = resp.status
@@ -461,6 +492,95 @@ async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
             return "upstream"
         raise exc
     return "disconnect"
+
+
+class LiveConnector(aiohttp.TCPConnector):
+    """The upstream pool, with a look at a pooled connection before it is reused.
+
+    The race: the upstream closes an idle keep-alive connection (uvicorn after 5 s) just as the
+    gateway picks it for a request; the request meets a closed socket, reaches no one, and the
+    caller got a 502. The defences, in order:
+
+    1. `upstream_keepalive_s` (per route, default 4 s) below the upstream's own idle timeout:
+       the pool gives a connection up before the upstream does (aiohttp checks on every reuse).
+    2. Here, when a pooled connection is picked: a look at its socket (a non-blocking MSG_PEEK).
+       End of stream, an error or bytes nobody asked for mean the upstream closed it; it is
+       dropped and the request takes another one, or a new one.
+    3. LiveRequest, just before the first byte is written: the same look. A connection closed
+       in between (the body is written by a task of its own, a loop turn later) is closed
+       unwritten, and `Sidecar.forward` sends the request once more, on a new connection.
+
+    A request of which anything was written is never sent again, whatever the error
+    (ServerDisconnectedError, ClientOSError): on the wire, an upstream that read the request
+    and then died looks exactly like one that closed the idle connection as the request
+    crossed, and the upstream may have started, and billed, the work. That is a 502 and the
+    charge is refunded."""
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        if _FRESH.get():
+            return None  # a resend: never a pooled connection
+        conns = self._conns.get(key)  # aiohttp's idle pool for this host (a deque of (proto, t))
+        if conns:
+            for proto, _ in conns:
+                if proto.is_connected() and closed_by_peer(proto.transport):
+                    proto.close()  # not connected any more: aiohttp's _get discards it
+                    DROPPED_IDLE.inc()
+        return await super()._get(key, traces)
+
+
+class LiveRequest(aiohttp.ClientRequest):
+    """Looks at the connection again right before the request is written (LiveConnector, 3):
+    when sending starts (the head of a request without a body is written in that same step)
+    and when the body-writing task starts (a loop turn later; it writes head and body at once)."""
+
+    async def send(self, conn: Any) -> aiohttp.ClientResponse:
+        if _closed(conn):
+            raise Unsent(WRITE_REFUSED)
+        return await super().send(conn)
+
+    async def write_bytes(self, writer: Any, conn: Any, content_length: int | None = None) -> None:
+        if _closed(conn):
+            conn.close()  # nothing written: the response read fails, and forward() sends it again
+            return
+        await super().write_bytes(writer, conn, content_length)
+
+
+class Unsent(aiohttp.ClientConnectionError):
+    """The connection was found closed before a byte of the request was written."""
+
+
+def _closed(conn: Any) -> bool:
+    proto = conn.protocol
+    if proto is not None and proto.is_connected() and not closed_by_peer(proto.transport):
+        return False
+    attempt = _ATTEMPT.get()
+    if attempt is not None:
+        attempt["unsent"] = True
+    return True
+
+
+# Per forwarded call (context variables reach the connector and the body-writing task):
+_ATTEMPT: ContextVar[dict[str, bool] | None] = ContextVar("qgw_upstream_attempt", default=None)
+_FRESH: ContextVar[bool] = ContextVar("qgw_upstream_fresh", default=False)
+WRITE_REFUSED = "the upstream closed the pooled connection before the request was written"
+
+
+def closed_by_peer(transport: Any) -> bool:
+    """True when the socket under `transport` has an end of stream, an error or unread bytes
+    waiting (an idle HTTP/1.1 connection has none of those). Costs one recv syscall."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    peek = socket.socket(fileno=sock.fileno())  # a view of the same fd (uvloop's wrapper has no recv)
+    try:
+        peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return True  # b"" (the peer closed) or unsolicited bytes (say, a 408 before closing)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        peek.detach()
 
 
 class _ClientGone(Exception):

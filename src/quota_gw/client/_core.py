@@ -239,11 +239,7 @@ def add_user(org_id: str, user_id: str, team: str | None) -> Call:
                   json=_drop_none({"user_id": user_id, "team": team}))
 
 
-DEFAULT_SCOPES = ["consume", "read"]  # as `quota-gw keys create`: the API itself requires scopes
-
-
 def create_key(org_id: str, scopes: list[str] | None, user_id: str | None) -> Call:
-    scopes = list(DEFAULT_SCOPES) if scopes is None else scopes
     return Call("POST", f"/v1/admin/orgs/{org_id}/keys", lambda r: models.build(models.NewKey, r.json()),
                   json=_drop_none({"scopes": scopes, "user_id": user_id}), safe=False)
 
