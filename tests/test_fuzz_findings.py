@@ -100,3 +100,12 @@ async def test_a_settled_reservation_says_how_it_was_settled(client, tenant):
         assert problem(await settle(then), 409, "conflict")["detail"] == f"reservation already {word}"
         if first == "commit":  # a retry with another body
             assert problem(await settle("commit", 0), 409, "conflict")["detail"].startswith("reservation already")
+
+
+async def test_ops_activity_reads_the_ledger_through_the_lazy_pool(client, admin):
+    """activity.py took a connection with acquire(), which the lazily connected db.Database
+    (the availability branch) does not have: every GET /v1/admin/activity was a 500."""
+    r = await client.get("/v1/admin/activity", params={"minutes": 3}, headers=admin.h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["minutes"] == 3 and len(body["by_minute"]) == 3 and body["source"] == "usage_events"
