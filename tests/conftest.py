@@ -92,6 +92,18 @@ async def own_database_url(servers: tuple[str, str], request: pytest.FixtureRequ
     await drop_database(servers, url)
 
 
+@pytest.fixture
+def pg_dir() -> Any:
+    """A data folder for an embedded Postgres of a test's own, outside pytest's tmp root: pytest
+    resets /tmp/pytest-of-<user> to 0700 at every session start, and the postgres system user
+    must be able to reach its data folder for as long as the server runs."""
+    import shutil
+
+    d = Path(tempfile.mkdtemp(prefix="qgw-pg-"))
+    yield d / "pg"
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def prefix() -> str:
     return f"qgwt{RUN}"

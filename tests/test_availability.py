@@ -38,8 +38,8 @@ def assert_unavailable(r: httpx.Response) -> None:
 
 
 async def test_gateway_starts_and_decides_with_postgres_down_and_recovers_without_restart(
-        tmp_path: Path, redis_url: str, redis) -> None:
-    pg = await asyncio.to_thread(embedded.start_postgres, tmp_path / "pg")
+        pg_dir: Path, redis_url: str, redis) -> None:
+    pg = await asyncio.to_thread(embedded.start_postgres, pg_dir)
     prefix = f"av{RUN}"
     try:
         await db.migrate_url(pg.url)
@@ -80,7 +80,7 @@ async def test_gateway_starts_and_decides_with_postgres_down_and_recovers_withou
             assert_unavailable(await c.post("/v1/consume", json={"feature": "generate_goal"},
                                             headers={"Authorization": f"Bearer {only_in_pg}"}))
 
-            pg = await asyncio.to_thread(embedded.start_postgres, tmp_path / "pg", pg.port)
+            pg = await asyncio.to_thread(embedded.start_postgres, pg_dir, pg.port)
 
             async def admin_works() -> bool:
                 return (await c.get(f"/v1/admin/orgs/{org}/keys", headers=ADMIN)).status_code == 200
@@ -97,7 +97,7 @@ async def test_gateway_starts_and_decides_with_postgres_down_and_recovers_withou
             assert (await c.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)).status_code == 200
             r = await c.get("/readyz")
             assert r.status_code == 200 and r.json()["postgres"].startswith("down")
-            pg = await asyncio.to_thread(embedded.start_postgres, tmp_path / "pg", pg.port)
+            pg = await asyncio.to_thread(embedded.start_postgres, pg_dir, pg.port)
             await wait_until(admin_works)
             assert (await c.get("/v1/usage", headers=h)).status_code == 200
     finally:

@@ -75,8 +75,8 @@ def test_redis_persist_keeps_keys_across_restarts(tmp_path: Path) -> None:
     _assert_gone(again)
 
 
-def test_postgres_select_persistence_and_stop(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pg"
+def test_postgres_select_persistence_and_stop(pg_dir: Path) -> None:
+    data_dir = pg_dir
 
     async def first_run(url: str) -> int:
         conn = await asyncpg.connect(url)
