@@ -452,7 +452,8 @@ end
 -- KEYS: 1 bal, 2 quotas, 3 reservations, 4 expiries, 5 stream, 6 settled-answer key,
 --       7 event record (commit only)
 -- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata,
---       9 fingerprint of the request (a retry with a different body is 409, not the first answer)
+--       9 fingerprint of the request (a retry with a different body is 409, not the first answer),
+--       10 commit only: '1' charges usage beyond the hold (the sidecar)
 local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past tense, for messages
 
 local function settle_start(op)

@@ -1,16 +1,16 @@
 -- commit: charges the actual cost (units x the unit cost fixed at reserve time) and returns
 -- the rest of the hold. Up to the hold it is charged as far as the balance goes. Beyond the
--- hold (ARGV[9] = '1', the sidecar: the upstream already did the work) it is charged as far as
+-- hold (ARGV[10] = '1', the sidecar: the upstream already did the work) it is charged as far as
 -- what no other hold has taken goes, at every level (org, team, user), never below zero;
--- without ARGV[9] a commit never charges more than the hold (the decision API's contract).
+-- without ARGV[10] a commit never charges more than the hold (the decision API's contract).
 -- What could not be charged is the commit event's `overage` (its metadata). KEYS/ARGV: see
--- settle_start(), and ARGV[9] above.
+-- settle_start() (ARGV[9] is the fingerprint), and ARGV[10] above.
 local rec, events, early = settle_start('commit')
 if early then return early end
 
 local m = load_meter(KEYS[1], rec.m)
 local want = tonumber(ARGV[5]) * rec.unit
-local beyond = ARGV[9] == '1'
+local beyond = ARGV[10] == '1'
 local qs = {}
 for _, subject in ipairs({rec.ut, rec.tt}) do
   if subject ~= '' then
@@ -41,4 +41,5 @@ redis.call('SET', KEYS[7], cjson.encode({m = rec.m, a = from_a, p = from_p, cost
   f = rec.f, pe = pe, ut = rec.ut, tt = rec.tt}), 'EX', tonumber(ARGV[7]))
 local available = m:available()
 return settle_finish('commit', {200, '', '', cost, available, id, 0, -1, -1, 0, 0, '',
-  cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost)})})
+  cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost), meter = rec.m,
+    feature = rec.f})})

@@ -110,13 +110,20 @@ def test_serve_keeps_idle_connections_longer_than_uvicorns_5s(tmp_path, redis_ur
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
                 time.sleep(0.1)
+        def healthz() -> bytes:
+            """One whole answer: the head and the 2-byte body may come in separate reads."""
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            data = b""
+            while not (b"\r\n\r\n" in data and data.endswith(b"ok")):
+                chunk = sock.recv(4096)
+                assert chunk, f"connection closed after {data!r}"
+                data += chunk
+            return data
+
         with sock:
-            req = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
-            sock.sendall(req)
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            assert healthz().startswith(b"HTTP/1.1 200")
             time.sleep(6)  # idle past uvicorn's default 5 s: the point of the test
-            sock.sendall(req)
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            assert healthz().startswith(b"HTTP/1.1 200")
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -162,3 +169,35 @@ async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one
                 assert r.status_code == 200, r.text
                 assert demo.state.demo.stats.count == n + 1  # reached the upstream once
             assert proxy.RESENT._value.get() == resent + 2
+
+
+async def test_a_pooled_connection_found_closed_before_reuse_is_dropped_not_used(tenant, redis_url, database_url,
+                                                                                prefix):
+    """The upstream closed an idle pooled connection and the gateway has not read the close
+    yet (its loop is busy): the liveness check at pick time finds it closed and drops it, so
+    the call goes on a new connection and nothing is sent on a dead one."""
+    from quota_gw import proxy
+
+    demo = create_demo_app()
+    async with serve(demo, lifespan="off") as up:
+        data = test_config_data()
+        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
+                           "feature": "generate_goal", "metering": "none"}]
+        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
+        _, h = await tenant("pro")
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as c:
+            assert (await c.post("/ai/goals", headers=h, content=b"{}")).status_code == 200
+            dropped = proxy.DROPPED_IDLE._value.get()
+            resent = proxy.RESENT._value.get()
+            n = demo.state.demo.stats.count
+            import socket
+
+            for conn in list(up.server_state.connections):  # the upstream closes its idle connections:
+                conn.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # the FIN goes out now
+            time.sleep(0.2)  # it has arrived, but the gateway's loop has not run to read it
+            r = await c.post("/ai/goals", headers=h, content=b"{}")
+            assert r.status_code == 200, r.text
+            assert demo.state.demo.stats.count == n + 1
+            assert proxy.DROPPED_IDLE._value.get() + proxy.RESENT._value.get() > dropped + resent
+            assert proxy.DROPPED_IDLE._value.get() == dropped + 1

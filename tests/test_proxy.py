@@ -448,6 +448,12 @@ async def test_usage_beyond_the_hold_is_charged_in_full_while_the_balance_covers
 
 
 async def test_usage_beyond_the_balance_is_recorded_as_overage_and_never_goes_below_zero(gw, tenant, redis, client):
+    from quota_gw import proxy
+
+    def overage_total() -> float:
+        return sum(s.value for m in proxy.OVERAGE.collect() for s in m.samples if s.name.endswith("_total"))
+
+    before = overage_total()
     org, h = await tenant("bulk")  # 1,000 tokens
     body = chat(20)
     r = await gw.http.post(CHAT, json=body, headers={**h, "X-Demo-Prompt-Tokens": "5000"})
@@ -456,6 +462,7 @@ async def test_usage_beyond_the_balance_is_recorded_as_overage_and_never_goes_be
     commit = await wait_event(redis, gw, org, "commit")
     meta = orjson.loads(commit["meta"])
     assert (commit["cost"], commit["bal"], meta["requested"], meta["overage"]) == ("1000", "0", 5020, 4020)
+    assert overage_total() - before == 4020  # quota_gw_overage_tokens_total, for operators
     # another hold stays covered: usage beyond the hold only takes what no other hold has taken
     org, h = await tenant("bulk")
     d = await client.post("/v1/reservations", json={"feature": "chat", "units": 600}, headers=h)

@@ -26,8 +26,10 @@ from redis.exceptions import ResponseError
 
 from conftest import test_config_data
 from quota_gw.decisions import Decider
+from quota_gw.embedded import free_port
 from quota_gw.layout import Layout
-from sync_worker.worker import GROUP, Worker
+from sync_worker.recovery import rollup_drift
+from sync_worker.worker import GROUP, Worker, copy_line
 from worker_support import (SOAK, WorkerProc, drained, hold_streams, identities, ledger_vs_redis, seed_orgs,
                             stream_events, traffic, wait_drained, write_config)
 
@@ -76,6 +78,9 @@ async def assert_exactly_once(env: Any, redis, orgs, answered: list[str]) -> int
     assert not extra, f"{len(extra)} rows that no stream holds, e.g. {sorted(extra)[:3]}"
     assert set(answered) <= set(written)
     assert await ledger_vs_redis(env.pg, redis, env.layout, orgs, env.meters) == []
+    # The rollups count every event once too: per (org, meter) they equal the ledger's sums.
+    drift, pairs = await rollup_drift(env.pg)
+    assert drift == [] and pairs >= len(orgs), drift[:5]
     return len(xadded)
 
 
@@ -340,3 +345,95 @@ async def test_derived_event_ids_never_collide_with_the_request_id(wenv, redis) 
     assert await w.stop() == 0
     assert len(await ledger_ids(wenv)) == 8
     assert await ledger_vs_redis(wenv.pg, redis, wenv.layout, orgs, wenv.meters) == []
+
+
+async def rollup_row(pg: asyncpg.Connection, org: str) -> dict[str, int]:
+    row = await pg.fetchrow("""SELECT sum(events)::bigint AS events, sum(calls)::bigint AS calls,
+                                      sum(tokens)::bigint AS tokens, sum(delta)::bigint AS delta
+                               FROM usage_hourly WHERE org_id = $1""", org)
+    return dict(row)
+
+
+async def test_replayed_batch_counts_once_in_rollups(wenv, redis, database_url) -> None:
+    """A batch written again (fast path refused by the primary key, then the idempotent path),
+    and a batch half old and half new: the rollups count only the rows actually inserted."""
+    orgs = identities(1)
+    org = orgs[0].org_id
+    await seed_orgs(wenv.decider, orgs)
+    for i in range(20):
+        assert (await wenv.decider.consume(orgs[0], "generate_insight", 2, f"u{i % 3}")).ok
+    entries = []
+    for s in wenv.layout.streams():
+        ref = s.encode() + b"/"
+        for eid, f in await redis.xrange(s):
+            flat = [x.encode() for kv in f.items() for x in kv]
+            entries.append(copy_line(ref, eid.encode(), flat))
+    assert len(entries) >= 22  # grants, the period resets, 20 consumes
+    w = Worker(wenv.redis_url, database_url, wenv.layout, "replay")
+    await w._connect()
+    try:
+        first, rest = entries[: len(entries) // 2], entries[len(entries) // 2:]
+        assert await w._transaction(first, fast=True) == len(first)
+        once = await rollup_row(wenv.pg, org)
+        assert once["events"] == len(first)
+        for fast in (True, False):  # the whole first half again, by either path
+            assert await w._transaction(first, fast=fast) == 0
+            assert await rollup_row(wenv.pg, org) == once
+        assert await w._transaction(entries, fast=True) == len(rest)  # half old, half new
+        total = await rollup_row(wenv.pg, org)
+        assert total["events"] == len(entries) and total["calls"] == 20 and total["tokens"] == 40
+        assert await w._transaction(entries, fast=False) == 0
+        assert await rollup_row(wenv.pg, org) == total
+        drift, _ = await rollup_drift(wenv.pg, org)
+        assert drift == []
+        # Drift is reported: a rollup row that disagrees with the events.
+        await wenv.pg.execute("UPDATE usage_hourly SET tokens = tokens + 5 WHERE org_id = $1 AND meter = 'general' "
+                              "AND feature = 'generate_insight'", org)
+        drift, _ = await rollup_drift(wenv.pg, org)
+        assert [(d.org, d.meter, d.field, d.rollup - d.source) for d in drift] == [
+            (org, "general", "tokens", 5), (org, "general", "tokens", -5)]
+        await wenv.pg.execute("SELECT qgw_rollup_rebuild()")  # the repair: recomputed from the events
+        assert (await rollup_drift(wenv.pg, org))[0] == []
+    finally:
+        await w._disconnect(pg=True, redis=True)
+
+
+async def test_postgres_outage_is_counted_as_a_postgres_error(wenv, redis) -> None:
+    """Postgres refusing connections (a plain ConnectionRefusedError, not an asyncpg error) is
+    labelled postgres, not redis. In process: `quota-gw worker` refuses to start without Postgres."""
+    from sync_worker.worker import ERRORS
+
+    def count(kind: str) -> float:
+        return ERRORS.labels(kind)._value.get()
+
+    before = {k: count(k) for k in ("postgres", "redis", "other")}
+    w = Worker(wenv.redis_url, f"postgresql://postgres@127.0.0.1:{free_port()}/none", wenv.layout, "pgdown")
+    run = asyncio.create_task(w.run())
+    deadline = time.monotonic() + 30
+    while count("postgres") < before["postgres"] + 2:  # two rounds failed, each counted once
+        assert time.monotonic() < deadline and not run.done()
+        await asyncio.sleep(0.05)
+    w.stop()
+    stats = await asyncio.wait_for(run, 30)
+    assert stats.errors >= 2 and stats.inserted == 0
+    assert count("redis") == before["redis"] and count("other") == before["other"]
+
+
+async def test_entries_read_again_are_counted_as_redeliveries(wenv, redis, database_url) -> None:
+    from sync_worker.worker import REDELIVERED
+
+    orgs = identities(1)
+    await seed_orgs(wenv.decider, orgs)
+    w = Worker(wenv.redis_url, database_url, wenv.layout, "redeliver", block_ms=50)
+    await w._connect()
+    try:
+        w.backlog = False
+        first = await w._read()  # new entries, not acked: they stay pending for this consumer
+        assert first.size >= 2 and not first.redelivered
+        before = REDELIVERED._value.get()
+        w.backlog = True  # as after a failed write
+        again = await w._read()
+        assert again.redelivered and again.size == first.size
+        assert REDELIVERED._value.get() - before == first.size
+    finally:
+        await w._disconnect(pg=True, redis=True)

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .config import MAX_AMOUNT, NAME_RE, Config, is_name
-from . import display, metrics
+from . import display
 from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
 
@@ -195,7 +195,6 @@ def ctx(request: Request) -> Context:
 
 
 def decided(d: Decision, op: str, body: dict[str, Any], status: int = 200) -> Response:
-    metrics.DECISIONS.labels(op, d.code or ("shadow_" + d.would if d.would else "ok")).inc()
     if not d.ok:
         raise d.problem()
     return json_response(body, status, d.headers())
@@ -211,7 +210,6 @@ async def check(request: Request) -> Response:
     data = await json_body(request)
     feature = c.feature(data)
     d = await c.decider.check(ident, feature, c.units(data, feature), c.user(ident, data, request))
-    metrics.DECISIONS.labels("check", d.code or "ok").inc()
     body: dict[str, Any] = {"allowed": d.ok, "cost": d.cost, "remaining": d.remaining}
     if not d.ok:
         body["code"] = d.code

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from . import links
+from . import links, metrics
 from .db import Database
 from .decisions import Identity
 from .layout import Layout
@@ -49,6 +49,9 @@ def bearer(request: Request) -> str | None:
     return h[7:].strip() or None
 
 
+KEY_CACHE_HIT, KEY_CACHE_MISS = metrics.KEY_CACHE.labels("hit"), metrics.KEY_CACHE.labels("miss")
+
+
 class KeyStore:
     def __init__(self, redis: Redis, layout: Layout, db: Database | None, ttl: float = 1.0) -> None:
         self.redis, self.layout, self.db, self.ttl = redis, layout, db, ttl
@@ -59,7 +62,9 @@ class KeyStore:
     async def resolve(self, key: str) -> Identity | None:
         hit = self._keys.get(key)
         if hit is not None and hit[1] > time.monotonic():
+            KEY_CACHE_HIT.inc()
             return hit[0]
+        KEY_CACHE_MISS.inc()
         return await self._once(("key", key), self._reload_key, key)
 
     async def _reload_key(self, key: str) -> Identity | None:

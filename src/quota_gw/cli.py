@@ -55,12 +55,22 @@ def app_factory():  # noqa: ANN201 - uvicorn factory
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     import uvicorn
 
     _route_env(_config(args))
-    uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL,
-                timeout_keep_alive=args.timeout_keep_alive)
+    # /metrics sums every worker process (metrics.py): they write their values into one fresh
+    # folder, named before any of them imports prometheus_client.
+    metrics_dir = tempfile.mkdtemp(prefix="quota-gw-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL,
+                    timeout_keep_alive=args.timeout_keep_alive)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -2,11 +2,13 @@
 
 Python only prices the call, names the keys and translates the script's reply; every read
 and write of a balance happens inside the script, atomically, on the Redis server clock.
+Every decision is counted here (metrics.observe), whichever route asked for it: API or proxy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from . import metrics
 from .coalesce import Coalescer
 from .config import Config, Plan
 from .layout import Layout
@@ -153,31 +156,42 @@ class Decider:
     def cost(self, feature: str, units: int) -> int:
         return self.config.features[feature].cost * units
 
+    def _observed(self, op: str, ident: Identity, feature: str, d: Decision, t0: float) -> Decision:
+        meter, priced = self._priced(ident, feature)
+        metrics.observe(op, feature, meter, int(priced[0]), d, t0)
+        return d
+
     async def consume(self, ident: Identity, feature: str, units: int, user: str, idem: str | None = None,
                       metadata: bytes | None = None, shadow: bool = False, rate_limit: bool = True) -> Decision:
         """`rate_limit=False`: for a call that already happened (the fail-open spool's replay)."""
+        t0 = time.perf_counter()
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
                                      fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow)
         if not rate_limit:
             args[10:16] = (0, 0, 0, 0, 0, 0)  # ARGV 11..16: no user, key or org rate limit
-        return Decision.from_reply(await self._run(self.scripts.consume, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
+        return self._observed("consume", ident, feature, d, t0)
 
     async def check(self, ident: Identity, feature: str, units: int, user: str) -> Decision:
+        t0 = time.perf_counter()
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, None, "", None, False)
-        return Decision.from_reply(await self._run(self.scripts.check, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.check, keys, args))
+        return self._observed("check", ident, feature, d, t0)
 
     async def reserve(self, ident: Identity, feature: str, units: int, user: str, ttl_s: int,
                       idem: str | None = None, shadow: bool = False, cost: int | None = None,
                       min_cost: int = 0) -> Decision:
         """Holds `units` x the feature's cost, or an explicit `cost` (LLM estimates; committed per
         token). With `min_cost`, holds less than asked, down to `min_cost`, when that is all there is."""
+        t0 = time.perf_counter()
         unit = self.config.features[feature].cost
         held = self.cost(feature, units) if cost is None else cost
         keys, args = self._gate_call(ident, feature, held, user, idem,
                                      fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else ""),
                                      None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
         args.append(min_cost)
-        return Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
+        return self._observed("reserve", ident, feature, d, t0)
 
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None,
                      op: str = "commit") -> tuple[list[str], list[Any]]:
@@ -194,21 +208,33 @@ class Decider:
                      beyond_hold: bool = False) -> Decision:
         """Charges `units` of the hold. `beyond_hold` (the sidecar: the upstream already did the
         work) charges more than the hold as far as the balance goes; the rest is `overage`."""
+        t0 = time.perf_counter()
         keys, args = self._settle_call(ident, rid, units, metadata)
         args.append("1" if beyond_hold else "")
-        return Decision.from_reply(await self._run(self.scripts.commit, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.commit, keys, args))
+        feature = d.extra.get("feature") or ""  # the reservation's, from the script
+        meter = d.extra.get("meter") or ""
+        plan = self.config.plans.get(ident.plan)
+        metrics.observe("commit", feature, meter, plan.allocation(meter) if plan and meter else -1, d, t0)
+        return d
 
     async def release(self, ident: Identity, rid: str) -> Decision:
+        t0 = time.perf_counter()
         keys, args = self._settle_call(ident, rid, 0, None, "release")
-        return Decision.from_reply(await self._run(self.scripts.release, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.release, keys, args))
+        metrics.observe("release", "", "", -1, d, t0)
+        return d
 
     async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
+        t0 = time.perf_counter()
         L, org = self.layout, ident.org_id
         keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org),
                 L.reservations(org), L.expiries(org)]
         args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else "",
                 fingerprint("refund", metadata=metadata)]
-        return Decision.from_reply(await self._run(self.scripts.refund, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.refund, keys, args))
+        metrics.observe("refund", "", "", -1, d, t0)
+        return d
 
     async def grant(self, org: str, meter: str, amount: int, kind: str = "grant", metadata: dict[str, Any] | None = None,
                     idem: str | None = None, actor: str = "admin", user: str = "",

@@ -1,20 +1,84 @@
-"""Prometheus metrics of the gateway (GET /metrics)."""
+"""Prometheus metrics of the gateway (GET /metrics).
+
+Every metric declared here moves (tests/test_metrics.py scrapes after traffic and checks each
+family has a sample). Under `quota-gw serve --workers N` every process keeps its own values, so
+a scrape that reaches one process would see a part of the truth: `serve` points
+PROMETHEUS_MULTIPROC_DIR at a fresh folder before the workers import prometheus_client, each
+process writes its values there (prometheus-client's multiprocess mode), and /metrics merges them
+all. Gauges say how to merge (`multiprocess_mode`). Without the variable (tests, `dev`, embedding)
+the process's own registry is served.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+import atexit
+import os
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A decision whose remaining balance is under this share of the period's allocation is "near
+# the limit": the token dashboard's first (amber) threshold.
+NEAR_LIMIT_SHARE = 0.25
+
 REGISTRY = CollectorRegistry(auto_describe=True)
-DECISIONS = Counter("quota_gw_decisions_total", "Decisions by operation and outcome code",
-                    ["op", "code"], registry=REGISTRY)
-CHARGED = Counter("quota_gw_tokens_charged_total", "Tokens charged", ["meter"], registry=REGISTRY)
+DECISIONS = Counter("quota_gw_decisions_total", "Decisions by operation, outcome (ok or the refusal code) and feature",
+                    ["op", "outcome", "feature"], registry=REGISTRY)
+DECISION_SECONDS = Histogram("quota_gw_decision_seconds", "Time to decide (one Lua script in Redis, coalesced)",
+                             ["op"], registry=REGISTRY,
+                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+NEAR_LIMIT = Counter("quota_gw_near_limit_decisions_total",
+                     "Allowed decisions that left the meter under 25 % of its allocation", ["feature"],
+                     registry=REGISTRY)
+CHARGED = Counter("quota_gw_tokens_charged_total", "Tokens charged by consume and commit", ["meter"],
+                  registry=REGISTRY)
 ROUND_TRIPS = Counter("quota_gw_redis_round_trips_total", "Round trips to Redis carrying decisions",
                       registry=REGISTRY)
 SCRIPT_CALLS = Counter("quota_gw_redis_script_calls_total", "Decision scripts run", registry=REGISTRY)
 REDIS_ERRORS = Counter("quota_gw_redis_errors_total", "Requests that failed on Redis", registry=REGISTRY)
+SPOOL_ENTRIES = Gauge("quota_gw_spool_entries", "Fail-open usage entries on disk waiting for replay",
+                      registry=REGISTRY, multiprocess_mode="max")  # every process counts the same folder
+KEY_CACHE = Counter("quota_gw_key_cache_total", "API key lookups by result (hit: served from the in-process cache)",
+                    ["result"], registry=REGISTRY)
+
+
+def observe(op: str, feature: str, meter: str, allocation: int, d: object, started: float) -> None:
+    """Records one decision (decisions.Decider calls this for every script it runs)."""
+    DECISION_SECONDS.labels(op).observe(time.perf_counter() - started)
+    code = getattr(d, "code", "") or ""
+    would = getattr(d, "would", "") or ""
+    DECISIONS.labels(op, code or ("shadow_" + would if would else "ok"), feature).inc()
+    if getattr(d, "status", 500) >= 300:
+        return
+    cost = getattr(d, "cost", 0)
+    if op in ("consume", "commit") and cost > 0 and meter:
+        CHARGED.labels(meter).inc(cost)
+    remaining = getattr(d, "remaining", -1)
+    if op in ("consume", "reserve", "commit") and allocation > 0 and 0 <= remaining < allocation * NEAR_LIMIT_SHARE:
+        NEAR_LIMIT.labels(feature).inc()
+
+
+def _multiproc_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+if _multiproc_dir():
+    from prometheus_client import multiprocess
+
+    _pid = os.getpid()
+    # A process that exits cleanly takes its gauge values with it (counters stay: they are totals).
+    atexit.register(lambda: multiprocess.mark_process_dead(_pid))
 
 
 async def endpoint(request: Request) -> Response:
+    path = _multiproc_dir()
+    if path:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -28,6 +28,7 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import metrics
 from .decisions import Decider, Identity
 
 log = logging.getLogger("quota_gw.spool")
@@ -169,7 +170,9 @@ async def consume_unlimited(decider: Decider, ident: Identity, feature: str, uni
 async def replay_forever(spool: Spool, decider: Decider, interval_s: float = 0.5) -> None:
     """Replays whenever there is something on disk and Redis answers."""
     while True:
-        if spool.files():
+        files = spool.files()
+        metrics.SPOOL_ENTRIES.set(spool.pending() if files else 0)
+        if files:
             try:
                 await decider.redis.ping()
                 n = await spool.replay(decider)

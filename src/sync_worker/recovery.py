@@ -1,4 +1,5 @@
-"""`quota-gw rebuild` and `quota-gw reconcile`: Redis state from the Postgres ledger, and drift.
+"""`quota-gw rebuild` and `quota-gw reconcile`: Redis state from the Postgres ledger, and drift
+(Redis against the ledger, and the ledger's rollups against its events).
 
 The ledger holds every balance change, so per (org, meter):
     allocated `a` = sum(delta - delta_purchased)     purchased `p` = sum(delta_purchased)
@@ -355,6 +356,89 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
     return drift, stats
 
 
+# --- rollups against events (migration 003) ----------------------------------------------------
+# Per (org, meter) sums: the hourly rollup against usage_events from the first hour still in the
+# ledger (raw events may be kept for less time than rollups), and the daily rollup and the
+# running totals against the hourly rollup over all time. The trigger writes them in the event's
+# transaction, so one snapshot sees both sides equal, even while the worker writes.
+ROLLUP_SUMS = ("events", "calls", "tokens", "refunds", "refunded", "denied", "delta", "delta_purchased",
+               "purchased_in")
+_EVENT_SUMS = """count(*) AS events,
+       count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls,
+       coalesce(sum(cost) FILTER (WHERE kind IN ('consume', 'commit', 'refund')), 0)::bigint AS tokens,
+       count(*) FILTER (WHERE kind = 'refund') AS refunds,
+       coalesce(-sum(cost) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded,
+       count(*) FILTER (WHERE kind = 'denied') AS denied,
+       sum(delta)::bigint AS delta, sum(delta_purchased)::bigint AS delta_purchased,
+       coalesce(sum(delta_purchased) FILTER (
+           WHERE delta_purchased > 0 AND kind IN ('grant', 'purchase', 'adjust')), 0)::bigint AS purchased_in"""
+_ROLLUP_SUMS = ", ".join(f"sum({c})::bigint AS {c}" for c in ROLLUP_SUMS)
+
+
+@dataclass
+class RollupDrift:
+    org: str
+    meter: str
+    field: str
+    rollup: int
+    source: int
+    against: str  # what the rollup was compared with
+
+
+async def rollup_drift(pg: asyncpg.Connection, org: str | None = None) -> tuple[list[RollupDrift], int]:
+    """Differences between the rollups and usage_events; also returns the (org, meter) pairs checked."""
+    out: list[RollupDrift] = []
+
+    def compare(rollup: dict[tuple[str, str], Any], source: dict[tuple[str, str], Any], against: str,
+                fields: tuple[str, ...]) -> None:
+        for k in sorted(set(rollup) | set(source)):
+            a, b = rollup.get(k), source.get(k)
+            for f in fields:
+                x, y = (int(a[f]) if a else 0), (int(b[f]) if b else 0)
+                if x != y:
+                    out.append(RollupDrift(k[0], k[1], f, x, y, against))
+
+    def keyed(rows: list[Any]) -> dict[tuple[str, str], Any]:
+        return {(r["org_id"], r["meter"]): r for r in rows}
+
+    async with pg.transaction(isolation="repeatable_read", readonly=True):
+        since = await pg.fetchval("SELECT date_trunc('hour', min(ts), 'UTC') FROM usage_events "
+                                  "WHERE ($1::text IS NULL OR org_id = $1)", org)
+        hourly_all = keyed(await pg.fetch(
+            f"SELECT org_id, meter, {_ROLLUP_SUMS} FROM usage_hourly WHERE ($1::text IS NULL OR org_id = $1) "
+            "GROUP BY 1, 2", org))
+        if since is not None:
+            hourly = keyed(await pg.fetch(
+                f"SELECT org_id, meter, {_ROLLUP_SUMS} FROM usage_hourly "
+                "WHERE ($1::text IS NULL OR org_id = $1) AND hour >= $2 GROUP BY 1, 2", org, since))
+            events = keyed(await pg.fetch(
+                f"SELECT org_id, coalesce(meter, '') AS meter, {_EVENT_SUMS} FROM usage_events "
+                "WHERE ($1::text IS NULL OR org_id = $1) GROUP BY 1, 2", org))
+            compare(hourly, events, "usage_events", ROLLUP_SUMS)
+        daily = keyed(await pg.fetch(
+            f"SELECT org_id, meter, {_ROLLUP_SUMS} FROM usage_daily WHERE ($1::text IS NULL OR org_id = $1) "
+            "GROUP BY 1, 2", org))
+        compare(daily, hourly_all, "usage_hourly", ROLLUP_SUMS)
+        totals = keyed(await pg.fetch(
+            """SELECT org_id, meter, allocated, purchased, purchased_total, changes FROM meter_totals
+               WHERE ($1::text IS NULL OR org_id = $1)""", org))
+        want = {k: {"allocated": r["delta"] - r["delta_purchased"], "purchased": r["delta_purchased"],
+                    "purchased_total": r["purchased_in"], "changes": r["events"] - r["denied"]}
+                for k, r in hourly_all.items() if k[1] != ""}
+        compare(totals, want, "usage_hourly", ("allocated", "purchased", "purchased_total", "changes"))
+    return out, len(set(hourly_all) | set(daily))
+
+
+def print_rollup_drift(drift: list[RollupDrift], pairs: int, out: Any = sys.stdout) -> None:
+    if drift:
+        out.write(f"{'org':<20}  {'meter':<18}  {'field':<16}  {'rollup':>14}  {'source':>14}  against\n")
+        for d in drift:
+            out.write(f"{d.org:<20}  {d.meter or '-':<18}  {d.field:<16}  {d.rollup:>14}  {d.source:>14}  "
+                      f"{d.against}\n")
+    out.write(f"rollups: {pairs} (org, meter) pairs checked against the events, "
+              f"{len({(d.org, d.meter) for d in drift})} differ\n")
+
+
 def print_drift(drift: list[Drift], stats: dict[str, int], out: Any = sys.stdout) -> None:
     w = max([len("org")] + [len(d.org) for d in drift])
     wm = max([len("meter")] + [len(d.meter) for d in drift])
@@ -406,7 +490,9 @@ async def reconcile_main(redis_url: str, database_url: str, config: Config, layo
     try:
         drift, stats = await reconcile(r, pg, layout, org)
         print_drift(drift, stats)
-        return 1 if drift else 0
+        rollups, pairs = await rollup_drift(pg, org)
+        print_rollup_drift(rollups, pairs)
+        return 1 if drift or rollups else 0
     finally:
         await r.aclose()
         await pg.close()

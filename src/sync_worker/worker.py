@@ -37,7 +37,7 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from quota_gw.layout import Layout
 
@@ -67,8 +67,10 @@ ROWS = Counter("qgw_worker_rows_total", "Stream entries handled, by outcome (ins
                ["outcome"], registry=REGISTRY)
 ROWS_PER_S = Gauge("qgw_worker_rows_per_second", "Rows written per second (last batch)", registry=REGISTRY)
 DEAD = Gauge("qgw_worker_dead_letters", "Entries in the dead-letter streams", registry=REGISTRY)
-ERRORS = Counter("qgw_worker_errors_total", "Rounds that failed (Redis or Postgres down); retried",
-                 ["kind"], registry=REGISTRY)
+ERRORS = Counter("qgw_worker_errors_total", "Rounds that failed, by the store that failed (redis, postgres, other); "
+                 "retried", ["kind"], registry=REGISTRY)
+REDELIVERED = Counter("qgw_worker_redelivered_total", "Entries read again from the pending list (after a crash, "
+                      "a failed write or a claim from a dead consumer)", registry=REGISTRY)
 TRIMMED = Counter("qgw_worker_trimmed_total", "Entries trimmed from the streams", registry=REGISTRY)
 
 # Trims one stream below what every group still needs and reports this group's lag, atomically.
@@ -239,6 +241,25 @@ def _fault(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def failed_store(e: BaseException) -> str:
+    """Which store a round failed on. A refused connection or a timeout is a plain OSError or
+    TimeoutError whichever client raised it: the deepest client frame in its traceback says."""
+    if isinstance(e, RedisError):
+        return "redis"
+    if isinstance(e, (asyncpg.PostgresError, asyncpg.InterfaceError)):
+        return "postgres"
+    store = "other"
+    tb = e.__traceback__
+    while tb is not None:
+        mod = tb.tb_frame.f_globals.get("__name__", "")
+        if mod.startswith("asyncpg"):
+            store = "postgres"
+        elif mod.startswith("redis"):
+            store = "redis"
+        tb = tb.tb_next
+    return store
+
+
 def _poison(e: BaseException) -> bool:
     state = getattr(e, "sqlstate", None) or ""
     return isinstance(e, asyncpg.PostgresError) and state[:2] in POISON_CLASSES and state != "23505"
@@ -278,7 +299,7 @@ class Worker:
                 await self._round()
                 delay = 0.1
             except Exception as e:  # noqa: BLE001 - a daemon: log, back off, reconnect, retry
-                kind = "postgres" if type(e).__module__.startswith("asyncpg") else "redis"
+                kind = failed_store(e)
                 ERRORS.labels(kind).inc()
                 self.stats.errors += 1
                 log.warning("worker %s: %s error, retrying in %.1fs: %s: %s", self.consumer, kind, delay,
@@ -396,6 +417,8 @@ class Worker:
             batch.size += len(items)
         if pending and not batch.size:
             self.backlog = False
+        if pending:
+            REDELIVERED.inc(batch.size)
         return batch
 
     async def _handle(self, batch: Batch) -> None:
