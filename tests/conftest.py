@@ -8,10 +8,11 @@ its own Postgres database and its own Redis key prefix, so runs never collide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,40 @@ os.environ["QUOTA_GW_ADMIN_TOKEN"] = ADMIN_TOKEN
 RUN = secrets.token_hex(4)
 
 
+@contextlib.contextmanager
+def served(folder: Path, data: dict[str, Any], env: dict[str, str], *args: str) -> Iterator[tuple[str, httpx.Response]]:
+    """`quota-gw serve` as users run it, on a free port, with config `data` and environment
+    `env` (over this process's): yields the base URL and its first /readyz answer (any status);
+    terminated afterwards."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = folder / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    port = embedded.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "serve", "--config", str(cfg), "--port",
+                             str(port), "--log-level", "warning", *args],
+                            env={**os.environ, "QUOTA_GW_ADMIN_TOKEN": ADMIN_TOKEN, **env})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        yield base, ready
+    finally:
+        proc.terminate()
+        # 0, or -15 with one process (uvicorn re-raises the SIGTERM it handled)
+        assert proc.wait(timeout=20) in (0, -15)
+
+
 @pytest.fixture(scope="session")
 def servers() -> Any:
     redis_url, pg_url, started = embedded.servers(Path(tempfile.mkdtemp(prefix="qgw-test-")))
@@ -47,26 +82,16 @@ def redis_url(servers: tuple[str, str]) -> str:
 @pytest.fixture(scope="session")
 async def database_url(servers: tuple[str, str]) -> AsyncIterator[str]:
     """A fresh database for this run, migrated; dropped afterwards."""
-    admin_url = servers[1]
-    name = f"qgw_test_{RUN}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    conn = await asyncpg.connect(url)
-    await db.migrate(conn)
-    await conn.close()
+    url = await fresh_database(servers, "")
     yield url
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
+    await drop_database(servers, url)
 
 
 async def fresh_database(servers: tuple[str, str], suffix: str) -> str:
     """A database of its own, migrated: for commands (reconcile, rebuild) that look at every org
     of a database, which the session's shared database fills with other tests' orgs."""
     admin_url = servers[1]
-    name = f"qgw_test_{RUN}_{suffix}"
+    name = f"qgw_test_{RUN}_{suffix}" if suffix else f"qgw_test_{RUN}"
     conn = await asyncpg.connect(admin_url)
     await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await conn.execute(f'CREATE DATABASE "{name}"')

@@ -6,18 +6,12 @@ Uses a Postgres of its own (embedded), so it can be stopped."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import asyncpg
 import httpx
-import yaml
 
-from conftest import ADMIN_TOKEN, RUN, test_config_data
+from conftest import ADMIN_TOKEN, RUN, served, test_config_data
 from quota_gw import config as config_mod
 from quota_gw import db, embedded
 from quota_gw.app import create_app
@@ -108,27 +102,8 @@ async def test_gateway_starts_and_decides_with_postgres_down_and_recovers_withou
 
 def test_serve_starts_with_postgres_unreachable(tmp_path: Path, redis_url: str, prefix: str) -> None:
     """`quota-gw serve` with DATABASE_URL at a closed port: ready, deciding, admin 503."""
-    cfg = tmp_path / "gw.yaml"
-    cfg.write_text(yaml.safe_dump(test_config_data()))
-    port, dead = embedded.free_port(), embedded.free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{dead}/x",
-           "QUOTA_GW_PREFIX": prefix, "QUOTA_GW_ADMIN_TOKEN": ADMIN_TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "serve", "--config", str(cfg), "--port", str(port),
-                             "--log-level", "warning"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r = httpx.get(f"{base}/readyz", timeout=5)
-                break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "serve exited"
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.1)
+    dead = embedded.free_port()
+    env = {"REDIS_URL": redis_url, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{dead}/x", "QUOTA_GW_PREFIX": prefix}
+    with served(tmp_path, test_config_data(), env) as (base, r):
         assert r.status_code == 200 and r.json()["postgres"].startswith("down"), r.text
         assert_unavailable(httpx.get(f"{base}/v1/admin/orgs/x/keys", headers=ADMIN, timeout=10))
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=20) in (0, -15)  # one process: uvicorn re-raises the SIGTERM it handled

@@ -5,57 +5,33 @@ Raw sockets, so the test controls exactly what is sent and when."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import yaml
 
-from conftest import ADMIN_TOKEN, test_config_data
-from quota_gw.embedded import free_port
+from conftest import ADMIN_TOKEN, served, test_config_data
 
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 40
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, redis_url, database_url, prefix) -> Iterator[tuple[int, str]]:
+def gateway(tmp_path_factory, redis_url, database_url, prefix) -> Iterator[tuple[int, str]]:
     """(port, a consume key) of a `quota-gw serve` with small head limits and a 4 KiB body limit."""
     data = test_config_data()
     data["behaviour"] = {"max_header_bytes": MAX_HEADER_BYTES, "max_headers": MAX_HEADERS, "max_body_bytes": 4096}
-    cfg = tmp_path_factory.mktemp("limits") / "gw.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix,
-           "QUOTA_GW_ADMIN_TOKEN": ADMIN_TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "serve", "--config", str(cfg), "--port", str(port),
-                             "--log-level", "warning"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "serve exited"
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.1)
+    env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix}
+    with served(tmp_path_factory.mktemp("limits"), data, env) as (base, ready):
+        assert ready.status_code == 200, ready.text
+        port = int(base.rsplit(":", 1)[1])
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         with httpx.Client(base_url=base, timeout=10) as c:
             org = f"limits-{port}"
             assert c.post("/v1/admin/orgs", json={"org_id": org, "plan": "bulk"}, headers=admin).status_code == 201
             key = c.post(f"/v1/admin/orgs/{org}/keys", json={"scopes": ["consume", "read"]}, headers=admin).json()["key"]
         yield port, key
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=20) in (0, -15)  # (one process: uvicorn re-raises the SIGTERM it handled)
 
 
 def exchange(port: int, head: bytes, body_parts: list[bytes] = (), timeout: float = 10) -> tuple[int, bytes]:
@@ -98,16 +74,16 @@ def request_head(port: int, key: str, extra: list[bytes] = (), body: bytes | Non
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def test_a_request_within_the_limits_is_answered(served):
-    port, key = served
+def test_a_request_within_the_limits_is_answered(gateway):
+    port, key = gateway
     body = b'{"feature": "generate_insight"}'
     extra = [b"X-Pad-%d: %s" % (i, b"v" * 50) for i in range(MAX_HEADERS - 10)]
     status, raw = exchange(port, request_head(port, key, extra, body) + body)
     assert status == 200, raw
 
 
-def test_too_many_headers_is_431(served):
-    port, key = served
+def test_too_many_headers_is_431(gateway):
+    port, key = gateway
     body = b'{"feature": "generate_insight"}'
     extra = [b"X-Pad-%d: v" % i for i in range(MAX_HEADERS + 1)]
     status, raw = exchange(port, request_head(port, key, extra, body) + body)
@@ -115,23 +91,23 @@ def test_too_many_headers_is_431(served):
 
 
 @pytest.mark.parametrize("size", [MAX_HEADER_BYTES + 100, 1024 * 1024])
-def test_a_header_larger_than_the_limit_is_431(served, size):
-    port, key = served
+def test_a_header_larger_than_the_limit_is_431(gateway, size):
+    port, key = gateway
     # The head is never finished: the server must answer without waiting for its end.
     head = request_head(port, key).removesuffix(b"\r\n") + b"X-Big: "
     status, raw = exchange(port, head, [b"v" * 4096] * (size // 4096 + 1))
     assert status == 431 and b"invalid_request" in raw, raw
 
 
-def test_a_body_announced_larger_than_the_limit_is_413_before_it_is_sent(served):
-    port, key = served
+def test_a_body_announced_larger_than_the_limit_is_413_before_it_is_sent(gateway):
+    port, key = gateway
     head = request_head(port, key).removesuffix(b"\r\n\r\n") + b"\r\nContent-Length: 10000000\r\n\r\n"
     status, raw = exchange(port, head + b'{"feature": ')  # 10 MB announced, 12 bytes sent
     assert status == 413 and b"invalid_request" in raw, raw
 
 
-def test_a_chunked_body_is_413_once_it_passes_the_limit(served):
-    port, key = served
+def test_a_chunked_body_is_413_once_it_passes_the_limit(gateway):
+    port, key = gateway
     chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
     # 5 KiB then the limit is passed; the client would go on for 10 MB and never ends the body.
     status, raw = exchange(port, request_head(port, key, chunked=True), [chunk] * 5 + [chunk] * 10_000)

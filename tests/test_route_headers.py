@@ -123,7 +123,7 @@ def test_serve_refuses_to_start_without_the_variable_in_one_line(tmp_path):
                         str(free_port())], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        f"quota-gw: bad config: {cfg}: routes.0.headers.Authorization: environment variable {VAR} is not set"
+        f"quota-gw serve: bad config: {cfg}: routes.0.headers.Authorization: environment variable {VAR} is not set"
         " (route /v1/chat/completions)"]
 
 
