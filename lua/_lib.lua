@@ -575,13 +575,15 @@ end
 -- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata,
 --       9 fingerprint of the request (a retry with a different body is 409, not the first answer),
 --       10 commit only: '1' charges usage beyond the hold (the sidecar)
+local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past tense, for messages
+
 local function settle_start(op)
   local rid = ARGV[1]
   local done = redis.call('GET', KEYS[6])
   if done then
     local d = cjson.decode(done)
     if d.op ~= op then
-      return nil, nil, {409, 'conflict', 'reservation already ' .. d.op .. 'ed', 0, -1, '', 0, -1, -1, 0, 1, '', ''}
+      return nil, nil, {409, 'conflict', 'reservation already ' .. SETTLED[d.op], 0, -1, '', 0, -1, -1, 0, 1, '', ''}
     end
     if d.fp and (ARGV[9] or '') ~= '' and d.fp ~= ARGV[9] then
       return nil, nil, {409, 'conflict', 'reservation already settled by a different ' .. op .. ' request',

@@ -73,9 +73,12 @@ Connections and secrets come from the environment, not from the file.
 |---|---|---|---|
 | `QUOTA_GW_CONFIG` | every command | — | the config file (`--config` sets it) |
 | `REDIS_URL` | serve, worker, rebuild, reconcile, the admin commands, dev | `redis://127.0.0.1:6379/0` | Redis (or Valkey) |
-| `DATABASE_URL` | serve, worker, migrate, rebuild, reconcile, the admin commands, dev | — | Postgres, e.g. `postgresql://user@host/quota_gw`. Without it `serve` still decides, but the admin, usage and analytics routes answer 503 |
+| `DATABASE_URL` | serve, worker, migrate, rebuild, reconcile, the admin commands, dev | — | Postgres, e.g. `postgresql://user@host/quota_gw`, connected on first use. Without it, or while it is down, `serve` still decides, but the admin, usage and analytics routes answer 503 |
 | `QUOTA_GW_PREFIX` | serve, worker, rebuild, reconcile, the admin commands | `qgw` | prefix of every Redis key, so several deployments can share one Redis; must not contain `{` or `}` |
 | `QUOTA_GW_ADMIN_TOKEN` | serve, dev | — | bearer token of `/v1/admin/*`; unset, the admin API answers 403 |
+| `QUOTA_GW_DASHBOARD_SECRET` | serve, dev | derived from `QUOTA_GW_ADMIN_TOKEN` | key that signs read-only dashboard links; unset (and no admin token), minting a link answers 503 |
+| `QUOTA_GW_PUBLIC_URL` | serve, dev | the request's URL | base URL of the dashboard links the gateway mints (its public address behind a proxy) |
+| `QUOTA_GW_ALLOW_EVICTING_REDIS` | serve, dev | off | `1`: as `behaviour.allow_evicting_redis` |
 | `QUOTA_GW_SPOOL_DIR` | serve | `behaviour.spool_dir` | folder of the fail-open spool |
 | `QUOTA_GW_WORKER_METRICS_PORT` | worker | off | port of the worker's `/metrics`, `/healthz`, `/readyz` (`--metrics-port` sets it) |
 | `QUOTA_GW_DEV_DIR` | dev | `.quota-gw` | where `quota-gw dev` keeps embedded Redis/Postgres data, the demo key and the admin token |

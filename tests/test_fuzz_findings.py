@@ -82,3 +82,30 @@ async def test_refund_takes_only_the_event_id_spellings_the_api_answers(client, 
         r = await client.post("/v1/refunds", json={"event_id": odd}, headers=h)
         assert problem(r, 422, "invalid_request")["field"] == "event_id", odd
     assert (await client.post("/v1/refunds", json={"event_id": dashed}, headers=h)).status_code == 200
+
+
+async def test_a_settled_reservation_says_how_it_was_settled(client, tenant):
+    """The messages were built as op .. 'ed' ("already commited", "already releaseed")."""
+    _, h = await tenant("pro")
+    for first, then, word in (("commit", "release", "committed"), ("release", "commit", "released")):
+        r = await client.post("/v1/reservations", json={"feature": "generate_goal", "units": 1}, headers=h)
+        rid = r.json()["reservation_id"]
+
+        async def settle(op: str, units: int = 1):
+            if op == "commit":
+                return await client.post(f"/v1/reservations/{rid}/commit", json={"units": units}, headers=h)
+            return await client.delete(f"/v1/reservations/{rid}", headers=h)
+
+        assert (await settle(first)).status_code == 200
+        assert problem(await settle(then), 409, "conflict")["detail"] == f"reservation already {word}"
+        if first == "commit":  # a retry with another body
+            assert problem(await settle("commit", 0), 409, "conflict")["detail"].startswith("reservation already")
+
+
+async def test_ops_activity_reads_the_ledger_through_the_lazy_pool(client, admin):
+    """activity.py took a connection with acquire(), which the lazily connected db.Database
+    (the availability branch) does not have: every GET /v1/admin/activity was a 500."""
+    r = await client.get("/v1/admin/activity", params={"minutes": 3}, headers=admin.h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["minutes"] == 3 and len(body["by_minute"]) == 3 and body["source"] == "usage_events"

@@ -34,22 +34,22 @@ async def minute_rows(db: Any, minutes: int) -> tuple[datetime, list[Any]]:
     """(the current minute, rows of (minute, outcome, decisions, tokens, refunded)) for the last
     `minutes` whole minutes, the current one included. Time is Postgres' clock, like the ledger's
     retention; the events' own ts come from Redis."""
-    async with db.acquire() as conn:
-        now = await conn.fetchval("SELECT date_trunc('minute', now())")
-        since = now - timedelta(minutes=minutes - 1)
-        rows = await conn.fetch(
-            """SELECT date_trunc('minute', ts) AS minute,
-                      CASE WHEN kind = 'denied' THEN coalesce(metadata ->> 'status', 'denied')
-                           WHEN kind = 'refund' THEN 'refund' ELSE 'ok' END AS outcome,
-                      count(*) FILTER (WHERE kind IN ('consume', 'reserve', 'denied')) AS decisions,
-                      coalesce(sum(CASE WHEN kind IN ('consume', 'commit') THEN cost
-                                        WHEN kind = 'denied' AND metadata ->> 'cost' ~ '^[0-9]{1,18}$'
-                                            THEN (metadata ->> 'cost')::bigint
-                                        ELSE 0 END), 0)::bigint AS tokens,
-                      coalesce(-sum(cost) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded
-               FROM usage_events
-               WHERE ts >= $1 AND kind IN ('consume', 'reserve', 'commit', 'refund', 'denied')
-               GROUP BY 1, 2""", since)
+    # Two queries on one clock, Postgres' (db.Database answers 503 while it is down).
+    now = await db.fetchval("SELECT date_trunc('minute', now())")
+    since = now - timedelta(minutes=minutes - 1)
+    rows = await db.fetch(
+        """SELECT date_trunc('minute', ts) AS minute,
+                  CASE WHEN kind = 'denied' THEN coalesce(metadata ->> 'status', 'denied')
+                       WHEN kind = 'refund' THEN 'refund' ELSE 'ok' END AS outcome,
+                  count(*) FILTER (WHERE kind IN ('consume', 'reserve', 'denied')) AS decisions,
+                  coalesce(sum(CASE WHEN kind IN ('consume', 'commit') THEN cost
+                                    WHEN kind = 'denied' AND metadata ->> 'cost' ~ '^[0-9]{1,18}$'
+                                        THEN (metadata ->> 'cost')::bigint
+                                    ELSE 0 END), 0)::bigint AS tokens,
+                  coalesce(-sum(cost) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded
+           FROM usage_events
+           WHERE ts >= $1 AND kind IN ('consume', 'reserve', 'commit', 'refund', 'denied')
+           GROUP BY 1, 2""", since)
     return now, rows
 
 
