@@ -466,15 +466,15 @@ async def test_async_admin_client_and_check(gw):
         assert (await q.refund(c.event_id)).refunded == 10
 
 
-def test_purchases_not_served_yet_raise_not_found(gw, tenant):
-    # POST/GET /v1/purchases are in SPEC §4 but no gateway route serves them yet: the client speaks
-    # the contract's shape and maps the gateway's answer; today that answer is 404.
+def test_purchases_without_stripe_configured_list_empty_and_checkout_is_unavailable(gw, tenant):
+    # The test gateway has packs but no `stripe` section: the history answers (empty) and a
+    # checkout is 503 naming what is missing, which the client raises as Unavailable, once tried.
     _, key = tenant()
     with QuotaClient(gw.url, key, retry=FAST_RETRY) as q:
-        with pytest.raises(NotFound):
-            q.purchases()
-        with pytest.raises(NotFound):
+        assert q.purchases() == []
+        with pytest.raises(Unavailable) as e:
             q.purchase("general_500")
+        assert e.value.status == 503 and "stripe" in (e.value.detail or "").lower()
 
 
 # --- the OpenAPI document -------------------------------------------------------------------------

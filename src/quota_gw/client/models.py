@@ -150,8 +150,8 @@ class Page:
 
 @dataclass(frozen=True, slots=True)
 class Purchase:
-    """POST/GET /v1/purchases (SPEC §4): a checkout for a credit pack, or one of the history.
-    The gateway's exact shape is not settled yet, so everything it sends is also in `raw`."""
+    """POST/GET /v1/purchases: a checkout for a credit pack, or one of the history (status
+    pending, paid, expired or refunded). Every field the gateway sends is also in `raw`."""
 
     raw: dict[str, Any]
     purchase_id: str | None = None

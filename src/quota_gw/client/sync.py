@@ -148,11 +148,11 @@ class QuotaClient(_Base):
         return self._call(_core.analytics(days))
 
     def purchases(self) -> list[models.Purchase]:
-        """GET /v1/purchases (SPEC §4; the gateway does not serve it yet: NotFound until it does)."""
+        """GET /v1/purchases: the org's purchases, newest first."""
         return self._call(_core.purchases())
 
     def purchase(self, pack: str) -> models.Purchase:
-        """POST /v1/purchases {pack}: a checkout for a credit pack (SPEC §4; NotFound until served)."""
+        """POST /v1/purchases {pack}: a Stripe checkout for a credit pack (Unavailable without Stripe)."""
         return self._call(_core.purchase(pack))
 
     def charge(self, feature: str, *, units: Any = 1, user: Any = None, metadata: Any = None,
