@@ -16,7 +16,8 @@ from .admin import _admin, _org_exists, _path_name, _storable, pg_errors
 from .api import json_body, json_response
 from .problems import invalid
 
-_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
+# No whitespace or control characters anywhere (httpx would refuse the URL at delivery, every retry).
+_URL = re.compile(r"https?://[^/\s\x00-\x1f\x7f-\x9f\ufeff]+(/[^\s\x00-\x1f\x7f-\x9f\ufeff]*)?")
 
 
 async def set_webhook(request: Request) -> Response:
