@@ -112,8 +112,8 @@ async def test_ops_activity_reads_the_ledger_through_the_lazy_pool(client, admin
 
 
 async def test_alert_webhook_url_with_a_control_character_is_refused(client, admin):
-    """A URL httpx cannot send (a control character in host or path) was stored, then failed
-    at every delivery; the document's pattern refuses it as the route now does."""
+    """A URL with an ASCII control character (which httpx cannot send) was stored, then failed
+    at every delivery; control characters are refused, as the document's pattern says."""
     org = await admin.org("pro")
     for url in ("https://hooks.example/a\x7fb", "https://hooks.example/\x85", "http://a\x1d.example/x",
                 "https://hooks.example/\x9f"):

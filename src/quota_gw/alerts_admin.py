@@ -16,7 +16,8 @@ from .admin import _admin, _org_exists, _path_name, _storable, pg_errors
 from .api import json_body, json_response
 from .problems import invalid
 
-# No whitespace or control characters anywhere (httpx would refuse the URL at delivery, every retry).
+# No whitespace or control characters: httpx refuses ASCII controls at delivery (every retry would
+# fail); C1 controls and a BOM are refused with them, as the document's pattern states.
 _URL = re.compile(r"https?://[^/\s\x00-\x1f\x7f-\x9f\ufeff]+(/[^\s\x00-\x1f\x7f-\x9f\ufeff]*)?")
 
 
