@@ -109,3 +109,16 @@ async def test_ops_activity_reads_the_ledger_through_the_lazy_pool(client, admin
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["minutes"] == 3 and len(body["by_minute"]) == 3 and body["source"] == "usage_events"
+
+
+async def test_alert_webhook_url_with_a_control_character_is_refused(client, admin):
+    """A URL with an ASCII control character (which httpx cannot send) was stored, then failed
+    at every delivery; control characters are refused, as the document's pattern says."""
+    org = await admin.org("pro")
+    for url in ("https://hooks.example/a\x7fb", "https://hooks.example/\x85", "http://a\x1d.example/x",
+                "https://hooks.example/\x9f"):
+        r = await client.put(f"/v1/admin/orgs/{org}/webhook", json={"url": url}, headers=admin.h)
+        assert problem(r, 422, "invalid_request")["field"] == "url", url
+    r = await client.put(f"/v1/admin/orgs/{org}/webhook", json={"url": "https://hooks.example/quota?x=1"},
+                         headers=admin.h)
+    assert r.status_code == 200 and r.json()["secret"].startswith("whsec_")

@@ -16,7 +16,9 @@ from .admin import _admin, _org_exists, _path_name, _storable, pg_errors
 from .api import json_body, json_response
 from .problems import invalid
 
-_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
+# No whitespace or control characters: httpx refuses ASCII controls at delivery (every retry would
+# fail); C1 controls and a BOM are refused with them, as the document's pattern states.
+_URL = re.compile(r"https?://[^/\s\x00-\x1f\x7f-\x9f\ufeff]+(/[^\s\x00-\x1f\x7f-\x9f\ufeff]*)?")
 
 
 async def set_webhook(request: Request) -> Response:
