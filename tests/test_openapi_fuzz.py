@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -51,6 +52,9 @@ from stripe_support import FakeStripeAPI
 
 EXAMPLES = int(os.environ.get("QUOTA_GW_FUZZ_EXAMPLES", "20"))
 SEED = os.environ.get("QUOTA_GW_FUZZ_SEED", "20261130")
+if SEED == "random":  # a new seed, printed so a failing run can be repeated with it
+    SEED = str(secrets.randbelow(2**31))
+    print(f"openapi fuzz: QUOTA_GW_FUZZ_SEED={SEED}")
 COVERAGE = os.environ.get("QUOTA_GW_FUZZ_COVERAGE") == "1"
 STRIPE_KEY_ENV, STRIPE_HOOK_ENV = "QGW_FUZZ_STRIPE_SECRET_KEY", "QGW_FUZZ_STRIPE_WEBHOOK_SECRET"
 UUID_RE = r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -225,7 +229,7 @@ def live(servers: tuple[str, str], tmp_path_factory: pytest.TempPathFactory, req
 DOCUMENT = openapi.for_config(config_mod.parse(fuzz_config_data()))
 
 schema = schemathesis.openapi.from_dict(DOCUMENT, config=schemathesis.Config.from_dict({
-    "seed": None if SEED == "random" else int(SEED),
+    "seed": int(SEED),
     "generation": {"max-examples": EXAMPLES, "mode": "all"},
     # The coverage phase (every boundary and every way to break each field, ~1000 cases, about
     # two minutes here) runs when asked for; `make test` runs the random phase.
