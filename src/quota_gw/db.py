@@ -9,11 +9,9 @@ Postgres while it is down answers 503 `unavailable` with Retry-After instead of 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -77,16 +75,6 @@ class Database:
         pool = await self.pool()
         try:
             return await getattr(pool, method)(query, *args, timeout=None)
-        except DOWN as e:
-            raise unavailable(e) from None
-
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        """One connection for several statements (a transaction, one snapshot)."""
-        pool = await self.pool()
-        try:
-            async with pool.acquire() as conn:
-                yield conn
         except DOWN as e:
             raise unavailable(e) from None
 
