@@ -8,8 +8,12 @@ test-long) the real thing: uvicorn's default 5 s and 200 calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -87,7 +91,6 @@ def test_serve_keeps_idle_connections_longer_than_uvicorns_5s(tmp_path, redis_ur
     """`quota-gw serve` defaults to a 75 s keep-alive (nginx keeps idle upstream connections
     60 s): a connection idle for 6 s still carries the next request."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -129,6 +132,22 @@ def test_serve_keeps_idle_connections_longer_than_uvicorns_5s(tmp_path, redis_ur
         proc.wait(timeout=20)
 
 
+@contextlib.asynccontextmanager
+async def goals_gateway(tenant, redis_url, database_url, prefix) -> AsyncIterator[tuple[Any, Any, Any, Any, dict]]:
+    """A demo upstream and an in-process gateway whose unmetered /ai/goals route forwards to it:
+    (upstream server, demo app, gateway app, client, auth headers)."""
+    demo = create_demo_app()
+    async with serve(demo, lifespan="off") as up:
+        data = test_config_data()
+        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
+                           "feature": "generate_goal", "metering": "none"}]
+        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
+        _, h = await tenant("pro")
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as c:
+            yield up, demo, app, c, h
+
+
 async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one(tenant, redis_url, database_url,
                                                                                   prefix):
     """The upstream closes the pooled connection after the gateway picked it and before the
@@ -138,37 +157,29 @@ async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one
 
     from quota_gw import proxy
 
-    demo = create_demo_app()
-    async with serve(demo, lifespan="off") as up:
-        data = test_config_data()
-        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
-                           "feature": "generate_goal", "metering": "none"}]
-        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
-        _, h = await tenant("pro")
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as c:
+    async with goals_gateway(tenant, redis_url, database_url, prefix) as (up, demo, app, c, h):
 
-            async def upstream_closes_it(session, ctx, params) -> None:
-                for conn in list(up.server_state.connections):  # the upstream closes its idle connections
-                    conn.transport.close()
-                await asyncio.sleep(0.2)  # and the gateway has read the close before writing
+        async def upstream_closes_it(session, ctx, params) -> None:
+            for conn in list(up.server_state.connections):  # the upstream closes its idle connections
+                conn.transport.close()
+            await asyncio.sleep(0.2)  # and the gateway has read the close before writing
 
-            trace = aiohttp.TraceConfig()
-            trace.on_connection_reuseconn.append(upstream_closes_it)
-            trace.freeze()
-            session = app.state.sidecar.sessions[4.0]
-            resent = proxy.RESENT._value.get()
-            for method, body in (("POST", b"{}"), ("GET", None)):
-                assert (await c.request(method, "/ai/goals", headers=h, content=body)).status_code == 200
-                n = demo.state.demo.stats.count
-                session._trace_configs.append(trace)
-                try:
-                    r = await c.request(method, "/ai/goals", headers=h, content=body)
-                finally:
-                    session._trace_configs.remove(trace)
-                assert r.status_code == 200, r.text
-                assert demo.state.demo.stats.count == n + 1  # reached the upstream once
-            assert proxy.RESENT._value.get() == resent + 2
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(upstream_closes_it)
+        trace.freeze()
+        session = app.state.sidecar.sessions[4.0]
+        resent = proxy.RESENT._value.get()
+        for method, body in (("POST", b"{}"), ("GET", None)):
+            assert (await c.request(method, "/ai/goals", headers=h, content=body)).status_code == 200
+            n = demo.state.demo.stats.count
+            session._trace_configs.append(trace)
+            try:
+                r = await c.request(method, "/ai/goals", headers=h, content=body)
+            finally:
+                session._trace_configs.remove(trace)
+            assert r.status_code == 200, r.text
+            assert demo.state.demo.stats.count == n + 1  # reached the upstream once
+        assert proxy.RESENT._value.get() == resent + 2
 
 
 async def test_a_pooled_connection_found_closed_before_reuse_is_dropped_not_used(tenant, redis_url, database_url,
@@ -178,26 +189,16 @@ async def test_a_pooled_connection_found_closed_before_reuse_is_dropped_not_used
     the call goes on a new connection and nothing is sent on a dead one."""
     from quota_gw import proxy
 
-    demo = create_demo_app()
-    async with serve(demo, lifespan="off") as up:
-        data = test_config_data()
-        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
-                           "feature": "generate_goal", "metering": "none"}]
-        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
-        _, h = await tenant("pro")
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as c:
-            assert (await c.post("/ai/goals", headers=h, content=b"{}")).status_code == 200
-            dropped = proxy.DROPPED_IDLE._value.get()
-            resent = proxy.RESENT._value.get()
-            n = demo.state.demo.stats.count
-            import socket
-
-            for conn in list(up.server_state.connections):  # the upstream closes its idle connections:
-                conn.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # the FIN goes out now
-            time.sleep(0.2)  # it has arrived, but the gateway's loop has not run to read it
-            r = await c.post("/ai/goals", headers=h, content=b"{}")
-            assert r.status_code == 200, r.text
-            assert demo.state.demo.stats.count == n + 1
-            assert proxy.DROPPED_IDLE._value.get() + proxy.RESENT._value.get() > dropped + resent
-            assert proxy.DROPPED_IDLE._value.get() == dropped + 1
+    async with goals_gateway(tenant, redis_url, database_url, prefix) as (up, demo, app, c, h):
+        assert (await c.post("/ai/goals", headers=h, content=b"{}")).status_code == 200
+        dropped = proxy.DROPPED_IDLE._value.get()
+        resent = proxy.RESENT._value.get()
+        n = demo.state.demo.stats.count
+        for conn in list(up.server_state.connections):  # the upstream closes its idle connections:
+            conn.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # the FIN goes out now
+        time.sleep(0.2)  # it has arrived, but the gateway's loop has not run to read it
+        r = await c.post("/ai/goals", headers=h, content=b"{}")
+        assert r.status_code == 200, r.text
+        assert demo.state.demo.stats.count == n + 1
+        assert proxy.DROPPED_IDLE._value.get() + proxy.RESENT._value.get() > dropped + resent
+        assert proxy.DROPPED_IDLE._value.get() == dropped + 1
