@@ -28,7 +28,6 @@ if beyond and want > cost and cost == rec.held then
   if room > 0 then cost = cost + room end
 end
 local from_a, from_p = m:charge(cost)
-local pe = m.pe
 for _, q in ipairs(qs) do q.used = q.used + cost; q:save() end
 m.pending = {}
 redis.call('HSET', KEYS[1], rec.m .. ':a', fmt(m.a), rec.m .. ':p', fmt(m.p), rec.m .. ':u', fmt(m.u))
@@ -38,8 +37,7 @@ if want > cost then meta.overage = want - cost end
 if ARGV[8] ~= '' then meta.request = cjson.decode(ARGV[8]) end
 local id = events:add({id = ARGV[2], kind = 'commit', user = rec.u, meter = rec.m, feature = rec.f,
   delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), meta = cjson.encode(meta)})
-redis.call('SET', KEYS[7], cjson.encode({m = rec.m, a = from_a, p = from_p, cost = cost, u = rec.u,
-  f = rec.f, pe = pe, ut = rec.ut, tt = rec.tt}), 'EX', tonumber(ARGV[7]))
+-- Nothing is kept for a refund: it reads this event back (refund.lua).
 local available = m:available()
 return settle_finish('commit', {200, '', '', cost, available, id, 0, -1, -1, 0, 0, '',
   cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost), meter = rec.m,

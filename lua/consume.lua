@@ -17,10 +17,7 @@ local delta = -(from_a + from_p)
 req.events:add({id = req.id, kind = 'consume', user = req.user, meter = req.meter, feature = req.feature,
   delta = delta, dp = -from_p, cost = req.cost, bal = m:balance(), meta = req.meta})
 m:alerts(req.events, req.user, req.feature, ARGV[26])
--- What a refund needs to put back, and where.
-redis.call('SET', KEYS[9], cjson.encode({m = req.meter, a = from_a, p = from_p, cost = req.cost,
-  u = req.user, f = req.feature, pe = m.pe, ut = req.uq and req.uq.subject or '',
-  tt = req.tq and req.tq.subject or ''}), 'EX', req.rec_ttl)
+-- Nothing is kept for a refund: it reads this event back (refund.lua).
 local rep = reply(req, 200, '', '', req.cost, remaining(req), req.id)
 remember(KEYS[7], ARGV[19], req.idem_ttl, rep)
 return rep

@@ -1,22 +1,41 @@
--- refund: puts back what one consume/commit took, once. The allocated part goes back only
--- within the same period (a new period has refilled the allocation already).
--- KEYS: 1 bal, 2 quotas, 3 record of the refunded event, 4 stream, 5 reservations,
---       6 reservation expiries (the answer's remaining)
--- ARGV: 1 refunded event id, 2 refund event id, 3 org, 4 key_id, 5 metadata, 6 fingerprint
-local raw = redis.call('GET', KEYS[3])
-if not raw then
-  return {404, 'not_found', 'no refundable event ' .. ARGV[1], 0, -1, '', 0, -1, -1, 0, 0, '', ''}
-end
-local rec = cjson.decode(raw)
-if rec.refunded then
-  if rec.refunded_fp and rec.refunded_fp ~= (ARGV[6] or '') then
+-- refund: puts back what one consume/commit took, once per event inside the refund window. The
+-- allocated part goes back only within the same period (a new period has refilled the
+-- allocation already). A charge leaves nothing in Redis for its refund: its facts come from the
+-- charged event itself (the gateway read it from the ledger, or from the stream when not drained
+-- yet: see charges.py), and the only state is the guard KEYS[3], written here, kept until the
+-- window closes. Team and user quotas: the user's quota and current team's quota, as a rebuild
+-- derives them.
+-- KEYS: 1 bal, 2 quotas, 3 refund guard of the refunded event, 4 stream, 5 reservations,
+--       6 reservation expiries (the answer's remaining), 7 users (the charged user's team)
+-- ARGV: 1 refunded event id, 2 refund event id, 3 org, 4 key_id, 5 metadata, 6 fingerprint,
+--       7 meter, 8 allocated part, 9 purchased part, 10 cost, 11 user, 12 feature (of the charge),
+--       13 charge time (unix us), 14 period spec of the plan, 15 refund window s
+local guard = redis.call('GET', KEYS[3])
+if guard then
+  local g = cjson.decode(guard)
+  if not g.r then  -- restored by a rebuild: refunded before it, the answer is gone
+    return {404, 'not_found', 'no refundable event ' .. ARGV[1], 0, -1, '', 0, -1, -1, 0, 0, '', ''}
+  end
+  if g.fp ~= (ARGV[6] or '') then
     return {409, 'conflict', 'event ' .. ARGV[1] .. ' already refunded by a different request',
       0, -1, '', 0, -1, -1, 0, 1, '', ''}
   end
-  rec.refunded[11] = 1
-  return rec.refunded
+  g.r[11] = 1
+  return g.r
 end
 local now = now_us()
+local closes = tonumber(ARGV[13]) + tonumber(ARGV[15]) * 1000000
+if now >= closes then
+  return {404, 'not_found', 'no refundable event ' .. ARGV[1], 0, -1, '', 0, -1, -1, 0, 0, '', ''}
+end
+local rec = {m = ARGV[7], a = tonumber(ARGV[8]), p = tonumber(ARGV[9]), cost = tonumber(ARGV[10]),
+  u = ARGV[11], f = ARGV[12], pe = period_end(ARGV[14], math.floor(tonumber(ARGV[13]) / 1000000)),
+  ut = '', tt = ''}
+if rec.u ~= '' then
+  rec.ut = 'u:' .. rec.u
+  local team = redis.call('HGET', KEYS[7], rec.u)
+  if team and team ~= '' then rec.tt = 't:' .. team end
+end
 local events = new_events(KEYS[4], ARGV[2], now, ARGV[3], ARGV[4])
 note_expired(KEYS[5], KEYS[6], math.floor(now / 1000000))
 local m = load_meter(KEYS[1], rec.m)
@@ -39,7 +58,5 @@ if ARGV[5] ~= '' then meta.request = cjson.decode(ARGV[5]) end
 local id = events:add({id = ARGV[2], kind = 'refund', user = rec.u, meter = rec.m, feature = rec.f,
   delta = back_a + rec.p, dp = rec.p, cost = -rec.cost, bal = m:balance(), meta = cjson.encode(meta)})
 local rep = {200, '', '', back_a + rec.p, m:available(), id, 0, -1, -1, 0, 0, '', ''}
-rec.refunded = rep
-rec.refunded_fp = ARGV[6] or ''
-redis.call('SET', KEYS[3], cjson.encode(rec), 'KEEPTTL')
+redis.call('SET', KEYS[3], cjson.encode({fp = ARGV[6] or '', r = rep}), 'PXAT', fmt(math.ceil(closes / 1000)))
 return rep

@@ -122,7 +122,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         await redis_policy.check_at_start(r, config)
         pool = db.Database(database_url) if database_url else None  # connects on first use
         layout = Layout(prefix, config.shards)
-        decider = Decider(r, config, layout)
+        decider = Decider(r, config, layout, ledger=pool)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)
         app.state.ctx = Context(config, decider, keys, pool)
         app.state.sidecar = proxy.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool

@@ -1,7 +1,8 @@
 """Decisions: each operation is one Lua script call, so one Redis round trip.
 
 Python only prices the call, names the keys and translates the script's reply; every read
-and write of a balance happens inside the script, atomically, on the Redis server clock.
+and write of a balance happens inside the script, atomically, on the Redis server clock. A
+refund first reads the charged event (charges.py) and hands its facts to the script.
 Every decision is counted here (metrics.observe), whichever route asked for it: API or proxy.
 """
 
@@ -16,9 +17,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import metrics
+from . import charges, metrics
 from .coalesce import Coalescer
 from .config import Config, Plan
+from .db import Database
 from .layout import Layout
 from .problems import Problem
 from .scripts import Scripts
@@ -98,8 +100,9 @@ def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
 
 
 class Decider:
-    def __init__(self, redis: Redis, config: Config, layout: Layout) -> None:
+    def __init__(self, redis: Redis, config: Config, layout: Layout, ledger: Database | None = None) -> None:
         self.redis = redis
+        self.ledger = ledger  # where refunds find drained charges (None: the stream only)
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
@@ -141,6 +144,7 @@ class Decider:
         L, org = self.layout, ident.org_id
         meter, priced = self._priced(ident, feature)
         event_id = event_id or new_id()
+        # KEYS[9] (once the refund record) is no longer written; kept so the KEYS positions stay.
         keys = [
             L.balances(org), L.quotas(org), L.users(org),
             L.rate(org, "u", user), L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
@@ -198,7 +202,7 @@ class Decider:
         L, org = self.layout, ident.org_id
         event_id = new_id()
         keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org),
-                L.settled(org, rid), L.event_record(org, event_id)]
+                L.settled(org, rid)]
         args = [rid, event_id, org, ident.key_id, units, self._ttl[0], self._ttl[1],
                 metadata.decode() if metadata else "", fingerprint(op, units, metadata=metadata)]
         return keys, args
@@ -225,13 +229,22 @@ class Decider:
         return d
 
     async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
+        """Once per event inside the refund window. The charge's facts come from its event
+        (charges.find: ledger or stream, 503 while the ledger is down and the event drained);
+        refund.lua checks the guard and applies them in one script."""
         t0 = time.perf_counter()
         L, org = self.layout, ident.org_id
-        keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org),
-                L.reservations(org), L.expiries(org)]
-        args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else "",
-                fingerprint("refund", metadata=metadata)]
-        d = Decision.from_reply(await self._run(self.scripts.refund, keys, args))
+        window = self.config.behaviour.refund_window_s
+        c = await charges.find(self.redis, self.ledger, L, org, event_id, window)
+        if c is None or not c.refundable_by(org):
+            d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
+        else:
+            keys = [L.balances(org), L.quotas(org), L.refund_guard(org, event_id), L.stream(org),
+                    L.reservations(org), L.expiries(org), L.users(org)]
+            args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else "",
+                    fingerprint("refund", metadata=metadata), c.meter, c.allocated, c.purchased, c.cost, c.user,
+                    c.feature, c.ts_us, self.plan(ident).period, window]
+            d = Decision.from_reply(await self._run(self.scripts.refund, keys, args))
         metrics.observe("refund", "", "", -1, d, t0)
         return d
 
