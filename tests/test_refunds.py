@@ -19,8 +19,10 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from conftest import Admin, test_config_data
+from quota_gw import charges
 from quota_gw.app import create_app
 from quota_gw.db import Database
 from quota_gw.decisions import Decider, Identity
@@ -224,26 +226,28 @@ async def test_refund_while_the_ledger_is_down(gw: Any, redis) -> None:
     await decider.aclose()
 
 
-class DrainsAfterFirstRead(Database):
-    """The ledger as a refund racing the worker sees it: the first read misses, and the event is
-    drained and trimmed before the refund looks at the stream."""
+class DrainsAfterFirstPage(aioredis.Redis):
+    """Redis as a refund racing the worker sees it: the event is drained and trimmed after the
+    first page of the stream was read, before the page that held it."""
 
-    def __init__(self, dsn: str, drain: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(dsn)
-        self.drain, self.reads = drain, 0
+    def __init__(self, url: str, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(connection_pool=aioredis.ConnectionPool.from_url(url, decode_responses=True))
+        self.drain, self.pages = drain, 0
 
-    async def fetchrow(self, query: str, *args: Any) -> Any:
-        row = await super().fetchrow(query, *args)
-        self.reads += 1
-        if self.reads == 1:
-            assert row is None
+    async def xrevrange(self, *args: Any, **kw: Any) -> Any:
+        self.pages += 1
+        if self.pages == 2:
             await self.drain()
-        return row
+        return await super().xrevrange(*args, **kw)
 
 
-async def test_a_refund_racing_the_drain_finds_the_event_in_the_ledger(gw: Any, redis, database_url: str) -> None:
+async def test_a_refund_overtaken_by_the_drain_finds_the_event_in_the_ledger(gw: Any, redis, redis_url: str,
+                                                                           database_url: str) -> None:
     org, h, _ = await gw.tenant()
     eid = await consume(gw, h, 7, user_id="ann")
+    for _ in range(charges.STREAM_PAGE):  # newer entries (refusals: they change nothing): the event is on page 2
+        r = await gw.client.post("/v1/consume", json={"feature": "generate_insight", "units": 10**6}, headers=h)
+        assert r.status_code == 402, r.text
     before = await state(redis, gw, org, h)
 
     async def drain() -> None:
@@ -252,12 +256,14 @@ async def test_a_refund_racing_the_drain_finds_the_event_in_the_ledger(gw: Any, 
         await drained(redis, gw, org, eid, h)
         await w.kill()
 
-    ledger = DrainsAfterFirstRead(database_url, drain)
-    decider = Decider(redis, gw.config, gw.layout, ledger=ledger)
+    r = DrainsAfterFirstPage(redis_url, drain)
+    ledger = Database(database_url)
+    decider = Decider(r, gw.config, gw.layout, ledger=ledger)
     d = await decider.refund(Identity("key_race", org, None, frozenset({"consume"}), "bulk"), eid)
     assert d.status == 200 and d.cost == 7, d
-    assert ledger.reads == 2
+    assert r.pages == 2
     a, p, used, ann, red = before
     assert await state(redis, gw, org, h) == (a + 7, p, used - 7, ann - 7, red - 7)
     await decider.aclose()
     await ledger.close()
+    await r.aclose()

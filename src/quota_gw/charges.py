@@ -1,15 +1,18 @@
-"""What a refund puts back: the charged event itself, read from the ledger or the stream.
+"""What a refund puts back: the charged event itself, read from the stream or the ledger.
 
 A consume or commit keeps nothing in Redis for its refund. A record per decision, kept for the
 whole refund window, was most of what Redis held (~216 bytes a decision for 7 days, issue 11),
 for a rare operation whose facts are in the event anyway: meter, the allocated and purchased
 parts (`delta`, `dp`), cost, user, feature and time. The event is in the shard's stream until
 the worker has written it to Postgres, and in the ledger from then on; the worker trims only
-entries it has acked, and acks only what it has committed. So the lookup reads the ledger
-(indexed by event id), then the stream, then the ledger once more: an event the stream no
-longer holds, which it did hold when the refund was asked for (the charge had answered), is
-committed by then. With the ledger down and the event already drained, the refund is 503 with
-Retry-After (`db.unavailable`): nothing changed, the caller retries (the sidecar spools it).
+entries it has acked, and acks only what it has committed. So the lookup reads the stream
+first, then the ledger: an event missing from the stream, which held it when the refund was
+asked for (the charge had answered), was trimmed, so it is committed by then; a page-by-page
+stream read that a trim overtakes misses it the same way and finds it in the ledger. The stream
+is short while the worker keeps up, and holds every recent event while it does not; either way
+a refund right after its charge (the sidecar's) needs no Postgres. With the ledger down and the
+event already drained, the refund is 503 with Retry-After (`db.unavailable`): nothing changed,
+the caller retries (the sidecar spools it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from redis.asyncio import Redis
 
 from .db import Database
 from .layout import Layout
-from .problems import Problem
 
 REFUNDABLE = ("consume", "commit")
 STREAM_PAGE = 500  # entries a stream read returns; newest first (refunds are mostly of recent charges)
@@ -91,15 +93,8 @@ async def find(redis: Redis, ledger: Database | None, layout: Layout, org: str, 
     """The charged event (any org's: the caller checks it is its own), or None when neither the
     ledger nor the stream has it. Raises 503 `unavailable` when the ledger is down and the
     stream does not hold the event."""
-    if ledger is not None:
-        try:
-            if (c := await in_ledger(ledger, event_id, window_s)) is not None:
-                return c
-        except Problem as e:
-            if e.status != 503:
-                raise
     if (c := await in_stream(redis, layout.stream(org), event_id)) is not None:
         return c
     if ledger is None:
         return None
-    return await in_ledger(ledger, event_id, window_s)  # drained meanwhile; 503 while the ledger is down
+    return await in_ledger(ledger, event_id, window_s)
