@@ -65,12 +65,6 @@ async def used_memory(r: aioredis.Redis) -> tuple[int, int]:
     the decision connection's batches are not what the data costs."""
     await asyncio.sleep(3)
     m = await r.info("memory")
-    if os.environ.get("QGW_MEM_DEBUG"):
-        print({k: v for k, v in m.items() if isinstance(v, int)})
-        big = []
-        async for k in r.scan_iter(count=1000):
-            big.append((await r.memory_usage(k, samples=0) or 0, k))
-        print(sorted(big)[-5:], len(big))
     return int(m["used_memory"]), int(m["mem_clients_normal"])
 
 
