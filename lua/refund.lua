@@ -6,11 +6,18 @@
 -- window closes. Team and user quotas: the user's quota and current team's quota, as a rebuild
 -- derives them.
 -- KEYS: 1 bal, 2 quotas, 3 refund guard of the refunded event, 4 stream, 5 reservations,
---       6 reservation expiries (the answer's remaining), 7 users (the charged user's team)
+--       6 reservation expiries (the answer's remaining), 7 users (the charged user's team),
+--       8 the event's refund record as versions before the guard wrote it (a refund there is the
+--       guard; such records expire within refund_window_s of the upgrade)
 -- ARGV: 1 refunded event id, 2 refund event id, 3 org, 4 key_id, 5 metadata, 6 fingerprint,
 --       7 meter, 8 allocated part, 9 purchased part, 10 cost, 11 user, 12 feature (of the charge),
 --       13 charge time (unix us), 14 period spec of the plan, 15 refund window s
 local guard = redis.call('GET', KEYS[3])
+local old = not guard and redis.call('GET', KEYS[8])
+if old then
+  old = cjson.decode(old)
+  if old.refunded then guard = cjson.encode({fp = old.refunded_fp or '', r = old.refunded}) end
+end
 if guard then
   local g = cjson.decode(guard)
   if not g.r then  -- restored by a rebuild: refunded before it, the answer is gone

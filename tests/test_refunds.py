@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -267,3 +268,19 @@ async def test_a_refund_overtaken_by_the_drain_finds_the_event_in_the_ledger(gw:
     await decider.aclose()
     await ledger.close()
     await r.aclose()
+
+
+async def test_a_charge_refunded_before_the_upgrade_is_not_refunded_again(gw: Any, redis) -> None:
+    """Records the previous version wrote per charge (`…:ev:…`) expire within the refund window;
+    until then, one that says the charge was refunded stands for the guard."""
+    org, h, _ = await gw.tenant()
+    eid = await consume(gw, h, 4, user_id="ann")
+    answer = [200, "", "", 4, 96, uuid.uuid4().hex, 0, -1, -1, 0, 0, "", ""]
+    await redis.set(gw.layout.event_record(org, eid), orjson.dumps(
+        {"m": "general", "a": 4, "p": 0, "cost": 4, "u": "ann", "f": "generate_insight", "pe": 0, "ut": "u:ann",
+         "tt": "t:red", "refunded": answer, "refunded_fp": "refund"}), ex=600)
+    before = await state(redis, gw, org, h)
+    r = await refund(gw, h, eid)
+    assert r.status_code == 200 and r.headers.get("Idempotent-Replayed") == "true", r.text
+    assert r.json()["event_id"] == answer[5]
+    assert await state(redis, gw, org, h) == before

@@ -240,7 +240,7 @@ class Decider:
             d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
         else:
             keys = [L.balances(org), L.quotas(org), L.refund_guard(org, event_id), L.stream(org),
-                    L.reservations(org), L.expiries(org), L.users(org)]
+                    L.reservations(org), L.expiries(org), L.users(org), L.event_record(org, event_id)]
             args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else "",
                     fingerprint("refund", metadata=metadata), c.meter, c.allocated, c.purchased, c.cost, c.user,
                     c.feature, c.ts_us, self.plan(ident).period, window]

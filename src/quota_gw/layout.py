@@ -60,7 +60,8 @@ class Layout:
         return f"{self.tag(org_id)}:idem:{org_id}:{scope}:{key}"
 
     def event_record(self, org_id: str, event_id: str) -> str:
-        """Once a refund record per charge; no script writes it now (see refund_guard)."""
+        """Once a refund record per charge; no script writes it now (see refund_guard). refund.lua
+        still reads it: one refunded before the upgrade is the guard until it expires."""
         return f"{self.tag(org_id)}:ev:{org_id}:{event_id}"
 
     def refund_guard(self, org_id: str, event_id: str) -> str:
