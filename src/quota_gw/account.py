@@ -22,6 +22,7 @@ from .admin import _admin, pg_errors
 from .api import Context, balance_of, ctx, json_response
 from .config import NAME_RE, is_name
 from .problems import Problem, invalid
+from .store import Store
 
 KINDS = ("consume", "refund", "reserve", "commit", "release", "grant", "purchase", "reset", "adjust", "denied")
 BURN_WINDOW_DAYS = 7
@@ -34,6 +35,11 @@ def _db(c: Context) -> Any:
     if c.db is None:
         raise Problem(503, "unavailable", "usage and analytics need Postgres (DATABASE_URL)")
     return c.db
+
+
+def _store(c: Context) -> Store:
+    _db(c)
+    return c.store
 
 
 def _time(q: Any, name: str) -> datetime | None:
@@ -115,9 +121,8 @@ async def usage(request: Request) -> Response:
     if user is not None and not is_name(user):
         raise invalid(f"user_id: must match {NAME_RE}", field="user_id")
     cur = _uncursor(q["cursor"]) if q.get("cursor") else None
-    _db(c)
-    rows = await c.store.usage_events(ident.org_id, feature=feature, meter=meter, kind=kind, user_id=user,
-                                      since=since, until=until, before=cur, limit=limit + 1)
+    rows = await _store(c).usage_events(ident.org_id, feature=feature, meter=meter, kind=kind, user_id=user,
+                                        since=since, until=until, before=cur, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     events = [{
@@ -138,12 +143,12 @@ async def analytics(request: Request) -> Response:
     c = ctx(request)
     ident = await c.keys.authenticate(request, "read")
     days = _int(request.query_params, "days", 30, 1, 366)
-    _db(c)
+    store = _store(c)
     now = datetime.now(timezone.utc)
     start = datetime.combine((now - timedelta(days=days - 1)).date(), datetime.min.time(), timezone.utc)
     burn_days = min(days, BURN_WINDOW_DAYS)
-    rows = await c.store.usage_by_day(ident.org_id, start.date())
-    burn = await c.store.usage_by_meter_since(ident.org_id, now - timedelta(days=burn_days))
+    rows = await store.usage_by_day(ident.org_id, start.date())
+    burn = await store.usage_by_meter_since(ident.org_id, now - timedelta(days=burn_days))
     features: dict[str, dict[str, Any]] = {}
     day_rows: dict[date, dict[str, Any]] = {}
     for r in rows:
@@ -193,8 +198,7 @@ async def top(request: Request) -> Response:
     meter = _choice(q, "meter", c.config.meter_names)
     # From the rollups (migration 003): the window starts on the hour; a scan of the raw
     # events grows with the ledger (seconds at a few million events).
-    _db(c)
-    rows = await c.store.top_orgs(days, limit, meter)
+    rows = await _store(c).top_orgs(days, limit, meter)
     return json_response({"days": days, "meter": meter, "orgs": [
         {"rank": i + 1, "org_id": r["org_id"], "name": r["name"], "plan": r["plan"], "tokens": r["tokens"],
          "calls": r["calls"]} for i, r in enumerate(rows)]})

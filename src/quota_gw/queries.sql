@@ -62,6 +62,13 @@ ON CONFLICT (org_id) DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret,
 SELECT d.*, o.delivered_at FROM webhook_deliveries d LEFT JOIN webhook_outbox o USING (event_id)
 WHERE d.org_id = $1 ORDER BY d.created_at DESC, d.id DESC LIMIT $2;
 
+-- usage_events --
+-- The org's events, newest first: {where} is the store's filters (org_id = $1 AND ...), ${limit} the page
+SELECT event_id, ts, kind, user_id, key_id, meter, feature, delta, delta_purchased, cost,
+       balance_after, metadata::text AS metadata
+FROM usage_events WHERE {where}
+ORDER BY ts DESC, event_id DESC LIMIT ${limit};
+
 -- usage_by_day --
 -- The org's usage per UTC day, meter and feature from the day $2 on (the documented view)
 SELECT day, meter, feature, calls, tokens, refunded, denied

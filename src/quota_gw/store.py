@@ -214,11 +214,7 @@ class Store:
             args += [before[0], before[1]]
             where.append(f"(ts, event_id) < (${len(args) - 1}, ${len(args)}::uuid)")
         args.append(limit)
-        return await self.db.fetch(
-            f"""SELECT event_id, ts, kind, user_id, key_id, meter, feature, delta, delta_purchased, cost,
-                       balance_after, metadata::text AS metadata
-                FROM usage_events WHERE {' AND '.join(where)}
-                ORDER BY ts DESC, event_id DESC LIMIT ${len(args)}""", *args)
+        return await self.db.fetch(Q.usage_events.format(where=" AND ".join(where), limit=len(args)), *args)
 
     async def usage_by_day(self, org_id: str, first_day: date) -> list[asyncpg.Record]:
         """Rows of `usage_by_feature_day` from `first_day` on."""
