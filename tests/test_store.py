@@ -1,7 +1,7 @@
 """The store (store.py): Postgres is written first, in one transaction, then Redis; a Redis
 failure after the commit leaves Postgres written and Redis behind, and a Postgres refusal leaves
 Redis untouched. The SQL is named once (queries.sql). The low-balance mark comes from the
-config and reaches the `low_balances` view (migration 005). Real Redis and Postgres; the failing
+config and reaches the `low_balances` view (migration 006). Real Redis and Postgres; the failing
 Redis is a real client on a port nothing listens on."""
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 async def record_low_balance_mark(pg: asyncpg.Pool | asyncpg.Connection, percent: int) -> None:
-    """The config's low-balance mark, where the `low_balances` view reads it (migration 005)."""
+    """The config's low-balance mark, where the `low_balances` view reads it (migration 006)."""
     await pg.execute(Q.record_low_balance_mark, percent)
 
 
