@@ -449,11 +449,11 @@ async def test_entries_read_again_are_counted_as_redeliveries(wenv, redis, datab
     w = Worker(wenv.redis_url, database_url, wenv.layout, "redeliver", block_ms=50)
     await w._connect()
     try:
-        w.stream.backlog = False
+        w.streams.backlog = False
         first = await w._read()  # new entries, not acked: they stay pending for this consumer
         assert first.size >= 2 and not first.redelivered
         before = REDELIVERED._value.get()
-        w.stream.reread()  # as after a failed write
+        w.streams.reread()  # as after a failed write
         again = await w._read()
         assert again.redelivered and again.size == first.size
         assert REDELIVERED._value.get() - before == first.size
