@@ -420,6 +420,27 @@ async def test_postgres_outage_is_counted_as_a_postgres_error(wenv, redis) -> No
     assert count("redis") == before["redis"] and count("other") == before["other"]
 
 
+async def test_redis_outage_is_counted_as_a_redis_error(wenv, database_url) -> None:
+    """Redis refusing connections is labelled redis (redis-py raises its own ConnectionError),
+    Postgres answering all along: each round is counted against the store that failed."""
+    from sync_worker.health import ERRORS
+
+    def count(kind: str) -> float:
+        return ERRORS.labels(kind)._value.get()
+
+    before = {k: count(k) for k in ("postgres", "redis", "other")}
+    w = Worker(f"redis://127.0.0.1:{free_port()}/0", database_url, wenv.layout, "redisdown")
+    run = asyncio.create_task(w.run())
+    deadline = time.monotonic() + 30
+    while count("redis") < before["redis"] + 2:  # two rounds failed, each counted once
+        assert time.monotonic() < deadline and not run.done()
+        await asyncio.sleep(0.05)
+    w.stop()
+    stats = await asyncio.wait_for(run, 30)
+    assert stats.errors >= 2 and stats.inserted == 0
+    assert count("postgres") == before["postgres"] and count("other") == before["other"]
+
+
 async def test_entries_read_again_are_counted_as_redeliveries(wenv, redis, database_url) -> None:
     from sync_worker.health import REDELIVERED
 
@@ -428,11 +449,11 @@ async def test_entries_read_again_are_counted_as_redeliveries(wenv, redis, datab
     w = Worker(wenv.redis_url, database_url, wenv.layout, "redeliver", block_ms=50)
     await w._connect()
     try:
-        w.stream.backlog = False
+        w.streams.backlog = False
         first = await w._read()  # new entries, not acked: they stay pending for this consumer
         assert first.size >= 2 and not first.redelivered
         before = REDELIVERED._value.get()
-        w.stream.reread()  # as after a failed write
+        w.streams.reread()  # as after a failed write
         again = await w._read()
         assert again.redelivered and again.size == first.size
         assert REDELIVERED._value.get() - before == first.size

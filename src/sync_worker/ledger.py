@@ -12,7 +12,6 @@ ledger raises it as PostgresUnavailable, so the worker tells which store failed 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ class PostgresUnavailable(ConnectionError):
 def _unavailable() -> Iterator[None]:
     try:
         yield
-    except (OSError, asyncio.TimeoutError) as e:
+    except (OSError, TimeoutError) as e:  # asyncpg's timeouts are asyncio's, an alias of TimeoutError
         raise PostgresUnavailable(f"{type(e).__name__}: {e}") from e
 
 

@@ -66,7 +66,7 @@ class Worker:
                  faults: Faults = NO_FAULTS) -> None:
         self.database_url = database_url
         self.consumer = consumer or socket.gethostname()
-        self.stream = Streams(redis_url, layout, self.consumer, group, batch, block_ms, int(claim_idle_s * 1000))
+        self.streams = Streams(redis_url, layout, self.consumer, group, batch, block_ms, int(claim_idle_s * 1000))
         self.ledger: Ledger | None = None
         self.faults = faults
         self.claim_every_s = max(1.0, claim_idle_s / 2)
@@ -82,7 +82,7 @@ class Worker:
         self.stopping.set()
 
     async def run(self) -> health.Stats:
-        log.info("worker %s: group %s on %d streams", self.consumer, self.stream.group, len(self.stream.names))
+        log.info("worker %s: group %s on %d streams", self.consumer, self.streams.group, len(self.streams.names))
         delay = 0.1
         while not self.stopping.is_set() or self._next is not None:
             try:
@@ -95,7 +95,7 @@ class Worker:
                 log.warning("worker %s: %s error, retrying in %.1fs: %s: %s", self.consumer, store, delay,
                             type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
                 self.ready = False
-                self.stream.reread()  # whatever was read stays pending: read it again
+                self.streams.reread()  # whatever was read stays pending: read it again
                 self._next = None
                 await self._disconnect()
                 try:
@@ -112,14 +112,14 @@ class Worker:
     async def _connect(self) -> None:
         if self.ledger is None:
             self.ledger = await Ledger.connect(self.database_url, self.consumer, self.faults)
-        await self.stream.open()
+        await self.streams.open()
         self.ready = True
 
     async def _disconnect(self) -> None:
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
-        await self.stream.close()
+        await self.streams.close()
 
     async def _round(self) -> None:
         await self._housekeeping()
@@ -142,7 +142,7 @@ class Worker:
             self._next = await nxt
 
     async def _read(self, block: bool = True) -> Batch:
-        redelivered, reply = await self.stream.read(block)
+        redelivered, reply = await self.streams.read(block)
         batch = encode(reply, redelivered)
         if redelivered:
             health.REDELIVERED.inc(batch.size)
@@ -153,8 +153,8 @@ class Worker:
         t0 = time.perf_counter()
         inserted, dups = await self.ledger.write(batch.rows, batch.dead, batch.redelivered)
         self.faults.reached("commit")
-        await self.stream.dead_letter(batch.dead)
-        await self.stream.ack(batch.ids)
+        await self.streams.dead_letter(batch.dead)
+        await self.streams.ack(batch.ids)
         self.stats.batch_done(batch.size, inserted, dups, len(batch.dead), time.perf_counter() - t0)
         if dups:
             log.info("worker %s: skipped %d events already in Postgres (redelivered)", self.consumer, dups)
@@ -167,11 +167,11 @@ class Worker:
         if self._due_now("partitions", PARTITIONS_EVERY_S):
             await self.ledger.ensure_partitions(self.partitions_ahead)
         if self._due_now("claim", self.claim_every_s):
-            await self.stream.claim()
+            await self.streams.claim()
         if self._due_now("maintain", self.maintain_every_s):
             await self.maintain()
         if self._due_now("forget", FORGET_EVERY_S):
-            await self.stream.forget(FORGET_IDLE_MS)
+            await self.streams.forget(FORGET_IDLE_MS)
 
     def _due_now(self, what: str, every: float) -> bool:
         now = time.monotonic()
@@ -182,9 +182,9 @@ class Worker:
 
     async def maintain(self) -> None:
         """Trims what every group has acked; reports lag, dead letters and this consumer's report."""
-        lags, dead_letters, now_ms = await self.stream.maintain(self.trim)
+        lags, dead_letters, now_ms = await self.streams.maintain(self.trim)
         health.record_lag(lags, dead_letters)
-        await self.stream.write_report(self.stats.report(self.consumer, now_ms))
+        await self.streams.write_report(self.stats.report(self.consumer, now_ms))
 
 
 async def main(redis_url: str, database_url: str, layout: Layout, consumer: str | None, batch: int,
