@@ -158,7 +158,7 @@ def requested_max_tokens(body: dict[str, Any]) -> int | None:
 def choices(body: dict[str, Any]) -> int:
     """How many completions one call asks for (`n`, or `best_of` for legacy completions):
     each may spend the whole max_tokens, so the hold scales with it. Not capped: a caller
-    asking for more than MAX_CHOICES is refused before anything is held (proxy.py)."""
+    asking for more than MAX_CHOICES is refused before anything is held (OpenAI.completions)."""
     out = 1
     for f in ("n", "best_of"):
         v = body.get(f)
