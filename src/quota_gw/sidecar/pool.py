@@ -9,6 +9,7 @@ when that look found the connection closed before a byte was written.
 from __future__ import annotations
 
 import socket
+import time
 from contextvars import ContextVar
 from typing import Any
 
@@ -83,10 +84,16 @@ class LiveConnector(aiohttp.TCPConnector):
             return None  # a resend: never a pooled connection
         conns = self._conns.get(key)  # aiohttp's idle pool for this host (a deque of (proto, t))
         if conns:
-            for proto, _ in conns:
-                if proto.is_connected() and closed_by_peer(proto.transport):
-                    proto.close()  # not connected any more: aiohttp's _get discards it
-                    DROPPED_IDLE.inc()
+            # Only the connection aiohttp will take is looked at (one syscall per call, not one
+            # per idle connection): it takes the oldest that is connected and within keep-alive.
+            now, keepalive = time.monotonic(), self._keepalive_timeout
+            for proto, t0 in conns:
+                if not proto.is_connected() or (keepalive is not None and now - t0 > keepalive):
+                    continue  # aiohttp's _get discards it itself
+                if not closed_by_peer(proto.transport):
+                    break
+                proto.close()  # not connected any more: aiohttp's _get discards it
+                DROPPED_IDLE.inc()
         return await super()._get(key, traces)
 
 
@@ -125,6 +132,7 @@ def _closed(conn: Any) -> bool:
 _ATTEMPT: ContextVar[dict[str, bool] | None] = ContextVar("qgw_upstream_attempt", default=None)
 _FRESH: ContextVar[bool] = ContextVar("qgw_upstream_fresh", default=False)
 WRITE_REFUSED = "the upstream closed the pooled connection before the request was written"
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: combining the flags per call costs an enum op
 
 
 def closed_by_peer(transport: Any) -> bool:
@@ -135,7 +143,7 @@ def closed_by_peer(transport: Any) -> bool:
         return False
     peek = socket.socket(fileno=sock.fileno())  # a view of the same fd (uvloop's wrapper has no recv)
     try:
-        peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        peek.recv(1, _PEEK)
         return True  # b"" (the peer closed) or unsolicited bytes (say, a 408 before closing)
     except BlockingIOError:
         return False
