@@ -142,6 +142,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/metrics", metrics.endpoint),
         Route("/openapi.json", openapi.endpoint),
         *api.routes,
+        *sidecar.authorize_routes,  # GET /v1/authorize (nginx auth_request, Envoy ext_authz)
         *admin.routes,
         *purchases.routes, *alerts_admin.routes,
         *admin_reads.routes,
