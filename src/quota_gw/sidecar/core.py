@@ -25,7 +25,7 @@ from ..redis_errors import REDIS_DOWN
 from ..spool import Spool, replay_forever
 from . import pool
 from .admission import admit, hold, store_down
-from .forwarding import forward, read_body
+from .forwarding import forward, read_body, timeout_of
 from .headers import Headers
 from .routing import RouteTable, target
 from .settling import Charge
@@ -46,6 +46,7 @@ class Sidecar:
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
         # One pooled client per upstream keep-alive setting (aiohttp sets it per connector).
         self.sessions: dict[float, aiohttp.ClientSession] = {}
+        self.timeouts = {id(r): timeout_of(r) for r in self.table.routes}
         self._replayer: asyncio.Task[None] | None = None
 
     @property
@@ -105,7 +106,8 @@ class Sidecar:
             charge = Charge(self, route, ident, user)
         else:
             charge = await admit(self, route, ident, user, request.method, redis_down)
-        await forward(self.sessions[route.upstream_keepalive_s], route, request, send, url, headers, body, charge)
+        await forward(self.sessions[route.upstream_keepalive_s], self.timeouts[id(route)], route, request, send,
+                      url, headers, body, charge)
 
 
 class Endpoint:

@@ -42,9 +42,13 @@ async def read_body(request: Request) -> bytes:
     return b"".join(parts)
 
 
-async def forward(session: aiohttp.ClientSession, route: RouteConfig, request: Request, send: Send, url: str,
-                  headers: list[tuple[str, str]], body: bytes, charge: Charge) -> None:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
+def timeout_of(route: RouteConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
+
+
+async def forward(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout, route: RouteConfig,
+                  request: Request, send: Send, url: str, headers: list[tuple[str, str]], body: bytes,
+                  charge: Charge) -> None:
     answered = False
     try:
         try:
@@ -79,13 +83,23 @@ async def relay(request: Request, send: Send, resp: aiohttp.ClientResponse, char
     drop = RESPONSE_DROP | {header_key(k) for k, _ in ours} | ({"content-length"} if charge.rewrites else set())
     out = [(k.lower(), v) for k, v in resp.raw_headers if header_key(k) not in drop]
     out += ours
-    await send({"type": "http.response.start", "status": resp.status, "headers": out})
+    start = {"type": "http.response.start", "status": resp.status, "headers": out}
     if resp.content.is_eof():
-        # The whole body came with the head (most small answers): nothing left to stream,
-        # so no copy and watch tasks; the same sends in the same order as pump's.
-        ended = await send_whole(resp.content.read_nowait(), send, charge.feed)
-    else:
-        ended = await pump(resp, request.receive, send, charge.feed)
+        # The whole body came with the head (most small answers): nothing left to stream, so
+        # no copy and watch tasks. It settles before anything is sent, and the body goes out
+        # as the last message: one write for body and end (a chunked answer's end was a write
+        # of its own, and a wake-up of the client).
+        body = resp.content.read_nowait()
+        body = (charge.feed(body) if body else b"") + charge.flush()
+        await charge.succeeded()
+        try:
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        except OSError:  # ASGI 2.4 servers raise when the client has gone: it is settled already
+            pass
+        return
+    await send(start)
+    ended = await pump(resp, request.receive, send, charge.feed)
     if ended == "done":
         tail = charge.flush()
         await charge.succeeded()
@@ -94,17 +108,6 @@ async def relay(request: Request, send: Send, resp: aiohttp.ClientResponse, char
         await charge.abandoned()
     else:  # the upstream broke mid-answer: refund, and cut the client's response too
         await charge.failed("cut mid-response")
-
-
-async def send_whole(body: bytes, send: Send, feed: Callable[[bytes], bytes]) -> str:
-    """pump() for a body that has fully arrived: 'done', or 'disconnect' if the client left."""
-    out = feed(body) if body else b""
-    if out:
-        try:
-            await send({"type": "http.response.body", "body": out, "more_body": True})
-        except OSError:  # ASGI 2.4 servers raise when the client has gone
-            return "disconnect"
-    return "done"
 
 
 async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,

@@ -28,10 +28,18 @@ RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 def header_key(name: bytes | str) -> str:
     """How an upstream may read a header name: case-insensitively, and `_` as `-` (CGI/WSGI
     servers turn both into HTTP_X_QUOTA_ORG). Filtering compares these, so `X_Quota_Org`
-    is the gateway's X-Quota-Org and is dropped with it."""
-    if isinstance(name, bytes):
-        name = name.decode("latin-1")
-    return name.lower().replace("_", "-")
+    is the gateway's X-Quota-Org and is dropped with it. Remembered: every call carries
+    the same dozen names, each looked at twice."""
+    key = _KEYS.get(name)
+    if key is None:
+        key = (name.decode("latin-1") if isinstance(name, bytes) else name).lower().replace("_", "-")
+        if len(_KEYS) >= 4096:  # names are the caller's to choose: bounded
+            _KEYS.clear()
+        _KEYS[name] = key
+    return key
+
+
+_KEYS: dict[bytes | str, str] = {}
 
 
 class Headers:

@@ -28,8 +28,11 @@ def session(keepalive_s: float) -> aiohttp.ClientSession:
     """A pooled client for upstreams whose idle connections are kept `keepalive_s`."""
     conn = LiveConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=keepalive_s,
                          enable_cleanup_closed=False)
+    # No cookie jar: the pool serves every caller, so a cookie the upstream set for one would
+    # go out with the next caller's requests (and filtering a jar costs every call).
     return aiohttp.ClientSession(
         connector=conn, request_class=LiveRequest, auto_decompress=False, trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None))
 

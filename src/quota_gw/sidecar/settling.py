@@ -43,6 +43,17 @@ PROXIED = Counter("quota_gw_proxied_total", "Proxied calls by route and how they
 SPOOLED = Counter("quota_gw_spooled_total", "Calls whose usage went to the fail-open spool", ["op"],
                   registry=metrics.REGISTRY)
 
+_PROXIED: dict[tuple[str, str], Any] = {}
+
+
+def proxied(route: str, outcome: str) -> Any:
+    """PROXIED's child for (route, outcome), looked up once (labels() costs a lock and a
+    tuple of str() per call)."""
+    child = _PROXIED.get((route, outcome))
+    if child is None:
+        child = _PROXIED[(route, outcome)] = PROXIED.labels(route, outcome)
+    return child
+
 
 class Charge:
     """One proxied call's settlement; every path through `forward` ends in exactly one of
@@ -84,7 +95,7 @@ class Charge:
             return
         self.settled = True
         self.outcome = outcome
-        PROXIED.labels(self.route.prefix, outcome).inc()
+        proxied(self.route.prefix, outcome).inc()
         try:
             await fn()
         except Exception:  # noqa: BLE001 - the client's answer must not fail because settling did
