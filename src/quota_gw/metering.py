@@ -382,16 +382,33 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Returns the bytes to forward now (whole events only)."""
-        self._buf += chunk
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            return self._feed_crlf(buf)
+        # LF only (what servers send): one split finds every event boundary. (Looking for
+        # either boundary from each event on scanned the whole rest of the buffer per event.)
+        events = buf.split(b"\n\n")
+        self._buf = events.pop()  # after the last boundary: incomplete (b"" when none)
+        if not events:
+            return b""
+        kept = [e for e in events if self._keep(e)]
+        if len(kept) == len(events):  # nothing hidden: the bytes as they came, uncopied
+            return buf[:len(buf) - len(self._buf)] if self._buf else buf
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def _feed_crlf(self, buf: bytes) -> bytes:
+        """feed() for a buffer with CR in it: an event ends at the first blank line, LF or CRLF."""
         out = []
         while True:
-            i = self._find_end(self._buf)
+            a, b = buf.find(b"\n\n"), buf.find(b"\r\n\r\n")
+            i = b if a < 0 else a if b < 0 else min(a, b)
             if i < 0:
                 break
-            end = i + (4 if self._buf[i:i + 4] == b"\r\n\r\n" else 2)
-            event, self._buf = self._buf[:end], self._buf[end:]
+            end = i + (4 if i == b else 2)
+            event, buf = buf[:end], buf[end:]
             if self._keep(event):
                 out.append(event)
+        self._buf = buf
         return b"".join(out)
 
     def flush(self) -> bytes:
@@ -403,17 +420,11 @@ class StreamMeter:
     def total(self) -> int | None:
         return self.api.usage_total(self.usage)
 
-    @staticmethod
-    def _find_end(buf: bytes) -> int:
-        a, b = buf.find(b"\n\n"), buf.find(b"\r\n\r\n")
-        if a < 0:
-            return b
-        if b < 0:
-            return a
-        return min(a, b)
-
     def _keep(self, event: bytes) -> bool:
-        data = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+        if event.startswith(b"data:") and b"\n" not in event.rstrip(b"\r\n"):  # one data line: most events
+            data = event[5:].strip()
+        else:
+            data = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
         if not data:
             return True
         if data == b"[DONE]":
