@@ -249,12 +249,14 @@ def llm_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, 
     try:
         chat = "/v1/chat/completions"
         targets = []
-        for mode, label in (("json", "JSON"), ("sse", "streamed")):
+        for mode, extra, label in (("json", "", "JSON"), ("sse", '"stream":true,', "streamed")):
             targets.append((f"upstream direct, {label}", f"http://127.0.0.1:{up_port}{chat}", scripts[mode], [up_pid]))
             targets.append((f"quota-gw openai route, {label}", f"http://127.0.0.1:{port}{chat}", scripts[mode],
                             [proc.pid, up_pid]))
             if lite is not None:
-                targets.append((f"LiteLLM proxy, {label}", f"http://127.0.0.1:{lite[1]}{chat}", scripts[mode],
+                script = tmp / f"litellm-{mode}.lua"
+                script.write_text(LLM_LUA % (extra, lite[2]))
+                targets.append((f"LiteLLM proxy, {label}", f"http://127.0.0.1:{lite[1]}{chat}", script,
                                 [lite[0].pid, up_pid]))
         return measure(args, targets)
     finally:
@@ -264,13 +266,15 @@ def llm_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, 
                 p.wait(timeout=20)
 
 
-def start_litellm(litellm: Path, tmp: Path, up_port: int) -> tuple[subprocess.Popen, int]:
-    """LiteLLM's proxy, one worker, forwarding model demo-1 to the demo upstream (no database,
-    no auth: its lightest setup)."""
+def start_litellm(litellm: Path, tmp: Path, up_port: int) -> tuple[subprocess.Popen, int, str]:
+    """LiteLLM's proxy, one worker, forwarding model demo-1 to the demo upstream: its lightest
+    setup (no database, so no per-key budgets; the master key is the only credential)."""
+    master = "sk-bench-" + new_key()[1]
     conf = tmp / "litellm.yaml"
     conf.write_text(yaml.safe_dump({"model_list": [{"model_name": "demo-1", "litellm_params": {
         "model": "openai/demo-1", "api_base": f"http://127.0.0.1:{up_port}/v1", "api_key": "none"}}],
-        "litellm_settings": {"drop_params": True, "telemetry": False}}))
+        "litellm_settings": {"drop_params": True, "telemetry": False},
+        "general_settings": {"master_key": master}}))
     port = embedded.free_port()
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
     env.pop("DATABASE_URL", None)
@@ -280,7 +284,7 @@ def start_litellm(litellm: Path, tmp: Path, up_port: int) -> tuple[subprocess.Po
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1).status_code == 200:
-                return proc, port
+                return proc, port, master
         except httpx.TransportError:
             time.sleep(0.25)
     proc.kill()
