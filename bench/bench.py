@@ -245,8 +245,9 @@ def llm_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, 
     env = {**os.environ, "QUOTA_GW_CONFIG": str(cfg), "REDIS_URL": redis_url, "QUOTA_GW_PREFIX": prefix}
     env.pop("DATABASE_URL", None)
     proc = start_server("uvicorn", port, env)
-    lite = start_litellm(litellm, tmp, up_port) if litellm else None
+    lite = None
     try:
+        lite = start_litellm(litellm, tmp, up_port) if litellm else None
         chat = "/v1/chat/completions"
         targets = []
         for mode, extra, label in (("json", "", "JSON"), ("sse", '"stream":true,', "streamed")):
