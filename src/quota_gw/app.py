@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
-from . import account, admin, api, db, metrics, openapi, proxy, redis_policy
+from . import account, admin, api, db, metrics, openapi, redis_policy, sidecar
 from . import alerts_admin, purchases  # /v1/purchases, /v1/webhooks/stripe; the alerts' webhook
 from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
 from .api import Context, json_response
@@ -129,7 +129,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         decider = Decider(r, config, layout, ledger=pool)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)
         app.state.ctx = Context(config, decider, keys, pool)
-        app.state.sidecar = proxy.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool
+        app.state.sidecar = sidecar.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool
         await app.state.sidecar.start()
         try:
             yield
@@ -146,13 +146,14 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/metrics", metrics.endpoint),
         Route("/openapi.json", openapi.endpoint),
         *api.routes,
+        *sidecar.authorize_routes,  # GET /v1/authorize (nginx auth_request, Envoy ext_authz)
         *admin.routes,
         *purchases.routes, *alerts_admin.routes,
         *admin_reads.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
         *pages.routes, *activity.routes,  # GET /dashboard, /ops, dashboard links; GET /v1/admin/activity
         *(extra_routes or []),
-        *proxy.routes(config),  # last: a configured prefix never shadows the API
+        *sidecar.routes(config),  # last: a configured prefix never shadows the API
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         Problem: on_problem,

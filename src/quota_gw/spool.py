@@ -25,14 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from . import metrics
 from .decisions import Decider, Identity
+from .redis_errors import REDIS_DOWN
 
 log = logging.getLogger("quota_gw.spool")
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
 def entry(op: str, ident: Identity, **fields: Any) -> dict[str, Any]:
