@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError, ResponseError
 
+from quota_gw import events
 from quota_gw.layout import Layout
 
 from . import sql
@@ -47,9 +48,12 @@ log = logging.getLogger("quota_gw.worker")
 
 GROUP = "qgw-sync"
 
-# The fields lua/_lib.lua Events:add writes, in its order.
-FIELDS = [b"id", b"kind", b"org", b"user", b"key", b"meter", b"feature", b"delta", b"dp", b"cost", b"bal",
-          b"ts", b"meta"]
+# The fields lua/_lib.lua Events:add writes, in its order (quota_gw/events.py), and the
+# positions copy_line rewrites, by name.
+FIELDS = [n.encode() for n in events.NAMES]
+_ENTRY_LEN = 2 * len(FIELDS)  # field, value, field, value, ...
+_TS = events.POSITION["ts"]
+_META = events.POSITION["meta"]
 # SQLSTATE classes that mean "this row is bad", not "the database is unwell": data exceptions,
 # integrity violations (a unique violation is handled before), program limits (huge values).
 POISON_CLASSES = ("22", "23", "54")
@@ -171,22 +175,22 @@ def _escape(v: bytes) -> bytes:
 def copy_line(stream_ref: bytes, entry_id: bytes, f: list[bytes] | None, meta: bytes | None = None) -> bytes:
     """One COPY text line (sql.COLUMNS) from a raw entry; `meta` overrides the metadata.
     The hottest function of the worker: one slice, one join, a few C-level scans."""
-    if f is None or len(f) != 26 or f[0::2] != FIELDS:
+    if f is None or len(f) != _ENTRY_LEN or f[0::2] != FIELDS:
         raise BadEntry("not an event entry: unexpected fields")
     v = f[1::2]
     if meta is not None:
-        v[12] = meta
+        v[_META] = meta
     try:
-        us = int(v[11])
+        us = int(v[_TS])
         sec = us // 1_000_000
         if sec != _sec_cache[0]:
             _sec_cache[1] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec)).encode()
             _sec_cache[0] = sec
-        v[11] = b"%b.%06d+00" % (_sec_cache[1], us - sec * 1_000_000)
+        v[_TS] = b"%b.%06d+00" % (_sec_cache[1], us - sec * 1_000_000)
     except (ValueError, OverflowError, OSError) as e:
-        raise BadEntry(f"bad ts {v[11][:40]!r}: {e}") from None
+        raise BadEntry(f"bad ts {v[_TS][:40]!r}: {e}") from None
     line = b"\t".join(v)
-    if b"\\" in line or b"\n" in line or b"\r" in line or line.count(b"\t") != 12:
+    if b"\\" in line or b"\n" in line or b"\r" in line or line.count(b"\t") != len(FIELDS) - 1:
         line = b"\t".join([_escape(x) for x in v])  # JSON metadata with escapes, mostly
     return line + b"\t" + stream_ref + entry_id + b"\n"
 
@@ -469,7 +473,7 @@ class Worker:
         """A single refused row. If only its metadata is bad (say, JSON with \\u0000, which jsonb
         refuses) the event is still a balance change: keep it, with the metadata replaced."""
         stream, eid, fields, _ = row
-        meta = fields[25]
+        meta = fields[2 * _META + 1]
         if meta:
             note = orjson.dumps({"_invalid_metadata": str(err)[:200],
                                  "raw": meta.decode("utf-8", "replace").replace("\x00", "")})
