@@ -27,6 +27,7 @@ from starlette.routing import Route
 from .api import Context, balance_of, ctx, int_field, json_body, json_response, name_field
 from .auth import hash_key, new_key, require_admin
 from .config import MAX_AMOUNT, is_name
+from .layout import quota_field, quota_subject
 from .problems import Problem, invalid
 
 SCOPES = {"consume", "read"}
@@ -223,7 +224,7 @@ async def set_quota(request: Request) -> Response:
         limit = int_field(data, "limit", None, 0, MAX_AMOUNT)
     await _org_exists(c, org_id)
     scope, subject = ("user", user_id) if user_id else ("team", team)
-    field = f"{scope[0]}:{subject}:{meter}:lim"
+    field = quota_field(quota_subject(scope, subject), meter, "limit")
     if limit is None:
         await c.db.execute("DELETE FROM sub_quotas WHERE org_id=$1 AND meter=$2 AND scope=$3 AND subject=$4",
                            org_id, meter, scope, subject)
