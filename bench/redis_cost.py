@@ -18,10 +18,10 @@ import argparse
 import asyncio
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -68,12 +68,19 @@ async def commandstats(r: aioredis.Redis) -> dict[str, tuple[int, float]]:
     return out
 
 
+async def cpu_s(r: aioredis.Redis) -> float:
+    """CPU seconds of Redis's main thread (user + sys): unlike commandstats' wall time, not
+    inflated when the shared machine preempts Redis mid-script."""
+    info = await r.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+
 def per_call(stats: dict[str, tuple[int, float]]) -> float:
     calls = sum(c for c, _ in stats.values())
     return sum(c * u for c, u in stats.values()) / calls if calls else 0.0
 
 
-async def run(calls: int, users: int, plan: str, feature: str, concurrency: int) -> None:
+async def run(calls: int, users: int, plan: str, feature: str, concurrency: int, rounds: int) -> None:
     proc, port, _ = start_redis()
     r = aioredis.Redis(port=port)
     try:
@@ -96,42 +103,56 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int)
         # Warm: scripts/functions loaded, the period started.
         await decider.consume(ident, feature, 1, "warm")
 
-        async def consumes() -> list[int]:
-            statuses = []
-            for i in range(0, calls, concurrency):
-                ds = await asyncio.gather(*[decider.consume(ident, feature, 1, u) for u in ids[i:i + concurrency]])
-                statuses += [d.status for d in ds]
-            return statuses
-
-        await r.config_resetstat()
-        t0 = time.perf_counter()
-        statuses = await consumes()
-        wall_consume = time.perf_counter() - t0
-        consume_stats = await commandstats(r)
-        refused = sum(1 for s in statuses if s != 200)
-
         minimal = r.register_script(MINIMAL_LUA)
         await r.hset("min:{s00}:bal", "left", cost * calls * 2)
         await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[cost, "org1", "warm"])
-        await r.config_resetstat()
-        t0 = time.perf_counter()
-        for i in range(0, calls, concurrency):
-            p = r.pipeline(transaction=False)
-            for u in ids[i:i + concurrency]:
-                p.evalsha(minimal.sha, 2, "min:{s00}:bal", "min:{s00}:events", cost, "org1", u)
-            await p.execute()
-        wall_min = time.perf_counter() - t0
-        min_stats = await commandstats(r)
 
-        c, m = per_call(consume_stats), per_call(min_stats)
-        print(f"redis {version}, plan {plan}, feature {feature}, {calls} calls, {users} user ids, "
-              f"{refused} refused")
-        print(f"{'what':<34}{'command':<10}{'calls':>8}{'usec_per_call':>15}{'wall s':>8}")
-        for label, stats, wall in (("consume (Decider)", consume_stats, wall_consume),
-                                   ("minimal check-and-decrement", min_stats, wall_min)):
-            for cmd, (n, u) in stats.items():
-                print(f"{label:<34}{cmd:<10}{n:>8}{u:>15.2f}{wall:>8.2f}")
-        print(f"ratio consume / minimal: {c / m:.2f}x")
+        async def consumes(part: list[str]) -> list[int]:
+            statuses = []
+            for i in range(0, len(part), concurrency):
+                ds = await asyncio.gather(*[decider.consume(ident, feature, 1, u) for u in part[i:i + concurrency]])
+                statuses += [d.status for d in ds]
+            return statuses
+
+        async def minimals(part: list[str]) -> None:
+            for i in range(0, len(part), concurrency):
+                p = r.pipeline(transaction=False)
+                for u in part[i:i + concurrency]:
+                    p.evalsha(minimal.sha, 2, "min:{s00}:bal", "min:{s00}:events", cost, "org1", u)
+                await p.execute()
+
+        # Alternating rounds, each side measured right after the other: the machine is shared, so
+        # the ratio of one round is fairer than the ratio of two separate runs.
+        rows: list[tuple[float, float, float, float]] = []
+        refused = 0
+        cmd = "evalsha"
+        step = calls // rounds
+        for k in range(rounds):
+            part = ids[k * step:(k + 1) * step]
+            await r.config_resetstat()
+            t0 = await cpu_s(r)
+            refused += sum(1 for s in await consumes(part) if s != 200)
+            c_cpu = (await cpu_s(r) - t0) * 1e6 / len(part)
+            stats = await commandstats(r)
+            cmd = ",".join(stats)
+            c = per_call(stats)
+            await r.config_resetstat()
+            t0 = await cpu_s(r)
+            await minimals(part)
+            m_cpu = (await cpu_s(r) - t0) * 1e6 / len(part)
+            m = per_call(await commandstats(r))
+            rows.append((c, m, c_cpu, m_cpu))
+        print(f"redis {version}, plan {plan}, feature {feature}, {step * rounds} calls in {rounds} rounds, "
+              f"{users} user ids, {refused} refused; usec_per_call ({cmd} for consume, evalsha for minimal)")
+        print("usec_per_call: INFO commandstats (wall time inside the command); cpu us/call: Redis main-thread "
+              "CPU per call (INFO cpu), network I/O included")
+        print(f"{'round':<6}{'consume':>10}{'minimal':>10}{'ratio':>8}   {'cpu us/call':>12}{'minimal':>10}{'ratio':>8}")
+        for k, (c, m, cc, mc) in enumerate(rows):
+            print(f"{k + 1:<6}{c:>10.2f}{m:>10.2f}{c / m:>8.2f}   {cc:>12.2f}{mc:>10.2f}{cc / mc:>8.2f}")
+        med = statistics.median
+        print(f"{'median':<6}{med(x[0] for x in rows):>10.2f}{med(x[1] for x in rows):>10.2f}"
+              f"{med(x[0] / x[1] for x in rows):>8.2f}   {med(x[2] for x in rows):>12.2f}"
+              f"{med(x[3] for x in rows):>10.2f}{med(x[2] / x[3] for x in rows):>8.2f}")
         await decider.aclose()
     finally:
         await r.aclose()
@@ -146,8 +167,9 @@ def main() -> None:
     ap.add_argument("--plan", default="enterprise")
     ap.add_argument("--feature", default="generate_insight")
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency))
+    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds))
 
 
 if __name__ == "__main__":

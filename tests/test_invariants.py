@@ -273,9 +273,11 @@ async def test_decisions_survive_a_script_flush(client, tenant, redis):
     """Redis restarted or scripts flushed: batched and single calls reload and answer once."""
     org, h = await tenant("starter", general=300)
     await redis.script_flush()
+    await redis.function_flush()
     single = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
     assert single.status_code == 200
     await redis.script_flush()
+    await redis.function_flush()
     batch = await asyncio.gather(*(client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
                                    for _ in range(200)))
     assert [r.status_code for r in batch].count(200) == 200
