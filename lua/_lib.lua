@@ -49,6 +49,20 @@ local function field_names(prefix, fields)
   return t
 end
 
+-- A meter's field names, made once per meter: loaded as Redis Functions, the library's state
+-- lives across calls, and building 11 strings a call was a fifth of a decision's Lua time.
+local METER_FIELD_NAMES, meter_field_names_n = {}, 0
+local function meter_fields(meter)
+  local f = METER_FIELD_NAMES[meter]
+  if f == nil then
+    if meter_field_names_n >= 1000 then METER_FIELD_NAMES, meter_field_names_n = {}, 0 end  -- bounded
+    f = field_names(meter, METER_FIELDS)
+    METER_FIELD_NAMES[meter] = f
+    meter_field_names_n = meter_field_names_n + 1
+  end
+  return f
+end
+
 -- The answer of every operation: decisions.Decision, field for field (REPLY order); reply{}
 -- fills what a call leaves out.
 local REPLY = {'status', 'code', 'detail', 'cost', 'remaining', 'event_id', 'retry_after_ms', 'rl_limit',
@@ -163,6 +177,8 @@ end
 -- Sums the holds of this org's reservations past their expiry (now_s >= expires_at) that are
 -- still stored, per '<meter>' and per '<subject>:<meter>', for load_meter and load_quota.
 -- Reads only: check and balance must not write; the sweep returns them for good.
+local NONE = {}  -- no expired holds (read only)
+
 local function expired_holds(rv_key, rx_key, now_s)
   local expired = {}
   local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
@@ -196,15 +212,17 @@ local function decode_lots(raw)
   return lots
 end
 
+-- One HMGET reads every field of the meter (the alerts' too).
 local function load_meter(bal_key, meter, expired)
-  local f = field_names(meter, METER_FIELDS)
+  local f = meter_fields(meter)
   local v = redis.call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.purchased_total, f.purchased_at_start)
+    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
   local xh = expired[meter] or 0
   return setmetatable({key = bal_key, m = meter, f = f, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
-    ps = tonumber(v[8]) or 0, lots = decode_lots(redis.call('HGET', bal_key, f.lots)), pending = {}}, Meter)
+    ps = tonumber(v[8]) or 0, lots = decode_lots(v[9]), alpe = tonumber(v[10]), alt = tonumber(v[11]),
+    pending = {}}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -255,6 +273,7 @@ end
 -- Lots past their expiry stop counting: each is taken out of `p` by an `expire` event (pending,
 -- like a reset, so read-only callers see the same numbers and only save() writes).
 function Meter:expire_lots(now_s)
+  if #self.lots == 0 then return end
   local kept = {}
   for _, lot in ipairs(self.lots) do
     if lot.x > 0 and lot.x <= now_s then
@@ -368,9 +387,8 @@ function Meter:alerts(events, user, feature, spec)
   if base <= 0 then return end
   local avail = self:available()
   local f = self.f
-  local v = redis.call('HMGET', self.key, f.alert_period, f.alert_threshold)
   local lowest = 101
-  if tonumber(v[1]) == self.pe then lowest = tonumber(v[2]) or 101 end
+  if self.alpe == self.pe then lowest = self.alt or 101 end
   local now_lowest = lowest
   for t in string.gmatch(spec, '%d+') do
     t = tonumber(t)
@@ -394,14 +412,15 @@ Quota.__index = Quota
 local function load_quota(q_key, subject, meter, pe, expired)
   if subject == nil or subject == '' then return nil end
   local sm = subject .. ':' .. meter
-  local f = field_names(sm, QUOTA_FIELDS)
-  local v = redis.call('HMGET', q_key, f.limit, f.used, f.held, f.period_end)
-  local lim = tonumber(v[1])
+  -- Most callers have no sub-quota: read its limit alone first.
+  local lim = tonumber(redis.call('HGET', q_key, sm .. ':' .. QUOTA_FIELDS.limit))
   if lim == nil then return nil end
-  local used = tonumber(v[2]) or 0
-  if tonumber(v[4]) ~= pe then used = 0 end
+  local f = field_names(sm, QUOTA_FIELDS)
+  local v = redis.call('HMGET', q_key, f.used, f.held, f.period_end)
+  local used = tonumber(v[1]) or 0
+  if tonumber(v[3]) ~= pe then used = 0 end
   local xh = expired[sm] or 0
-  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = (tonumber(v[3]) or 0) - xh, xh = xh,
+  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = (tonumber(v[2]) or 0) - xh, xh = xh,
     pe = pe, subject = subject}, Quota)
 end
 
@@ -468,7 +487,7 @@ end
 -- Reservations of an org: hash rid -> JSON record, and a zset of their expiries.
 local function release_hold(bal_key, q_key, rec)
   local m = rec.m
-  redis.call('HINCRBY', bal_key, m .. ':' .. METER_FIELDS.held, -rec.held)
+  redis.call('HINCRBY', bal_key, meter_fields(m).held, -rec.held)
   for _, subject in ipairs({rec.ut, rec.tt}) do
     if subject and subject ~= '' then
       redis.call('HINCRBY', q_key, subject .. ':' .. m .. ':' .. QUOTA_FIELDS.held, -rec.held)
@@ -480,7 +499,8 @@ end
 -- org = {bal, quotas, reservations, expiries} (keys).
 local function expire_hold(org, events, rid, rec)
   release_hold(org.bal, org.quotas, rec)
-  local v = redis.call('HMGET', org.bal, rec.m .. ':' .. METER_FIELDS.allocated, rec.m .. ':' .. METER_FIELDS.purchased)
+  local f = meter_fields(rec.m)
+  local v = redis.call('HMGET', org.bal, f.allocated, f.purchased)
   events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f,
     bal = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0),
     meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
@@ -488,7 +508,8 @@ local function expire_hold(org, events, rid, rec)
   redis.call('ZREM', org.expiries, rid)
 end
 
--- Returns expired holds (at most `max` a call, oldest first) to their meters.
+-- Returns expired holds (at most `max` a call, oldest first) to their meters. Returns true when
+-- none is left past its expiry (fewer than `max` were due).
 local function sweep_expired(org, events, now_s, max)
   local due = redis.call('ZRANGEBYSCORE', org.expiries, '-inf', now_s, 'LIMIT', 0, max)
   for _, rid in ipairs(due) do
@@ -499,6 +520,7 @@ local function sweep_expired(org, events, now_s, max)
       redis.call('ZREM', org.expiries, rid)
     end
   end
+  return #due < max
 end
 
 -- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
@@ -539,18 +561,24 @@ end
 
 -- --- The gate every decision (check, consume, reserve) goes through, step by step. ----------
 
--- Step 1, arguments: the request as named, typed values (k = GATE_KEYS, a = GATE_ARGV bound).
+-- Step 1, arguments: the bound ARGV (GATE_ARGV names) becomes the request, typed in place
+-- (one table a decision, not two), with the keys and the server time.
 local function gate_request(k, a, now)
-  return {
-    keys = k, id = a.event_id, org = a.org, user = a.user, key = a.key_id, feature = a.feature,
-    meter = a.meter, cost = tonumber(a.cost), alloc = tonumber(a.allocation), period = a.period,
-    rollover = a.rollover == '1', auto = a.auto_register == '1', idem_ttl = tonumber(a.idem_ttl_s),
-    fp = a.fingerprint, meta = a.metadata, shadow = a.shadow == '1', rec_ttl = tonumber(a.record_ttl_s),
-    reservation_ttl = tonumber(a.reservation_ttl_s), unit_cost = tonumber(a.unit_cost),
-    min_cost = tonumber(a.min_cost) or 0, alerts = a.alert_thresholds,
-    now = now, now_s = math.floor(now / 1000000),
-    team = '', rl = {}, rl_writes = {},
-  }
+  a.keys = k
+  a.cost = tonumber(a.cost)
+  a.allocation = tonumber(a.allocation)
+  a.rollover = a.rollover == '1'
+  a.auto_register = a.auto_register == '1'
+  a.idem_ttl_s = tonumber(a.idem_ttl_s)
+  a.shadow = a.shadow == '1'
+  a.record_ttl_s = tonumber(a.record_ttl_s)
+  a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
+  a.unit_cost = tonumber(a.unit_cost)
+  a.min_cost = tonumber(a.min_cost) or 0
+  a.now = now
+  a.now_s = math.floor(now / 1000000)
+  a.team = ''
+  return a
 end
 
 -- Step 2, user: a known user may belong to a team; an unknown one is registered (or refused).
@@ -559,7 +587,7 @@ local function gate_user(req, write)
   local team = redis.call('HGET', req.keys.users, req.user)
   if team then
     req.team = team
-  elseif req.auto then
+  elseif req.auto_register then
     if write then redis.call('HSET', req.keys.users, req.user, '') end
   else
     return {403, 'forbidden', 'unknown user ' .. req.user}
@@ -568,13 +596,16 @@ local function gate_user(req, write)
 end
 
 -- Step 3, rate limits (user, key, org; interval 0 = none): checked now, written on success.
-local function gate_rate_limits(req, a)
-  local k = req.keys
+-- Per limit: its key (GATE_KEYS) and its two arguments (GATE_ARGV).
+local RATE_LIMITS = {{'rl_user', 'rl_user_interval_us', 'rl_user_burst'},
+  {'rl_key', 'rl_key_interval_us', 'rl_key_burst'}, {'rl_org', 'rl_org_interval_us', 'rl_org_burst'}}
+
+local function gate_rate_limits(req)
   local limits = {}
-  for _, lim in ipairs({{'user', k.rl_user}, {'key', k.rl_key}, {'org', k.rl_org}}) do
-    local interval = tonumber(a['rl_' .. lim[1] .. '_interval_us'])
-    if interval > 0 and not (lim[1] == 'user' and req.user == '') then
-      table.insert(limits, {lim[2], interval, tonumber(a['rl_' .. lim[1] .. '_burst'])})
+  for i, lim in ipairs(RATE_LIMITS) do
+    local interval = tonumber(req[lim[2]])
+    if interval > 0 and not (i == 1 and req.user == '') then
+      table.insert(limits, {req.keys[lim[1]], interval, tonumber(req[lim[3]])})
     end
   end
   local ok, rl, writes = rate_limits(limits, req.now)
@@ -589,7 +620,7 @@ end
 -- out is forbidden until credit is bought.
 local function gate_period(req, expired)
   local meter = load_meter(req.keys.bal, req.meter, expired)
-  meter:refresh(req.alloc, req.period, req.rollover, req.now_s)
+  meter:refresh(req.allocation, req.period, req.rollover, req.now_s)
   meter:expire_lots(req.now_s)
   req.mtr = meter
   if meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
@@ -629,11 +660,13 @@ end
 -- writes nothing). Returns the request (with its meter and levels) and the refusal or nil.
 local function gate(k, a, write)
   local req = gate_request(k, a, now_us())
-  req.events = new_events(k.stream, req.id, req.now, req.org, req.key)
-  if write then sweep_expired(k, req.events, req.now_s, 16) end
-  local expired = expired_holds(k.reservations, k.expiries, req.now_s)  -- what the sweep left
+  req.events = new_events(k.stream, req.event_id, req.now, req.org, req.key_id)
+  local expired = NONE  -- what the sweep left
+  if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
+    expired = expired_holds(k.reservations, k.expiries, req.now_s)
+  end
   local refusal = gate_user(req, write)
-  local rl_refusal = gate_rate_limits(req, a)
+  local rl_refusal = gate_rate_limits(req)
   local plan_refusal = gate_period(req, expired)
   local level_refusal = gate_levels(req, expired)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
@@ -650,14 +683,14 @@ end
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
-  req.events:add({id = req.id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
+  req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
     meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost})})
   if req.shadow then
-    return decision(req, {cost = 0, remaining = remaining(req), event_id = req.id, would = refusal[2]})
+    return decision(req, {cost = 0, remaining = remaining(req), event_id = req.event_id, would = refusal[2]})
   end
   return decision(req, {status = refusal[1], code = refusal[2], detail = refusal[3], cost = req.cost,
-    remaining = remaining(req), event_id = req.id})
+    remaining = remaining(req), event_id = req.event_id})
 end
 
 -- --- Settling a reservation (commit, release) happens once; a retry gets the first answer. ---
@@ -683,7 +716,7 @@ local function settle_start(op, k, a)
   local now = now_us()
   local now_s = math.floor(now / 1000000)
   local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
-  sweep_expired(k, events, now_s, 16)
+  local swept_all = sweep_expired(k, events, now_s, 16)
   local raw = redis.call('HGET', k.reservations, rid)
   local rec = raw and cjson.decode(raw)
   local expires = tonumber(redis.call('ZSCORE', k.expiries, rid))  -- as the sweep reads it
@@ -699,7 +732,8 @@ local function settle_start(op, k, a)
   redis.call('HDEL', k.reservations, rid)
   redis.call('ZREM', k.expiries, rid)
   -- The reservation, the event sink, and the holds still stored past their expiry.
-  return {rec = rec, events = events, expired = expired_holds(k.reservations, k.expiries, now_s)}, nil
+  return {rec = rec, events = events, expired = swept_all and NONE or expired_holds(k.reservations, k.expiries, now_s)},
+    nil
 end
 
 local function settle_finish(op, k, a, rep)
