@@ -1,4 +1,4 @@
-"""Redis time per decision (issue 11): the real consume beside a minimal script, same Redis, one run.
+"""Redis time per decision: the real consume beside a minimal script, same Redis, one run.
 
     .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise]
 
