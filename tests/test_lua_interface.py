@@ -57,6 +57,21 @@ def test_argv_lists_the_fields_in_order() -> None:
     assert decisions.argv(args) == ["r", "e", "o", "k", 3, "60", "70", "", "fp", "1"]
 
 
+def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
+    """The hot path copies a per-plan template and sets the per-call fields by position: the
+    list must be what the typed object gives."""
+    from redis.asyncio import Redis
+
+    d = decisions.Decider(Redis(), config, layout.Layout("t", 16))
+    ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
+    _, args = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1")
+    _, terms, _ = d._priced(ident, "generate_insight")
+    assert args == decisions.argv(decisions.GateArgs(event_id="e1", org="org1", user="u1", key_id="key1",
+                                                     feature="generate_insight", cost=3, fingerprint="fp1",
+                                                     metadata='{"a":1}', shadow=1, **terms))
+    assert terms["rl_user_interval_us"] > 0 and args[decisions.GATE["rl_user_burst"]] == 20
+
+
 def test_each_script_binds_its_keys_at_the_top() -> None:
     for script in OPERATIONS:
         src = code((lua_dir() / f"{script}.lua").read_text())

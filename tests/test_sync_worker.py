@@ -329,13 +329,13 @@ async def test_metrics_health_and_readiness_port(wenv, redis) -> None:
 async def test_derived_event_ids_never_collide_with_the_request_id(wenv, redis) -> None:
     """A period reset written by a consume gets an id derived from the consume's: it must differ
     from every request id, or the ledger (unique per event id) keeps only one of the two."""
-    from quota_gw.decisions import Decision, argv
+    from quota_gw.decisions import Decision
 
     orgs = identities(4)
     for i, ident in enumerate(orgs):
         eid = uuid.uuid4().hex[:30] + f"{0x81 + i % 2:02x}"  # the first derived ids: ..81, ..82
         keys, args = wenv.decider._gate_call(ident, "generate_insight", 1, "", None, "", None, False, event_id=eid)
-        assert Decision.from_reply(await wenv.decider.scripts.consume(keys=keys, args=argv(args))).status == 200
+        assert Decision.from_reply(await wenv.decider.scripts.consume(keys=keys, args=args)).status == 200
     entries = await stream_events(redis, wenv.layout)
     assert sorted(f["kind"] for f in entries) == ["consume"] * 4 + ["reset"] * 4
     assert len({f["id"] for f in entries}) == 8
