@@ -25,13 +25,13 @@ end
 local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'feature', 'meter', 'cost', 'allocation', 'period',
   'rollover', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
   'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s', 'fingerprint', 'metadata', 'shadow',
-  'record_ttl_s', 'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds'}
-local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'record',
-  'reservations', 'expiries'}
+  'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds'}
+local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations',
+  'expiries'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
-local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'record_ttl_s',
-  'metadata', 'fingerprint', 'beyond_hold'}
-local SETTLE_KEYS = {'bal', 'quotas', 'reservations', 'expiries', 'stream', 'settled', 'record'}
+local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
+  'fingerprint', 'beyond_hold'}
+local SETTLE_KEYS = {'bal', 'quotas', 'reservations', 'expiries', 'stream', 'settled'}
 -- The balance read: one group per meter, decisions.BalanceArgs.
 local BALANCE_ARGV = {'meter', 'allocation', 'period', 'rollover'}
 
@@ -571,7 +571,6 @@ local function gate_request(k, a, now)
   a.auto_register = a.auto_register == '1'
   a.idem_ttl_s = tonumber(a.idem_ttl_s)
   a.shadow = a.shadow == '1'
-  a.record_ttl_s = tonumber(a.record_ttl_s)
   a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
   a.unit_cost = tonumber(a.unit_cost)
   a.min_cost = tonumber(a.min_cost) or 0

@@ -31,8 +31,7 @@ if want > cost then meta.overage = want - cost end
 if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
 local id = events:add({id = a.event_id, kind = 'commit', user = rec.u, meter = rec.m, feature = rec.f,
   delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), meta = cjson.encode(meta)})
-redis.call('SET', k.record, cjson.encode({m = rec.m, a = from_a, p = from_p, cost = cost, u = rec.u,
-  f = rec.f, pe = m.pe, ut = rec.ut, tt = rec.tt}), 'EX', tonumber(a.record_ttl_s))
+-- Nothing is kept for a refund: it reads this event back (refund.lua).
 return settle_finish('commit', k, a, reply{cost = cost, remaining = m:available(), event_id = id,
   extra = cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost),
     meter = rec.m, feature = rec.f})})

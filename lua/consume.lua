@@ -19,10 +19,7 @@ save_rate_limits(req.rl_writes)
 req.events:add({id = req.event_id, kind = 'consume', user = req.user, meter = req.meter, feature = req.feature,
   delta = -(from_a + from_p), dp = -from_p, cost = req.cost, bal = m:balance(), meta = req.metadata})
 m:alerts(req.events, req.user, req.feature, req.alert_thresholds)
--- What a refund needs to put back, and where.
-redis.call('SET', k.record, cjson.encode({m = req.meter, a = from_a, p = from_p, cost = req.cost,
-  u = req.user, f = req.feature, pe = m.pe, ut = req.uq and req.uq.subject or '',
-  tt = req.tq and req.tq.subject or ''}), 'EX', req.record_ttl_s)
+-- Nothing is kept for a refund: it reads this event back (refund.lua).
 local rep = decision(req, {cost = req.cost, remaining = remaining(req), event_id = req.event_id})
 remember(k.idem, a.fingerprint, req.idem_ttl_s, rep)
 return rep

@@ -1,21 +1,47 @@
--- refund: puts back what one consume/commit took, once. The allocated part goes back only
--- within the same period (a new period has refilled the allocation already).
-local k = bind(KEYS, {'bal', 'quotas', 'record', 'stream', 'reservations', 'expiries'})
-local a = bind(ARGV, {'refunded_event_id', 'event_id', 'org', 'key_id', 'metadata', 'fingerprint'})
+-- refund: puts back what one consume/commit took, once per event inside the refund window. The
+-- allocated part goes back only within the same period (a new period has refilled the
+-- allocation already). A charge leaves nothing in Redis for its refund: its facts come from the
+-- charged event itself (the gateway read it from the ledger, or from the stream when not drained
+-- yet: see charges.py), and the only state is the guard, written here, kept until the window
+-- closes. Team and user quotas: the user's quota and current team's quota, as a rebuild derives
+-- them. legacy_record: the event's refund record as versions before the guard wrote it (a refund
+-- there is the guard; such records expire within refund_window_s of the upgrade). The charge:
+-- meter, its allocated and purchased parts, cost, user, feature, time (unix us); period: the
+-- plan's period spec.
+local k = bind(KEYS, {'bal', 'quotas', 'guard', 'stream', 'reservations', 'expiries', 'users', 'legacy_record'})
+local a = bind(ARGV, {'refunded_event_id', 'event_id', 'org', 'key_id', 'metadata', 'fingerprint', 'meter',
+  'allocated', 'purchased', 'cost', 'user', 'feature', 'charged_at_us', 'period', 'refund_window_s'})
 
-local raw = redis.call('GET', k.record)
-if not raw then
-  return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
+local guard = redis.call('GET', k.guard)
+local old = not guard and redis.call('GET', k.legacy_record)
+if old then
+  old = cjson.decode(old)
+  if old.refunded then guard = cjson.encode({fp = old.refunded_fp or '', r = old.refunded}) end
 end
-local rec = cjson.decode(raw)
-if rec.refunded then
-  if rec.refunded_fp and rec.refunded_fp ~= (a.fingerprint or '') then
+if guard then
+  local g = cjson.decode(guard)
+  if not g.r then  -- restored by a rebuild: refunded before it, the answer is gone
+    return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
+  end
+  if g.fp ~= (a.fingerprint or '') then
     return reply{status = 409, code = 'conflict',
       detail = 'event ' .. a.refunded_event_id .. ' already refunded by a different request', replay = 1}
   end
-  return replayed(rec.refunded)
+  return replayed(g.r)
 end
 local now = now_us()
+local charged_at = tonumber(a.charged_at_us)
+local closes = charged_at + tonumber(a.refund_window_s) * 1000000
+if now >= closes then
+  return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
+end
+local rec = {m = a.meter, a = tonumber(a.allocated), p = tonumber(a.purchased), cost = tonumber(a.cost),
+  u = a.user, f = a.feature, pe = period_end(a.period, math.floor(charged_at / 1000000)), ut = '', tt = ''}
+if rec.u ~= '' then
+  rec.ut = 'u:' .. rec.u
+  local team = redis.call('HGET', k.users, rec.u)
+  if team and team ~= '' then rec.tt = 't:' .. team end
+end
 local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
 local expired = expired_holds(k.reservations, k.expiries, math.floor(now / 1000000))
 local m = load_meter(k.bal, rec.m, expired)
@@ -35,7 +61,5 @@ if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
 local id = events:add({id = a.event_id, kind = 'refund', user = rec.u, meter = rec.m, feature = rec.f,
   delta = back_a + rec.p, dp = rec.p, cost = -rec.cost, bal = m:balance(), meta = cjson.encode(meta)})
 local rep = reply{cost = back_a + rec.p, remaining = m:available(), event_id = id}
-rec.refunded = rep
-rec.refunded_fp = a.fingerprint or ''
-redis.call('SET', k.record, cjson.encode(rec), 'KEEPTTL')
+redis.call('SET', k.guard, cjson.encode({fp = a.fingerprint or '', r = rep}), 'PXAT', fmt(math.ceil(closes / 1000)))
 return rep

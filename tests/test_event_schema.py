@@ -81,15 +81,15 @@ async def test_the_schema_columns_are_the_ledger_columns(database_url: str) -> N
 
 
 def test_the_worker_and_its_sql_take_their_order_from_the_schema() -> None:
-    from sync_worker import sql, worker
+    from sync_worker import encoding, sql
 
     assert sql.COLUMNS == (*events.COLUMNS, events.STREAM_ID_COLUMN)
-    assert worker.FIELDS == [n.encode() for n in events.NAMES]
+    assert encoding.FIELDS == [n.encode() for n in events.NAMES]
     fields: list[bytes] = []
     for f in events.FIELDS:
         value = {"int": b"7", "us": b"1700000000123456", "json": b"{}", "uuid": b"ab" * 16}.get(f.type, b"x")
         fields += [f.name.encode(), value]
-    line = worker.copy_line(b"s/", b"1-0", fields).rstrip(b"\n").split(b"\t")
+    line = encoding.copy_line(b"s/", b"1-0", fields).rstrip(b"\n").split(b"\t")
     assert len(line) == len(sql.COLUMNS)
     row = dict(zip(sql.COLUMNS, line))
     assert row["ts"] == b"2023-11-14 22:13:20.123456+00" and row["metadata"] == b"{}" and row["stream_id"] == b"s/1-0"

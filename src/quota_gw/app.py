@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from .config import Config
 from .decisions import Decider
 from .layout import Layout
 from .problems import Problem, problem_body, problem_response
+from .store import record_low_balance_mark
 
 log = logging.getLogger("quota_gw")
 
@@ -120,9 +122,11 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         r = redis_client(redis_url)
         await redis_policy.check_at_start(r, config)
-        pool = db.Database(database_url) if database_url else None  # connects on first use
+        # Connects on first use; then records the config's low-balance mark for the views (store.py).
+        pool = db.Database(database_url, on_connect=functools.partial(
+            record_low_balance_mark, percent=config.low_balance_mark)) if database_url else None
         layout = Layout(prefix, config.shards)
-        decider = Decider(r, config, layout)
+        decider = Decider(r, config, layout, ledger=pool)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)
         app.state.ctx = Context(config, decider, keys, pool)
         app.state.sidecar = proxy.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool

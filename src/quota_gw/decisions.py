@@ -1,7 +1,8 @@
 """Decisions: each operation is one Lua script call, so one Redis round trip.
 
 Python only prices the call, names the keys and translates the script's reply; every read
-and write of a balance happens inside the script, atomically, on the Redis server clock.
+and write of a balance happens inside the script, atomically, on the Redis server clock. A
+refund first reads the charged event (charges.py) and hands its facts to the script.
 Every decision is counted here (metrics.observe), whichever route asked for it: API or proxy.
 """
 
@@ -18,9 +19,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import metrics
+from . import charges, metrics
 from .coalesce import Coalescer
 from .config import Config, Plan
+from .db import Database
 from .layout import Layout
 from .problems import Problem
 from .scripts import Scripts
@@ -116,7 +118,6 @@ class GateArgs:
     fingerprint: str  # '' = no idempotency key
     metadata: str
     shadow: int
-    record_ttl_s: str
     reservation_ttl_s: str = ""  # reserve
     unit_cost: int | str = ""  # reserve: what one unit commits at
     min_cost: int = 0  # reserve: hold less than asked, down to this, when that is all there is
@@ -133,7 +134,6 @@ class SettleArgs:
     key_id: str
     units: int
     answer_ttl_s: str
-    record_ttl_s: str
     metadata: str
     fingerprint: str  # a retry with a different body is 409, not the first answer
     beyond_hold: str = ""  # commit: '1' charges usage beyond the hold (the sidecar)
@@ -141,7 +141,7 @@ class SettleArgs:
 
 @dataclass(slots=True)
 class RefundArgs:
-    """refund (lua/refund.lua)."""
+    """refund (lua/refund.lua): the request, then the charge's facts (charges.find)."""
 
     refunded_event_id: str
     event_id: str
@@ -149,6 +149,15 @@ class RefundArgs:
     key_id: str
     metadata: str
     fingerprint: str
+    meter: str
+    allocated: int  # the charge's allocated part
+    purchased: int  # and purchased part
+    cost: int
+    user: str
+    feature: str
+    charged_at_us: int
+    period: str  # the plan's period spec (the charge's period end is derived from it)
+    refund_window_s: int
 
 
 @dataclass(slots=True)
@@ -219,15 +228,16 @@ def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
 
 
 class Decider:
-    def __init__(self, redis: Redis, config: Config, layout: Layout) -> None:
+    def __init__(self, redis: Redis, config: Config, layout: Layout, ledger: Database | None = None) -> None:
         self.redis = redis
+        self.ledger = ledger  # where refunds find drained charges (None: the stream only)
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
         self._coalescer = Coalescer(redis)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
-        self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
+        self._ttl = (str(b.idempotency_ttl_s),)
         self._terms: dict[tuple[str, str], tuple[str, dict[str, Any], list[Any]]] = {}
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
@@ -255,7 +265,7 @@ class Decider:
                 terms[f"rl_{name}_interval_us"], terms[f"rl_{name}_burst"] = \
                     (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
             terms.update(auto_register=int(self.config.behaviour.auto_register_users), idem_ttl_s=self._ttl[0],
-                         record_ttl_s=self._ttl[1], alert_thresholds=self._alerts)
+                         alert_thresholds=self._alerts)
             template = argv(GateArgs(event_id="", org="", user="", key_id="", feature=feature, cost=0,
                                      fingerprint="", metadata="", shadow=0, **terms))
             hit = self._terms[(ident.plan, feature)] = (meter, terms, template)
@@ -272,7 +282,7 @@ class Decider:
             L.balances(org), L.quotas(org), L.users(org),
             L.rate(org, "u", user), L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
             L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
-            L.stream(org), L.event_record(org, event_id), L.reservations(org), L.expiries(org),
+            L.stream(org), L.reservations(org), L.expiries(org),
         ]
         args = template.copy()
         args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
@@ -330,10 +340,9 @@ class Decider:
         L, org = self.layout, ident.org_id
         event_id = new_id()
         keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org),
-                L.settled(org, rid), L.event_record(org, event_id)]
+                L.settled(org, rid)]
         args = SettleArgs(reservation_id=rid, event_id=event_id, org=org, key_id=ident.key_id, units=units,
-                          answer_ttl_s=self._ttl[0], record_ttl_s=self._ttl[1],
-                          metadata=metadata.decode() if metadata else "",
+                          answer_ttl_s=self._ttl[0], metadata=metadata.decode() if metadata else "",
                           fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "")
         return keys, argv(args)
 
@@ -358,13 +367,25 @@ class Decider:
         return d
 
     async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
+        """Once per event inside the refund window. The charge's facts come from its event
+        (charges.find: ledger or stream, 503 while the ledger is down and the event drained);
+        refund.lua checks the guard and applies them in one script."""
         t0 = time.perf_counter()
         L, org = self.layout, ident.org_id
-        keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org),
-                L.reservations(org), L.expiries(org)]
-        args = RefundArgs(refunded_event_id=event_id, event_id=new_id(), org=org, key_id=ident.key_id,
-                          metadata=metadata.decode() if metadata else "", fingerprint=fingerprint("refund", metadata=metadata))
-        d = Decision.from_reply(await self._run(self.scripts.refund, keys, argv(args)))
+        window = self.config.behaviour.refund_window_s
+        c = await charges.find(self.redis, self.ledger, L, org, event_id, window)
+        if c is None or not c.refundable_by(org):
+            d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
+        else:
+            keys = [L.balances(org), L.quotas(org), L.refund_guard(org, event_id), L.stream(org),
+                    L.reservations(org), L.expiries(org), L.users(org), L.event_record(org, event_id)]
+            args = RefundArgs(refunded_event_id=event_id, event_id=new_id(), org=org, key_id=ident.key_id,
+                              metadata=metadata.decode() if metadata else "",
+                              fingerprint=fingerprint("refund", metadata=metadata), meter=c.meter,
+                              allocated=c.allocated, purchased=c.purchased, cost=c.cost, user=c.user,
+                              feature=c.feature, charged_at_us=c.ts_us, period=self.plan(ident).period,
+                              refund_window_s=window)
+            d = Decision.from_reply(await self._run(self.scripts.refund, keys, argv(args)))
         metrics.observe("refund", "", "", -1, d, t0)
         return d
 

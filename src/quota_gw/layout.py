@@ -96,7 +96,13 @@ class Layout:
         return f"{self.tag(org_id)}:idem:{org_id}:{scope}:{key}"
 
     def event_record(self, org_id: str, event_id: str) -> str:
+        """Once a refund record per charge; no script writes it now (see refund_guard). refund.lua
+        still reads it: one refunded before the upgrade is the guard until it expires."""
         return f"{self.tag(org_id)}:ev:{org_id}:{event_id}"
+
+    def refund_guard(self, org_id: str, event_id: str) -> str:
+        """Written by a refund (lua/refund.lua), kept until the refund window of the event closes."""
+        return f"{self.tag(org_id)}:rf:{org_id}:{event_id}"
 
     def settled(self, org_id: str, reservation_id: str) -> str:
         return f"{self.tag(org_id)}:done:{org_id}:{reservation_id}"

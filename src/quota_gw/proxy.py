@@ -701,6 +701,11 @@ class FixedCharge(Charge):
             except REDIS_DOWN:
                 await self.spool("refund", event_id=eid)
                 return
+            except Problem as e:  # 503: the ledger is down and the charge already drained (charges.py)
+                if e.status != 503:
+                    raise
+                await self.spool("refund", event_id=eid)
+                return
             if d.ok:
                 self.decision.remaining = d.remaining  # type: ignore[union-attr]
 

@@ -17,7 +17,6 @@ and the report counts the lots that may still have been live.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import sys
 import time
@@ -188,7 +187,7 @@ class RebuildReport:
     quotas: int = 0
     keys: int = 0
     revoked: int = 0
-    refundable: int = 0
+    refund_guards: int = 0
     lots_not_restored: int = 0
 
 
@@ -258,54 +257,31 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         ops.append(("hset", layout.quotas(org), None, None, fields))
         rep.quotas += 1
 
-    rep.refundable = await _refund_records(pg, config, layout, team_of, ops)
+    rep.refund_guards = await _refund_guards(pg, config, layout, ops)
     rep.lots_not_restored = await pg.fetchval(LIVE_LOTS)
     await _write(r, ops)
     return rep
 
 
-async def _refund_records(pg: asyncpg.Connection, config: Config, layout: Layout,
-                          team_of: dict[tuple[str, str], str], ops: list[tuple[Any, ...]]) -> int:
-    """What a refund of a recent consume/commit needs (lua/consume.lua writes it at charge time),
-    for the charges of the refund window that were not refunded yet."""
-    window = config.behaviour.refund_window_s
-    refunded = {r["id"] for r in await pg.fetch(
-        """SELECT metadata ->> 'refund_of' AS id FROM usage_events
-           WHERE kind = 'refund' AND ts > now() - $1 * interval '1 second'""", float(window))}
-    quota_subjects = {(q["org_id"], q["meter"], f"{q['scope'][0]}:{q['subject']}")
-                      for q in await pg.fetch("SELECT org_id, meter, scope, subject FROM sub_quotas")}
-    # Period ends in force at each moment, to tell which period a charge belongs to.
-    starts: dict[tuple[str, str], tuple[list[Any], list[int]]] = {}
-    for p in await pg.fetch("""SELECT org_id, meter, ts, (metadata ->> 'period_end')::bigint AS pe
-                               FROM usage_events WHERE kind IN ('reset', 'adjust') AND metadata ? 'period_end'
-                               AND ts > now() - $1 * interval '1 second' - interval '400 days'
-                               ORDER BY ts""", float(window)):
-        ts_list, pes = starts.setdefault((p["org_id"], p["meter"]), ([], []))
-        ts_list.append(p["ts"])
-        pes.append(p["pe"])
+async def _refund_guards(pg: asyncpg.Connection, config: Config, layout: Layout, ops: list[tuple[Any, ...]]) -> int:
+    """Refunds of the window's charges, each its guard again (lua/refund.lua writes it), so a
+    charge refunded before the rebuild is not refunded twice. The guard holds no answer (the
+    ledger has no `remaining`): a refund of that event is 404, as it was before this guard."""
+    window = float(config.behaviour.refund_window_s)
     now = time.time()
     n = 0
-    for e in await pg.fetch(
-            """SELECT org_id, event_id, ts, meter, coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature,
-                      delta, delta_purchased, cost
-               FROM usage_events WHERE kind IN ('consume', 'commit') AND cost > 0
-               AND ts > now() - $1 * interval '1 second'""", float(window)):
-        eid = _id(e["event_id"])
-        if eid in refunded:
-            continue
-        org, m, user = e["org_id"], e["meter"], e["user_id"]
-        ts_list, pes = starts.get((org, m), ([], []))
-        i = bisect.bisect_right(ts_list, e["ts"]) - 1
-        if i < 0:
-            continue
-        team = team_of.get((org, user), "")
-        rec = {"m": m, "a": -(e["delta"] - e["delta_purchased"]), "p": -e["delta_purchased"], "cost": e["cost"],
-               "u": user, "f": e["feature"], "pe": pes[i],
-               "ut": f"u:{user}" if user and (org, m, f"u:{user}") in quota_subjects else "",
-               "tt": f"t:{team}" if team and (org, m, f"t:{team}") in quota_subjects else ""}
-        ttl = int(window - (now - e["ts"].timestamp()))
+    for g in await pg.fetch(
+            """SELECT c.org_id, c.event_id, min(c.ts) AS ts
+                 FROM usage_events r
+                 JOIN usage_events c ON c.event_id = CASE WHEN r.metadata ->> 'refund_of' ~ '^[0-9a-f]{32}$'
+                                                     THEN (r.metadata ->> 'refund_of')::uuid END
+                                    AND c.org_id = r.org_id AND c.kind IN ('consume', 'commit')
+                WHERE r.kind = 'refund' AND r.ts > now() - $1 * interval '1 second'
+                  AND c.ts > now() - $1 * interval '1 second'
+                GROUP BY 1, 2""", window):
+        ttl = int(window - (now - g["ts"].timestamp())) + 1
         if ttl > 0:
-            ops.append(("set", layout.event_record(org, eid), orjson.dumps(rec).decode(), ttl))
+            ops.append(("set", layout.refund_guard(g["org_id"], _id(g["event_id"])), "{}", ttl))
             n += 1
     return n
 
@@ -519,7 +495,7 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         rep = await rebuild(r, pg, config, layout)
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
-              f"{rep.refundable} refundable events; open reservations were released")
+              f"{rep.refund_guards} refund guards; open reservations were released")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
