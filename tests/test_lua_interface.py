@@ -53,8 +53,8 @@ def test_each_script_binds_its_argv_by_the_names_of_its_python_object_in_order()
 
 def test_argv_lists_the_fields_in_order() -> None:
     args = decisions.SettleArgs(reservation_id="r", event_id="e", org="o", key_id="k", units=3, answer_ttl_s="60",
-                                record_ttl_s="70", metadata="", fingerprint="fp", beyond_hold="1")
-    assert decisions.argv(args) == ["r", "e", "o", "k", 3, "60", "70", "", "fp", "1"]
+                                metadata="", fingerprint="fp", beyond_hold="1")
+    assert decisions.argv(args) == ["r", "e", "o", "k", 3, "60", "", "fp", "1"]
 
 
 def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:

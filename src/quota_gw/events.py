@@ -4,7 +4,7 @@ Every balance change (and every refusal) is one XADD by a Lua script (lua/_lib.l
 `Events:add`) and later one row of the ledger `usage_events`, written by the sync worker with
 COPY. The entry's fields are positional on both sides (the worker slices the raw entry; COPY
 takes columns in order), so their order is part of the contract. This module states it once:
-the worker (src/sync_worker/worker.py) and its SQL (src/sync_worker/sql.py) derive every
+the worker's encoding (src/sync_worker/encoding.py) and SQL (src/sync_worker/sql.py) derive every
 position from here by name, and tests/test_event_schema.py runs each script on a real Redis
 and checks that what it XADDs is exactly `NAMES`, in order, and that `COLUMNS` are the
 ledger's columns (the migrations). Adding a field: README "Adding an event field".
