@@ -137,8 +137,9 @@ def scrape(port: int, name: str) -> float:
 
 
 def evalsha_calls(r: redis.Redis) -> int:
-    """EVALSHA commands the server ran (commands inside scripts count under their own names)."""
-    return r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    """Script calls the server ran, EVALSHA or FCALL (commands inside count under their own names)."""
+    stats = r.info("commandstats")
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "fcall", "fcall_ro"))
 
 
 async def paced(url: str, rate: int, duration: int, headers: dict[str, str]) -> dict[str, float]:

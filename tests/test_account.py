@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from conftest import ADMIN_TOKEN
-from quota_gw.layout import Layout
+from quota_gw.layout import Layout, meter_field
 from sync_worker.worker import Worker
 from worker_support import wait_drained
 
@@ -179,7 +179,7 @@ async def test_admin_top_spenders_and_dashboard_views(client, tenant, drain, dat
         bal = await pg.fetchrow("SELECT * FROM ledger_balances WHERE org_id = $1 AND meter = 'general'", big)
         live = await redis.hgetall(Layout(prefix, config.shards).balances(big))
         assert (bal["allocated"], bal["purchased"], bal["balance"]) == (
-            int(live["general:a"]), int(live["general:p"]), 19)
+            int(live[meter_field("general", "allocated")]), int(live[meter_field("general", "purchased")]), 19)
         assert bal["allocation"] == 100 and bal["period_end"] > datetime.now(timezone.utc)
         low = await pg.fetchrow("SELECT * FROM low_balances WHERE org_id = $1", big)
         assert low["meter"] == "general" and low["percent_left"] == 19

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from quota_gw.decisions import Decider, Identity
-from quota_gw.layout import Layout
+from quota_gw.layout import Layout, meter_field
 from sync_worker.worker import GROUP
 
 SOAK = os.environ.get("QUOTA_GW_SOAK") == "1"
@@ -180,7 +180,7 @@ async def ledger_vs_redis(conn: asyncpg.Connection, r: aioredis.Redis, layout: L
     for o in orgs:
         h = await r.hgetall(layout.balances(o.org_id))
         for m in meters:
-            redis_ap = (int(h.get(f"{m}:a", 0)), int(h.get(f"{m}:p", 0)))
+            redis_ap = (int(h.get(meter_field(m, "allocated"), 0)), int(h.get(meter_field(m, "purchased"), 0)))
             if ledger.get((o.org_id, m), (0, 0)) != redis_ap:
                 diffs.append(f"{o.org_id}/{m}: ledger {ledger.get((o.org_id, m))} redis {redis_ap}")
     return diffs

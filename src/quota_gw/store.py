@@ -26,6 +26,7 @@ import asyncpg
 from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
+from .layout import quota_field, quota_subject
 from .problems import Problem
 from .queries import Q
 
@@ -39,7 +40,7 @@ async def record_low_balance_mark(pg: asyncpg.Pool | asyncpg.Connection, percent
 
 def sub_quota_field(scope: str, subject: str, meter: str) -> str:
     """A user's or team's cap in the org's quotas hash (read by lua/_lib.lua and recovery.py)."""
-    return f"{scope[0]}:{subject}:{meter}:lim"
+    return quota_field(quota_subject(scope, subject), meter, "limit")
 
 
 class Store:

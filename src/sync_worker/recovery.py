@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -30,7 +31,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from quota_gw.config import Config
-from quota_gw.layout import Layout
+from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
 
 
 log = logging.getLogger("quota_gw.recovery")
@@ -224,33 +225,35 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         org, meter, user, used = row["org_id"], row["meter"], row["user_id"], row["used"]
         org_used[(org, meter)] += used
         if user:
-            subject_used[(org, f"u:{user}", meter)] += used
+            subject_used[(org, quota_subject("user", user), meter)] += used
             team = team_of.get((org, user), "")
             if team:
-                subject_used[(org, f"t:{team}", meter)] += used
+                subject_used[(org, quota_subject("team", team), meter)] += used
 
     for b in await pg.fetch(LEDGER_BALANCES.format(where="")):
         org, m = b["org_id"], b["meter"]
-        fields: dict[str, Any] = {f"{m}:a": b["a"], f"{m}:p": b["p"], f"{m}:h": 0,
-                                  f"{m}:u": max(0, org_used.get((org, m), 0))}
+        mf = partial(meter_field, m)
+        fields: dict[str, Any] = {mf("allocated"): b["a"], mf("purchased"): b["p"], mf("held"): 0,
+                                  mf("used"): max(0, org_used.get((org, m), 0))}
         if b["pt"] > 0:
-            fields[f"{m}:pt"] = b["pt"]
+            fields[mf("purchased_total")] = b["pt"]
         if (org, m) in periods:
             pe, lim = periods[(org, m)]
-            fields[f"{m}:pe"], fields[f"{m}:lim"] = pe, lim
-            fields[f"{m}:ps"] = start_purchased.get((org, m), 0)
+            fields[mf("period_end")], fields[mf("limit")] = pe, lim
+            fields[mf("purchased_at_start")] = start_purchased.get((org, m), 0)
             if (org, m, pe) in alerted:
-                fields[f"{m}:alpe"], fields[f"{m}:alt"] = pe, alerted[(org, m, pe)]
+                fields[mf("alert_period")], fields[mf("alert_threshold")] = pe, alerted[(org, m, pe)]
         ops.append(("hset", layout.balances(org), None, None, fields))
         rep.balances += 1
 
     for q in await pg.fetch("SELECT org_id, meter, scope, subject, quota FROM sub_quotas"):
         org, m = q["org_id"], q["meter"]
-        f = f"{q['scope'][0]}:{q['subject']}:{m}"
-        fields = {f"{f}:lim": q["quota"], f"{f}:h": 0}
+        subject = quota_subject(q["scope"], q["subject"])
+        qf = partial(quota_field, subject, m)
+        fields = {qf("limit"): q["quota"], qf("held"): 0}
         if (org, m) in periods:
-            fields[f"{f}:used"] = max(0, subject_used.get((org, f"{q['scope'][0]}:{q['subject']}", m), 0))
-            fields[f"{f}:pe"] = periods[(org, m)][0]
+            fields[qf("used")] = max(0, subject_used.get((org, subject, m), 0))
+            fields[qf("period_end")] = periods[(org, m)][0]
         ops.append(("hset", layout.quotas(org), None, None, fields))
         rep.quotas += 1
 
@@ -357,15 +360,16 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         stats["undrained"] += 1
     drift = []
     pairs = set(ledger)
+    a_p = (":" + METER_FIELDS["allocated"], ":" + METER_FIELDS["purchased"])
     for o, fields in snap.items():
-        pairs |= {(o, k[:-2]) for k in fields if k.endswith(":a") or k.endswith(":p")}
+        pairs |= {(o, k.rsplit(":", 1)[0]) for k in fields if k.endswith(a_p)}
     for o, m in sorted(pairs):
         fields = snap.get(o, {})
         want = ledger.get((o, m), [0, 0, 0])
-        for i, name in enumerate(("a", "p", "pt")):
-            have = int(fields.get(f"{m}:{name}", 0))
+        for i, name in enumerate(("allocated", "purchased", "purchased_total")):
+            have = int(fields.get(meter_field(m, name), 0))
             if have != want[i]:
-                drift.append(Drift(o, m, name, have, want[i]))
+                drift.append(Drift(o, m, METER_FIELDS[name], have, want[i]))
     stats["pairs"] = len(pairs)
     return drift, stats
 
