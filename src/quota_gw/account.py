@@ -219,12 +219,12 @@ async def top(request: Request) -> Response:
     days = _int(q, "days", 30, 1, 366)
     limit = _int(q, "limit", 20, 1, 1000)
     meter = _choice(q, "meter", c.config.meter_names)
-    # From the rollups (migration 003): the window starts on the hour; a scan of the raw
-    # events grows with the ledger (seconds at a few million events).
+    # From the running and cumulative totals (migration 005): the window starts on the hour; one
+    # probe per (org, meter) whatever the window (raw events: seconds at a few million).
     rows = await _db(c).fetch(
         """SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
            FROM (SELECT org_id, sum(tokens)::bigint AS tokens, sum(calls)::bigint AS calls
-                 FROM qgw_usage_since(now() - $1 * interval '1 day')
+                 FROM qgw_meter_usage_since(now() - $1 * interval '1 day')
                  WHERE ($3::text IS NULL OR meter = $3)
                  GROUP BY org_id HAVING sum(calls) > 0 OR sum(tokens) <> 0
                  ORDER BY tokens DESC, org_id LIMIT $2) u
