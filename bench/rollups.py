@@ -3,7 +3,7 @@ rollups: 003's hour and day sums, and 005's running and cumulative totals (what 
 generated ledger (issue 13).
 
     .venv/bin/python bench/rollups.py [--raw 1000000,10000000] [--synthetic 100000000] [--orgs 1000]
-                                      [--days 30] [--runs 5] [--write-events 200000]
+                                      [--days 30] [--history-days 30] [--runs 5] [--write-events 200000]
 
 Uses DATABASE_URL (default postgres@127.0.0.1:5432) to make a scratch database of its own,
 migrated, dropped at the end (--keep to keep it).
@@ -13,13 +13,16 @@ migrated, dropped at the end (--keep to keep it).
    the rollup queries (003 and 005) over them. Raw events are not generated at that size (disk and time):
    rollups have at most orgs x features x hours rows whatever the event count.
 2. Raw ledgers (--raw): usage_events filled server-side (INSERT ... SELECT generate_series, the
-   rollup trigger disabled meanwhile) with N events over --days days for --orgs orgs: 4
+   rollup trigger disabled meanwhile) with N events over --days + --history-days days for --orgs orgs: 4
    features on 4 meters, 85 % consume, 5 % commit, 5 % refund, 5 % denied, in time order like a
    real ledger, plus a period reset per (org, meter). Then the rollups are built from the events
    (qgw_rollup_rebuild, timed), and each query runs over the raw events ("before": 002's views,
    recreated as before_*, and the old GET /v1/admin/top query), over 003's hour and day sums
-   (its views' and admin query's SQL, inlined below) and over 005's totals ("after": the views
-   and admin query as shipped). Each size is a fresh ledger over the whole window.
+   (its views' and admin query's SQL, inlined below) and as shipped ("after": top_spenders and
+   the admin query over 005's per-org totals; low_balances and burn_rates are still 003's).
+   Each size is a fresh ledger over --days + --history-days days: with no history, a 30-day
+   window covers the whole ledger and finds no cumulative row before it (a cheaper probe than
+   a real deployment's), so by default 30 more days of events precede it.
 3. Write cost (--write-events): the worker's fast path (COPY of 1,000-line batches straight into
    usage_events, one transaction each), same lines, under four trigger functions in turn: none,
    003's as shipped (EXECUTE of each statement), 003's statements as static SQL, and what ships
@@ -93,10 +96,8 @@ QUERIES = {
            LEFT JOIN orgs o USING (org_id)
            ORDER BY u.tokens DESC, u.org_id""",
         """SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
-           FROM (SELECT org_id, sum(tokens)::bigint AS tokens, sum(calls)::bigint AS calls
-                 FROM qgw_meter_usage_since(now() - 30 * interval '1 day')
-                 GROUP BY org_id HAVING sum(calls) > 0 OR sum(tokens) <> 0
-                 ORDER BY tokens DESC, org_id LIMIT 20) u
+           FROM (SELECT org_id, tokens, calls FROM qgw_org_usage_since(now() - 30 * interval '1 day')
+                 WHERE calls > 0 OR tokens <> 0 ORDER BY tokens DESC, org_id LIMIT 20) u
            LEFT JOIN orgs o USING (org_id)
            ORDER BY u.tokens DESC, u.org_id"""),
 }
@@ -125,7 +126,7 @@ FROM (
 ) e
 """
 
-# One reset per (org, meter) at the window's start; $3 is the usage an (org, meter) will have at
+# One reset per (org, meter) at the ledger's start; $3 is the usage an (org, meter) will have at
 # the largest size, and the allocation is 0.8 to 1.6 times that (some orgs end under 25 %).
 RESETS = """
 INSERT INTO usage_events (event_id, ts, kind, org_id, meter, delta, cost, metadata)
@@ -265,12 +266,14 @@ async def main() -> None:
     ap.add_argument("--raw", default="1000000,10000000", help="raw ledger sizes, comma separated")
     ap.add_argument("--synthetic", type=int, default=100_000_000, help="event count the synthetic rollups stand for")
     ap.add_argument("--orgs", type=int, default=1000)
-    ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--days", type=int, default=30, help="the ops windows' days (30 for top spenders)")
+    ap.add_argument("--history-days", type=int, default=30, help="days of ledger before the window")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--write-events", type=int, default=200_000)
     ap.add_argument("--keep", action="store_true", help="keep the scratch database")
     args = ap.parse_args()
     sizes = [int(x) for x in args.raw.split(",") if x]
+    span = args.days + args.history_days  # the ledger's days
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs", flush=True)
 
     admin_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -288,9 +291,9 @@ async def main() -> None:
 
         if args.synthetic:
             t0 = time.perf_counter()
-            buckets = args.orgs * 4 * (args.days * 24 + 1)
+            buckets = args.orgs * 4 * (span * 24 + 1)
             per = max(1, args.synthetic // buckets)
-            await conn.execute(SYNTHETIC, per, args.orgs, args.days)
+            await conn.execute(SYNTHETIC, per, args.orgs, span)
             await conn.execute(SYNTHETIC_REST)
             await conn.execute(ANALYZE)
             stands_for = await conn.fetchval("SELECT sum(events) FROM usage_hourly")
@@ -310,10 +313,10 @@ async def main() -> None:
             # A fresh ledger of `size` events over the whole window.
             await conn.execute("TRUNCATE usage_events")
             t0 = time.perf_counter()
-            await conn.execute(RESETS, METERS, args.days, int(size / args.orgs / 4 * 4.25))
+            await conn.execute(RESETS, METERS, span, int(size / args.orgs / 4 * 4.25))
             step = 1_000_000
             for lo in range(1, size + 1, step):
-                await conn.execute(GENERATE, lo, min(lo + step - 1, size), size, args.orgs, args.days)
+                await conn.execute(GENERATE, lo, min(lo + step - 1, size), size, args.orgs, span)
             await conn.execute("ANALYZE usage_events")
             gen_s = time.perf_counter() - t0
             t0 = time.perf_counter()

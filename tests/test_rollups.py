@@ -1,5 +1,5 @@
-"""Migration 005's running and cumulative totals: usage over any window from them equals the sum
-over the raw events, through batches spanning hours, late events and events without a meter;
+"""Migration 005's per-org running and cumulative totals: usage over any window from them equals
+the sum over the raw events, through batches spanning hours, late events and events without a meter;
 `reconcile`'s rollup check reports a cumulative or running row that disagrees, and the rebuild
 repairs it."""
 
@@ -22,18 +22,17 @@ async def write(pg: asyncpg.Connection, rows: list[tuple[datetime, str, str, str
     await pg.execute(INSERT, *[list(c) for c in zip(*rows)])
 
 
-async def usage_from_events(pg: asyncpg.Connection, org: str, since: datetime) -> dict[str, tuple[int, int]]:
-    rows = await pg.fetch(
-        """SELECT coalesce(meter, '') AS meter,
-                  count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls, sum(cost)::bigint AS tokens
+async def usage_from_events(pg: asyncpg.Connection, org: str, since: datetime) -> tuple[int, int]:
+    r = await pg.fetchrow(
+        """SELECT count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls, coalesce(sum(cost), 0)::bigint AS tokens
            FROM usage_events WHERE org_id = $1 AND kind IN ('consume', 'commit', 'refund')
-             AND ts >= date_trunc('hour', $2::timestamptz, 'UTC') GROUP BY 1""", org, since)
-    return {r["meter"]: (r["calls"], r["tokens"]) for r in rows if r["calls"] or r["tokens"]}
+             AND ts >= date_trunc('hour', $2::timestamptz, 'UTC')""", org, since)
+    return r["calls"], r["tokens"]
 
 
-async def usage_from_totals(pg: asyncpg.Connection, org: str, since: datetime) -> dict[str, tuple[int, int]]:
-    rows = await pg.fetch("SELECT meter, calls, tokens FROM qgw_meter_usage_since($2) WHERE org_id = $1", org, since)
-    return {r["meter"]: (r["calls"], r["tokens"]) for r in rows if r["calls"] or r["tokens"]}
+async def usage_from_totals(pg: asyncpg.Connection, org: str, since: datetime) -> tuple[int, int]:
+    r = await pg.fetchrow("SELECT calls, tokens FROM qgw_org_usage_since($2) WHERE org_id = $1", org, since)
+    return r["calls"], r["tokens"]
 
 
 async def test_usage_since_from_totals_equals_the_events(own_database_url: str) -> None:
@@ -57,17 +56,17 @@ async def test_usage_since_from_totals_equals_the_events(own_database_url: str) 
         for k in (0, 1, 2, 3, 20, 21, 28, 29, 30, 35, 40, 41, 50, 51, 59):
             since = h[k] - timedelta(minutes=10)
             assert await usage_from_totals(pg, org, since) == await usage_from_events(pg, org, since), k
-        assert await usage_from_totals(pg, other, h[59]) == {"general": (1, 7)}
+        assert await usage_from_totals(pg, other, h[59]) == (1, 7)
+        assert await usage_from_totals(pg, org, h[59]) == (10, 144)
         assert (await rollup_drift(pg, org))[0] == []
 
         # A cumulative row that disagrees is reported against the daily rollup, a running total too.
-        await pg.execute("UPDATE usage_cumulative SET tokens = tokens + 5 WHERE org_id = $1 AND meter = 'general' "
-                         "AND hour = (SELECT max(hour) FROM usage_cumulative WHERE org_id = $1 AND meter = 'general')",
-                         org)
-        await pg.execute("UPDATE usage_running SET calls = calls + 1 WHERE org_id = $1 AND meter = 'tokens'", org)
+        await pg.execute("UPDATE usage_cumulative SET tokens = tokens + 5 WHERE org_id = $1 "
+                         "AND hour = (SELECT max(hour) FROM usage_cumulative WHERE org_id = $1)", org)
+        await pg.execute("UPDATE usage_running SET calls = calls + 1 WHERE org_id = $1", org)
         drift, _ = await rollup_drift(pg, org)
         assert sorted((d.meter, d.field.split(" to ")[0], d.rollup - d.source, d.against) for d in drift) == [
-            ("general", "cumulative tokens", 5, "usage_daily"), ("tokens", "calls", 1, "usage_daily")]
+            ("*", "calls", 1, "usage_daily"), ("*", "cumulative tokens", 5, "usage_daily")]
         await pg.execute("SELECT qgw_rollup_rebuild()")  # the repair, from the events
         assert (await rollup_drift(pg, org))[0] == []
         assert await usage_from_totals(pg, org, h[59]) == await usage_from_events(pg, org, h[59])
@@ -76,7 +75,7 @@ async def test_usage_since_from_totals_equals_the_events(own_database_url: str) 
 
 
 async def test_ops_views_read_the_totals(own_database_url: str) -> None:
-    """top_spenders and burn_rates agree with the events (migration 005 redefines them)."""
+    """top_spenders (migration 005 redefines it) and GET /v1/admin/top's query agree with the events."""
     org = "org-rollups-views"
     now = datetime.now(timezone.utc)
     pg = await asyncpg.connect(own_database_url)
@@ -87,6 +86,7 @@ async def test_ops_views_read_the_totals(own_database_url: str) -> None:
                          (now - timedelta(days=3), "refund", org, "general", -2)])
         top = await pg.fetchrow("SELECT tokens_30d, calls_30d FROM top_spenders WHERE org_id = $1", org)
         assert (top["tokens_30d"], top["calls_30d"]) == (25, 2)
-        assert await pg.fetchval("SELECT used_7d FROM burn_rates WHERE org_id = $1 AND meter = 'general'", org) == 5
+        assert await pg.fetchval("SELECT tokens FROM qgw_org_usage_since(now() - interval '7 days') "
+                                 "WHERE org_id = $1", org) == 5
     finally:
         await pg.close()

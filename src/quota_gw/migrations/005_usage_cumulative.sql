@@ -1,69 +1,67 @@
--- Usage over a window in one index probe per (org, meter): running totals per (org, meter) and
--- the same totals as they stood at the end of each hour. Usage since an hour is the running total
--- minus the cumulative row of the last hour before it, so top_spenders, burn_rates and
--- GET /v1/admin/top read one row and one probe per (org, meter) whatever the window (003's
--- hour-and-day sums read 30 x 24 rows per (org, meter, feature): 100-300 ms at 1,000 orgs).
+-- Usage over a window in one index probe per org: running totals per org and the same totals as
+-- they stood at the end of each hour. Usage since an hour is the running total minus the
+-- cumulative row of the last hour before it, so top_spenders and GET /v1/admin/top (without
+-- `meter`) read one row and one probe per org whatever the window and however many meters and
+-- features an org uses (003's hour and day sums read up to 30 + 24 rows per (org, meter,
+-- feature): 150-300 ms at 1,000 orgs on a loaded 2-CPU box, docs/benchmarks.md). Per org, not
+-- per (org, meter): measured, a probe costs as much as 20-30 rollup rows, so per (org, meter)
+-- over a 7-day window (burn_rates) was no faster than 003's sums, which it still reads.
 --
 -- Exactly as consistent as the ledger, the same way as 003: the statement-level trigger adds what
--- the statement inserted, in its transaction. Writers on one (org, meter) are serialized by the
+-- the statement inserted, in its transaction. Writers on one org are serialized by the
 -- usage_running upsert (first, in key order), so a late event that moves older cumulative rows
--- and a batch that opens a new hour on the same (org, meter) never interleave.
+-- and a batch that opens a new hour for the same org never interleave.
 -- `quota-gw reconcile` checks both tables against usage_daily.
 
--- calls and tokens as in usage_hourly (calls: consume + commit; tokens: their cost net of refunds),
--- per (org, meter); meter is '' when the events had none. Only rows where calls or tokens moved.
+-- calls and tokens as in usage_hourly (calls: consume + commit; tokens: their cost net of
+-- refunds), all meters and features; only orgs whose calls or tokens moved.
 CREATE TABLE IF NOT EXISTS usage_running (
-    org_id  text NOT NULL,
-    meter   text NOT NULL,
+    org_id  text PRIMARY KEY,
     calls   bigint NOT NULL,
-    tokens  bigint NOT NULL,
-    PRIMARY KEY (org_id, meter)
+    tokens  bigint NOT NULL
 ) WITH (fillfactor = 70);
 
--- usage_running as it stood at the end of `hour`, for each hour the (org, meter) used tokens in.
+-- usage_running as it stood at the end of `hour`, for each hour the org used tokens in.
 CREATE TABLE IF NOT EXISTS usage_cumulative (
     org_id  text NOT NULL,
-    meter   text NOT NULL,
     hour    timestamptz NOT NULL,
     calls   bigint NOT NULL,
     tokens  bigint NOT NULL,
-    PRIMARY KEY (org_id, meter, hour)
+    PRIMARY KEY (org_id, hour)
 ) WITH (fillfactor = 70);
 
 -- The statements that add the events of `source` to both tables (as qgw_rollup_statements).
--- 1. usage_running, in key order: also the lock that serializes writers per (org, meter).
+-- 1. usage_running, in key order: also the lock that serializes writers per org.
 -- 2. A row for each hour the batch opens, at the total before the batch (the last earlier row).
 -- 3. The batch's hours added to every row at or after them (normally just the current hour's).
 CREATE OR REPLACE FUNCTION qgw_cumulative_statements(source text) RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $fn$
     SELECT array_agg(format(q, quote_ident(source)) ORDER BY n) FROM unnest(string_to_array($q$
-        INSERT INTO usage_running AS r (org_id, meter, calls, tokens)
-        SELECT org_id, coalesce(meter, ''),
-               count(*) FILTER (WHERE kind IN ('consume', 'commit')),
-               coalesce(sum(cost) FILTER (WHERE kind IN ('consume', 'commit', 'refund')), 0)
+        INSERT INTO usage_running AS r (org_id, calls, tokens)
+        SELECT org_id, count(*) FILTER (WHERE kind IN ('consume', 'commit')), coalesce(sum(cost), 0)
         FROM %1$s WHERE kind IN ('consume', 'commit', 'refund')
-        GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (org_id, meter) DO UPDATE SET calls = r.calls + excluded.calls, tokens = r.tokens + excluded.tokens
+        GROUP BY 1 ORDER BY 1
+        ON CONFLICT (org_id) DO UPDATE SET calls = r.calls + excluded.calls, tokens = r.tokens + excluded.tokens
         ;;
-        INSERT INTO usage_cumulative (org_id, meter, hour, calls, tokens)
-        SELECT b.org_id, b.meter, b.hour, coalesce(p.calls, 0), coalesce(p.tokens, 0)
-        FROM (SELECT DISTINCT org_id, coalesce(meter, '') AS meter, date_trunc('hour', ts, 'UTC') AS hour
+        INSERT INTO usage_cumulative (org_id, hour, calls, tokens)
+        SELECT b.org_id, b.hour, coalesce(p.calls, 0), coalesce(p.tokens, 0)
+        FROM (SELECT DISTINCT org_id, date_trunc('hour', ts, 'UTC') AS hour
               FROM %1$s WHERE kind IN ('consume', 'commit', 'refund')) b
         LEFT JOIN LATERAL (SELECT c.calls, c.tokens FROM usage_cumulative c
-                           WHERE c.org_id = b.org_id AND c.meter = b.meter AND c.hour < b.hour
+                           WHERE c.org_id = b.org_id AND c.hour < b.hour
                            ORDER BY c.hour DESC LIMIT 1) p ON true
-        ORDER BY 1, 2, 3
-        ON CONFLICT (org_id, meter, hour) DO NOTHING
+        ORDER BY 1, 2
+        ON CONFLICT (org_id, hour) DO NOTHING
         ;;
         UPDATE usage_cumulative r SET calls = r.calls + d.calls, tokens = r.tokens + d.tokens
-        FROM (SELECT c.org_id, c.meter, c.hour, sum(b.calls)::bigint AS calls, sum(b.tokens)::bigint AS tokens
-              FROM (SELECT org_id, coalesce(meter, '') AS meter, date_trunc('hour', ts, 'UTC') AS hour,
+        FROM (SELECT c.org_id, c.hour, sum(b.calls)::bigint AS calls, sum(b.tokens)::bigint AS tokens
+              FROM (SELECT org_id, date_trunc('hour', ts, 'UTC') AS hour,
                            count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls,
                            coalesce(sum(cost), 0) AS tokens
-                    FROM %1$s WHERE kind IN ('consume', 'commit', 'refund') GROUP BY 1, 2, 3) b
-              JOIN usage_cumulative c ON c.org_id = b.org_id AND c.meter = b.meter AND c.hour >= b.hour
-              GROUP BY 1, 2, 3) d
-        WHERE r.org_id = d.org_id AND r.meter = d.meter AND r.hour = d.hour
+                    FROM %1$s WHERE kind IN ('consume', 'commit', 'refund') GROUP BY 1, 2) b
+              JOIN usage_cumulative c ON c.org_id = b.org_id AND c.hour >= b.hour
+              GROUP BY 1, 2) d
+        WHERE r.org_id = d.org_id AND r.hour = d.hour
     $q$, ';;')) WITH ORDINALITY AS t(q, n)
 $fn$;
 
@@ -72,15 +70,15 @@ CREATE OR REPLACE FUNCTION qgw_cumulative_rebuild() RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN
     TRUNCATE usage_running, usage_cumulative;
-    INSERT INTO usage_cumulative (org_id, meter, hour, calls, tokens)
-    SELECT org_id, meter, hour, sum(sum(calls)) OVER w, sum(sum(tokens)) OVER w
+    INSERT INTO usage_cumulative (org_id, hour, calls, tokens)
+    SELECT org_id, hour, sum(sum(calls)) OVER w, sum(sum(tokens)) OVER w
     FROM usage_hourly WHERE calls <> 0 OR refunds <> 0 OR tokens <> 0
-    GROUP BY 1, 2, 3
-    WINDOW w AS (PARTITION BY org_id, meter ORDER BY hour)
-    ORDER BY 1, 2, 3;
-    INSERT INTO usage_running (org_id, meter, calls, tokens)
-    SELECT DISTINCT ON (org_id, meter) org_id, meter, calls, tokens
-    FROM usage_cumulative ORDER BY org_id, meter, hour DESC;
+    GROUP BY 1, 2
+    WINDOW w AS (PARTITION BY org_id ORDER BY hour)
+    ORDER BY 1, 2;
+    INSERT INTO usage_running (org_id, calls, tokens)
+    SELECT DISTINCT ON (org_id) org_id, calls, tokens
+    FROM usage_cumulative ORDER BY org_id, hour DESC;
 END $fn$;
 
 -- 003's repair, now also for these two.
@@ -114,19 +112,19 @@ BEGIN
 END $do$;
 SELECT qgw_cumulative_rebuild();
 
--- Usage since an instant per (org, meter), from the hour `since` falls in (as qgw_usage_since):
--- the running total minus the cumulative row of the last hour before that.
-CREATE OR REPLACE FUNCTION qgw_meter_usage_since(since timestamptz)
-RETURNS TABLE (org_id text, meter text, calls bigint, tokens bigint)
+-- Usage since an instant per org, from the hour `since` falls in (as qgw_usage_since): the
+-- running total minus the cumulative row of the last hour before that.
+CREATE OR REPLACE FUNCTION qgw_org_usage_since(since timestamptz)
+RETURNS TABLE (org_id text, calls bigint, tokens bigint)
 LANGUAGE sql STABLE AS $fn$
-    SELECT t.org_id, t.meter, t.calls - coalesce(b.calls, 0), t.tokens - coalesce(b.tokens, 0)
+    SELECT t.org_id, t.calls - coalesce(b.calls, 0), t.tokens - coalesce(b.tokens, 0)
     FROM usage_running t
     LEFT JOIN LATERAL (SELECT c.calls, c.tokens FROM usage_cumulative c
-                       WHERE c.org_id = t.org_id AND c.meter = t.meter AND c.hour < date_trunc('hour', since, 'UTC')
+                       WHERE c.org_id = t.org_id AND c.hour < date_trunc('hour', since, 'UTC')
                        ORDER BY c.hour DESC LIMIT 1) b ON true
 $fn$;
 
--- 003's views, same columns, over qgw_meter_usage_since.
+-- 003's view, same columns, over qgw_org_usage_since.
 CREATE OR REPLACE VIEW top_spenders AS
 SELECT u.org_id,
        o.name,
@@ -135,30 +133,8 @@ SELECT u.org_id,
        u.calls_30d,
        rank() OVER (ORDER BY u.tokens_30d DESC) AS rank
 FROM (
-    SELECT org_id, sum(tokens)::bigint AS tokens_30d, sum(calls)::bigint AS calls_30d
-    FROM qgw_meter_usage_since(now() - interval '30 days')
-    GROUP BY org_id
-    HAVING sum(calls) > 0 OR sum(tokens) <> 0
+    SELECT org_id, tokens AS tokens_30d, calls AS calls_30d
+    FROM qgw_org_usage_since(now() - interval '30 days')
+    WHERE calls > 0 OR tokens <> 0
 ) u
 LEFT JOIN orgs o USING (org_id);
-
-CREATE OR REPLACE VIEW burn_rates AS
-SELECT b.org_id,
-       b.meter,
-       b.balance,
-       b.allocation,
-       b.period_end,
-       coalesce(u.used_7d, 0)                                    AS used_7d,
-       round(coalesce(u.used_7d, 0) / 7.0, 2)                    AS burn_per_day,
-       CASE WHEN b.allocation < 0 OR coalesce(u.used_7d, 0) <= 0 THEN NULL
-            ELSE now() + greatest(b.balance, 0) * interval '7 days' / u.used_7d
-       END                                                       AS projected_exhaustion,
-       CASE WHEN b.allocation < 0 OR coalesce(u.used_7d, 0) <= 0 THEN false
-            ELSE coalesce(now() + greatest(b.balance, 0) * interval '7 days' / u.used_7d < b.period_end, true)
-       END                                                       AS exhausts_before_reset
-FROM ledger_balances b
-LEFT JOIN (
-    SELECT org_id, meter, tokens AS used_7d
-    FROM qgw_meter_usage_since(now() - interval '7 days')
-    WHERE meter <> ''
-) u USING (org_id, meter);
