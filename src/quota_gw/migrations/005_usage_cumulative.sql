@@ -45,23 +45,29 @@ LANGUAGE sql IMMUTABLE AS $fn$
         ;;
         INSERT INTO usage_cumulative (org_id, hour, calls, tokens)
         SELECT b.org_id, b.hour, coalesce(p.calls, 0), coalesce(p.tokens, 0)
-        FROM (SELECT DISTINCT org_id, date_trunc('hour', ts, 'UTC') AS hour
-              FROM %1$s WHERE kind IN ('consume', 'commit', 'refund')) b
+        FROM (SELECT x.org_id, x.hour
+              FROM (SELECT DISTINCT org_id, date_trunc('hour', ts, 'UTC') AS hour
+                    FROM %1$s WHERE kind IN ('consume', 'commit', 'refund')) x
+              -- most batches add to an hour that has its row: one probe, not the earlier row's too
+              WHERE NOT EXISTS (SELECT 1 FROM usage_cumulative e WHERE e.org_id = x.org_id AND e.hour = x.hour)) b
         LEFT JOIN LATERAL (SELECT c.calls, c.tokens FROM usage_cumulative c
                            WHERE c.org_id = b.org_id AND c.hour < b.hour
                            ORDER BY c.hour DESC LIMIT 1) p ON true
         ORDER BY 1, 2
         ON CONFLICT (org_id, hour) DO NOTHING
         ;;
-        UPDATE usage_cumulative r SET calls = r.calls + d.calls, tokens = r.tokens + d.tokens
-        FROM (SELECT c.org_id, c.hour, sum(b.calls)::bigint AS calls, sum(b.tokens)::bigint AS tokens
-              FROM (SELECT org_id, date_trunc('hour', ts, 'UTC') AS hour,
-                           count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls,
-                           coalesce(sum(cost), 0) AS tokens
-                    FROM %1$s WHERE kind IN ('consume', 'commit', 'refund') GROUP BY 1, 2) b
-              JOIN usage_cumulative c ON c.org_id = b.org_id AND c.hour >= b.hour
-              GROUP BY 1, 2) d
-        WHERE r.org_id = d.org_id AND r.hour = d.hour
+        INSERT INTO usage_cumulative AS r (org_id, hour, calls, tokens)
+        SELECT c.org_id, c.hour, sum(b.calls)::bigint, sum(b.tokens)::bigint
+        FROM (SELECT org_id, date_trunc('hour', ts, 'UTC') AS hour,
+                     count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls, coalesce(sum(cost), 0) AS tokens
+              FROM %1$s WHERE kind IN ('consume', 'commit', 'refund') GROUP BY 1, 2) b
+        -- LATERAL: an index range per org (a plain join on hour >= may be planned as a hash join
+        -- over the whole table; docs/benchmarks.md)
+        CROSS JOIN LATERAL (SELECT c.org_id, c.hour FROM usage_cumulative c
+                            WHERE c.org_id = b.org_id AND c.hour >= b.hour) c
+        GROUP BY 1, 2 ORDER BY 1, 2
+        -- every row exists (step 2): an upsert finds each through the primary key, never by a join
+        ON CONFLICT (org_id, hour) DO UPDATE SET calls = r.calls + excluded.calls, tokens = r.tokens + excluded.tokens
     $q$, ';;')) WITH ORDINALITY AS t(q, n)
 $fn$;
 
