@@ -5,6 +5,7 @@ repairs it."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
@@ -90,3 +91,33 @@ async def test_ops_views_read_the_totals(own_database_url: str) -> None:
                                  "WHERE org_id = $1", org) == 5
     finally:
         await pg.close()
+
+
+async def test_concurrent_writers_of_one_org_stay_exact(own_database_url: str) -> None:
+    """Two transactions on one org, the first opening a new hour and the second adding a late
+    event before it: the second waits for the first's row locks (usage_running's serializes
+    writers per org whatever else they share), then sees its rows, so the cumulative rows stay
+    exact (written side by side, the new hour's row would miss the late event)."""
+    org = "org-rollups-race"
+    now = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
+    a, b = await asyncpg.connect(own_database_url), await asyncpg.connect(own_database_url)
+    try:
+        await write(a, [(now - timedelta(hours=5), "consume", org, "general", 2)])
+        ta = a.transaction()
+        await ta.start()
+        await write(a, [(now, "consume", org, "general", 3)])  # opens the current hour's row
+        late = asyncio.create_task(write(b, [(now - timedelta(hours=3), "consume", org, "general", 7)]))
+        async with asyncio.timeout(20):  # b waits for a's row locks, not writing beside it
+            while not await a.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted",
+                                       b.get_server_pid()):
+                assert not late.done()
+                await asyncio.sleep(0.02)
+        await ta.commit()
+        await late
+        for k in range(0, 7):
+            since = now - timedelta(hours=k)
+            assert await usage_from_totals(a, org, since) == await usage_from_events(a, org, since), k
+        assert (await rollup_drift(a, org))[0] == []
+    finally:
+        await a.close()
+        await b.close()
