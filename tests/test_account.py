@@ -172,6 +172,10 @@ async def test_admin_top_spenders_and_dashboard_views(client, tenant, drain, dat
     ranked = {o["org_id"]: o for o in r.json()["orgs"]}
     assert ranked[big]["tokens"] == 81 and ranked[big]["calls"] == 9 and ranked[big]["plan"] == "bulk"
     assert ranked[small]["tokens"] == 2 and ranked[big]["rank"] < ranked[small]["rank"]
+    # All meters (migration 005's per-org totals): the same figures here, where only `general` moved.
+    r = await client.get("/v1/admin/top?days=1&limit=1000", headers=admin_h)
+    every = {o["org_id"]: o for o in r.json()["orgs"]}
+    assert (every[big]["tokens"], every[big]["calls"], every[small]["tokens"]) == (81, 9, 2)
     assert (await client.get("/v1/admin/top?days=0", headers=admin_h)).status_code == 422
 
     pg = await asyncpg.connect(database_url)

@@ -149,6 +149,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .dev import run as run_dev
+    from .embedded import DevExtraMissing
 
     cfg = _config(args)
     _route_env(cfg)
@@ -158,8 +159,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(run_dev(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
-                          Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+    try:
+        return runner(run_dev(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
+                              Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+    except DevExtraMissing as e:  # no dev extra and no REDIS_URL/DATABASE_URL: one line, exit 2
+        print(f"quota-gw dev: {e}", file=sys.stderr)
+        return 2
 
 
 SERVE_CODES = """exit codes:

@@ -225,4 +225,6 @@ class Store:
         return {r["meter"]: r["tokens"] for r in await self.db.fetch(Q.usage_by_meter_since, org_id, since)}
 
     async def top_orgs(self, days: int, limit: int, meter: str | None) -> list[asyncpg.Record]:
-        return await self.db.fetch(Q.top_orgs, days, limit, meter)
+        if meter is None:
+            return await self.db.fetch(Q.top_orgs_all_meters, days, limit)
+        return await self.db.fetch(Q.top_orgs_one_meter, days, limit, meter)

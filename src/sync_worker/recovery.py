@@ -379,6 +379,8 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
 # ledger (raw events may be kept for less time than rollups), and the daily rollup and the
 # running totals against the hourly rollup over all time. The trigger writes them in the event's
 # transaction, so one snapshot sees both sides equal, even while the worker writes.
+# Migration 005's per-org running and cumulative totals against the daily rollup: usage_running
+# against its sums, and each day's last cumulative row against the daily sums to that day's end.
 ROLLUP_SUMS = ("events", "calls", "tokens", "refunds", "refunded", "denied", "delta", "delta_purchased",
                "purchased_in")
 _EVENT_SUMS = """count(*) AS events,
@@ -444,6 +446,32 @@ async def rollup_drift(pg: asyncpg.Connection, org: str | None = None) -> tuple[
                     "purchased_total": r["purchased_in"], "changes": r["events"] - r["denied"]}
                 for k, r in hourly_all.items() if k[1] != ""}
         compare(totals, want, "usage_hourly", ("allocated", "purchased", "purchased_total", "changes"))
+        # 005's per-org totals (meter reported as "*"): usage_running against the daily sums, and
+        # the first day per org whose last cumulative row disagrees with them.
+        running = {(r["org_id"], "*"): r for r in await pg.fetch(
+            "SELECT org_id, calls, tokens FROM usage_running WHERE ($1::text IS NULL OR org_id = $1)", org)}
+        per_org: dict[tuple[str, str], dict[str, int]] = {}
+        for (o, _), r in daily.items():
+            t = per_org.setdefault((o, "*"), {"calls": 0, "tokens": 0, "refunds": 0})
+            for f in t:
+                t[f] += int(r[f])
+        compare(running, {k: t for k, t in per_org.items() if t["calls"] or t["refunds"] or t["tokens"]},
+                "usage_daily", ("calls", "tokens"))
+        for r in await pg.fetch(
+                """SELECT DISTINCT ON (d.org_id) d.org_id, d.day, d.calls, d.tokens,
+                          coalesce(c.calls, 0) AS c_calls, coalesce(c.tokens, 0) AS c_tokens
+                   FROM (SELECT org_id, day, sum(sum(calls)) OVER w AS calls, sum(sum(tokens)) OVER w AS tokens
+                         FROM usage_daily WHERE ($1::text IS NULL OR org_id = $1)
+                         GROUP BY 1, 2 WINDOW w AS (PARTITION BY org_id ORDER BY day)) d
+                   LEFT JOIN LATERAL (SELECT calls, tokens FROM usage_cumulative c
+                                      WHERE c.org_id = d.org_id AND c.hour < (d.day + 1)::timestamp AT TIME ZONE 'UTC'
+                                      ORDER BY c.hour DESC LIMIT 1) c ON true
+                   WHERE d.calls <> coalesce(c.calls, 0) OR d.tokens <> coalesce(c.tokens, 0)
+                   ORDER BY d.org_id, d.day""", org):
+            for f in ("calls", "tokens"):
+                if r[f] != r[f"c_{f}"]:
+                    out.append(RollupDrift(r["org_id"], "*", f"cumulative {f} to {r['day']}", int(r[f"c_{f}"]),
+                                           int(r[f]), "usage_daily"))
     return out, len(set(hourly_all) | set(daily))
 
 
