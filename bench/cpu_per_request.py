@@ -18,9 +18,9 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench as B  # noqa: E402
+import bench as B
 
-from quota_gw import embedded  # noqa: E402
+from quota_gw import embedded
 
 
 def proc_cpu(pid: int) -> float:

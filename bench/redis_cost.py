@@ -88,7 +88,7 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
             try:
                 await r.ping()
                 break
-            except Exception:  # noqa: BLE001 - starting
+            except Exception:
                 await asyncio.sleep(0.05)
         version = (await r.info("server"))["redis_version"]
         cfg = config_mod.load(ROOT / "examples" / "quota-gw.yaml")

@@ -7,7 +7,6 @@ event already drained. A gateway on a key prefix of its own, the session databas
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable

@@ -49,7 +49,7 @@ class WorkerProc:
     async def start(self) -> None:
         self.starts += 1
         argv = [sys.executable, str(FAULTY_WORKER), self.faults] if self.faults else [QUOTA_GW, "worker"]
-        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        out = open(self.log, "ab")
         self.proc = await asyncio.create_subprocess_exec(*argv, *self.args, env=self.env, stdout=out, stderr=out)
         out.close()
 

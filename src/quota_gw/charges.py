@@ -63,7 +63,7 @@ async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
     end = "+"
     while True:
         page = await redis.xrevrange(stream, end, "-", count=STREAM_PAGE)
-        for entry_id, raw in page:
+        for _entry_id, raw in page:
             if _text(raw.get("id", raw.get(b"id", b""))) == event_id:
                 return from_stream({_text(k): _text(v) for k, v in raw.items()})
         if len(page) < STREAM_PAGE:

@@ -48,7 +48,7 @@ def _route_env(cfg: config_mod.Config) -> None:
         raise Fail(f"bad config: {e}", USAGE) from None
 
 
-def app_factory():  # noqa: ANN201 - uvicorn factory
+def app_factory():
     from .app import create_app
 
     return create_app(config_mod.load())
@@ -89,7 +89,7 @@ async def _ensure_database(url: str) -> None:
     except asyncpg.InvalidCatalogNameError:  # no `postgres` maintenance database to connect to
         raise Fail(f"database {name!r} does not exist on {where(url)}; run `{createdb_command(url)}`, then "
                    "`quota-gw migrate` again", UNREACHABLE) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         f = postgres_failure(e, url)
         if f is None:
             raise

@@ -135,7 +135,7 @@ def _stop_all() -> None:
     for server in list(_LIVE):
         try:
             server.stop()
-        except Exception:  # pragma: no cover - best effort at exit
+        except Exception:  # noqa: BLE001 # pragma: no cover - best effort at exit
             pass
 
 
@@ -374,7 +374,7 @@ def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = Fals
             *args,
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path)
-        if _wait_ready("valkey", proc, log_path, lambda: _redis_ping(chosen), REDIS_START_TIMEOUT):
+        if _wait_ready("valkey", proc, log_path, lambda chosen=chosen: _redis_ping(chosen), REDIS_START_TIMEOUT):
             server = EmbeddedServer(
                 url=f"redis://{LOCALHOST}:{chosen}/0",
                 name="valkey",
@@ -595,7 +595,7 @@ def start_postgres(data_dir: Path, port: int | None = None) -> EmbeddedServer:
             "-c", "logging_collector=off",
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path, user=user, env=_pg_env())
-        if _wait_ready("postgres", proc, log_path, lambda: _pg_ready(chosen), POSTGRES_START_TIMEOUT):
+        if _wait_ready("postgres", proc, log_path, lambda chosen=chosen: _pg_ready(chosen), POSTGRES_START_TIMEOUT):
             server = EmbeddedServer(
                 url=f"postgresql://postgres@{LOCALHOST}:{chosen}/postgres",
                 name="postgres",

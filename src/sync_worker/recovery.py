@@ -27,7 +27,6 @@ from functools import partial
 from typing import Any
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 
 from quota_gw.config import Config

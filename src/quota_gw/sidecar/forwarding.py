@@ -53,7 +53,7 @@ async def forward(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout
     try:
         try:
             resp = await pool.send(session, request.method, url, headers, body, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await charge.failed("timeout")
             raise Problem(504, "upstream_timeout", f"the upstream did not answer within {route.timeout_s:g} s; "
                           "nothing was charged", headers=charge.headers()) from None

@@ -99,7 +99,7 @@ class Charge:
         proxied(self.route.prefix, outcome).inc()
         try:
             await fn()
-        except Exception:  # noqa: BLE001 - the client's answer must not fail because settling did
+        except Exception:
             log.exception("settling a %s call on %s failed", outcome, self.route.prefix)
 
     async def succeeded(self) -> None:
