@@ -8,8 +8,8 @@ Every decision is counted here (metrics.observe), whichever route asked for it: 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +82,12 @@ class Decision:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random (version 4) UUID as 32 hex digits: uuid.uuid4().hex without building a UUID
+    object (a third of the cost, on every decision)."""
+    r = bytearray(os.urandom(16))
+    r[6] = (r[6] & 0x0F) | 0x40  # version 4
+    r[8] = (r[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return r.hex()
 
 
 def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
