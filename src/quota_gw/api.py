@@ -257,22 +257,30 @@ class Head:
 
 class DecisionRoute:
     """A decision route as a plain ASGI app (Starlette calls a Route's endpoint as one when it
-    is not a function). `decide(c, head, receive)` returns (status, body, headers); a Problem it
-    raises is rendered by the app's handlers, as for any route. The answer is what
-    `json_response(body, status, headers)` sends: the same headers, in the same order."""
+    is not a function; app.Gateway calls `answer` before the router). `decide(c, head,
+    receive)` returns (status, body, headers); a Problem it raises is rendered by the app's
+    handlers, as for any route. The answer is what `json_response(body, status, headers)`
+    sends: the same headers, in the same order."""
 
     def __init__(self, decide: Any) -> None:
         self.decide = decide
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start, body = await self.answer(scope, receive)
+        await send(start)
+        await send(body)
+
+    async def answer(self, scope: Scope, receive: Receive) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The two ASGI messages of the answer (nothing is sent: an error raised here can still
+        be answered)."""
         c: Context = scope["app"].state.ctx
         status, data, headers = await self.decide(c, Head(scope, c.user_header), receive)
         body = orjson.dumps(data)
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         raw.append((b"content-length", b"%d" % len(body)))
         raw.append((b"content-type", b"application/json"))
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        return ({"type": "http.response.start", "status": status, "headers": raw},
+                {"type": "http.response.body", "body": body})
 
 
 async def _decision_body(c: Context, head: Head, receive: Receive) -> tuple[Identity, dict[str, Any]]:
