@@ -6,12 +6,12 @@ when missing (422), never given a default; names match NAME_RE in full (a traili
 is not a name); a body larger than `behaviour.max_body_bytes` is refused (413) before it is
 read whole.
 
-The two hottest routes, POST /v1/check and /v1/consume, are plain ASGI apps (DecisionRoute):
-Starlette still routes to them and renders their errors, but they read the four headers they
-need from the scope in one pass and send their answer themselves, without Starlette's Request,
-Headers and Response objects, which cost as much CPU as the rest of the route's own Python
-(docs/benchmarks.md, "Gateway CPU per decision"). Their answers are byte for byte what a
-Response would send.
+The two hottest routes, POST /v1/check and /v1/consume, are plain ASGI apps (DecisionRoute)
+that app.Gateway answers before Starlette's router (their errors still go through the app's
+handlers). They read the four headers they need from the scope in one pass and build their
+answer themselves, without Starlette's Request, Headers and Response objects, which cost as
+much CPU as the rest of the route's own Python (docs/benchmarks.md, "Gateway CPU per
+decision"). Their answers are byte for byte what a Response would send.
 """
 
 from __future__ import annotations
