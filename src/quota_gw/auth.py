@@ -45,7 +45,11 @@ def hash_key(key: str) -> str:
 
 
 def bearer(request: Request) -> str | None:
-    h = request.headers.get("authorization")
+    return bearer_token(request.headers.get("authorization"))
+
+
+def bearer_token(h: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header's value (None: absent or not a bearer)."""
     if not h or not h[:7].lower() == "bearer ":
         return None
     return h[7:].strip() or None
@@ -159,7 +163,10 @@ class KeyStore:
         return plan
 
     async def authenticate(self, request: Request, scope: str) -> Identity:
-        key = bearer(request)
+        return await self.authenticate_key(bearer(request), scope)
+
+    async def authenticate_key(self, key: str | None, scope: str) -> Identity:
+        """`authenticate` with the bearer key already taken from the request (None: none given)."""
         if key is None:
             raise missing_key()
         if key.startswith(links.PREFIX):  # a signed dashboard link: read-only, its org only (links.py)

@@ -198,4 +198,3 @@ class Coalescer:
                     fut.set_exception(e)
                 return
             await self._send(missing, retried=True)
-

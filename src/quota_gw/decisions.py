@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import operator
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,7 +212,12 @@ _G_RATE_LIMITS = [GATE[f"rl_{who}_{what}"] for who in ("user", "key", "org") for
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random (version 4) UUID as 32 hex digits: uuid.uuid4().hex without building a UUID
+    object (a third of the cost, on every decision)."""
+    r = bytearray(os.urandom(16))
+    r[6] = (r[6] & 0x0F) | 0x40  # version 4
+    r[8] = (r[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return r.hex()
 
 
 def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
