@@ -6,7 +6,10 @@ repairs it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import asyncpg
 
@@ -121,3 +124,127 @@ async def test_concurrent_writers_of_one_org_stay_exact(own_database_url: str) -
     finally:
         await a.close()
         await b.close()
+
+
+# A generated ledger's events with their metadata (resets carry the period), one statement.
+INSERT_FULL = """INSERT INTO usage_events (event_id, ts, kind, org_id, meter, feature, delta, cost, metadata)
+                 SELECT gen_random_uuid(), e.ts, e.kind, e.org, e.meter, e.feature, e.delta, e.cost, e.meta::jsonb
+                 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                             $7::bigint[], $8::text[]) AS e(ts, kind, org, meter, feature, delta, cost, meta)"""
+
+
+def generated_ledger(now: datetime) -> list[tuple[Any, ...]]:
+    """(ts, kind, org, meter, feature, delta, cost, metadata) over the last 12 days for four orgs:
+    a reset per (org, meter) (one unlimited, one org with none), then calls, refunds, refusals
+    (which carry the cost they would have had) and calls without a meter, at random times; plus
+    events on either side of the burn window's start (00:00 UTC seven days before today) and
+    of the hour seven days ago (003's start)."""
+    rng = random.Random(13)
+    start = datetime.combine(now.date() - timedelta(days=7), datetime.min.time(), timezone.utc)
+    period_end = int((now + timedelta(days=4)).timestamp())
+    rows: list[tuple[Any, ...]] = []
+    orgs = [f"org-burn-{i}" for i in range(4)]
+    for org in orgs[:3]:
+        for meter, allocation in (("general", rng.randrange(200, 3000)), ("tokens", rng.randrange(200, 3000)),
+                                  ("unl", -1)):
+            rows.append((now - timedelta(days=12), "reset", org, meter, None, max(allocation, 0), 0,
+                         json.dumps({"allocation": allocation, "period_end": period_end})))
+    for _ in range(400):
+        ts = now - timedelta(seconds=rng.randrange(1, 12 * 86400))
+        kind = rng.choice(["consume"] * 6 + ["commit", "refund", "denied"])
+        cost = rng.randrange(1, 40)
+        cost = -cost if kind == "refund" else cost
+        meter = rng.choice(["general", "tokens", "unl", None])
+        rows.append((ts, kind, rng.choice(orgs), meter, rng.choice(["f1", "f2"]),
+                     0 if kind == "denied" else -cost, cost, None))
+    for org in orgs:
+        for ts, cost in ((start - timedelta(minutes=1), 1000), (start + timedelta(minutes=1), 70),
+                         (now - timedelta(days=7, minutes=-1), 9), (now - timedelta(days=7, minutes=1), 5)):
+            rows.append((ts, "consume", org, "general", "f1", -cost, cost, None))
+    return rows
+
+
+def burn_rates_from_events(rows: list[tuple[Any, ...]], at: datetime) -> dict[tuple[str, str], dict[str, Any]]:
+    """burn_rates as documented, computed from the events alone: per (org, meter) with a change,
+    tokens used since 00:00 UTC seven days before `at`'s day, per day of that window."""
+    start = datetime.combine(at.astimezone(timezone.utc).date() - timedelta(days=7), datetime.min.time(),
+                             timezone.utc)
+    days = (at - start).total_seconds() / 86400
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for ts, kind, org, meter, _, delta, cost, meta in sorted(rows, key=lambda r: r[0]):
+        if meter is None:
+            continue
+        b = out.setdefault((org, meter), {"balance": 0, "allocation": None, "period_end": None, "used_7d": 0,
+                                          "changes": 0})
+        b["balance"] += delta
+        b["changes"] += kind != "denied"
+        if kind == "reset":
+            m = json.loads(meta)
+            b["allocation"], b["period_end"] = m["allocation"], datetime.fromtimestamp(m["period_end"], timezone.utc)
+        if kind in ("consume", "commit", "refund") and ts >= start:
+            b["used_7d"] += cost
+    for b in out.values():
+        used, rate = b["used_7d"], b["used_7d"] / days
+        b["burn_per_day"] = rate
+        b["projected_exhaustion"] = None
+        b["exhausts_before_reset"] = False
+        if not (b["allocation"] is not None and b["allocation"] < 0) and used > 0:
+            runs_out = at + timedelta(days=max(b["balance"], 0) / rate)
+            b["projected_exhaustion"] = runs_out
+            b["exhausts_before_reset"] = b["period_end"] is None or runs_out < b["period_end"]
+        b["window_start"] = start
+    return {k: b for k, b in out.items() if b["changes"]}
+
+
+async def test_burn_rates_equal_the_events_over_whole_days(own_database_url: str) -> None:
+    """burn_rates (migration 007: the last 7 full UTC days plus today, from the daily rollup)
+    equals the same figures computed from a generated ledger's raw events, in a UTC session and
+    in one on another time zone."""
+    now = datetime.now(timezone.utc)
+    rows = generated_ledger(now)
+    pg = await asyncpg.connect(own_database_url)
+    try:
+        for i in range(0, len(rows), 50):  # several statements, like worker batches
+            await pg.execute(INSERT_FULL, *[list(c) for c in zip(*rows[i:i + 50])])
+        for zone in ("UTC", "America/Los_Angeles", "Asia/Kolkata"):
+            await pg.execute(f"SET TimeZone = '{zone}'")
+            got = {(r["org_id"], r["meter"]): r for r in await pg.fetch(
+                "SELECT *, now() AS at FROM burn_rates WHERE org_id LIKE 'org-burn-%'")}
+            at = next(iter(got.values()))["at"]
+            want = burn_rates_from_events(rows, at)
+            assert sorted(got) == sorted(want), zone
+            for k, w in want.items():
+                g = got[k]
+                assert (g["balance"], g["allocation"], g["period_end"], g["used_7d"]) == (
+                    w["balance"], w["allocation"], w["period_end"], w["used_7d"]), (zone, k)
+                assert abs(float(g["burn_per_day"]) - w["burn_per_day"]) <= 0.0051, (zone, k)
+                if w["projected_exhaustion"] is None:
+                    assert g["projected_exhaustion"] is None, (zone, k)
+                else:
+                    assert abs((g["projected_exhaustion"] - w["projected_exhaustion"]).total_seconds()) < 1, (zone, k)
+                assert g["exhausts_before_reset"] == w["exhausts_before_reset"], (zone, k)
+                assert g["window_start"] == w["window_start"], (zone, k)
+        # The rows the window's edges decide: 70 in, 1000 out, whatever the hour.
+        assert any(w["used_7d"] >= 70 + 9 + 5 for w in want.values())
+    finally:
+        await pg.close()
+
+
+async def test_usage_since_does_not_depend_on_the_session_time_zone(own_database_url: str) -> None:
+    """qgw_usage_since (003, its day boundary fixed in 007) equals the events from the hour of
+    `since` in a session on any time zone: before 007 its hourly part ended off midnight UTC by
+    twice the zone's offset (hours counted twice west of UTC, missed east of it)."""
+    org = "org-rollups-zone"
+    now = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
+    pg = await asyncpg.connect(own_database_url)
+    try:
+        await write(pg, [(now - timedelta(hours=k), "consume", org, "general", k + 1) for k in range(0, 60, 3)])
+        for zone in ("UTC", "America/New_York", "Pacific/Auckland"):
+            await pg.execute(f"SET TimeZone = '{zone}'")
+            for k in (1, 5, 13, 26, 40, 59):
+                since = now - timedelta(hours=k, minutes=10)
+                got = await pg.fetchval("SELECT coalesce(sum(tokens), 0)::bigint FROM qgw_usage_since($2) "
+                                        "WHERE org_id = $1", org, since)
+                assert got == (await usage_from_events(pg, org, since))[1], (zone, k)
+    finally:
+        await pg.close()
