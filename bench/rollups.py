@@ -1,6 +1,6 @@
 """The ops queries over raw events (migration 002's views) against the same queries over the
-rollups: 003's hour and day sums, and 005's running and cumulative totals (what ships), on a
-generated ledger (issue 13).
+rollups: 003's hour and day sums, and what ships (005's running and cumulative totals, 007's
+whole-day burn rates), on a generated ledger (issue 13).
 
     .venv/bin/python bench/rollups.py [--raw 1000000,10000000] [--synthetic 100000000] [--orgs 1000]
                                       [--days 30] [--history-days 30] [--runs 5] [--write-events 200000]
@@ -19,7 +19,8 @@ migrated, dropped at the end (--keep to keep it).
    (qgw_rollup_rebuild, timed), and each query runs over the raw events ("before": 002's views,
    recreated as before_*, and the old GET /v1/admin/top query), over 003's hour and day sums
    (its views' and admin query's SQL, inlined below) and as shipped ("after": top_spenders and
-   the admin query over 005's per-org totals; low_balances and burn_rates are still 003's).
+   the admin query over 005's per-org totals; burn_rates over 007's whole UTC days;
+   low_balances is still 003's).
    Each size is a fresh ledger over --days + --history-days days: with no history, a 30-day
    window covers the whole ledger and finds no cumulative row before it (a cheaper probe than
    a real deployment's), so by default 30 more days of events precede it.
@@ -76,12 +77,18 @@ QUERIES = {
                      "SELECT * FROM low_balances"),
     "burn_rates": (
         "SELECT * FROM before_burn_rates",
-        f"""SELECT b.org_id, b.meter, b.balance, coalesce(u.tokens, 0) AS used_7d,
-                   CASE WHEN b.allocation < 0 OR coalesce(u.tokens, 0) <= 0 THEN NULL
-                        ELSE now() + greatest(b.balance, 0) * interval '7 days' / u.tokens END
-            FROM ledger_balances b LEFT JOIN {USAGE_003.format(days=7, where="WHERE meter <> ''")} u
+        # 003's view verbatim: usage since the hour seven days ago (days and that day's hours)
+        f"""SELECT b.org_id, b.meter, b.balance, b.allocation, b.period_end, coalesce(u.used_7d, 0) AS used_7d,
+                   round(coalesce(u.used_7d, 0) / 7.0, 2) AS burn_per_day,
+                   CASE WHEN b.allocation < 0 OR coalesce(u.used_7d, 0) <= 0 THEN NULL
+                        ELSE now() + greatest(b.balance, 0) * interval '7 days' / u.used_7d END,
+                   CASE WHEN b.allocation < 0 OR coalesce(u.used_7d, 0) <= 0 THEN false
+                        ELSE coalesce(now() + greatest(b.balance, 0) * interval '7 days' / u.used_7d
+                                      < b.period_end, true) END
+            FROM ledger_balances b LEFT JOIN (SELECT org_id, meter, sum(tokens)::bigint AS used_7d
+                 FROM qgw_usage_since(now() - interval '7 days') WHERE meter <> '' GROUP BY org_id, meter) u
             USING (org_id, meter)""",
-        "SELECT * FROM burn_rates"),
+        "SELECT * FROM burn_rates"),  # 007: whole UTC days from the daily rollup
     "GET /v1/admin/top": (
         """SELECT e.org_id, o.name, o.plan, sum(e.cost)::bigint AS tokens,
                   count(*) FILTER (WHERE e.kind IN ('consume', 'commit')) AS calls
@@ -304,7 +311,7 @@ async def main() -> None:
             for q, (_, r003, after) in QUERIES.items():
                 (m3, f3, n3), (m5, f5, n5) = await side_by_side(conn, [r003, after], args.runs)
                 print(f"  {q:<20} 003 {m3:7.1f} ms (fastest {f3:.1f}, {n3} rows)   "
-                      f"005 {m5:7.1f} ms (fastest {f5:.1f}, {n5} rows)   {m3 / m5:.1f}x", flush=True)
+                      f"shipped {m5:7.1f} ms (fastest {f5:.1f}, {n5} rows)   {m3 / m5:.1f}x", flush=True)
                 results += [(f"{stands_for:,} (rollups only)", q, "003", m3, f3),
                             (f"{stands_for:,} (rollups only)", q, "after", m5, f5)]
 
@@ -336,7 +343,7 @@ async def main() -> None:
                 ((mb, fb, nb),) = await side_by_side(conn, [before], args.runs)
                 (m3, f3, n3), (m5, f5, n5) = await side_by_side(conn, [r003, after], args.runs)
                 print(f"  {q:<20} before {mb:9.1f} ms ({nb} rows)   003 {m3:7.1f} ms ({n3} rows)   "
-                      f"005 {m5:7.1f} ms ({n5} rows)   before/005 {mb / m5:,.0f}x", flush=True)
+                      f"shipped {m5:7.1f} ms ({n5} rows)   before/shipped {mb / m5:,.0f}x", flush=True)
                 results += [(f"{n:,} raw", q, "before", mb, fb), (f"{n:,} raw", q, "003", m3, f3),
                             (f"{n:,} raw", q, "after", m5, f5)]
         await conn.execute("ALTER TABLE usage_events ENABLE TRIGGER usage_events_rollup")
@@ -355,7 +362,7 @@ async def main() -> None:
         await admin.close()
 
     print("\nmedian (fastest) of each; the sides of a row ran in turns")
-    print("| ledger | query | before (raw events) | 003 (hour/day sums) | after (005 totals) |\n|---|---|---|---|---|")
+    print("| ledger | query | before (raw events) | 003 (hour/day sums) | after (shipped) |\n|---|---|---|---|---|")
     table: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
     for ledger, q, side, ms, fastest in results:
         table.setdefault((ledger, q), {})[side] = (ms, fastest)

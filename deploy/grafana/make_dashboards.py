@@ -119,7 +119,8 @@ def ops() -> dict[str, Any]:
                  FROM burn_rates WHERE used_7d > 0
                  ORDER BY exhausts_before_reset DESC, projected_exhaustion NULLS LAST, org_id LIMIT 50""",
               ["org_id", "meter", "balance", "used_7d", "burn_per_day", "projected_exhaustion", "period_end",
-               "exhausts_before_reset"], w=24, h=10),
+               "exhausts_before_reset"], w=24, h=10,
+              description="burn_rates: tokens used over the last 7 full UTC days plus today, per day of that window"),
         pg_series(lay, "Refusals by reason",
                   """SELECT date_bin(greatest('$__interval'::interval, interval '1 hour'), hour,
                                      timestamptz 'epoch') AS time, reason AS metric,
