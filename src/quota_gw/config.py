@@ -279,6 +279,7 @@ def resolve_route_headers(config: Config, environ: Any = None, file: str | None 
                 if problem:
                     raise ConfigError(file, f"routes.{i}.headers.{name}",
                                       f"environment variable {var} {problem} (route {r.prefix})")
+                assert value is not None  # "is not set" raised above
                 return value
             resolved.append((name, _VAR.sub(sub, template)))
         out.append(resolved)
