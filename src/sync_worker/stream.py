@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -28,6 +28,9 @@ from quota_gw.scripts import lua_dir
 
 from . import packing
 from .encoding import Entry
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 log = logging.getLogger("quota_gw.worker")
 
@@ -66,7 +69,7 @@ class Streams:
             self.redis = aioredis.from_url(self.redis_url, decode_responses=False, protocol=2,
                                            socket_connect_timeout=5, socket_timeout=self.block_ms / 1000 + 10,
                                            **packing.client_options(self.redis_url))
-            raw = lambda r, **kw: r  # noqa: E731 - keep replies as nested lists of bytes
+            raw = lambda response, **kw: response  # noqa: E731 - keep replies as nested lists of bytes
             self.redis.set_response_callback("XREADGROUP", raw)
             self.redis.set_response_callback("XAUTOCLAIM", raw)
             self._maintain = self.redis.register_script(MAINTAIN_LUA)
@@ -130,7 +133,7 @@ class Streams:
         """Moves entries the ledger refuses to `<stream>:dead`, with the error, and acks them."""
         for e in dead:
             # The dead letter and its ack in one MULTI (same hash tag): never one without the other.
-            fields = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
+            fields: dict[FieldT, EncodableT] = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
                       b"consumer": self.consumer.encode(),
                       b"fields": orjson.dumps([x.decode("utf-8", "replace") for x in (e.fields or [])])}
             async with self._client().pipeline(transaction=True) as p:
