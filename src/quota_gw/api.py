@@ -220,11 +220,16 @@ async def check(request: Request) -> Response:
     ident = await c.keys.authenticate(request, "consume")
     data = await json_body(request)
     feature = c.feature(data)
-    d = await c.decider.check(ident, feature, c.units(data, feature), c.user(ident, data, request))
+    explain = data.get("explain", False)
+    if not isinstance(explain, bool):
+        raise invalid("explain: true or false", field="explain")
+    d = await c.decider.check(ident, feature, c.units(data, feature), c.user(ident, data, request), explain)
     body: dict[str, Any] = {"allowed": d.ok, "cost": d.cost, "remaining": d.remaining}
     if not d.ok:
         body["code"] = d.code
         body["detail"] = d.detail
+    if explain:  # the layers as evaluated, and the first that refused (lua explained())
+        body["waterfall"] = {**d.extra, "layers": d.extra.get("layers") or []}  # Lua's {} is an empty list
     return json_response(body, headers=d.headers())
 
 
