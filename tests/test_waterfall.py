@@ -164,9 +164,18 @@ async def test_a_consume_split_2_2_rest_is_refunded_to_each_layer(wf: Any) -> No
     assert (b["allocated"], b["purchased"], b["next_expiry"]["amount"]) == (2, 12, 2)
     row = await wf.drained(f.json()["event_id"])
     assert (row["delta"], row["sources"]) == (7, f"allocated:2,grant:{lot}:2,purchased:3")
+    u = await wf.client.get("/v1/usage", params={"kind": "consume"}, headers=h)
+    assert u.json()["events"][0]["sources"] == [{"layer": "allocated", "amount": -2},
+                                                {"layer": f"grant:{lot}", "amount": -2},
+                                                {"layer": "purchased", "amount": -3}]
+    a = await wf.client.get("/v1/analytics", params={"days": 1}, headers=h)
+    assert a.json()["by_layer"] == []  # charged and refunded: nothing taken, net
     # The restored grant is spent first again, as before the charge.
     r = await spend(wf, h, 3)
     assert r.status_code == 200 and r.headers["X-Quota-Source"] == f"allocated,grant:{lot}"
+    await wf.drained(r.json()["event_id"])
+    a = await wf.client.get("/v1/analytics", params={"days": 1}, headers=h)
+    assert {(x["layer"], x["tokens"]) for x in a.json()["by_layer"]} == {("allocated", 2), (f"grant:{lot}", 1)}
 
 
 async def test_an_expired_grants_share_is_not_restored_by_a_refund(wf: Any) -> None:
