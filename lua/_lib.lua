@@ -682,7 +682,7 @@ local function gate_request(k, a, now)
   a.alloc_overflow = tonumber(a.alloc_overflow) or 1
   a.explain = a.explain == '1'
   a.price = a.cost  -- what the call is priced at; `cost` becomes what the waterfall charges
-  a.layers = {}  -- the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
+  a.layers = {}  -- explain: the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
   a.now = now
   a.now_s = math.floor(now / 1000000)
   a.team = ''
@@ -724,7 +724,9 @@ local function gate_rate_limits(req)
   local ok, rl, writes = rate_limits(limits, req.now)
   req.rl, req.rl_writes = rl, writes
   if ok then
-    for _, lim in ipairs(named) do table.insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
+    if req.explain then
+      for _, lim in ipairs(named) do table.insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
+    end
     return nil
   end
   local mult, refused = 0, nil
@@ -761,6 +763,18 @@ local function gate_period(req, expired)
   return nil
 end
 
+-- A team or user sub-quota (or nil) against what the call takes: nil, or the refusal.
+local function level_fits(req, q, who, name)
+  if not q then return nil end
+  local had = math.max(0, q:available())
+  if req.explain then table.insert(req.layers, {layer = 'quota:' .. who, had = had, take = math.min(had, req.cost)}) end
+  if req.cost > q:available() then
+    return {402, 'insufficient_balance', who .. ' ' .. name .. ' quota of ' .. req.meter .. ' has ' .. had
+      .. ' left, the call costs ' .. req.cost, 'quota:' .. who, had}
+  end
+  return nil
+end
+
 -- Step 5, levels: the meter's layers (the waterfall: allocation, then credit) must give the
 -- call's cost, and team and user must each afford what it takes. req.cost becomes what is
 -- charged (past a rate window or the allocation, credit at the plan's multiple).
@@ -777,7 +791,9 @@ local function gate_levels(req, expired)
   local credit_only = req.overflow ~= nil
   local steps, total, short = meter:waterfall(req.cost, credit_only, req.overflow or req.alloc_overflow,
     req.alloc_overflow, req.credit_order)
-  for _, l in ipairs(steps) do table.insert(req.layers, l) end
+  if req.explain then
+    for _, l in ipairs(steps) do table.insert(req.layers, l) end
+  end
   req.steps = steps
   if not short then req.cost = total end
   if short and credit_only then  -- past the window, and credit cannot pay for it: 429 as without overflow
@@ -787,18 +803,7 @@ local function gate_levels(req, expired)
     return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. math.max(0, meter:available())
       .. ', the call costs ' .. req.cost, short.layer, short.had}
   end
-  for _, q in ipairs({{tq, 'team ' .. req.team, 'quota:team'}, {uq, 'user ' .. req.user, 'quota:user'}}) do
-    local lvl = q[1]
-    if lvl then
-      local had = math.max(0, lvl:available())
-      table.insert(req.layers, {layer = q[3], had = had, take = math.min(had, req.cost)})
-      if req.cost > lvl:available() then
-        return {402, 'insufficient_balance', q[2] .. ' quota of ' .. req.meter .. ' has ' .. had
-          .. ' left, the call costs ' .. req.cost, q[3], had}
-      end
-    end
-  end
-  return nil
+  return level_fits(req, tq, 'team', req.team) or level_fits(req, uq, 'user', req.user)
 end
 
 -- Runs the steps; the first refusal (status, code, detail) wins, but every step runs, so a
