@@ -383,10 +383,13 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
     local take = math.min(self.a, left)
     table.insert(layers, {layer = 'allocated', had = self.a, take = take})
     total, left = take, left - take
-    if left > 0 and alloc_overflow == 0 then return layers, total, {layer = 'allocated', had = self.a} end
+    -- alloc_overflow 0: no credit past the allocation (a meter the plan leaves out runs on credit).
+    if left > 0 and alloc_overflow == 0 and (self.lim or 0) > 0 then
+      return layers, total, {layer = 'allocated', had = self.a}
+    end
   end
   if left > 0 then
-    local need = left * mult
+    local need = left * math.max(1, mult)
     for _, l in ipairs(self:credit_layers(order)) do
       l.take = math.min(l.had, need)
       need, total = need - l.take, total + l.take

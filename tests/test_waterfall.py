@@ -264,3 +264,27 @@ async def test_reconcile_catches_a_ledger_row_whose_split_does_not_add_up(wf: An
     assert await reconcile_main(wf.redis_url, wf.database_url, wf.config, wf.layout, org) == 1
     out = capsys.readouterr().out
     assert re.search(r"delta -5, its sources add up to -4 \(allocated:2,purchased:2\)", out), out
+
+
+async def test_a_hold_past_the_window_is_committed_from_credit_at_the_multiple(wf: Any) -> None:
+    org, h = await wf.tenant("pro_overflow", "erin")
+    await wf.admin.grant(org, "general", 10)
+    for _ in range(5):
+        assert (await spend(wf, h)).status_code == 200
+    r = await wf.client.post("/v1/reservations", json={"feature": "generate_insight", "units": 2}, headers=h)
+    assert r.status_code == 201 and r.json()["held"] == 4, r.text  # 2 units at 2x
+    c = await wf.client.post(f"/v1/reservations/{r.json()['reservation_id']}/commit", json={"units": 1}, headers=h)
+    assert c.status_code == 200 and c.headers["X-Quota-Source"] == "purchased", c.text
+    b = await general(wf, h)
+    assert (b["allocated"], b["purchased"], b["held"]) == (45, 8, 0)
+
+
+async def test_overflow_none_stops_at_the_allocation_but_a_meter_the_plan_leaves_out_runs_on_credit(wf: Any) -> None:
+    org, h = await wf.tenant("capped")
+    await wf.admin.grant(org, "general", 10)
+    await wf.admin.grant(org, "goal_generation", 6)
+    assert (await spend(wf, h, 2)).status_code == 200
+    r = await spend(wf, h, 1)
+    assert r.status_code == 402 and (await general(wf, h))["purchased"] == 10
+    r = await wf.client.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)
+    assert r.status_code == 200 and r.headers["X-Quota-Source"] == "purchased", r.text
