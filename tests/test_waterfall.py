@@ -105,6 +105,10 @@ async def test_past_5_calls_a_minute_calls_6_to_10_take_2x_from_purchased_and_th
         assert (r.json()["cost"], r.headers["X-Quota-Source"]) == (1, "allocated")
     b = await general(wf, h)
     assert (b["allocated"], b["purchased"]) == (45, 10)
+    c = await wf.client.post("/v1/check", json={"feature": "generate_insight", "explain": True}, headers=h)
+    assert c.json()["allowed"] is True and c.json()["cost"] == 2
+    assert c.json()["waterfall"] == {"overflow_cost": 2, "layers": [
+        {"layer": "rate:user", "had": 0, "gives": 0, "overflow": 2}, {"layer": "purchased", "had": 10, "gives": 2}]}
     events = []
     for i in range(5):  # calls 6-10: past the window, 2x from purchased, the allocation untouched
         r = await spend(wf, h)
