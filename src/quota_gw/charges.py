@@ -43,6 +43,7 @@ class Charge:
     user: str
     feature: str
     ts_us: int  # Redis time of the charge (the event's ts)
+    sources: str = ""  # its split over the layers ('' before sources were recorded)
 
     def refundable_by(self, org: str) -> bool:
         return self.org == org and self.kind in REFUNDABLE
@@ -55,7 +56,7 @@ def _text(v: Any) -> str:
 def from_stream(fields: dict[str, str]) -> Charge:
     delta, dp = int(fields["delta"]), int(fields["dp"])
     return Charge(fields["kind"], fields["org"], fields["meter"], dp - delta, -dp, int(fields["cost"]),
-                  fields["user"], fields["feature"], int(fields["ts"]))
+                  fields["user"], fields["feature"], int(fields["ts"]), fields.get("src", ""))
 
 
 async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
@@ -73,7 +74,7 @@ async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
 
 LEDGER_EVENT = """
 SELECT kind, org_id, coalesce(meter, '') AS meter, delta, delta_purchased, cost,
-       coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature, ts
+       coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature, ts, coalesce(sources, '') AS sources
   FROM usage_events WHERE event_id = $1 AND ts > $2"""
 
 
@@ -85,7 +86,7 @@ async def in_ledger(ledger: Database, event_id: str, window_s: int) -> Charge | 
     if r is None:
         return None
     return Charge(r["kind"], r["org_id"], r["meter"], r["delta_purchased"] - r["delta"], -r["delta_purchased"],
-                  r["cost"], r["user_id"], r["feature"], (r["ts"] - _EPOCH) // _US)
+                  r["cost"], r["user_id"], r["feature"], (r["ts"] - _EPOCH) // _US, r["sources"])
 
 
 async def find(redis: Redis, ledger: Database | None, layout: Layout, org: str, event_id: str,

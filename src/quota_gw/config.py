@@ -49,6 +49,10 @@ def _seconds(value: Any) -> Any:
     return value
 
 
+CreditLayer = Literal["grants", "purchased"]
+CREDIT_ORDER: tuple[CreditLayer, ...] = ("grants", "purchased")
+
+
 class RateLimit(_Model):
     """`limit` calls per `window` seconds, at most `burst` at once (default: `limit`)."""
 
@@ -56,6 +60,12 @@ class RateLimit(_Model):
     window: int = Field(gt=0, description="The window in seconds: a number, or a duration such as '60s', '5m', '1h', '1d'.")
     burst: int | None = Field(default=None, gt=0, description="Calls allowed at once after a quiet spell "
                               "(GCRA burst); default: `limit`.")
+    overflow: Literal["none", "credit"] = Field(default="none", description=(
+        "Past the window: 'none' refuses the call (429); 'credit' lets it through, charged from the credit "
+        "layers only (`credit_order`; never the allocation), at `overflow_cost` times its cost, and the "
+        "window does not advance for it. No credit left: 429 as with 'none'."))
+    overflow_cost: int = Field(default=1, ge=1, le=1000, description=(
+        "With `overflow: credit`: what a call past the window costs, as a multiple of its price."))
 
     _w = field_validator("window", mode="before")(_seconds)
 
@@ -85,6 +95,16 @@ class Plan(_Model):
     rollover: bool = Field(default=False, description="Unused allocation carries over into the next period.")
     rate_limits: RateLimits = Field(default_factory=RateLimits, description="Rate limits of callers on this plan "
                                     "(a refused call consumes no rate).")
+    overflow: Literal["credit", "none"] = Field(default="credit", description=(
+        "Past the period allocation: 'credit' takes the rest of a call from the credit layers (`credit_order`), "
+        "at `overflow_cost` times; 'none' refuses it (402) even with credit left (a meter the plan leaves "
+        "out, allocation 0, still runs on credit)."))
+    overflow_cost: int = Field(default=1, ge=1, le=1000, description=(
+        "What the part of a call past the allocation costs in credit, as a multiple of its price."))
+    credit_order: list[CreditLayer] = Field(default_factory=lambda: list(CREDIT_ORDER),
+                                                               description=(
+        "The order the credit layers are drawn in: 'grants' (credit that expires, earliest expiry first) and "
+        "'purchased' (credit that never expires). Each named once."))
 
     @field_validator("period")
     @classmethod
@@ -99,6 +119,13 @@ class Plan(_Model):
         for meter, amount in v.items():
             if amount != "unlimited" and not 0 <= amount <= MAX_AMOUNT:
                 raise ValueError(f"{meter}: allocation must be 0..{MAX_AMOUNT} or 'unlimited'")
+        return v
+
+    @field_validator("credit_order")
+    @classmethod
+    def _credit_order(cls, v: list[str]) -> list[str]:
+        if sorted(v) != ["grants", "purchased"]:
+            raise ValueError("name 'grants' and 'purchased' once each, in the order they are drawn")
         return v
 
     def allocation(self, meter: str) -> int:

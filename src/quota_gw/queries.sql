@@ -65,7 +65,7 @@ WHERE d.org_id = $1 ORDER BY d.created_at DESC, d.id DESC LIMIT $2;
 -- usage_events --
 -- The org's events, newest first: {where} is the store's filters (org_id = $1 AND ...), ${limit} the page
 SELECT event_id, ts, kind, user_id, key_id, meter, feature, delta, delta_purchased, cost,
-       balance_after, metadata::text AS metadata
+       balance_after, metadata::text AS metadata, sources
 FROM usage_events WHERE {where}
 ORDER BY ts DESC, event_id DESC LIMIT ${limit};
 
@@ -73,6 +73,12 @@ ORDER BY ts DESC, event_id DESC LIMIT ${limit};
 -- The org's usage per UTC day, meter and feature from the day $2 on (the documented view)
 SELECT day, meter, feature, calls, tokens, refunded, denied
 FROM usage_by_feature_day WHERE org_id = $1 AND day >= $2;
+
+-- spend_by_layer --
+-- Tokens the org's charges took from each layer of each meter since $2, net of refunds (migration 008)
+SELECT meter, layer, -sum(delta)::bigint AS tokens
+FROM usage_event_sources WHERE org_id = $1 AND ts >= $2 AND kind IN ('consume', 'commit', 'refund')
+GROUP BY meter, layer HAVING sum(delta) <> 0 ORDER BY meter, tokens DESC, layer;
 
 -- usage_by_meter_since --
 -- Tokens the org's calls were priced at per meter since $2 (rollups: from the hour $2 falls in)

@@ -221,6 +221,10 @@ class Store:
         """Rows of `usage_by_feature_day` from `first_day` on."""
         return await self.db.fetch(Q.usage_by_day, org_id, first_day)
 
+    async def spend_by_layer(self, org_id: str, since: datetime) -> list[asyncpg.Record]:
+        """(meter, layer, tokens): what the org's charges took from each layer since `since`, net of refunds."""
+        return await self.db.fetch(Q.spend_by_layer, org_id, since)
+
     async def usage_by_meter_since(self, org_id: str, since: datetime) -> dict[str, int]:
         return {r["meter"]: r["tokens"] for r in await self.db.fetch(Q.usage_by_meter_since, org_id, since)}
 
