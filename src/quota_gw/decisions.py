@@ -17,6 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from . import metrics
+from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
 from .layout import Layout
@@ -103,7 +104,8 @@ class Decider:
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
-        self._coalescer = Coalescer(redis)
+        # a cluster: one coalescer per primary, each call sent to its org's slot owner
+        self._coalescer = Lanes(redis) if isinstance(redis, RedisCluster) else Coalescer(redis)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))

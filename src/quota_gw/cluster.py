@@ -1,0 +1,190 @@
+"""Redis Cluster: one `REDIS_URL` for a single Redis or any node of a cluster.
+
+`connect()` asks the node named in the URL whether it is a cluster node (`INFO cluster`) and
+returns redis-py's cluster client if so, which routes every keyed command by slot, follows
+MOVED/ASK and scans over every primary. The same config runs on both (a `redis+cluster://` URL
+skips the question, for a proxy that hides `INFO`).
+
+Decisions do not go through that client: `Lanes` keeps one coalescer (one ordered connection)
+per primary and sends each script to the primary owning the org's slot (every key of a decision
+carries the org's shard tag, layout.py). The never-resend rule holds across nodes: a MOVED, ASK,
+TRYAGAIN or CLUSTERDOWN reply means the script did not run, so it is sent again (to the node the
+reply names, after refreshing the slot map); a timeout or a lost connection fails the call, as on
+a single Redis, and only schedules a slot-map refresh so the next call finds a promoted replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .coalesce import Coalescer, pack_evalsha
+
+log = logging.getLogger("quota_gw")
+
+SCHEME = "redis+cluster://"
+MAX_REDIRECTS = 8  # MOVED/ASK hops for one call before it fails (503)
+SETTLE_S = 5.0  # how long one call waits out CLUSTERDOWN/TRYAGAIN (a failover, a slot migrating)
+
+Client = aioredis.Redis | RedisCluster
+
+
+def pool_kwargs() -> dict[str, Any]:
+    """Timeouts shared by every client the gateway makes (one place)."""
+    return {"decode_responses": True, "socket_connect_timeout": 2, "socket_timeout": 5, "health_check_interval": 30}
+
+
+def node_client(url: str) -> aioredis.Redis:
+    """A bounded pool that waits for a free connection rather than failing under bursts."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **pool_kwargs())
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def is_cluster(url: str) -> bool:
+    if url.startswith(SCHEME):
+        return True
+    probe = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        return str((await probe.info("cluster")).get("cluster_enabled", 0)) == "1"
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        log.warning("redis unreachable at start, assuming a single Redis: %s", e)
+        return False
+    finally:
+        await probe.aclose()
+
+
+async def connect(url: str) -> Client:
+    """A client for `url`: redis-py's cluster client on a cluster node, a pooled client otherwise."""
+    if not await is_cluster(url):
+        return node_client(url)
+    plain = "redis://" + url[len(SCHEME):] if url.startswith(SCHEME) else url
+    rc = RedisCluster.from_url(plain, **pool_kwargs())
+    await rc.initialize()
+    return rc
+
+
+def primaries(r: Client) -> list[Any]:
+    """Where a scan or a per-node command must go: every primary of a cluster, or the one Redis.
+    Each item accepts `target_nodes=` only on a cluster; use `on_each_primary` to call through."""
+    if isinstance(r, RedisCluster):
+        return r.get_primaries()
+    return [None]
+
+
+async def on_each_primary(r: Client, command: str, *args: Any) -> list[Any]:
+    """One command on every primary (SCRIPT LOAD, FUNCTION LOAD, ...); one reply per primary."""
+    if isinstance(r, RedisCluster):
+        return [await r.execute_command(command, *args, target_nodes=n) for n in r.get_primaries()]
+    return [await r.execute_command(command, *args)]
+
+
+async def scan_keys(r: Client, match: str, count: int = 5000) -> list[str]:
+    """Every key matching, over every primary (a cluster's SCAN sees one node's keys)."""
+    return [k async for k in r.scan_iter(match=match, count=count)]  # cluster client: SCAN on PRIMARIES
+
+
+class Lanes:
+    """One coalescer per primary, chosen by the slot of a call's first key."""
+
+    def __init__(self, rc: RedisCluster, coalesce: bool = True) -> None:
+        self.rc = rc
+        self.coalesce = coalesce
+        self._lanes: dict[str, Coalescer] = {}
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refreshed_at = 0.0
+        kw = rc.get_connection_kwargs()
+        self._auth = {k: kw[k] for k in ("username", "password") if kw.get(k)}
+
+    def lane(self, name: str) -> Coalescer:
+        """The coalescer of node `host:port`, made on first use."""
+        c = self._lanes.get(name)
+        if c is None:
+            host, port = name.rsplit(":", 1)
+            client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+                host=host, port=int(port), max_connections=64, timeout=5, **self._auth, **pool_kwargs()))
+            c = self._lanes[name] = Coalescer(client)
+        return c
+
+    def node_for(self, key: str) -> str:
+        return self.rc.nodes_manager.get_node_from_slot(key_slot(key.encode())).name
+
+    async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return await self._routed(script, keys, args, self.coalesce)
+
+    async def run_now(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return await self._routed(script, keys, args, False)
+
+    async def _routed(self, script: Any, keys: list[str], args: list[Any], coalesce: bool) -> Any:
+        target = self.node_for(keys[0])
+        asking = False
+        deadline = 0.0
+        for _ in range(MAX_REDIRECTS):
+            lane = self.lane(target)
+            try:
+                if asking:
+                    return await self._asking(lane, script, keys, args)
+                return await (lane.run if coalesce else lane.run_now)(script, keys, args)
+            except AskError as e:  # the slot is migrating and this key has moved: ASKING, once, there
+                target, asking = f"{e.host}:{e.port}", True
+            except MovedError as e:  # not run: the slot lives elsewhere now
+                self.refresh()
+                target, asking = f"{e.host}:{e.port}", False
+            except (ClusterDownError, TryAgainError):  # not run: failover or migration under way
+                now = time.monotonic()
+                deadline = deadline or now + SETTLE_S
+                if now > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+                await self.refresh_now()
+                target, asking = self.node_for(keys[0]), False
+            except (RedisConnectionError, RedisTimeoutError):
+                self.refresh()  # may have run: never resent; the next call finds the new primary
+                raise
+        raise ClusterDownError(f"more than {MAX_REDIRECTS} redirects for slot {key_slot(keys[0].encode())}")
+
+    async def _asking(self, lane: Coalescer, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """ASKING and the script, back to back on one pooled connection of the importing node."""
+        pool = lane.redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            for attempt in (1, 2):
+                await conn.send_packed_command(b"*1\r\n$6\r\nASKING\r\n" + pack_evalsha(script.sha, keys, args))
+                await conn.read_response()
+                try:
+                    return await conn.read_response()
+                except ResponseError as e:
+                    if "NOSCRIPT" not in str(e) or attempt == 2:
+                        raise
+                    script.sha = await lane.redis.script_load(script.script)  # not run: load, then once more
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
+    def refresh(self) -> None:
+        """A slot-map refresh in the background, at most one at a time and twice a second."""
+        if (self._refreshing is None or self._refreshing.done()) and time.monotonic() - self._refreshed_at > 0.5:
+            self._refreshing = asyncio.ensure_future(self.refresh_now())
+
+    async def refresh_now(self) -> None:
+        self._refreshed_at = time.monotonic()
+        try:
+            await self.rc.nodes_manager.initialize()
+        except RedisError as e:
+            log.warning("redis cluster: slot map refresh failed: %s", e)
+
+    async def aclose(self) -> None:
+        for c in self._lanes.values():
+            await c.aclose()
+            await c.redis.aclose()
+        self._lanes.clear()

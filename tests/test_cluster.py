@@ -1,0 +1,152 @@
+"""The gateway on a real Redis Cluster (3 primaries, 3 replicas; tests/cluster_support.py), with
+REDIS_URL naming one node: admin writes and decisions for orgs on every primary, the no-overspend
+invariant, redirects followed, scripts reloaded per node, Redis errors as 503."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from cluster_support import command
+from conftest import Admin
+from quota_gw.app import create_app
+from quota_gw.layout import Layout
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cprefix() -> str:
+    return f"qgwc{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="module")
+async def capp(config, redis_cluster, database_url, cprefix) -> AsyncIterator[Any]:
+    # The URL names a replica-free primary that owns only a third of the slots.
+    application = create_app(config, redis_cluster.url, database_url, cprefix)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture(scope="module")
+async def cclient(capp) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=capp), base_url="http://gw") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cadmin(cclient) -> Admin:
+    return Admin(cclient)
+
+
+def owner_port(cluster, key: str) -> int:
+    """The port of the primary that owns `key`'s slot, as the cluster itself says."""
+    slot = key_slot(key.encode())
+    for line in command(cluster.live_ports()[0], "CLUSTER", "NODES").splitlines():
+        f = line.split()
+        if "master" not in f[2] or "fail" in f[2]:
+            continue
+        for rng in f[8:]:
+            lo, _, hi = rng.partition("-")
+            if rng[0] != "[" and int(lo) <= slot <= int(hi or lo):
+                return int(f[1].split("@")[0].rsplit(":", 1)[1])
+    raise AssertionError(f"no owner for slot {slot}")
+
+
+def orgs_on_every_primary(cluster, layout: Layout, n: int = 12) -> list[str]:
+    """Org ids whose shards cover every primary (n of them, round robin over the primaries)."""
+    by_port: dict[int, list[str]] = {p: [] for p in cluster.primaries()}
+    i = 0
+    while min(len(v) for v in by_port.values()) < n // len(by_port):
+        org = f"org-{secrets.token_hex(5)}-{i}"
+        by_port[owner_port(cluster, layout.balances(org))].append(org)
+        i += 1
+    return [o for v in zip(*by_port.values()) for o in v][:n]
+
+
+async def test_cluster_client_detected_from_one_node_url(capp):
+    assert isinstance(capp.state.ctx.decider.redis, RedisCluster)
+
+
+async def test_admin_writes_and_decisions_for_orgs_on_every_primary(cclient, cadmin, capp, redis_cluster, cprefix):
+    layout = capp.state.ctx.decider.layout
+    orgs = orgs_on_every_primary(redis_cluster, layout, 6)
+    assert {owner_port(redis_cluster, layout.balances(o)) for o in orgs} == set(redis_cluster.primaries())
+    for org in orgs:  # 4 of 5 answered 500 MovedError before the gateway knew the cluster
+        await cadmin.org("starter", org)
+        key = await cadmin.key(org)
+        await cadmin.grant(org, "general", 5)
+        h = {"Authorization": f"Bearer {key}"}
+        r = await cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+        assert r.status_code == 200, r.text
+        r = await cclient.get("/v1/balance", headers=h)
+        assert r.json()["meters"]["general"]["balance"] == 4
+    # one decision lane (one connection) per primary, not per call
+    lanes = capp.state.ctx.decider._coalescer._lanes
+    assert {int(n.rsplit(":", 1)[1]) for n in lanes} == set(redis_cluster.primaries())
+
+
+async def test_no_overspend_1000_concurrent_consumes_on_every_primary(cclient, cadmin, capp, redis_cluster):
+    layout = capp.state.ctx.decider.layout
+    orgs = orgs_on_every_primary(redis_cluster, layout, 3)
+    heads = []
+    for org in orgs:
+        await cadmin.org("starter", org)
+        heads.append({"Authorization": f"Bearer {await cadmin.key(org)}"})
+        await cadmin.grant(org, "general", 100)
+
+    async def one(i: int) -> tuple[int, int]:
+        r = await cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=heads[i % 3])
+        return i % 3, r.status_code
+
+    results = await asyncio.gather(*(one(i) for i in range(3000)))
+    for k in range(3):
+        codes = [s for o, s in results if o == k]
+        assert codes.count(200) == 100 and codes.count(402) == 900, (k, set(codes))
+        r = await cclient.get("/v1/balance", headers=heads[k])
+        b = r.json()["meters"]["general"]
+        assert b["balance"] == 0 and b["used"] == 100
+
+
+async def test_scripts_reloaded_on_the_node_that_lost_them(cclient, cadmin, capp, redis_cluster):
+    layout = capp.state.ctx.decider.layout
+    org = orgs_on_every_primary(redis_cluster, layout, 3)[1]
+    await cadmin.org("starter", org)
+    h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
+    await cadmin.grant(org, "general", 10)
+    command(owner_port(redis_cluster, layout.balances(org)), "SCRIPT", "FLUSH")
+    rs = await asyncio.gather(*(cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+                                for _ in range(5)))
+    assert [r.status_code for r in rs] == [200] * 5
+    r = await cclient.get("/v1/balance", headers=h)
+    assert r.json()["meters"]["general"]["balance"] == 5
+
+
+async def test_a_stale_slot_map_is_followed_not_failed(cclient, cadmin, capp, redis_cluster):
+    """MOVED means the script did not run: it is resent to the node named, exactly once charged."""
+    layout = capp.state.ctx.decider.layout
+    org = orgs_on_every_primary(redis_cluster, layout, 3)[0]
+    await cadmin.org("starter", org)
+    h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
+    await cadmin.grant(org, "general", 10)
+    nm = capp.state.ctx.decider.redis.nodes_manager
+    slot = key_slot(layout.balances(org).encode())
+    right = nm.slots_cache[slot]
+    wrong = next(n for n in nm.get_nodes_by_server_type("primary") if n.name != right[0].name)
+    nm.slots_cache[slot] = [wrong]  # as after a reshard the gateway has not heard of yet
+    try:
+        r = await cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+        assert r.status_code == 200, r.text
+        r = await cclient.get("/v1/balance", headers=h)
+        assert r.json()["meters"]["general"]["balance"] == 9
+    finally:
+        await asyncio.sleep(0.6)
+        await capp.state.ctx.decider._coalescer.refresh_now()
+    assert nm.slots_cache[slot][0].name == right[0].name
