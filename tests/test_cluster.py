@@ -28,9 +28,10 @@ def cprefix() -> str:
 
 
 @pytest.fixture(scope="module")
-async def capp(config, redis_cluster, database_url, cprefix) -> AsyncIterator[Any]:
-    # The URL names a replica-free primary that owns only a third of the slots.
-    application = create_app(config, redis_cluster.url, database_url, cprefix)
+async def capp(config, redis_cluster, own_database_url, cprefix) -> AsyncIterator[Any]:
+    # The URL names one primary, which owns a third of the slots; a database of this module's own
+    # so reconcile sees only this module's orgs.
+    application = create_app(config, redis_cluster.url, own_database_url, cprefix)
     async with application.router.lifespan_context(application):
         yield application
 
@@ -150,3 +151,31 @@ async def test_a_stale_slot_map_is_followed_not_failed(cclient, cadmin, capp, re
         await asyncio.sleep(0.6)
         await capp.state.ctx.decider._coalescer.refresh_now()
     assert nm.slots_cache[slot][0].name == right[0].name
+
+
+async def test_reconcile_reads_every_primary(cclient, cadmin, capp, redis_cluster, own_database_url):
+    """Balances on three primaries, events still in their streams: no drift, every one counted."""
+    import asyncpg
+
+    from sync_worker.recovery import reconcile
+
+    layout = capp.state.ctx.decider.layout
+    for org in orgs_on_every_primary(redis_cluster, layout, 3):
+        await cadmin.org("starter", org)
+        await cadmin.grant(org, "general", 7)
+    pg = await asyncpg.connect(own_database_url)
+    try:
+        drift, stats = await reconcile(capp.state.ctx.decider.redis, pg, layout)
+    finally:
+        await pg.close()
+    assert drift == [] and stats["pairs"] >= 3 and stats["undrained"] >= 3
+    # and a balance changed behind the ledger's back is seen, on whichever primary it lives
+    org = orgs_on_every_primary(redis_cluster, layout, 3)[2]
+    await cadmin.org("starter", org)
+    await capp.state.ctx.decider.redis.hset(layout.balances(org), "general:p", 3)
+    pg = await asyncpg.connect(own_database_url)
+    try:
+        drift, _ = await reconcile(capp.state.ctx.decider.redis, pg, layout)
+    finally:
+        await pg.close()
+    assert [(d.org, d.field, d.redis, d.ledger) for d in drift] == [(org, "p", 3, 0)]

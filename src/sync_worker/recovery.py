@@ -30,6 +30,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from quota_gw import cluster
 from quota_gw.config import Config
 from quota_gw.layout import Layout
 
@@ -307,6 +308,16 @@ async def _refund_records(pg: asyncpg.Connection, config: Config, layout: Layout
     return n
 
 
+# The server clock and every balance of one shard at one instant. A script, not MULTI: on a
+# cluster a script with one slot's keys runs on that slot's primary, and TIME is keyless.
+SNAPSHOT_LUA = """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i, k in ipairs(KEYS) do out[i + 2] = redis.call('HGETALL', k) end
+return out
+"""
+
+
 @dataclass
 class Drift:
     org: str
@@ -320,7 +331,7 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
                     org: str | None = None) -> tuple[list[Drift], dict[str, int]]:
     """Redis a/p/pt against the ledger, per (org, meter).
 
-    Per shard, one MULTI reads the clock and every balance at one instant T. Every balance
+    Per shard, one script reads the clock and every balance at one instant T. Every balance
     change up to T is then either in Postgres or still in the stream (entries are trimmed only
     after they are committed), so: read the streams, then Postgres, keep events with ts <= T.
     Safe to run while the gateway and the worker run."""
@@ -338,17 +349,14 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         for k in (await org_keys(r, layout, ("b",)))["b"]:
             found[k.partition("}:")[0] + "}"].add(k)
     for tag in layout.shard_tags():
-        keys = set(known_by_tag.get(tag, [])) | found.get(tag, set())
-        async with r.pipeline(transaction=True) as p:
-            p.time()
-            for k in keys:
-                p.hgetall(k)
-            res = await p.execute()
-        sec, us = res[0]
+        keys = sorted(set(known_by_tag.get(tag, [])) | found.get(tag, set()))
+        if not keys:
+            continue
+        sec, us, *res = await r.eval(SNAPSHOT_LUA, len(keys), *keys)  # one slot: its owner, atomically
         t = int(sec) * 1_000_000 + int(us)
-        for k, fields in zip(keys, res[1:]):
+        for k, flat in zip(keys, res):
             o = k[len(tag) + 3:]
-            snap[o], t_of[o] = fields, t
+            snap[o], t_of[o] = dict(zip(flat[::2], flat[1::2])), t
     # 2. The streams (after the snapshot), 3. Postgres (after the streams), in one snapshot of its
     #    own so an event the worker commits meanwhile is seen either in both queries or in neither.
     entries = [f for f in await stream_entries(r, layout) if f.get("org") in t_of]
@@ -493,7 +501,7 @@ def print_drift(drift: list[Drift], stats: dict[str, int], out: Any = sys.stdout
 
 
 async def _connect(redis_url: str, database_url: str) -> tuple[aioredis.Redis, asyncpg.Connection]:
-    return aioredis.from_url(redis_url, decode_responses=True), await asyncpg.connect(database_url)
+    return await cluster.connect(redis_url), await asyncpg.connect(database_url)
 
 
 async def rebuild_main(redis_url: str, database_url: str, config: Config, layout: Layout, force: bool = False) -> int:
