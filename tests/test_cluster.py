@@ -16,6 +16,7 @@ from redis.crc import key_slot
 
 from cluster_support import command
 from conftest import Admin
+from quota_gw import metrics
 from quota_gw.app import create_app
 from quota_gw.layout import Layout
 
@@ -45,6 +46,10 @@ async def cclient(capp) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="module")
 def cadmin(cclient) -> Admin:
     return Admin(cclient)
+
+
+def redirects(kind: str) -> float:
+    return metrics.REDIS_REDIRECTS.labels(kind)._value.get()
 
 
 def owner_port(cluster, key: str) -> int:
@@ -179,3 +184,61 @@ async def test_reconcile_reads_every_primary(cclient, cadmin, capp, redis_cluste
     finally:
         await pg.close()
     assert [(d.org, d.field, d.redis, d.ledger) for d in drift] == [(org, "p", 3, 0)]
+
+
+async def test_redis_errors_are_503_never_500(config, database_url, tmp_path):
+    """A cluster node that serves no slot (a cluster not formed yet, or every primary down):
+    the gateway starts, and every answer that needs Redis is 503 with Retry-After."""
+    from quota_gw import embedded
+
+    lone = embedded.start_redis(tmp_path / "lone", args=(
+        "--cluster-enabled", "yes", "--cluster-port", str(embedded.free_port())))
+    try:
+        application = create_app(config, lone.url, database_url, f"qgwl{secrets.token_hex(3)}")
+        async with application.router.lifespan_context(application):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as c:
+                r = await c.post("/v1/admin/orgs", json={"org_id": f"org-{secrets.token_hex(4)}", "plan": "pro"},
+                                 headers=Admin(c).h)
+                assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+                assert r.json()["code"] == "unavailable"
+                r = await c.post("/v1/consume", json={"feature": "generate_insight"},
+                                 headers={"Authorization": "Bearer qgw_" + "x" * 40})
+                assert r.status_code == 503, r.text
+                assert (await c.get("/readyz")).status_code == 503
+    finally:
+        lone.stop()
+
+
+async def test_a_slot_moved_under_traffic_fails_no_decision(cclient, cadmin, capp, redis_cluster):
+    """A slot migrating (redis-cli --cluster reshard, by hand): decisions for its org meet ASK or
+    TRYAGAIN (not run: resent) and then MOVED (not run: resent); none fails, each charged once."""
+    layout = capp.state.ctx.decider.layout
+    org = orgs_on_every_primary(redis_cluster, layout, 3)[0]
+    await cadmin.org("starter", org)
+    h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
+    await cadmin.grant(org, "general", 30)
+    r = await cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+    assert r.status_code == 200
+    slot = key_slot(layout.balances(org).encode())
+    src = owner_port(redis_cluster, layout.balances(org))
+    dst = next(p for p in redis_cluster.primaries() if p != src)
+    src_id, dst_id = command(src, "CLUSTER", "MYID").strip(), command(dst, "CLUSTER", "MYID").strip()
+    assert "OK" in command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+    assert "OK" in command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+    keys = command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "1000").split()
+    assert keys
+    assert "OK" in command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys)
+    before = redirects("ask") + redirects("tryagain")
+    during = [asyncio.ensure_future(cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h))
+              for _ in range(10)]
+    # wait until the source has turned some away (ASK or TRYAGAIN): they met the migration
+    while redirects("ask") + redirects("tryagain") == before and not all(d.done() for d in during):
+        await asyncio.sleep(0.01)
+    assert redirects("ask") + redirects("tryagain") > before
+    for port in redis_cluster.primaries():
+        command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+    codes = [r.status_code for r in await asyncio.gather(*during)]
+    assert codes == [200] * 10, codes
+    r = await cclient.get("/v1/balance", headers=h)
+    assert r.json()["meters"]["general"]["balance"] == 30 - 11
+    assert owner_port(redis_cluster, layout.balances(org)) == dst

@@ -23,10 +23,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import metrics
 from .coalesce import Coalescer, pack_evalsha
 
 log = logging.getLogger("quota_gw")
@@ -68,7 +70,10 @@ async def connect(url: str) -> Client:
         return node_client(url)
     plain = "redis://" + url[len(SCHEME):] if url.startswith(SCHEME) else url
     rc = RedisCluster.from_url(plain, **pool_kwargs())
-    await rc.initialize()
+    try:
+        await rc.initialize()
+    except (RedisError, RedisClusterException) as e:  # slots not all served yet: 503 until they are
+        log.warning("redis cluster not ready at start: %s", e)
     return rc
 
 
@@ -115,7 +120,10 @@ class Lanes:
         return c
 
     def node_for(self, key: str) -> str:
-        return self.rc.nodes_manager.get_node_from_slot(key_slot(key.encode())).name
+        try:
+            return self.rc.nodes_manager.get_node_from_slot(key_slot(key.encode())).name
+        except (SlotNotCoveredError, KeyError) as e:  # no slot map yet, or this slot unserved
+            raise ClusterDownError(f"slot {key_slot(key.encode())} is not served: {e}") from None
 
     async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         return await self._routed(script, keys, args, self.coalesce)
@@ -124,28 +132,33 @@ class Lanes:
         return await self._routed(script, keys, args, False)
 
     async def _routed(self, script: Any, keys: list[str], args: list[Any], coalesce: bool) -> Any:
-        target = self.node_for(keys[0])
         asking = False
         deadline = 0.0
-        for _ in range(MAX_REDIRECTS):
-            lane = self.lane(target)
+        target = ""
+        hops = 0
+        while hops <= MAX_REDIRECTS:
             try:
+                target = target or self.node_for(keys[0])
+                lane = self.lane(target)
                 if asking:
                     return await self._asking(lane, script, keys, args)
                 return await (lane.run if coalesce else lane.run_now)(script, keys, args)
-            except AskError as e:  # the slot is migrating and this key has moved: ASKING, once, there
-                target, asking = f"{e.host}:{e.port}", True
             except MovedError as e:  # not run: the slot lives elsewhere now
+                metrics.REDIS_REDIRECTS.labels("moved").inc()
                 self.refresh()
-                target, asking = f"{e.host}:{e.port}", False
-            except (ClusterDownError, TryAgainError):  # not run: failover or migration under way
+                target, asking, hops = f"{e.host}:{e.port}", False, hops + 1
+            except AskError as e:  # (after MovedError, its subclass) slot migrating, key moved: ASKING there
+                metrics.REDIS_REDIRECTS.labels("ask").inc()
+                target, asking, hops = f"{e.host}:{e.port}", True, hops + 1
+            except (ClusterDownError, TryAgainError) as e:  # not run: failover or migration under way
+                metrics.REDIS_REDIRECTS.labels("tryagain" if isinstance(e, TryAgainError) else "clusterdown").inc()
                 now = time.monotonic()
                 deadline = deadline or now + SETTLE_S
                 if now > deadline:
                     raise
                 await asyncio.sleep(0.1)
                 await self.refresh_now()
-                target, asking = self.node_for(keys[0]), False
+                target, asking = "", False
             except (RedisConnectionError, RedisTimeoutError):
                 self.refresh()  # may have run: never resent; the next call finds the new primary
                 raise
@@ -180,7 +193,7 @@ class Lanes:
         self._refreshed_at = time.monotonic()
         try:
             await self.rc.nodes_manager.initialize()
-        except RedisError as e:
+        except (RedisError, RedisClusterException) as e:
             log.warning("redis cluster: slot map refresh failed: %s", e)
 
     async def aclose(self) -> None:

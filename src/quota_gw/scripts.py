@@ -13,6 +13,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,7 +39,7 @@ async def load_everywhere(redis: Client) -> None:
     try:
         for name in OPERATIONS:
             await on_each_primary(redis, "SCRIPT", "LOAD", source(name))
-    except (RedisConnectionError, RedisTimeoutError):
+    except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException):
         pass
 
 
