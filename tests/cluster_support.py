@@ -9,7 +9,9 @@ primary's replica is promoted within seconds. Started once per session (conftest
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -56,10 +58,42 @@ def cluster_info(port: int) -> dict[str, str]:
     return out
 
 
+def node_args() -> tuple[str, ...]:
+    return ("--cluster-enabled", "yes", "--cluster-port", str(embedded.free_port()),  # bus: not port+10000
+            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+            "--maxmemory-policy", "noeviction")
+
+
 @dataclass
 class Cluster:
     folder: Path
     nodes: list[embedded.EmbeddedServer] = field(default_factory=list)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (a crash: no shutdown, no last replication)."""
+        n = self.node(port)
+        os.kill(n.pid, signal.SIGKILL)
+        n._proc.wait()
+
+    def restart(self, port: int) -> None:
+        """The killed node back on its port and folder: it rejoins (as a replica of whoever was
+        promoted in its place)."""
+        i = next(i for i, n in enumerate(self.nodes) if n.port == port)
+        self.nodes[i].stop()
+        self.nodes[i] = embedded.start_redis(self.folder / f"node{i}", port=port, args=node_args())
+
+    def replica_of(self, primary: int) -> int:
+        pid = command(primary, "CLUSTER", "MYID").strip()
+        for line in command(primary, "CLUSTER", "NODES").splitlines():
+            f = line.split()
+            if f[3] == pid and "fail" not in f[2]:
+                return int(f[1].split("@")[0].rsplit(":", 1)[1])
+        raise AssertionError(f"no replica of {primary}")
+
+    def sync_replicas(self) -> None:
+        """Every write so far acknowledged by a replica (WAIT on each primary)."""
+        for p in self.primaries():
+            assert command(p, "WAIT", "1", "5000").strip() == "1"
 
     @property
     def url(self) -> str:
@@ -110,9 +144,7 @@ def start(folder: Path, size: int = 6) -> Cluster:
     cluster = Cluster(folder)
     try:
         for i in range(size):
-            cluster.nodes.append(embedded.start_redis(folder / f"node{i}", args=(
-                "--cluster-enabled", "yes", "--cluster-port", str(embedded.free_port()),  # bus: not port+10000 "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--maxmemory-policy", "noeviction")))
+            cluster.nodes.append(embedded.start_redis(folder / f"node{i}", args=node_args()))
         addrs = [f"127.0.0.1:{n.port}" for n in cluster.nodes]
         done = subprocess.run([cli_binary(), "--cluster", "create", *addrs, "--cluster-replicas", "1",
                                "--cluster-yes"], capture_output=True, text=True, timeout=60)

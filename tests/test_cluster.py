@@ -242,3 +242,47 @@ async def test_a_slot_moved_under_traffic_fails_no_decision(cclient, cadmin, cap
     r = await cclient.get("/v1/balance", headers=h)
     assert r.json()["meters"]["general"]["balance"] == 30 - 11
     assert owner_port(redis_cluster, layout.balances(org)) == dst
+
+
+async def test_failover_503_then_flows_again_without_restart(cclient, cadmin, capp, redis_cluster):
+    """A primary SIGKILLed: its orgs' decisions answer 503 (nothing charged) until its replica is
+    promoted, then succeed again, on the same gateway. Every 200 is charged exactly once."""
+    layout = capp.state.ctx.decider.layout
+    url_port = int(redis_cluster.url.rsplit(":", 1)[1].split("/")[0])
+    org = next(o for o in orgs_on_every_primary(redis_cluster, layout, 6)
+               if owner_port(redis_cluster, layout.balances(o)) == url_port)  # the node the URL names
+    await cadmin.org("starter", org)
+    h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
+    await cadmin.grant(org, "general", 1000)
+    ok = 0
+    for _ in range(5):
+        r = await cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+        assert r.status_code == 200
+        ok += 1
+    promoted = redis_cluster.replica_of(url_port)
+    redis_cluster.sync_replicas()  # what was acked is on the replica: the test counts exactly
+    redis_cluster.kill(url_port)
+    try:
+        codes: list[int] = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while not codes or codes[-1] != 200:
+            assert asyncio.get_running_loop().time() < deadline, f"no promotion in 30 s: {codes[-5:]}"
+            r = await cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.headers["Retry-After"] and r.json()["code"] == "unavailable"
+            codes.append(r.status_code)
+            if r.status_code == 503:
+                await asyncio.sleep(0.05)  # a client honouring Retry-After, sooner
+        assert 503 in codes
+        ok += codes.count(200)
+        assert owner_port(redis_cluster, layout.balances(org)) == promoted
+        rs = await asyncio.gather(*(cclient.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+                                    for _ in range(20)))
+        assert [r.status_code for r in rs] == [200] * 20
+        ok += 20
+        r = await cclient.get("/v1/balance", headers=h)
+        assert r.json()["meters"]["general"]["used"] == ok
+    finally:
+        redis_cluster.restart(url_port)  # rejoins as a replica of the promoted node
+        redis_cluster.wait_ok()
