@@ -49,6 +49,11 @@ def info(port: int, section: str) -> dict[str, str]:
     return out
 
 
+def online_replicas(port: int) -> int:
+    """Replicas of this primary that finished their sync (`state=online`)."""
+    return sum("state=online" in v for k, v in info(port, "replication").items() if k.startswith("slave"))
+
+
 def cluster_info(port: int) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in command(port, "CLUSTER", "INFO").splitlines():
@@ -81,6 +86,10 @@ class Cluster:
         i = next(i for i, n in enumerate(self.nodes) if n.port == port)
         self.nodes[i].stop()
         self.nodes[i] = embedded.start_redis(self.folder / f"node{i}", port=port, args=node_args())
+        deadline = time.monotonic() + 30
+        while not any(f"port={port},state=online" in command(p, "INFO", "replication") for p in self.primaries()):
+            assert time.monotonic() < deadline, "the restarted node did not sync as a replica"
+            time.sleep(0.1)
 
     def replica_of(self, primary: int) -> int:
         pid = command(primary, "CLUSTER", "MYID").strip()
@@ -153,7 +162,7 @@ def start(folder: Path, size: int = 6) -> Cluster:
         cluster.wait_ok()
         # every replica attached and in sync, so a failover test starts from a full copy
         deadline = time.monotonic() + 30
-        while sum(int(info(p, "replication").get("connected_slaves", "0")) for p in cluster.primaries()) < size // 2:
+        while sum(online_replicas(p) for p in cluster.primaries()) < size // 2:
             assert time.monotonic() < deadline, "replicas did not attach"
             time.sleep(0.1)
     except BaseException:

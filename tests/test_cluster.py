@@ -286,3 +286,46 @@ async def test_failover_503_then_flows_again_without_restart(cclient, cadmin, ca
     finally:
         redis_cluster.restart(url_port)  # rejoins as a replica of the promoted node
         redis_cluster.wait_ok()
+
+
+def waited_config(config, ms: int):
+    from quota_gw import config as config_mod
+    from conftest import test_config_data
+
+    data = test_config_data()
+    data.setdefault("behaviour", {})["replica_wait_ms"] = ms
+    return config_mod.parse(data, "test_cluster")
+
+
+async def _one_consume(application) -> tuple[int, float]:
+    import time
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as c:
+        adm = Admin(c)
+        org = await adm.org("starter")
+        h = {"Authorization": f"Bearer {await adm.key(org)}"}
+        await adm.grant(org, "general", 10)
+        t0 = time.perf_counter()
+        codes = [r.status_code for r in await asyncio.gather(*(
+            c.post("/v1/consume", json={"feature": "generate_insight"}, headers=h) for _ in range(5)))]
+        dt = time.perf_counter() - t0
+        r = await c.get("/v1/balance", headers=h)
+        assert r.json()["meters"]["general"]["used"] == 5
+        assert codes == [200] * 5
+        return codes.count(200), dt
+
+
+async def test_replica_wait_holds_answers_until_a_replica_has_them(config, redis_cluster, redis_url, database_url):
+    """behaviour.replica_wait_ms: on the cluster each batch is acknowledged by a replica before the
+    answer; on a Redis with no replica the wait runs out (counted) and the answer still comes."""
+    short = metrics.REPLICA_WAIT_SHORT._value.get
+    application = create_app(waited_config(config, 1000), redis_cluster.url, database_url, f"qgww{secrets.token_hex(3)}")
+    async with application.router.lifespan_context(application):
+        before = short()
+        await _one_consume(application)
+        assert short() == before  # every batch reached a replica well within the second
+    application = create_app(waited_config(config, 300), redis_url, database_url, f"qgww{secrets.token_hex(3)}")
+    async with application.router.lifespan_context(application):
+        before = short()
+        _, dt = await _one_consume(application)
+        assert short() > before and dt >= 0.3  # no replica: each batch waited its 300 ms out

@@ -51,6 +51,11 @@ def node_client(url: str) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def plain_url(url: str) -> str:
+    """`url` as redis-py reads it (without the `redis+cluster` scheme)."""
+    return "redis://" + url[len(SCHEME):] if url.startswith(SCHEME) else url
+
+
 async def is_cluster(url: str) -> bool:
     if url.startswith(SCHEME):
         return True
@@ -68,8 +73,7 @@ async def connect(url: str) -> Client:
     """A client for `url`: redis-py's cluster client on a cluster node, a pooled client otherwise."""
     if not await is_cluster(url):
         return node_client(url)
-    plain = "redis://" + url[len(SCHEME):] if url.startswith(SCHEME) else url
-    rc = RedisCluster.from_url(plain, **pool_kwargs())
+    rc = RedisCluster.from_url(plain_url(url), **pool_kwargs())
     try:
         await rc.initialize()
     except (RedisError, RedisClusterException) as e:  # slots not all served yet: 503 until they are
@@ -100,9 +104,9 @@ async def scan_keys(r: Client, match: str, count: int = 5000) -> list[str]:
 class Lanes:
     """One coalescer per primary, chosen by the slot of a call's first key."""
 
-    def __init__(self, rc: RedisCluster, coalesce: bool = True) -> None:
+    def __init__(self, rc: RedisCluster, wait_ms: int = 0) -> None:
         self.rc = rc
-        self.coalesce = coalesce
+        self.wait_ms = wait_ms
         self._lanes: dict[str, Coalescer] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
@@ -116,7 +120,7 @@ class Lanes:
             host, port = name.rsplit(":", 1)
             client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
                 host=host, port=int(port), max_connections=64, timeout=5, **self._auth, **pool_kwargs()))
-            c = self._lanes[name] = Coalescer(client)
+            c = self._lanes[name] = Coalescer(client, self.wait_ms)
         return c
 
     def node_for(self, key: str) -> str:
@@ -126,7 +130,7 @@ class Lanes:
             raise ClusterDownError(f"slot {key_slot(key.encode())} is not served: {e}") from None
 
     async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return await self._routed(script, keys, args, self.coalesce)
+        return await self._routed(script, keys, args, True)
 
     async def run_now(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         return await self._routed(script, keys, args, False)

@@ -105,7 +105,8 @@ class Decider:
         self.layout = layout
         self.scripts = Scripts(redis)
         # a cluster: one coalescer per primary, each call sent to its org's slot owner
-        self._coalescer = Lanes(redis) if isinstance(redis, RedisCluster) else Coalescer(redis)
+        wait_ms = config.behaviour.replica_wait_ms
+        self._coalescer = Lanes(redis, wait_ms) if isinstance(redis, RedisCluster) else Coalescer(redis, wait_ms)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
