@@ -184,6 +184,16 @@ async def test_reconcile_reads_every_primary(cclient, cadmin, capp, redis_cluste
     finally:
         await pg.close()
     assert [(d.org, d.field, d.redis, d.ledger) for d in drift] == [(org, "p", 3, 0)]
+    # rebuild --org: the field set back from the ledger, while the gateway runs
+    from sync_worker.recovery import repair
+
+    pg = await asyncpg.connect(own_database_url)
+    try:
+        fixed, left = await repair(capp.state.ctx.decider.redis, pg, layout, org)
+        assert [(d.field, d.ledger) for d in fixed] == [("p", 0)] and left == []
+        assert (await reconcile(capp.state.ctx.decider.redis, pg, layout))[0] == []
+    finally:
+        await pg.close()
 
 
 async def test_redis_errors_are_503_never_500(config, database_url, tmp_path):

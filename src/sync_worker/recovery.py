@@ -402,6 +402,33 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
     return drift, stats
 
 
+# One balance field set to the ledger's value, only if it still holds what reconcile read (a
+# decision meanwhile changed it: read again). An absent field reads as 0, as in reconcile.
+REPAIR_LUA = """
+local have = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if have ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+async def repair(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout, org: str,
+                 rounds: int = 5) -> tuple[list[Drift], list[Drift]]:
+    """Sets one org's drifted a/p/pt to what the ledger (plus the undrained events) says, while
+    the gateways run: each field by compare-and-set against what reconcile saw, then reconcile
+    again, until clean. Returns (repaired, still drifting)."""
+    fixed: list[Drift] = []
+    drift: list[Drift] = []
+    for _ in range(rounds):
+        drift, _ = await reconcile(r, pg, layout, org)
+        if not drift:
+            break
+        for d in drift:
+            if await r.eval(REPAIR_LUA, 1, layout.balances(d.org), f"{d.meter}:{d.field}", d.redis, d.ledger):
+                fixed.append(d)
+    return fixed, drift
+
+
 # --- rollups against events (migration 003) ----------------------------------------------------
 # Per (org, meter) sums: the hourly rollup against usage_events from the first hour still in the
 # ledger (raw events may be kept for less time than rollups), and the daily rollup and the
@@ -528,6 +555,19 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
         return 0
+    finally:
+        await r.aclose()
+        await pg.close()
+
+
+async def repair_main(redis_url: str, database_url: str, layout: Layout, org: str) -> int:
+    r, pg = await _connect(redis_url, database_url)
+    try:
+        fixed, left = await repair(r, pg, layout, org)
+        for d in fixed:
+            print(f"repaired {d.org} {d.meter} {d.field}: {d.redis} -> {d.ledger} (redis-ledger was {d.redis - d.ledger})")
+        print(f"{len(fixed)} balance fields of org {org} set from the ledger; {len(left)} still differ")
+        return 1 if left else 0
     finally:
         await r.aclose()
         await pg.close()
