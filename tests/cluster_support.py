@@ -10,13 +10,16 @@ primary's replica is promoted within seconds. Started once per session (conftest
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from redis.crc import key_slot
 
 from quota_gw import embedded
 
@@ -171,7 +174,27 @@ def start(folder: Path, size: int = 6) -> Cluster:
     return cluster
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def owner_port(cluster: Cluster, key: str) -> int:
+    """The port of the primary that owns `key`'s slot, as the cluster itself says."""
+    slot = key_slot(key.encode())
+    for line in command(cluster.live_ports()[0], "CLUSTER", "NODES").splitlines():
+        f = line.split()
+        if "master" not in f[2] or "fail" in f[2]:
+            continue
+        for rng in f[8:]:
+            lo, _, hi = rng.partition("-")
+            if rng[0] != "[" and int(lo) <= slot <= int(hi or lo):
+                return int(f[1].split("@")[0].rsplit(":", 1)[1])
+    raise AssertionError(f"no owner for slot {slot}")
+
+
+def orgs_on_every_primary(cluster: Cluster, layout: Any, n: int = 12) -> list[str]:
+    """Org ids whose shards cover every primary (n of them, round robin over the primaries)."""
+    by_port: dict[int, list[str]] = {p: [] for p in cluster.primaries()}
+    i = 0
+    while min(len(v) for v in by_port.values()) < n // len(by_port):
+        org = f"org-{secrets.token_hex(5)}-{i}"
+        by_port[owner_port(cluster, layout.balances(org))].append(org)
+        i += 1
+    return [o for v in zip(*by_port.values()) for o in v][:n]
+

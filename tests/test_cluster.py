@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from cluster_support import command
+from cluster_support import command, orgs_on_every_primary, owner_port
 from conftest import Admin
 from quota_gw import metrics
 from quota_gw.app import create_app
@@ -50,31 +50,6 @@ def cadmin(cclient) -> Admin:
 
 def redirects(kind: str) -> float:
     return metrics.REDIS_REDIRECTS.labels(kind)._value.get()
-
-
-def owner_port(cluster, key: str) -> int:
-    """The port of the primary that owns `key`'s slot, as the cluster itself says."""
-    slot = key_slot(key.encode())
-    for line in command(cluster.live_ports()[0], "CLUSTER", "NODES").splitlines():
-        f = line.split()
-        if "master" not in f[2] or "fail" in f[2]:
-            continue
-        for rng in f[8:]:
-            lo, _, hi = rng.partition("-")
-            if rng[0] != "[" and int(lo) <= slot <= int(hi or lo):
-                return int(f[1].split("@")[0].rsplit(":", 1)[1])
-    raise AssertionError(f"no owner for slot {slot}")
-
-
-def orgs_on_every_primary(cluster, layout: Layout, n: int = 12) -> list[str]:
-    """Org ids whose shards cover every primary (n of them, round robin over the primaries)."""
-    by_port: dict[int, list[str]] = {p: [] for p in cluster.primaries()}
-    i = 0
-    while min(len(v) for v in by_port.values()) < n // len(by_port):
-        org = f"org-{secrets.token_hex(5)}-{i}"
-        by_port[owner_port(cluster, layout.balances(org))].append(org)
-        i += 1
-    return [o for v in zip(*by_port.values()) for o in v][:n]
 
 
 async def test_cluster_client_detected_from_one_node_url(capp):
