@@ -266,6 +266,8 @@ async def test_failover_503_then_flows_again_without_restart(cclient, cadmin, ca
                                     for _ in range(20)))
         assert [r.status_code for r in rs] == [200] * 20
         ok += 20
+        r = await cclient.get("/readyz")  # the dead node is not a primary any more: ready
+        assert r.status_code == 200, r.text
         r = await cclient.get("/v1/balance", headers=h)
         assert r.json()["meters"]["general"]["used"] == ok
     finally:

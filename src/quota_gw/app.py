@@ -44,7 +44,7 @@ async def readyz(request: Request) -> Response:
     out: dict[str, Any] = {}
     ready = True
     try:
-        await c.decider.redis.ping()
+        await cluster.ping(c.decider.redis)
         out["redis"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure means not ready
         out["redis"] = f"down: {e}"

@@ -96,6 +96,15 @@ async def on_each_primary(r: Client, command: str, *args: Any) -> list[Any]:
     return [await r.execute_command(command, *args)]
 
 
+async def ping(r: Client) -> None:
+    """Raises unless Redis answers: on a cluster, every primary (a failed replica, or a failed
+    primary whose replica took over, does not make decisions unavailable)."""
+    if isinstance(r, RedisCluster):
+        await r.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await r.ping()
+
+
 async def scan_keys(r: Client, match: str, count: int = 5000) -> list[str]:
     """Every key matching, over every primary (a cluster's SCAN sees one node's keys)."""
     return [k async for k in r.scan_iter(match=match, count=count)]  # cluster client: SCAN on PRIMARIES

@@ -28,7 +28,7 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import metrics
+from . import cluster, metrics
 from .decisions import Decider, Identity
 
 log = logging.getLogger("quota_gw.spool")
@@ -174,7 +174,7 @@ async def replay_forever(spool: Spool, decider: Decider, interval_s: float = 0.5
         metrics.SPOOL_ENTRIES.set(spool.pending() if files else 0)
         if files:
             try:
-                await decider.redis.ping()
+                await cluster.ping(decider.redis)  # every primary of a cluster
                 n = await spool.replay(decider)
                 if n:
                     log.info("spool: replayed %d entries", n)
