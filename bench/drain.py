@@ -42,7 +42,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from quota_gw import db  # noqa: E402
 from quota_gw.layout import Layout  # noqa: E402
 from sync_worker import sql  # noqa: E402
-from sync_worker.worker import GROUP, MAINTAIN_LUA, Worker, _HiredisPacking, copy_line  # noqa: E402
+from sync_worker import packing  # noqa: E402
+from sync_worker.encoding import copy_line  # noqa: E402
+from sync_worker.ledger import Ledger  # noqa: E402
+from sync_worker.stream import GROUP, MAINTAIN_LUA  # noqa: E402
 
 SHARDS = 16
 KINDS = ["consume"] * 6 + ["denied", "refund", "reserve", "commit", "release", "grant"]
@@ -139,15 +142,14 @@ async def drain_round(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
 async def write_paths(pg: asyncpg.Connection, layout: Layout, args: argparse.Namespace) -> dict[str, float]:
     """The worker's two write paths alone, on the same COPY lines: straight COPY into
     usage_events (the fast path) and COPY into the temp table + INSERT ... ON CONFLICT DO NOTHING
-    (the idempotent path, taken after a redelivery), both through Worker._transaction."""
+    (the idempotent path, taken after a redelivery), both through Ledger.transaction."""
     now_us = int(time.time() * 1e6)
     lines = []
     for i in range(args.events):
         e = event(i, now_us)
         fields = [x for k, v in e.items() for x in (k.encode(), v.encode())]
         lines.append(copy_line(layout.stream(e["org"]).encode() + b"/", b"%d-0" % i, fields))
-    w = Worker("redis://unused", "", layout)
-    w.pg = pg
+    ledger = Ledger(pg)
     await pg.execute(sql.CREATE_STAGE)
     per_tx = min(args.events, args.batch * SHARDS)
     out = {}
@@ -157,7 +159,7 @@ async def write_paths(pg: asyncpg.Connection, layout: Layout, args: argparse.Nam
             await pg.execute("TRUNCATE usage_events")
         t0 = time.perf_counter()
         for i in range(0, len(lines), per_tx):
-            await w._transaction(lines[i:i + per_tx], fast=fast)
+            await ledger.transaction(lines[i:i + per_tx], fast=fast)
         out[name] = len(lines) / (time.perf_counter() - t0)
     await pg.execute("TRUNCATE usage_events")
     return out
@@ -215,8 +217,7 @@ async def main() -> None:
     await db.migrate(pg)
     await pg.set_type_codec("jsonb", encoder=lambda s: b"\x01" + s.encode(), decoder=lambda b: b[1:].decode(),
                             schema="pg_catalog", format="binary")
-    kw = {"connection_class": _HiredisPacking} if _HiredisPacking and redis_url.startswith("redis://") else {}
-    r = aioredis.from_url(redis_url, decode_responses=True, **kw)
+    r = aioredis.from_url(redis_url, decode_responses=True, **packing.client_options(redis_url))
     layout = Layout(prefix, SHARDS)
     cfg = Path(f"/tmp/{prefix}.yaml")
     cfg.write_text(yaml.safe_dump({"shards": SHARDS, "meters": ["general"],

@@ -1,5 +1,5 @@
 """Account routes from the Postgres ledger: GET /v1/usage, GET /v1/analytics, GET
-/v1/admin/top, and the dashboard views of migration 002. Events go through the real gateway
+/v1/admin/top, and the dashboard views of migrations 002/003 (analytics reads them). Events go through the real gateway
 and a real worker (in-process, never trimming: other tests may read the session's streams)."""
 
 from __future__ import annotations
@@ -134,6 +134,27 @@ async def test_analytics_totals_by_feature_and_day_burn_rate_and_exhaustion(clie
     assert short["burn_window_days"] == 3 and short["meters"]["general"]["burn_per_day"] == 10
     for bad in ("days=0", "days=367", "days=x"):
         assert (await client.get(f"/v1/analytics?{bad}", headers=h)).status_code == 422
+
+
+async def test_analytics_reads_the_rollups_so_it_outlives_the_raw_events(client, tenant, drain,
+                                                                         database_url) -> None:
+    """Usage is defined once, by the rollups behind `usage_by_feature_day` (migration 003): analytics
+    reads them, so deleting an org's raw events (retention) leaves its analytics as they were."""
+    org, h = await tenant("bulk")
+    for _ in range(4):
+        assert (await client.post("/v1/consume", json={"feature": "generate_insight", "units": 5},
+                                  headers=h)).status_code == 200
+    await drain()
+    before = (await client.get("/v1/analytics?days=7", headers=h)).json()
+    assert before["totals"] == {"calls": 4, "tokens": 20}
+    pg = await asyncpg.connect(database_url)
+    try:
+        assert await pg.execute("DELETE FROM usage_events WHERE org_id = $1", org) != "DELETE 0"
+    finally:
+        await pg.close()
+    after = (await client.get("/v1/analytics?days=7", headers=h)).json()
+    assert after["totals"] == before["totals"] and after["by_day"] == before["by_day"]
+    assert after["meters"]["general"]["burn_per_day"] == round(20 / 7, 2)
 
 
 async def test_admin_top_spenders_and_dashboard_views(client, tenant, drain, database_url, redis, prefix,

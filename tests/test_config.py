@@ -91,7 +91,8 @@ def test_wheel_ships_the_lua_scripts(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("quota_gw-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for script in ("consume", "check", "reserve", "commit", "release", "refund", "grant", "_lib"):
+    for script in ("consume", "check", "reserve", "commit", "release", "refund", "grant", "_lib", "worker_maintain",
+                   "worker_forget"):
         assert f"quota_gw/lua/{script}.lua" in names
     assert "quota_gw/migrations/001_core.sql" in names
     assert "quota_gw/client/__init__.py" in names and "quota_gw/client/sync.py" in names  # the client ships too

@@ -95,10 +95,10 @@ def test_api_reference_names_every_route():
 
 def _metric_names() -> set[str]:
     from quota_gw import metrics, proxy  # noqa: F401 - proxy registers its counters
-    from sync_worker import worker
+    from sync_worker import health
 
     names: set[str] = set()
-    for registry in (metrics.REGISTRY, worker.REGISTRY):
+    for registry in (metrics.REGISTRY, health.REGISTRY):
         for family in registry.collect():
             names |= {family.name, family.name + "_total", *(s.name for s in family.samples)}
     return names

@@ -19,7 +19,7 @@ import yaml
 
 from conftest import ROOT
 from quota_gw import metrics, proxy  # noqa: F401 - proxy declares its metrics on import
-from sync_worker import worker
+from sync_worker import health
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -124,7 +124,7 @@ async def test_ops_panels_show_the_seeded_org(seeded):
 
 def declared_metric_names() -> set[str]:
     names = set()
-    for registry in (metrics.REGISTRY, worker.REGISTRY):
+    for registry in (metrics.REGISTRY, health.REGISTRY):
         for fam in registry.collect():
             if fam.type == "counter":
                 names.add(fam.name + "_total")

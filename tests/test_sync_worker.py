@@ -29,7 +29,8 @@ from quota_gw.decisions import Decider
 from quota_gw.embedded import free_port
 from quota_gw.layout import Layout
 from sync_worker.recovery import rollup_drift
-from sync_worker.worker import GROUP, Worker, copy_line
+from sync_worker.encoding import copy_line
+from sync_worker.worker import GROUP, Worker
 from worker_support import (SOAK, WorkerProc, drained, hold_streams, identities, ledger_vs_redis, seed_orgs,
                             stream_events, traffic, wait_drained, write_config)
 
@@ -99,7 +100,7 @@ async def test_exactly_once_across_sigkills(wenv, redis) -> None:
         # Most kills come from outside at a random moment (starting up, blocked in XREADGROUP, in
         # COPY, in COMMIT, in XACK); every 4th incarnation crashes itself at an exact point.
         mode = ("outside", "commit", "outside", "copy")[i % 4]
-        w.env["QUOTA_GW_WORKER_FAULTS"] = "" if mode == "outside" else f"{mode}:1"
+        w.faults = "" if mode == "outside" else f"{mode}:1"
         await w.start()
         gen = asyncio.create_task(traffic(wenv.decider, orgs, per_round, seed=i))
         if mode == "outside":
@@ -111,7 +112,7 @@ async def test_exactly_once_across_sigkills(wenv, redis) -> None:
             assert w.proc.returncode == -9, w.output()[-2000:]
         modes[mode] += 1
         answered += await gen
-    w.env["QUOTA_GW_WORKER_FAULTS"] = ""
+    w.faults = ""
     await w.start()
     await wait_drained(redis, wenv.layout, 60, w)
     assert await w.stop() == 0, w.output()[-2000:]
@@ -246,7 +247,7 @@ async def test_trim_only_below_what_every_group_acked(wenv, redis, database_url)
     await redis.xgroup_destroy(stream, "slow")
     await w.maintain()
     assert [i for i, _ in await redis.xrange(stream)] == ids[-1:]  # the last delivered entry stays
-    await w._disconnect(pg=True, redis=True)
+    await w._disconnect()
     assert w.stats.inserted == len(ids)
 
 
@@ -271,7 +272,7 @@ async def test_a_fresh_batch_with_rows_already_written_falls_back_and_loses_noth
     answered += await traffic(wenv.decider, orgs, 200, seed=42)
     while not await drained(redis, wenv.layout):
         await w._round()
-    await w._disconnect(pg=True, redis=True)
+    await w._disconnect()
     await assert_exactly_once(wenv, redis, orgs, answered)
     assert w.stats.duplicates == first  # every old row was seen again, and skipped
 
@@ -373,16 +374,16 @@ async def test_replayed_batch_counts_once_in_rollups(wenv, redis, database_url) 
     await w._connect()
     try:
         first, rest = entries[: len(entries) // 2], entries[len(entries) // 2:]
-        assert await w._transaction(first, fast=True) == len(first)
+        assert await w.ledger.transaction(first, fast=True) == len(first)
         once = await rollup_row(wenv.pg, org)
         assert once["events"] == len(first)
         for fast in (True, False):  # the whole first half again, by either path
-            assert await w._transaction(first, fast=fast) == 0
+            assert await w.ledger.transaction(first, fast=fast) == 0
             assert await rollup_row(wenv.pg, org) == once
-        assert await w._transaction(entries, fast=True) == len(rest)  # half old, half new
+        assert await w.ledger.transaction(entries, fast=True) == len(rest)  # half old, half new
         total = await rollup_row(wenv.pg, org)
         assert total["events"] == len(entries) and total["calls"] == 20 and total["tokens"] == 40
-        assert await w._transaction(entries, fast=False) == 0
+        assert await w.ledger.transaction(entries, fast=False) == 0
         assert await rollup_row(wenv.pg, org) == total
         drift, _ = await rollup_drift(wenv.pg, org)
         assert drift == []
@@ -395,13 +396,13 @@ async def test_replayed_batch_counts_once_in_rollups(wenv, redis, database_url) 
         await wenv.pg.execute("SELECT qgw_rollup_rebuild()")  # the repair: recomputed from the events
         assert (await rollup_drift(wenv.pg, org))[0] == []
     finally:
-        await w._disconnect(pg=True, redis=True)
+        await w._disconnect()
 
 
 async def test_postgres_outage_is_counted_as_a_postgres_error(wenv, redis) -> None:
     """Postgres refusing connections (a plain ConnectionRefusedError, not an asyncpg error) is
     labelled postgres, not redis. In process: `quota-gw worker` refuses to start without Postgres."""
-    from sync_worker.worker import ERRORS
+    from sync_worker.health import ERRORS
 
     def count(kind: str) -> float:
         return ERRORS.labels(kind)._value.get()
@@ -419,21 +420,42 @@ async def test_postgres_outage_is_counted_as_a_postgres_error(wenv, redis) -> No
     assert count("redis") == before["redis"] and count("other") == before["other"]
 
 
+async def test_redis_outage_is_counted_as_a_redis_error(wenv, database_url) -> None:
+    """Redis refusing connections is labelled redis (redis-py raises its own ConnectionError),
+    Postgres answering all along: each round is counted against the store that failed."""
+    from sync_worker.health import ERRORS
+
+    def count(kind: str) -> float:
+        return ERRORS.labels(kind)._value.get()
+
+    before = {k: count(k) for k in ("postgres", "redis", "other")}
+    w = Worker(f"redis://127.0.0.1:{free_port()}/0", database_url, wenv.layout, "redisdown")
+    run = asyncio.create_task(w.run())
+    deadline = time.monotonic() + 30
+    while count("redis") < before["redis"] + 2:  # two rounds failed, each counted once
+        assert time.monotonic() < deadline and not run.done()
+        await asyncio.sleep(0.05)
+    w.stop()
+    stats = await asyncio.wait_for(run, 30)
+    assert stats.errors >= 2 and stats.inserted == 0
+    assert count("postgres") == before["postgres"] and count("other") == before["other"]
+
+
 async def test_entries_read_again_are_counted_as_redeliveries(wenv, redis, database_url) -> None:
-    from sync_worker.worker import REDELIVERED
+    from sync_worker.health import REDELIVERED
 
     orgs = identities(1)
     await seed_orgs(wenv.decider, orgs)
     w = Worker(wenv.redis_url, database_url, wenv.layout, "redeliver", block_ms=50)
     await w._connect()
     try:
-        w.backlog = False
+        w.streams.backlog = False
         first = await w._read()  # new entries, not acked: they stay pending for this consumer
         assert first.size >= 2 and not first.redelivered
         before = REDELIVERED._value.get()
-        w.backlog = True  # as after a failed write
+        w.streams.reread()  # as after a failed write
         again = await w._read()
         assert again.redelivered and again.size == first.size
         assert REDELIVERED._value.get() - before == first.size
     finally:
-        await w._disconnect(pg=True, redis=True)
+        await w._disconnect()

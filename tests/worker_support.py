@@ -23,6 +23,7 @@ from sync_worker.worker import GROUP
 
 SOAK = os.environ.get("QUOTA_GW_SOAK") == "1"
 QUOTA_GW = str(Path(sys.executable).with_name("quota-gw"))
+FAULTY_WORKER = Path(__file__).with_name("faulty_worker.py")
 
 
 def write_config(tmp: Path, data: dict[str, Any]) -> str:
@@ -32,21 +33,24 @@ def write_config(tmp: Path, data: dict[str, Any]) -> str:
 
 
 class WorkerProc:
-    """One `quota-gw worker` process; logs go to a file shown when a test fails."""
+    """One `quota-gw worker` process; logs go to a file shown when a test fails. `faults`
+    ('commit:1', 'copy:0.05,commit:0.05') runs it through tests/faulty_worker.py instead, which
+    SIGKILLs it at those points; set it before each start."""
 
     def __init__(self, config_path: str, redis_url: str, database_url: str, prefix: str, consumer: str,
                  log_dir: Path, *extra: str, faults: str = "") -> None:
-        self.argv = [QUOTA_GW, "worker", "--config", config_path, "--consumer", consumer, *extra]
-        self.env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
-                    "QUOTA_GW_PREFIX": prefix, "QUOTA_GW_WORKER_FAULTS": faults}
+        self.args = ["--config", config_path, "--consumer", consumer, *extra]
+        self.faults = faults
+        self.env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix}
         self.log = log_dir / f"worker-{consumer}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
 
     async def start(self) -> None:
         self.starts += 1
+        argv = [sys.executable, str(FAULTY_WORKER), self.faults] if self.faults else [QUOTA_GW, "worker"]
         out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, stdout=out, stderr=out)
+        self.proc = await asyncio.create_subprocess_exec(*argv, *self.args, env=self.env, stdout=out, stderr=out)
         out.close()
 
     @property

@@ -91,7 +91,7 @@ def ops() -> dict[str, Any]:
                 "SELECT coalesce(sum(tokens), 0)::bigint AS value FROM qgw_usage_since(now() - interval '24 hours')"),
         pg_stat(lay, "Calls, last 24 h",
                 "SELECT coalesce(sum(calls), 0)::bigint AS value FROM qgw_usage_since(now() - interval '24 hours')"),
-        pg_stat(lay, "Meters under 25 %", "SELECT count(*) AS value FROM low_balances"),
+        pg_stat(lay, "Meters under the low-balance mark", "SELECT count(*) AS value FROM low_balances"),
         pg_stat(lay, "Meters at zero", "SELECT count(*) AS value FROM ledger_balances "
                                        "WHERE balance <= 0 AND allocation >= 0"),
         pg_series(lay, "Tokens by feature per day",

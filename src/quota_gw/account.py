@@ -1,7 +1,9 @@
 """Account routes served from the Postgres ledger (SPEC §4): usage, analytics, admin top spenders.
 
 They read what the sync worker has drained, so they trail the live balance (GET /v1/balance,
-from Redis) by the worker's lag, typically well under a second.
+from Redis) by the worker's lag, typically well under a second. Through the store: the events
+themselves, and the aggregates from the documented views and rollups (migrations 002/003), where
+"usage" is defined once.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from .admin import _admin, pg_errors
 from .api import Context, balance_of, ctx, json_response
 from .config import NAME_RE, is_name
 from .problems import Problem, invalid
+from .store import Store
 
 KINDS = ("consume", "refund", "reserve", "commit", "release", "grant", "purchase", "reset", "adjust", "denied")
-USAGE_KINDS = ("consume", "commit", "refund")  # what a call was priced at; refunds count negative
 BURN_WINDOW_DAYS = 7
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIN_TIME = datetime(1, 1, 2, tzinfo=timezone.utc)  # since/until bounds: a day inside Python's range
@@ -33,6 +35,11 @@ def _db(c: Context) -> Any:
     if c.db is None:
         raise Problem(503, "unavailable", "usage and analytics need Postgres (DATABASE_URL)")
     return c.db
+
+
+def _store(c: Context) -> Store:
+    _db(c)
+    return c.store
 
 
 def _time(q: Any, name: str) -> datetime | None:
@@ -114,27 +121,8 @@ async def usage(request: Request) -> Response:
     if user is not None and not is_name(user):
         raise invalid(f"user_id: must match {NAME_RE}", field="user_id")
     cur = _uncursor(q["cursor"]) if q.get("cursor") else None
-    args: list[Any] = [ident.org_id]
-    where = ["org_id = $1"]
-    for col, val in (("feature", feature), ("meter", meter), ("kind", kind), ("user_id", user)):
-        if val is not None:
-            args.append(val)
-            where.append(f"{col} = ${len(args)}")
-    if since:
-        args.append(since)
-        where.append(f"ts >= ${len(args)}")
-    if until:
-        args.append(until)
-        where.append(f"ts < ${len(args)}")
-    if cur:
-        args += [cur[0], cur[1]]
-        where.append(f"(ts, event_id) < (${len(args) - 1}, ${len(args)}::uuid)")
-    args.append(limit + 1)
-    rows = await _db(c).fetch(
-        f"""SELECT event_id, ts, kind, user_id, key_id, meter, feature, delta, delta_purchased, cost,
-                   balance_after, metadata::text AS metadata
-            FROM usage_events WHERE {' AND '.join(where)}
-            ORDER BY ts DESC, event_id DESC LIMIT ${len(args)}""", *args)
+    rows = await _store(c).usage_events(ident.org_id, feature=feature, meter=meter, kind=kind, user_id=user,
+                                        since=since, until=until, before=cur, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     events = [{
@@ -148,31 +136,21 @@ async def usage(request: Request) -> Response:
 
 
 async def analytics(request: Request) -> Response:
-    """GET /v1/analytics?days=30: usage by feature and by day over the window, and per meter the
-    burn rate (tokens a day over the last 7 days, or the window if shorter) and the date the
-    balance runs out at that rate."""
+    """GET /v1/analytics?days=30: usage by feature and by day over the window (whole UTC days, from
+    the view `usage_by_feature_day`), and per meter the burn rate (tokens a day over the last 7
+    days, or the window if shorter; the rollups', so from the hour that began then) and the date
+    the balance runs out at that rate."""
     c = ctx(request)
     ident = await c.keys.authenticate(request, "read")
     days = _int(request.query_params, "days", 30, 1, 366)
-    pool = _db(c)
+    store = _store(c)
     now = datetime.now(timezone.utc)
     start = datetime.combine((now - timedelta(days=days - 1)).date(), datetime.min.time(), timezone.utc)
     burn_days = min(days, BURN_WINDOW_DAYS)
-    burn_since = now - timedelta(days=burn_days)
-    rows = await pool.fetch(
-        """SELECT (ts AT TIME ZONE 'UTC')::date AS day, meter, feature,
-                  count(*) FILTER (WHERE kind IN ('consume', 'commit')) AS calls,
-                  coalesce(sum(cost) FILTER (WHERE kind IN ('consume', 'commit', 'refund')), 0)::bigint AS tokens,
-                  coalesce(-sum(cost) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded,
-                  count(*) FILTER (WHERE kind = 'denied') AS denied,
-                  coalesce(sum(cost) FILTER (WHERE kind IN ('consume', 'commit', 'refund') AND ts >= $3), 0)::bigint
-                      AS burn
-           FROM usage_events
-           WHERE org_id = $1 AND ts >= $2 AND kind IN ('consume', 'commit', 'refund', 'denied')
-           GROUP BY 1, 2, 3""", ident.org_id, start, burn_since)
+    rows = await store.usage_by_day(ident.org_id, start.date())
+    burn = await store.usage_by_meter_since(ident.org_id, now - timedelta(days=burn_days))
     features: dict[str, dict[str, Any]] = {}
     day_rows: dict[date, dict[str, Any]] = {}
-    burn: dict[str, int] = {}
     for r in rows:
         key = r["feature"] or "-"
         f = features.setdefault(key, {"feature": r["feature"], "meter": r["meter"], "calls": 0, "tokens": 0,
@@ -185,7 +163,6 @@ async def analytics(request: Request) -> Response:
         d["features"][key] = d["features"].get(key, 0) + r["tokens"]  # the pages chart a day by feature
         if r["meter"]:
             d["meters"][r["meter"]] = d["meters"].get(r["meter"], 0) + r["tokens"]
-            burn[r["meter"]] = burn.get(r["meter"], 0) + r["burn"]
     by_day = []
     for i in range(days):  # every day of the window, zeros included, oldest first
         day = start.date() + timedelta(days=i)
@@ -221,15 +198,7 @@ async def top(request: Request) -> Response:
     meter = _choice(q, "meter", c.config.meter_names)
     # From the rollups (migration 003): the window starts on the hour; a scan of the raw
     # events grows with the ledger (seconds at a few million events).
-    rows = await _db(c).fetch(
-        """SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
-           FROM (SELECT org_id, sum(tokens)::bigint AS tokens, sum(calls)::bigint AS calls
-                 FROM qgw_usage_since(now() - $1 * interval '1 day')
-                 WHERE ($3::text IS NULL OR meter = $3)
-                 GROUP BY org_id HAVING sum(calls) > 0 OR sum(tokens) <> 0
-                 ORDER BY tokens DESC, org_id LIMIT $2) u
-           LEFT JOIN orgs o USING (org_id)
-           ORDER BY u.tokens DESC, u.org_id""", days, limit, meter)
+    rows = await _store(c).top_orgs(days, limit, meter)
     return json_response({"days": days, "meter": meter, "orgs": [
         {"rank": i + 1, "org_id": r["org_id"], "name": r["name"], "plan": r["plan"], "tokens": r["tokens"],
          "calls": r["calls"]} for i, r in enumerate(rows)]})

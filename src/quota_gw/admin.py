@@ -1,7 +1,7 @@
 """Operator routes under /v1/admin (bearer $QUOTA_GW_ADMIN_TOKEN).
 
-Postgres is written first and is the source of truth; Redis is written after, so a crash in
-between leaves Redis behind (the gateway reads through to Postgres), never ahead.
+Each route checks what it was sent and shapes its answer; the store (store.py) reads and writes,
+Postgres first and Redis after (its docstring has the rule and what a failure in between leaves).
 
 Every write checks what it was answered (a grant the script refused is that refusal, not a
 201), a field the contract requires is required (422 when missing, never a default), and what
@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .api import Context, balance_of, ctx, int_field, json_body, json_response, name_field
-from .auth import hash_key, new_key, require_admin
+from .auth import require_admin
 from .config import MAX_AMOUNT, is_name
 from .problems import Problem, invalid
 
@@ -94,11 +94,6 @@ def _path_name(request: Request, param: str) -> str:
     return v
 
 
-async def _org_exists(c: Context, org_id: str) -> None:
-    if not await c.db.fetchval("SELECT 1 FROM orgs WHERE org_id = $1", org_id):
-        raise Problem(404, "not_found", f"no org {org_id}")
-
-
 async def create_org(request: Request) -> Response:
     c = await _admin(request)
     data = await json_body(request)
@@ -107,11 +102,7 @@ async def create_org(request: Request) -> Response:
     if name is not None and (not isinstance(name, str) or len(name) > 200 or not _storable(name)):
         raise invalid("name: a string of at most 200 characters, without NUL", field="name")
     plan = _plan(c, data, c.config.default_plan)
-    try:
-        await c.db.execute("INSERT INTO orgs (org_id, name, plan) VALUES ($1, $2, $3)", org_id, name, plan)
-    except asyncpg.UniqueViolationError:
-        raise Problem(409, "conflict", f"org {org_id} exists") from None
-    await c.decider.redis.hset(c.decider.layout.org(org_id), mapping={"plan": plan, "name": name or ""})
+    await c.store.create_org(org_id, name, plan)
     return json_response({"org_id": org_id, "name": name, "plan": plan}, 201)
 
 
@@ -119,10 +110,7 @@ async def set_plan(request: Request) -> Response:
     c = await _admin(request)
     org_id = _path_name(request, "org_id")
     plan = _plan(c, await json_body(request))
-    if await c.db.execute("UPDATE orgs SET plan = $2, updated_at = now() WHERE org_id = $1", org_id, plan) == "UPDATE 0":
-        raise Problem(404, "not_found", f"no org {org_id}")
-    # The next decision sees the new allocation (an `adjust` event) once caches expire (≤ 1 s).
-    await c.decider.redis.hset(c.decider.layout.org(org_id), "plan", plan)
+    await c.store.set_plan(org_id, plan)
     return json_response({"org_id": org_id, "plan": plan})
 
 
@@ -132,12 +120,7 @@ async def create_user(request: Request) -> Response:
     data = await json_body(request)
     user_id = name_field(data, "user_id")
     team = name_field(data, "team", required=False)
-    await _org_exists(c, org_id)
-    existed = await c.db.fetchval(
-        """INSERT INTO users (org_id, user_id, team) VALUES ($1, $2, $3)
-           ON CONFLICT (org_id, user_id) DO UPDATE SET team = EXCLUDED.team
-           RETURNING (xmax <> 0)""", org_id, user_id, team)
-    await c.decider.redis.hset(c.decider.layout.users(org_id), user_id, team or "")
+    existed = await c.store.put_user(org_id, user_id, team)
     return json_response({"org_id": org_id, "user_id": user_id, "team": team}, 200 if existed else 201)
 
 
@@ -150,14 +133,7 @@ async def create_key(request: Request) -> Response:
     if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
             or not set(scopes) <= SCOPES):
         raise invalid(f"scopes: a non-empty list of {sorted(SCOPES)}", field="scopes")
-    await _org_exists(c, org_id)
-    key_id, key = new_key()
-    h = hash_key(key)
-    await c.db.execute(
-        "INSERT INTO api_keys (key_id, org_id, user_id, key_hash, key_prefix, scopes) VALUES ($1,$2,$3,$4,$5,$6)",
-        key_id, org_id, user_id, h, key[:8], sorted(set(scopes)))
-    await c.decider.redis.hset(c.decider.layout.api_key(h), mapping={
-        "key_id": key_id, "org": org_id, "user": user_id or "", "scopes": ",".join(sorted(set(scopes)))})
+    key_id, key = await c.store.create_key(org_id, user_id, sorted(set(scopes)))
     return json_response({"key_id": key_id, "key": key, "org_id": org_id, "user_id": user_id,
                           "scopes": sorted(set(scopes))}, 201)
 
@@ -165,10 +141,7 @@ async def create_key(request: Request) -> Response:
 async def list_keys(request: Request) -> Response:
     c = await _admin(request)
     org_id = _path_name(request, "org_id")
-    await _org_exists(c, org_id)
-    rows = await c.db.fetch(
-        """SELECT key_id, user_id, key_prefix, scopes, created_at, revoked_at FROM api_keys
-           WHERE org_id = $1 ORDER BY created_at""", org_id)
+    rows = await c.store.list_keys(org_id)
     return json_response({"keys": [
         {"key_id": r["key_id"], "user_id": r["user_id"], "prefix": r["key_prefix"], "scopes": r["scopes"],
          "created_at": r["created_at"].isoformat(),
@@ -178,12 +151,7 @@ async def list_keys(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     c = await _admin(request)
     key_id = _path_name(request, "key_id")
-    h = await c.db.fetchval(
-        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING key_hash", key_id)
-    if h is None:
-        raise Problem(404, "not_found", f"no key {key_id}")
-    # A tombstone, not a delete: a replica reading through from Postgres must not resurrect it.
-    await c.decider.redis.hset(c.decider.layout.api_key(h), "revoked", "1")
+    await c.store.revoke_key(key_id)
     return json_response({"key_id": key_id, "revoked": True})
 
 
@@ -198,9 +166,7 @@ async def grant(request: Request) -> Response:
         raise invalid("reason: required, at most 500 characters, without NUL", field="reason")
     idem = c.idempotency_key(data, request)
     expires = _expires_at(data.get("expires_at"))
-    await _org_exists(c, org_id)
-    d = await c.decider.grant(org_id, meter, amount, "grant", {"reason": reason}, idem,
-                              expires=str(expires) if expires else "")
+    d = await c.store.grant(org_id, meter, amount, reason, idem, expires)
     if not d.ok:  # e.g. the idempotency key was used for a different grant: 422, nothing granted
         raise d.problem()
     return json_response({"event_id": d.event_id, "amount": d.cost, "balance": d.remaining}, 201, d.headers())
@@ -221,26 +187,15 @@ async def set_quota(request: Request) -> Response:
     limit = data["limit"]
     if limit is not None:
         limit = int_field(data, "limit", None, 0, MAX_AMOUNT)
-    await _org_exists(c, org_id)
     scope, subject = ("user", user_id) if user_id else ("team", team)
-    field = f"{scope[0]}:{subject}:{meter}:lim"
-    if limit is None:
-        await c.db.execute("DELETE FROM sub_quotas WHERE org_id=$1 AND meter=$2 AND scope=$3 AND subject=$4",
-                           org_id, meter, scope, subject)
-        await c.decider.redis.hdel(c.decider.layout.quotas(org_id), field)
-    else:
-        await c.db.execute(
-            """INSERT INTO sub_quotas (org_id, meter, scope, subject, quota) VALUES ($1,$2,$3,$4,$5)
-               ON CONFLICT (org_id, meter, scope, subject) DO UPDATE SET quota = EXCLUDED.quota, updated_at = now()""",
-            org_id, meter, scope, subject, limit)
-        await c.decider.redis.hset(c.decider.layout.quotas(org_id), field, limit)
+    await c.store.set_sub_quota(org_id, meter, scope, subject, limit)
     return json_response({"org_id": org_id, "meter": meter, scope: subject, "limit": limit})
 
 
 async def org_balance(request: Request) -> Response:
     c = await _admin(request)
     org_id = _path_name(request, "org_id")
-    plan = await c.db.fetchval("SELECT plan FROM orgs WHERE org_id = $1", org_id)
+    plan = await c.store.org_plan(org_id)
     if plan is None:
         raise Problem(404, "not_found", f"no org {org_id}")
     return json_response(await balance_of(c, org_id, plan))

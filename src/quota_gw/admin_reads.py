@@ -95,9 +95,7 @@ async def list_orgs(request: Request) -> Response:
     scanned, more = 0, False
     while True:
         chunk = limit + 1 if not low else min(limit, SCAN_BUDGET - scanned) + 1
-        rows = await c.db.fetch(
-            """SELECT org_id, name, plan, created_at FROM orgs
-               WHERE $1::text IS NULL OR org_id > $1 ORDER BY org_id LIMIT $2""", after, chunk)
+        rows = await c.store.list_orgs(after, chunk)
         more = len(rows) == chunk
         rows = rows[:chunk - 1]
         views = await asyncio.gather(*(_org_view(c, r) for r in rows))

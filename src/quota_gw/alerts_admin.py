@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .admin import _admin, _org_exists, _path_name, _storable, pg_errors
+from .admin import _admin, _path_name, _storable, pg_errors
 from .api import json_body, json_response
 from .problems import invalid
 
@@ -28,12 +28,8 @@ async def set_webhook(request: Request) -> Response:
     url = data.get("url")
     if not isinstance(url, str) or len(url) > 2000 or not _URL.fullmatch(url) or not _storable(url):
         raise invalid("url: required, an http(s) URL of at most 2000 characters", field="url")
-    await _org_exists(c, org_id)
     secret = "whsec_" + secrets.token_hex(24)
-    await c.db.execute(
-        """INSERT INTO org_webhooks (org_id, url, secret) VALUES ($1, $2, $3)
-           ON CONFLICT (org_id) DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret, updated_at = now()""",
-        org_id, url, secret)
+    await c.store.set_webhook(org_id, url, secret)
     return json_response({"org_id": org_id, "url": url, "secret": secret})
 
 
@@ -41,10 +37,7 @@ async def list_deliveries(request: Request) -> Response:
     c = await _admin(request)
     org_id = _path_name(request, "org_id")
     limit = _limit(request.query_params.get("limit", "100"))
-    await _org_exists(c, org_id)
-    rows = await c.db.fetch(
-        """SELECT d.*, o.delivered_at FROM webhook_deliveries d LEFT JOIN webhook_outbox o USING (event_id)
-           WHERE d.org_id = $1 ORDER BY d.created_at DESC, d.id DESC LIMIT $2""", org_id, limit)
+    rows = await c.store.webhook_deliveries(org_id, limit)
     return json_response({"deliveries": [
         {"event_id": r["event_id"].hex, "url": r["url"], "attempt": r["attempt"], "status": r["status"],
          "error": r["error"], "duration_ms": r["duration_ms"],

@@ -23,6 +23,7 @@ from .config import MAX_AMOUNT, NAME_RE, Config, is_name
 from . import display
 from .decisions import Decider, Decision, Identity
 from .problems import Problem, invalid
+from .store import Store
 
 _IDEM = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # the pattern openapi.json states
 _EVENT_ID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -102,6 +103,16 @@ class Context:
 
     def __init__(self, config: Config, decider: Decider, keys: Any, db: Any) -> None:
         self.config, self.decider, self.keys, self.db = config, decider, keys, db
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        """The store (store.py) over this app's Postgres and Redis; 503 without Postgres."""
+        if self.db is None:
+            raise Problem(503, "unavailable", "this route needs Postgres (DATABASE_URL)")
+        if self._store is None:
+            self._store = Store(self.db, self.decider)
+        return self._store
 
     def feature(self, data: dict[str, Any]) -> str:
         f = data.get("feature")
@@ -291,7 +302,7 @@ async def balance_of(c: Context, org_id: str, plan_name: str) -> dict[str, Any]:
         raise Problem(503, "unavailable", f"plan {plan_name!r} is not in the config")
     # `low`: below the highest alert threshold, of the same base the alerts use (allocation plus
     # the purchased credit the period started with).
-    low_pct = c.config.alerts.thresholds[0] if c.config.alerts.thresholds else c.config.behaviour.low_balance_percent
+    low_pct = c.config.low_balance_mark
     meters = {}
     for name, m in (await c.decider.balances(org_id, plan)).items():
         unlimited = m["limit"] < 0

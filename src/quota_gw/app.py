@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
-from . import account, admin, api, cluster, db, metrics, openapi, proxy, redis_policy, scripts
+from . import account, admin, api, db, metrics, openapi, proxy, redis_policy
+from . import cluster, scripts  # a single Redis or a cluster; the scripts on every primary
 from . import alerts_admin, purchases  # /v1/purchases, /v1/webhooks/stripe; the alerts' webhook
 from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
 from .api import Context, json_response
@@ -25,6 +27,7 @@ from .config import Config
 from .decisions import Decider
 from .layout import Layout
 from .problems import Problem, problem_body, problem_response
+from .store import record_low_balance_mark
 
 log = logging.getLogger("quota_gw")
 
@@ -116,7 +119,9 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         r = await cluster.connect(redis_url)
         await redis_policy.check_at_start(r, config)
         await scripts.load_everywhere(r)
-        pool = db.Database(database_url) if database_url else None  # connects on first use
+        # Connects on first use; then records the config's low-balance mark for the views (store.py).
+        pool = db.Database(database_url, on_connect=functools.partial(
+            record_low_balance_mark, percent=config.low_balance_mark)) if database_url else None
         layout = Layout(prefix, config.shards)
         decider = Decider(r, config, layout)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)

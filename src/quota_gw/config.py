@@ -420,6 +420,21 @@ class Config(_Model):
     def meter_names(self) -> list[str]:
         return list(self.meters)
 
+    @property
+    def low_balance_mark(self) -> int:
+        """The percentage under which a meter is `low` (GET /v1/balance) and in the `low_balances`
+        view (the store records it in Postgres): the highest alert threshold, else
+        `behaviour.low_balance_percent`."""
+        return low_balance_mark(self.alerts, self.behaviour)
+
+
+def low_balance_mark(alerts: Alerts, behaviour: Behaviour) -> int:
+    return alerts.thresholds[0] if alerts.thresholds else behaviour.low_balance_percent
+
+
+# What `migrate` seeds the view's mark with, before any gateway records its own config's.
+DEFAULT_LOW_BALANCE_MARK = low_balance_mark(Alerts(), Behaviour())
+
 
 class _PathError(ValueError):
     def __init__(self, path: str, message: str) -> None:

@@ -9,9 +9,11 @@ Postgres while it is down answers 503 `unavailable` with Retry-After instead of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -42,8 +44,10 @@ class Database:
     not one per request. A query whose connection is gone raises `unavailable`; the pool
     replaces broken connections by itself once Postgres is back."""
 
-    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10, retry_s: float = 1.0) -> None:
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10, retry_s: float = 1.0,
+                 on_connect: Callable[[asyncpg.Pool], Awaitable[Any]] | None = None) -> None:
         self.dsn, self.min_size, self.max_size, self.retry_s = dsn, min_size, max_size, retry_s
+        self.on_connect = on_connect  # run on each new pool (store.py records the config's settings)
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
         self._failed_at = 0.0
@@ -69,6 +73,11 @@ class Database:
             if self._error is not None:
                 log.info("postgres connected again")
             self._error = None
+            if self.on_connect is not None:
+                try:
+                    await self.on_connect(self._pool)
+                except Exception as e:  # noqa: BLE001 - e.g. not migrated yet: logged, the pool still serves
+                    log.warning("postgres connected, but its setup failed: %s: %s", type(e).__name__, e)
             return self._pool
 
     async def _run(self, method: str, query: str, *args: Any) -> Any:
@@ -89,6 +98,16 @@ class Database:
 
     async def execute(self, query: str, *args: Any) -> str:
         return await self._run("execute", query, *args)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction: committed when the block ends, rolled back when it raises."""
+        pool = await self.pool()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+        except DOWN as e:
+            raise unavailable(e) from None
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Raises `unavailable` unless Postgres answers within `timeout` (for /readyz)."""
@@ -126,6 +145,10 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             await conn.execute(sql)
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             applied.append(f"{version:03d}_{name}")
+    from .config import DEFAULT_LOW_BALANCE_MARK
+    from .queries import Q
+
+    await conn.execute(Q.seed_low_balance_mark, DEFAULT_LOW_BALANCE_MARK)  # until a gateway records its own
     return applied
 
 

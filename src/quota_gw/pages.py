@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import links
-from .admin import _admin, _org_exists
+from .admin import _admin
 from .api import int_field, json_body, json_response
 from .problems import Problem
 
@@ -58,7 +58,7 @@ async def create_dashboard_link(request: Request) -> Response:
     c = await _admin(request)
     org_id = request.path_params["org_id"]
     ttl = int_field(await json_body(request, required=False), "ttl_s", DEFAULT_LINK_TTL_S, 60, MAX_LINK_TTL_S)
-    await _org_exists(c, org_id)
+    await c.store.require_org(org_id)
     if not links.can_mint():
         raise Problem(503, "unavailable", "no signing secret: set QUOTA_GW_DASHBOARD_SECRET or QUOTA_GW_ADMIN_TOKEN")
     expires_at = int(time.time()) + ttl

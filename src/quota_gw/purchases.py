@@ -33,6 +33,7 @@ from .api import Context, bounded_body, ctx, json_body, json_response
 from .config import Config, Pack, is_name
 from .decisions import Identity
 from .problems import Problem, invalid
+from .queries import Q
 
 log = logging.getLogger("quota_gw.purchases")
 
@@ -139,11 +140,8 @@ async def create_purchase(request: Request) -> Response:
         raise Problem(502, "unavailable", f"Stripe did not open the checkout: {e.user_message or type(e).__name__}",
                       headers={"Retry-After": "5"}) from None
     row = await c.db.fetchrow(
-        """INSERT INTO purchases (purchase_id, org_id, pack, meter, tokens, amount_cents, currency, checkout_id,
-                                  user_id, key_id)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING *""",
-        pid, ident.org_id, name, pack.meter, pack.tokens, pack.price_cents, pack.currency, session.id,
-        ident.user_id, ident.key_id)
+        Q.insert_purchase, pid, ident.org_id, name, pack.meter, pack.tokens, pack.price_cents, pack.currency,
+        session.id, ident.user_id, ident.key_id)
     return json_response({**_row(row), "checkout_url": session.url}, 201)
 
 
@@ -152,8 +150,7 @@ async def list_purchases(request: Request) -> Response:
     ident = await c.keys.authenticate(request, "read")
     if c.db is None:
         raise Problem(503, "unavailable", "purchases need Postgres (DATABASE_URL)")
-    rows = await c.db.fetch(
-        "SELECT * FROM purchases WHERE org_id = $1 ORDER BY created_at DESC, purchase_id LIMIT 500", ident.org_id)
+    rows = await c.db.fetch(Q.list_purchases, ident.org_id)
     return json_response({"purchases": [_row(r) for r in rows]})
 
 
@@ -186,9 +183,7 @@ async def stripe_webhook(request: Request) -> Response:
     if kind == "charge.refunded":
         return json_response(await _refunded(c, str(event.get("id") or ""), obj))
     if kind == "checkout.session.expired":
-        n = await c.db.execute(
-            "UPDATE purchases SET status = 'expired', updated_at = now() WHERE checkout_id = $1 AND status = 'pending'",
-            str(obj.get("id") or ""))
+        n = await c.db.execute(Q.expire_purchase, str(obj.get("id") or ""))
         return json_response({"received": True, "expired": n != "UPDATE 0"})
     return json_response({"received": True, "ignored": kind})
 
@@ -202,7 +197,7 @@ async def _completed(c: Context, event_id: str, session: dict[str, Any]) -> dict
     if not isinstance(sid, str) or not sid or not is_name(org) or name not in c.config.packs:
         log.warning("stripe event %s: session without a known org and pack in its metadata", event_id)
         return {"received": True, "ignored": "no org_id and known pack in the session's metadata"}
-    if not await c.db.fetchval("SELECT 1 FROM orgs WHERE org_id = $1", org):
+    if not await c.store.org_exists(org):
         log.warning("stripe event %s: unknown org %s", event_id, org)
         return {"received": True, "ignored": f"unknown org {org}"}
     pack = c.config.packs[name]
@@ -210,11 +205,9 @@ async def _completed(c: Context, event_id: str, session: dict[str, Any]) -> dict
     if not isinstance(pid, str) or not is_name(pid):  # a payment link: one purchase per session
         pid = "pur_" + hashlib.sha256(sid.encode()).hexdigest()[:32]
     await c.db.execute(
-        """INSERT INTO purchases (purchase_id, org_id, pack, meter, tokens, amount_cents, currency, checkout_id)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING""",
-        pid, org, name, pack.meter, pack.tokens, int(session.get("amount_total") or pack.price_cents),
-        str(session.get("currency") or pack.currency), sid)
-    row = await c.db.fetchrow("SELECT * FROM purchases WHERE checkout_id = $1", sid)
+        Q.record_purchase, pid, org, name, pack.meter, pack.tokens,
+        int(session.get("amount_total") or pack.price_cents), str(session.get("currency") or pack.currency), sid)
+    row = await c.db.fetchrow(Q.purchase_by_checkout, sid)
     if row is None or row["org_id"] != org:
         log.warning("stripe event %s: session %s does not match purchase %s", event_id, sid, pid)
         return {"received": True, "ignored": "the session does not match its purchase"}
@@ -231,11 +224,7 @@ async def _completed(c: Context, event_id: str, session: dict[str, Any]) -> dict
         raise d.problem()
     pi = session.get("payment_intent")
     await c.db.execute(
-        """UPDATE purchases SET status = 'paid', paid_at = now(), updated_at = now(),
-                  stripe_event_id = coalesce(stripe_event_id, $2), event_id = $3::uuid,
-                  payment_intent = coalesce(payment_intent, $4)
-           WHERE purchase_id = $1 AND status IN ('pending', 'expired')""",
-        pid, event_id or None, purchase_event_id(sid), pi if isinstance(pi, str) else None)
+        Q.mark_purchase_paid, pid, event_id or None, purchase_event_id(sid), pi if isinstance(pi, str) else None)
     return {"received": True, "purchase_id": pid, "credited": not d.replay}
 
 
@@ -246,9 +235,9 @@ async def _refunded(c: Context, event_id: str, charge: dict[str, Any]) -> dict[s
     meta = charge.get("metadata") or {}
     row = None
     if isinstance(pi, str) and pi:
-        row = await c.db.fetchrow("SELECT * FROM purchases WHERE payment_intent = $1", pi)
+        row = await c.db.fetchrow(Q.purchase_by_payment_intent, pi)
     if row is None and isinstance(meta.get("purchase_id"), str):
-        row = await c.db.fetchrow("SELECT * FROM purchases WHERE purchase_id = $1", meta["purchase_id"])
+        row = await c.db.fetchrow(Q.purchase_by_id, meta["purchase_id"])
     if row is None or row["status"] not in ("paid", "refunded"):
         return {"received": True, "ignored": "no paid purchase for this charge"}
     if row["status"] == "refunded":
@@ -260,7 +249,7 @@ async def _refunded(c: Context, event_id: str, charge: dict[str, Any]) -> dict[s
                               user=row["user_id"] or "", idem_ttl_s=STRIPE_IDEM_TTL_S, lot=pid, take_lot=True)
     if not d.ok:
         raise d.problem()
-    await c.db.execute("UPDATE purchases SET status = 'refunded', updated_at = now() WHERE purchase_id = $1", pid)
+    await c.db.execute(Q.mark_purchase_refunded, pid)
     return {"received": True, "purchase_id": pid, "taken": -d.cost if not d.replay else 0}
 
 
