@@ -117,7 +117,8 @@ async def test_group_moved_back_every_event_once(env) -> None:
 
 
 async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(env) -> None:
-    """A primary's replica frozen (SIGSTOP), so what the primary acknowledges is not replicated;
+    """A primary's replica frozen (SIGSTOP) and its link cut, so what the primary acknowledges is
+    not replicated;
     the worker drains it into Postgres; the primary is SIGKILLed and the stale replica promoted.
     Decisions answer 503 meanwhile and succeed again after; the ledger holds the lost charges,
     Redis does not: reconcile reports exactly those, and rebuild --org repairs them."""
@@ -134,6 +135,8 @@ async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(e
     e.cluster.sync_replicas()
     os.kill(e.cluster.node(replica).pid, signal.SIGSTOP)
     stopped = True
+    # the link cut while the replica cannot reconnect: what follows stays on the primary alone
+    command(primary, "CLIENT", "KILL", "TYPE", "replica")
     try:
         lost = 0
         for _ in range(25):  # acknowledged by the primary alone
