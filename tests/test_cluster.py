@@ -33,6 +33,7 @@ async def capp(config, redis_cluster, own_database_url, cprefix) -> AsyncIterato
     # The URL names one primary, which owns a third of the slots; a database of this module's own
     # so reconcile sees only this module's orgs.
     application = create_app(config, redis_cluster.url, own_database_url, cprefix)
+    application.state.url_port = int(redis_cluster.url.rsplit(":", 1)[1].split("/")[0])
     async with application.router.lifespan_context(application):
         yield application
 
@@ -233,9 +234,11 @@ async def test_failover_503_then_flows_again_without_restart(cclient, cadmin, ca
     """A primary SIGKILLed: its orgs' decisions answer 503 (nothing charged) until its replica is
     promoted, then succeed again, on the same gateway. Every 200 is charged exactly once."""
     layout = capp.state.ctx.decider.layout
-    url_port = int(redis_cluster.url.rsplit(":", 1)[1].split("/")[0])
+    url_port = capp.state.url_port  # the node the gateway's URL names, if it is still a primary
+    if url_port not in redis_cluster.primaries():
+        url_port = redis_cluster.primaries()[0]
     org = next(o for o in orgs_on_every_primary(redis_cluster, layout, 6)
-               if owner_port(redis_cluster, layout.balances(o)) == url_port)  # the node the URL names
+               if owner_port(redis_cluster, layout.balances(o)) == url_port)
     await cadmin.org("starter", org)
     h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
     await cadmin.grant(org, "general", 1000)
