@@ -102,6 +102,26 @@ class Cluster:
                 return int(f[1].split("@")[0].rsplit(":", 1)[1])
         raise AssertionError(f"no replica of {primary}")
 
+    def move_slot(self, slot: int, dst: int, pause_s: float = 0.0) -> None:
+        """One slot to primary `dst`, as `redis-cli --cluster reshard` moves it: IMPORTING and
+        MIGRATING, its keys MIGRATEd in small batches (`pause_s` between them, to stretch the
+        window traffic sees), then the slot assigned on every primary."""
+        src = owner_of_slot(self, slot)
+        if src == dst:
+            return
+        src_id, dst_id = command(src, "CLUSTER", "MYID").strip(), command(dst, "CLUSTER", "MYID").strip()
+        assert "OK" in command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+        assert "OK" in command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+        while True:
+            keys = command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "5").split()
+            if not keys:
+                break
+            out = command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys)
+            assert "OK" in out or "NOKEY" in out, out
+            time.sleep(pause_s)
+        for p in (dst, src, *self.primaries()):
+            command(p, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+
     def sync_replicas(self) -> None:
         """Every write so far acknowledged by a replica (WAIT on each primary)."""
         for p in self.primaries():
@@ -176,7 +196,10 @@ def start(folder: Path, size: int = 6) -> Cluster:
 
 def owner_port(cluster: Cluster, key: str) -> int:
     """The port of the primary that owns `key`'s slot, as the cluster itself says."""
-    slot = key_slot(key.encode())
+    return owner_of_slot(cluster, key_slot(key.encode()))
+
+
+def owner_of_slot(cluster: Cluster, slot: int) -> int:
     for line in command(cluster.live_ports()[0], "CLUSTER", "NODES").splitlines():
         f = line.split()
         if "master" not in f[2] or "fail" in f[2]:

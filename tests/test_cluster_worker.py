@@ -19,12 +19,12 @@ import pytest
 
 from cluster_support import command, orgs_on_every_primary, owner_port
 from conftest import drop_database, fresh_database, test_config_data
-from quota_gw import cluster
+from quota_gw import cluster, metrics
 from quota_gw import config as config_mod
 from quota_gw.decisions import Decider, Identity
 from quota_gw.layout import Layout
 from sync_worker.recovery import reconcile, repair
-from worker_support import GROUP, WorkerProc, hold_streams, seed_orgs, traffic, wait_drained, write_config
+from worker_support import GROUP, QUOTA_GW, SOAK, WorkerProc, hold_streams, seed_orgs, traffic, wait_drained, write_config
 
 pytestmark = pytest.mark.cluster
 
@@ -51,7 +51,7 @@ async def env(redis_cluster, servers, tmp_path: Path) -> AsyncIterator[Any]:
 
     try:
         yield SimpleNamespace(r=clients[0], deciders=deciders, pg=pg, layout=layout, worker=worker,
-                              cluster=redis_cluster)
+                              cluster=redis_cluster, cli=lambda *a: cli(redis_cluster.url, url, prefix, config_path, *a))
     finally:
         for w in workers:
             await w.kill()
@@ -61,6 +61,16 @@ async def env(redis_cluster, servers, tmp_path: Path) -> AsyncIterator[Any]:
             await c.aclose()
         await pg.close()
         await drop_database(servers, url)
+
+
+async def cli(redis_url: str, database_url: str, prefix: str, config_path: str, *args: str) -> Any:
+    """`quota-gw <args>` as an operator runs it, against the cluster."""
+    import subprocess
+
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix,
+           "QUOTA_GW_CONFIG": config_path}
+    return await asyncio.to_thread(subprocess.run, [QUOTA_GW, *args], env=env, capture_output=True, text=True,
+                                   timeout=120)
 
 
 def spread_orgs(e: Any, n: int) -> list[Identity]:
@@ -84,15 +94,17 @@ async def test_two_workers_one_killed_mid_drain_every_event_once(env) -> None:
     await b.start()
     ids = []
     for seed in range(3):  # two gateways' traffic, worker a SIGKILLed while it drains
-        ids += (await asyncio.gather(traffic(env.deciders[0], orgs, 300, seed),
-                                     traffic(env.deciders[1], orgs, 300, 100 + seed)))[0]
+        ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 300, seed),
+                                     traffic(env.deciders[1], orgs, 300, 100 + seed)), [])
         if seed == 1:
             await a.kill()
-    ids += (await asyncio.gather(traffic(env.deciders[0], orgs, 100, 7), traffic(env.deciders[1], orgs, 100, 8)))[1]
+    ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, 7), traffic(env.deciders[1], orgs, 100, 8)), [])
     await wait_drained(env.r, env.layout, 60, b)  # b claims what a held, drains every shard
     await exactly_once(env.pg, ids)
     drift, stats = await reconcile(env.r, env.pg, env.layout)
     assert drift == [] and stats["undrained"] == 0
+    done = await env.cli("reconcile")
+    assert done.returncode == 0, done.stdout + done.stderr
     assert await b.stop() == 0
 
 
@@ -178,3 +190,55 @@ async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(e
             e.cluster.restart(primary)
         e.cluster.wait_ok()
         assert command(replica, "PING").strip() == "PONG"
+
+
+async def test_reshard_under_load_fails_nothing_loses_nothing(env) -> None:
+    """Every shard slot of one primary moved to another, key by key as `redis-cli --cluster
+    reshard` does, while two gateways' decisions and a worker run (the streams and their consumer
+    groups move too): no decision fails (ASK/TRYAGAIN/MOVED are resent), every event lands once,
+    `quota-gw reconcile` exits 0. QUOTA_GW_SOAK=1 also runs `redis-cli --cluster reshard` of
+    2,000 slots under the same traffic."""
+    import subprocess
+
+    from redis.crc import key_slot
+
+    from cluster_support import cli_binary, owner_of_slot
+
+    orgs = spread_orgs(env, 6)
+    await seed_orgs(env.deciders[0], orgs)
+    w = env.worker("rs")
+    await w.start()
+    src, dst = env.cluster.primaries()[:2]
+    slots = sorted({key_slot(t.encode()) for t in env.layout.shard_tags()
+                    if owner_of_slot(env.cluster, key_slot(t.encode())) == src})
+    assert slots
+
+    def move_all() -> None:
+        for slot in slots:
+            env.cluster.move_slot(slot, dst, pause_s=0.02)
+        if SOAK:
+            src_id = command(src, "CLUSTER", "MYID").strip()
+            dst_id = command(dst, "CLUSTER", "MYID").strip()
+            done = subprocess.run([cli_binary(), "--cluster", "reshard", f"127.0.0.1:{src}", "--cluster-from",
+                                   src_id, "--cluster-to", dst_id, "--cluster-slots", "2000", "--cluster-yes"],
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    before = sum(metrics.REDIS_REDIRECTS.labels(k)._value.get() for k in ("moved", "ask", "tryagain"))
+    moving = asyncio.ensure_future(asyncio.to_thread(move_all))
+    ids: list[str] = []
+    seed = 0
+    while not moving.done():  # traffic for as long as slots move; a failed decision raises here
+        ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, seed),
+                                     traffic(env.deciders[1], orgs, 100, 1000 + seed)), [])
+        seed += 1
+    await moving
+    assert all(owner_of_slot(env.cluster, s) == dst for s in slots)
+    assert sum(metrics.REDIS_REDIRECTS.labels(k)._value.get() for k in ("moved", "ask", "tryagain")) > before
+    env.cluster.wait_ok()
+    ids += await traffic(env.deciders[1], orgs, 100, 99)
+    await wait_drained(env.r, env.layout, 60, w)
+    await exactly_once(env.pg, ids)
+    rec = await env.cli("reconcile")
+    assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert await w.stop() == 0
