@@ -18,7 +18,6 @@ from cluster_support import command, orgs_on_every_primary, owner_port
 from conftest import Admin
 from quota_gw import metrics
 from quota_gw.app import create_app
-from quota_gw.layout import Layout
 
 pytestmark = pytest.mark.cluster
 

@@ -95,7 +95,7 @@ async def test_two_workers_one_killed_mid_drain_every_event_once(env) -> None:
     ids = []
     for seed in range(3):  # two gateways' traffic, worker a SIGKILLed while it drains
         ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 300, seed),
-                                     traffic(env.deciders[1], orgs, 300, 100 + seed)), [])
+                                        traffic(env.deciders[1], orgs, 300, 100 + seed)), [])
         if seed == 1:
             await a.kill()
     ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, 7), traffic(env.deciders[1], orgs, 100, 8)), [])
@@ -106,6 +106,18 @@ async def test_two_workers_one_killed_mid_drain_every_event_once(env) -> None:
     done = await env.cli("reconcile")
     assert done.returncode == 0, done.stdout + done.stderr
     assert await b.stop() == 0
+    # and the whole prefix rebuilt from the ledger into the (emptied) cluster, every primary
+    balances = {o.org_id: await env.r.hgetall(env.layout.balances(o.org_id)) for o in orgs}
+    async for k in env.r.scan_iter(match=f"{env.layout.prefix}:*", count=1000):  # every primary
+        await env.r.delete(k)
+    done = await env.cli("rebuild")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for o in orgs:
+        got = await env.r.hgetall(env.layout.balances(o.org_id))
+        assert {k: v for k, v in got.items() if k.endswith((":a", ":p"))} == \
+            {k: v for k, v in balances[o.org_id].items() if k.endswith((":a", ":p"))}
+    done = await env.cli("reconcile")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def test_group_moved_back_every_event_once(env) -> None:
@@ -230,7 +242,7 @@ async def test_reshard_under_load_fails_nothing_loses_nothing(env) -> None:
     seed = 0
     while not moving.done():  # traffic for as long as slots move; a failed decision raises here
         ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, seed),
-                                     traffic(env.deciders[1], orgs, 100, 1000 + seed)), [])
+                                        traffic(env.deciders[1], orgs, 100, 1000 + seed)), [])
         seed += 1
     await moving
     assert all(owner_of_slot(env.cluster, s) == dst for s in slots)

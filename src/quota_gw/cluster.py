@@ -81,14 +81,6 @@ async def connect(url: str) -> Client:
     return rc
 
 
-def primaries(r: Client) -> list[Any]:
-    """Where a scan or a per-node command must go: every primary of a cluster, or the one Redis.
-    Each item accepts `target_nodes=` only on a cluster; use `on_each_primary` to call through."""
-    if isinstance(r, RedisCluster):
-        return r.get_primaries()
-    return [None]
-
-
 async def on_each_primary(r: Client, command: str, *args: Any) -> list[Any]:
     """One command on every primary (SCRIPT LOAD, FUNCTION LOAD, ...); one reply per primary."""
     if isinstance(r, RedisCluster):
@@ -103,11 +95,6 @@ async def ping(r: Client) -> None:
         await r.ping(target_nodes=RedisCluster.PRIMARIES)
     else:
         await r.ping()
-
-
-async def scan_keys(r: Client, match: str, count: int = 5000) -> list[str]:
-    """Every key matching, over every primary (a cluster's SCAN sees one node's keys)."""
-    return [k async for k in r.scan_iter(match=match, count=count)]  # cluster client: SCAN on PRIMARIES
 
 
 class Lanes:
