@@ -140,6 +140,7 @@ async def test_group_moved_back_every_event_once(env) -> None:
     assert await w.stop() == 0
 
 
+@pytest.mark.soak
 async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(env) -> None:
     """A primary's replica frozen (SIGSTOP) and its link cut, so what the primary acknowledges is
     not replicated;
@@ -204,6 +205,7 @@ async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(e
         assert command(replica, "PING").strip() == "PONG"
 
 
+@pytest.mark.soak  # bounded here; make test-long (QUOTA_GW_SOAK=1) adds a 2,000-slot redis-cli reshard
 async def test_reshard_under_load_fails_nothing_loses_nothing(env) -> None:
     """Every shard slot of one primary moved to another, key by key as `redis-cli --cluster
     reshard` does, while two gateways' decisions and a worker run (the streams and their consumer
