@@ -113,7 +113,7 @@ class Cluster:
         assert "OK" in command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
         assert "OK" in command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
         while True:
-            keys = command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "5").split()
+            keys = command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "10").split()  # redis-cli's pipeline
             if not keys:
                 break
             out = command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys)

@@ -158,7 +158,7 @@ class Lanes:
                     raise
                 await asyncio.sleep(0.1)
                 await self.refresh_now()
-                target, asking = "", False
+                target, asking, hops = "", False, 0  # ASK then TRYAGAIN is one migration: SETTLE_S bounds it
             except (RedisConnectionError, RedisTimeoutError):
                 self.refresh()  # may have run: never resent; the next call finds the new primary
                 raise
