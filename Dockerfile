@@ -7,7 +7,8 @@ WORKDIR /src
 COPY . .
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
-# Run: the wheel and its runtime dependencies only (no test or bench extras), as a non-root user.
+# Run: the wheel and its runtime dependencies only (no dev, test or bench extras: no embedded
+# Postgres or Valkey binaries; the demo upstream needs none of them), as a non-root user.
 FROM python:3.12-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN useradd --system --uid 10001 --home-dir /var/lib/quota-gw --create-home quota-gw \

@@ -10,7 +10,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[dev,test]'
 	touch $(STAMP)
 
 dev: $(STAMP)

@@ -1,11 +1,18 @@
-"""Side-by-side benchmarks of the decision path (issue 5), printed as ratios.
+"""Side-by-side benchmarks of the decision path (issue 5) and the sidecar, printed as ratios.
 
     .venv/bin/python bench/bench.py [--duration 10] [--connections 64] [--rounds 2] [--write]
+        [--sections decision,proxy,llm,nginx,litellm]
 
 Starts its own Valkey (embedded, on a free port, so `INFO commandstats` counts only this run)
 and the gateway on 127.0.0.1, then runs wrk against a hello-world route and POST /v1/consume
 on the same server, alternating, several rounds. The machine is shared and noisy: compare the
 ratios, not the absolute numbers. --write appends the table to docs/benchmarks.md.
+
+Sections: `decision` (consume vs hello), `proxy` (fixed and pass-through routes vs the upstream
+direct), `llm` (an `openai` route, JSON and streamed, vs the upstream direct), `nginx`
+(examples/nginx.conf with auth_request vs the same nginx without it, a fixed route), `litellm`
+(LiteLLM's proxy beside the `llm` rows: `--litellm PATH` to its `litellm` executable, or
+$LITELLM_BIN; skipped when absent).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +59,15 @@ wrk.headers["Authorization"] = "Bearer %s"
 """
 
 
+# An LLM call as the issue measures it: non-streamed (or streamed), max_tokens 16.
+LLM_LUA = """
+wrk.method = "POST"
+wrk.body = '{"model":"demo-1","max_tokens":16,%s"messages":[{"role":"user","content":"Say something about quotas."}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
 def wrk(url: str, duration: int, connections: int, script: Path | None = None) -> dict[str, float]:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if script:
@@ -69,10 +86,11 @@ def wrk(url: str, duration: int, connections: int, script: Path | None = None) -
 
 def config_file(tmp: Path, upstream: str) -> Path:
     data = yaml.safe_load((ROOT / "examples" / "quota-gw.yaml").read_text())
-    data["plans"]["bench"] = {"allocations": {"general": 10**12}}
+    data["plans"]["bench"] = {"allocations": {"general": 10**12, "tokens": 10**12}}
     data["routes"] = [
         {"prefix": "/plain", "upstream": upstream, "metering": "none"},
         {"prefix": "/quota", "upstream": upstream, "feature": "generate_insight", "metering": "fixed"},
+        {"prefix": "/v1/chat/completions", "upstream": upstream, "feature": "chat", "metering": "openai"},
     ]
     p = tmp / "bench.yaml"
     p.write_text(yaml.safe_dump(data))
@@ -119,8 +137,9 @@ def scrape(port: int, name: str) -> float:
 
 
 def evalsha_calls(r: redis.Redis) -> int:
-    """EVALSHA commands the server ran (commands inside scripts count under their own names)."""
-    return r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    """Script calls the server ran, EVALSHA or FCALL (commands inside count under their own names)."""
+    stats = r.info("commandstats")
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "fcall", "fcall_ro"))
 
 
 async def paced(url: str, rate: int, duration: int, headers: dict[str, str]) -> dict[str, float]:
@@ -182,13 +201,182 @@ def proxy_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
         proc.wait(timeout=20)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def medians(rs: list[dict[str, float]]) -> dict[str, float]:
+    return {"rps": statistics.median(x["rps"] for x in rs), "p50": statistics.median(x["p50"] for x in rs),
+            "p99": statistics.median(x["p99"] for x in rs), "errors": sum(x["errors"] for x in rs)}
+
+
+def measure(args: argparse.Namespace, targets: list[tuple[str, str, Path | None, list[int]]]) -> list[dict]:
+    """wrk against each (name, url, script, pids) in turn, `rounds` times, alternating; the
+    median of each, and the CPU the listed processes spent per request while it ran."""
+    for _, url, script, _ in targets:
+        wrk(url, 2, args.connections, script)  # warm up
+    runs: list[list[dict[str, float]]] = [[] for _ in targets]
+    cpu = [[0.0] * len(t[3]) for t in targets]
+    n = [0.0] * len(targets)
+    for _ in range(args.rounds):
+        for i, (_, url, script, pids) in enumerate(targets):
+            before = [cpu_s(p) for p in pids]
+            res = wrk(url, args.duration, args.connections, script)
+            for j, p in enumerate(pids):
+                cpu[i][j] += cpu_s(p) - before[j]
+            n[i] += res["rps"] * args.duration
+            runs[i].append(res)
+    return [{"name": t[0], **medians(runs[i]), "cpu_us": [c / max(n[i], 1) * 1e6 for c in cpu[i]]}
+            for i, t in enumerate(targets)]
+
+
+def llm_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, up_port: int, up_pid: int,
+                litellm: Path | None) -> list[dict]:
+    """An `openai` route (non-streamed and streamed, max_tokens 16) vs the demo upstream
+    direct, and LiteLLM's proxy in front of the same upstream when it is installed."""
+    prefix = "benchllm"
+    key = seed(redis_url, prefix, 16)
+    scripts = {}
+    for mode, extra in (("json", ""), ("sse", '"stream":true,')):
+        scripts[mode] = tmp / f"llm-{mode}.lua"
+        scripts[mode].write_text(LLM_LUA % (extra, key))
+    port = embedded.free_port()
+    env = {**os.environ, "QUOTA_GW_CONFIG": str(cfg), "REDIS_URL": redis_url, "QUOTA_GW_PREFIX": prefix}
+    env.pop("DATABASE_URL", None)
+    proc = start_server("uvicorn", port, env)
+    lite = None
+    try:
+        lite = start_litellm(litellm, tmp, up_port) if litellm else None
+        chat = "/v1/chat/completions"
+        targets = []
+        for mode, extra, label in (("json", "", "JSON"), ("sse", '"stream":true,', "streamed")):
+            targets.append((f"upstream direct, {label}", f"http://127.0.0.1:{up_port}{chat}", scripts[mode], [up_pid]))
+            targets.append((f"quota-gw openai route, {label}", f"http://127.0.0.1:{port}{chat}", scripts[mode],
+                            [proc.pid, up_pid]))
+            if lite is not None:
+                script = tmp / f"litellm-{mode}.lua"
+                script.write_text(LLM_LUA % (extra, lite[2]))
+                targets.append((f"LiteLLM proxy, {label}", f"http://127.0.0.1:{lite[1]}{chat}", script,
+                                [lite[0].pid, up_pid]))
+        return measure(args, targets)
+    finally:
+        for p in (proc, lite[0] if lite else None):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=20)
+
+
+def start_litellm(litellm: Path, tmp: Path, up_port: int) -> tuple[subprocess.Popen, int, str]:
+    """LiteLLM's proxy, one worker, forwarding model demo-1 to the demo upstream: its lightest
+    setup (no database, so no per-key budgets; the master key is the only credential)."""
+    master = "sk-bench-" + new_key()[1]
+    conf = tmp / "litellm.yaml"
+    conf.write_text(yaml.safe_dump({"model_list": [{"model_name": "demo-1", "litellm_params": {
+        "model": "openai/demo-1", "api_base": f"http://127.0.0.1:{up_port}/v1", "api_key": "none"}}],
+        "litellm_settings": {"drop_params": True, "telemetry": False},
+        "general_settings": {"master_key": master}}))
+    port = embedded.free_port()
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen([str(litellm), "--config", str(conf), "--host", "127.0.0.1", "--port", str(port),
+                             "--num_workers", "1"], env=env, cwd=tmp, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1).status_code == 200:
+                return proc, port, master
+        except httpx.TransportError:
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("litellm did not start")
+
+
+def nginx_conf(tmp: Path, name: str, port: int, gw_port: int, up_port: int, auth: bool) -> Path:
+    """examples/nginx.conf on these ports; without `auth`, the same file less its auth_request."""
+    conf = (ROOT / "examples" / "nginx.conf").read_text()
+    conf = (conf.replace("127.0.0.1:8080", f"127.0.0.1:{gw_port}").replace("127.0.0.1:9100", f"127.0.0.1:{up_port}")
+            .replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+    if not auth:  # nothing else changes: the auth_request_set variables stay empty
+        conf = conf.replace("auth_request /_quota;", "")
+    d = tmp / name
+    d.mkdir()
+    temps = "".join(f"    {t}_temp_path {d / t};\n" for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (d / "nginx.conf").write_text(conf.replace("http {\n", "http {\n" + temps, 1))
+    return d
+
+
+def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, up_port: int,
+                  up_pid: int) -> list[dict]:
+    """examples/nginx.conf (auth_request -> /v1/authorize, a fixed route) vs the same nginx
+    without auth_request, both in front of the demo upstream."""
+    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                            if os.path.exists(p)), None)
+    if binary is None:
+        print("nginx section skipped: nginx is not installed", file=sys.stderr)
+        return []
+    prefix = "benchnginx"
+    key = seed(redis_url, prefix, 16)
+    lua = tmp / "nginx.lua"
+    lua.write_text(PROXY_LUA % key)
+    port = embedded.free_port()
+    env = {**os.environ, "QUOTA_GW_CONFIG": str(cfg), "REDIS_URL": redis_url, "QUOTA_GW_PREFIX": prefix}
+    env.pop("DATABASE_URL", None)
+    proc = start_server("uvicorn", port, env)
+    procs = []
+    try:
+        ports = {}
+        for name, auth in (("plain", False), ("auth", True)):
+            ports[name] = embedded.free_port()
+            d = nginx_conf(tmp, f"nginx-{name}", ports[name], port, up_port, auth)
+            directives = f"daemon off; pid {d / 'nginx.pid'};" + (" user root;" if os.geteuid() == 0 else "")
+            procs.append(subprocess.Popen([binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", "stderr",
+                                           "-g", directives]))
+        for name in ports:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{ports[name]}/", timeout=1)
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        return measure(args, [
+            ("nginx, no auth_request", f"http://127.0.0.1:{ports['plain']}/quota/bench", lua, [up_pid]),
+            ("nginx + auth_request to quota-gw", f"http://127.0.0.1:{ports['auth']}/quota/bench", lua,
+             [proc.pid, up_pid])])
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGQUIT)
+            p.wait(timeout=20)
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def side_by_side(rows: list[dict], pairs: list[tuple[int, int]]) -> str:
+    """Each row with its ratio to its baseline row and the CPU per request of the processes."""
+    out = ["| what | req/s | ratio | p50 ms | p99 ms | non-2xx | CPU µs/req (proxy, upstream) |",
+           "|---|---|---|---|---|---|---|"]
+    base = dict(pairs)
+    for i, x in enumerate(rows):
+        ratio = f"**{x['rps'] / rows[base[i]]['rps']:.2f}×**" if i in base else "1.00×"
+        cpu = ", ".join(f"{c:,.0f}" for c in x["cpu_us"])
+        out.append(f"| {x['name']} | {x['rps']:,.0f} | {ratio} | {x['p50']:.2f} | {x['p99']:.2f} | {x['errors']} |"
+                   f" {cpu} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--servers", default="uvicorn,granian")
-    ap.add_argument("--sections", default="decision,proxy", help="decision,proxy")
+    ap.add_argument("--sections", default="decision,proxy", help="decision,proxy,llm,nginx,litellm")
+    ap.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"),
+                    help="the litellm executable (a scratch venv's bin/litellm) for the litellm section")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -201,10 +389,20 @@ def main() -> None:
     upstream = subprocess.Popen([str(Path(sys.executable).parent / "quota-gw"), "demo-upstream", "--port",
                                  str(up_port), "--log-level", "warning"])
     cfg = config_file(tmp, f"http://127.0.0.1:{up_port}")
-    rows, proxy_rows = [], []
+    rows, proxy_rows, llm_rows, nginx_rows = [], [], [], []
+    litellm = None
+    if "litellm" in args.sections:
+        litellm = Path(args.litellm) if args.litellm and Path(args.litellm).exists() else None
+        if litellm is None:
+            print("litellm section skipped: pass --litellm PATH (or $LITELLM_BIN) to a litellm executable",
+                  file=sys.stderr)
     try:
         if "proxy" in args.sections:
             proxy_rows = proxy_section(args, tmp, cfg, rsrv.url, up_port)
+        if "llm" in args.sections or litellm is not None:
+            llm_rows = llm_section(args, tmp, cfg, rsrv.url, up_port, upstream.pid, litellm)
+        if "nginx" in args.sections:
+            nginx_rows = nginx_section(args, tmp, cfg, rsrv.url, up_port, upstream.pid)
         for server in (args.servers.split(",") if "decision" in args.sections else []):
             for coalesce in (True, False):
                 data = yaml.safe_load(cfg.read_text())
@@ -277,6 +475,13 @@ def main() -> None:
                           f" {half[1]['p99']:.2f} | {half[1]['p50'] - half[0]['p50']:+.2f} |"
                           f" {half[1]['p99'] - half[0]['p99']:+.2f} | {half[1]['errors']} |")
         table = "\n".join(ptable) + ("\n\n" + table if table else "")
+    if llm_rows:
+        # every row against the upstream direct of its kind (JSON rows first, then streamed)
+        first_sse = next(i for i, x in enumerate(llm_rows) if "streamed" in x["name"])
+        pairs = [(i, 0 if i < first_sse else first_sse) for i in range(len(llm_rows)) if i not in (0, first_sse)]
+        table = side_by_side(llm_rows, pairs) + ("\n\n" + table if table else "")
+    if nginx_rows:
+        table = side_by_side(nginx_rows, [(1, 0)]) + ("\n\n" + table if table else "")
     print(table)
     if args.write:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -14,5 +14,5 @@ async def hello(request: Request) -> Response:
     return PlainTextResponse("hello")
 
 
-def factory():  # noqa: ANN201
+def factory():
     return create_app(config.load(), extra_routes=[Route("/hello", hello, methods=["GET", "POST"])])

@@ -47,7 +47,7 @@ def count(name: str, status: int) -> None:
 
 
 @events.quitting.add_listener
-def _dump(environment, **_kw) -> None:  # noqa: ANN001
+def _dump(environment, **_kw) -> None:
     out = os.environ.get("QGW_OUTCOMES")
     if out:
         with open(out, "w") as f:
@@ -74,7 +74,7 @@ class _ClientTenant(User):
     def on_stop(self) -> None:
         self.quota.close()
 
-    def timed(self, name: str, ok_status: int, fn, expected=(402, 403, 429)):  # noqa: ANN001, ANN201
+    def timed(self, name: str, ok_status: int, fn, expected=(402, 403, 429)):
         """Runs one client call as a Locust request named `name`; counts its status. A refusal in
         `expected` is an outcome, not a failure; anything else raised is a failure."""
         t0 = time.perf_counter()
@@ -96,7 +96,7 @@ class _ClientTenant(User):
         first = self.timed("consume", 200, lambda: self.quota.consume(feature, user_id=user, idempotency_key=key))
         if idem and first is not None:
             # The same key again must give the same answer and charge nothing more.
-            def again():  # noqa: ANN202
+            def again():
                 r = self.quota.consume(feature, user_id=user, idempotency_key=key)
                 if not r.replayed or r.event_id != first.event_id:
                     raise QuotaError(200, "not_idempotent", detail="idempotent retry gave a different answer")

@@ -1,6 +1,9 @@
--- Shared prelude, prepended to every operation script when it is registered.
+-- Shared library of the operation scripts (scripts.py loads it once with every operation).
 -- All money is integer tokens; Lua numbers are doubles, exact up to 2^53.
 -- Time comes from the Redis server (TIME), never from the caller.
+-- No function here reads KEYS or ARGV: each operation script binds its own to names at its top
+-- (bind() below) and passes tables in; the argument lists (*_ARGV) mirror the typed objects of
+-- src/quota_gw/decisions.py, field for field (tests/test_lua_interface.py checks they agree).
 
 local function now_us()
   local t = redis.call('TIME')
@@ -9,6 +12,80 @@ end
 
 local function fmt(n)
   return string.format('%d', n)
+end
+
+-- Names the positional values of KEYS or ARGV: bind(ARGV, {'event_id', 'org'}).event_id.
+local function bind(values, names)
+  local t = {}
+  for i, name in ipairs(names) do t[name] = values[i] end
+  return t
+end
+
+-- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs.
+local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'feature', 'meter', 'cost', 'allocation', 'period',
+  'rollover', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
+  'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s', 'fingerprint', 'metadata', 'shadow',
+  'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds'}
+local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations',
+  'expiries'}
+-- Settling a reservation (commit, release): decisions.SettleArgs.
+local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
+  'fingerprint', 'beyond_hold'}
+local SETTLE_KEYS = {'bal', 'quotas', 'reservations', 'expiries', 'stream', 'settled'}
+-- The balance read: one group per meter, decisions.BalanceArgs.
+local BALANCE_ARGV = {'meter', 'allocation', 'period', 'rollover'}
+
+-- Field names of the per-org hashes. Owner: src/quota_gw/layout.py (METER_FIELDS, QUOTA_FIELDS);
+-- Lua cannot import it, so tests/test_lua_interface.py pins that these spellings agree.
+-- Balance hash: '<meter>:<field>'; quota hash: '<u|t>:<subject>:<meter>:<field>'.
+local METER_FIELDS = {allocated = 'a', purchased = 'p', held = 'h', used = 'u', period_end = 'pe',
+  limit = 'lim', purchased_total = 'pt', purchased_at_start = 'ps', lots = 'lots', alert_period = 'alpe',
+  alert_threshold = 'alt'}
+local QUOTA_FIELDS = {limit = 'lim', used = 'used', held = 'h', period_end = 'pe'}
+
+local function field_names(prefix, fields)
+  local t = {}
+  for name, suffix in pairs(fields) do t[name] = prefix .. ':' .. suffix end
+  return t
+end
+
+-- A meter's field names, made once per meter: loaded as Redis Functions, the library's state
+-- lives across calls, and building 11 strings a call was a fifth of a decision's Lua time.
+local METER_FIELD_NAMES, meter_field_names_n = {}, 0
+local function meter_fields(meter)
+  local f = METER_FIELD_NAMES[meter]
+  if f == nil then
+    if meter_field_names_n >= 1000 then METER_FIELD_NAMES, meter_field_names_n = {}, 0 end  -- bounded
+    f = field_names(meter, METER_FIELDS)
+    METER_FIELD_NAMES[meter] = f
+    meter_field_names_n = meter_field_names_n + 1
+  end
+  return f
+end
+
+-- The answer of every operation: decisions.Decision, field for field (REPLY order); reply{}
+-- fills what a call leaves out.
+local REPLY = {'status', 'code', 'detail', 'cost', 'remaining', 'event_id', 'retry_after_ms', 'rl_limit',
+  'rl_remaining', 'rl_reset', 'replay', 'would', 'extra'}
+local REPLY_DEFAULTS = {status = 200, code = '', detail = '', cost = 0, remaining = -1, event_id = '',
+  retry_after_ms = 0, rl_limit = -1, rl_remaining = -1, rl_reset = 0, replay = 0, would = '', extra = ''}
+
+local function reply(r)
+  local out = {}
+  for i, name in ipairs(REPLY) do
+    local v = r[name]
+    if v == nil then v = REPLY_DEFAULTS[name] end
+    out[i] = v
+  end
+  return out
+end
+
+local REPLAY = 11  -- position of `replay` in a stored answer
+
+-- A stored answer given again: marked as a replay.
+local function replayed(rep)
+  rep[REPLAY] = 1
+  return rep
 end
 
 -- Howard Hinnant's civil calendar algorithms (UTC), integer only.
@@ -63,6 +140,7 @@ local function derived_id(base, i)
 end
 
 -- The event sink: one XADD per balance change (or refusal) to the shard's stream.
+-- Its fields and their order are src/quota_gw/events.py's (tests/test_event_schema.py).
 local Events = {}
 Events.__index = Events
 
@@ -85,8 +163,8 @@ function Events:add(e)
   return id
 end
 
--- Balance of one meter of one org, all in one hash per org (fields '<meter>:<f>') so that
--- every meter an operation may touch is inside one declared key.
+-- Balance of one meter of one org, all in one hash per org (fields '<meter>:<f>', METER_FIELDS)
+-- so that every meter an operation may touch is inside one declared key.
 --   a allocated left, p purchased left, h held by reservations, u used this period,
 --   pe period end (unix s), lim the allocation the period was granted (-1 unlimited),
 --   pt purchased credit ever granted (a meter the plan leaves out is forbidden until credit is bought),
@@ -95,27 +173,29 @@ end
 -- Expired holds are gone for every reader, read-only ones included: a loaded `h` (a meter's
 -- or a sub-quota's) is what live reservations hold; `xh` is the part of the stored field that
 -- belongs to holds past their expiry and not swept yet, which save() writes back untouched.
-local EXPIRED = {}
 
 -- Sums the holds of this org's reservations past their expiry (now_s >= expires_at) that are
--- still stored, per '<meter>' and per '<subject>:<meter>', into EXPIRED for load_meter and
--- load_quota. Reads only: check and balance must not write; the sweep returns them for good.
-local function note_expired(rv_key, rx_key, now_s)
-  EXPIRED = {}
+-- still stored, per '<meter>' and per '<subject>:<meter>', for load_meter and load_quota.
+-- Reads only: check and balance must not write; the sweep returns them for good.
+local NONE = {}  -- no expired holds (read only)
+
+local function expired_holds(rv_key, rx_key, now_s)
+  local expired = {}
   local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
   for _, rid in ipairs(due) do
     local raw = redis.call('HGET', rv_key, rid)
     if raw then
       local rec = cjson.decode(raw)
-      EXPIRED[rec.m] = (EXPIRED[rec.m] or 0) + rec.held
+      expired[rec.m] = (expired[rec.m] or 0) + rec.held
       for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
         if subject ~= '' then
           local f = subject .. ':' .. rec.m
-          EXPIRED[f] = (EXPIRED[f] or 0) + rec.held
+          expired[f] = (expired[f] or 0) + rec.held
         end
       end
     end
   end
+  return expired
 end
 
 local Meter = {}
@@ -125,22 +205,24 @@ Meter.__index = Meter
 -- refund takes back as far as it is unspent), '<meter>:lots' = JSON [{i = id, n = left, x = 0|expiry}].
 -- Purchased credit outside any lot (`p` less the lots) is the free pool. Spending draws lots that
 -- expire, earliest first, then the free pool, then lots that never expire, oldest first.
-local function load_lots(bal_key, meter)
-  local raw = redis.call('HGET', bal_key, meter .. ':lots')
+local function decode_lots(raw)
   if not raw or raw == '' then return {} end
   local lots = cjson.decode(raw)
   if type(lots) ~= 'table' then return {} end
   return lots
 end
 
-local function load_meter(bal_key, meter)
-  local v = redis.call('HMGET', bal_key, meter .. ':a', meter .. ':p', meter .. ':h',
-    meter .. ':u', meter .. ':pe', meter .. ':lim', meter .. ':pt', meter .. ':ps')
-  local xh = EXPIRED[meter] or 0
-  return setmetatable({key = bal_key, m = meter, xh = xh,
+-- One HMGET reads every field of the meter (the alerts' too).
+local function load_meter(bal_key, meter, expired)
+  local f = meter_fields(meter)
+  local v = redis.call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
+  local xh = expired[meter] or 0
+  return setmetatable({key = bal_key, m = meter, f = f, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
-    ps = tonumber(v[8]) or 0, lots = load_lots(bal_key, meter), pending = {}}, Meter)
+    ps = tonumber(v[8]) or 0, lots = decode_lots(v[9]), alpe = tonumber(v[10]), alt = tonumber(v[11]),
+    pending = {}}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -191,6 +273,7 @@ end
 -- Lots past their expiry stop counting: each is taken out of `p` by an `expire` event (pending,
 -- like a reset, so read-only callers see the same numbers and only save() writes).
 function Meter:expire_lots(now_s)
+  if #self.lots == 0 then return end
   local kept = {}
   for _, lot in ipairs(self.lots) do
     if lot.x > 0 and lot.x <= now_s then
@@ -208,8 +291,8 @@ function Meter:expire_lots(now_s)
   self.lots = kept
 end
 
--- Takes `amount` of purchased credit out of the lots, in spending order (see load_lots); what the
--- free pool covers touches no lot. Call with `p` as it was before the draw.
+-- Takes `amount` of purchased credit out of the lots, in spending order (see decode_lots); what
+-- the free pool covers touches no lot. Call with `p` as it was before the draw.
 function Meter:draw_lots(amount, p_before)
   if amount <= 0 or #self.lots == 0 then return end
   local in_lots = 0
@@ -236,9 +319,9 @@ end
 function Meter:save_lots()
   if not self.lots_dirty then return end
   if #self.lots == 0 then
-    redis.call('HDEL', self.key, self.m .. ':lots')
+    redis.call('HDEL', self.key, self.f.lots)
   else
-    redis.call('HSET', self.key, self.m .. ':lots', cjson.encode(self.lots))
+    redis.call('HSET', self.key, self.f.lots, cjson.encode(self.lots))
   end
   self.lots_dirty = false
 end
@@ -253,7 +336,7 @@ function Meter:next_expiry()
   return x, n
 end
 
--- Draws allocated first, then purchased. Returns the purchased part.
+-- Draws allocated first, then purchased. Returns the allocated and the purchased part.
 function Meter:charge(cost)
   if self:unlimited() then
     self.u = self.u + cost
@@ -268,42 +351,44 @@ function Meter:charge(cost)
   return from_a, from_p
 end
 
--- Writes the pending events only (grant.lua: expired lots, with no period refresh).
-function Meter:save_pending(events, user)
+-- Writes the pending events (resets, adjustments, expired lots), then forgets them.
+function Meter:save_pending(events, user, feature)
   for _, e in ipairs(self.pending) do
-    e.user = user; e.meter = self.m; e.feature = ''; e.dp = e.dp or 0; e.cost = 0
+    e.user = user; e.meter = self.m; e.feature = feature or ''; e.dp = e.dp or 0; e.cost = 0
     e.bal = self:balance()
     events:add(e)
   end
   self.pending = {}
 end
 
-function Meter:save(events, user, feature)
-  for _, e in ipairs(self.pending) do
-    e.user = user; e.meter = self.m; e.feature = feature; e.dp = e.dp or 0; e.cost = 0
-    e.bal = self:balance()
-    events:add(e)
-  end
-  self.pending = {}
-  local m = self.m
-  redis.call('HSET', self.key, m .. ':a', fmt(self.a), m .. ':p', fmt(self.p), m .. ':h', fmt(self.h + self.xh),
-    m .. ':u', fmt(self.u), m .. ':pe', fmt(self.pe), m .. ':lim', fmt(self.lim), m .. ':ps', fmt(self.ps))
+-- Writes a, p and u only (commit, refund: the period and the holds are as loaded).
+function Meter:save_spend()
+  local f = self.f
+  redis.call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.used, fmt(self.u))
   self:save_lots()
 end
 
--- Low-balance alerts. ARGV[26] of a gate call: thresholds, percent of the period's base (its
--- allocation plus the purchased credit it started with), e.g. '25,10,0'. The decision that takes
--- what is available to or below a threshold records one `alert` event (delta 0), in this same
--- script; `<m>:alpe`/`<m>:alt` (the period and the lowest threshold alerted in it) make it once
--- per threshold per meter per period. Called after save() so the events follow the charge.
+function Meter:save(events, user, feature)
+  self:save_pending(events, user, feature)
+  local f = self.f
+  redis.call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.held, fmt(self.h + self.xh),
+    f.used, fmt(self.u), f.period_end, fmt(self.pe), f.limit, fmt(self.lim), f.purchased_at_start, fmt(self.ps))
+  self:save_lots()
+end
+
+-- Low-balance alerts. `spec`: thresholds, percent of the period's base (its allocation plus the
+-- purchased credit it started with), e.g. '25,10,0'. The decision that takes what is available
+-- to or below a threshold records one `alert` event (delta 0), in this same script; the alert
+-- period and lowest threshold alerted in it (METER_FIELDS alert_period, alert_threshold) make
+-- it once per threshold per meter per period. Called after save() so the events follow the charge.
 function Meter:alerts(events, user, feature, spec)
   if spec == nil or spec == '' or self:unlimited() then return end
   local base = math.max(self.lim or 0, 0) + self.ps
   if base <= 0 then return end
   local avail = self:available()
-  local v = redis.call('HMGET', self.key, self.m .. ':alpe', self.m .. ':alt')
+  local f = self.f
   local lowest = 101
-  if tonumber(v[1]) == self.pe then lowest = tonumber(v[2]) or 101 end
+  if self.alpe == self.pe then lowest = self.alt or 101 end
   local now_lowest = lowest
   for t in string.gmatch(spec, '%d+') do
     t = tonumber(t)
@@ -315,7 +400,7 @@ function Meter:alerts(events, user, feature, spec)
     end
   end
   if now_lowest ~= lowest then
-    redis.call('HSET', self.key, self.m .. ':alpe', fmt(self.pe), self.m .. ':alt', fmt(now_lowest))
+    redis.call('HSET', self.key, f.alert_period, fmt(self.pe), f.alert_threshold, fmt(now_lowest))
   end
 end
 
@@ -324,16 +409,18 @@ end
 local Quota = {}
 Quota.__index = Quota
 
-local function load_quota(q_key, subject, meter, pe)
-  if subject == nil then return nil end
-  local f = subject .. ':' .. meter
-  local v = redis.call('HMGET', q_key, f .. ':lim', f .. ':used', f .. ':h', f .. ':pe')
-  local lim = tonumber(v[1])
+local function load_quota(q_key, subject, meter, pe, expired)
+  if subject == nil or subject == '' then return nil end
+  local sm = subject .. ':' .. meter
+  -- Most callers have no sub-quota: read its limit alone first.
+  local lim = tonumber(redis.call('HGET', q_key, sm .. ':' .. QUOTA_FIELDS.limit))
   if lim == nil then return nil end
-  local used = tonumber(v[2]) or 0
-  if tonumber(v[4]) ~= pe then used = 0 end
-  local xh = EXPIRED[f] or 0
-  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = (tonumber(v[3]) or 0) - xh, xh = xh,
+  local f = field_names(sm, QUOTA_FIELDS)
+  local v = redis.call('HMGET', q_key, f.used, f.held, f.period_end)
+  local used = tonumber(v[1]) or 0
+  if tonumber(v[3]) ~= pe then used = 0 end
+  local xh = expired[sm] or 0
+  return setmetatable({key = q_key, f = f, lim = lim, used = used, h = (tonumber(v[2]) or 0) - xh, xh = xh,
     pe = pe, subject = subject}, Quota)
 end
 
@@ -342,8 +429,18 @@ function Quota:available()
 end
 
 function Quota:save()
-  redis.call('HSET', self.key, self.f .. ':used', fmt(self.used), self.f .. ':h', fmt(self.h + self.xh),
-    self.f .. ':pe', fmt(self.pe))
+  local f = self.f
+  redis.call('HSET', self.key, f.used, fmt(self.used), f.held, fmt(self.h + self.xh), f.period_end, fmt(self.pe))
+end
+
+-- The sub-quotas of a reservation or refund record (rec.ut, rec.tt), those still set.
+local function load_quotas(q_key, rec, meter, pe, expired)
+  local qs = {}
+  for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
+    local q = load_quota(q_key, subject, meter, pe, expired)
+    if q then table.insert(qs, q) end
+  end
+  return qs
 end
 
 -- GCRA on the server clock. interval_us = window / limit; burst = calls allowed at once.
@@ -360,12 +457,12 @@ local function gcra(key, interval_us, burst, now)
   return true, new_tat, 0, remaining, new_tat - now
 end
 
--- Checks every configured rate limit without writing. rl = {{key, interval_us, burst}, ...}.
--- Returns ok, retry_after_ms, limit, remaining, reset_s (of the tightest limit), writes.
-local function rate_limits(rl, now)
+-- Checks every configured rate limit without writing. limits = {{key, interval_us, burst}, ...}.
+-- Returns ok, the reply's rate-limit fields (of the tightest limit), and the writes to make.
+local function rate_limits(limits, now)
   local ok, retry, writes = true, 0, {}
   local best_limit, best_rem, best_reset = -1, -1, 0
-  for _, r in ipairs(rl) do
+  for _, r in ipairs(limits) do
     local allowed, tat, wait, rem, reset = gcra(r[1], r[2], r[3], now)
     if not allowed then
       ok = false
@@ -377,7 +474,8 @@ local function rate_limits(rl, now)
       best_limit, best_rem, best_reset = r[3], rem, reset
     end
   end
-  return ok, math.ceil(retry / 1000), best_limit, best_rem, math.ceil(best_reset / 1000000), writes
+  return ok, {rl_limit = best_limit, rl_remaining = best_rem, rl_reset = math.ceil(best_reset / 1000000),
+    retry_after_ms = math.ceil(retry / 1000)}, writes
 end
 
 local function save_rate_limits(writes)
@@ -387,39 +485,42 @@ local function save_rate_limits(writes)
 end
 
 -- Reservations of an org: hash rid -> JSON record, and a zset of their expiries.
-local function release_hold(bal_key, q_key, rec, now_s)
+local function release_hold(bal_key, q_key, rec)
   local m = rec.m
-  redis.call('HINCRBY', bal_key, m .. ':h', -rec.held)
+  redis.call('HINCRBY', bal_key, meter_fields(m).held, -rec.held)
   for _, subject in ipairs({rec.ut, rec.tt}) do
     if subject and subject ~= '' then
-      redis.call('HINCRBY', q_key, subject .. ':' .. m .. ':h', -rec.held)
+      redis.call('HINCRBY', q_key, subject .. ':' .. m .. ':' .. QUOTA_FIELDS.held, -rec.held)
     end
   end
 end
 
 -- Returns one expired hold to its meter (a `release` event, reason expired) and forgets it.
-local function expire_hold(rv_key, rx_key, bal_key, q_key, events, rid, rec, now_s)
-  release_hold(bal_key, q_key, rec, now_s)
-  local bal = (tonumber(redis.call('HGET', bal_key, rec.m .. ':a')) or 0)
-    + (tonumber(redis.call('HGET', bal_key, rec.m .. ':p')) or 0)
-  events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f, bal = bal,
+-- org = {bal, quotas, reservations, expiries} (keys).
+local function expire_hold(org, events, rid, rec)
+  release_hold(org.bal, org.quotas, rec)
+  local f = meter_fields(rec.m)
+  local v = redis.call('HMGET', org.bal, f.allocated, f.purchased)
+  events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f,
+    bal = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0),
     meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
-  redis.call('HDEL', rv_key, rid)
-  redis.call('ZREM', rx_key, rid)
+  redis.call('HDEL', org.reservations, rid)
+  redis.call('ZREM', org.expiries, rid)
 end
 
--- Returns expired holds (at most `max` a call, oldest first) to their meters.
-local function sweep_expired(rv_key, rx_key, bal_key, q_key, events, now, max)
-  local now_s = math.floor(now / 1000000)
-  local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s, 'LIMIT', 0, max)
+-- Returns expired holds (at most `max` a call, oldest first) to their meters. Returns true when
+-- none is left past its expiry (fewer than `max` were due).
+local function sweep_expired(org, events, now_s, max)
+  local due = redis.call('ZRANGEBYSCORE', org.expiries, '-inf', now_s, 'LIMIT', 0, max)
   for _, rid in ipairs(due) do
-    local raw = redis.call('HGET', rv_key, rid)
+    local raw = redis.call('HGET', org.reservations, rid)
     if raw then
-      expire_hold(rv_key, rx_key, bal_key, q_key, events, rid, cjson.decode(raw), now_s)
+      expire_hold(org, events, rid, cjson.decode(raw))
     else
-      redis.call('ZREM', rx_key, rid)
+      redis.call('ZREM', org.expiries, rid)
     end
   end
+  return #due < max
 end
 
 -- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
@@ -440,104 +541,6 @@ local function remaining(req)
   return r
 end
 
--- The gate every decision (check, consume, reserve) goes through.
--- KEYS: 1 bal, 2 quotas, 3 users, 4 rl user, 5 rl key, 6 rl org, 7 idem, 8 stream, 9 event record,
---       10 reservations, 11 reservation expiries
--- ARGV: 1 event_id, 2 org, 3 user, 4 key_id, 5 feature, 6 meter, 7 cost, 8 allocation (-1 unlimited),
---       9 period, 10 rollover, 11..16 rate limits (interval_us, burst) for user, key, org (0 = none),
---       17 auto-register users, 18 idempotency ttl s, 19 fingerprint, 20 metadata json, 21 shadow,
---       22 event record ttl s, 23 op-specific (reservation ttl s), 24 unit cost (reserve),
---       25 minimum hold (reserve: hold less than asked, down to this, when that is all there is),
---       26 low-balance alert thresholds ('25,10,0'; see Meter:alerts)
--- Returns the parsed request, the meter and levels, and a refusal (status, code, detail) or nil.
-local function gate(write)
-  local now = now_us()
-  local now_s = math.floor(now / 1000000)
-  local req = {
-    id = ARGV[1], org = ARGV[2], user = ARGV[3], key = ARGV[4], feature = ARGV[5], meter = ARGV[6],
-    cost = tonumber(ARGV[7]), alloc = tonumber(ARGV[8]), period = ARGV[9], rollover = ARGV[10] == '1',
-    auto = ARGV[17] == '1', idem_ttl = tonumber(ARGV[18]), fp = ARGV[19], meta = ARGV[20],
-    shadow = ARGV[21] == '1', rec_ttl = tonumber(ARGV[22]), extra = ARGV[23], now = now, now_s = now_s,
-  }
-  local events = new_events(KEYS[8], req.id, now, req.org, req.key)
-  req.events = events
-  if write then
-    sweep_expired(KEYS[10], KEYS[11], KEYS[1], KEYS[2], events, now, 16)
-  end
-  note_expired(KEYS[10], KEYS[11], now_s)  -- what the sweep left (read-only: all of them)
-
-  local refusal = nil
-  -- Users: a known user may belong to a team; an unknown one is registered (or refused).
-  local team = ''
-  if req.user ~= '' then
-    local t = redis.call('HGET', KEYS[3], req.user)
-    if t then
-      team = t
-    elseif req.auto then
-      if write then redis.call('HSET', KEYS[3], req.user, '') end
-    else
-      refusal = {403, 'forbidden', 'unknown user ' .. req.user}
-    end
-  end
-  req.team = team
-
-  local rl = {}
-  local rl_keys = {KEYS[4], KEYS[5], KEYS[6]}
-  for i = 0, 2 do
-    local interval = tonumber(ARGV[11 + 2 * i])
-    if interval > 0 and not (i == 0 and req.user == '') then
-      table.insert(rl, {rl_keys[i + 1], interval, tonumber(ARGV[12 + 2 * i])})
-    end
-  end
-  local rl_ok, retry_ms, rl_limit, rl_rem, rl_reset, rl_writes = rate_limits(rl, now)
-  req.rl = {rl_limit, rl_rem, rl_reset, retry_ms}
-  req.rl_writes = rl_writes
-  if not refusal and not rl_ok then
-    refusal = {429, 'rate_limited', 'rate limit exceeded; retry in ' .. retry_ms .. ' ms'}
-  end
-
-  local meter = load_meter(KEYS[1], req.meter)
-  meter:refresh(req.alloc, req.period, req.rollover, now_s)
-  meter:expire_lots(now_s)
-  req.mtr = meter
-  if not refusal and meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
-    refusal = {403, 'plan_forbids', req.meter .. ' is not available on your plan'}
-  end
-  local levels = {}
-  local uq = nil
-  local tq = nil
-  if req.user ~= '' then uq = load_quota(KEYS[2], 'u:' .. req.user, req.meter, meter.pe) end
-  if team ~= '' then tq = load_quota(KEYS[2], 't:' .. team, req.meter, meter.pe) end
-  req.uq, req.tq = uq, tq
-  -- A flexible hold (LLM max_tokens): take what every level can afford, if at least the minimum.
-  local min_cost = tonumber(ARGV[25]) or 0
-  if min_cost > 0 then
-    local cap = remaining(req)
-    if cap >= 0 and req.cost > cap and cap >= min_cost then req.cost = cap end
-  end
-  if not refusal and not meter:unlimited() and req.cost > meter:available() then
-    refusal = {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. meter:available()
-      .. ', the call costs ' .. req.cost}
-  end
-  if not refusal and tq and req.cost > tq:available() then
-    refusal = {402, 'insufficient_balance', 'team ' .. team .. ' quota of ' .. req.meter .. ' has '
-      .. math.max(0, tq:available()) .. ' left, the call costs ' .. req.cost}
-  end
-  if not refusal and uq and req.cost > uq:available() then
-    refusal = {402, 'insufficient_balance', 'user ' .. req.user .. ' quota of ' .. req.meter .. ' has '
-      .. math.max(0, uq:available()) .. ' left, the call costs ' .. req.cost}
-  end
-  return req, refusal
-end
-
--- Reply layout shared by every decision: status, code, detail, cost, remaining, event_id,
--- retry_after_ms, rl_limit, rl_remaining, rl_reset_s, replay, would (shadow), extra json.
-local function reply(req, status, code, detail, cost, rem, event_id, would, extra)
-  local rl = req.rl or {-1, -1, 0, 0}
-  return {status, code or '', detail or '', cost, rem, event_id or '', rl[4], rl[1], rl[2], rl[3], 0,
-    would or '', extra or ''}
-end
-
 -- Returns the stored answer of an idempotent retry, or nil. An empty fingerprint: no key given.
 local function replay(idem_key, fp)
   if fp == '' then return nil end
@@ -545,11 +548,10 @@ local function replay(idem_key, fp)
   if not stored then return nil end
   local r = cjson.decode(stored)
   if r.fp ~= fp then
-    return {422, 'invalid_request', 'idempotency key reused with a different request', 0, -1, '',
-      0, -1, -1, 0, 1, '', ''}
+    return reply{status = 422, code = 'invalid_request', detail = 'idempotency key reused with a different request',
+      replay = 1}
   end
-  r.reply[11] = 1
-  return r.reply
+  return replayed(r.reply)
 end
 
 local function remember(idem_key, fp, ttl, rep)
@@ -557,64 +559,184 @@ local function remember(idem_key, fp, ttl, rep)
   redis.call('SET', idem_key, cjson.encode({fp = fp, reply = rep}), 'EX', ttl)
 end
 
+-- --- The gate every decision (check, consume, reserve) goes through, step by step. ----------
+
+-- Step 1, arguments: the bound ARGV (GATE_ARGV names) becomes the request, typed in place
+-- (one table a decision, not two), with the keys and the server time.
+local function gate_request(k, a, now)
+  a.keys = k
+  a.cost = tonumber(a.cost)
+  a.allocation = tonumber(a.allocation)
+  a.rollover = a.rollover == '1'
+  a.auto_register = a.auto_register == '1'
+  a.idem_ttl_s = tonumber(a.idem_ttl_s)
+  a.shadow = a.shadow == '1'
+  a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
+  a.unit_cost = tonumber(a.unit_cost)
+  a.min_cost = tonumber(a.min_cost) or 0
+  a.now = now
+  a.now_s = math.floor(now / 1000000)
+  a.team = ''
+  return a
+end
+
+-- Step 2, user: a known user may belong to a team; an unknown one is registered (or refused).
+local function gate_user(req, write)
+  if req.user == '' then return nil end
+  local team = redis.call('HGET', req.keys.users, req.user)
+  if team then
+    req.team = team
+  elseif req.auto_register then
+    if write then redis.call('HSET', req.keys.users, req.user, '') end
+  else
+    return {403, 'forbidden', 'unknown user ' .. req.user}
+  end
+  return nil
+end
+
+-- Step 3, rate limits (user, key, org; interval 0 = none): checked now, written on success.
+-- Per limit: its key (GATE_KEYS) and its two arguments (GATE_ARGV).
+local RATE_LIMITS = {{'rl_user', 'rl_user_interval_us', 'rl_user_burst'},
+  {'rl_key', 'rl_key_interval_us', 'rl_key_burst'}, {'rl_org', 'rl_org_interval_us', 'rl_org_burst'}}
+
+local function gate_rate_limits(req)
+  local limits = {}
+  for i, lim in ipairs(RATE_LIMITS) do
+    local interval = tonumber(req[lim[2]])
+    if interval > 0 and not (i == 1 and req.user == '') then
+      table.insert(limits, {req.keys[lim[1]], interval, tonumber(req[lim[3]])})
+    end
+  end
+  local ok, rl, writes = rate_limits(limits, req.now)
+  req.rl, req.rl_writes = rl, writes
+  if not ok then
+    return {429, 'rate_limited', 'rate limit exceeded; retry in ' .. rl.retry_after_ms .. ' ms'}
+  end
+  return nil
+end
+
+-- Step 4, period: the meter brought to the current period and plan; a meter the plan leaves
+-- out is forbidden until credit is bought.
+local function gate_period(req, expired)
+  local meter = load_meter(req.keys.bal, req.meter, expired)
+  meter:refresh(req.allocation, req.period, req.rollover, req.now_s)
+  meter:expire_lots(req.now_s)
+  req.mtr = meter
+  if meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
+    return {403, 'plan_forbids', req.meter .. ' is not available on your plan'}
+  end
+  return nil
+end
+
+-- Step 5, levels: org, team and user must each afford the cost.
+local function gate_levels(req, expired)
+  local meter = req.mtr
+  if req.user ~= '' then req.uq = load_quota(req.keys.quotas, 'u:' .. req.user, req.meter, meter.pe, expired) end
+  if req.team ~= '' then req.tq = load_quota(req.keys.quotas, 't:' .. req.team, req.meter, meter.pe, expired) end
+  local uq, tq = req.uq, req.tq
+  -- A flexible hold (LLM max_tokens): take what every level can afford, if at least the minimum.
+  if req.min_cost > 0 then
+    local cap = remaining(req)
+    if cap >= 0 and req.cost > cap and cap >= req.min_cost then req.cost = cap end
+  end
+  if not meter:unlimited() and req.cost > meter:available() then
+    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. meter:available()
+      .. ', the call costs ' .. req.cost}
+  end
+  if tq and req.cost > tq:available() then
+    return {402, 'insufficient_balance', 'team ' .. req.team .. ' quota of ' .. req.meter .. ' has '
+      .. math.max(0, tq:available()) .. ' left, the call costs ' .. req.cost}
+  end
+  if uq and req.cost > uq:available() then
+    return {402, 'insufficient_balance', 'user ' .. req.user .. ' quota of ' .. req.meter .. ' has '
+      .. math.max(0, uq:available()) .. ' left, the call costs ' .. req.cost}
+  end
+  return nil
+end
+
+-- Runs the steps; the first refusal (status, code, detail) wins, but every step runs, so a
+-- refusal still reports rate limits and what is left. `write`: consume and reserve (a check
+-- writes nothing). Returns the request (with its meter and levels) and the refusal or nil.
+local function gate(k, a, write)
+  local req = gate_request(k, a, now_us())
+  req.events = new_events(k.stream, req.event_id, req.now, req.org, req.key_id)
+  local expired = NONE  -- what the sweep left
+  if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
+    expired = expired_holds(k.reservations, k.expiries, req.now_s)
+  end
+  local refusal = gate_user(req, write)
+  local rl_refusal = gate_rate_limits(req)
+  local plan_refusal = gate_period(req, expired)
+  local level_refusal = gate_levels(req, expired)
+  return req, refusal or rl_refusal or plan_refusal or level_refusal
+end
+
+-- A gate decision's answer: the request's rate-limit fields, then `r`'s.
+local function decision(req, r)
+  for name, v in pairs(req.rl) do
+    if r[name] == nil then r[name] = v end
+  end
+  return reply(r)
+end
+
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
-  req.events:add({id = req.id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
+  req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
     meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost})})
   if req.shadow then
-    return reply(req, 200, '', '', 0, remaining(req), req.id, refusal[2])
+    return decision(req, {cost = 0, remaining = remaining(req), event_id = req.event_id, would = refusal[2]})
   end
-  return reply(req, refusal[1], refusal[2], refusal[3], req.cost, remaining(req), req.id)
+  return decision(req, {status = refusal[1], code = refusal[2], detail = refusal[3], cost = req.cost,
+    remaining = remaining(req), event_id = req.event_id})
 end
 
--- Settling a reservation (commit, release) happens once; a retry gets the first answer.
--- KEYS: 1 bal, 2 quotas, 3 reservations, 4 expiries, 5 stream, 6 settled-answer key,
---       7 event record (commit only)
--- ARGV: 1 reservation id, 2 event id, 3 org, 4 key_id, 5 units, 6 answer ttl s, 7 record ttl s, 8 metadata,
---       9 fingerprint of the request (a retry with a different body is 409, not the first answer),
---       10 commit only: '1' charges usage beyond the hold (the sidecar)
+-- --- Settling a reservation (commit, release) happens once; a retry gets the first answer. ---
+-- k = SETTLE_KEYS, a = SETTLE_ARGV bound. a.fingerprint: a retry with a different body is 409,
+-- not the first answer.
 local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past tense, for messages
 
-local function settle_start(op)
-  local rid = ARGV[1]
-  local done = redis.call('GET', KEYS[6])
+local function settle_start(op, k, a)
+  local rid = a.reservation_id
+  local done = redis.call('GET', k.settled)
   if done then
     local d = cjson.decode(done)
     if d.op ~= op then
-      return nil, nil, {409, 'conflict', 'reservation already ' .. SETTLED[d.op], 0, -1, '', 0, -1, -1, 0, 1, '', ''}
+      return nil, reply{status = 409, code = 'conflict', detail = 'reservation already ' .. SETTLED[d.op],
+        replay = 1}
     end
-    if d.fp and (ARGV[9] or '') ~= '' and d.fp ~= ARGV[9] then
-      return nil, nil, {409, 'conflict', 'reservation already settled by a different ' .. op .. ' request',
-        0, -1, '', 0, -1, -1, 0, 1, '', ''}
+    if d.fp and (a.fingerprint or '') ~= '' and d.fp ~= a.fingerprint then
+      return nil, reply{status = 409, code = 'conflict',
+        detail = 'reservation already settled by a different ' .. op .. ' request', replay = 1}
     end
-    d.reply[11] = 1
-    return nil, nil, d.reply
+    return nil, replayed(d.reply)
   end
   local now = now_us()
   local now_s = math.floor(now / 1000000)
-  local events = new_events(KEYS[5], ARGV[2], now, ARGV[3], ARGV[4])
-  sweep_expired(KEYS[3], KEYS[4], KEYS[1], KEYS[2], events, now, 16)
-  local raw = redis.call('HGET', KEYS[3], rid)
+  local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
+  local swept_all = sweep_expired(k, events, now_s, 16)
+  local raw = redis.call('HGET', k.reservations, rid)
   local rec = raw and cjson.decode(raw)
-  local expires = tonumber(redis.call('ZSCORE', KEYS[4], rid))  -- as the sweep reads it
+  local expires = tonumber(redis.call('ZSCORE', k.expiries, rid))  -- as the sweep reads it
   if rec and expires and now_s >= expires then
     -- Past its expiry: gone, swept or not, so the answer is the same whatever ran before.
-    expire_hold(KEYS[3], KEYS[4], KEYS[1], KEYS[2], events, rid, rec, now_s)
+    expire_hold(k, events, rid, rec)
     rec = nil
   end
   if not rec then
-    return nil, nil, {404, 'not_found', 'reservation ' .. rid .. ' not found or expired', 0, -1, '', 0, -1, -1, 0, 0, '', ''}
+    return nil, reply{status = 404, code = 'not_found', detail = 'reservation ' .. rid .. ' not found or expired'}
   end
-  release_hold(KEYS[1], KEYS[2], rec, now_s)
-  redis.call('HDEL', KEYS[3], rid)
-  redis.call('ZREM', KEYS[4], rid)
-  note_expired(KEYS[3], KEYS[4], now_s)
-  return rec, events, nil
+  release_hold(k.bal, k.quotas, rec)
+  redis.call('HDEL', k.reservations, rid)
+  redis.call('ZREM', k.expiries, rid)
+  -- The reservation, the event sink, and the holds still stored past their expiry.
+  return {rec = rec, events = events, expired = swept_all and NONE or expired_holds(k.reservations, k.expiries, now_s)},
+    nil
 end
 
-local function settle_finish(op, rep)
-  redis.call('SET', KEYS[6], cjson.encode({op = op, fp = ARGV[9] or '', reply = rep}), 'EX', tonumber(ARGV[6]))
+local function settle_finish(op, k, a, rep)
+  redis.call('SET', k.settled, cjson.encode({op = op, fp = a.fingerprint or '', reply = rep}), 'EX',
+    tonumber(a.answer_ttl_s))
   return rep
 end

@@ -1,6 +1,10 @@
--- check: the same gate as consume, written nowhere. KEYS/ARGV: see gate().
-local req, refusal = gate(false)
+-- check: the same gate as consume, written nowhere.
+local k = bind(KEYS, GATE_KEYS)
+local a = bind(ARGV, GATE_ARGV)
+
+local req, refusal = gate(k, a, false)
 if refusal then
-  return reply(req, refusal[1], refusal[2], refusal[3], req.cost, remaining(req), '')
+  return decision(req, {status = refusal[1], code = refusal[2], detail = refusal[3], cost = req.cost,
+    remaining = remaining(req)})
 end
-return reply(req, 200, '', '', req.cost, remaining(req), '')
+return decision(req, {cost = req.cost, remaining = remaining(req)})

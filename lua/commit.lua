@@ -1,26 +1,22 @@
 -- commit: charges the actual cost (units x the unit cost fixed at reserve time) and returns
 -- the rest of the hold. Up to the hold it is charged as far as the balance goes. Beyond the
--- hold (ARGV[10] = '1', the sidecar: the upstream already did the work) it is charged as far as
--- what no other hold has taken goes, at every level (org, team, user), never below zero;
--- without ARGV[10] a commit never charges more than the hold (the decision API's contract).
--- What could not be charged is the commit event's `overage` (its metadata). KEYS/ARGV: see
--- settle_start() (ARGV[9] is the fingerprint), and ARGV[10] above.
-local rec, events, early = settle_start('commit')
-if early then return early end
+-- hold (beyond_hold = '1', the sidecar: the upstream already did the work) it is charged as far
+-- as what no other hold has taken goes, at every level (org, team, user), never below zero;
+-- without it a commit never charges more than the hold (the decision API's contract).
+-- What could not be charged is the commit event's `overage` (its metadata).
+local k = bind(KEYS, SETTLE_KEYS)
+local a = bind(ARGV, SETTLE_ARGV)
 
-local m = load_meter(KEYS[1], rec.m)
-local want = tonumber(ARGV[5]) * rec.unit
-local beyond = ARGV[10] == '1'
-local qs = {}
-for _, subject in ipairs({rec.ut, rec.tt}) do
-  if subject ~= '' then
-    local q = load_quota(KEYS[2], subject, rec.m, m.pe)
-    if q then table.insert(qs, q) end
-  end
-end
+local s, early = settle_start('commit', k, a)
+if early then return early end
+local rec, events = s.rec, s.events
+
+local m = load_meter(k.bal, rec.m, s.expired)
+local want = tonumber(a.units) * rec.unit
+local qs = load_quotas(k.quotas, rec, rec.m, m.pe, s.expired)
 local cost = math.min(want, rec.held)
 if not m:unlimited() then cost = math.min(cost, m:balance()) end
-if beyond and want > cost and cost == rec.held then
+if a.beyond_hold == '1' and want > cost and cost == rec.held then
   -- The hold is back in `available` (settle_start released it); other holds stay covered.
   local room = want - cost
   if not m:unlimited() then room = math.min(room, m:available() - cost) end
@@ -28,19 +24,14 @@ if beyond and want > cost and cost == rec.held then
   if room > 0 then cost = cost + room end
 end
 local from_a, from_p = m:charge(cost)
-local pe = m.pe
 for _, q in ipairs(qs) do q.used = q.used + cost; q:save() end
-m.pending = {}
-redis.call('HSET', KEYS[1], rec.m .. ':a', fmt(m.a), rec.m .. ':p', fmt(m.p), rec.m .. ':u', fmt(m.u))
-m:save_lots()
-local meta = {reservation_id = ARGV[1], held = rec.held, requested = want}
+m:save_spend()
+local meta = {reservation_id = a.reservation_id, held = rec.held, requested = want}
 if want > cost then meta.overage = want - cost end
-if ARGV[8] ~= '' then meta.request = cjson.decode(ARGV[8]) end
-local id = events:add({id = ARGV[2], kind = 'commit', user = rec.u, meter = rec.m, feature = rec.f,
+if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
+local id = events:add({id = a.event_id, kind = 'commit', user = rec.u, meter = rec.m, feature = rec.f,
   delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), meta = cjson.encode(meta)})
-redis.call('SET', KEYS[7], cjson.encode({m = rec.m, a = from_a, p = from_p, cost = cost, u = rec.u,
-  f = rec.f, pe = pe, ut = rec.ut, tt = rec.tt}), 'EX', tonumber(ARGV[7]))
-local available = m:available()
-return settle_finish('commit', {200, '', '', cost, available, id, 0, -1, -1, 0, 0, '',
-  cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost), meter = rec.m,
-    feature = rec.f})})
+-- Nothing is kept for a refund: it reads this event back (refund.lua).
+return settle_finish('commit', k, a, reply{cost = cost, remaining = m:available(), event_id = id,
+  extra = cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost),
+    meter = rec.m, feature = rec.f})})

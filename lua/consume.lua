@@ -1,9 +1,12 @@
--- consume: idempotency -> rate limits -> period refresh -> plan gate -> org/team/user levels
--- -> charge (allocated, then purchased) -> XADD -> remember the answer. KEYS/ARGV: see gate().
-local idem = replay(KEYS[7], ARGV[19])
+-- consume: idempotency -> user -> rate limits -> period refresh -> plan gate -> org/team/user
+-- levels -> charge (allocated, then purchased) -> XADD -> remember the answer.
+local k = bind(KEYS, GATE_KEYS)
+local a = bind(ARGV, GATE_ARGV)
+
+local idem = replay(k.idem, a.fingerprint)
 if idem then return idem end
 
-local req, refusal = gate(true)
+local req, refusal = gate(k, a, true)
 if refusal then return refuse(req, refusal) end
 
 local m = req.mtr
@@ -13,14 +16,10 @@ for _, q in ipairs(quotas(req)) do
 end
 m:save(req.events, req.user, req.feature)
 save_rate_limits(req.rl_writes)
-local delta = -(from_a + from_p)
-req.events:add({id = req.id, kind = 'consume', user = req.user, meter = req.meter, feature = req.feature,
-  delta = delta, dp = -from_p, cost = req.cost, bal = m:balance(), meta = req.meta})
-m:alerts(req.events, req.user, req.feature, ARGV[26])
--- What a refund needs to put back, and where.
-redis.call('SET', KEYS[9], cjson.encode({m = req.meter, a = from_a, p = from_p, cost = req.cost,
-  u = req.user, f = req.feature, pe = m.pe, ut = req.uq and req.uq.subject or '',
-  tt = req.tq and req.tq.subject or ''}), 'EX', req.rec_ttl)
-local rep = reply(req, 200, '', '', req.cost, remaining(req), req.id)
-remember(KEYS[7], ARGV[19], req.idem_ttl, rep)
+req.events:add({id = req.event_id, kind = 'consume', user = req.user, meter = req.meter, feature = req.feature,
+  delta = -(from_a + from_p), dp = -from_p, cost = req.cost, bal = m:balance(), meta = req.metadata})
+m:alerts(req.events, req.user, req.feature, req.alert_thresholds)
+-- Nothing is kept for a refund: it reads this event back (refund.lua).
+local rep = decision(req, {cost = req.cost, remaining = remaining(req), event_id = req.event_id})
+remember(k.idem, a.fingerprint, req.idem_ttl_s, rep)
 return rep

@@ -1,45 +1,65 @@
--- refund: puts back what one consume/commit took, once. The allocated part goes back only
--- within the same period (a new period has refilled the allocation already).
--- KEYS: 1 bal, 2 quotas, 3 record of the refunded event, 4 stream, 5 reservations,
---       6 reservation expiries (the answer's remaining)
--- ARGV: 1 refunded event id, 2 refund event id, 3 org, 4 key_id, 5 metadata, 6 fingerprint
-local raw = redis.call('GET', KEYS[3])
-if not raw then
-  return {404, 'not_found', 'no refundable event ' .. ARGV[1], 0, -1, '', 0, -1, -1, 0, 0, '', ''}
+-- refund: puts back what one consume/commit took, once per event inside the refund window. The
+-- allocated part goes back only within the same period (a new period has refilled the
+-- allocation already). A charge leaves nothing in Redis for its refund: its facts come from the
+-- charged event itself (the gateway read it from the ledger, or from the stream when not drained
+-- yet: see charges.py), and the only state is the guard, written here, kept until the window
+-- closes. Team and user quotas: the user's quota and current team's quota, as a rebuild derives
+-- them. legacy_record: the event's refund record as versions before the guard wrote it (a refund
+-- there is the guard; such records expire within refund_window_s of the upgrade). The charge:
+-- meter, its allocated and purchased parts, cost, user, feature, time (unix us); period: the
+-- plan's period spec.
+local k = bind(KEYS, {'bal', 'quotas', 'guard', 'stream', 'reservations', 'expiries', 'users', 'legacy_record'})
+local a = bind(ARGV, {'refunded_event_id', 'event_id', 'org', 'key_id', 'metadata', 'fingerprint', 'meter',
+  'allocated', 'purchased', 'cost', 'user', 'feature', 'charged_at_us', 'period', 'refund_window_s'})
+
+local guard = redis.call('GET', k.guard)
+local old = not guard and redis.call('GET', k.legacy_record)
+if old then
+  old = cjson.decode(old)
+  if old.refunded then guard = cjson.encode({fp = old.refunded_fp or '', r = old.refunded}) end
 end
-local rec = cjson.decode(raw)
-if rec.refunded then
-  if rec.refunded_fp and rec.refunded_fp ~= (ARGV[6] or '') then
-    return {409, 'conflict', 'event ' .. ARGV[1] .. ' already refunded by a different request',
-      0, -1, '', 0, -1, -1, 0, 1, '', ''}
+if guard then
+  local g = cjson.decode(guard)
+  if not g.r then  -- restored by a rebuild: refunded before it, the answer is gone
+    return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
   end
-  rec.refunded[11] = 1
-  return rec.refunded
+  if g.fp ~= (a.fingerprint or '') then
+    return reply{status = 409, code = 'conflict',
+      detail = 'event ' .. a.refunded_event_id .. ' already refunded by a different request', replay = 1}
+  end
+  return replayed(g.r)
 end
 local now = now_us()
-local events = new_events(KEYS[4], ARGV[2], now, ARGV[3], ARGV[4])
-note_expired(KEYS[5], KEYS[6], math.floor(now / 1000000))
-local m = load_meter(KEYS[1], rec.m)
+local charged_at = tonumber(a.charged_at_us)
+local closes = charged_at + tonumber(a.refund_window_s) * 1000000
+if now >= closes then
+  return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
+end
+local rec = {m = a.meter, a = tonumber(a.allocated), p = tonumber(a.purchased), cost = tonumber(a.cost),
+  u = a.user, f = a.feature, pe = period_end(a.period, math.floor(charged_at / 1000000)), ut = '', tt = ''}
+if rec.u ~= '' then
+  rec.ut = 'u:' .. rec.u
+  local team = redis.call('HGET', k.users, rec.u)
+  if team and team ~= '' then rec.tt = 't:' .. team end
+end
+local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
+local expired = expired_holds(k.reservations, k.expiries, math.floor(now / 1000000))
+local m = load_meter(k.bal, rec.m, expired)
 local back_a = 0
 if rec.pe == m.pe then
   back_a = rec.a
   m.u = math.max(0, m.u - rec.cost)
-  for _, subject in ipairs({rec.ut, rec.tt}) do
-    if subject ~= '' then
-      local q = load_quota(KEYS[2], subject, rec.m, m.pe)
-      if q then q.used = math.max(0, q.used - rec.cost); q:save() end
-    end
+  for _, q in ipairs(load_quotas(k.quotas, rec, rec.m, m.pe, expired)) do
+    q.used = math.max(0, q.used - rec.cost); q:save()
   end
 end
 m.a = m.a + back_a
 m.p = m.p + rec.p
-redis.call('HSET', KEYS[1], rec.m .. ':a', fmt(m.a), rec.m .. ':p', fmt(m.p), rec.m .. ':u', fmt(m.u))
-local meta = {refund_of = ARGV[1]}
-if ARGV[5] ~= '' then meta.request = cjson.decode(ARGV[5]) end
-local id = events:add({id = ARGV[2], kind = 'refund', user = rec.u, meter = rec.m, feature = rec.f,
+m:save_spend()
+local meta = {refund_of = a.refunded_event_id}
+if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
+local id = events:add({id = a.event_id, kind = 'refund', user = rec.u, meter = rec.m, feature = rec.f,
   delta = back_a + rec.p, dp = rec.p, cost = -rec.cost, bal = m:balance(), meta = cjson.encode(meta)})
-local rep = {200, '', '', back_a + rec.p, m:available(), id, 0, -1, -1, 0, 0, '', ''}
-rec.refunded = rep
-rec.refunded_fp = ARGV[6] or ''
-redis.call('SET', KEYS[3], cjson.encode(rec), 'KEEPTTL')
+local rep = reply{cost = back_a + rec.p, remaining = m:available(), event_id = id}
+redis.call('SET', k.guard, cjson.encode({fp = a.fingerprint or '', r = rep}), 'PXAT', fmt(math.ceil(closes / 1000)))
 return rep

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from conftest import ADMIN_TOKEN
-from quota_gw.layout import Layout
+from quota_gw.layout import Layout, meter_field
 from sync_worker.worker import Worker
 from worker_support import wait_drained
 
@@ -172,6 +172,10 @@ async def test_admin_top_spenders_and_dashboard_views(client, tenant, drain, dat
     ranked = {o["org_id"]: o for o in r.json()["orgs"]}
     assert ranked[big]["tokens"] == 81 and ranked[big]["calls"] == 9 and ranked[big]["plan"] == "bulk"
     assert ranked[small]["tokens"] == 2 and ranked[big]["rank"] < ranked[small]["rank"]
+    # All meters (migration 005's per-org totals): the same figures here, where only `general` moved.
+    r = await client.get("/v1/admin/top?days=1&limit=1000", headers=admin_h)
+    every = {o["org_id"]: o for o in r.json()["orgs"]}
+    assert (every[big]["tokens"], every[big]["calls"], every[small]["tokens"]) == (81, 9, 2)
     assert (await client.get("/v1/admin/top?days=0", headers=admin_h)).status_code == 422
 
     pg = await asyncpg.connect(database_url)
@@ -179,7 +183,7 @@ async def test_admin_top_spenders_and_dashboard_views(client, tenant, drain, dat
         bal = await pg.fetchrow("SELECT * FROM ledger_balances WHERE org_id = $1 AND meter = 'general'", big)
         live = await redis.hgetall(Layout(prefix, config.shards).balances(big))
         assert (bal["allocated"], bal["purchased"], bal["balance"]) == (
-            int(live["general:a"]), int(live["general:p"]), 19)
+            int(live[meter_field("general", "allocated")]), int(live[meter_field("general", "purchased")]), 19)
         assert bal["allocation"] == 100 and bal["period_end"] > datetime.now(timezone.utc)
         low = await pg.fetchrow("SELECT * FROM low_balances WHERE org_id = $1", big)
         assert low["meter"] == "general" and low["percent_left"] == 19

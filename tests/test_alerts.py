@@ -10,7 +10,6 @@ import hmac
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 

@@ -359,7 +359,7 @@ async def test_postgres_refusals_under_the_checks_are_4xx_naming_the_column(app)
         "body": ("SELECT 1 WHERE $1::text = ''", "a\x00b"),  # a value Postgres cannot hold
     }
     for field, (sql, arg) in statements.items():
-        async def route(request: Request) -> None:
+        async def route(request: Request, sql: str = sql, arg: str = arg) -> None:
             await db.execute(sql, arg)
 
         with pytest.raises(Problem) as e:

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from quota_gw.decisions import Decider, Identity
-from quota_gw.layout import Layout
+from quota_gw.layout import Layout, meter_field
 from test_invariants import stream_kinds
 
 TIMEOUT = 0.5  # the decider's socket timeout: a stalled call is dropped 1 to 1.5 of these after it was sent
@@ -45,7 +45,7 @@ async def test_a_call_stalled_just_past_the_timeout_is_charged_once(redis_url, p
     d = Decider(r, config, layout)  # coalescing on (the default)
     try:
         await d.check(ident, "generate_insight", 1, "")  # scripts loaded, decision connection open
-        before = int(await redis.hget(layout.balances(org), "general:p"))
+        before = int(await redis.hget(layout.balances(org), meter_field("general", "purchased")))
         stall = asyncio.ensure_future(blocker.eval(STALL, 0))
         await stalled(redis_url)
         try:
@@ -62,7 +62,7 @@ async def test_a_call_stalled_just_past_the_timeout_is_charged_once(redis_url, p
                 await asyncio.sleep(0.02)
         await redis.ping()  # anything sent before this has run
         assert len(await consumes()) == 1, "a call that may have run was sent again"
-        assert int(await redis.hget(layout.balances(org), "general:p")) == before - 1
+        assert int(await redis.hget(layout.balances(org), meter_field("general", "purchased"))) == before - 1
         assert isinstance(result, Exception) and "imeout" in type(result).__name__ + str(result), result
     finally:
         await d.aclose()

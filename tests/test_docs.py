@@ -94,7 +94,7 @@ def test_api_reference_names_every_route():
 
 
 def _metric_names() -> set[str]:
-    from quota_gw import metrics, proxy  # noqa: F401 - proxy registers its counters
+    from quota_gw import metrics, sidecar  # noqa: F401 - the sidecar registers its counters
     from sync_worker import health
 
     names: set[str] = set()

@@ -91,7 +91,7 @@ async def test_a_settled_reservation_says_how_it_was_settled(client, tenant):
         r = await client.post("/v1/reservations", json={"feature": "generate_goal", "units": 1}, headers=h)
         rid = r.json()["reservation_id"]
 
-        async def settle(op: str, units: int = 1):
+        async def settle(op: str, units: int = 1, rid: str = rid):
             if op == "commit":
                 return await client.post(f"/v1/reservations/{rid}/commit", json={"units": units}, headers=h)
             return await client.delete(f"/v1/reservations/{rid}", headers=h)

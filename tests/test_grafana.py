@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from quota_gw import metrics, proxy  # noqa: F401 - proxy declares its metrics on import
+from quota_gw import metrics, sidecar  # noqa: F401 - the sidecar declares its metrics on import
 from sync_worker import health
 
 GRAFANA = ROOT / "deploy" / "grafana"

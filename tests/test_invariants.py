@@ -13,7 +13,7 @@ import pytest
 from conftest import ADMIN_TOKEN, test_config_data
 from quota_gw import config as config_mod
 from quota_gw.app import create_app
-from quota_gw.layout import Layout
+from quota_gw.layout import Layout, meter_field, quota_field, quota_subject
 
 
 async def balance(client: httpx.AsyncClient, h: dict[str, str], meter: str) -> dict:
@@ -172,7 +172,7 @@ async def test_period_refresh_restores_allocation_and_keeps_purchased(client, te
     assert (b["allocated"], b["purchased"], b["used"]) == (10, 7, 90)
     # Move the period end into the past.
     layout = Layout(prefix, config.shards)
-    await redis.hset(layout.balances(org), "general:pe", 1000)
+    await redis.hset(layout.balances(org), meter_field("general", "period_end"), 1000)
     b = await balance(client, h, "general")
     assert (b["allocated"], b["purchased"], b["used"]) == (100, 7, 0)
     r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 105}, headers=h)
@@ -228,7 +228,7 @@ async def test_refused_calls_record_denied_events_and_change_nothing(client, ten
     layout = Layout(prefix, config.shards)
     kinds = [f["kind"] for f in await stream_kinds(redis, layout, org)]
     assert kinds == ["denied"] * 3
-    assert await redis.hget(layout.balances(org), "goal_generation:a") is None
+    assert await redis.hget(layout.balances(org), meter_field("goal_generation", "allocated")) is None
 
 
 async def test_seed_example_seven_goal_calls(client, tenant):
@@ -273,9 +273,11 @@ async def test_decisions_survive_a_script_flush(client, tenant, redis):
     """Redis restarted or scripts flushed: batched and single calls reload and answer once."""
     org, h = await tenant("starter", general=300)
     await redis.script_flush()
+    await redis.function_flush()
     single = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
     assert single.status_code == 200
     await redis.script_flush()
+    await redis.function_flush()
     batch = await asyncio.gather(*(client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
                                    for _ in range(200)))
     assert [r.status_code for r in batch].count(200) == 200
@@ -343,7 +345,7 @@ async def test_a_timed_out_decision_is_never_sent_twice(redis_url, prefix, confi
         await asyncio.sleep(0.02)
     consumes = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "consume"]
     assert len(consumes) == 2  # one per timed-out call, each run exactly once
-    assert await redis.hget(layout.balances(org), "general:p") == "8"
+    assert await redis.hget(layout.balances(org), meter_field("general", "purchased")) == "8"
     await r.aclose()
     await blocker.aclose()
 
@@ -422,7 +424,7 @@ async def test_expired_hold_is_gone_for_check_and_balance_which_write_nothing(cl
     b = await balance(client, h, "general")
     assert (b["balance"], b["held"]) == (10, 0)
     # Read-only: the hold is still stored (the next write sweeps it), nothing was written.
-    assert await redis.hgetall(layout.balances(org)) == stored and stored["general:h"] == "6"
+    assert await redis.hgetall(layout.balances(org)) == stored and stored[meter_field("general", "held")] == "6"
     assert await redis.hexists(layout.reservations(org), rid)
     assert await redis.xlen(layout.stream(org)) == stream_len
 
@@ -456,9 +458,9 @@ async def test_expired_holds_beyond_one_sweep_are_gone_for_consume_and_reserve(c
     # Every expired hold returned exactly once, and the stored holds come back to zero.
     await admin.grant(org, "general", 5)
     assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 200
-    assert await redis.hget(layout.balances(org), "general:h") == "0"
+    assert await redis.hget(layout.balances(org), meter_field("general", "held")) == "0"
     if user:
-        assert await redis.hget(layout.quotas(org), f"u:{user}:general:h") == "0"
+        assert await redis.hget(layout.quotas(org), quota_field(quota_subject("user", user), "general", "held")) == "0"
     expired = [f for f in await stream_kinds(redis, layout, org)
                if f["kind"] == "release" and '"expired"' in f["meta"]]
     assert sorted(orjson.loads(f["meta"])["reservation_id"] for f in expired) == sorted(rids)

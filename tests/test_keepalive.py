@@ -155,7 +155,7 @@ async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one
     the request goes once more on a new connection, and the upstream sees it once."""
     import aiohttp
 
-    from quota_gw import proxy
+    from quota_gw.sidecar import pool
 
     async with goals_gateway(tenant, redis_url, database_url, prefix) as (up, demo, app, c, h):
 
@@ -168,7 +168,7 @@ async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one
         trace.on_connection_reuseconn.append(upstream_closes_it)
         trace.freeze()
         session = app.state.sidecar.sessions[4.0]
-        resent = proxy.RESENT._value.get()
+        resent = pool.RESENT._value.get()
         for method, body in (("POST", b"{}"), ("GET", None)):
             assert (await c.request(method, "/ai/goals", headers=h, content=body)).status_code == 200
             n = demo.state.demo.stats.count
@@ -179,7 +179,7 @@ async def test_a_connection_closed_between_pick_and_write_is_resent_on_a_new_one
                 session._trace_configs.remove(trace)
             assert r.status_code == 200, r.text
             assert demo.state.demo.stats.count == n + 1  # reached the upstream once
-        assert proxy.RESENT._value.get() == resent + 2
+        assert pool.RESENT._value.get() == resent + 2
 
 
 async def test_a_pooled_connection_found_closed_before_reuse_is_dropped_not_used(tenant, redis_url, database_url,
@@ -187,12 +187,12 @@ async def test_a_pooled_connection_found_closed_before_reuse_is_dropped_not_used
     """The upstream closed an idle pooled connection and the gateway has not read the close
     yet (its loop is busy): the liveness check at pick time finds it closed and drops it, so
     the call goes on a new connection and nothing is sent on a dead one."""
-    from quota_gw import proxy
+    from quota_gw.sidecar import pool
 
     async with goals_gateway(tenant, redis_url, database_url, prefix) as (up, demo, app, c, h):
         assert (await c.post("/ai/goals", headers=h, content=b"{}")).status_code == 200
-        dropped = proxy.DROPPED_IDLE._value.get()
-        resent = proxy.RESENT._value.get()
+        dropped = pool.DROPPED_IDLE._value.get()
+        resent = pool.RESENT._value.get()
         n = demo.state.demo.stats.count
         for conn in list(up.server_state.connections):  # the upstream closes its idle connections:
             conn.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # the FIN goes out now
@@ -200,5 +200,5 @@ async def test_a_pooled_connection_found_closed_before_reuse_is_dropped_not_used
         r = await c.post("/ai/goals", headers=h, content=b"{}")
         assert r.status_code == 200, r.text
         assert demo.state.demo.stats.count == n + 1
-        assert proxy.DROPPED_IDLE._value.get() + proxy.RESENT._value.get() > dropped + resent
-        assert proxy.DROPPED_IDLE._value.get() == dropped + 1
+        assert pool.DROPPED_IDLE._value.get() + pool.RESENT._value.get() > dropped + resent
+        assert pool.DROPPED_IDLE._value.get() == dropped + 1

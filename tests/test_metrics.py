@@ -16,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ADMIN_TOKEN, RUN, test_config_data
-from quota_gw import embedded, metrics, proxy  # noqa: F401 - proxy declares its metrics on import
+from quota_gw import embedded, metrics, sidecar  # noqa: F401 - the sidecar declares its metrics on import
 from quota_gw.demo import create_demo_app
 from quota_gw.dev import serve
 from quota_gw.embedded import free_port

@@ -364,18 +364,17 @@ async def test_shadow_route_lets_an_exhausted_org_through_and_records_denied(gw,
 async def test_global_shadow_setting_and_route_override(gw):
     sc = gw.app.state.sidecar
     by_prefix = {r.prefix: r for r in sc.routes}
-    assert sc.shadow(by_prefix["/ai/shadow"]) is True and sc.shadow(by_prefix["/ai/goals"]) is False
+    assert sc.table.shadow(by_prefix["/ai/shadow"]) is True and sc.table.shadow(by_prefix["/ai/goals"]) is False
     data = test_config_data()
     data["routes"] = [{"prefix": "/a", "upstream": "http://x", "feature": "chat", "shadow": False},
                       {"prefix": "/b", "upstream": "http://x", "feature": "chat"}]
     data["behaviour"] = {"shadow": True, "fail": "open"}
     cfg = config_mod.parse(data)
-    from quota_gw.proxy import Sidecar
+    from quota_gw.sidecar.routing import RouteTable
 
-    fake = Sidecar.__new__(Sidecar)
-    fake.config = cfg
-    assert fake.shadow(cfg.routes[0]) is False and fake.shadow(cfg.routes[1]) is True
-    assert fake.fail_open(cfg.routes[1]) is True
+    table = RouteTable(cfg)
+    assert table.shadow(cfg.routes[0]) is False and table.shadow(cfg.routes[1]) is True
+    assert table.fail_open(cfg.routes[1]) is True
 
 
 async def test_authorize_decides_for_the_original_uri(gw, tenant):
@@ -448,10 +447,10 @@ async def test_usage_beyond_the_hold_is_charged_in_full_while_the_balance_covers
 
 
 async def test_usage_beyond_the_balance_is_recorded_as_overage_and_never_goes_below_zero(gw, tenant, redis, client):
-    from quota_gw import proxy
+    from quota_gw.sidecar import settling
 
     def overage_total() -> float:
-        return sum(s.value for m in proxy.OVERAGE.collect() for s in m.samples if s.name.endswith("_total"))
+        return sum(s.value for m in settling.OVERAGE.collect() for s in m.samples if s.name.endswith("_total"))
 
     before = overage_total()
     org, h = await tenant("bulk")  # 1,000 tokens
@@ -567,9 +566,9 @@ async def test_proxied_answers_carry_one_date_and_one_server(gw, tenant):
 
 
 async def test_an_answer_too_large_to_read_is_charged_the_whole_hold(gw, tenant, redis, monkeypatch):
-    from quota_gw import proxy
+    from quota_gw.sidecar import settling
 
-    monkeypatch.setattr(proxy, "MAX_JSON_RESPONSE", 1000)  # a 500-token answer is ~2.5 kB
+    monkeypatch.setattr(settling, "MAX_JSON_RESPONSE", 1000)  # a 500-token answer is ~2.5 kB
     org, h = await tenant("pro")
     before = await tokens_left(gw, h)
     body = chat(500)

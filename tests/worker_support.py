@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from quota_gw.decisions import Decider, Identity
-from quota_gw.layout import Layout
+from quota_gw.layout import Layout, meter_field
 from sync_worker.worker import GROUP
 
 SOAK = os.environ.get("QUOTA_GW_SOAK") == "1"
@@ -49,7 +49,7 @@ class WorkerProc:
     async def start(self) -> None:
         self.starts += 1
         argv = [sys.executable, str(FAULTY_WORKER), self.faults] if self.faults else [QUOTA_GW, "worker"]
-        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        out = open(self.log, "ab")
         self.proc = await asyncio.create_subprocess_exec(*argv, *self.args, env=self.env, stdout=out, stderr=out)
         out.close()
 
@@ -117,7 +117,8 @@ def identities(n: int, plan: str = "bulk") -> list[Identity]:
                      frozenset({"consume", "read"}), plan) for _ in range(n)]
 
 
-async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32) -> list[str]:
+async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32,
+                  refunds: bool = True) -> list[str]:
     """Mixed decisions: consume, refund, reserve, commit, release, grant and refusals (denied).
     Returns the event ids the gateway answered with."""
     rng = random.Random(seed)
@@ -135,7 +136,7 @@ async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int,
                 d = await decider.consume(ident, "generate_insight", rng.randint(1, 3), user)
                 if d.ok:
                     consumed.append((ident, d.event_id))
-            elif r < 0.50 and consumed:
+            elif r < 0.50 and consumed and refunds:
                 who, eid = consumed.pop(rng.randrange(len(consumed)))
                 d = await decider.refund(who, eid)
             elif r < 0.65:
@@ -180,7 +181,7 @@ async def ledger_vs_redis(conn: asyncpg.Connection, r: aioredis.Redis, layout: L
     for o in orgs:
         h = await r.hgetall(layout.balances(o.org_id))
         for m in meters:
-            redis_ap = (int(h.get(f"{m}:a", 0)), int(h.get(f"{m}:p", 0)))
+            redis_ap = (int(h.get(meter_field(m, "allocated"), 0)), int(h.get(meter_field(m, "purchased"), 0)))
             if ledger.get((o.org_id, m), (0, 0)) != redis_ap:
                 diffs.append(f"{o.org_id}/{m}: ledger {ledger.get((o.org_id, m))} redis {redis_ap}")
     return diffs

@@ -196,8 +196,9 @@ async def top(request: Request) -> Response:
     days = _int(q, "days", 30, 1, 366)
     limit = _int(q, "limit", 20, 1, 1000)
     meter = _choice(q, "meter", c.config.meter_names)
-    # From the rollups (migration 003): the window starts on the hour; a scan of the raw
-    # events grows with the ledger (seconds at a few million events).
+    # The window starts on the hour. All meters: one probe per org in the running and cumulative
+    # totals (migration 005); one meter: 003's hour and day sums. A scan of the raw events grows
+    # with the ledger (seconds at a few million events).
     rows = await _store(c).top_orgs(days, limit, meter)
     return json_response({"days": days, "meter": meter, "orgs": [
         {"rank": i + 1, "org_id": r["org_id"], "name": r["name"], "plan": r["plan"], "tokens": r["tokens"],

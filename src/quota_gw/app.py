@@ -15,9 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
-from . import account, admin, api, db, metrics, openapi, proxy, redis_policy
+from . import account, admin, api, db, metrics, openapi, redis_policy, sidecar
 from . import cluster, scripts  # a single Redis or a cluster; the scripts on every primary
 from . import alerts_admin, purchases  # /v1/purchases, /v1/webhooks/stripe; the alerts' webhook
 from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
@@ -108,6 +109,59 @@ async def on_error(request: Request, exc: Exception) -> Response:
                     media_type="application/problem+json")
 
 
+class Gateway(Starlette):
+    """Starlette, with the decision routes that are plain ASGI apps (api.DecisionRoute: POST
+    /v1/check and /v1/consume) answered before the router and the middleware: walking the
+    route list and Starlette's per-request wrappers cost as much CPU as a third of the route's
+    own work. An error they raise is rendered by the app's own middleware stack (its innermost
+    app re-raises it), so a Problem, a Redis error or a crash is answered and logged exactly as
+    on any other route. Anything else (another method, a trailing slash, a root_path) goes
+    through Starlette as usual."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.direct: dict[str, api.DecisionRoute] = {
+            r.path: r.endpoint for r in self.router.routes
+            if isinstance(r, Route) and isinstance(r.endpoint, api.DecisionRoute) and r.methods == {"POST"}}
+        self._error_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = None
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            route = self.direct.get(scope["path"])
+        if route is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        try:
+            start, body = await route.answer(scope, receive)
+        except Exception as e:  # noqa: BLE001 - rendered (or re-raised) as Starlette would
+            scope[_DIRECT_ERROR] = e
+            if self._error_stack is None:
+                self._error_stack = self._build_error_stack()
+            await self._error_stack(scope, receive, send)
+            return
+        await send(start)
+        await send(body)
+
+    def _build_error_stack(self) -> ASGIApp:
+        """The app's middleware stack as Starlette builds it, its innermost app (the router)
+        replaced by one that raises the direct route's error."""
+        stack = self.build_middleware_stack()
+        outer = stack
+        while outer.app is not self.router:  # type: ignore[attr-defined]
+            outer = outer.app  # type: ignore[attr-defined]
+        outer.app = _raise_direct_error  # type: ignore[attr-defined]
+        return stack
+
+
+_DIRECT_ERROR = "quota_gw.direct_error"
+
+
+async def _raise_direct_error(scope: Scope, receive: Receive, send: Send) -> None:
+    raise scope.pop(_DIRECT_ERROR)
+
+
 def create_app(config: Config, redis_url: str | None = None, database_url: str | None = None,
                prefix: str | None = None, extra_routes: list[Any] | None = None) -> Starlette:
     redis_url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -123,10 +177,10 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         pool = db.Database(database_url, on_connect=functools.partial(
             record_low_balance_mark, percent=config.low_balance_mark)) if database_url else None
         layout = Layout(prefix, config.shards)
-        decider = Decider(r, config, layout)
+        decider = Decider(r, config, layout, ledger=pool)
         keys = KeyStore(r, layout, pool, config.behaviour.key_cache_s)
         app.state.ctx = Context(config, decider, keys, pool)
-        app.state.sidecar = proxy.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool
+        app.state.sidecar = sidecar.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool
         await app.state.sidecar.start()
         try:
             yield
@@ -143,15 +197,16 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         Route("/metrics", metrics.endpoint),
         Route("/openapi.json", openapi.endpoint),
         *api.routes,
+        *sidecar.authorize_routes,  # GET /v1/authorize (nginx auth_request, Envoy ext_authz)
         *admin.routes,
         *purchases.routes, *alerts_admin.routes,
         *admin_reads.routes,
         *account.routes,  # usage, analytics, admin top: from the Postgres ledger
         *pages.routes, *activity.routes,  # GET /dashboard, /ops, dashboard links; GET /v1/admin/activity
         *(extra_routes or []),
-        *proxy.routes(config),  # last: a configured prefix never shadows the API
+        *sidecar.routes(config),  # last: a configured prefix never shadows the API
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    return Gateway(routes=routes, lifespan=lifespan, exception_handlers={
         Problem: on_problem,
         HTTPException: on_http,
         RedisError: on_redis_down,

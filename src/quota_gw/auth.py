@@ -7,6 +7,8 @@ reading it (they all did: at a saturated gateway, ~50 extra reads a second inste
 Postgres is the source of truth; a key missing from Redis (say, after a flush) is read from
 Postgres and written back with HSETNX, so a concurrent revocation's tombstone always wins.
 While Postgres is down, such a key is 503 `unavailable` (it cannot be told from an unknown one).
+While Redis is down, a fail-open proxy route still needs the caller's identity: KeyStore reads
+key and plan from Postgres alone (`authenticate_from_postgres`), uncached and not written back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from . import links, metrics
 from .db import Database
 from .decisions import Identity
 from .layout import Layout
-from .problems import Problem
+from .problems import Problem, unavailable
 
 KEY_PREFIX = "qgw_"
 T = TypeVar("T")
@@ -43,10 +45,27 @@ def hash_key(key: str) -> str:
 
 
 def bearer(request: Request) -> str | None:
-    h = request.headers.get("authorization")
+    return bearer_token(request.headers.get("authorization"))
+
+
+def bearer_token(h: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header's value (None: absent or not a bearer)."""
     if not h or not h[:7].lower() == "bearer ":
         return None
     return h[7:].strip() or None
+
+
+def missing_key() -> Problem:
+    return Problem(401, "unauthorized", "missing bearer API key (Authorization: Bearer qgw_...)",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
+def unknown_key() -> Problem:
+    return Problem(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def lacks_scope(scope: str) -> Problem:
+    return Problem(403, "forbidden", f"this key lacks the {scope!r} scope")
 
 
 KEY_CACHE_HIT, KEY_CACHE_MISS = metrics.KEY_CACHE.labels("hit"), metrics.KEY_CACHE.labels("miss")
@@ -144,10 +163,12 @@ class KeyStore:
         return plan
 
     async def authenticate(self, request: Request, scope: str) -> Identity:
-        key = bearer(request)
+        return await self.authenticate_key(bearer(request), scope)
+
+    async def authenticate_key(self, key: str | None, scope: str) -> Identity:
+        """`authenticate` with the bearer key already taken from the request (None: none given)."""
         if key is None:
-            raise Problem(401, "unauthorized", "missing bearer API key (Authorization: Bearer qgw_...)",
-                          headers={"WWW-Authenticate": "Bearer"})
+            raise missing_key()
         if key.startswith(links.PREFIX):  # a signed dashboard link: read-only, its org only (links.py)
             org = links.verify(key)
             plan = await self.plan(org) if org else None
@@ -155,9 +176,31 @@ class KeyStore:
         else:
             ident = await self.resolve(key)
         if ident is None:
-            raise Problem(401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+            raise unknown_key()
         if scope not in ident.scopes:
-            raise Problem(403, "forbidden", f"this key lacks the {scope!r} scope")
+            raise lacks_scope(scope)
+        return ident
+
+    async def authenticate_from_postgres(self, request: Request, scope: str) -> Identity:
+        """The caller's identity while Redis is down, read from Postgres alone: one query per
+        call, nothing cached or written back (Redis is what is missing). API keys only (a
+        dashboard link carries only `read`). Without Postgres it is 503: an unknown key cannot
+        be told from a known one."""
+        key = bearer(request)
+        if key is None:
+            raise missing_key()
+        if self.db is None:
+            raise unavailable("the quota store is unavailable and there is no Postgres to check the key")
+        row = None
+        if key.startswith(KEY_PREFIX) and len(key) <= 200:
+            row = await self.db.fetchrow(
+                "SELECT k.key_id, k.org_id, k.user_id, k.scopes, o.plan FROM api_keys k JOIN orgs o USING (org_id)"
+                " WHERE k.key_hash = $1 AND k.revoked_at IS NULL", hash_key(key))
+        if row is None:
+            raise unknown_key()
+        ident = Identity(row["key_id"], row["org_id"], row["user_id"], frozenset(row["scopes"]), row["plan"])
+        if scope not in ident.scopes:
+            raise lacks_scope(scope)
         return ident
 
 

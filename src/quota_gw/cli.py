@@ -48,7 +48,7 @@ def _route_env(cfg: config_mod.Config) -> None:
         raise Fail(f"bad config: {e}", USAGE) from None
 
 
-def app_factory():  # noqa: ANN201 - uvicorn factory
+def app_factory():
     from .app import create_app
 
     return create_app(config_mod.load())
@@ -89,7 +89,7 @@ async def _ensure_database(url: str) -> None:
     except asyncpg.InvalidCatalogNameError:  # no `postgres` maintenance database to connect to
         raise Fail(f"database {name!r} does not exist on {where(url)}; run `{createdb_command(url)}`, then "
                    "`quota-gw migrate` again", UNREACHABLE) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         f = postgres_failure(e, url)
         if f is None:
             raise
@@ -149,6 +149,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .dev import run as run_dev
+    from .embedded import DevExtraMissing
 
     cfg = _config(args)
     _route_env(cfg)
@@ -158,8 +159,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(run_dev(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
-                          Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+    try:
+        return runner(run_dev(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
+                              Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+    except DevExtraMissing as e:  # no dev extra and no REDIS_URL/DATABASE_URL: one line, exit 2
+        print(f"quota-gw dev: {e}", file=sys.stderr)
+        return 2
 
 
 SERVE_CODES = """exit codes:

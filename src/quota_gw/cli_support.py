@@ -137,7 +137,7 @@ async def reach_postgres(url: str, timeout: float = 10) -> Any:
 
     try:
         return await asyncpg.connect(url, timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - translated below, or re-raised
+    except Exception as e:
         f = postgres_failure(e, url)
         if f is None:
             raise
@@ -156,7 +156,7 @@ async def reach_redis(url: str, timeout: float = 5) -> None:
         raise Fail(f"REDIS_URL is not a Redis URL: {e}", USAGE) from None
     try:
         await r.ping()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         f = redis_failure(e, url)
         if f is None:
             raise

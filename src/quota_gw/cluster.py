@@ -29,7 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import metrics
-from .coalesce import Coalescer, pack_evalsha
+from .coalesce import Coalescer
+from .scripts import not_loaded
 
 log = logging.getLogger("quota_gw")
 
@@ -170,14 +171,14 @@ class Lanes:
         conn = await pool.get_connection()
         try:
             for attempt in (1, 2):
-                await conn.send_packed_command(b"*1\r\n$6\r\nASKING\r\n" + pack_evalsha(script.sha, keys, args))
+                await conn.send_packed_command(b"*1\r\n$6\r\nASKING\r\n" + script.pack(keys, args))
                 await conn.read_response()
                 try:
                     return await conn.read_response()
                 except ResponseError as e:
-                    if "NOSCRIPT" not in str(e) or attempt == 2:
+                    if not not_loaded(e) or attempt == 2:
                         raise
-                    script.sha = await lane.redis.script_load(script.script)  # not run: load, then once more
+                    await script.reload()  # not run: load (every primary), then once more
         except (RedisConnectionError, RedisTimeoutError, OSError):
             await conn.disconnect()
             raise

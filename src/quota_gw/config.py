@@ -167,9 +167,11 @@ class Route(_Model):
     upstream: str = Field(description="Base URL (http or https) the calls are forwarded to.")
     feature: str | None = Field(default=None, description=(
         "The feature a call is priced by (one of `features`). Required unless `metering` is 'none'."))
-    metering: Literal["fixed", "openai", "none"] = Field(default="fixed", description=(
+    # An LLM metering name is a class in metering.py (METERINGS); adding one adds its name here.
+    metering: Literal["fixed", "openai", "anthropic", "none"] = Field(default="fixed", description=(
         "'fixed': each call costs the feature's cost, charged on admission and refunded if the upstream fails; "
         "'openai': OpenAI-style chat/completions/embeddings, a hold settled at the usage the upstream reports; "
+        "'anthropic': Anthropic-style messages, the same way; "
         "'none': authenticated and forwarded, not charged."))
     fail: Literal["open", "closed"] | None = Field(default=None, description=(
         "When Redis is down: 'closed' answers 503 and forwards nothing; 'open' forwards and spools the usage. "
@@ -181,18 +183,18 @@ class Route(_Model):
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Longest wait to connect to the upstream.")
     refund_statuses: list[int] = Field(default_factory=lambda: [500, 502, 503, 504], description=(
         "Upstream statuses that count as a failure: passed through as they are, and the call is refunded "
-        "(fixed) or its hold released (openai)."))
+        "(fixed) or its hold released (openai, anthropic)."))
     strip_prefix: bool = Field(default=False, description="Forward the path without the prefix (/ai/goals/plan "
                                "with prefix /ai/goals goes upstream as /plan).")
     upstream_keepalive_s: float = Field(default=4.0, gt=0, le=3600, description=(
         "Seconds an idle pooled connection to the upstream is kept: keep it below the upstream's own idle "
         "timeout (uvicorn: 5 s), so the gateway never reuses a connection the upstream is closing."))
-    # metering: openai — the completion budget held when the caller sends no max_tokens, and the
-    # least a call may be lowered to before it is refused with 402 (see proxy.py).
+    # LLM metering — the completion budget held when the caller sends no max_tokens, and the
+    # least a call may be lowered to before it is refused with 402 (see sidecar/admission.py).
     default_max_tokens: int = Field(default=1024, gt=0, le=1_000_000, description=(
-        "openai metering: the completion budget held and sent upstream as max_tokens when the caller sends none."))
+        "LLM metering: the completion budget held and sent upstream as max_tokens when the caller sends none."))
     min_completion_tokens: int = Field(default=16, gt=0, le=1_000_000, description=(
-        "openai metering: the least completion budget a call may be lowered to when the org cannot afford "
+        "LLM metering: the least completion budget a call may be lowered to when the org cannot afford "
         "max_tokens; below it the call is 402."))
     # OpenAI's reasoning models refuse max_tokens and want max_completion_tokens.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens", "max_output_tokens"] = Field(
@@ -200,7 +202,7 @@ class Route(_Model):
             "openai metering: the budget field added when a caller sends none (every budget field a caller "
             "sends is set to the hold)."))
     image_tokens: int = Field(default=85 + 170 * 8, ge=0, le=1_000_000, description=(
-        "openai metering: tokens held per image part of a prompt (default: the most one image costs by "
+        "LLM metering: tokens held per image part of a prompt (default: the most one image costs by "
         "OpenAI's tile method)."))
     # Set after the caller's headers are filtered (a caller cannot override them). Never in repr or errors.
     headers: dict[str, str] = Field(default_factory=dict, repr=False, description=(
@@ -410,8 +412,8 @@ class Config(_Model):
                 if name.lower().replace("_", "-") in (self.behaviour.org_header.lower().replace("_", "-"),
                                                       self.behaviour.user_header.lower().replace("_", "-")):
                     raise _PathError(f"routes.{i}.headers.{name}", "set by the gateway, a route cannot set it")
-            if r.metering == "openai" and r.feature is None:
-                raise _PathError(f"routes.{i}.feature", "an openai route needs a feature (its meter, 1 token = cost)")
+            if r.metering not in ("fixed", "none") and r.feature is None:
+                raise _PathError(f"routes.{i}.feature", f"an {r.metering} route needs a feature (its meter, 1 token = cost)")
         if self.default_plan is not None and self.default_plan not in self.plans:
             raise _PathError("default_plan", f"unknown plan {self.default_plan!r}")
         return self

@@ -113,7 +113,7 @@ class Database:
         """Raises `unavailable` unless Postgres answers within `timeout` (for /readyz)."""
         try:
             await asyncio.wait_for(self.fetchval("SELECT 1"), timeout)
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise unavailable(e) from None
 
     async def close(self) -> None:

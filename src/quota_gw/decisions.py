@@ -1,25 +1,29 @@
 """Decisions: each operation is one Lua script call, so one Redis round trip.
 
 Python only prices the call, names the keys and translates the script's reply; every read
-and write of a balance happens inside the script, atomically, on the Redis server clock.
+and write of a balance happens inside the script, atomically, on the Redis server clock. A
+refund first reads the charged event (charges.py) and hands its facts to the script.
 Every decision is counted here (metrics.observe), whichever route asked for it: API or proxy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import operator
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
-from . import metrics
+from . import charges, metrics
 from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
+from .db import Database
 from .layout import Layout
 from .problems import Problem
 from .scripts import Scripts
@@ -82,8 +86,139 @@ class Decision:
                        remaining=self.remaining)
 
 
+# --- The scripts' arguments -------------------------------------------------------------------
+# One typed object per script interface; its fields are the script's ARGV, in order: the Lua
+# binds the same names (lua/_lib.lua *_ARGV, or the list at the top of the script), and
+# tests/test_lua_interface.py checks the two agree. A positional list built by hand once sent
+# a fingerprint where a flag was read (settle ARGV 9 vs commit ARGV 10).
+
+
+@dataclass(slots=True)
+class GateArgs:
+    """check, consume, reserve (lua/_lib.lua GATE_ARGV). Rate limits: GCRA interval (µs) and
+    burst of the user, key and org limit; interval 0 = none."""
+
+    event_id: str
+    org: str
+    user: str
+    key_id: str
+    feature: str
+    meter: str
+    cost: int
+    allocation: int  # -1 unlimited
+    period: str
+    rollover: int
+    rl_user_interval_us: int
+    rl_user_burst: int
+    rl_key_interval_us: int
+    rl_key_burst: int
+    rl_org_interval_us: int
+    rl_org_burst: int
+    auto_register: int
+    idem_ttl_s: str
+    fingerprint: str  # '' = no idempotency key
+    metadata: str
+    shadow: int
+    reservation_ttl_s: str = ""  # reserve
+    unit_cost: int | str = ""  # reserve: what one unit commits at
+    min_cost: int = 0  # reserve: hold less than asked, down to this, when that is all there is
+    alert_thresholds: str = ""  # '25,10,0' (lua Meter:alerts)
+
+
+@dataclass(slots=True)
+class SettleArgs:
+    """commit, release (lua/_lib.lua SETTLE_ARGV)."""
+
+    reservation_id: str
+    event_id: str
+    org: str
+    key_id: str
+    units: int
+    answer_ttl_s: str
+    metadata: str
+    fingerprint: str  # a retry with a different body is 409, not the first answer
+    beyond_hold: str = ""  # commit: '1' charges usage beyond the hold (the sidecar)
+
+
+@dataclass(slots=True)
+class RefundArgs:
+    """refund (lua/refund.lua): the request, then the charge's facts (charges.find)."""
+
+    refunded_event_id: str
+    event_id: str
+    org: str
+    key_id: str
+    metadata: str
+    fingerprint: str
+    meter: str
+    allocated: int  # the charge's allocated part
+    purchased: int  # and purchased part
+    cost: int
+    user: str
+    feature: str
+    charged_at_us: int
+    period: str  # the plan's period spec (the charge's period end is derived from it)
+    refund_window_s: int
+
+
+@dataclass(slots=True)
+class GrantArgs:
+    """grant / purchase / adjust / revoke (lua/grant.lua)."""
+
+    event_id: str
+    org: str
+    meter: str
+    amount: int
+    kind: str
+    metadata: str
+    idem_ttl_s: str
+    fingerprint: str
+    actor_key_id: str
+    user: str
+    lot_id: str
+    lot_expiry: str
+    take_lot: str
+
+
+@dataclass(slots=True)
+class BalanceArgs:
+    """balance (lua/_lib.lua BALANCE_ARGV): one group per meter."""
+
+    meter: str
+    allocation: int
+    period: str
+    rollover: int
+
+
+# Which object each script reads (lua/<name>.lua).
+SCRIPT_ARGS: dict[str, type] = {"check": GateArgs, "consume": GateArgs, "reserve": GateArgs, "commit": SettleArgs,
+                                "release": SettleArgs, "refund": RefundArgs, "grant": GrantArgs,
+                                "balance": BalanceArgs}
+_GETTERS = {cls: operator.attrgetter(*[f.name for f in dataclasses.fields(cls)]) for cls in set(SCRIPT_ARGS.values())}
+
+
+def argv(args: Any) -> list[Any]:
+    """A script's ARGV: the object's fields, in order."""
+    return list(_GETTERS[type(args)](args))
+
+
+# The gate's ARGV position of each GateArgs field. A decision's ARGV is a copy of its plan's
+# template (argv of a GateArgs with the per-call fields blank, made once per plan and feature)
+# with the per-call fields set by these positions: the same list as argv(GateArgs(...)) gives
+# (tests/test_lua_interface.py), at a tenth of the cost on the hot path.
+GATE = {f.name: i for i, f in enumerate(dataclasses.fields(GateArgs))}
+_G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW = (
+    GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow"))
+_G_RATE_LIMITS = [GATE[f"rl_{who}_{what}"] for who in ("user", "key", "org") for what in ("interval_us", "burst")]
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random (version 4) UUID as 32 hex digits: uuid.uuid4().hex without building a UUID
+    object (a third of the cost, on every decision)."""
+    r = bytearray(os.urandom(16))
+    r[6] = (r[6] & 0x0F) | 0x40  # version 4
+    r[8] = (r[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return r.hex()
 
 
 def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
@@ -99,8 +234,9 @@ def fingerprint(*parts: Any, metadata: bytes | None = None) -> str:
 
 
 class Decider:
-    def __init__(self, redis: Redis, config: Config, layout: Layout) -> None:
+    def __init__(self, redis: Redis, config: Config, layout: Layout, ledger: Database | None = None) -> None:
         self.redis = redis
+        self.ledger = ledger  # where refunds find drained charges (None: the stream only)
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
@@ -109,8 +245,8 @@ class Decider:
         self._coalescer = Lanes(redis, wait_ms) if isinstance(redis, RedisCluster) else Coalescer(redis, wait_ms)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
-        self._ttl = (str(b.idempotency_ttl_s), str(b.refund_window_s))
-        self._terms: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
+        self._ttl = (str(b.idempotency_ttl_s),)
+        self._terms: dict[tuple[str, str], tuple[str, dict[str, Any], list[Any]]] = {}
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
@@ -123,44 +259,52 @@ class Decider:
             raise Problem(503, "unavailable", f"org {ident.org_id} is on plan {ident.plan!r}, which the config does not define")
         return p
 
-    def _priced(self, ident: Identity, feature: str) -> tuple[str, tuple[Any, ...]]:
-        """The plan's terms for a feature's meter (ARGV 8..18), computed once per (plan, feature)."""
+    def _priced(self, ident: Identity, feature: str) -> tuple[str, dict[str, Any], list[Any]]:
+        """The plan's terms for a feature's meter (GateArgs fields) and the gate's ARGV template,
+        computed once per (plan, feature)."""
         hit = self._terms.get((ident.plan, feature))
         if hit is None:
             meter = self.config.features[feature].meter
             plan = self.plan(ident)
             rl = plan.rate_limits
-            terms: list[Any] = [plan.allocation(meter), plan.period, int(plan.rollover)]
-            for lim in (rl.user, rl.key, rl.org):
-                terms += (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
-            terms += [int(self.config.behaviour.auto_register_users), self._ttl[0]]
-            hit = self._terms[(ident.plan, feature)] = (meter, tuple(terms))
+            terms: dict[str, Any] = {"meter": meter, "allocation": plan.allocation(meter), "period": plan.period,
+                                     "rollover": int(plan.rollover)}
+            for name, lim in (("user", rl.user), ("key", rl.key), ("org", rl.org)):
+                terms[f"rl_{name}_interval_us"], terms[f"rl_{name}_burst"] = \
+                    (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
+            terms.update(auto_register=int(self.config.behaviour.auto_register_users), idem_ttl_s=self._ttl[0],
+                         alert_thresholds=self._alerts)
+            template = argv(GateArgs(event_id="", org="", user="", key_id="", feature=feature, cost=0,
+                                     fingerprint="", metadata="", shadow=0, **terms))
+            hit = self._terms[(ident.plan, feature)] = (meter, terms, template)
         return hit
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
-                   fingerprint: str, metadata: bytes | None, shadow: bool, extra: str = "", unit: int | None = None,
+                   fingerprint: str, metadata: bytes | None, shadow: bool,
                    event_id: str | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the gate (see lua/_lib.lua gate())."""
+        """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate."""
         L, org = self.layout, ident.org_id
-        meter, priced = self._priced(ident, feature)
+        _, _, template = self._priced(ident, feature)
         event_id = event_id or new_id()
         keys = [
             L.balances(org), L.quotas(org), L.users(org),
             L.rate(org, "u", user), L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
             L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
-            L.stream(org), L.event_record(org, event_id), L.reservations(org), L.expiries(org),
+            L.stream(org), L.reservations(org), L.expiries(org),
         ]
-        args: list[Any] = [event_id, org, user, ident.key_id, feature, meter, cost, *priced,
-                           fingerprint if idem else "", metadata.decode() if metadata else "", int(shadow),
-                           self._ttl[1], extra, "" if unit is None else unit, 0, self._alerts]
+        args = template.copy()
+        args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
+        args[_G_FP] = fingerprint if idem else ""
+        args[_G_META] = metadata.decode() if metadata else ""
+        args[_G_SHADOW] = int(shadow)
         return keys, args
 
     def cost(self, feature: str, units: int) -> int:
         return self.config.features[feature].cost * units
 
     def _observed(self, op: str, ident: Identity, feature: str, d: Decision, t0: float) -> Decision:
-        meter, priced = self._priced(ident, feature)
-        metrics.observe(op, feature, meter, int(priced[0]), d, t0)
+        meter, priced, _ = self._priced(ident, feature)
+        metrics.observe(op, feature, meter, int(priced["allocation"]), d, t0)
         return d
 
     async def consume(self, ident: Identity, feature: str, units: int, user: str, idem: str | None = None,
@@ -169,8 +313,9 @@ class Decider:
         t0 = time.perf_counter()
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
                                      fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow)
-        if not rate_limit:
-            args[10:16] = (0, 0, 0, 0, 0, 0)  # ARGV 11..16: no user, key or org rate limit
+        if not rate_limit:  # no user, key or org rate limit
+            for i in _G_RATE_LIMITS:
+                args[i] = 0
         d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
         return self._observed("consume", ident, feature, d, t0)
 
@@ -190,29 +335,31 @@ class Decider:
         held = self.cost(feature, units) if cost is None else cost
         keys, args = self._gate_call(ident, feature, held, user, idem,
                                      fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else ""),
-                                     None, shadow, extra=str(ttl_s), unit=unit if cost is None else 1)
-        args[24] = min_cost  # ARGV 25
+                                     None, shadow)
+        args[GATE["reservation_ttl_s"]] = str(ttl_s)
+        args[GATE["unit_cost"]] = unit if cost is None else 1
+        args[GATE["min_cost"]] = min_cost
         d = Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
         return self._observed("reserve", ident, feature, d, t0)
 
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None,
-                     op: str = "commit") -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of settle_start (lua/_lib.lua); ARGV 9 is the request's fingerprint."""
+                     op: str = "commit", beyond_hold: bool = False) -> tuple[list[str], list[Any]]:
+        """KEYS (lua/_lib.lua SETTLE_KEYS, in order) and ARGV of commit and release."""
         L, org = self.layout, ident.org_id
         event_id = new_id()
         keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org),
-                L.settled(org, rid), L.event_record(org, event_id)]
-        args = [rid, event_id, org, ident.key_id, units, self._ttl[0], self._ttl[1],
-                metadata.decode() if metadata else "", fingerprint(op, units, metadata=metadata)]
-        return keys, args
+                L.settled(org, rid)]
+        args = SettleArgs(reservation_id=rid, event_id=event_id, org=org, key_id=ident.key_id, units=units,
+                          answer_ttl_s=self._ttl[0], metadata=metadata.decode() if metadata else "",
+                          fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "")
+        return keys, argv(args)
 
     async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None,
                      beyond_hold: bool = False) -> Decision:
         """Charges `units` of the hold. `beyond_hold` (the sidecar: the upstream already did the
         work) charges more than the hold as far as the balance goes; the rest is `overage`."""
         t0 = time.perf_counter()
-        keys, args = self._settle_call(ident, rid, units, metadata)
-        args.append("1" if beyond_hold else "")
+        keys, args = self._settle_call(ident, rid, units, metadata, beyond_hold=beyond_hold)
         d = Decision.from_reply(await self._run(self.scripts.commit, keys, args))
         feature = d.extra.get("feature") or ""  # the reservation's, from the script
         meter = d.extra.get("meter") or ""
@@ -228,13 +375,25 @@ class Decider:
         return d
 
     async def refund(self, ident: Identity, event_id: str, metadata: bytes | None = None) -> Decision:
+        """Once per event inside the refund window. The charge's facts come from its event
+        (charges.find: ledger or stream, 503 while the ledger is down and the event drained);
+        refund.lua checks the guard and applies them in one script."""
         t0 = time.perf_counter()
         L, org = self.layout, ident.org_id
-        keys = [L.balances(org), L.quotas(org), L.event_record(org, event_id), L.stream(org),
-                L.reservations(org), L.expiries(org)]
-        args = [event_id, new_id(), org, ident.key_id, metadata.decode() if metadata else "",
-                fingerprint("refund", metadata=metadata)]
-        d = Decision.from_reply(await self._run(self.scripts.refund, keys, args))
+        window = self.config.behaviour.refund_window_s
+        c = await charges.find(self.redis, self.ledger, L, org, event_id, window)
+        if c is None or not c.refundable_by(org):
+            d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
+        else:
+            keys = [L.balances(org), L.quotas(org), L.refund_guard(org, event_id), L.stream(org),
+                    L.reservations(org), L.expiries(org), L.users(org), L.event_record(org, event_id)]
+            args = RefundArgs(refunded_event_id=event_id, event_id=new_id(), org=org, key_id=ident.key_id,
+                              metadata=metadata.decode() if metadata else "",
+                              fingerprint=fingerprint("refund", metadata=metadata), meter=c.meter,
+                              allocated=c.allocated, purchased=c.purchased, cost=c.cost, user=c.user,
+                              feature=c.feature, charged_at_us=c.ts_us, period=self.plan(ident).period,
+                              refund_window_s=window)
+            d = Decision.from_reply(await self._run(self.scripts.refund, keys, argv(args)))
         metrics.observe("refund", "", "", -1, d, t0)
         return d
 
@@ -254,17 +413,20 @@ class Decider:
         if also_idem:
             keys.append(L.idem(org, "g", also_idem))
         ttl = str(idem_ttl_s) if idem_ttl_s else self._ttl[0]
-        args = [event_id or new_id(), org, meter, amount, kind, meta.decode(), ttl,
-                fingerprint(kind, meter, amount, user, lot, expires, metadata=meta) if idem else "", actor, user,
-                lot, expires, "take_lot" if take_lot else ""]
-        return Decision.from_reply(await self._run(self.scripts.grant, keys, args))
+        args = GrantArgs(event_id=event_id or new_id(), org=org, meter=meter, amount=amount, kind=kind,
+                         metadata=meta.decode(), idem_ttl_s=ttl,
+                         fingerprint=fingerprint(kind, meter, amount, user, lot, expires, metadata=meta) if idem else "",
+                         actor_key_id=actor, user=user, lot_id=lot, lot_expiry=expires,
+                         take_lot="take_lot" if take_lot else "")
+        return Decision.from_reply(await self._run(self.scripts.grant, keys, argv(args)))
 
     async def balances(self, org: str, plan: Plan) -> dict[str, dict[str, int]]:
         """Every meter as the next decision would see it (read only)."""
         args: list[Any] = []
         meters = self.config.meter_names
         for m in meters:
-            args += [m, plan.allocation(m), plan.period, int(plan.rollover)]
+            args += argv(BalanceArgs(meter=m, allocation=plan.allocation(m), period=plan.period,
+                                     rollover=int(plan.rollover)))
         L = self.layout
         rows = await self._run(self.scripts.balance, [L.balances(org), L.reservations(org), L.expiries(org)], args)
         out = {}

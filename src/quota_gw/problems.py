@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -32,9 +33,20 @@ class Problem(Exception):
         self.extra = extra
 
 
+def problem_fields(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"type": f"https://quota-gw.dev/problems/{code}", "title": TITLES.get(code, code),
+            "status": status, "detail": detail, "code": code, **extra}
+
+
 def problem_body(status: int, code: str, detail: str, **extra: Any) -> bytes:
-    return orjson.dumps({"type": f"https://quota-gw.dev/problems/{code}", "title": TITLES.get(code, code),
-                         "status": status, "detail": detail, "code": code, **extra})
+    return orjson.dumps(problem_fields(status, code, detail, **extra))
+
+
+def problem_line(p: Problem) -> str:
+    """The problem body as one ASCII line, for a header (X-Quota-Problem): header values are
+    Latin-1 on the wire, so anything else is escaped the JSON way."""
+    return json.dumps(problem_fields(p.status, p.code, p.detail, **p.extra), ensure_ascii=True,
+                      separators=(",", ":"))
 
 
 def problem_response(p: Problem) -> Response:
@@ -44,3 +56,8 @@ def problem_response(p: Problem) -> Response:
 
 def invalid(detail: str, status: int = 422, **extra: Any) -> Problem:
     return Problem(status, "invalid_request", detail, **extra)
+
+
+def unavailable(detail: str = "the quota store is unavailable; nothing was forwarded or charged") -> Problem:
+    """503 with Retry-After: a store the decision needs did not answer (counted by the caller)."""
+    return Problem(503, "unavailable", detail, headers={"Retry-After": "1"})

@@ -80,12 +80,22 @@ SELECT meter, sum(tokens)::bigint AS tokens
 FROM qgw_usage_since($2) WHERE org_id = $1 AND meter <> ''
 GROUP BY meter;
 
--- top_orgs --
--- Orgs by tokens used over the last $1 days (rollups: from the hour), at most $2, meter $3 or all
+-- top_orgs_all_meters --
+-- Orgs by tokens used over the last $1 days (from the hour), at most $2: one probe per org in the
+-- running and cumulative totals (migration 005)
+SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
+FROM (SELECT org_id, tokens, calls FROM qgw_org_usage_since(now() - $1 * interval '1 day')
+      WHERE calls > 0 OR tokens <> 0
+      ORDER BY tokens DESC, org_id LIMIT $2) u
+LEFT JOIN orgs o USING (org_id)
+ORDER BY u.tokens DESC, u.org_id;
+
+-- top_orgs_one_meter --
+-- Orgs by tokens used of meter $3 over the last $1 days (003's hour and day sums), at most $2
 SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
 FROM (SELECT org_id, sum(tokens)::bigint AS tokens, sum(calls)::bigint AS calls
       FROM qgw_usage_since(now() - $1 * interval '1 day')
-      WHERE ($3::text IS NULL OR meter = $3)
+      WHERE meter = $3
       GROUP BY org_id HAVING sum(calls) > 0 OR sum(tokens) <> 0
       ORDER BY tokens DESC, org_id LIMIT $2) u
 LEFT JOIN orgs o USING (org_id)

@@ -25,14 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from . import cluster, metrics
 from .decisions import Decider, Identity
+from .redis_errors import REDIS_DOWN
 
 log = logging.getLogger("quota_gw.spool")
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
 def entry(op: str, ident: Identity, **fields: Any) -> dict[str, Any]:
@@ -124,7 +121,7 @@ class Spool:
                     continue  # a live writer (another process) still appends to it
                 if not path.exists():
                     continue
-                with open(fd, "rb", closefd=False) as f:
+                with open(fd, "rb", closefd=False) as f:  # noqa: ASYNC230 - a local file, read once per replay
                     lines = f.read().splitlines()
                 for line in lines:
                     try:
@@ -180,7 +177,7 @@ async def replay_forever(spool: Spool, decider: Decider, interval_s: float = 0.5
                     log.info("spool: replayed %d entries", n)
             except REDIS_DOWN:
                 pass
-            except Exception:  # noqa: BLE001 - keep the replayer alive; the entries stay on disk
+            except Exception:
                 log.exception("spool: replay failed")
             if spool.files():  # Redis still down, or another process's file: try again soon
                 await asyncio.sleep(interval_s)

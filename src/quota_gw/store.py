@@ -26,6 +26,7 @@ import asyncpg
 from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
+from .layout import quota_field, quota_subject
 from .problems import Problem
 from .queries import Q
 
@@ -39,7 +40,7 @@ async def record_low_balance_mark(pg: asyncpg.Pool | asyncpg.Connection, percent
 
 def sub_quota_field(scope: str, subject: str, meter: str) -> str:
     """A user's or team's cap in the org's quotas hash (read by lua/_lib.lua and recovery.py)."""
-    return f"{scope[0]}:{subject}:{meter}:lim"
+    return quota_field(quota_subject(scope, subject), meter, "limit")
 
 
 class Store:
@@ -224,4 +225,6 @@ class Store:
         return {r["meter"]: r["tokens"] for r in await self.db.fetch(Q.usage_by_meter_since, org_id, since)}
 
     async def top_orgs(self, days: int, limit: int, meter: str | None) -> list[asyncpg.Record]:
-        return await self.db.fetch(Q.top_orgs, days, limit, meter)
+        if meter is None:
+            return await self.db.fetch(Q.top_orgs_all_meters, days, limit)
+        return await self.db.fetch(Q.top_orgs_one_meter, days, limit, meter)

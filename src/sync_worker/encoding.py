@@ -1,7 +1,8 @@
 """Stream entries to COPY text lines: what the worker writes to the ledger, and what it cannot.
 
 The entry's fields arrive in the order lua/_lib.lua Events:add writes them, which is the order
-of sql.COLUMNS, so a line is the entry's values joined by tabs, plus the stream id. `event_values`
+of sql.COLUMNS (both are quota_gw/events.py's, by name), so a line is the entry's values joined
+by tabs, plus the stream id. `event_values`
 is the one place that knows an entry's layout; everything else asks it.
 
 This is the worker's hottest code (its CPU is the drain's limit, docs/benchmarks.md): rows are
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-# The fields lua/_lib.lua Events:add writes, in its order.
-FIELDS = [b"id", b"kind", b"org", b"user", b"key", b"meter", b"feature", b"delta", b"dp", b"cost", b"bal",
-          b"ts", b"meta"]
-TS, META = 11, 12  # positions in event_values(): the timestamp (µs) and the metadata
+from quota_gw import events
+
+# The fields lua/_lib.lua Events:add writes, in its order (quota_gw/events.py), and the
+# positions in event_values() this module rewrites, by name.
+FIELDS = [n.encode() for n in events.NAMES]
+_ENTRY_LEN = 2 * len(FIELDS)  # field, value, field, value, ...
+TS, META = events.POSITION["ts"], events.POSITION["meta"]  # the timestamp (µs) and the metadata
 
 
 class BadEntry(ValueError):
@@ -28,7 +32,7 @@ class BadEntry(ValueError):
 def event_values(f: list[bytes] | None) -> list[bytes]:
     """The values of an event entry (raw [name, value, ...]) in FIELDS order, a new list;
     BadEntry if the entry is not an event."""
-    if f is None or len(f) != 26 or f[0::2] != FIELDS:
+    if f is None or len(f) != _ENTRY_LEN or f[0::2] != FIELDS:
         raise BadEntry("not an event entry: unexpected fields")
     return f[1::2]
 

@@ -109,7 +109,7 @@ async def serve(ready: Callable[[], bool], consumer: str, host: str, port: int) 
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, IndexError):
+        except (TimeoutError, ConnectionError, IndexError):
             pass
         finally:
             writer.close()

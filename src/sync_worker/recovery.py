@@ -17,22 +17,21 @@ and the report counts the lots that may still have been live.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import sys
 import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 
 from quota_gw import cluster
 from quota_gw.config import Config
-from quota_gw.layout import Layout
+from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
 
 
 log = logging.getLogger("quota_gw.recovery")
@@ -188,7 +187,7 @@ class RebuildReport:
     quotas: int = 0
     keys: int = 0
     revoked: int = 0
-    refundable: int = 0
+    refund_guards: int = 0
     lots_not_restored: int = 0
 
 
@@ -226,84 +225,63 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
         org, meter, user, used = row["org_id"], row["meter"], row["user_id"], row["used"]
         org_used[(org, meter)] += used
         if user:
-            subject_used[(org, f"u:{user}", meter)] += used
+            subject_used[(org, quota_subject("user", user), meter)] += used
             team = team_of.get((org, user), "")
             if team:
-                subject_used[(org, f"t:{team}", meter)] += used
+                subject_used[(org, quota_subject("team", team), meter)] += used
 
     for b in await pg.fetch(LEDGER_BALANCES.format(where="")):
         org, m = b["org_id"], b["meter"]
-        fields: dict[str, Any] = {f"{m}:a": b["a"], f"{m}:p": b["p"], f"{m}:h": 0,
-                                  f"{m}:u": max(0, org_used.get((org, m), 0))}
+        mf = partial(meter_field, m)
+        fields: dict[str, Any] = {mf("allocated"): b["a"], mf("purchased"): b["p"], mf("held"): 0,
+                                  mf("used"): max(0, org_used.get((org, m), 0))}
         if b["pt"] > 0:
-            fields[f"{m}:pt"] = b["pt"]
+            fields[mf("purchased_total")] = b["pt"]
         if (org, m) in periods:
             pe, lim = periods[(org, m)]
-            fields[f"{m}:pe"], fields[f"{m}:lim"] = pe, lim
-            fields[f"{m}:ps"] = start_purchased.get((org, m), 0)
+            fields[mf("period_end")], fields[mf("limit")] = pe, lim
+            fields[mf("purchased_at_start")] = start_purchased.get((org, m), 0)
             if (org, m, pe) in alerted:
-                fields[f"{m}:alpe"], fields[f"{m}:alt"] = pe, alerted[(org, m, pe)]
+                fields[mf("alert_period")], fields[mf("alert_threshold")] = pe, alerted[(org, m, pe)]
         ops.append(("hset", layout.balances(org), None, None, fields))
         rep.balances += 1
 
     for q in await pg.fetch("SELECT org_id, meter, scope, subject, quota FROM sub_quotas"):
         org, m = q["org_id"], q["meter"]
-        f = f"{q['scope'][0]}:{q['subject']}:{m}"
-        fields = {f"{f}:lim": q["quota"], f"{f}:h": 0}
+        subject = quota_subject(q["scope"], q["subject"])
+        qf = partial(quota_field, subject, m)
+        fields = {qf("limit"): q["quota"], qf("held"): 0}
         if (org, m) in periods:
-            fields[f"{f}:used"] = max(0, subject_used.get((org, f"{q['scope'][0]}:{q['subject']}", m), 0))
-            fields[f"{f}:pe"] = periods[(org, m)][0]
+            fields[qf("used")] = max(0, subject_used.get((org, subject, m), 0))
+            fields[qf("period_end")] = periods[(org, m)][0]
         ops.append(("hset", layout.quotas(org), None, None, fields))
         rep.quotas += 1
 
-    rep.refundable = await _refund_records(pg, config, layout, team_of, ops)
+    rep.refund_guards = await _refund_guards(pg, config, layout, ops)
     rep.lots_not_restored = await pg.fetchval(LIVE_LOTS)
     await _write(r, ops)
     return rep
 
 
-async def _refund_records(pg: asyncpg.Connection, config: Config, layout: Layout,
-                          team_of: dict[tuple[str, str], str], ops: list[tuple[Any, ...]]) -> int:
-    """What a refund of a recent consume/commit needs (lua/consume.lua writes it at charge time),
-    for the charges of the refund window that were not refunded yet."""
-    window = config.behaviour.refund_window_s
-    refunded = {r["id"] for r in await pg.fetch(
-        """SELECT metadata ->> 'refund_of' AS id FROM usage_events
-           WHERE kind = 'refund' AND ts > now() - $1 * interval '1 second'""", float(window))}
-    quota_subjects = {(q["org_id"], q["meter"], f"{q['scope'][0]}:{q['subject']}")
-                      for q in await pg.fetch("SELECT org_id, meter, scope, subject FROM sub_quotas")}
-    # Period ends in force at each moment, to tell which period a charge belongs to.
-    starts: dict[tuple[str, str], tuple[list[Any], list[int]]] = {}
-    for p in await pg.fetch("""SELECT org_id, meter, ts, (metadata ->> 'period_end')::bigint AS pe
-                               FROM usage_events WHERE kind IN ('reset', 'adjust') AND metadata ? 'period_end'
-                               AND ts > now() - $1 * interval '1 second' - interval '400 days'
-                               ORDER BY ts""", float(window)):
-        ts_list, pes = starts.setdefault((p["org_id"], p["meter"]), ([], []))
-        ts_list.append(p["ts"])
-        pes.append(p["pe"])
+async def _refund_guards(pg: asyncpg.Connection, config: Config, layout: Layout, ops: list[tuple[Any, ...]]) -> int:
+    """Refunds of the window's charges, each its guard again (lua/refund.lua writes it), so a
+    charge refunded before the rebuild is not refunded twice. The guard holds no answer (the
+    ledger has no `remaining`): a refund of that event is 404, as it was before this guard."""
+    window = float(config.behaviour.refund_window_s)
     now = time.time()
     n = 0
-    for e in await pg.fetch(
-            """SELECT org_id, event_id, ts, meter, coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature,
-                      delta, delta_purchased, cost
-               FROM usage_events WHERE kind IN ('consume', 'commit') AND cost > 0
-               AND ts > now() - $1 * interval '1 second'""", float(window)):
-        eid = _id(e["event_id"])
-        if eid in refunded:
-            continue
-        org, m, user = e["org_id"], e["meter"], e["user_id"]
-        ts_list, pes = starts.get((org, m), ([], []))
-        i = bisect.bisect_right(ts_list, e["ts"]) - 1
-        if i < 0:
-            continue
-        team = team_of.get((org, user), "")
-        rec = {"m": m, "a": -(e["delta"] - e["delta_purchased"]), "p": -e["delta_purchased"], "cost": e["cost"],
-               "u": user, "f": e["feature"], "pe": pes[i],
-               "ut": f"u:{user}" if user and (org, m, f"u:{user}") in quota_subjects else "",
-               "tt": f"t:{team}" if team and (org, m, f"t:{team}") in quota_subjects else ""}
-        ttl = int(window - (now - e["ts"].timestamp()))
+    for g in await pg.fetch(
+            """SELECT c.org_id, c.event_id, min(c.ts) AS ts
+                 FROM usage_events r
+                 JOIN usage_events c ON c.event_id = CASE WHEN r.metadata ->> 'refund_of' ~ '^[0-9a-f]{32}$'
+                                                     THEN (r.metadata ->> 'refund_of')::uuid END
+                                    AND c.org_id = r.org_id AND c.kind IN ('consume', 'commit')
+                WHERE r.kind = 'refund' AND r.ts > now() - $1 * interval '1 second'
+                  AND c.ts > now() - $1 * interval '1 second'
+                GROUP BY 1, 2""", window):
+        ttl = int(window - (now - g["ts"].timestamp())) + 1
         if ttl > 0:
-            ops.append(("set", layout.event_record(org, eid), orjson.dumps(rec).decode(), ttl))
+            ops.append(("set", layout.refund_guard(g["org_id"], _id(g["event_id"])), "{}", ttl))
             n += 1
     return n
 
@@ -389,15 +367,16 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         stats["undrained"] += 1
     drift = []
     pairs = set(ledger)
+    a_p = (":" + METER_FIELDS["allocated"], ":" + METER_FIELDS["purchased"])
     for o, fields in snap.items():
-        pairs |= {(o, k[:-2]) for k in fields if k.endswith(":a") or k.endswith(":p")}
+        pairs |= {(o, k.rsplit(":", 1)[0]) for k in fields if k.endswith(a_p)}
     for o, m in sorted(pairs):
         fields = snap.get(o, {})
         want = ledger.get((o, m), [0, 0, 0])
-        for i, name in enumerate(("a", "p", "pt")):
-            have = int(fields.get(f"{m}:{name}", 0))
+        for i, name in enumerate(("allocated", "purchased", "purchased_total")):
+            have = int(fields.get(meter_field(m, name), 0))
             if have != want[i]:
-                drift.append(Drift(o, m, name, have, want[i]))
+                drift.append(Drift(o, m, METER_FIELDS[name], have, want[i]))
     stats["pairs"] = len(pairs)
     return drift, stats
 
@@ -434,6 +413,8 @@ async def repair(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout, org:
 # ledger (raw events may be kept for less time than rollups), and the daily rollup and the
 # running totals against the hourly rollup over all time. The trigger writes them in the event's
 # transaction, so one snapshot sees both sides equal, even while the worker writes.
+# Migration 005's per-org running and cumulative totals against the daily rollup: usage_running
+# against its sums, and each day's last cumulative row against the daily sums to that day's end.
 ROLLUP_SUMS = ("events", "calls", "tokens", "refunds", "refunded", "denied", "delta", "delta_purchased",
                "purchased_in")
 _EVENT_SUMS = """count(*) AS events,
@@ -499,6 +480,32 @@ async def rollup_drift(pg: asyncpg.Connection, org: str | None = None) -> tuple[
                     "purchased_total": r["purchased_in"], "changes": r["events"] - r["denied"]}
                 for k, r in hourly_all.items() if k[1] != ""}
         compare(totals, want, "usage_hourly", ("allocated", "purchased", "purchased_total", "changes"))
+        # 005's per-org totals (meter reported as "*"): usage_running against the daily sums, and
+        # the first day per org whose last cumulative row disagrees with them.
+        running = {(r["org_id"], "*"): r for r in await pg.fetch(
+            "SELECT org_id, calls, tokens FROM usage_running WHERE ($1::text IS NULL OR org_id = $1)", org)}
+        per_org: dict[tuple[str, str], dict[str, int]] = {}
+        for (o, _), r in daily.items():
+            t = per_org.setdefault((o, "*"), {"calls": 0, "tokens": 0, "refunds": 0})
+            for f in t:
+                t[f] += int(r[f])
+        compare(running, {k: t for k, t in per_org.items() if t["calls"] or t["refunds"] or t["tokens"]},
+                "usage_daily", ("calls", "tokens"))
+        for r in await pg.fetch(
+                """SELECT DISTINCT ON (d.org_id) d.org_id, d.day, d.calls, d.tokens,
+                          coalesce(c.calls, 0) AS c_calls, coalesce(c.tokens, 0) AS c_tokens
+                   FROM (SELECT org_id, day, sum(sum(calls)) OVER w AS calls, sum(sum(tokens)) OVER w AS tokens
+                         FROM usage_daily WHERE ($1::text IS NULL OR org_id = $1)
+                         GROUP BY 1, 2 WINDOW w AS (PARTITION BY org_id ORDER BY day)) d
+                   LEFT JOIN LATERAL (SELECT calls, tokens FROM usage_cumulative c
+                                      WHERE c.org_id = d.org_id AND c.hour < (d.day + 1)::timestamp AT TIME ZONE 'UTC'
+                                      ORDER BY c.hour DESC LIMIT 1) c ON true
+                   WHERE d.calls <> coalesce(c.calls, 0) OR d.tokens <> coalesce(c.tokens, 0)
+                   ORDER BY d.org_id, d.day""", org):
+            for f in ("calls", "tokens"):
+                if r[f] != r[f"c_{f}"]:
+                    out.append(RollupDrift(r["org_id"], "*", f"cumulative {f} to {r['day']}", int(r[f"c_{f}"]),
+                                           int(r[f]), "usage_daily"))
     return out, len(set(hourly_all) | set(daily))
 
 
@@ -550,7 +557,7 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         rep = await rebuild(r, pg, config, layout)
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
-              f"{rep.refundable} refundable events; open reservations were released")
+              f"{rep.refund_guards} refund guards; open reservations were released")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")

@@ -9,10 +9,11 @@ per-connection temp table and INSERT ... SELECT ... ON CONFLICT DO NOTHING. Rede
 
 from __future__ import annotations
 
+from quota_gw import events
+
 # Order of the COPY text lines the worker builds: the order of the entry's own fields
-# (lua/_lib.lua Events:add), so a line is the entry's values joined, plus the stream id.
-COLUMNS = ("event_id", "kind", "org_id", "user_id", "key_id", "meter", "feature", "delta", "delta_purchased",
-           "cost", "balance_after", "ts", "metadata", "stream_id")
+# (quota_gw/events.py), so a line is the entry's values joined, plus the stream id.
+COLUMNS = (*events.COLUMNS, events.STREAM_ID_COLUMN)
 # COPY options: an empty field is NULL (the scripts write '' for "none": no user, no metadata),
 # so a line needs no per-field NULL markers. An empty org, kind or amount breaks a NOT NULL
 # constraint: that entry is poison.

@@ -89,7 +89,7 @@ class Worker:
                 await self._connect()
                 await self._round()
                 delay = 0.1
-            except Exception as e:  # noqa: BLE001 - a daemon: log, back off, reconnect, retry
+            except Exception as e:
                 store = failed_store(e)
                 self.stats.failed(store)
                 log.warning("worker %s: %s error, retrying in %.1fs: %s: %s", self.consumer, store, delay,
@@ -100,7 +100,7 @@ class Worker:
                 await self._disconnect()
                 try:
                     await asyncio.wait_for(self.stopping.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
         await self._disconnect()

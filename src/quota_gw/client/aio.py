@@ -85,7 +85,7 @@ class AsyncReservation:
             return
         try:
             await self.release()
-        except Exception as e:  # the block's exception is the one to see; an unreleased hold expires
+        except Exception as e:  # noqa: BLE001 - the block's exception is the one to see; an unreleased hold expires
             exc.add_note(f"quota-gw: releasing reservation {self.reservation_id} failed: {e!r}")
 
 

@@ -1,0 +1,119 @@
+"""Instructions the app executes per request, hello world vs consume, counted by callgrind.
+
+    .venv/bin/python bench/app_instructions.py [--requests 1024]   (needs valgrind)
+
+On a shared machine, CPU time moves with the neighbours' load; instruction counts do not. Each
+path runs in its own process under `valgrind --tool=callgrind`: the real app (serve_app) with
+an embedded Valkey, driven in process through ASGI (64 requests at a time, no HTTP server), and
+only the measured phase is counted (it runs inside `sorted()`, the toggle). So this is the
+app's own Python, without uvicorn or the kernel: compare the two rows, and one tree against
+another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import bench as B  # noqa: E402
+
+from quota_gw import embedded  # noqa: E402
+
+CONCURRENCY = 64
+BODY = b'{"feature":"generate_insight","user_id":"bench"}'
+
+
+def drive(path: str, n: int) -> None:
+    """Runs under valgrind: warm up, then `n` requests inside sorted() (the counted part)."""
+    import uvloop
+
+    import serve_app
+
+    key = os.environ["BENCH_KEY"]
+    app = serve_app.factory()
+    if path == "/hello":
+        method, headers, body = "GET", [(b"host", b"bench")], b""
+    else:
+        method, body = "POST", BODY
+        headers = [(b"host", b"bench"), (b"authorization", b"Bearer " + key.encode()),
+                   (b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
+    statuses: list[int] = []
+
+    async def one() -> None:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555), "scheme": "http",
+                 "method": method, "root_path": "", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "headers": headers, "state": {}}
+        await app(scope, receive, send)
+        statuses.append(sent[0]["status"])
+
+    async def batch(count: int) -> None:
+        for _ in range(0, count, CONCURRENCY):
+            await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    lifespan = app.router.lifespan_context(app)
+    loop.run_until_complete(lifespan.__aenter__())
+    loop.run_until_complete(batch(512))
+    sorted([0], key=lambda _: loop.run_until_complete(batch(n)))  # the counted phase
+    loop.run_until_complete(lifespan.__aexit__(None, None, None))
+    if set(statuses) != {200}:
+        sys.exit(f"{path}: statuses {sorted(set(statuses))}")
+
+
+def count(path: str, n: int, env: dict[str, str]) -> int:
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=builtin_sorted",
+         "--callgrind-out-file=/dev/null", sys.executable, __file__, "--drive", path, "--requests", str(n)],
+        env=env, capture_output=True, text=True)
+    m = re.search(r"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or m is None:
+        sys.exit(f"{path}: {out.stderr[-2000:]}")
+    return int(m.group(1)) // n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=1024)
+    ap.add_argument("--drive", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.drive:
+        drive(args.drive, args.requests)
+        return
+    if not shutil.which("valgrind"):
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    tmp = Path(tempfile.mkdtemp(prefix="qgw-ir-"))
+    rs = embedded.start_redis(tmp / "redis")
+    try:
+        env = {**os.environ, "QUOTA_GW_CONFIG": str(B.config_file(tmp, "http://127.0.0.1:1")), "REDIS_URL": rs.url,
+               "QUOTA_GW_PREFIX": "ir", "BENCH_KEY": B.seed(rs.url, "ir", 16)}
+        env.pop("DATABASE_URL", None)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        hello = count("/hello", args.requests, env)
+        consume = count("/v1/consume", args.requests, env)
+    finally:
+        rs.stop()
+    print(f"/hello       {hello:>9,} instructions/request")
+    print(f"/v1/consume  {consume:>9,} instructions/request   {consume / hello:.2f}× hello")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The event schema: the one owner of what a stream entry carries and where it lands.
+
+Every balance change (and every refusal) is one XADD by a Lua script (lua/_lib.lua
+`Events:add`) and later one row of the ledger `usage_events`, written by the sync worker with
+COPY. The entry's fields are positional on both sides (the worker slices the raw entry; COPY
+takes columns in order), so their order is part of the contract. This module states it once:
+the worker's encoding (src/sync_worker/encoding.py) and SQL (src/sync_worker/sql.py) derive every
+position from here by name, and tests/test_event_schema.py runs each script on a real Redis
+and checks that what it XADDs is exactly `NAMES`, in order, and that `COLUMNS` are the
+ledger's columns (the migrations). Adding a field: README "Adding an event field".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EventField:
+    name: str  # the stream entry's field name, as the Lua writes it
+    column: str  # the usage_events column it is copied into
+    type: str  # what the Lua writes: text, int (decimal), uuid (32 hex), us (unix microseconds), json ('' none)
+
+
+FIELDS: tuple[EventField, ...] = (
+    EventField("id", "event_id", "uuid"),
+    EventField("kind", "kind", "text"),
+    EventField("org", "org_id", "text"),
+    EventField("user", "user_id", "text"),
+    EventField("key", "key_id", "text"),
+    EventField("meter", "meter", "text"),
+    EventField("feature", "feature", "text"),
+    EventField("delta", "delta", "int"),
+    EventField("dp", "delta_purchased", "int"),
+    EventField("cost", "cost", "int"),
+    EventField("bal", "balance_after", "int"),
+    EventField("ts", "ts", "us"),
+    EventField("meta", "metadata", "json"),
+)
+
+NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+COLUMNS: tuple[str, ...] = tuple(f.column for f in FIELDS)
+POSITION: dict[str, int] = {f.name: i for i, f in enumerate(FIELDS)}
+# The ledger column the worker adds to every row: where the entry came from ('<stream>/<id>').
+STREAM_ID_COLUMN = "stream_id"

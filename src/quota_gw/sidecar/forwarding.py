@@ -1,0 +1,154 @@
+"""A call's bytes: the request read whole, sent upstream over the pool, the answer streamed back.
+
+The request body is read whole (AI calls are small; larger than MAX_BODY is 413). The answer
+is relayed chunk by chunk as it arrives, through the call's Charge (which may watch it for
+usage or rewrite it), while the client is watched for going away. How it ended — done, the
+client gone, the upstream cut — decides how the Charge settles (settling.py); the last byte
+reaches the client only after that, so the quota headers and the charge agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from starlette.requests import Request
+from starlette.types import Receive, Send
+
+from ..config import Route as RouteConfig
+from ..problems import Problem
+from . import pool
+from .headers import RESPONSE_DROP, header_key
+from .settling import Charge
+
+log = logging.getLogger("quota_gw.proxy")
+
+UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
+
+
+async def read_body(request: Request) -> bytes:
+    if request.method in ("GET", "HEAD") and "content-length" not in request.headers \
+            and "transfer-encoding" not in request.headers:
+        return b""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise Problem(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def timeout_of(route: RouteConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
+
+
+async def forward(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout, route: RouteConfig,
+                  request: Request, send: Send, url: str, headers: list[tuple[str, str]], body: bytes,
+                  charge: Charge) -> None:
+    answered = False
+    try:
+        try:
+            resp = await pool.send(session, request.method, url, headers, body, timeout)
+        except TimeoutError:
+            await charge.failed("timeout")
+            raise Problem(504, "upstream_timeout", f"the upstream did not answer within {route.timeout_s:g} s; "
+                          "nothing was charged", headers=charge.headers()) from None
+        except UPSTREAM_DOWN as e:
+            await charge.failed("connect")
+            raise Problem(502, "upstream_error", f"the upstream is unreachable ({type(e).__name__}); "
+                          "nothing was charged", headers=charge.headers()) from None
+        answered = True
+        async with resp:
+            await relay(request, send, resp, charge)
+    finally:
+        if not charge.settled:  # cancelled (shutdown) or a bug: settle by how far it got
+            await asyncio.shield(charge.abandoned() if answered else charge.failed("error"))
+
+
+async def relay(request: Request, send: Send, resp: aiohttp.ClientResponse, charge: Charge) -> None:
+    charge.status = resp.status
+    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+    charge.start(sse)
+    if resp.status in charge.route.refund_statuses:
+        # Known failure before a byte is sent: settle first, so the quota headers are true.
+        await charge.failed(f"status {resp.status}")
+    elif charge.redis_down:
+        charge.rewrites = True  # the spool entry is written before the client sees the end
+    ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
+    # the upstream cannot speak for the gateway (X-Quota-*) in any spelling either
+    drop = RESPONSE_DROP | {header_key(k) for k, _ in ours} | ({"content-length"} if charge.rewrites else set())
+    out = [(k.lower(), v) for k, v in resp.raw_headers if header_key(k) not in drop]
+    out += ours
+    start = {"type": "http.response.start", "status": resp.status, "headers": out}
+    if resp.content.is_eof():
+        # The whole body came with the head (most small answers): nothing left to stream, so
+        # no copy and watch tasks. It settles before anything is sent, and the body goes out
+        # as the last message: one write for body and end (a chunked answer's end was a write
+        # of its own, and a wake-up of the client).
+        body = resp.content.read_nowait()
+        body = (charge.feed(body) if body else b"") + charge.flush()
+        await charge.succeeded()
+        try:
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        except OSError:  # ASGI 2.4 servers raise when the client has gone: it is settled already
+            pass
+        return
+    await send(start)
+    ended = await pump(resp, request.receive, send, charge.feed)
+    if ended == "done":
+        tail = charge.flush()
+        await charge.succeeded()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+    elif ended == "disconnect":
+        await charge.abandoned()
+    else:  # the upstream broke mid-answer: refund, and cut the client's response too
+        await charge.failed("cut mid-response")
+
+
+async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
+               feed: Callable[[bytes], bytes]) -> str:
+    """Copies the upstream body to the client as it arrives. Returns 'done', 'disconnect'
+    (the client went away: stop reading, the upstream is closed) or 'upstream' (it broke)."""
+
+    async def copy() -> None:
+        async for chunk in resp.content.iter_any():
+            out = feed(chunk)
+            if out:
+                try:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                except OSError as e:  # ASGI 2.4 servers raise when the client has gone
+                    raise _ClientGone() from e
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    copier = asyncio.ensure_future(copy())
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({copier, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (copier, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(copier, watcher, return_exceptions=True)
+    if copier in done and not copier.cancelled():
+        exc = copier.exception()
+        if exc is None:
+            return "done"
+        if isinstance(exc, _ClientGone):
+            return "disconnect"
+        if isinstance(exc, UPSTREAM_DOWN):
+            log.warning("upstream cut mid-response: %r", exc)
+            return "upstream"
+        raise exc
+    return "disconnect"
+
+
+class _ClientGone(Exception):
+    """Sending to the client failed: it went away (not the upstream's fault)."""

@@ -1,0 +1,95 @@
+"""The event schema (quota_gw/events.py) pinned against what the scripts really write and what
+the ledger really has: every script runs on the real Redis and each entry it XADDs carries
+exactly the schema's field names, in order; the schema's columns are usage_events' columns, with
+matching types, in the migrated database."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from quota_gw import events
+from quota_gw.decisions import Decider, Identity
+from quota_gw.layout import Layout
+
+# What each EventField.type is stored as in the ledger (information_schema data_type).
+SQL_TYPE = {"text": "text", "int": "bigint", "uuid": "uuid", "us": "timestamp with time zone", "json": "jsonb"}
+
+
+async def entries(redis: Any, stream: str, after: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(entry id, field names in order, fields) of the stream's entries after `after`."""
+    raw = await redis.execute_command("XRANGE", stream, f"({after}", "+")
+    return [(eid, list(f[0::2]) if isinstance(f, list) else list(f), dict(zip(f[0::2], f[1::2]))
+             if isinstance(f, list) else dict(f)) for eid, f in raw]
+
+
+async def test_every_script_xadds_the_schema_fields_in_order(redis: Any, config: Any, prefix: str) -> None:
+    layout = Layout(f"{prefix}:schema", 16)
+    decider = Decider(redis, config, layout)
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    ident = Identity("k1", org, None, frozenset({"consume"}), "pro")
+    stream = layout.stream(org)
+    last = "0"
+    kinds_by_script: dict[str, set[str]] = {}
+
+    async def run(script: str, call: Any) -> Any:
+        nonlocal last
+        result = await call
+        got = await entries(redis, stream, last)
+        if got:
+            last = got[-1][0]
+        for _, names, _ in got:
+            assert tuple(names) == events.NAMES, (script, names)
+        kinds_by_script.setdefault(script, set()).update(f["kind"] for _, _, f in got)
+        return result
+
+    await run("grant", decider.grant(org, "general", 200))
+    await run("grant", decider.grant(org, "general", 5, lot="p1", expires=str(int(time.time()) - 10)))
+    d = await run("consume", decider.consume(ident, "generate_insight", 1, "alice"))  # reset, expire
+    assert d.status == 200
+    assert (await run("consume", decider.consume(ident, "generate_insight", 200, "bob"))).status == 200  # alert
+    await run("check", decider.check(ident, "generate_insight", 1, "alice"))
+    r = await run("reserve", decider.reserve(ident, "generate_insight", 2, "alice", ttl_s=60))
+    await run("commit", decider.commit(ident, r.event_id, 1))
+    r2 = await run("reserve", decider.reserve(ident, "generate_insight", 1, "alice", ttl_s=60))
+    await run("release", decider.release(ident, r2.event_id))
+    await run("refund", decider.refund(ident, d.event_id))
+    await run("consume", decider.consume(ident, "generate_insight", 10_000, "alice"))  # refused: denied
+    await run("balance", decider.balances(org, config.plans["pro"]))
+    await decider.aclose()
+    assert kinds_by_script["check"] == set() and kinds_by_script["balance"] == set()  # read only
+    assert kinds_by_script["grant"] == {"grant"}
+    assert kinds_by_script["consume"] == {"reset", "expire", "consume", "alert", "denied"}
+    for script in ("reserve", "commit", "release", "refund"):
+        assert script in kinds_by_script[script], kinds_by_script
+
+
+async def test_the_schema_columns_are_the_ledger_columns(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT column_name, data_type FROM information_schema.columns "
+                                "WHERE table_name = 'usage_events' AND table_schema = 'public'")
+    finally:
+        await conn.close()
+    ledger = {r["column_name"]: r["data_type"] for r in rows}
+    assert set(ledger) == {*events.COLUMNS, events.STREAM_ID_COLUMN}
+    for f in events.FIELDS:
+        assert ledger[f.column] == SQL_TYPE[f.type], f
+
+
+def test_the_worker_and_its_sql_take_their_order_from_the_schema() -> None:
+    from sync_worker import encoding, sql
+
+    assert sql.COLUMNS == (*events.COLUMNS, events.STREAM_ID_COLUMN)
+    assert encoding.FIELDS == [n.encode() for n in events.NAMES]
+    fields: list[bytes] = []
+    for f in events.FIELDS:
+        value = {"int": b"7", "us": b"1700000000123456", "json": b"{}", "uuid": b"ab" * 16}.get(f.type, b"x")
+        fields += [f.name.encode(), value]
+    line = encoding.copy_line(b"s/", b"1-0", fields).rstrip(b"\n").split(b"\t")
+    assert len(line) == len(sql.COLUMNS)
+    row = dict(zip(sql.COLUMNS, line))
+    assert row["ts"] == b"2023-11-14 22:13:20.123456+00" and row["metadata"] == b"{}" and row["stream_id"] == b"s/1-0"

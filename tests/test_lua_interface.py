@@ -1,0 +1,107 @@
+"""The Lua interface read from the Lua source and held against its Python owners: each script's
+named ARGV (bind(ARGV, ...)) against the typed object decisions.py builds it from, field for
+field and in order; the reply layout against Decision; the hash field spellings against
+layout.py; and the rule that no library function reads KEYS or ARGV. Lua cannot import Python,
+so these are the checks that keep the two sides in step."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from quota_gw import decisions, layout
+from quota_gw.scripts import OPERATIONS, lua_dir
+
+LIB = (lua_dir() / "_lib.lua").read_text()
+
+
+def code(lua: str) -> str:
+    """The source without comments."""
+    return re.sub(r"--[^\n]*", "", lua)
+
+
+def lua_list(body: str) -> list[str]:
+    return re.findall(r"'([^']*)'", body)
+
+
+def lua_table(name: str) -> dict[str, str]:
+    body = re.search(r"local %s = \{(.*?)\}" % name, code(LIB), re.S)
+    assert body, name
+    return {k: v.strip("'") for k, v in re.findall(r"(\w+) = ('[^']*'|-?\d+)", body.group(1))}
+
+
+def named_list(name: str) -> list[str]:
+    body = re.search(r"local %s = \{(.*?)\}" % name, code(LIB), re.S)
+    assert body, name
+    return lua_list(body.group(1))
+
+
+def bound(script: str, what: str) -> list[str]:
+    """The names a script binds KEYS or ARGV to: a list inline or one declared in _lib.lua."""
+    src = code((lua_dir() / f"{script}.lua").read_text())
+    # balance.lua binds ARGV one group per meter: bind({unpack(ARGV, i, j)}, BALANCE_ARGV).
+    m = re.search(r"bind\((?:%s|\{unpack\(%s[^}]*\}), (\{.*?\}|\w+)\)" % (what, what), src, re.S)
+    assert m, f"{script}.lua binds no {what}"
+    return lua_list(m.group(1)) if m.group(1).startswith("{") else named_list(m.group(1))
+
+
+def test_each_script_binds_its_argv_by_the_names_of_its_python_object_in_order() -> None:
+    assert set(decisions.SCRIPT_ARGS) == set(OPERATIONS)
+    for script, cls in decisions.SCRIPT_ARGS.items():
+        assert bound(script, "ARGV") == [f.name for f in dataclasses.fields(cls)], script
+
+
+def test_argv_lists_the_fields_in_order() -> None:
+    args = decisions.SettleArgs(reservation_id="r", event_id="e", org="o", key_id="k", units=3, answer_ttl_s="60",
+                                metadata="", fingerprint="fp", beyond_hold="1")
+    assert decisions.argv(args) == ["r", "e", "o", "k", 3, "60", "", "fp", "1"]
+
+
+def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
+    """The hot path copies a per-plan template and sets the per-call fields by position: the
+    list must be what the typed object gives."""
+    from redis.asyncio import Redis
+
+    d = decisions.Decider(Redis(), config, layout.Layout("t", 16))
+    ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
+    _, args = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1")
+    _, terms, _ = d._priced(ident, "generate_insight")
+    assert args == decisions.argv(decisions.GateArgs(event_id="e1", org="org1", user="u1", key_id="key1",
+                                                     feature="generate_insight", cost=3, fingerprint="fp1",
+                                                     metadata='{"a":1}', shadow=1, **terms))
+    assert terms["rl_user_interval_us"] > 0 and args[decisions.GATE["rl_user_burst"]] == 20
+
+
+def test_each_script_binds_its_keys_at_the_top() -> None:
+    for script in OPERATIONS:
+        src = code((lua_dir() / f"{script}.lua").read_text())
+        first = [line for line in src.splitlines() if line.strip()][0]
+        assert first.startswith("local k = bind(KEYS,"), script
+        assert len(bound(script, "KEYS")) == len(set(bound(script, "KEYS")))
+        # A script reads names, never positions.
+        assert not re.search(r"(KEYS|ARGV)\[", src), script
+
+
+def test_no_library_function_reads_keys_or_argv() -> None:
+    assert not re.search(r"\b(KEYS|ARGV)\b", code(LIB))
+
+
+def test_the_reply_layout_is_decision() -> None:
+    assert named_list("REPLY") == [f.name for f in dataclasses.fields(decisions.Decision)]
+    assert set(lua_table("REPLY_DEFAULTS")) == set(named_list("REPLY"))  # reply{} fills every field
+
+
+def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
+    assert lua_table("METER_FIELDS") == layout.METER_FIELDS
+    assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
+    assert layout.meter_field("general", "purchased") == "general:p"
+    assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
+
+
+def test_events_add_writes_the_schema_fields_in_order() -> None:
+    from quota_gw import events
+
+    xadd = re.search(r"redis\.call\('XADD', self\.stream, '\*',(.*?)\)\n", code(LIB), re.S)
+    assert xadd
+    names = re.findall(r"'(\w+)', ", xadd.group(1))
+    assert tuple(names) == events.NAMES
