@@ -188,6 +188,7 @@ async def set_quota(request: Request) -> Response:
     if limit is not None:
         limit = int_field(data, "limit", None, 0, MAX_AMOUNT)
     scope, subject = ("user", user_id) if user_id else ("team", team)
+    assert subject is not None  # exactly one of the two was given (checked above)
     await c.store.set_sub_quota(org_id, meter, scope, subject, limit)
     return json_response({"org_id": org_id, "meter": meter, scope: subject, "limit": limit})
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, overload
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -109,6 +109,10 @@ def int_field(data: dict[str, Any], name: str, default: int | None = None, lo: i
     return v
 
 
+@overload
+def name_field(data: dict[str, Any], name: str, required: Literal[True] = True) -> str: ...
+@overload
+def name_field(data: dict[str, Any], name: str, required: bool) -> str | None: ...
 def name_field(data: dict[str, Any], name: str, required: bool = True) -> str | None:
     v = data.get(name)
     if v is None:

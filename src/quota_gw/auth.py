@@ -30,6 +30,7 @@ from .db import Database
 from .decisions import Identity
 from .layout import Layout
 from .problems import Problem, unavailable
+from .redis_text import text, text_hash
 
 KEY_PREFIX = "qgw_"
 T = TypeVar("T")
@@ -118,7 +119,7 @@ class KeyStore:
         if not key.startswith(KEY_PREFIX) or len(key) > 200:
             return None
         h = hash_key(key)
-        rec = await self.redis.hgetall(self.layout.api_key(h))
+        rec = text_hash(await self.redis.hgetall(self.layout.api_key(h)))
         if not rec and self.db is not None:
             rec = await self._from_postgres(h)
         if not rec or rec.get("revoked") == "1":
@@ -130,6 +131,7 @@ class KeyStore:
                         frozenset(rec.get("scopes", "").split(",")), plan)
 
     async def _from_postgres(self, h: str) -> dict[str, str]:
+        assert self.db is not None  # _load asks only when there is a ledger
         row = await self.db.fetchrow(
             "SELECT key_id, org_id, user_id, scopes, revoked_at FROM api_keys WHERE key_hash = $1", h)
         if row is None:
@@ -154,7 +156,7 @@ class KeyStore:
 
     async def _reload_plan(self, org_id: str) -> str | None:
         now = time.monotonic()
-        plan = await self.redis.hget(self.layout.org(org_id), "plan")
+        plan = text(await self.redis.hget(self.layout.org(org_id), "plan"))
         if plan is None and self.db is not None:
             plan = await self.db.fetchval("SELECT plan FROM orgs WHERE org_id = $1", org_id)
             if plan is not None:

@@ -62,9 +62,9 @@ async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
     """The event, if the stream still holds it (what the worker has not drained and trimmed)."""
     end = "+"
     while True:
-        page = await redis.xrevrange(stream, end, "-", count=STREAM_PAGE)
+        page = await redis.xrevrange(stream, end, "-", count=STREAM_PAGE) or []  # never None here
         for _entry_id, raw in page:
-            if _text(raw.get("id", raw.get(b"id", b""))) == event_id:
+            if raw and _text(raw.get("id", raw.get(b"id", b""))) == event_id:
                 return from_stream({_text(k): _text(v) for k, v in raw.items()})
         if len(page) < STREAM_PAGE:
             return None

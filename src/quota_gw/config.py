@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +21,7 @@ UNLIMITED = -1
 MAX_AMOUNT = 10**12  # keeps every sum exact in Lua doubles and in JSON
 
 
-def is_name(v: Any) -> bool:
+def is_name(v: Any) -> TypeGuard[str]:
     """A name (org, user, team, meter, feature): the whole string matches NAME_RE. With
     re.match, `$` also matches before a trailing newline, so "u0\n" passed."""
     return isinstance(v, str) and _NAME.fullmatch(v) is not None
@@ -279,6 +279,7 @@ def resolve_route_headers(config: Config, environ: Any = None, file: str | None 
                 if problem:
                     raise ConfigError(file, f"routes.{i}.headers.{name}",
                                       f"environment variable {var} {problem} (route {r.prefix})")
+                assert value is not None  # "is not set" raised above
                 return value
             resolved.append((name, _VAR.sub(sub, template)))
         out.append(resolved)

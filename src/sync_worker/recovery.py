@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from quota_gw import cluster
 from quota_gw.config import Config
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
+from quota_gw.redis_text import text_entries
 
 
 log = logging.getLogger("quota_gw.recovery")
@@ -153,7 +154,7 @@ async def stream_entries(r: aioredis.Redis, layout: Layout) -> list[dict[str, st
     for s in layout.streams():
         start = "-"
         while True:
-            chunk = await r.xrange(s, min=start, count=10_000)
+            chunk = text_entries(await r.xrange(s, min=start, count=10_000))
             entries += [f for _, f in chunk]
             if len(chunk) < 10_000:
                 break

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -38,6 +38,9 @@ from quota_gw.scripts import lua_dir
 
 from . import packing
 from .encoding import Entry
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 log = logging.getLogger("quota_gw.worker")
 
@@ -76,7 +79,7 @@ class Streams:
         """Connects (once) and joins the group on every stream (again after NOGROUP)."""
         if self.redis is None:
             self.redis = await self._connect()
-            raw = lambda r, **kw: r  # noqa: E731 - keep replies as nested lists of bytes
+            raw = lambda response, **kw: response  # noqa: E731 - keep replies as nested lists of bytes
             self.redis.set_response_callback("XREADGROUP", raw)
             self.redis.set_response_callback("XAUTOCLAIM", raw)
             self._maintain = self.redis.register_script(MAINTAIN_LUA)
@@ -171,7 +174,7 @@ class Streams:
         """Moves entries the ledger refuses to `<stream>:dead`, with the error, and acks them."""
         for e in dead:
             # The dead letter and its ack in one MULTI (same hash tag): never one without the other.
-            fields = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
+            fields: dict[FieldT, EncodableT] = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
                       b"consumer": self.consumer.encode(),
                       b"fields": orjson.dumps([x.decode("utf-8", "replace") for x in (e.fields or [])])}
             async with self._client().pipeline(transaction=True) as p:
