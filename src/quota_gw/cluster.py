@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -70,8 +70,10 @@ async def is_cluster(url: str) -> bool:
         await probe.aclose()
 
 
-async def connect(url: str) -> Client:
-    """A client for `url`: redis-py's cluster client on a cluster node, a pooled client otherwise."""
+async def connect(url: str) -> aioredis.Redis:
+    """A client for `url`: redis-py's cluster client on a cluster node, a pooled client otherwise.
+    Typed as the single-node client: the cluster client offers the same commands, and the few
+    places that differ ask `isinstance(r, RedisCluster)`."""
     if not await is_cluster(url):
         return node_client(url)
     rc = RedisCluster.from_url(plain_url(url), **pool_kwargs())
@@ -79,7 +81,7 @@ async def connect(url: str) -> Client:
         await rc.initialize()
     except (RedisError, RedisClusterException) as e:  # slots not all served yet: 503 until they are
         log.warning("redis cluster not ready at start: %s", e)
-    return rc
+    return cast(aioredis.Redis, rc)
 
 
 async def on_each_primary(r: Client, command: str, *args: Any) -> list[Any]:
@@ -108,7 +110,7 @@ class Lanes:
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
         kw = rc.get_connection_kwargs()
-        self._auth = {k: kw[k] for k in ("username", "password") if kw.get(k)}
+        self._auth: dict[str, Any] = {k: kw[k] for k in ("username", "password") if kw.get(k)}
 
     def lane(self, name: str) -> Coalescer:
         """The coalescer of node `host:port`, made on first use."""

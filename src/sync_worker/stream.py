@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -123,8 +123,9 @@ class Streams:
         self.backlog = True
 
     def _client(self) -> aioredis.Redis:
+        """The client; a cluster's offers the same commands (each names one stream or slot)."""
         assert self.redis is not None, "open() first"
-        return self.redis
+        return cast(aioredis.Redis, self.redis)
 
     # --- the batch -----------------------------------------------------------------------------
     async def read(self, block: bool = True) -> tuple[bool, Any]:
