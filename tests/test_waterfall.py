@@ -292,3 +292,56 @@ async def test_overflow_none_stops_at_the_allocation_but_a_meter_the_plan_leaves
     assert r.status_code == 402 and (await general(wf, h))["purchased"] == 10
     r = await wf.client.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)
     assert r.status_code == 200 and r.headers["X-Quota-Source"] == "purchased", r.text
+
+
+async def test_an_entitlement_gives_one_org_credit_past_its_plans_allocation(wf: Any, redis: Any) -> None:
+    """Enterprise entitlements: the org's own override of its plan's layers (admin), applied by
+    the decision with the plan's, restored by rebuild, and no other org on the plan sees it."""
+    ent_org, h = await wf.tenant("capped")  # allocation 2, overflow none: 402 past it
+    other, h2 = await wf.tenant("capped")
+    for org in (ent_org, other):
+        await wf.admin.grant(org, "general", 10)
+    url = f"/v1/admin/orgs/{ent_org}/entitlements"
+    r = await wf.client.put(url, json={"overflow": "credit", "overflow_cost": 2}, headers=wf.admin.h)
+    assert r.status_code == 200, r.text
+    assert r.json()["entitlements"] == {"overflow": "credit", "overflow_cost": 2}
+    assert r.json()["effective"]["overflow"] == "credit" and r.json()["plan"] == "capped"
+    assert (await wf.client.get(url, headers=wf.admin.h)).json()["entitlements"] == {"overflow": "credit",
+                                                                                       "overflow_cost": 2}
+    assert (await spend(wf, h, 2)).status_code == 200
+    r = await spend(wf, h, 1)  # past the allocation: paid from purchased, at the entitlement's 2x
+    assert r.status_code == 200 and r.headers["X-Quota-Source"] == "purchased", r.text
+    assert (await general(wf, h))["purchased"] == 8
+    # The other org on the same plan: the plan's behaviour.
+    assert (await spend(wf, h2, 2)).status_code == 200
+    assert (await spend(wf, h2, 1)).status_code == 402 and (await general(wf, h2))["purchased"] == 10
+
+    # Rebuild restores it from Postgres (into a prefix of its own).
+    from sync_worker.recovery import rebuild
+    fresh = Layout(f"{wf.layout.prefix}:rb", wf.config.shards)
+    await rebuild(redis, wf.pg, wf.config, fresh)
+    assert orjson.loads(await redis.hget(fresh.org(ent_org), "entitlements")) == {"overflow": "credit",
+                                                                                   "overflow_cost": 2}
+    assert await redis.hget(fresh.org(other), "entitlements") is None
+
+    # Removing it restores the plan's behaviour.
+    r = await wf.client.delete(url, headers=wf.admin.h)
+    assert r.status_code == 200 and r.json()["entitlements"] == {} and r.json()["effective"]["overflow"] == "none"
+    assert (await spend(wf, h, 1)).status_code == 402 and (await general(wf, h))["purchased"] == 8
+
+
+async def test_entitlements_bodies_are_validated_field_by_field(wf: Any) -> None:
+    org, _ = await wf.tenant("capped")
+    url = f"/v1/admin/orgs/{org}/entitlements"
+    for body, field in [({"overflow": "sometimes"}, "overflow"), ({"overflow_cost": 0}, "overflow_cost"),
+                        ({"overflow_cost": "2"}, "overflow_cost"), ({"credit_order": ["grants"]}, "credit_order"),
+                        ({"rate_limits": {"user": {"overflow_cost": 1001}}}, "rate_limits.user.overflow_cost"),
+                        ({"allocations": {"general": 5}}, "allocations")]:
+        r = await wf.client.put(url, json=body, headers=wf.admin.h)
+        assert r.status_code == 422 and r.json()["field"] == field, (body, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+    for method in ("GET", "PUT", "DELETE"):
+        r = await wf.client.request(method, "/v1/admin/orgs/no-such-org/entitlements", json={}, headers=wf.admin.h)
+        assert r.status_code == 404, (method, r.text)
+    r = await wf.client.put(url, json={}, headers=wf.admin.h)  # {}: no override
+    assert r.status_code == 200 and r.json()["entitlements"] == {}

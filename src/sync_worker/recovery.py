@@ -30,6 +30,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from quota_gw.config import Config
+from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
 from quota_gw.redis_text import text_entries
 
@@ -189,6 +190,7 @@ class RebuildReport:
     revoked: int = 0
     refund_guards: int = 0
     lots_not_restored: int = 0
+    entitlements: int = 0
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -196,8 +198,16 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     rep = RebuildReport()
     ops: list[tuple[Any, ...]] = []
 
-    for o in await pg.fetch("SELECT org_id, name, plan FROM orgs"):
-        ops.append(("hset", layout.org(o["org_id"]), None, None, {"plan": o["plan"], "name": o["name"] or ""}))
+    for o in await pg.fetch("SELECT o.org_id, o.name, o.plan, e.entitlements::text AS entitlements FROM orgs o "
+                            "LEFT JOIN org_entitlements e USING (org_id)"):
+        fields = {"plan": o["plan"], "name": o["name"] or ""}
+        ents = canonical(o["entitlements"])  # the org's override of its plan's layers (migration 009)
+        if ents:
+            fields["entitlements"] = ents
+            rep.entitlements += 1
+        else:  # --force over a Redis that had one: the ledger says there is none
+            ops.append(("hdel", layout.org(o["org_id"]), "entitlements"))
+        ops.append(("hset", layout.org(o["org_id"]), None, None, fields))
         rep.orgs += 1
     for k in await pg.fetch("SELECT key_id, org_id, user_id, key_hash, scopes, revoked_at FROM api_keys"):
         rec = {"key_id": k["key_id"], "org": k["org_id"], "user": k["user_id"] or "", "scopes": ",".join(k["scopes"])}
@@ -567,7 +577,7 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         rep = await rebuild(r, pg, config, layout)
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
-              f"{rep.refund_guards} refund guards; open reservations were released")
+              f"{rep.refund_guards} refund guards, {rep.entitlements} entitlements; open reservations were released")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
