@@ -200,14 +200,14 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
 
     for o in await pg.fetch("SELECT o.org_id, o.name, o.plan, e.entitlements::text AS entitlements FROM orgs o "
                             "LEFT JOIN org_entitlements e USING (org_id)"):
-        fields = {"plan": o["plan"], "name": o["name"] or ""}
+        org_fields = {"plan": o["plan"], "name": o["name"] or ""}
         ents = canonical(o["entitlements"])  # the org's override of its plan's layers (migration 009)
         if ents:
-            fields["entitlements"] = ents
+            org_fields["entitlements"] = ents
             rep.entitlements += 1
         else:  # --force over a Redis that had one: the ledger says there is none
             ops.append(("hdel", layout.org(o["org_id"]), "entitlements"))
-        ops.append(("hset", layout.org(o["org_id"]), None, None, fields))
+        ops.append(("hset", layout.org(o["org_id"]), None, None, org_fields))
         rep.orgs += 1
     for k in await pg.fetch("SELECT key_id, org_id, user_id, key_hash, scopes, revoked_at FROM api_keys"):
         rec = {"key_id": k["key_id"], "org": k["org_id"], "user": k["user_id"] or "", "scopes": ",".join(k["scopes"])}
