@@ -13,13 +13,22 @@ text is the override's version, so an org without one shares its plan's template
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .config import CreditLayer, Plan
 from .problems import Problem, invalid
+
+
+def _whole(v: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (JSON Schema agrees; api.int_field does the same)."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) <= 10**6 else v
+
+
+# null or left out: the plan's
+Multiple = Annotated[Annotated[int, Field(ge=1, le=1000)] | None, BeforeValidator(_whole)]
 
 
 class _Strict(BaseModel):
@@ -29,7 +38,7 @@ class _Strict(BaseModel):
 
 class WindowOverride(_Strict):
     overflow: Literal["none", "credit"] | None = None
-    overflow_cost: int | None = Field(default=None, ge=1, le=1000)
+    overflow_cost: Multiple = None
 
 
 class RateOverrides(_Strict):
@@ -40,7 +49,7 @@ class RateOverrides(_Strict):
 
 class Entitlements(_Strict):
     overflow: Literal["credit", "none"] | None = None
-    overflow_cost: int | None = Field(default=None, ge=1, le=1000)
+    overflow_cost: Multiple = None
     credit_order: list[CreditLayer] | None = None
     rate_limits: RateOverrides | None = None
 
