@@ -117,7 +117,8 @@ def identities(n: int, plan: str = "bulk") -> list[Identity]:
                      frozenset({"consume", "read"}), plan) for _ in range(n)]
 
 
-async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32) -> list[str]:
+async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32,
+                  refunds: bool = True) -> list[str]:
     """Mixed decisions: consume, refund, reserve, commit, release, grant and refusals (denied).
     Returns the event ids the gateway answered with."""
     rng = random.Random(seed)
@@ -135,7 +136,7 @@ async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int,
                 d = await decider.consume(ident, "generate_insight", rng.randint(1, 3), user)
                 if d.ok:
                     consumed.append((ident, d.event_id))
-            elif r < 0.50 and consumed:
+            elif r < 0.50 and consumed and refunds:
                 who, eid = consumed.pop(rng.randrange(len(consumed)))
                 d = await decider.refund(who, eid)
             elif r < 0.65:

@@ -148,8 +148,10 @@ async def reach_redis(url: str, timeout: float = 5) -> None:
     """Pings Redis once, or Fail with what is wrong (exit 3)."""
     import redis.asyncio as aioredis
 
+    from .cluster import plain_url
+
     try:
-        r = aioredis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        r = aioredis.from_url(plain_url(url), socket_connect_timeout=timeout, socket_timeout=timeout)
     except ValueError as e:
         raise Fail(f"REDIS_URL is not a Redis URL: {e}", USAGE) from None
     try:

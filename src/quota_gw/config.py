@@ -339,6 +339,10 @@ class Behaviour(_Model):
         "every replica within this. 0: read on every call."))
     coalesce: bool = Field(default=True, description=(  # see coalesce.py
         "Send the decisions of one event-loop turn together in one pipeline (fewer round trips under load)."))
+    replica_wait_ms: int = Field(default=0, ge=0, le=4000, description=(  # see coalesce.py
+        "Durability: after each batch of decisions, `WAIT 1 <ms>` for a replica to have them before answering. "
+        "A failover then loses fewer acknowledged charges, at the cost of a replication round trip per batch. "
+        "0: off (Redis replicates asynchronously)."))
     org_header: str = Field(default="X-Quota-Org", description="Header that carries the org to the upstream (the "
                             "caller's own is dropped).")
     user_header: str = Field(default="X-Quota-User", description=(

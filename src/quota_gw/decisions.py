@@ -20,6 +20,7 @@ import orjson
 from redis.asyncio import Redis
 
 from . import charges, entitlements, metrics
+from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
 from .db import Database
@@ -254,7 +255,9 @@ class Decider:
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
-        self._coalescer = Coalescer(redis)
+        # a cluster: one coalescer per primary, each call sent to its org's slot owner
+        wait_ms = config.behaviour.replica_wait_ms
+        self._coalescer = Lanes(redis, wait_ms) if isinstance(redis, RedisCluster) else Coalescer(redis, wait_ms)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from . import metrics
+from . import cluster, metrics
 from .decisions import Decider, Identity
 from .redis_errors import REDIS_DOWN
 
@@ -172,7 +172,7 @@ async def replay_forever(spool: Spool, decider: Decider, interval_s: float = 0.5
         metrics.SPOOL_ENTRIES.set(spool.pending() if files else 0)
         if files:
             try:
-                await decider.redis.ping()
+                await cluster.ping(decider.redis)  # every primary of a cluster
                 n = await spool.replay(decider)
                 if n:
                     log.info("spool: replayed %d entries", n)

@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from quota_gw import cluster
 from quota_gw.config import Config
 from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
@@ -296,6 +297,16 @@ async def _refund_guards(pg: asyncpg.Connection, config: Config, layout: Layout,
     return n
 
 
+# The server clock and every balance of one shard at one instant. A script, not MULTI: on a
+# cluster a script with one slot's keys runs on that slot's primary, and TIME is keyless.
+SNAPSHOT_LUA = """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i, k in ipairs(KEYS) do out[i + 2] = redis.call('HGETALL', k) end
+return out
+"""
+
+
 @dataclass
 class Drift:
     org: str
@@ -309,7 +320,7 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
                     org: str | None = None) -> tuple[list[Drift], dict[str, int]]:
     """Redis a/p/pt against the ledger, per (org, meter).
 
-    Per shard, one MULTI reads the clock and every balance at one instant T. Every balance
+    Per shard, one script reads the clock and every balance at one instant T. Every balance
     change up to T is then either in Postgres or still in the stream (entries are trimmed only
     after they are committed), so: read the streams, then Postgres, keep events with ts <= T.
     Safe to run while the gateway and the worker run."""
@@ -327,17 +338,14 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         for k in (await org_keys(r, layout, ("b",)))["b"]:
             found[k.partition("}:")[0] + "}"].add(k)
     for tag in layout.shard_tags():
-        keys = set(known_by_tag.get(tag, [])) | found.get(tag, set())
-        async with r.pipeline(transaction=True) as p:
-            p.time()
-            for k in keys:
-                p.hgetall(k)
-            res = await p.execute()
-        sec, us = res[0]
+        keys = sorted(set(known_by_tag.get(tag, [])) | found.get(tag, set()))
+        if not keys:
+            continue
+        sec, us, *res = await r.eval(SNAPSHOT_LUA, len(keys), *keys)  # one slot: its owner, atomically
         t = int(sec) * 1_000_000 + int(us)
-        for k, fields in zip(keys, res[1:]):
+        for k, flat in zip(keys, res):
             o = k[len(tag) + 3:]
-            snap[o], t_of[o] = fields, t
+            snap[o], t_of[o] = dict(zip(flat[::2], flat[1::2])), t
     # 2. The streams (after the snapshot), 3. Postgres (after the streams), in one snapshot of its
     #    own so an event the worker commits meanwhile is seen either in both queries or in neither.
     entries = [f for f in await stream_entries(r, layout) if f.get("org") in t_of]
@@ -549,6 +557,33 @@ def print_tie_out_drift(drift: list[TieOutDrift], out: Any = None) -> None:
               "monetization and balance changes disagree\n")
 
 
+# One balance field set to the ledger's value, only if it still holds what reconcile read (a
+# decision meanwhile changed it: read again). An absent field reads as 0, as in reconcile.
+REPAIR_LUA = """
+local have = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if have ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+async def repair(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout, org: str,
+                 rounds: int = 5) -> tuple[list[Drift], list[Drift]]:
+    """Sets one org's drifted a/p/pt to what the ledger (plus the undrained events) says, while
+    the gateways run: each field by compare-and-set against what reconcile saw, then reconcile
+    again, until clean. Returns (repaired, still drifting)."""
+    fixed: list[Drift] = []
+    drift: list[Drift] = []
+    for _ in range(rounds):
+        drift, _ = await reconcile(r, pg, layout, org)
+        if not drift:
+            break
+        for d in drift:
+            if await r.eval(REPAIR_LUA, 1, layout.balances(d.org), f"{d.meter}:{d.field}", d.redis, d.ledger):
+                fixed.append(d)
+    return fixed, drift
+
+
 # --- rollups against events (migration 003) ----------------------------------------------------
 # Per (org, meter) sums: the hourly rollup against usage_events from the first hour still in the
 # ledger (raw events may be kept for less time than rollups), and the daily rollup and the
@@ -676,7 +711,7 @@ def print_drift(drift: list[Drift], stats: dict[str, int], out: Any = sys.stdout
 
 
 async def _connect(redis_url: str, database_url: str) -> tuple[aioredis.Redis, asyncpg.Connection]:
-    return aioredis.from_url(redis_url, decode_responses=True), await asyncpg.connect(database_url)
+    return await cluster.connect(redis_url), await asyncpg.connect(database_url)
 
 
 async def rebuild_main(redis_url: str, database_url: str, config: Config, layout: Layout, force: bool = False) -> int:
@@ -703,6 +738,19 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
         return 0
+    finally:
+        await r.aclose()
+        await pg.close()
+
+
+async def repair_main(redis_url: str, database_url: str, layout: Layout, org: str) -> int:
+    r, pg = await _connect(redis_url, database_url)
+    try:
+        fixed, left = await repair(r, pg, layout, org)
+        for d in fixed:
+            print(f"repaired {d.org} {d.meter} {d.field}: {d.redis} -> {d.ledger} (redis-ledger was {d.redis - d.ledger})")
+        print(f"{len(fixed)} balance fields of org {org} set from the ledger; {len(left)} still differ")
+        return 1 if left else 0
     finally:
         await r.aclose()
         await pg.close()
