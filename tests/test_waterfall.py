@@ -292,3 +292,103 @@ async def test_overflow_none_stops_at_the_allocation_but_a_meter_the_plan_leaves
     assert r.status_code == 402 and (await general(wf, h))["purchased"] == 10
     r = await wf.client.post("/v1/consume", json={"feature": "generate_goal"}, headers=h)
     assert r.status_code == 200 and r.headers["X-Quota-Source"] == "purchased", r.text
+
+
+async def test_an_entitlement_gives_one_org_credit_past_its_plans_allocation(wf: Any, redis: Any) -> None:
+    """Enterprise entitlements: the org's own override of its plan's layers (admin), applied by
+    the decision with the plan's, restored by rebuild, and no other org on the plan sees it."""
+    ent_org, h = await wf.tenant("capped")  # allocation 2, overflow none: 402 past it
+    other, h2 = await wf.tenant("capped")
+    for org in (ent_org, other):
+        await wf.admin.grant(org, "general", 10)
+    url = f"/v1/admin/orgs/{ent_org}/entitlements"
+    r = await wf.client.put(url, json={"overflow": "credit", "overflow_cost": 2}, headers=wf.admin.h)
+    assert r.status_code == 200, r.text
+    assert r.json()["entitlements"] == {"overflow": "credit", "overflow_cost": 2}
+    assert r.json()["effective"]["overflow"] == "credit" and r.json()["plan"] == "capped"
+    assert (await wf.client.get(url, headers=wf.admin.h)).json()["entitlements"] == {"overflow": "credit",
+                                                                                       "overflow_cost": 2}
+    assert (await spend(wf, h, 2)).status_code == 200
+    r = await spend(wf, h, 1)  # past the allocation: paid from purchased, at the entitlement's 2x
+    assert r.status_code == 200 and r.headers["X-Quota-Source"] == "purchased", r.text
+    assert (await general(wf, h))["purchased"] == 8
+    # The other org on the same plan: the plan's behaviour.
+    assert (await spend(wf, h2, 2)).status_code == 200
+    assert (await spend(wf, h2, 1)).status_code == 402 and (await general(wf, h2))["purchased"] == 10
+
+    # Rebuild restores it from Postgres (into a prefix of its own).
+    from sync_worker.recovery import rebuild
+    fresh = Layout(f"{wf.layout.prefix}:rb", wf.config.shards)
+    await rebuild(redis, wf.pg, wf.config, fresh)
+    assert orjson.loads(await redis.hget(fresh.org(ent_org), "entitlements")) == {"overflow": "credit",
+                                                                                   "overflow_cost": 2}
+    assert await redis.hget(fresh.org(other), "entitlements") is None
+
+    # Removing it restores the plan's behaviour.
+    r = await wf.client.delete(url, headers=wf.admin.h)
+    assert r.status_code == 200 and r.json()["entitlements"] == {} and r.json()["effective"]["overflow"] == "none"
+    assert (await spend(wf, h, 1)).status_code == 402 and (await general(wf, h))["purchased"] == 8
+
+
+async def test_entitlements_bodies_are_validated_field_by_field(wf: Any) -> None:
+    org, _ = await wf.tenant("capped")
+    url = f"/v1/admin/orgs/{org}/entitlements"
+    for body, field in [({"overflow": "sometimes"}, "overflow"), ({"overflow_cost": 0}, "overflow_cost"),
+                        ({"overflow_cost": "2"}, "overflow_cost"), ({"credit_order": ["grants"]}, "credit_order"),
+                        ({"rate_limits": {"user": {"overflow_cost": 1001}}}, "rate_limits.user.overflow_cost"),
+                        ({"allocations": {"general": 5}}, "allocations")]:
+        r = await wf.client.put(url, json=body, headers=wf.admin.h)
+        assert r.status_code == 422 and r.json()["field"] == field, (body, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+    for method in ("GET", "PUT", "DELETE"):
+        r = await wf.client.request(method, "/v1/admin/orgs/no-such-org/entitlements", json={}, headers=wf.admin.h)
+        assert r.status_code == 404, (method, r.text)
+    r = await wf.client.put(url, json={}, headers=wf.admin.h)  # {}: no override
+    assert r.status_code == 200 and r.json()["entitlements"] == {}
+
+
+async def test_reconcile_ties_usage_monetization_and_balance_changes_and_catches_each_tampered(
+        wf: Any, capsys: Any) -> None:
+    """The three records (docs/design.md): a clean org ties out and reconcile exits 0; a row
+    tampered in each record in turn is caught (exit 1), including a split whose total still
+    equals its delta (which the per-row split check passes)."""
+    from sync_worker.recovery import tie_out_drift
+    org, h = await wf.tenant("layered")
+    await wf.admin.grant(org, "general", 10)
+    e1 = (await spend(wf, h, 5)).json()["event_id"]  # allocated:2,purchased:3
+    e2 = (await spend(wf, h, 1)).json()["event_id"]  # purchased:1
+    f = await wf.client.post("/v1/refunds", json={"event_id": e2}, headers=h)
+    assert f.status_code == 200, f.text
+    for e in (e1, e2, f.json()["event_id"]):
+        await wf.drained(e)
+    assert await tie_out_drift(wf.pg, org) == []
+    capsys.readouterr()
+    assert await reconcile_main(wf.redis_url, wf.database_url, wf.config, wf.layout, org) == 0
+    assert "three records: 0 (org, day) periods" in capsys.readouterr().out
+
+    async def caught(column: str, tampered: Any, event_id: str) -> list[tuple[str, int, int]]:
+        was = await wf.pg.fetchval(f"SELECT {column} FROM usage_events WHERE event_id = $1::uuid", event_id)
+        await wf.pg.execute(f"UPDATE usage_events SET {column} = $2 WHERE event_id = $1::uuid", event_id, tampered)
+        try:
+            found = [(d.check, d.left, d.right) for d in await tie_out_drift(wf.pg, org)]
+            capsys.readouterr()
+            assert await reconcile_main(wf.redis_url, wf.database_url, wf.config, wf.layout, org) == 1
+            assert "three records: 1 (org, day) periods" in capsys.readouterr().out
+            return found
+        finally:
+            await wf.pg.execute(f"UPDATE usage_events SET {column} = $2 WHERE event_id = $1::uuid", event_id, was)
+
+    # Usage: the charge says it was priced at 6, its layers took 5 (the day's charges: 7 vs 6).
+    assert await caught("cost", 6, e1) == [("usage = monetization", 7, 6)]
+    # Monetization: the split still adds up to the delta (split_drift passes) but says allocated paid 3.
+    await wf.pg.execute("UPDATE usage_events SET sources = 'allocated:3,purchased:2' WHERE event_id = $1::uuid", e1)
+    assert await split_drift(wf.pg, org) == []
+    await wf.pg.execute("UPDATE usage_events SET sources = 'allocated:2,purchased:3' WHERE event_id = $1::uuid", e1)
+    assert await caught("sources", "allocated:3,purchased:2", e1) == [
+        ("monetization = balance", -3, -2), ("monetization = balance", -2, -3)]
+    # Balance changes: the ledger says 2 of the 5 came from purchased credit, the split says 3.
+    assert await caught("delta_purchased", -2, e1) == [
+        ("monetization = balance", -2, -3), ("monetization = balance", -3, -2)]
+    # A refund whose usage is not its charge's.
+    assert await caught("cost", -2, f.json()["event_id"]) == [("refund = charge", 2, 1)]
+    assert await tie_out_drift(wf.pg, org) == []

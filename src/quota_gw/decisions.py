@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import charges, metrics
+from . import charges, entitlements, metrics
 from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
@@ -38,6 +38,7 @@ class Identity:
     user_id: str | None
     scopes: frozenset[str]
     plan: str
+    entitlements: str = ""  # the org's override of the plan's layers, canonical text (entitlements.py)
 
 
 @dataclass(slots=True)
@@ -260,7 +261,7 @@ class Decider:
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)
-        self._terms: dict[tuple[str, str], tuple[str, dict[str, Any], list[Any]]] = {}
+        self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any]]] = {}
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
@@ -275,8 +276,9 @@ class Decider:
 
     def _priced(self, ident: Identity, feature: str) -> tuple[str, dict[str, Any], list[Any]]:
         """The plan's terms for a feature's meter (GateArgs fields) and the gate's ARGV template,
-        computed once per (plan, feature)."""
-        hit = self._terms.get((ident.plan, feature))
+        computed once per (plan, the org's entitlements, feature): an org's override is its own
+        template, found with the same one dict lookup."""
+        hit = self._terms.get((ident.plan, ident.entitlements, feature))
         if hit is None:
             meter = self.config.features[feature].meter
             plan = self.plan(ident)
@@ -286,14 +288,14 @@ class Decider:
             for name, lim in (("user", rl.user), ("key", rl.key), ("org", rl.org)):
                 terms[f"rl_{name}_interval_us"], terms[f"rl_{name}_burst"] = \
                     (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
-                terms[f"rl_{name}_overflow"] = lim.overflow_cost if lim and lim.overflow == "credit" else 0
-            terms.update(alloc_overflow=plan.overflow_cost if plan.overflow == "credit" else 0,
-                         credit_order="".join(c[0] for c in plan.credit_order))
+            terms.update(entitlements.gate_terms(plan, ident.entitlements))
             terms.update(auto_register=int(self.config.behaviour.auto_register_users), idem_ttl_s=self._ttl[0],
                          alert_thresholds=self._alerts)
             template = argv(GateArgs(event_id="", org="", user="", key_id="", feature=feature, cost=0,
                                      fingerprint="", metadata="", shadow=0, **terms))
-            hit = self._terms[(ident.plan, feature)] = (meter, terms, template)
+            if len(self._terms) > 10_000:  # overrides are few; bound it anyway
+                self._terms.clear()
+            hit = self._terms[(ident.plan, ident.entitlements, feature)] = (meter, terms, template)
         return hit
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,

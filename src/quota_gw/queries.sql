@@ -24,6 +24,20 @@ UPDATE orgs SET plan = $2, updated_at = now() WHERE org_id = $1 RETURNING plan;
 SELECT org_id, name, plan, created_at FROM orgs
 WHERE $1::text IS NULL OR org_id > $1 ORDER BY org_id LIMIT $2;
 
+-- org_entitlements --
+-- The org's plan and its entitlements (NULL: none), or no row when there is no such org
+SELECT o.plan, e.entitlements::text AS entitlements, e.updated_at
+FROM orgs o LEFT JOIN org_entitlements e USING (org_id) WHERE o.org_id = $1;
+
+-- upsert_entitlements --
+-- The org's override of its plan's layers (migration 009), replacing the one it had
+INSERT INTO org_entitlements (org_id, entitlements) VALUES ($1, $2::jsonb)
+ON CONFLICT (org_id) DO UPDATE SET entitlements = EXCLUDED.entitlements, updated_at = now();
+
+-- delete_entitlements --
+-- Removes the org's override: its plan's layers again
+DELETE FROM org_entitlements WHERE org_id = $1;
+
 -- upsert_user --
 -- A user and their team; true when the user existed (the team is replaced)
 INSERT INTO users (org_id, user_id, team) VALUES ($1, $2, $3)

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from quota_gw import cluster
 from quota_gw.config import Config
+from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
 from quota_gw.redis_text import text_entries
 
@@ -190,6 +191,7 @@ class RebuildReport:
     revoked: int = 0
     refund_guards: int = 0
     lots_not_restored: int = 0
+    entitlements: int = 0
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -197,8 +199,16 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     rep = RebuildReport()
     ops: list[tuple[Any, ...]] = []
 
-    for o in await pg.fetch("SELECT org_id, name, plan FROM orgs"):
-        ops.append(("hset", layout.org(o["org_id"]), None, None, {"plan": o["plan"], "name": o["name"] or ""}))
+    for o in await pg.fetch("SELECT o.org_id, o.name, o.plan, e.entitlements::text AS entitlements FROM orgs o "
+                            "LEFT JOIN org_entitlements e USING (org_id)"):
+        org_fields = {"plan": o["plan"], "name": o["name"] or ""}
+        ents = canonical(o["entitlements"])  # the org's override of its plan's layers (migration 009)
+        if ents:
+            org_fields["entitlements"] = ents
+            rep.entitlements += 1
+        else:  # --force over a Redis that had one: the ledger says there is none
+            ops.append(("hdel", layout.org(o["org_id"]), "entitlements"))
+        ops.append(("hset", layout.org(o["org_id"]), None, None, org_fields))
         rep.orgs += 1
     for k in await pg.fetch("SELECT key_id, org_id, user_id, key_hash, scopes, revoked_at FROM api_keys"):
         rec = {"key_id": k["key_id"], "org": k["org_id"], "user": k["user_id"] or "", "scopes": ",".join(k["scopes"])}
@@ -426,6 +436,127 @@ def print_split_drift(drift: list[SplitDrift], out: Any = None) -> None:
     out.write(f"splits: {len(drift)} events whose sources do not add up to their delta\n")
 
 
+# --- the three records tie out (docs/design.md "Three records that tie out") -------------------
+# Usage (what the caller did: the charge's feature and the tokens it was priced at, `cost`),
+# monetization (what was taken, by layer: the split rows of usage_event_sources) and balance
+# changes (`delta`, `delta_purchased`: what the balances moved, which Redis is reconciled against)
+# must agree per org, UTC day, meter and feature, over the events that record a split (from
+# migration 008 on: `sources IS NOT NULL`; older rows have none to tie):
+#   usage = monetization:  sum(cost) of charges (consume, commit) = -sum(split) of those charges
+#   monetization = balance: sum(split on 'allocated') = sum(delta - delta_purchased) and
+#                           sum(split on the credit layers, grant:* and purchased) = sum(delta_purchased),
+#                           over charges and refunds
+# A charge that took from no layer (no split, no delta: an unlimited meter) ties out trivially.
+# A refund's usage is its charge's: see REFUND_TIE_OUT.
+TIE_OUT = """
+WITH ev AS (
+    SELECT e.event_id, e.ts, e.org_id, coalesce(e.meter, '') AS meter, coalesce(e.feature, '') AS feature,
+           (e.ts AT TIME ZONE 'UTC')::date AS day, e.kind, e.cost, e.delta, e.delta_purchased
+      FROM usage_events e
+     WHERE e.kind IN ('consume', 'commit', 'refund') AND e.sources IS NOT NULL
+       AND NOT (e.sources = '' AND e.delta = 0 AND e.delta_purchased = 0) {where}
+), split AS (
+    SELECT s.event_id, s.ts,
+           coalesce(sum(s.delta) FILTER (WHERE s.layer = 'allocated'), 0) AS allocated,
+           coalesce(sum(s.delta) FILTER (WHERE s.layer <> 'allocated'), 0) AS credit
+      FROM usage_event_sources s JOIN ev USING (event_id, ts)
+     GROUP BY 1, 2
+), day AS (
+    SELECT ev.org_id, ev.day, ev.meter, ev.feature,
+           coalesce(sum(ev.cost) FILTER (WHERE ev.kind <> 'refund'), 0)::bigint AS usage,
+           coalesce(-sum(coalesce(s.allocated, 0) + coalesce(s.credit, 0))
+                    FILTER (WHERE ev.kind <> 'refund'), 0)::bigint AS charged,
+           coalesce(sum(s.allocated), 0)::bigint AS split_allocated,
+           coalesce(sum(s.credit), 0)::bigint AS split_credit,
+           sum(ev.delta - ev.delta_purchased)::bigint AS delta_allocated,
+           sum(ev.delta_purchased)::bigint AS delta_purchased
+      FROM ev LEFT JOIN split s USING (event_id, ts)
+     GROUP BY 1, 2, 3, 4
+)
+SELECT * FROM day
+ WHERE usage <> charged OR split_allocated <> delta_allocated OR split_credit <> delta_purchased
+ ORDER BY org_id, day, meter, feature
+"""
+
+# A refund against the charge it refunds (metadata refund_of), when both are in the ledger: its
+# usage is the charge's (cost = -the charge's cost), and no layer gets back more than the charge
+# took from it (an expired grant's share, or a past period's allocation, gets back less: `lost`).
+REFUND_TIE_OUT = """
+WITH r AS (
+    SELECT e.event_id, e.ts, e.org_id, coalesce(e.meter, '') AS meter, coalesce(e.feature, '') AS feature,
+           (e.ts AT TIME ZONE 'UTC')::date AS day, e.cost, (e.metadata ->> 'refund_of')::uuid AS refund_of
+      FROM usage_events e
+     WHERE e.kind = 'refund' AND e.sources IS NOT NULL AND e.metadata ->> 'refund_of' ~ '^[0-9a-f]{{32}}$' {where}
+), c AS (
+    SELECT r.event_id AS refund_id, c.event_id, c.ts, c.cost
+      FROM r JOIN usage_events c ON c.event_id = r.refund_of AND c.org_id = r.org_id
+                                AND c.kind IN ('consume', 'commit') AND c.sources IS NOT NULL
+), layers AS (
+    SELECT c.refund_id, l.layer, sum(l.back)::bigint AS back, sum(l.took)::bigint AS took
+      FROM c CROSS JOIN LATERAL (
+          SELECT s.layer, s.delta AS back, 0 AS took FROM usage_event_sources s
+           WHERE s.event_id = c.refund_id
+          UNION ALL
+          SELECT s.layer, 0, -s.delta FROM usage_event_sources s WHERE s.event_id = c.event_id AND s.ts = c.ts) l
+     GROUP BY 1, 2
+)
+SELECT r.org_id, r.day, r.meter, r.feature, r.event_id, -r.cost AS refunded_usage, c.cost AS charged_usage,
+       coalesce(string_agg(l.layer || ' ' || l.back || '>' || l.took, ', ' ORDER BY l.layer)
+                FILTER (WHERE l.back > l.took), '') AS layers_over
+  FROM r JOIN c ON c.refund_id = r.event_id LEFT JOIN layers l ON l.refund_id = r.event_id
+ GROUP BY r.org_id, r.day, r.meter, r.feature, r.event_id, r.cost, c.cost
+HAVING -r.cost <> c.cost OR bool_or(l.back > l.took)
+ ORDER BY r.org_id, r.day, r.event_id
+"""
+
+
+@dataclass
+class TieOutDrift:
+    org: str
+    day: str
+    meter: str
+    feature: str
+    check: str  # 'usage = monetization', 'monetization = balance' (allocated / credit), 'refund = charge'
+    left: int
+    right: int
+    detail: str = ""
+
+
+async def tie_out_drift(pg: asyncpg.Connection, org: str | None = None) -> list[TieOutDrift]:
+    """Where usage, monetization and balance changes disagree per (org, day, meter, feature), and
+    refunds that do not tie to their charge (see TIE_OUT and REFUND_TIE_OUT)."""
+    where, args = ("", []) if org is None else ("AND e.org_id = $1", [org])
+    out: list[TieOutDrift] = []
+    async with pg.transaction(isolation="repeatable_read", readonly=True):
+        for x in await pg.fetch(TIE_OUT.format(where=where), *args):
+            at = (x["org_id"], str(x["day"]), x["meter"], x["feature"])
+            if x["usage"] != x["charged"]:
+                out.append(TieOutDrift(*at, "usage = monetization", x["usage"], x["charged"],
+                                       "charges' cost vs what their split took"))
+            if x["split_allocated"] != x["delta_allocated"]:
+                out.append(TieOutDrift(*at, "monetization = balance", x["split_allocated"], x["delta_allocated"],
+                                       "split on allocated vs delta - delta_purchased"))
+            if x["split_credit"] != x["delta_purchased"]:
+                out.append(TieOutDrift(*at, "monetization = balance", x["split_credit"], x["delta_purchased"],
+                                       "split on credit layers vs delta_purchased"))
+        for x in await pg.fetch(REFUND_TIE_OUT.format(where=where), *args):
+            at = (x["org_id"], str(x["day"]), x["meter"], x["feature"])
+            detail = f"refund {x['event_id'].hex}"
+            if x["layers_over"]:
+                detail += f": back > taken on {x['layers_over']}"
+            out.append(TieOutDrift(*at, "refund = charge", x["refunded_usage"], x["charged_usage"], detail))
+    return out
+
+
+def print_tie_out_drift(drift: list[TieOutDrift], out: Any = None) -> None:
+    out = out or sys.stdout  # read at call time (a caller may have redirected it)
+    for d in drift:
+        out.write(f"{d.org} {d.day} {d.meter or '-'}/{d.feature or '-'}: {d.check}: {d.left} vs {d.right} "
+                  f"({d.detail})\n")
+    out.write(f"three records: {len({(d.org, d.day) for d in drift})} (org, day) periods where usage, "
+              "monetization and balance changes disagree\n")
+
+
 # One balance field set to the ledger's value, only if it still holds what reconcile read (a
 # decision meanwhile changed it: read again). An absent field reads as 0, as in reconcile.
 REPAIR_LUA = """
@@ -602,7 +733,7 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         rep = await rebuild(r, pg, config, layout)
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
-              f"{rep.refund_guards} refund guards; open reservations were released")
+              f"{rep.refund_guards} refund guards, {rep.entitlements} entitlements; open reservations were released")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
@@ -635,7 +766,9 @@ async def reconcile_main(redis_url: str, database_url: str, config: Config, layo
         print_rollup_drift(rollups, pairs)
         splits = await split_drift(pg, org)
         print_split_drift(splits)
-        return 1 if drift or rollups or splits else 0
+        ties = await tie_out_drift(pg, org)
+        print_tie_out_drift(ties)
+        return 1 if drift or rollups or splits or ties else 0
     finally:
         await r.aclose()
         await pg.close()
