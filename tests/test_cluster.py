@@ -318,3 +318,36 @@ async def test_replica_wait_holds_answers_until_a_replica_has_them(config, redis
         before = short()
         _, dt = await _one_consume(application)
         assert short() > before and dt >= 0.3  # no replica: each batch waited its 300 ms out
+
+
+async def test_a_refund_waits_out_its_slot_unserved_like_decisions(cclient, cadmin, capp, redis_cluster):
+    """A refund first reads its charge from the org's stream: on the slot's primary through the
+    decision lanes, which wait out CLUSTERDOWN (and follow MOVED/ASK/TRYAGAIN) for up to
+    cluster.SETTLE_S, as decisions do. Its slot unserved for 3 s (longer than redis-py's cluster
+    client retries, which answered 503): the refund answers 200, once."""
+    layout = capp.state.ctx.decider.layout
+    org = orgs_on_every_primary(redis_cluster, layout, 3)[2]
+    await cadmin.org("starter", org)
+    h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
+    await cadmin.grant(org, "general", 10)
+    r = await cclient.post("/v1/consume", json={"feature": "generate_insight", "units": 3}, headers=h)
+    assert r.status_code == 200, r.text
+    eid = r.json()["event_id"]
+    slot = key_slot(layout.stream(org).encode())
+    owner = owner_port(redis_cluster, layout.stream(org))
+    before = redirects("clusterdown")
+    assert "OK" in command(owner, "CLUSTER", "DELSLOTS", str(slot))  # the owner stops serving it
+    try:
+        refund = asyncio.ensure_future(cclient.post("/v1/refunds", json={"event_id": eid}, headers=h))
+        await asyncio.sleep(3.0)  # the outage: past redis-py's cluster client retries (~2.5 s: 503), within SETTLE_S
+        assert not refund.done()
+    finally:
+        assert "OK" in command(owner, "CLUSTER", "ADDSLOTS", str(slot))
+    r = await refund
+    assert r.status_code == 200, r.text
+    assert redirects("clusterdown") > before  # it met the unserved slot and waited
+    r = await cclient.post("/v1/refunds", json={"event_id": eid}, headers=h)
+    assert r.status_code == 200, r.text  # the same refund again: answered, not applied twice
+    r = await cclient.get("/v1/balance", headers=h)
+    assert r.json()["meters"]["general"]["balance"] == 10
+

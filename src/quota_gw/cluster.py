@@ -11,6 +11,8 @@ carries the org's shard tag, layout.py). The never-resend rule holds across node
 TRYAGAIN or CLUSTERDOWN reply means the script did not run, so it is sent again (to the node the
 reply names, after refreshing the slot map); a timeout or a lost connection fails the call, as on
 a single Redis, and only schedules a slot-map refresh so the next call finds a promoted replica.
+A refund's read of its org's stream (charges.py) takes the same path (`Lanes.command`), so it
+waits out a migration or a failover for as long as the decision that follows it would.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -129,23 +132,30 @@ class Lanes:
             raise ClusterDownError(f"slot {key_slot(key.encode())} is not served: {e}") from None
 
     async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return await self._routed(script, keys, args, True)
+        return await self._routed(keys[0], lambda lane, asking: self._asking(lane, script, keys, args)
+                                  if asking else lane.run(script, keys, args))
 
     async def run_now(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return await self._routed(script, keys, args, False)
+        return await self._routed(keys[0], lambda lane, asking: self._asking(lane, script, keys, args)
+                                  if asking else lane.run_now(script, keys, args))
 
-    async def _routed(self, script: Any, keys: list[str], args: list[Any], coalesce: bool) -> Any:
+    async def command(self, key: str, *args: Any) -> Any:
+        """One read-only command about `key` (a refund's XREVRANGE of its org's stream) on the
+        primary owning its slot, redirected as decisions are: while the slot migrates it is
+        answered, not given up on as redis-py's cluster client may ("TTL exhausted")."""
+        return await self._routed(key, lambda lane, asking: self._command(lane, asking, args))
+
+    async def _routed(self, key: str, send: Callable[[Coalescer, bool], Awaitable[Any]]) -> Any:
+        """`send(lane, asking)` to the lane of `key`'s slot owner, again after a reply that says
+        it did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), never after a timeout or lost connection."""
         asking = False
         deadline = 0.0
         target = ""
         hops = 0
         while hops <= MAX_REDIRECTS:
             try:
-                target = target or self.node_for(keys[0])
-                lane = self.lane(target)
-                if asking:
-                    return await self._asking(lane, script, keys, args)
-                return await (lane.run if coalesce else lane.run_now)(script, keys, args)
+                target = target or self.node_for(key)
+                return await send(self.lane(target), asking)
             except MovedError as e:  # not run: the slot lives elsewhere now
                 metrics.REDIS_REDIRECTS.labels("moved").inc()
                 self.refresh()
@@ -165,7 +175,17 @@ class Lanes:
             except (RedisConnectionError, RedisTimeoutError):
                 self.refresh()  # may have run: never resent; the next call finds the new primary
                 raise
-        raise ClusterDownError(f"more than {MAX_REDIRECTS} redirects for slot {key_slot(keys[0].encode())}")
+        raise ClusterDownError(f"more than {MAX_REDIRECTS} redirects for slot {key_slot(key.encode())}")
+
+    @staticmethod
+    async def _command(lane: Coalescer, asking: bool, args: tuple[Any, ...]) -> Any:
+        """A command on the lane's pool; after ASK, ASKING and it back to back on one connection."""
+        if not asking:
+            return await lane.redis.execute_command(*args)
+        async with lane.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("ASKING")
+            pipe.execute_command(*args)
+            return (await pipe.execute())[1]
 
     async def _asking(self, lane: Coalescer, script: Any, keys: list[str], args: list[Any]) -> Any:
         """ASKING and the script, back to back on one pooled connection of the importing node."""
