@@ -351,3 +351,50 @@ async def test_a_refund_waits_out_its_slot_unserved_like_decisions(cclient, cadm
     r = await cclient.get("/v1/balance", headers=h)
     assert r.json()["meters"]["general"]["balance"] == 10
 
+
+
+async def test_fail_open_route_spools_while_its_slot_is_unserved_and_replays_once(config, redis_cluster,
+                                                                                  database_url, tmp_path):
+    """An org's slot unserved for longer than the lanes wait (cluster.SETTLE_S): the decision ends
+    in CLUSTERDOWN, which means it did not run, so a fail-open route serves and spools (not 503);
+    once the slot is served again the replayer charges it, exactly once."""
+    from conftest import test_config_data
+    from quota_gw import config as config_mod
+    from quota_gw.demo import create_demo_app
+    from quota_gw.dev import serve
+
+    demo_app = create_demo_app()
+    async with serve(demo_app, lifespan="off") as up:
+        data = test_config_data()
+        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
+                           "feature": "generate_goal", "fail": "open"}]
+        data["behaviour"] = {"fail": "closed", "spool_dir": str(tmp_path / "spool")}
+        application = create_app(config_mod.parse(data), redis_cluster.url, database_url,
+                                 f"qgwf{secrets.token_hex(3)}")
+        async with serve(application) as gw, httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}", timeout=30,
+                                                               limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            adm = Admin(c)
+            layout = application.state.ctx.decider.layout
+            org = orgs_on_every_primary(redis_cluster, layout, 3)[1]
+            await adm.org("pro", org)
+            h = {"Authorization": f"Bearer {await adm.key(org)}"}
+            r = await c.post("/ai/goals", headers=h)
+            assert r.status_code == 200 and "X-Quota-Degraded" not in r.headers
+            used = (await c.get("/v1/balance", headers=h)).json()["meters"]["goal_generation"]["used"]
+            slot = key_slot(layout.balances(org).encode())
+            owner = owner_port(redis_cluster, layout.balances(org))
+            spool = application.state.sidecar.spool
+            assert "OK" in command(owner, "CLUSTER", "DELSLOTS", str(slot))
+            try:
+                r = await c.post("/ai/goals", headers=h)  # waits SETTLE_S out, then serves and spools
+                assert r.status_code == 200, r.text
+                assert r.headers["X-Quota-Degraded"] == "fail-open"
+                assert spool.pending() == 1
+            finally:
+                assert "OK" in command(owner, "CLUSTER", "ADDSLOTS", str(slot))
+            async with asyncio.timeout(30):
+                while spool.files():
+                    await asyncio.sleep(0.05)
+            assert spool.replayed == 1
+            m = (await c.get("/v1/balance", headers=h)).json()["meters"]["goal_generation"]
+            assert m["used"] == 2 * used  # the spooled call charged once, like the first
