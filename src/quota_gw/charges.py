@@ -66,10 +66,9 @@ def from_stream(fields: dict[str, str]) -> Charge:
 
 async def newest_first(redis: Redis | Lanes, stream: str, end: str) -> list[Any]:
     """One page of the stream, from `end` back (XREVRANGE): on a cluster, on its slot's primary."""
-    command = ("XREVRANGE", stream, end, "-", "COUNT", STREAM_PAGE)
     if isinstance(redis, Lanes):
-        return await redis.command(stream, *command) or []
-    return await redis.execute_command(*command) or []  # never None here
+        return await redis.command(stream, "XREVRANGE", stream, end, "-", "COUNT", STREAM_PAGE) or []
+    return await redis.xrevrange(stream, end, "-", count=STREAM_PAGE) or []  # never None here
 
 
 async def in_stream(redis: Redis | Lanes, stream: str, event_id: str) -> Charge | None:
