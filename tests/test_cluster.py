@@ -398,3 +398,35 @@ async def test_fail_open_route_spools_while_its_slot_is_unserved_and_replays_onc
             assert spool.replayed == 1
             m = (await c.get("/v1/balance", headers=h)).json()["meters"]["goal_generation"]
             assert m["used"] == 2 * used  # the spooled call charged once, like the first
+
+
+async def test_a_node_down_at_start_is_checked_when_it_answers(config, database_url, tmp_path):
+    """Detection runs at start: a URL whose node did not answer then is used as a single Redis.
+    When it answers and is a cluster node, /readyz says so (503, restart) instead of ready; a
+    single Redis is ready."""
+    from quota_gw import embedded
+
+    port = embedded.free_port()
+    application = create_app(config, f"redis://127.0.0.1:{port}", database_url, f"qgwd{secrets.token_hex(3)}")
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as c:
+            assert (await c.get("/readyz")).status_code == 503  # down
+            late = await asyncio.to_thread(embedded.start_redis, tmp_path / "late", port, args=(
+                "--cluster-enabled", "yes", "--cluster-port", str(embedded.free_port())))
+            try:
+                r = await c.get("/readyz")
+                assert r.status_code == 503 and "restart" in r.json()["redis"], r.text
+            finally:
+                await asyncio.to_thread(late.stop)
+    # a single Redis that was down at start: the guess was right, ready once it answers
+    port = embedded.free_port()
+    application = create_app(config, f"redis://127.0.0.1:{port}", database_url, f"qgwd{secrets.token_hex(3)}")
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as c:
+            late = await asyncio.to_thread(embedded.start_redis, tmp_path / "single", port)
+            try:
+                r = await c.get("/readyz")
+                assert r.status_code == 200, r.text
+                assert (await c.get("/readyz")).status_code == 200
+            finally:
+                await asyncio.to_thread(late.stop)

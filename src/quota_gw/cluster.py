@@ -3,7 +3,9 @@
 `connect()` asks the node named in the URL whether it is a cluster node (`INFO cluster`) and
 returns redis-py's cluster client if so, which routes every keyed command by slot, follows
 MOVED/ASK and scans over every primary. The same config runs on both (a `redis+cluster://` URL
-skips the question, for a proxy that hides `INFO`).
+skips the question, for a proxy that hides `INFO`). If the node does not answer at start,
+the gateway runs as on a single Redis; should it turn out to be a cluster node, `ping` (so
+/readyz) fails from then on, saying to restart.
 
 Decisions do not go through that client: `Lanes` keeps one coalescer (one ordered connection)
 per primary and sends each script to the primary owning the org's slot (every key of a decision
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -60,7 +63,8 @@ def plain_url(url: str) -> str:
     return "redis://" + url[len(SCHEME):] if url.startswith(SCHEME) else url
 
 
-async def is_cluster(url: str) -> bool:
+async def cluster_enabled(url: str) -> bool | None:
+    """Whether the node `url` names is a cluster node; None if it does not answer."""
     if url.startswith(SCHEME):
         return True
     probe = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
@@ -68,17 +72,31 @@ async def is_cluster(url: str) -> bool:
         return str((await probe.info("cluster")).get("cluster_enabled", 0)) == "1"
     except (RedisConnectionError, RedisTimeoutError) as e:
         log.warning("redis unreachable at start, assuming a single Redis: %s", e)
-        return False
+        return None
     finally:
         await probe.aclose()
+
+
+async def is_cluster(url: str) -> bool:
+    return bool(await cluster_enabled(url))
+
+
+# Single-Redis clients made while Redis did not answer: `ping` asks once, when it does, whether
+# that guess was wrong. Clients are not swapped under a running gateway (every component holds
+# its own); a wrong guess keeps /readyz at 503, saying to restart, instead of serving a third.
+_GUESSED: weakref.WeakSet[aioredis.Redis] = weakref.WeakSet()
 
 
 async def connect(url: str) -> aioredis.Redis:
     """A client for `url`: redis-py's cluster client on a cluster node, a pooled client otherwise.
     Typed as the single-node client: the cluster client offers the same commands, and the few
     places that differ ask `isinstance(r, RedisCluster)`."""
-    if not await is_cluster(url):
-        return node_client(url)
+    enabled = await cluster_enabled(url)
+    if not enabled:
+        client = node_client(url)
+        if enabled is None:
+            _GUESSED.add(client)
+        return client
     rc = RedisCluster.from_url(plain_url(url), **pool_kwargs())
     try:
         await rc.initialize()
@@ -99,8 +117,18 @@ async def ping(r: Client) -> None:
     primary whose replica took over, does not make decisions unavailable)."""
     if isinstance(r, RedisCluster):
         await r.ping(target_nodes=RedisCluster.PRIMARIES)
-    else:
-        await r.ping()
+        return
+    await r.ping()
+    if r in _GUESSED:
+        try:
+            enabled = str((await r.info("cluster")).get("cluster_enabled", 0)) == "1"
+        except ResponseError:  # INFO refused (a proxy): a single Redis as far as we can tell
+            enabled = False
+        if enabled:
+            raise RedisClusterException(
+                "REDIS_URL names a Redis Cluster node, which did not answer when this process started, "
+                f"so it runs as on a single Redis: restart it (or use a {SCHEME} URL)")
+        _GUESSED.discard(r)
 
 
 class Lanes:
