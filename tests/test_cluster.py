@@ -318,3 +318,115 @@ async def test_replica_wait_holds_answers_until_a_replica_has_them(config, redis
         before = short()
         _, dt = await _one_consume(application)
         assert short() > before and dt >= 0.3  # no replica: each batch waited its 300 ms out
+
+
+async def test_a_refund_waits_out_its_slot_unserved_like_decisions(cclient, cadmin, capp, redis_cluster):
+    """A refund first reads its charge from the org's stream: on the slot's primary through the
+    decision lanes, which wait out CLUSTERDOWN (and follow MOVED/ASK/TRYAGAIN) for up to
+    cluster.SETTLE_S, as decisions do. Its slot unserved for 3 s (longer than redis-py's cluster
+    client retries, which answered 503): the refund answers 200, once."""
+    layout = capp.state.ctx.decider.layout
+    org = orgs_on_every_primary(redis_cluster, layout, 3)[2]
+    await cadmin.org("starter", org)
+    h = {"Authorization": f"Bearer {await cadmin.key(org)}"}
+    await cadmin.grant(org, "general", 10)
+    r = await cclient.post("/v1/consume", json={"feature": "generate_insight", "units": 3}, headers=h)
+    assert r.status_code == 200, r.text
+    eid = r.json()["event_id"]
+    slot = key_slot(layout.stream(org).encode())
+    owner = owner_port(redis_cluster, layout.stream(org))
+    before = redirects("clusterdown")
+    assert "OK" in command(owner, "CLUSTER", "DELSLOTS", str(slot))  # the owner stops serving it
+    try:
+        refund = asyncio.ensure_future(cclient.post("/v1/refunds", json={"event_id": eid}, headers=h))
+        await asyncio.sleep(3.0)  # the outage: past redis-py's cluster client retries (~2.5 s: 503), within SETTLE_S
+        assert not refund.done()
+    finally:
+        assert "OK" in command(owner, "CLUSTER", "ADDSLOTS", str(slot))
+    r = await refund
+    assert r.status_code == 200, r.text
+    assert redirects("clusterdown") > before  # it met the unserved slot and waited
+    r = await cclient.post("/v1/refunds", json={"event_id": eid}, headers=h)
+    assert r.status_code == 200, r.text  # the same refund again: answered, not applied twice
+    r = await cclient.get("/v1/balance", headers=h)
+    assert r.json()["meters"]["general"]["balance"] == 10
+
+
+
+async def test_fail_open_route_spools_while_its_slot_is_unserved_and_replays_once(config, redis_cluster,
+                                                                                  database_url, tmp_path):
+    """An org's slot unserved for longer than the lanes wait (cluster.SETTLE_S): the decision ends
+    in CLUSTERDOWN, which means it did not run, so a fail-open route serves and spools (not 503);
+    once the slot is served again the replayer charges it, exactly once."""
+    from conftest import test_config_data
+    from quota_gw import config as config_mod
+    from quota_gw.demo import create_demo_app
+    from quota_gw.dev import serve
+
+    demo_app = create_demo_app()
+    async with serve(demo_app, lifespan="off") as up:
+        data = test_config_data()
+        data["routes"] = [{"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}",
+                           "feature": "generate_goal", "fail": "open"}]
+        data["behaviour"] = {"fail": "closed", "spool_dir": str(tmp_path / "spool")}
+        application = create_app(config_mod.parse(data), redis_cluster.url, database_url,
+                                 f"qgwf{secrets.token_hex(3)}")
+        async with serve(application) as gw, httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}", timeout=30,
+                                                               limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            adm = Admin(c)
+            layout = application.state.ctx.decider.layout
+            org = orgs_on_every_primary(redis_cluster, layout, 3)[1]
+            await adm.org("pro", org)
+            h = {"Authorization": f"Bearer {await adm.key(org)}"}
+            r = await c.post("/ai/goals", headers=h)
+            assert r.status_code == 200 and "X-Quota-Degraded" not in r.headers
+            used = (await c.get("/v1/balance", headers=h)).json()["meters"]["goal_generation"]["used"]
+            slot = key_slot(layout.balances(org).encode())
+            owner = owner_port(redis_cluster, layout.balances(org))
+            spool = application.state.sidecar.spool
+            assert "OK" in command(owner, "CLUSTER", "DELSLOTS", str(slot))
+            try:
+                r = await c.post("/ai/goals", headers=h)  # waits SETTLE_S out, then serves and spools
+                assert r.status_code == 200, r.text
+                assert r.headers["X-Quota-Degraded"] == "fail-open"
+                assert spool.pending() == 1
+            finally:
+                assert "OK" in command(owner, "CLUSTER", "ADDSLOTS", str(slot))
+            async with asyncio.timeout(30):
+                while spool.files():
+                    await asyncio.sleep(0.05)
+            assert spool.replayed == 1
+            m = (await c.get("/v1/balance", headers=h)).json()["meters"]["goal_generation"]
+            assert m["used"] == 2 * used  # the spooled call charged once, like the first
+
+
+async def test_a_node_down_at_start_is_checked_when_it_answers(config, database_url, tmp_path):
+    """Detection runs at start: a URL whose node did not answer then is used as a single Redis.
+    When it answers and is a cluster node, /readyz says so (503, restart) instead of ready; a
+    single Redis is ready."""
+    from quota_gw import embedded
+
+    port = embedded.free_port()
+    application = create_app(config, f"redis://127.0.0.1:{port}", database_url, f"qgwd{secrets.token_hex(3)}")
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as c:
+            assert (await c.get("/readyz")).status_code == 503  # down
+            late = await asyncio.to_thread(embedded.start_redis, tmp_path / "late", port, args=(
+                "--cluster-enabled", "yes", "--cluster-port", str(embedded.free_port())))
+            try:
+                r = await c.get("/readyz")
+                assert r.status_code == 503 and "restart" in r.json()["redis"], r.text
+            finally:
+                await asyncio.to_thread(late.stop)
+    # a single Redis that was down at start: the guess was right, ready once it answers
+    port = embedded.free_port()
+    application = create_app(config, f"redis://127.0.0.1:{port}", database_url, f"qgwd{secrets.token_hex(3)}")
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as c:
+            late = await asyncio.to_thread(embedded.start_redis, tmp_path / "single", port)
+            try:
+                r = await c.get("/readyz")
+                assert r.status_code == 200, r.text
+                assert (await c.get("/readyz")).status_code == 200
+            finally:
+                await asyncio.to_thread(late.stop)

@@ -209,7 +209,8 @@ async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(e
 async def test_reshard_under_load_fails_nothing_loses_nothing(env) -> None:
     """Every shard slot of one primary moved to another, key by key as `redis-cli --cluster
     reshard` does, while two gateways' decisions and a worker run (the streams and their consumer
-    groups move too): no decision fails (ASK/TRYAGAIN/MOVED are resent), every event lands once,
+    groups move too): no decision fails (ASK/TRYAGAIN/MOVED are resent), every refund finds its
+    charge in the moving stream and refunds it exactly once, every event lands once,
     `quota-gw reconcile` exits 0. QUOTA_GW_SOAK=1 also runs `redis-cli --cluster reshard` of
     2,000 slots under the same traffic."""
     import subprocess
@@ -220,6 +221,7 @@ async def test_reshard_under_load_fails_nothing_loses_nothing(env) -> None:
 
     orgs = spread_orgs(env, 6)
     await seed_orgs(env.deciders[0], orgs)
+    await hold_streams(env.r, env.layout)  # every charge stays in its stream: each refund reads it there
     w = env.worker("rs")
     await w.start()
     src, dst = env.cluster.primaries()[:2]
@@ -241,20 +243,26 @@ async def test_reshard_under_load_fails_nothing_loses_nothing(env) -> None:
     before = sum(metrics.REDIS_REDIRECTS.labels(k)._value.get() for k in ("moved", "ask", "tryagain"))
     moving = asyncio.ensure_future(asyncio.to_thread(move_all))
     ids: list[str] = []
+    refunded: list[tuple[str, int]] = []
     seed = 0
     while not moving.done():  # traffic for as long as slots move; a failed decision raises here
-        # no refunds here: a refund first reads the org's stream through redis-py's cluster client
-        # (charges.py), which may give up on a slot mid-migration ("TTL exhausted": a 503)
-        ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, seed, refunds=False),
-                                        traffic(env.deciders[1], orgs, 100, 1000 + seed, refunds=False)), [])
+        ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, seed, refunded=refunded),
+                                        traffic(env.deciders[1], orgs, 100, 1000 + seed, refunded=refunded)), [])
         seed += 1
     await moving
+    # a refund reads its charge from the stream on the slot's primary, following ASK/MOVED/TRYAGAIN
+    # as decisions do: each one answered 200 (not 503 "TTL exhausted", not 404)
+    assert refunded and {status for _, status in refunded} == {200}, refunded
     assert all(owner_of_slot(env.cluster, s) == dst for s in slots)
     assert sum(metrics.REDIS_REDIRECTS.labels(k)._value.get() for k in ("moved", "ask", "tryagain")) > before
     env.cluster.wait_ok()
     ids += await traffic(env.deciders[1], orgs, 100, 99)
     await wait_drained(env.r, env.layout, 60, w)
     await exactly_once(env.pg, ids)
+    charged = [eid for eid, _ in refunded]
+    rows = await env.pg.fetch("SELECT metadata ->> 'refund_of' AS charge, count(*) AS n FROM usage_events "
+                              "WHERE kind = 'refund' AND metadata ->> 'refund_of' = ANY($1) GROUP BY 1", charged)
+    assert len(rows) == len(set(charged)) == len(charged) and all(r["n"] == 1 for r in rows)  # each exactly once
     rec = await env.cli("reconcile")
     assert rec.returncode == 0, rec.stdout + rec.stderr
     assert await w.stop() == 0

@@ -118,9 +118,10 @@ def identities(n: int, plan: str = "bulk") -> list[Identity]:
 
 
 async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32,
-                  refunds: bool = True) -> list[str]:
+                  refunded: list[tuple[str, int]] | None = None) -> list[str]:
     """Mixed decisions: consume, refund, reserve, commit, release, grant and refusals (denied).
-    Returns the event ids the gateway answered with."""
+    Returns the event ids the gateway answered with; `refunded` collects each refund asked for:
+    (the charge's event id, the refund's status)."""
     rng = random.Random(seed)
     consumed: list[tuple[Identity, str]] = []
     held: list[tuple[Identity, str, int]] = []
@@ -136,9 +137,11 @@ async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int,
                 d = await decider.consume(ident, "generate_insight", rng.randint(1, 3), user)
                 if d.ok:
                     consumed.append((ident, d.event_id))
-            elif r < 0.50 and consumed and refunds:
+            elif r < 0.50 and consumed:
                 who, eid = consumed.pop(rng.randrange(len(consumed)))
                 d = await decider.refund(who, eid)
+                if refunded is not None:
+                    refunded.append((eid, d.status))
             elif r < 0.65:
                 units = rng.randint(1, 4)
                 d = await decider.reserve(ident, "generate_goal", units, user, 60)

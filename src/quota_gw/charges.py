@@ -13,6 +13,10 @@ is short while the worker keeps up, and holds every recent event while it does n
 a refund right after its charge (the sidecar's) needs no Postgres. With the ledger down and the
 event already drained, the refund is 503 with Retry-After (`db.unavailable`): nothing changed,
 the caller retries (the sidecar spools it).
+
+On a Redis Cluster the stream is read on its slot's primary through the decision lanes
+(cluster.Lanes.command), which follow MOVED/ASK and wait out TRYAGAIN as decisions do: a refund
+while its org's slot migrates is answered, where redis-py's cluster client may give up.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .cluster import Lanes
 from .db import Database
 from .layout import Layout
 
@@ -59,11 +64,18 @@ def from_stream(fields: dict[str, str]) -> Charge:
                   fields["user"], fields["feature"], int(fields["ts"]), fields.get("src", ""))
 
 
-async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
+async def newest_first(redis: Redis | Lanes, stream: str, end: str) -> list[Any]:
+    """One page of the stream, from `end` back (XREVRANGE): on a cluster, on its slot's primary."""
+    if isinstance(redis, Lanes):
+        return await redis.command(stream, "XREVRANGE", stream, end, "-", "COUNT", STREAM_PAGE) or []
+    return await redis.xrevrange(stream, end, "-", count=STREAM_PAGE) or []  # never None here
+
+
+async def in_stream(redis: Redis | Lanes, stream: str, event_id: str) -> Charge | None:
     """The event, if the stream still holds it (what the worker has not drained and trimmed)."""
     end = "+"
     while True:
-        page = await redis.xrevrange(stream, end, "-", count=STREAM_PAGE) or []  # never None here
+        page = await newest_first(redis, stream, end)
         for _entry_id, raw in page:
             if raw and _text(raw.get("id", raw.get(b"id", b""))) == event_id:
                 return from_stream({_text(k): _text(v) for k, v in raw.items()})
@@ -89,7 +101,7 @@ async def in_ledger(ledger: Database, event_id: str, window_s: int) -> Charge | 
                   r["cost"], r["user_id"], r["feature"], (r["ts"] - _EPOCH) // _US, r["sources"])
 
 
-async def find(redis: Redis, ledger: Database | None, layout: Layout, org: str, event_id: str,
+async def find(redis: Redis | Lanes, ledger: Database | None, layout: Layout, org: str, event_id: str,
                window_s: int) -> Charge | None:
     """The charged event (any org's: the caller checks it is its own), or None when neither the
     ledger nor the stream has it. Raises 503 `unavailable` when the ledger is down and the

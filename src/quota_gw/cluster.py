@@ -3,7 +3,9 @@
 `connect()` asks the node named in the URL whether it is a cluster node (`INFO cluster`) and
 returns redis-py's cluster client if so, which routes every keyed command by slot, follows
 MOVED/ASK and scans over every primary. The same config runs on both (a `redis+cluster://` URL
-skips the question, for a proxy that hides `INFO`).
+skips the question, for a proxy that hides `INFO`). If the node does not answer at start,
+the gateway runs as on a single Redis; should it turn out to be a cluster node, `ping` (so
+/readyz) fails from then on, saying to restart.
 
 Decisions do not go through that client: `Lanes` keeps one coalescer (one ordered connection)
 per primary and sends each script to the primary owning the org's slot (every key of a decision
@@ -11,6 +13,8 @@ carries the org's shard tag, layout.py). The never-resend rule holds across node
 TRYAGAIN or CLUSTERDOWN reply means the script did not run, so it is sent again (to the node the
 reply names, after refreshing the slot map); a timeout or a lost connection fails the call, as on
 a single Redis, and only schedules a slot-map refresh so the next call finds a promoted replica.
+A refund's read of its org's stream (charges.py) takes the same path (`Lanes.command`), so it
+waits out a migration or a failover for as long as the decision that follows it would.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -57,7 +63,8 @@ def plain_url(url: str) -> str:
     return "redis://" + url[len(SCHEME):] if url.startswith(SCHEME) else url
 
 
-async def is_cluster(url: str) -> bool:
+async def cluster_enabled(url: str) -> bool | None:
+    """Whether the node `url` names is a cluster node; None if it does not answer."""
     if url.startswith(SCHEME):
         return True
     probe = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
@@ -65,17 +72,31 @@ async def is_cluster(url: str) -> bool:
         return str((await probe.info("cluster")).get("cluster_enabled", 0)) == "1"
     except (RedisConnectionError, RedisTimeoutError) as e:
         log.warning("redis unreachable at start, assuming a single Redis: %s", e)
-        return False
+        return None
     finally:
         await probe.aclose()
+
+
+async def is_cluster(url: str) -> bool:
+    return bool(await cluster_enabled(url))
+
+
+# Single-Redis clients made while Redis did not answer: `ping` asks once, when it does, whether
+# that guess was wrong. Clients are not swapped under a running gateway (every component holds
+# its own); a wrong guess keeps /readyz at 503, saying to restart, instead of serving a third.
+_GUESSED: weakref.WeakSet[aioredis.Redis] = weakref.WeakSet()
 
 
 async def connect(url: str) -> aioredis.Redis:
     """A client for `url`: redis-py's cluster client on a cluster node, a pooled client otherwise.
     Typed as the single-node client: the cluster client offers the same commands, and the few
     places that differ ask `isinstance(r, RedisCluster)`."""
-    if not await is_cluster(url):
-        return node_client(url)
+    enabled = await cluster_enabled(url)
+    if not enabled:
+        client = node_client(url)
+        if enabled is None:
+            _GUESSED.add(client)
+        return client
     rc = RedisCluster.from_url(plain_url(url), **pool_kwargs())
     try:
         await rc.initialize()
@@ -96,8 +117,18 @@ async def ping(r: Client) -> None:
     primary whose replica took over, does not make decisions unavailable)."""
     if isinstance(r, RedisCluster):
         await r.ping(target_nodes=RedisCluster.PRIMARIES)
-    else:
-        await r.ping()
+        return
+    await r.ping()
+    if r in _GUESSED:
+        try:
+            enabled = str((await r.info("cluster")).get("cluster_enabled", 0)) == "1"
+        except ResponseError:  # INFO refused (a proxy): a single Redis as far as we can tell
+            enabled = False
+        if enabled:
+            raise RedisClusterException(
+                "REDIS_URL names a Redis Cluster node, which did not answer when this process started, "
+                f"so it runs as on a single Redis: restart it (or use a {SCHEME} URL)")
+        _GUESSED.discard(r)
 
 
 class Lanes:
@@ -129,23 +160,30 @@ class Lanes:
             raise ClusterDownError(f"slot {key_slot(key.encode())} is not served: {e}") from None
 
     async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return await self._routed(script, keys, args, True)
+        return await self._routed(keys[0], lambda lane, asking: self._asking(lane, script, keys, args)
+                                  if asking else lane.run(script, keys, args))
 
     async def run_now(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return await self._routed(script, keys, args, False)
+        return await self._routed(keys[0], lambda lane, asking: self._asking(lane, script, keys, args)
+                                  if asking else lane.run_now(script, keys, args))
 
-    async def _routed(self, script: Any, keys: list[str], args: list[Any], coalesce: bool) -> Any:
+    async def command(self, key: str, *args: Any) -> Any:
+        """One read-only command about `key` (a refund's XREVRANGE of its org's stream) on the
+        primary owning its slot, redirected as decisions are: while the slot migrates it is
+        answered, not given up on as redis-py's cluster client may ("TTL exhausted")."""
+        return await self._routed(key, lambda lane, asking: self._command(lane, asking, args))
+
+    async def _routed(self, key: str, send: Callable[[Coalescer, bool], Awaitable[Any]]) -> Any:
+        """`send(lane, asking)` to the lane of `key`'s slot owner, again after a reply that says
+        it did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), never after a timeout or lost connection."""
         asking = False
         deadline = 0.0
         target = ""
         hops = 0
         while hops <= MAX_REDIRECTS:
             try:
-                target = target or self.node_for(keys[0])
-                lane = self.lane(target)
-                if asking:
-                    return await self._asking(lane, script, keys, args)
-                return await (lane.run if coalesce else lane.run_now)(script, keys, args)
+                target = target or self.node_for(key)
+                return await send(self.lane(target), asking)
             except MovedError as e:  # not run: the slot lives elsewhere now
                 metrics.REDIS_REDIRECTS.labels("moved").inc()
                 self.refresh()
@@ -165,7 +203,17 @@ class Lanes:
             except (RedisConnectionError, RedisTimeoutError):
                 self.refresh()  # may have run: never resent; the next call finds the new primary
                 raise
-        raise ClusterDownError(f"more than {MAX_REDIRECTS} redirects for slot {key_slot(keys[0].encode())}")
+        raise ClusterDownError(f"more than {MAX_REDIRECTS} redirects for slot {key_slot(key.encode())}")
+
+    @staticmethod
+    async def _command(lane: Coalescer, asking: bool, args: tuple[Any, ...]) -> Any:
+        """A command on the lane's pool; after ASK, ASKING and it back to back on one connection."""
+        if not asking:
+            return await lane.redis.execute_command(*args)
+        async with lane.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("ASKING")
+            pipe.execute_command(*args)
+            return (await pipe.execute())[1]
 
     async def _asking(self, lane: Coalescer, script: Any, keys: list[str], args: list[Any]) -> Any:
         """ASKING and the script, back to back on one pooled connection of the importing node."""

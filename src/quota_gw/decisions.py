@@ -259,6 +259,7 @@ class Decider:
         wait_ms = config.behaviour.replica_wait_ms
         self._coalescer = Lanes(redis, wait_ms) if isinstance(redis, RedisCluster) else Coalescer(redis, wait_ms)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
+        self._stream_reads = self._coalescer if isinstance(self._coalescer, Lanes) else redis  # charges.find
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)
         self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any]]] = {}
@@ -403,7 +404,7 @@ class Decider:
         t0 = time.perf_counter()
         L, org = self.layout, ident.org_id
         window = self.config.behaviour.refund_window_s
-        c = await charges.find(self.redis, self.ledger, L, org, event_id, window)
+        c = await charges.find(self._stream_reads, self.ledger, L, org, event_id, window)
         if c is None or not c.refundable_by(org):
             d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
         else:
