@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-long bench venv system-deps
+.PHONY: dev test lint test-long bench venv system-deps
 
 venv: $(STAMP)
 
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(VENV)/bin/quota-gw dev --config examples/quota-gw.yaml
 
-test: $(STAMP) system-deps
+test: lint system-deps
 	$(PY) -m pytest -q
+
+# ruff and mypy, configured in pyproject.toml; `make test` runs them before pytest.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts loadtests
+	$(VENV)/bin/mypy
 
 system-deps:  # nginx (tests/test_nginx.py), chromium + chromedriver (tests/test_pages.py); skipped unless root with apt-get, never fatal
 	@sh scripts/system-deps.sh

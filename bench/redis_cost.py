@@ -1,6 +1,6 @@
 """Redis time per decision: the real consume beside a minimal script, same Redis, one run.
 
-    .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise]
+    .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise] [--layers]
 
 Starts its own redis-server (7.x, on a free port, no persistence) so `INFO commandstats` counts
 only this run. One org on the plan of examples/quota-gw.yaml (rate limits on), funded so no call
@@ -10,6 +10,10 @@ the same number of calls of a minimal check-and-decrement script (HGET, HINCRBY,
 4 fields). CONFIG RESETSTAT before each side; the figure is `usec_per_call` of the command
 that ran the script (evalsha or fcall). Compare the ratio, not the absolute numbers: the
 machine is shared.
+
+--layers adds a third side, measured in the same rounds: consumes of a second org whose meter
+has three layers (the waterfall): its allocation spent, an expiring grant (the credit lots, read
+and written by every call) and purchased credit, so every call walks past the allocation.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def per_call(stats: dict[str, tuple[int, float]]) -> float:
     return sum(c * u for c, u in stats.values()) / calls if calls else 0.0
 
 
-async def run(calls: int, users: int, plan: str, feature: str, concurrency: int, rounds: int) -> None:
+async def run(calls: int, users: int, plan: str, feature: str, concurrency: int, rounds: int,
+              layers: bool = False) -> None:
     proc, port, _ = start_redis()
     r = aioredis.Redis(port=port)
     try:
@@ -102,15 +107,25 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
         ids = [f"u{rng.randrange(users)}" for _ in range(calls)]
         # Warm: scripts/functions loaded, the period started.
         await decider.consume(ident, feature, 1, "warm")
+        ident3 = Identity("key3", "org3", None, frozenset({"decide"}), plan)
+        if layers:  # allocation spent, then an expiring grant and purchased credit
+            await decider.consume(ident3, feature, 1, "warm")
+            alloc = cfg.plans[plan].allocation(meter)
+            spent = await decider.consume(ident3, feature, (alloc - cost) // cost, "warm")
+            assert spent.status == 200, spent
+            await decider.grant("org3", meter, cost * calls * 2, kind="grant", expires="+86400")
+            await decider.grant("org3", meter, cost * calls * 2, kind="grant")
+            d3 = await decider.consume(ident3, feature, 1, "warm")
+            assert d3.status == 200 and d3.sources.startswith(b"grant:"), d3  # (bytes: no decode_responses)
 
         minimal = r.register_script(MINIMAL_LUA)
         await r.hset("min:{s00}:bal", "left", cost * calls * 2)
         await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[cost, "org1", "warm"])
 
-        async def consumes(part: list[str]) -> list[int]:
+        async def consumes(part: list[str], who: Identity = ident) -> list[int]:
             statuses = []
             for i in range(0, len(part), concurrency):
-                ds = await asyncio.gather(*[decider.consume(ident, feature, 1, u) for u in part[i:i + concurrency]])
+                ds = await asyncio.gather(*[decider.consume(who, feature, 1, u) for u in part[i:i + concurrency]])
                 statuses += [d.status for d in ds]
             return statuses
 
@@ -124,6 +139,7 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
         # Alternating rounds, each side measured right after the other: the machine is shared, so
         # the ratio of one round is fairer than the ratio of two separate runs.
         rows: list[tuple[float, float, float, float]] = []
+        rows3: list[tuple[float, float]] = []  # --layers: usec_per_call, cpu us/call
         refused = 0
         cmd = "evalsha"
         step = calls // rounds
@@ -142,6 +158,12 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
             m_cpu = (await cpu_s(r) - t0) * 1e6 / len(part)
             m = per_call(await commandstats(r))
             rows.append((c, m, c_cpu, m_cpu))
+            if layers:
+                await r.config_resetstat()
+                t0 = await cpu_s(r)
+                refused += sum(1 for s in await consumes(part, ident3) if s != 200)
+                l_cpu = (await cpu_s(r) - t0) * 1e6 / len(part)
+                rows3.append((per_call(await commandstats(r)), l_cpu))
         print(f"redis {version}, plan {plan}, feature {feature}, {step * rounds} calls in {rounds} rounds, "
               f"{users} user ids, {refused} refused; usec_per_call ({cmd} for consume, evalsha for minimal)")
         print("usec_per_call: INFO commandstats (wall time inside the command); cpu us/call: Redis main-thread "
@@ -153,6 +175,14 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
         print(f"{'median':<6}{med(x[0] for x in rows):>10.2f}{med(x[1] for x in rows):>10.2f}"
               f"{med(x[0] / x[1] for x in rows):>8.2f}   {med(x[2] for x in rows):>12.2f}"
               f"{med(x[3] for x in rows):>10.2f}{med(x[2] / x[3] for x in rows):>8.2f}")
+        if layers:
+            print("3 layers (allocation spent, expiring grant, purchased), same rounds:")
+            print(f"{'round':<6}{'3 layers':>10}{'consume':>10}{'ratio':>8}   {'cpu us/call':>12}{'consume':>10}{'ratio':>8}")
+            for k, ((layered, lc), (c, _, cc, _)) in enumerate(zip(rows3, rows)):
+                print(f"{k + 1:<6}{layered:>10.2f}{c:>10.2f}{layered / c:>8.2f}   {lc:>12.2f}{cc:>10.2f}{lc / cc:>8.2f}")
+            print(f"{'median':<6}{med(x[0] for x in rows3):>10.2f}{med(x[0] for x in rows):>10.2f}"
+                  f"{med(a[0] / b[0] for a, b in zip(rows3, rows)):>8.2f}   {med(x[1] for x in rows3):>12.2f}"
+                  f"{med(x[2] for x in rows):>10.2f}{med(a[1] / b[2] for a, b in zip(rows3, rows)):>8.2f}")
         await decider.aclose()
     finally:
         await r.aclose()
@@ -168,8 +198,9 @@ def main() -> None:
     ap.add_argument("--feature", default="generate_insight")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layers", action="store_true", help="also consumes that walk three layers (the waterfall)")
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds))
+    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ end
 local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'feature', 'meter', 'cost', 'allocation', 'period',
   'rollover', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
   'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s', 'fingerprint', 'metadata', 'shadow',
-  'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds'}
+  'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow',
+  'rl_org_overflow', 'alloc_overflow', 'credit_order', 'explain'}
 local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations',
   'expiries'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
@@ -66,9 +67,10 @@ end
 -- The answer of every operation: decisions.Decision, field for field (REPLY order); reply{}
 -- fills what a call leaves out.
 local REPLY = {'status', 'code', 'detail', 'cost', 'remaining', 'event_id', 'retry_after_ms', 'rl_limit',
-  'rl_remaining', 'rl_reset', 'replay', 'would', 'extra'}
+  'rl_remaining', 'rl_reset', 'replay', 'would', 'extra', 'sources'}
 local REPLY_DEFAULTS = {status = 200, code = '', detail = '', cost = 0, remaining = -1, event_id = '',
-  retry_after_ms = 0, rl_limit = -1, rl_remaining = -1, rl_reset = 0, replay = 0, would = '', extra = ''}
+  retry_after_ms = 0, rl_limit = -1, rl_remaining = -1, rl_reset = 0, replay = 0, would = '', extra = '',
+  sources = ''}
 
 local function reply(r)
   local out = {}
@@ -148,7 +150,8 @@ local function new_events(stream, base_id, now, org, key_id)
   return setmetatable({stream = stream, base = base_id, n = 0, now = now, org = org, key = key_id}, Events)
 end
 
--- e: {id?, kind, user, meter, feature, delta, dp, cost, bal, meta}
+-- e: {id?, kind, user, meter, feature, delta, dp, cost, bal, meta, src}; src: where a charge's
+-- tokens came from (or a refund's went back to), 'layer:amount,...' (see Meter:waterfall).
 function Events:add(e)
   local id = e.id
   if not id then
@@ -159,7 +162,7 @@ function Events:add(e)
     'id', id, 'kind', e.kind, 'org', self.org, 'user', e.user or '', 'key', self.key,
     'meter', e.meter or '', 'feature', e.feature or '',
     'delta', fmt(e.delta or 0), 'dp', fmt(e.dp or 0), 'cost', fmt(e.cost or 0),
-    'bal', fmt(e.bal or 0), 'ts', fmt(self.now), 'meta', e.meta or '')
+    'bal', fmt(e.bal or 0), 'ts', fmt(self.now), 'meta', e.meta or '', 'src', e.src or '')
   return id
 end
 
@@ -310,8 +313,14 @@ function Meter:draw_lots(amount, p_before)
   for _, i in ipairs(order) do if left > 0 then take(i) end end
   left = left - math.min(free, left)
   for i, lot in ipairs(self.lots) do if left > 0 and lot.x == 0 then take(i) end end
+  self:drop_spent_lots()
+end
+
+-- Forgets spent lots that never expire. A spent lot that expires stays until its expiry: a
+-- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
+function Meter:drop_spent_lots()
   local kept = {}
-  for _, lot in ipairs(self.lots) do if lot.n > 0 then table.insert(kept, lot) end end
+  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then table.insert(kept, lot) end end
   self.lots = kept
   self.lots_dirty = true
 end
@@ -336,19 +345,118 @@ function Meter:next_expiry()
   return x, n
 end
 
--- Draws allocated first, then purchased. Returns the allocated and the purchased part.
-function Meter:charge(cost)
+-- --- The waterfall: the layers a charge is drawn from, in order. -------------------------
+-- 'allocated' (the period's allocation), then the credit layers in the plan's order
+-- (credit_order 'gp': grants first, 'pg': purchased first): 'grant:<lot>' per lot that expires,
+-- earliest expiry first, and 'purchased' (the free pool, then lots that never expire, oldest
+-- first). A layer is {layer, had, take, lot = index of a grant's lot}.
+
+-- The credit layers, in order, with what each has (nothing taken yet).
+function Meter:credit_layers(order)
+  local in_lots, never = 0, 0
+  local grants = {}
+  for i, lot in ipairs(self.lots) do
+    in_lots = in_lots + lot.n
+    if lot.x > 0 then table.insert(grants, i) else never = never + lot.n end
+  end
+  table.sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  local out = {}
+  local purchased = {layer = 'purchased', had = math.max(0, self.p - in_lots) + never, take = 0}
+  if order == 'pg' then table.insert(out, purchased) end
+  for _, i in ipairs(grants) do
+    table.insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
+  end
+  if order ~= 'pg' then table.insert(out, purchased) end
+  return out
+end
+
+-- Plans a charge of `price` down the layers without changing anything: the allocation first
+-- (unless credit_only: a call past a rate window), then the credit layers at `mult` times what
+-- the allocation did not cover (alloc_overflow 0: no credit past the allocation). Holds (`h`)
+-- stay covered: the total may not exceed what is available. Returns the layers, the total and,
+-- when it does not fit, the refusal {layer, had} (nothing is then taken).
+function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
+  local layers, total = {}, 0
+  if self:unlimited() then return layers, price, nil end
+  local left = price
+  if not credit_only then
+    local take = math.min(self.a, left)
+    table.insert(layers, {layer = 'allocated', had = self.a, take = take})
+    total, left = take, left - take
+    -- alloc_overflow 0: no credit past the allocation (a meter the plan leaves out runs on credit).
+    if left > 0 and alloc_overflow == 0 and (self.lim or 0) > 0 then
+      return layers, total, {layer = 'allocated', had = self.a}
+    end
+  end
+  if left > 0 then
+    local need = left * math.max(1, mult)
+    for _, l in ipairs(self:credit_layers(order)) do
+      l.take = math.min(l.had, need)
+      need, total = need - l.take, total + l.take
+      table.insert(layers, l)
+    end
+    if need > 0 then
+      local last = layers[#layers]
+      return layers, total, {layer = last.layer, had = last.had}
+    end
+  end
+  if total > self:available() then return layers, total, {layer = 'held', had = self:available()} end
+  return layers, total, nil
+end
+
+-- 'allocated:2,grant:p1:2,purchased:1': the layers that gave something, in order.
+local function sources(layers)
+  local parts = {}
+  for _, l in ipairs(layers) do
+    if l.take > 0 then table.insert(parts, l.layer .. ':' .. fmt(l.take)) end
+  end
+  return table.concat(parts, ',')
+end
+
+-- Takes what the planned layers give. Returns the allocated part, the purchased part (every
+-- credit layer) and the sources.
+function Meter:take(layers, total)
+  self.u = self.u + total
+  local from_a, from_p = 0, 0
+  for _, l in ipairs(layers) do
+    if l.take > 0 then
+      if l.layer == 'allocated' then
+        self.a = self.a - l.take; from_a = from_a + l.take
+      else
+        if l.lot then
+          self.lots[l.lot].n = self.lots[l.lot].n - l.take
+          self.lots_dirty = true
+        else  -- purchased: the free pool, then lots that never expire, oldest first
+          local in_lots = 0
+          for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
+          local left = l.take - math.min(math.max(0, self.p - in_lots), l.take)
+          for _, lot in ipairs(self.lots) do
+            if left > 0 and lot.x == 0 then
+              local d = math.min(lot.n, left)
+              lot.n, left = lot.n - d, left - d
+              self.lots_dirty = true
+            end
+          end
+        end
+        self.p = self.p - l.take; from_p = from_p + l.take
+      end
+    end
+  end
+  if self.lots_dirty then self:drop_spent_lots() end
+  return from_a, from_p, sources(layers)
+end
+
+-- Charges `cost` as far as the layers go (a commit: its cost is already what it may take),
+-- allocation first unless credit_only. Returns the allocated part, the purchased part, the sources.
+function Meter:charge(cost, credit_only, order)
   if self:unlimited() then
     self.u = self.u + cost
-    return 0, 0
+    return 0, 0, ''
   end
-  local from_a = math.min(self.a, cost)
-  local from_p = cost - from_a
-  self:draw_lots(from_p, self.p)
-  self.a = self.a - from_a
-  self.p = self.p - from_p
-  self.u = self.u + cost
-  return from_a, from_p
+  local layers = self:waterfall(cost, credit_only, 1, 1, order)
+  local total = 0
+  for _, l in ipairs(layers) do total = total + l.take end
+  return self:take(layers, total)
 end
 
 -- Writes the pending events (resets, adjustments, expired lots), then forgets them.
@@ -574,6 +682,10 @@ local function gate_request(k, a, now)
   a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
   a.unit_cost = tonumber(a.unit_cost)
   a.min_cost = tonumber(a.min_cost) or 0
+  a.alloc_overflow = tonumber(a.alloc_overflow) or 1
+  a.explain = a.explain == '1'
+  a.price = a.cost  -- what the call is priced at; `cost` becomes what the waterfall charges
+  a.layers = {}  -- explain: the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
   a.now = now
   a.now_s = math.floor(now / 1000000)
   a.team = ''
@@ -589,29 +701,55 @@ local function gate_user(req, write)
   elseif req.auto_register then
     if write then redis.call('HSET', req.keys.users, req.user, '') end
   else
-    return {403, 'forbidden', 'unknown user ' .. req.user}
+    return {403, 'forbidden', 'unknown user ' .. req.user, 'user', 0}
   end
   return nil
 end
 
 -- Step 3, rate limits (user, key, org; interval 0 = none): checked now, written on success.
--- Per limit: its key (GATE_KEYS) and its two arguments (GATE_ARGV).
-local RATE_LIMITS = {{'rl_user', 'rl_user_interval_us', 'rl_user_burst'},
-  {'rl_key', 'rl_key_interval_us', 'rl_key_burst'}, {'rl_org', 'rl_org_interval_us', 'rl_org_burst'}}
+-- Per limit: its key (GATE_KEYS), its two arguments and its overflow (GATE_ARGV), its layer.
+-- A call past a window whose plan says `overflow: credit` (overflow = the price multiple, 0 =
+-- none) is not refused here: it is priced at the highest multiple of the windows it is past,
+-- drawn from credit only (gate_levels), and advances no window: they did not pay for it.
+local RATE_LIMITS = {{'rl_user', 'rl_user_interval_us', 'rl_user_burst', 'rl_user_overflow', 'rate:user'},
+  {'rl_key', 'rl_key_interval_us', 'rl_key_burst', 'rl_key_overflow', 'rate:key'},
+  {'rl_org', 'rl_org_interval_us', 'rl_org_burst', 'rl_org_overflow', 'rate:org'}}
 
 local function gate_rate_limits(req)
-  local limits = {}
+  local limits, named = {}, {}
   for i, lim in ipairs(RATE_LIMITS) do
     local interval = tonumber(req[lim[2]])
     if interval > 0 and not (i == 1 and req.user == '') then
       table.insert(limits, {req.keys[lim[1]], interval, tonumber(req[lim[3]])})
+      table.insert(named, lim)
     end
   end
   local ok, rl, writes = rate_limits(limits, req.now)
   req.rl, req.rl_writes = rl, writes
-  if not ok then
-    return {429, 'rate_limited', 'rate limit exceeded; retry in ' .. rl.retry_after_ms .. ' ms'}
+  if ok then
+    if req.explain then
+      for _, lim in ipairs(named) do table.insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
+    end
+    return nil
   end
+  local mult, refused = 0, nil
+  for i, r in ipairs(limits) do
+    local allowed = gcra(r[1], r[2], r[3], req.now)
+    local ov = tonumber(req[named[i][4]]) or 0
+    table.insert(req.layers, {layer = named[i][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
+      overflow = (not allowed and ov > 0) and ov or nil})
+    if not allowed then
+      if ov == 0 then
+        refused = refused or named[i][5]
+      elseif ov > mult then
+        mult = ov
+      end
+    end
+  end
+  if refused then
+    return {429, 'rate_limited', 'rate limit exceeded; retry in ' .. rl.retry_after_ms .. ' ms', refused, 0}
+  end
+  req.overflow, req.rl_writes = mult, {}
   return nil
 end
 
@@ -623,35 +761,52 @@ local function gate_period(req, expired)
   meter:expire_lots(req.now_s)
   req.mtr = meter
   if meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
-    return {403, 'plan_forbids', req.meter .. ' is not available on your plan'}
+    return {403, 'plan_forbids', req.meter .. ' is not available on your plan', 'plan', 0}
   end
   return nil
 end
 
--- Step 5, levels: org, team and user must each afford the cost.
+-- A team or user sub-quota (or nil) against what the call takes: nil, or the refusal.
+local function level_fits(req, q, who, name)
+  if not q then return nil end
+  local had = math.max(0, q:available())
+  if req.explain then table.insert(req.layers, {layer = 'quota:' .. who, had = had, take = math.min(had, req.cost)}) end
+  if req.cost > q:available() then
+    return {402, 'insufficient_balance', who .. ' ' .. name .. ' quota of ' .. req.meter .. ' has ' .. had
+      .. ' left, the call costs ' .. req.cost, 'quota:' .. who, had}
+  end
+  return nil
+end
+
+-- Step 5, levels: the meter's layers (the waterfall: allocation, then credit) must give the
+-- call's cost, and team and user must each afford what it takes. req.cost becomes what is
+-- charged (past a rate window or the allocation, credit at the plan's multiple).
 local function gate_levels(req, expired)
   local meter = req.mtr
   if req.user ~= '' then req.uq = load_quota(req.keys.quotas, 'u:' .. req.user, req.meter, meter.pe, expired) end
   if req.team ~= '' then req.tq = load_quota(req.keys.quotas, 't:' .. req.team, req.meter, meter.pe, expired) end
   local uq, tq = req.uq, req.tq
   -- A flexible hold (LLM max_tokens): take what every level can afford, if at least the minimum.
-  if req.min_cost > 0 then
+  if req.min_cost > 0 and not req.overflow then
     local cap = remaining(req)
     if cap >= 0 and req.cost > cap and cap >= req.min_cost then req.cost = cap end
   end
-  if not meter:unlimited() and req.cost > meter:available() then
-    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. meter:available()
-      .. ', the call costs ' .. req.cost}
+  local credit_only = req.overflow ~= nil
+  local steps, total, short = meter:waterfall(req.cost, credit_only, req.overflow or req.alloc_overflow,
+    req.alloc_overflow, req.credit_order)
+  if req.explain then
+    for _, l in ipairs(steps) do table.insert(req.layers, l) end
   end
-  if tq and req.cost > tq:available() then
-    return {402, 'insufficient_balance', 'team ' .. req.team .. ' quota of ' .. req.meter .. ' has '
-      .. math.max(0, tq:available()) .. ' left, the call costs ' .. req.cost}
+  req.steps = steps
+  if not short then req.cost = total end
+  if short and credit_only then  -- past the window, and credit cannot pay for it: 429 as without overflow
+    return {429, 'rate_limited', 'rate limit exceeded and the credit of ' .. req.meter .. ' cannot pay for the call ('
+      .. short.layer .. ' had ' .. short.had .. '); retry in ' .. req.rl.retry_after_ms .. ' ms', short.layer, short.had}
+  elseif short then
+    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. math.max(0, meter:available())
+      .. ', the call costs ' .. req.cost, short.layer, short.had}
   end
-  if uq and req.cost > uq:available() then
-    return {402, 'insufficient_balance', 'user ' .. req.user .. ' quota of ' .. req.meter .. ' has '
-      .. math.max(0, uq:available()) .. ' left, the call costs ' .. req.cost}
-  end
-  return nil
+  return level_fits(req, tq, 'team', req.team) or level_fits(req, uq, 'user', req.user)
 end
 
 -- Runs the steps; the first refusal (status, code, detail) wins, but every step runs, so a
@@ -671,6 +826,19 @@ local function gate(k, a, write)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
 end
 
+-- The waterfall as evaluated (check with explain): each layer, what it had and would give,
+-- and the first that refused. Rate windows count calls (1: the window pays for this one).
+local function explained(req, refusal)
+  local layers = {}
+  for _, l in ipairs(req.layers) do
+    table.insert(layers, {layer = l.layer, had = l.had, gives = l.take, overflow = l.overflow})
+  end
+  local out = {layers = layers}
+  if req.overflow then out.overflow_cost = req.overflow end
+  if refusal then out.refused_by = {layer = refusal[4], had = refusal[5], reason = refusal[2]} end
+  return cjson.encode(out)
+end
+
 -- A gate decision's answer: the request's rate-limit fields, then `r`'s.
 local function decision(req, r)
   for name, v in pairs(req.rl) do
@@ -684,7 +852,8 @@ end
 local function refuse(req, refusal)
   req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
-    meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost})})
+    meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
+      had = refusal[5], reason = refusal[3]})})
   if req.shadow then
     return decision(req, {cost = 0, remaining = remaining(req), event_id = req.event_id, would = refusal[2]})
   end

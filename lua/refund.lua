@@ -7,10 +7,12 @@
 -- them. legacy_record: the event's refund record as versions before the guard wrote it (a refund
 -- there is the guard; such records expire within refund_window_s of the upgrade). The charge:
 -- meter, its allocated and purchased parts, cost, user, feature, time (unix us); period: the
--- plan's period spec.
+-- plan's period spec. sources: the charge's split (Meter:waterfall); each layer gets its share
+-- back, a grant only while its lot has not expired (an expired grant's share is `lost`). An
+-- event without sources (written before they were) gives its purchased part to the free pool.
 local k = bind(KEYS, {'bal', 'quotas', 'guard', 'stream', 'reservations', 'expiries', 'users', 'legacy_record'})
 local a = bind(ARGV, {'refunded_event_id', 'event_id', 'org', 'key_id', 'metadata', 'fingerprint', 'meter',
-  'allocated', 'purchased', 'cost', 'user', 'feature', 'charged_at_us', 'period', 'refund_window_s'})
+  'allocated', 'purchased', 'cost', 'user', 'feature', 'charged_at_us', 'period', 'refund_window_s', 'sources'})
 
 local guard = redis.call('GET', k.guard)
 local old = not guard and redis.call('GET', k.legacy_record)
@@ -54,12 +56,40 @@ if rec.pe == m.pe then
   end
 end
 m.a = m.a + back_a
-m.p = m.p + rec.p
+local back_p, lost, back = rec.p, 0, {}
+if back_a > 0 then table.insert(back, 'allocated:' .. fmt(back_a)) end
+if (a.sources or '') ~= '' then
+  back_p = 0
+  local now_s = math.floor(now / 1000000)
+  for layer, n in string.gmatch(a.sources, '([^,]+):(%d+)') do
+    n = tonumber(n)
+    if layer == 'purchased' then
+      back_p = back_p + n
+      table.insert(back, layer .. ':' .. fmt(n))
+    elseif string.sub(layer, 1, 6) == 'grant:' then
+      local id, lot = string.sub(layer, 7), nil
+      for _, l in ipairs(m.lots) do if l.i == id and l.x > now_s then lot = l end end
+      if lot then
+        lot.n = lot.n + n
+        m.lots_dirty = true
+        back_p = back_p + n
+        table.insert(back, layer .. ':' .. fmt(n))
+      else
+        lost = lost + n
+      end
+    end
+  end
+elseif back_p > 0 then
+  table.insert(back, 'purchased:' .. fmt(back_p))
+end
+m.p = m.p + back_p
 m:save_spend()
 local meta = {refund_of = a.refunded_event_id}
+if lost > 0 then meta.lost = lost end
 if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
 local id = events:add({id = a.event_id, kind = 'refund', user = rec.u, meter = rec.m, feature = rec.f,
-  delta = back_a + rec.p, dp = rec.p, cost = -rec.cost, bal = m:balance(), meta = cjson.encode(meta)})
-local rep = reply{cost = back_a + rec.p, remaining = m:available(), event_id = id}
+  delta = back_a + back_p, dp = back_p, cost = -rec.cost, bal = m:balance(), meta = cjson.encode(meta),
+  src = table.concat(back, ',')})
+local rep = reply{cost = back_a + back_p, remaining = m:available(), event_id = id, sources = table.concat(back, ',')}
 redis.call('SET', k.guard, cjson.encode({fp = a.fingerprint or '', r = rep}), 'PXAT', fmt(math.ceil(closes / 1000)))
 return rep

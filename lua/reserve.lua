@@ -20,6 +20,7 @@ m:save(req.events, req.user, req.feature)
 save_rate_limits(req.rl_writes)
 redis.call('HSET', k.reservations, req.event_id, cjson.encode({m = req.meter, held = req.cost,
   unit = req.unit_cost or req.cost, u = req.user, f = req.feature, k = req.key_id, exp = expires,
+  co = req.overflow, o = req.credit_order,
   ut = req.uq and req.uq.subject or '', tt = req.tq and req.tq.subject or ''}))
 redis.call('ZADD', k.expiries, expires, req.event_id)
 req.events:add({id = req.event_id, kind = 'reserve', user = req.user, meter = req.meter, feature = req.feature,

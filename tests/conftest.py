@@ -75,6 +75,17 @@ def servers() -> Any:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster() -> Any:
+    """A real Redis Cluster (3 primaries, 3 replicas; tests/cluster_support.py), started on first
+    use and shared by the session."""
+    from cluster_support import start
+
+    cluster = start(Path(tempfile.mkdtemp(prefix="qgw-cluster-")))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_url(servers: tuple[str, str]) -> str:
     return servers[0]
 

@@ -417,6 +417,9 @@ def test_admin_client_manages_orgs_users_keys_grants_and_quotas(gw, adm):
     o = adm.create_org(org, "pro", name="Acme")
     assert (o.org_id, o.plan, o.name) == (org, "pro", "Acme")
     assert adm.set_plan(org, "bulk").plan == "bulk"
+    e = adm.set_entitlements(org, {"overflow": "none"})
+    assert e["entitlements"] == {"overflow": "none"} and adm.entitlements(org)["effective"]["overflow"] == "none"
+    assert adm.set_entitlements(org, {})["entitlements"] == {}
     u = adm.add_user(org, "ann", team="t1")
     assert u.created and u.team == "t1" and not adm.add_user(org, "ann", team="t1").created
     k = adm.create_key(org, ["consume", "read"], user_id="ann")
@@ -539,6 +542,8 @@ def test_client_requests_and_responses_match_the_openapi_document(gw, tenant, ad
         a.grant(org, "general", 5, "openapi")
         a.set_quota(org, "general", 10, user_id="v1")
         a.set_plan(org, "pro")
+        a.set_entitlements(org, {"overflow_cost": 2})
+        a.entitlements(org)
         a.balance(org)
         a.top(days=1)
         a.revoke_key(k.key_id)

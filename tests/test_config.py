@@ -55,6 +55,13 @@ BASE = {"meters": ["general"], "features": {"f": {"meter": "general", "cost": 1}
     ({"behaviour": {"max_body_bytes": 10}}, "behaviour.max_body_bytes", "greater than or equal to 1024"),
     ({"behaviour": {"max_header_bytes": 10**9}}, "behaviour.max_header_bytes", "less than or equal to"),
     ({"behaviour": {"max_headers": 2}}, "behaviour.max_headers", "greater than or equal to 16"),
+    ({"plans": {"p": {"rate_limits": {"user": {"limit": 5, "window": 60, "overflow": "debt"}}}}},
+     "plans.p.rate_limits.user.overflow", "'none' or 'credit'"),
+    ({"plans": {"p": {"rate_limits": {"user": {"limit": 5, "window": 60, "overflow_cost": 0}}}}},
+     "plans.p.rate_limits.user.overflow_cost", "greater than or equal to 1"),
+    ({"plans": {"p": {"overflow_cost": 0}}}, "plans.p.overflow_cost", "greater than or equal to 1"),
+    ({"plans": {"p": {"credit_order": ["grants"]}}}, "plans.p.credit_order", "once each"),
+    ({"plans": {"p": {"credit_order": ["grants", "gifts"]}}}, "plans.p.credit_order.1", "'grants' or 'purchased'"),
 ])
 def test_bad_config_names_the_key(patch, path, words):
     with pytest.raises(config_mod.ConfigError) as e:
@@ -63,6 +70,15 @@ def test_bad_config_names_the_key(patch, path, words):
     assert e.value.path == path, str(e.value)
     assert words in e.value.message
     assert str(e.value).startswith(f"gw.yaml: {path}: ")
+
+
+def test_overflow_defaults_keep_a_hard_rate_limit_and_credit_past_the_allocation():
+    plan = config_mod.parse(BASE).plans["p"]
+    assert (plan.overflow, plan.overflow_cost, plan.credit_order) == ("credit", 1, ["grants", "purchased"])
+    rl = config_mod.parse({**BASE, "plans": {"p": {"rate_limits": {"user": {
+        "limit": 5, "window": "1m", "overflow": "credit", "overflow_cost": 2}}}}}).plans["p"].rate_limits.user
+    assert (rl.limit, rl.window, rl.overflow, rl.overflow_cost) == (5, 60, "credit", 2)
+    assert config_mod.parse(BASE).plans["p"].rate_limits.user is None
 
 
 def test_serve_refuses_a_bad_file_at_start(tmp_path):

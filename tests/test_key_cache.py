@@ -27,10 +27,10 @@ class SlowRedis:
             raise self.fail
         return dict(self.keys.get(name, {}))
 
-    async def hget(self, name: str, field: str) -> str | None:
+    async def hmget(self, name: str, fields: list[str]) -> list[str | None]:
         self.reads += 1
         await asyncio.sleep(0.02)
-        return self.orgs.get(name)
+        return [self.orgs.get(name) if f == "plan" else None for f in fields]  # no entitlements
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ async def test_concurrent_misses_share_one_read(store):
     keys, redis, key = store
     idents = await asyncio.gather(*(keys.resolve(key) for _ in range(50)))
     assert {i.org_id for i in idents} == {"org_1"} and idents[0].plan == "starter"
-    assert redis.reads == 2  # one HGETALL of the key, one HGET of the org's plan
+    assert redis.reads == 2  # one HGETALL of the key, one HMGET of the org's plan (and entitlements)
     await asyncio.gather(*(keys.resolve(key) for _ in range(50)))
     assert redis.reads == 2  # cached
     await asyncio.sleep(0.25)  # expired: read again, once

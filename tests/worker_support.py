@@ -117,9 +117,11 @@ def identities(n: int, plan: str = "bulk") -> list[Identity]:
                      frozenset({"consume", "read"}), plan) for _ in range(n)]
 
 
-async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32) -> list[str]:
+async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int, concurrency: int = 32,
+                  refunded: list[tuple[str, int]] | None = None) -> list[str]:
     """Mixed decisions: consume, refund, reserve, commit, release, grant and refusals (denied).
-    Returns the event ids the gateway answered with."""
+    Returns the event ids the gateway answered with; `refunded` collects each refund asked for:
+    (the charge's event id, the refund's status)."""
     rng = random.Random(seed)
     consumed: list[tuple[Identity, str]] = []
     held: list[tuple[Identity, str, int]] = []
@@ -138,6 +140,8 @@ async def traffic(decider: Decider, orgs: list[Identity], n_ops: int, seed: int,
             elif r < 0.50 and consumed:
                 who, eid = consumed.pop(rng.randrange(len(consumed)))
                 d = await decider.refund(who, eid)
+                if refunded is not None:
+                    refunded.append((eid, d.status))
             elif r < 0.65:
                 units = rng.randint(1, 4)
                 d = await decider.reserve(ident, "generate_goal", units, user, 60)

@@ -130,9 +130,23 @@ async def usage(request: Request) -> Response:
         "key_id": r["key_id"], "meter": r["meter"], "feature": r["feature"], "delta": r["delta"],
         "delta_purchased": r["delta_purchased"], "cost": r["cost"], "balance_after": r["balance_after"],
         "metadata": orjson.Fragment(r["metadata"]) if r["metadata"] else None,
+        "sources": sources(r["sources"], r["delta"]),
     } for r in rows]
     nxt = _cursor(rows[-1]["ts"], rows[-1]["event_id"].hex) if more else None
     return json_response({"org_id": ident.org_id, "events": events, "next_cursor": nxt})
+
+
+def sources(text: str | None, delta: int) -> list[dict[str, Any]]:
+    """An event's split over the layers ('allocated:2,grant:<lot>:2,purchased:1'), each amount
+    with the event's sign (a charge takes, a refund gives back): [{layer, amount}], in order."""
+    if not text:
+        return []
+    sign = -1 if delta < 0 else 1
+    out = []
+    for part in text.split(","):
+        layer, _, n = part.rpartition(":")
+        out.append({"layer": layer, "amount": sign * int(n)})
+    return out
 
 
 async def analytics(request: Request) -> Response:
@@ -149,6 +163,8 @@ async def analytics(request: Request) -> Response:
     burn_days = min(days, BURN_WINDOW_DAYS)
     rows = await store.usage_by_day(ident.org_id, start.date())
     burn = await store.usage_by_meter_since(ident.org_id, now - timedelta(days=burn_days))
+    by_layer = [{"meter": r["meter"], "layer": r["layer"], "tokens": r["tokens"]}
+                for r in await store.spend_by_layer(ident.org_id, start)]
     features: dict[str, dict[str, Any]] = {}
     day_rows: dict[date, dict[str, Any]] = {}
     for r in rows:
@@ -185,7 +201,7 @@ async def analytics(request: Request) -> Response:
     return json_response({
         "org_id": ident.org_id, "days": days, "since": _iso(start), "totals": totals,
         "by_feature": sorted(features.values(), key=lambda f: -f["tokens"]), "by_day": by_day,
-        "burn_window_days": burn_days, "meters": meters,
+        "burn_window_days": burn_days, "meters": meters, "by_layer": by_layer,
     })
 
 

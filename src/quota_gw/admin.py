@@ -20,10 +20,12 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from . import entitlements
 from .api import Context, balance_of, ctx, int_field, json_body, json_response, name_field
 from .auth import require_admin
 from .config import MAX_AMOUNT, is_name
@@ -114,6 +116,38 @@ async def set_plan(request: Request) -> Response:
     return json_response({"org_id": org_id, "plan": plan})
 
 
+def _entitlements_answer(c: Context, org_id: str, plan: str, text: str) -> Response:
+    """The org's override as stored (`{}`: none) and the layers its decisions use with it."""
+    p = c.config.plans.get(plan)
+    return json_response({"org_id": org_id, "plan": plan, "entitlements": orjson.loads(text) if text else {},
+                          "effective": entitlements.effective(p, text) if p else None})
+
+
+async def get_entitlements(request: Request) -> Response:
+    c = await _admin(request)
+    org_id = _path_name(request, "org_id")
+    plan, text = await c.store.entitlements(org_id)
+    return _entitlements_answer(c, org_id, plan, text)
+
+
+async def put_entitlements(request: Request) -> Response:
+    """Replaces the org's override of its plan's layers (`{}` removes it)."""
+    c = await _admin(request)
+    org_id = _path_name(request, "org_id")
+    text = entitlements.parse(await json_body(request)).text()
+    plan = await c.store.set_entitlements(org_id, text)
+    c.keys.forget_org(org_id)
+    return _entitlements_answer(c, org_id, plan, text)
+
+
+async def delete_entitlements(request: Request) -> Response:
+    c = await _admin(request)
+    org_id = _path_name(request, "org_id")
+    plan = await c.store.set_entitlements(org_id, "")
+    c.keys.forget_org(org_id)
+    return _entitlements_answer(c, org_id, plan, "")
+
+
 async def create_user(request: Request) -> Response:
     c = await _admin(request)
     org_id = _path_name(request, "org_id")
@@ -188,6 +222,7 @@ async def set_quota(request: Request) -> Response:
     if limit is not None:
         limit = int_field(data, "limit", None, 0, MAX_AMOUNT)
     scope, subject = ("user", user_id) if user_id else ("team", team)
+    assert subject is not None  # exactly one of the two was given (checked above)
     await c.store.set_sub_quota(org_id, meter, scope, subject, limit)
     return json_response({"org_id": org_id, "meter": meter, scope: subject, "limit": limit})
 
@@ -233,6 +268,9 @@ def _storable(text: str) -> bool:
 routes = [
     Route("/v1/admin/orgs", pg_errors(create_org), methods=["POST"]),
     Route("/v1/admin/orgs/{org_id}/plan", pg_errors(set_plan), methods=["PUT"]),
+    Route("/v1/admin/orgs/{org_id}/entitlements", pg_errors(get_entitlements), methods=["GET"]),
+    Route("/v1/admin/orgs/{org_id}/entitlements", pg_errors(put_entitlements), methods=["PUT"]),
+    Route("/v1/admin/orgs/{org_id}/entitlements", pg_errors(delete_entitlements), methods=["DELETE"]),
     Route("/v1/admin/orgs/{org_id}/users", pg_errors(create_user), methods=["POST"]),
     Route("/v1/admin/orgs/{org_id}/keys", pg_errors(create_key), methods=["POST"]),
     Route("/v1/admin/orgs/{org_id}/keys", pg_errors(list_keys), methods=["GET"]),

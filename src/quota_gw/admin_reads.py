@@ -159,7 +159,7 @@ async def _stream_status(r: Any, stream: str, group: str, now_ms: int) -> dict[s
         out.update({
             "group_exists": True, "undelivered": int(lag), "pending": pending, "unacked": int(lag) + pending,
             "last_delivered_id": last if last != "0-0" else None,
-            "last_delivered_at": _ms_iso(_id_ms(last)) if _id_ms(last) else None,
+            "last_delivered_at": _ms_iso(ms) if (ms := _id_ms(last)) else None,
             "consumers": [{"name": x["name"], "pending": int(x["pending"]), "idle_s": round(int(x["idle"]) / 1000, 3)}
                           for x in consumers],
         })

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, overload
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -109,6 +109,10 @@ def int_field(data: dict[str, Any], name: str, default: int | None = None, lo: i
     return v
 
 
+@overload
+def name_field(data: dict[str, Any], name: str, required: Literal[True] = True) -> str: ...
+@overload
+def name_field(data: dict[str, Any], name: str, required: bool) -> str | None: ...
 def name_field(data: dict[str, Any], name: str, required: bool = True) -> str | None:
     v = data.get(name)
     if v is None:
@@ -303,11 +307,16 @@ async def _decision_body(c: Context, head: Head, receive: Receive) -> tuple[Iden
 async def check(c: Context, head: Head, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
     ident, data = await _decision_body(c, head, receive)
     feature = c.feature(data)
-    d = await c.decider.check(ident, feature, c.units(data, feature), c.user_of(ident, data, head.user))
+    explain = data.get("explain", False)
+    if not isinstance(explain, bool):
+        raise invalid("explain: true or false", field="explain")
+    d = await c.decider.check(ident, feature, c.units(data, feature), c.user_of(ident, data, head.user), explain)
     body: dict[str, Any] = {"allowed": d.ok, "cost": d.cost, "remaining": d.remaining}
     if not d.ok:
         body["code"] = d.code
         body["detail"] = d.detail
+    if explain:  # the layers as evaluated, and the first that refused (lua explained())
+        body["waterfall"] = {**d.extra, "layers": d.extra.get("layers") or []}  # Lua's {} is an empty list
     return 200, body, d.headers()
 
 

@@ -9,9 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin_reads  # GET /v1/admin/orgs, /v1/admin/worker
 from . import account, admin, api, db, metrics, openapi, redis_policy, sidecar
+from . import cluster, scripts  # a single Redis or a cluster; the scripts on every primary
 from . import alerts_admin, purchases  # /v1/purchases, /v1/webhooks/stripe; the alerts' webhook
 from . import activity, pages  # the dashboards (pages.py) and the ops page's per-minute activity
 from .api import Context, json_response
@@ -34,12 +33,7 @@ from .store import record_low_balance_mark
 log = logging.getLogger("quota_gw")
 
 
-def redis_client(url: str) -> aioredis.Redis:
-    """A bounded pool that waits for a free connection rather than failing under bursts."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=64, timeout=5, socket_connect_timeout=2,
-        socket_timeout=5, health_check_interval=30)
-    return aioredis.Redis(connection_pool=pool)
+redis_client = cluster.node_client  # a single Redis; `cluster.connect` also detects a cluster
 
 
 async def healthz(request: Request) -> Response:
@@ -54,7 +48,7 @@ async def readyz(request: Request) -> Response:
     out: dict[str, Any] = {}
     ready = True
     try:
-        await c.decider.redis.ping()
+        await cluster.ping(c.decider.redis)
         out["redis"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure means not ready
         out["redis"] = f"down: {e}"
@@ -101,8 +95,10 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 async def on_redis_down(request: Request, exc: Exception) -> Response:
+    """Any Redis error (down, timeout, a cluster mid-failover, a redirect that could not be
+    followed) is 503 with Retry-After, never 500: nothing was charged that the caller sees."""
     metrics.REDIS_ERRORS.inc()
-    log.warning("redis unavailable: %s", exc)
+    log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
     return Response(problem_body(503, "unavailable", "the quota store is unavailable; nothing was charged"),
                     status_code=503, media_type="application/problem+json", headers={"Retry-After": "1"})
 
@@ -174,8 +170,9 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        r = redis_client(redis_url)
+        r = await cluster.connect(redis_url)
         await redis_policy.check_at_start(r, config)
+        await scripts.load_everywhere(r)
         # Connects on first use; then records the config's low-balance mark for the views (store.py).
         pool = db.Database(database_url, on_connect=functools.partial(
             record_low_balance_mark, percent=config.low_balance_mark)) if database_url else None
@@ -212,7 +209,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
     return Gateway(routes=routes, lifespan=lifespan, exception_handlers={
         Problem: on_problem,
         HTTPException: on_http,
-        RedisConnectionError: on_redis_down,
-        RedisTimeoutError: on_redis_down,
+        RedisError: on_redis_down,
+        RedisClusterException: on_redis_down,
         Exception: on_error,
     })

@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from . import links, metrics
+from . import entitlements, links, metrics
 from .db import Database
 from .decisions import Identity
 from .layout import Layout
 from .problems import Problem, unavailable
+from .redis_text import text, text_hash
 
 KEY_PREFIX = "qgw_"
 T = TypeVar("T")
@@ -75,7 +76,8 @@ class KeyStore:
     def __init__(self, redis: Redis, layout: Layout, db: Database | None, ttl: float = 1.0) -> None:
         self.redis, self.layout, self.db, self.ttl = redis, layout, db, ttl
         self._keys: dict[str, tuple[Identity | None, float]] = {}
-        self._plans: dict[str, tuple[str | None, float]] = {}
+        # org -> ((plan, entitlements text) | None: no such org, expiry)
+        self._plans: dict[str, tuple[tuple[str, str] | None, float]] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[Any]] = {}
 
     async def resolve(self, key: str) -> Identity | None:
@@ -118,18 +120,19 @@ class KeyStore:
         if not key.startswith(KEY_PREFIX) or len(key) > 200:
             return None
         h = hash_key(key)
-        rec = await self.redis.hgetall(self.layout.api_key(h))
+        rec = text_hash(await self.redis.hgetall(self.layout.api_key(h)))
         if not rec and self.db is not None:
             rec = await self._from_postgres(h)
         if not rec or rec.get("revoked") == "1":
             return None
-        plan = await self.plan(rec["org"])
-        if plan is None:
+        terms = await self.org_terms(rec["org"])
+        if terms is None:
             return None
         return Identity(rec["key_id"], rec["org"], rec.get("user") or None,
-                        frozenset(rec.get("scopes", "").split(",")), plan)
+                        frozenset(rec.get("scopes", "").split(",")), *terms)
 
     async def _from_postgres(self, h: str) -> dict[str, str]:
+        assert self.db is not None  # _load asks only when there is a ledger
         row = await self.db.fetchrow(
             "SELECT key_id, org_id, user_id, scopes, revoked_at FROM api_keys WHERE key_hash = $1", h)
         if row is None:
@@ -147,20 +150,41 @@ class KeyStore:
 
     async def plan(self, org_id: str) -> str | None:
         """The org's plan name (None: no such org), cached like keys."""
+        terms = await self.org_terms(org_id)
+        return terms[0] if terms else None
+
+    async def org_terms(self, org_id: str) -> tuple[str, str] | None:
+        """The org's plan and entitlements text (entitlements.py; '' none), cached like keys: both
+        come from the org's hash in one read, so an override costs a decision nothing."""
         hit = self._plans.get(org_id)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
         return await self._once(("plan", org_id), self._reload_plan, org_id)
 
-    async def _reload_plan(self, org_id: str) -> str | None:
+    def forget_org(self, org_id: str) -> None:
+        """Drops the org's cached terms, and its keys' identities that carry them: this process sees an
+        admin change at once (others within the TTL). An admin write, not the hot path: a scan is fine."""
+        self._plans.pop(org_id, None)
+        for key in [k for k, (ident, _) in self._keys.items() if ident is not None and ident.org_id == org_id]:
+            del self._keys[key]
+
+    async def _reload_plan(self, org_id: str) -> tuple[str, str] | None:
         now = time.monotonic()
-        plan = await self.redis.hget(self.layout.org(org_id), "plan")
+        plan, ents = (text(v) for v in await self.redis.hmget(self.layout.org(org_id), ["plan", "entitlements"]))
         if plan is None and self.db is not None:
-            plan = await self.db.fetchval("SELECT plan FROM orgs WHERE org_id = $1", org_id)
-            if plan is not None:
-                await self.redis.hsetnx(self.layout.org(org_id), "plan", plan)
-        self._plans[org_id] = (plan, now + self.ttl)
-        return plan
+            row = await self.db.fetchrow(
+                "SELECT o.plan, e.entitlements::text AS entitlements FROM orgs o"
+                " LEFT JOIN org_entitlements e USING (org_id) WHERE o.org_id = $1", org_id)
+            if row is not None:
+                plan, ents = row["plan"], entitlements.canonical(row["entitlements"])
+                async with self.redis.pipeline(transaction=False) as p:
+                    p.hsetnx(self.layout.org(org_id), "plan", plan)
+                    if ents:
+                        p.hsetnx(self.layout.org(org_id), "entitlements", ents)
+                    await p.execute()
+        terms = (plan, ents or "") if plan is not None else None
+        self._plans[org_id] = (terms, now + self.ttl)
+        return terms
 
     async def authenticate(self, request: Request, scope: str) -> Identity:
         return await self.authenticate_key(bearer(request), scope)
@@ -194,11 +218,13 @@ class KeyStore:
         row = None
         if key.startswith(KEY_PREFIX) and len(key) <= 200:
             row = await self.db.fetchrow(
-                "SELECT k.key_id, k.org_id, k.user_id, k.scopes, o.plan FROM api_keys k JOIN orgs o USING (org_id)"
+                "SELECT k.key_id, k.org_id, k.user_id, k.scopes, o.plan, e.entitlements::text AS entitlements"
+                " FROM api_keys k JOIN orgs o USING (org_id) LEFT JOIN org_entitlements e USING (org_id)"
                 " WHERE k.key_hash = $1 AND k.revoked_at IS NULL", hash_key(key))
         if row is None:
             raise unknown_key()
-        ident = Identity(row["key_id"], row["org_id"], row["user_id"], frozenset(row["scopes"]), row["plan"])
+        ident = Identity(row["key_id"], row["org_id"], row["user_id"], frozenset(row["scopes"]), row["plan"],
+                         entitlements.canonical(row["entitlements"]))
         if scope not in ident.scopes:
             raise lacks_scope(scope)
         return ident

@@ -13,6 +13,10 @@ is short while the worker keeps up, and holds every recent event while it does n
 a refund right after its charge (the sidecar's) needs no Postgres. With the ledger down and the
 event already drained, the refund is 503 with Retry-After (`db.unavailable`): nothing changed,
 the caller retries (the sidecar spools it).
+
+On a Redis Cluster the stream is read on its slot's primary through the decision lanes
+(cluster.Lanes.command), which follow MOVED/ASK and wait out TRYAGAIN as decisions do: a refund
+while its org's slot migrates is answered, where redis-py's cluster client may give up.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .cluster import Lanes
 from .db import Database
 from .layout import Layout
 
@@ -43,6 +48,7 @@ class Charge:
     user: str
     feature: str
     ts_us: int  # Redis time of the charge (the event's ts)
+    sources: str = ""  # its split over the layers ('' before sources were recorded)
 
     def refundable_by(self, org: str) -> bool:
         return self.org == org and self.kind in REFUNDABLE
@@ -55,16 +61,23 @@ def _text(v: Any) -> str:
 def from_stream(fields: dict[str, str]) -> Charge:
     delta, dp = int(fields["delta"]), int(fields["dp"])
     return Charge(fields["kind"], fields["org"], fields["meter"], dp - delta, -dp, int(fields["cost"]),
-                  fields["user"], fields["feature"], int(fields["ts"]))
+                  fields["user"], fields["feature"], int(fields["ts"]), fields.get("src", ""))
 
 
-async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
+async def newest_first(redis: Redis | Lanes, stream: str, end: str) -> list[Any]:
+    """One page of the stream, from `end` back (XREVRANGE): on a cluster, on its slot's primary."""
+    if isinstance(redis, Lanes):
+        return await redis.command(stream, "XREVRANGE", stream, end, "-", "COUNT", STREAM_PAGE) or []
+    return await redis.xrevrange(stream, end, "-", count=STREAM_PAGE) or []  # never None here
+
+
+async def in_stream(redis: Redis | Lanes, stream: str, event_id: str) -> Charge | None:
     """The event, if the stream still holds it (what the worker has not drained and trimmed)."""
     end = "+"
     while True:
-        page = await redis.xrevrange(stream, end, "-", count=STREAM_PAGE)
+        page = await newest_first(redis, stream, end)
         for _entry_id, raw in page:
-            if _text(raw.get("id", raw.get(b"id", b""))) == event_id:
+            if raw and _text(raw.get("id", raw.get(b"id", b""))) == event_id:
                 return from_stream({_text(k): _text(v) for k, v in raw.items()})
         if len(page) < STREAM_PAGE:
             return None
@@ -73,7 +86,7 @@ async def in_stream(redis: Redis, stream: str, event_id: str) -> Charge | None:
 
 LEDGER_EVENT = """
 SELECT kind, org_id, coalesce(meter, '') AS meter, delta, delta_purchased, cost,
-       coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature, ts
+       coalesce(user_id, '') AS user_id, coalesce(feature, '') AS feature, ts, coalesce(sources, '') AS sources
   FROM usage_events WHERE event_id = $1 AND ts > $2"""
 
 
@@ -85,10 +98,10 @@ async def in_ledger(ledger: Database, event_id: str, window_s: int) -> Charge | 
     if r is None:
         return None
     return Charge(r["kind"], r["org_id"], r["meter"], r["delta_purchased"] - r["delta"], -r["delta_purchased"],
-                  r["cost"], r["user_id"], r["feature"], (r["ts"] - _EPOCH) // _US)
+                  r["cost"], r["user_id"], r["feature"], (r["ts"] - _EPOCH) // _US, r["sources"])
 
 
-async def find(redis: Redis, ledger: Database | None, layout: Layout, org: str, event_id: str,
+async def find(redis: Redis | Lanes, ledger: Database | None, layout: Layout, org: str, event_id: str,
                window_s: int) -> Charge | None:
     """The charged event (any org's: the caller checks it is its own), or None when neither the
     ledger nor the stream has it. Raises 503 `unavailable` when the ledger is down and the

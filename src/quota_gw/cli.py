@@ -10,7 +10,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from . import config as config_mod
 from .cli_support import (ENV_ADMIN, ENV_CONFIG, ENV_DATABASE, ENV_PREFIX, ENV_REDIS, EXIT_CODES, UNREACHABLE,
@@ -153,6 +154,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     _route_env(cfg)
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

@@ -148,8 +148,10 @@ async def reach_redis(url: str, timeout: float = 5) -> None:
     """Pings Redis once, or Fail with what is wrong (exit 3)."""
     import redis.asyncio as aioredis
 
+    from .cluster import plain_url
+
     try:
-        r = aioredis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        r = aioredis.from_url(plain_url(url), socket_connect_timeout=timeout, socket_timeout=timeout)
     except ValueError as e:
         raise Fail(f"REDIS_URL is not a Redis URL: {e}", USAGE) from None
     try:
@@ -175,13 +177,13 @@ def run(name: str, fn: Callable[[], int]) -> int:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - the command's last word
-        f = None
+        failure = None
         if "DATABASE_URL" in os.environ:
-            f = postgres_failure(e, os.environ["DATABASE_URL"])
-        f = f or redis_failure(e, redis_url())
-        if f is not None:
-            print(f"quota-gw {name}: {f.message}", file=sys.stderr)
-            return f.code
+            failure = postgres_failure(e, os.environ["DATABASE_URL"])
+        failure = failure or redis_failure(e, redis_url())
+        if failure is not None:
+            print(f"quota-gw {name}: {failure.message}", file=sys.stderr)
+            return failure.code
         if os.environ.get("QUOTA_GW_DEBUG") == "1":
             traceback.print_exc()
         print(f"quota-gw {name}: unexpected error: {type(e).__name__}: {_reason(e)} "

@@ -7,6 +7,10 @@ still its own atomic script: pipelining changes how calls travel, not what they 
 Scripts are never retried on a connection error or timeout: a script that may have run must
 not run twice (that would charge twice). The caller gets the error; an idempotency key makes
 its own retry safe.
+
+`wait_ms` (behaviour.replica_wait_ms): each batch is followed by `WAIT 1 <ms>` on the same
+connection, and its decisions are answered only once a replica has them (or the wait ran out,
+counted in quota_gw_replica_wait_short_total), so a failover loses fewer acknowledged charges.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from . import metrics
 from .scripts import Function, not_loaded
 
 Call = tuple[Function, list[str], list[Any], "asyncio.Future[Any]"]
+REPLICATED: Any = (None, [], [], None)  # in flight after a batch when waiting for a replica: WAIT's reply
 
 
 class Coalescer:
@@ -34,8 +39,10 @@ class Coalescer:
     If no reply comes within the client's socket timeout, the connection is dropped and every
     call in flight fails: they may have run, so none is sent again."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, wait_ms: int = 0) -> None:
         self.redis = redis
+        self.wait_ms = wait_ms
+        self._held: list[tuple[asyncio.Future[Any], Any]] = []  # run, answered once WAIT replies
         self.timeout = float(redis.connection_pool.connection_kwargs.get("socket_timeout") or 5.0)
         self._pending: list[Call] = []
         self._scheduled = False
@@ -99,6 +106,9 @@ class Coalescer:
         data = b"".join([s.pack(k, a) for s, k, a, _ in batch])
         for call in batch:
             self._inflight.append((call, now))
+        if self.wait_ms:
+            data += pack_wait(self.wait_ms)
+            self._inflight.append((REPLICATED, now))
         conn._writer.write(data)  # buffered by the transport, in order; the reader awaits replies
         if not self._watching:
             self._watching = True
@@ -112,6 +122,9 @@ class Coalescer:
                 except ResponseError as e:  # an error reply; the stream stays in step
                     reply = e
                 call, _ = self._inflight.popleft()
+                if call is REPLICATED:
+                    self._release(reply)
+                    continue
                 fut = call[3]
                 if fut.done():
                     continue
@@ -119,6 +132,8 @@ class Coalescer:
                     asyncio.ensure_future(self._reload_then_send(call))  # not run: safe to send again
                 elif isinstance(reply, Exception):
                     fut.set_exception(reply)
+                elif self.wait_ms:
+                    self._held.append((fut, reply))
                 else:
                     fut.set_result(reply)
         except Exception as e:  # noqa: BLE001 - connection lost: fail what is in flight
@@ -149,7 +164,18 @@ class Coalescer:
             self._fail_inflight(error if isinstance(error, RedisError) else RedisConnectionError(str(error)))
         asyncio.ensure_future(conn.disconnect())
 
+    def _release(self, replicas: Any) -> None:
+        """WAIT answered: the held decisions are on a replica (or the wait ran out)."""
+        if not isinstance(replicas, int) or replicas < 1:
+            metrics.REPLICA_WAIT_SHORT.inc()
+        held, self._held = self._held, []
+        for fut, reply in held:
+            if not fut.done():
+                fut.set_result(reply)
+
     def _fail_inflight(self, error: Exception) -> None:
+        if self._held:
+            self._release(0)  # these ran: their answers stand, replicated or not
         inflight, self._inflight = self._inflight, deque()
         for (*_, fut), _ in inflight:
             if not fut.done():
@@ -163,12 +189,17 @@ class Coalescer:
         try:
             conn = await pool.get_connection()
             try:
-                await conn.send_packed_command([s.pack(k, a) for s, k, a, _ in batch])
+                await conn.send_packed_command([s.pack(k, a) for s, k, a, _ in batch]
+                                               + ([pack_wait(self.wait_ms)] if self.wait_ms else []))
                 for _ in batch:
                     try:
                         results.append(await conn.read_response())
                     except ResponseError as e:  # an error reply; the stream stays in step
                         results.append(e)
+                if self.wait_ms:
+                    replicas = await conn.read_response()
+                    if not isinstance(replicas, int) or replicas < 1:
+                        metrics.REPLICA_WAIT_SHORT.inc()
             except BaseException:
                 await conn.disconnect()
                 raise
@@ -198,3 +229,8 @@ class Coalescer:
                     fut.set_exception(e)
                 return
             await self._send(missing, retried=True)
+
+
+def pack_wait(ms: int) -> bytes:
+    """RESP encoding of `WAIT 1 <ms>`."""
+    return b"*3\r\n$4\r\nWAIT\r\n$1\r\n1\r\n$%d\r\n%d\r\n" % (len(str(ms)), ms)

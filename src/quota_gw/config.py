@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +21,7 @@ UNLIMITED = -1
 MAX_AMOUNT = 10**12  # keeps every sum exact in Lua doubles and in JSON
 
 
-def is_name(v: Any) -> bool:
+def is_name(v: Any) -> TypeGuard[str]:
     """A name (org, user, team, meter, feature): the whole string matches NAME_RE. With
     re.match, `$` also matches before a trailing newline, so "u0\n" passed."""
     return isinstance(v, str) and _NAME.fullmatch(v) is not None
@@ -49,6 +49,10 @@ def _seconds(value: Any) -> Any:
     return value
 
 
+CreditLayer = Literal["grants", "purchased"]
+CREDIT_ORDER: tuple[CreditLayer, ...] = ("grants", "purchased")
+
+
 class RateLimit(_Model):
     """`limit` calls per `window` seconds, at most `burst` at once (default: `limit`)."""
 
@@ -56,6 +60,12 @@ class RateLimit(_Model):
     window: int = Field(gt=0, description="The window in seconds: a number, or a duration such as '60s', '5m', '1h', '1d'.")
     burst: int | None = Field(default=None, gt=0, description="Calls allowed at once after a quiet spell "
                               "(GCRA burst); default: `limit`.")
+    overflow: Literal["none", "credit"] = Field(default="none", description=(
+        "Past the window: 'none' refuses the call (429); 'credit' lets it through, charged from the credit "
+        "layers only (`credit_order`; never the allocation), at `overflow_cost` times its cost, and the "
+        "window does not advance for it. No credit left: 429 as with 'none'."))
+    overflow_cost: int = Field(default=1, ge=1, le=1000, description=(
+        "With `overflow: credit`: what a call past the window costs, as a multiple of its price."))
 
     _w = field_validator("window", mode="before")(_seconds)
 
@@ -85,6 +95,16 @@ class Plan(_Model):
     rollover: bool = Field(default=False, description="Unused allocation carries over into the next period.")
     rate_limits: RateLimits = Field(default_factory=RateLimits, description="Rate limits of callers on this plan "
                                     "(a refused call consumes no rate).")
+    overflow: Literal["credit", "none"] = Field(default="credit", description=(
+        "Past the period allocation: 'credit' takes the rest of a call from the credit layers (`credit_order`), "
+        "at `overflow_cost` times; 'none' refuses it (402) even with credit left (a meter the plan leaves "
+        "out, allocation 0, still runs on credit)."))
+    overflow_cost: int = Field(default=1, ge=1, le=1000, description=(
+        "What the part of a call past the allocation costs in credit, as a multiple of its price."))
+    credit_order: list[CreditLayer] = Field(default_factory=lambda: list(CREDIT_ORDER),
+                                                               description=(
+        "The order the credit layers are drawn in: 'grants' (credit that expires, earliest expiry first) and "
+        "'purchased' (credit that never expires). Each named once."))
 
     @field_validator("period")
     @classmethod
@@ -99,6 +119,13 @@ class Plan(_Model):
         for meter, amount in v.items():
             if amount != "unlimited" and not 0 <= amount <= MAX_AMOUNT:
                 raise ValueError(f"{meter}: allocation must be 0..{MAX_AMOUNT} or 'unlimited'")
+        return v
+
+    @field_validator("credit_order")
+    @classmethod
+    def _credit_order(cls, v: list[str]) -> list[str]:
+        if sorted(v) != ["grants", "purchased"]:
+            raise ValueError("name 'grants' and 'purchased' once each, in the order they are drawn")
         return v
 
     def allocation(self, meter: str) -> int:
@@ -279,6 +306,7 @@ def resolve_route_headers(config: Config, environ: Any = None, file: str | None 
                 if problem:
                     raise ConfigError(file, f"routes.{i}.headers.{name}",
                                       f"environment variable {var} {problem} (route {r.prefix})")
+                assert value is not None  # "is not set" raised above
                 return value
             resolved.append((name, _VAR.sub(sub, template)))
         out.append(resolved)
@@ -311,6 +339,10 @@ class Behaviour(_Model):
         "every replica within this. 0: read on every call."))
     coalesce: bool = Field(default=True, description=(  # see coalesce.py
         "Send the decisions of one event-loop turn together in one pipeline (fewer round trips under load)."))
+    replica_wait_ms: int = Field(default=0, ge=0, le=4000, description=(  # see coalesce.py
+        "Durability: after each batch of decisions, `WAIT 1 <ms>` for a replica to have them before answering. "
+        "A failover then loses fewer acknowledged charges, at the cost of a replication round trip per batch. "
+        "0: off (Redis replicates asynchronously)."))
     org_header: str = Field(default="X-Quota-Org", description="Header that carries the org to the upstream (the "
                             "caller's own is dropped).")
     user_header: str = Field(default="X-Quota-User", description=(

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import charges, metrics
+from . import charges, entitlements, metrics
+from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
 from .db import Database
@@ -37,6 +38,7 @@ class Identity:
     user_id: str | None
     scopes: frozenset[str]
     plan: str
+    entitlements: str = ""  # the org's override of the plan's layers, canonical text (entitlements.py)
 
 
 @dataclass(slots=True)
@@ -54,11 +56,14 @@ class Decision:
     replay: bool
     would: str
     extra: dict[str, Any]
+    sources: str = ""  # the layers that paid: 'allocated:2,grant:<lot>:2,purchased:1' (lua Meter:waterfall)
 
     @classmethod
     def from_reply(cls, r: list[Any]) -> Decision:
+        # An answer stored before `sources` existed (an idempotent replay) has 13 fields.
         return cls(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
-                   int(r[9]), bool(int(r[10])), r[11], orjson.loads(r[12]) if r[12] else {})
+                   int(r[9]), bool(int(r[10])), r[11], orjson.loads(r[12]) if r[12] else {},
+                   r[13] if len(r) > 13 else "")
 
     @property
     def ok(self) -> bool:
@@ -78,6 +83,8 @@ class Decision:
             h["X-Quota-Shadow"] = self.would
         if self.replay:
             h["Idempotent-Replayed"] = "true"
+        if self.sources:
+            h["X-Quota-Source"] = ",".join(p.rsplit(":", 1)[0] for p in self.sources.split(","))
         return h
 
     def problem(self) -> Problem:
@@ -122,6 +129,14 @@ class GateArgs:
     unit_cost: int | str = ""  # reserve: what one unit commits at
     min_cost: int = 0  # reserve: hold less than asked, down to this, when that is all there is
     alert_thresholds: str = ""  # '25,10,0' (lua Meter:alerts)
+    # The waterfall (config Plan.overflow*): a rate window's overflow multiple (0: refuse past it),
+    # the allocation's (0: no credit past it), the credit layers' order ('gp' grants first, 'pg').
+    rl_user_overflow: int = 0
+    rl_key_overflow: int = 0
+    rl_org_overflow: int = 0
+    alloc_overflow: int = 1
+    credit_order: str = "gp"
+    explain: int = 0  # check: answer the waterfall as evaluated (Decision.extra)
 
 
 @dataclass(slots=True)
@@ -158,6 +173,7 @@ class RefundArgs:
     charged_at_us: int
     period: str  # the plan's period spec (the charge's period end is derived from it)
     refund_window_s: int
+    sources: str = ""  # the charge's split; each layer gets its share back
 
 
 @dataclass(slots=True)
@@ -239,11 +255,14 @@ class Decider:
         self.config = config
         self.layout = layout
         self.scripts = Scripts(redis)
-        self._coalescer = Coalescer(redis)
+        # a cluster: one coalescer per primary, each call sent to its org's slot owner
+        wait_ms = config.behaviour.replica_wait_ms
+        self._coalescer = Lanes(redis, wait_ms) if isinstance(redis, RedisCluster) else Coalescer(redis, wait_ms)
         self._run = self._coalescer.run if config.behaviour.coalesce else self._coalescer.run_now
+        self._stream_reads = self._coalescer if isinstance(self._coalescer, Lanes) else redis  # charges.find
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)
-        self._terms: dict[tuple[str, str], tuple[str, dict[str, Any], list[Any]]] = {}
+        self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any]]] = {}
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
@@ -258,8 +277,9 @@ class Decider:
 
     def _priced(self, ident: Identity, feature: str) -> tuple[str, dict[str, Any], list[Any]]:
         """The plan's terms for a feature's meter (GateArgs fields) and the gate's ARGV template,
-        computed once per (plan, feature)."""
-        hit = self._terms.get((ident.plan, feature))
+        computed once per (plan, the org's entitlements, feature): an org's override is its own
+        template, found with the same one dict lookup."""
+        hit = self._terms.get((ident.plan, ident.entitlements, feature))
         if hit is None:
             meter = self.config.features[feature].meter
             plan = self.plan(ident)
@@ -269,11 +289,14 @@ class Decider:
             for name, lim in (("user", rl.user), ("key", rl.key), ("org", rl.org)):
                 terms[f"rl_{name}_interval_us"], terms[f"rl_{name}_burst"] = \
                     (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
+            terms.update(entitlements.gate_terms(plan, ident.entitlements))
             terms.update(auto_register=int(self.config.behaviour.auto_register_users), idem_ttl_s=self._ttl[0],
                          alert_thresholds=self._alerts)
             template = argv(GateArgs(event_id="", org="", user="", key_id="", feature=feature, cost=0,
                                      fingerprint="", metadata="", shadow=0, **terms))
-            hit = self._terms[(ident.plan, feature)] = (meter, terms, template)
+            if len(self._terms) > 10_000:  # overrides are few; bound it anyway
+                self._terms.clear()
+            hit = self._terms[(ident.plan, ident.entitlements, feature)] = (meter, terms, template)
         return hit
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
@@ -316,9 +339,12 @@ class Decider:
         d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
         return self._observed("consume", ident, feature, d, t0)
 
-    async def check(self, ident: Identity, feature: str, units: int, user: str) -> Decision:
+    async def check(self, ident: Identity, feature: str, units: int, user: str, explain: bool = False) -> Decision:
+        """`explain`: the answer's `extra` is the waterfall as evaluated (layers, refused_by)."""
         t0 = time.perf_counter()
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, None, "", None, False)
+        if explain:
+            args[GATE["explain"]] = 1
         d = Decision.from_reply(await self._run(self.scripts.check, keys, args))
         return self._observed("check", ident, feature, d, t0)
 
@@ -378,7 +404,7 @@ class Decider:
         t0 = time.perf_counter()
         L, org = self.layout, ident.org_id
         window = self.config.behaviour.refund_window_s
-        c = await charges.find(self.redis, self.ledger, L, org, event_id, window)
+        c = await charges.find(self._stream_reads, self.ledger, L, org, event_id, window)
         if c is None or not c.refundable_by(org):
             d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
         else:
@@ -389,7 +415,7 @@ class Decider:
                               fingerprint=fingerprint("refund", metadata=metadata), meter=c.meter,
                               allocated=c.allocated, purchased=c.purchased, cost=c.cost, user=c.user,
                               feature=c.feature, charged_at_us=c.ts_us, period=self.plan(ident).period,
-                              refund_window_s=window)
+                              refund_window_s=window, sources=c.sources)
             d = Decision.from_reply(await self._run(self.scripts.refund, keys, argv(args)))
         metrics.observe("refund", "", "", -1, d, t0)
         return d

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -49,11 +49,12 @@ class LoopServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on",
+async def serve(app: Any, host: str = "127.0.0.1", port: int = 0, lifespan: Literal["auto", "on", "off"] = "on",
                 log_level: str = "warning", timeout_keep_alive: float = 5) -> AsyncIterator[LoopServer]:
     """Runs `app` on host:port (0: a free port, see `.port`) until the block ends."""
     server = LoopServer(uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level=log_level,
                                        access_log=False, timeout_graceful_shutdown=5,
+                                       # typed int, used as a loop timer's delay: a float works (test_keepalive)
                                        timeout_keep_alive=timeout_keep_alive))  # type: ignore[arg-type]
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -265,7 +266,7 @@ def _q(body: dict[str, Any]) -> str:
     return "'" + json.dumps(body, separators=(",", ":")).replace("'", "'\\''") + "'"
 
 
-def route_body(route: Any) -> dict[str, Any] | None:
+def route_body(route: Any) -> dict[str, Any]:
     """The body an OpenAI-compatible upstream accepts on this route: chat routes take
     `messages`, /completions a `prompt`, /embeddings an `input`."""
     p = route.prefix.rstrip("/")

@@ -34,9 +34,11 @@ import struct
 import subprocess
 import threading
 import time
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 __all__ = [
     "DevExtraMissing",
@@ -255,6 +257,14 @@ def _port_in_use_failure(log_path: Path) -> bool:
     return "address already in use" in text or "could not create any tcp/ip sockets" in text
 
 
+class _RunAs(TypedDict, total=False):
+    """Popen's keywords for running a server as another account (empty: as ourselves)."""
+
+    user: str
+    group: int
+    extra_groups: list[int]
+
+
 def _spawn(
     argv: list[str],
     *,
@@ -269,7 +279,7 @@ def _spawn(
     which then stops the servers in order instead of them dying mid-flight.
     """
     with open(log_path, "ab") as log:
-        extra: dict[str, object] = {}
+        extra: _RunAs = {}
         if user is not None:
             extra = {"user": user, "group": _primary_group(user), "extra_groups": []}
         return subprocess.Popen(
@@ -281,7 +291,7 @@ def _spawn(
             env=env,
             start_new_session=True,
             close_fds=True,
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )
 
 
@@ -374,7 +384,7 @@ def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = Fals
             *args,
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path)
-        if _wait_ready("valkey", proc, log_path, lambda chosen=chosen: _redis_ping(chosen), REDIS_START_TIMEOUT):
+        if _wait_ready("valkey", proc, log_path, partial(_redis_ping, chosen), REDIS_START_TIMEOUT):
             server = EmbeddedServer(
                 url=f"redis://{LOCALHOST}:{chosen}/0",
                 name="valkey",
@@ -500,7 +510,7 @@ def _initdb(install: Path, data_dir: Path, user: str | None) -> None:
         "--no-instructions",
         "--no-sync",  # initdb's final fsync takes seconds; the server fsyncs from here on
     ]
-    extra: dict[str, object] = {}
+    extra: _RunAs = {}
     if user is not None:
         extra = {"user": user, "group": _primary_group(user), "extra_groups": []}
     try:
@@ -512,7 +522,7 @@ def _initdb(install: Path, data_dir: Path, user: str | None) -> None:
             cwd=data_dir,
             env=_pg_env(),
             timeout=INITDB_TIMEOUT,
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )
     except subprocess.TimeoutExpired as exc:
         raise EmbeddedServerError(f"initdb timed out after {INITDB_TIMEOUT:.0f}s") from exc
@@ -595,7 +605,7 @@ def start_postgres(data_dir: Path, port: int | None = None) -> EmbeddedServer:
             "-c", "logging_collector=off",
         ]
         proc = _spawn(argv, data_dir=data_dir, log_path=log_path, user=user, env=_pg_env())
-        if _wait_ready("postgres", proc, log_path, lambda chosen=chosen: _pg_ready(chosen), POSTGRES_START_TIMEOUT):
+        if _wait_ready("postgres", proc, log_path, partial(_pg_ready, chosen), POSTGRES_START_TIMEOUT):
             server = EmbeddedServer(
                 url=f"postgresql://postgres@{LOCALHOST}:{chosen}/postgres",
                 name="postgres",

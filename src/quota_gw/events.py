@@ -36,6 +36,8 @@ FIELDS: tuple[EventField, ...] = (
     EventField("bal", "balance_after", "int"),
     EventField("ts", "ts", "us"),
     EventField("meta", "metadata", "json"),
+    # Where a charge's tokens came from (a refund's went back to): 'allocated:2,grant:<lot>:2,purchased:1'.
+    EventField("src", "sources", "text"),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)

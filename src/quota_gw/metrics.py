@@ -40,6 +40,10 @@ ROUND_TRIPS = Counter("quota_gw_redis_round_trips_total", "Round trips to Redis 
                       registry=REGISTRY)
 SCRIPT_CALLS = Counter("quota_gw_redis_script_calls_total", "Decision scripts run", registry=REGISTRY)
 REDIS_ERRORS = Counter("quota_gw_redis_errors_total", "Requests that failed on Redis", registry=REGISTRY)
+REPLICA_WAIT_SHORT = Counter("quota_gw_replica_wait_short_total", "Decision batches answered before a replica "
+                             "acknowledged them (behaviour.replica_wait_ms ran out)", registry=REGISTRY)
+REDIS_REDIRECTS = Counter("quota_gw_redis_redirects_total", "Decisions a Redis Cluster answered with a redirect "
+                          "(moved, ask, tryagain, clusterdown): not run, sent again", ["kind"], registry=REGISTRY)
 SPOOL_ENTRIES = Gauge("quota_gw_spool_entries", "Fail-open usage entries on disk waiting for replay",
                       registry=REGISTRY, multiprocess_mode="max")  # every process counts the same folder
 KEY_CACHE = Counter("quota_gw_key_cache_total", "API key lookups by result (hit: served from the in-process cache)",

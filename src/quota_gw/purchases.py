@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import stripe
@@ -34,6 +34,9 @@ from .config import Config, Pack, is_name
 from .decisions import Identity
 from .problems import Problem, invalid
 from .queries import Q
+
+if TYPE_CHECKING:
+    from stripe.params.checkout import SessionCreateParamsLineItem
 
 log = logging.getLogger("quota_gw.purchases")
 
@@ -76,9 +79,9 @@ def stripe_client(cfg: Config, api_key: str) -> stripe.StripeClient:
     api_base = cfg.stripe.api_base if cfg.stripe else None
     client = _clients.get((api_key, api_base))
     if client is None:
-        base = {"api": api_base} if api_base else None
         client = _clients[(api_key, api_base)] = stripe.StripeClient(
-            api_key, base_addresses=base, http_client=stripe.HTTPXClient(), max_network_retries=2)
+            api_key, base_addresses={"api": api_base} if api_base else None, http_client=stripe.HTTPXClient(),
+            max_network_retries=2)
     return client
 
 
@@ -92,7 +95,7 @@ async def _any_key(c: Context, request: Request) -> Identity:
         return await c.keys.authenticate(request, "consume")
 
 
-def _line_items(name: str, pack: Pack) -> list[dict[str, Any]]:
+def _line_items(name: str, pack: Pack) -> list[SessionCreateParamsLineItem]:
     if pack.stripe_price:
         return [{"price": pack.stripe_price, "quantity": 1}]
     return [{"quantity": 1, "price_data": {

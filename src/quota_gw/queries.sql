@@ -24,6 +24,20 @@ UPDATE orgs SET plan = $2, updated_at = now() WHERE org_id = $1 RETURNING plan;
 SELECT org_id, name, plan, created_at FROM orgs
 WHERE $1::text IS NULL OR org_id > $1 ORDER BY org_id LIMIT $2;
 
+-- org_entitlements --
+-- The org's plan and its entitlements (NULL: none), or no row when there is no such org
+SELECT o.plan, e.entitlements::text AS entitlements, e.updated_at
+FROM orgs o LEFT JOIN org_entitlements e USING (org_id) WHERE o.org_id = $1;
+
+-- upsert_entitlements --
+-- The org's override of its plan's layers (migration 009), replacing the one it had
+INSERT INTO org_entitlements (org_id, entitlements) VALUES ($1, $2::jsonb)
+ON CONFLICT (org_id) DO UPDATE SET entitlements = EXCLUDED.entitlements, updated_at = now();
+
+-- delete_entitlements --
+-- Removes the org's override: its plan's layers again
+DELETE FROM org_entitlements WHERE org_id = $1;
+
 -- upsert_user --
 -- A user and their team; true when the user existed (the team is replaced)
 INSERT INTO users (org_id, user_id, team) VALUES ($1, $2, $3)
@@ -65,7 +79,7 @@ WHERE d.org_id = $1 ORDER BY d.created_at DESC, d.id DESC LIMIT $2;
 -- usage_events --
 -- The org's events, newest first: {where} is the store's filters (org_id = $1 AND ...), ${limit} the page
 SELECT event_id, ts, kind, user_id, key_id, meter, feature, delta, delta_purchased, cost,
-       balance_after, metadata::text AS metadata
+       balance_after, metadata::text AS metadata, sources
 FROM usage_events WHERE {where}
 ORDER BY ts DESC, event_id DESC LIMIT ${limit};
 
@@ -73,6 +87,12 @@ ORDER BY ts DESC, event_id DESC LIMIT ${limit};
 -- The org's usage per UTC day, meter and feature from the day $2 on (the documented view)
 SELECT day, meter, feature, calls, tokens, refunded, denied
 FROM usage_by_feature_day WHERE org_id = $1 AND day >= $2;
+
+-- spend_by_layer --
+-- Tokens the org's charges took from each layer of each meter since $2, net of refunds (migration 008)
+SELECT meter, layer, -sum(delta)::bigint AS tokens
+FROM usage_event_sources WHERE org_id = $1 AND ts >= $2 AND kind IN ('consume', 'commit', 'refund')
+GROUP BY meter, layer HAVING sum(delta) <> 0 ORDER BY meter, tokens DESC, layer;
 
 -- usage_by_meter_since --
 -- Tokens the org's calls were priced at per meter since $2 (rollups: from the hour $2 falls in)

@@ -18,7 +18,7 @@ import os
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ClusterDownError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import Config
@@ -56,7 +56,7 @@ async def check_at_start(redis: Redis, config: Config) -> str:
     and /readyz reads the policy again)."""
     try:
         policy = await read(redis)
-    except (RedisConnectionError, RedisTimeoutError) as e:
+    except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException) as e:
         log.warning("redis unreachable at start, maxmemory-policy not checked yet: %s", e)
         return UNKNOWN
     if policy == UNKNOWN:

@@ -62,6 +62,21 @@ async def load(redis: Any) -> None:
     await redis.function_load(library()[1], replace=True)
 
 
+async def load_everywhere(redis: Any) -> None:
+    """`load` at start, so the first decisions skip the reload round trip. A cluster client sends
+    FUNCTION LOAD to every primary (each has its own library; a promoted replica may have none:
+    its first call answers "function not found" and the coalescer loads it again). Redis down at
+    start is not fatal: decisions answer 503 and load what they miss once it is back."""
+    from redis.exceptions import ClusterDownError, RedisClusterException
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        await load(redis)
+    except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException):
+        pass
+
+
 def not_loaded(reply: Any) -> bool:
     """The call did not run because Redis does not have the library: load it and send again."""
     return isinstance(reply, NoScriptError) or (isinstance(reply, ResponseError) and "function not found" in str(reply).lower())

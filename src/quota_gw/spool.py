@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from . import metrics
+from . import cluster, metrics
 from .decisions import Decider, Identity
 from .redis_errors import REDIS_DOWN
 
@@ -36,11 +36,12 @@ def entry(op: str, ident: Identity, **fields: Any) -> dict[str, Any]:
     """A spool line: the operation, who made the call, and a unique idempotency key."""
     return {"v": 1, "id": uuid.uuid4().hex, "op": op, "ts": time.time(), "org": ident.org_id,
             "key_id": ident.key_id, "key_user": ident.user_id, "plan": ident.plan,
-            "scopes": sorted(ident.scopes), **fields}
+            "ent": ident.entitlements, "scopes": sorted(ident.scopes), **fields}
 
 
 def identity(e: dict[str, Any]) -> Identity:
-    return Identity(e["key_id"], e["org"], e.get("key_user"), frozenset(e.get("scopes") or ()), e["plan"])
+    return Identity(e["key_id"], e["org"], e.get("key_user"), frozenset(e.get("scopes") or ()), e["plan"],
+                    e.get("ent") or "")
 
 
 class Spool:
@@ -171,7 +172,7 @@ async def replay_forever(spool: Spool, decider: Decider, interval_s: float = 0.5
         metrics.SPOOL_ENTRIES.set(spool.pending() if files else 0)
         if files:
             try:
-                await decider.redis.ping()
+                await cluster.ping(decider.redis)  # every primary of a cluster
                 n = await spool.replay(decider)
                 if n:
                     log.info("spool: replayed %d entries", n)

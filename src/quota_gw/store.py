@@ -26,6 +26,7 @@ import asyncpg
 from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
+from .entitlements import canonical
 from .layout import quota_field, quota_subject
 from .problems import Problem
 from .queries import Q
@@ -99,6 +100,37 @@ class Store:
             await self.redis.hset(self.layout.org(org_id), "plan", plan)
 
         await self._postgres_then_redis(write, apply)
+
+    # Entitlements (migration 009; entitlements.py)
+
+    async def entitlements(self, org_id: str) -> tuple[str, str]:
+        """(plan, entitlements text, '' none); 404 when there is no such org."""
+        row = await self.db.fetchrow(Q.org_entitlements, org_id)
+        if row is None:
+            raise Problem(404, "not_found", f"no org {org_id}")
+        return row["plan"], canonical(row["entitlements"])
+
+    async def set_entitlements(self, org_id: str, text: str) -> str:
+        """Replaces the org's override with `text` (canonical; '' removes it); returns its plan.
+        404 when there is no such org. Other processes see it once their key caches expire (≤ 1 s)."""
+
+        async def write(conn: asyncpg.Connection) -> str:
+            plan = await conn.fetchval(Q.org_plan, org_id)
+            if plan is None:
+                raise Problem(404, "not_found", f"no org {org_id}")
+            if text:
+                await conn.execute(Q.upsert_entitlements, org_id, text)
+            else:
+                await conn.execute(Q.delete_entitlements, org_id)
+            return plan
+
+        async def apply(_: str) -> None:
+            if text:
+                await self.redis.hset(self.layout.org(org_id), "entitlements", text)
+            else:
+                await self.redis.hdel(self.layout.org(org_id), "entitlements")
+
+        return await self._postgres_then_redis(write, apply)
 
     # Users
 
@@ -220,6 +252,10 @@ class Store:
     async def usage_by_day(self, org_id: str, first_day: date) -> list[asyncpg.Record]:
         """Rows of `usage_by_feature_day` from `first_day` on."""
         return await self.db.fetch(Q.usage_by_day, org_id, first_day)
+
+    async def spend_by_layer(self, org_id: str, since: datetime) -> list[asyncpg.Record]:
+        """(meter, layer, tokens): what the org's charges took from each layer since `since`, net of refunds."""
+        return await self.db.fetch(Q.spend_by_layer, org_id, since)
 
     async def usage_by_meter_since(self, org_id: str, since: datetime) -> dict[str, int]:
         return {r["meter"]: r["tokens"] for r in await self.db.fetch(Q.usage_by_meter_since, org_id, since)}

@@ -26,7 +26,8 @@ WORKER_CODES = """exit codes:
   4  unexpected error (QUOTA_GW_DEBUG=1 prints the traceback)"""
 
 REBUILD_CODES = """exit codes:
-  0  rebuilt
+  0  rebuilt (with --org: that org's balances match the ledger now)
+  1  --org: some field still differs (traffic kept changing it; run again)
   2  usage or config error, or refused: Redis already holds state for the prefix, or events are not
      drained yet (the message says which; --force overrides)
   3  Redis or Postgres unreachable, or the database does not exist
@@ -96,11 +97,13 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                          args.metrics_host))
 
     def cmd_rebuild(args: argparse.Namespace) -> int:
-        from .recovery import rebuild_main
+        from .recovery import rebuild_main, repair_main
 
         cfg, layout = _layout(args, load_config)
         r_url, d_url = _stores()
         _logging(args.log_level)
+        if args.org:
+            return _run(repair_main(r_url, d_url, layout, args.org))
         return _run(rebuild_main(r_url, d_url, cfg, layout, force=args.force))
 
     def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -134,6 +137,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
     p.add_argument("--force", action="store_true",
                    help="write even if Redis already holds keys of this prefix (overwrites balances)")
+    p.add_argument("--org", help="only this org's balances, while the gateways run: each field reconcile finds "
+                                 "drifting is set from the ledger (compare-and-set; after a failover lost writes)")
     p.add_argument("--log-level", default="warning")
 
     p = command("reconcile", cmd_reconcile, "Compare Redis balances with the Postgres ledger (plus events not "

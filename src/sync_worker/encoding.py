@@ -22,6 +22,8 @@ from quota_gw import events
 # positions in event_values() this module rewrites, by name.
 FIELDS = [n.encode() for n in events.NAMES]
 _ENTRY_LEN = 2 * len(FIELDS)  # field, value, field, value, ...
+# An entry XADDed before the last field (`src`) was added: still drained, the field empty.
+_OLD_LEN, _OLD_FIELDS = _ENTRY_LEN - 2, FIELDS[:-1]
 TS, META = events.POSITION["ts"], events.POSITION["meta"]  # the timestamp (µs) and the metadata
 
 
@@ -32,6 +34,8 @@ class BadEntry(ValueError):
 def event_values(f: list[bytes] | None) -> list[bytes]:
     """The values of an event entry (raw [name, value, ...]) in FIELDS order, a new list;
     BadEntry if the entry is not an event."""
+    if f is not None and len(f) == _OLD_LEN and f[0::2] == _OLD_FIELDS:
+        return f[1::2] + [b""]
     if f is None or len(f) != _ENTRY_LEN or f[0::2] != FIELDS:
         raise BadEntry("not an event entry: unexpected fields")
     return f[1::2]

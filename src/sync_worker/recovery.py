@@ -29,8 +29,11 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from quota_gw import cluster
 from quota_gw.config import Config
+from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
+from quota_gw.redis_text import text_entries
 
 
 log = logging.getLogger("quota_gw.recovery")
@@ -152,7 +155,7 @@ async def stream_entries(r: aioredis.Redis, layout: Layout) -> list[dict[str, st
     for s in layout.streams():
         start = "-"
         while True:
-            chunk = await r.xrange(s, min=start, count=10_000)
+            chunk = text_entries(await r.xrange(s, min=start, count=10_000))
             entries += [f for _, f in chunk]
             if len(chunk) < 10_000:
                 break
@@ -188,6 +191,7 @@ class RebuildReport:
     revoked: int = 0
     refund_guards: int = 0
     lots_not_restored: int = 0
+    entitlements: int = 0
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -195,8 +199,16 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     rep = RebuildReport()
     ops: list[tuple[Any, ...]] = []
 
-    for o in await pg.fetch("SELECT org_id, name, plan FROM orgs"):
-        ops.append(("hset", layout.org(o["org_id"]), None, None, {"plan": o["plan"], "name": o["name"] or ""}))
+    for o in await pg.fetch("SELECT o.org_id, o.name, o.plan, e.entitlements::text AS entitlements FROM orgs o "
+                            "LEFT JOIN org_entitlements e USING (org_id)"):
+        org_fields = {"plan": o["plan"], "name": o["name"] or ""}
+        ents = canonical(o["entitlements"])  # the org's override of its plan's layers (migration 009)
+        if ents:
+            org_fields["entitlements"] = ents
+            rep.entitlements += 1
+        else:  # --force over a Redis that had one: the ledger says there is none
+            ops.append(("hdel", layout.org(o["org_id"]), "entitlements"))
+        ops.append(("hset", layout.org(o["org_id"]), None, None, org_fields))
         rep.orgs += 1
     for k in await pg.fetch("SELECT key_id, org_id, user_id, key_hash, scopes, revoked_at FROM api_keys"):
         rec = {"key_id": k["key_id"], "org": k["org_id"], "user": k["user_id"] or "", "scopes": ",".join(k["scopes"])}
@@ -285,6 +297,16 @@ async def _refund_guards(pg: asyncpg.Connection, config: Config, layout: Layout,
     return n
 
 
+# The server clock and every balance of one shard at one instant. A script, not MULTI: on a
+# cluster a script with one slot's keys runs on that slot's primary, and TIME is keyless.
+SNAPSHOT_LUA = """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i, k in ipairs(KEYS) do out[i + 2] = redis.call('HGETALL', k) end
+return out
+"""
+
+
 @dataclass
 class Drift:
     org: str
@@ -298,7 +320,7 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
                     org: str | None = None) -> tuple[list[Drift], dict[str, int]]:
     """Redis a/p/pt against the ledger, per (org, meter).
 
-    Per shard, one MULTI reads the clock and every balance at one instant T. Every balance
+    Per shard, one script reads the clock and every balance at one instant T. Every balance
     change up to T is then either in Postgres or still in the stream (entries are trimmed only
     after they are committed), so: read the streams, then Postgres, keep events with ts <= T.
     Safe to run while the gateway and the worker run."""
@@ -316,17 +338,14 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         for k in (await org_keys(r, layout, ("b",)))["b"]:
             found[k.partition("}:")[0] + "}"].add(k)
     for tag in layout.shard_tags():
-        keys = set(known_by_tag.get(tag, [])) | found.get(tag, set())
-        async with r.pipeline(transaction=True) as p:
-            p.time()
-            for k in keys:
-                p.hgetall(k)
-            res = await p.execute()
-        sec, us = res[0]
+        keys = sorted(set(known_by_tag.get(tag, [])) | found.get(tag, set()))
+        if not keys:
+            continue
+        sec, us, *res = await r.eval(SNAPSHOT_LUA, len(keys), *keys)  # one slot: its owner, atomically
         t = int(sec) * 1_000_000 + int(us)
-        for k, fields in zip(keys, res[1:]):
+        for k, flat in zip(keys, res):
             o = k[len(tag) + 3:]
-            snap[o], t_of[o] = fields, t
+            snap[o], t_of[o] = dict(zip(flat[::2], flat[1::2])), t
     # 2. The streams (after the snapshot), 3. Postgres (after the streams), in one snapshot of its
     #    own so an event the worker commits meanwhile is seen either in both queries or in neither.
     entries = [f for f in await stream_entries(r, layout) if f.get("org") in t_of]
@@ -371,6 +390,198 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
                 drift.append(Drift(o, m, METER_FIELDS[name], have, want[i]))
     stats["pairs"] = len(pairs)
     return drift, stats
+
+
+# --- every charge's split against its delta (migration 008) ------------------------------------
+# The sources of an event (what each layer gave or got back) must add up to the event's delta: a
+# row whose split says otherwise was written wrong or changed since. Rows without sources (written
+# before they were recorded) are not checked.
+SPLIT_DRIFT = """
+SELECT e.event_id, e.org_id, coalesce(e.meter, '') AS meter, e.kind, e.delta,
+       coalesce(sum(s.delta), 0)::bigint AS split, e.sources
+  FROM usage_events e LEFT JOIN usage_event_sources s ON s.event_id = e.event_id AND s.ts = e.ts
+ WHERE e.sources IS NOT NULL AND e.sources <> '' {where}
+ GROUP BY e.event_id, e.org_id, e.meter, e.kind, e.delta, e.sources
+HAVING coalesce(sum(s.delta), 0) <> e.delta
+ ORDER BY e.org_id, e.event_id
+"""
+
+
+@dataclass
+class SplitDrift:
+    event_id: str
+    org: str
+    meter: str
+    kind: str
+    delta: int
+    split: int  # what its sources add up to
+    sources: str
+
+
+async def split_drift(pg: asyncpg.Connection, org: str | None = None) -> list[SplitDrift]:
+    """Ledger rows whose split over the layers does not add up to their delta."""
+    if org is None:
+        rows = await pg.fetch(SPLIT_DRIFT.format(where=""))
+    else:
+        rows = await pg.fetch(SPLIT_DRIFT.format(where="AND e.org_id = $1"), org)
+    return [SplitDrift(str(x["event_id"]), x["org_id"], x["meter"], x["kind"], x["delta"], x["split"], x["sources"])
+            for x in rows]
+
+
+def print_split_drift(drift: list[SplitDrift], out: Any = None) -> None:
+    out = out or sys.stdout  # read at call time (a caller may have redirected it)
+    for d in drift:
+        out.write(f"event {d.event_id} ({d.org} {d.meter} {d.kind}): delta {d.delta}, its sources add up to "
+                  f"{d.split} ({d.sources})\n")
+    out.write(f"splits: {len(drift)} events whose sources do not add up to their delta\n")
+
+
+# --- the three records tie out (docs/design.md "Three records that tie out") -------------------
+# Usage (what the caller did: the charge's feature and the tokens it was priced at, `cost`),
+# monetization (what was taken, by layer: the split rows of usage_event_sources) and balance
+# changes (`delta`, `delta_purchased`: what the balances moved, which Redis is reconciled against)
+# must agree per org, UTC day, meter and feature, over the events that record a split (from
+# migration 008 on: `sources IS NOT NULL`; older rows have none to tie):
+#   usage = monetization:  sum(cost) of charges (consume, commit) = -sum(split) of those charges
+#   monetization = balance: sum(split on 'allocated') = sum(delta - delta_purchased) and
+#                           sum(split on the credit layers, grant:* and purchased) = sum(delta_purchased),
+#                           over charges and refunds
+# A charge that took from no layer (no split, no delta: an unlimited meter) ties out trivially.
+# A refund's usage is its charge's: see REFUND_TIE_OUT.
+TIE_OUT = """
+WITH ev AS (
+    SELECT e.event_id, e.ts, e.org_id, coalesce(e.meter, '') AS meter, coalesce(e.feature, '') AS feature,
+           (e.ts AT TIME ZONE 'UTC')::date AS day, e.kind, e.cost, e.delta, e.delta_purchased
+      FROM usage_events e
+     WHERE e.kind IN ('consume', 'commit', 'refund') AND e.sources IS NOT NULL
+       AND NOT (e.sources = '' AND e.delta = 0 AND e.delta_purchased = 0) {where}
+), split AS (
+    SELECT s.event_id, s.ts,
+           coalesce(sum(s.delta) FILTER (WHERE s.layer = 'allocated'), 0) AS allocated,
+           coalesce(sum(s.delta) FILTER (WHERE s.layer <> 'allocated'), 0) AS credit
+      FROM usage_event_sources s JOIN ev USING (event_id, ts)
+     GROUP BY 1, 2
+), day AS (
+    SELECT ev.org_id, ev.day, ev.meter, ev.feature,
+           coalesce(sum(ev.cost) FILTER (WHERE ev.kind <> 'refund'), 0)::bigint AS usage,
+           coalesce(-sum(coalesce(s.allocated, 0) + coalesce(s.credit, 0))
+                    FILTER (WHERE ev.kind <> 'refund'), 0)::bigint AS charged,
+           coalesce(sum(s.allocated), 0)::bigint AS split_allocated,
+           coalesce(sum(s.credit), 0)::bigint AS split_credit,
+           sum(ev.delta - ev.delta_purchased)::bigint AS delta_allocated,
+           sum(ev.delta_purchased)::bigint AS delta_purchased
+      FROM ev LEFT JOIN split s USING (event_id, ts)
+     GROUP BY 1, 2, 3, 4
+)
+SELECT * FROM day
+ WHERE usage <> charged OR split_allocated <> delta_allocated OR split_credit <> delta_purchased
+ ORDER BY org_id, day, meter, feature
+"""
+
+# A refund against the charge it refunds (metadata refund_of), when both are in the ledger: its
+# usage is the charge's (cost = -the charge's cost), and no layer gets back more than the charge
+# took from it (an expired grant's share, or a past period's allocation, gets back less: `lost`).
+REFUND_TIE_OUT = """
+WITH r AS (
+    SELECT e.event_id, e.ts, e.org_id, coalesce(e.meter, '') AS meter, coalesce(e.feature, '') AS feature,
+           (e.ts AT TIME ZONE 'UTC')::date AS day, e.cost, (e.metadata ->> 'refund_of')::uuid AS refund_of
+      FROM usage_events e
+     WHERE e.kind = 'refund' AND e.sources IS NOT NULL AND e.metadata ->> 'refund_of' ~ '^[0-9a-f]{{32}}$' {where}
+), c AS (
+    SELECT r.event_id AS refund_id, c.event_id, c.ts, c.cost
+      FROM r JOIN usage_events c ON c.event_id = r.refund_of AND c.org_id = r.org_id
+                                AND c.kind IN ('consume', 'commit') AND c.sources IS NOT NULL
+), layers AS (
+    SELECT c.refund_id, l.layer, sum(l.back)::bigint AS back, sum(l.took)::bigint AS took
+      FROM c CROSS JOIN LATERAL (
+          SELECT s.layer, s.delta AS back, 0 AS took FROM usage_event_sources s
+           WHERE s.event_id = c.refund_id
+          UNION ALL
+          SELECT s.layer, 0, -s.delta FROM usage_event_sources s WHERE s.event_id = c.event_id AND s.ts = c.ts) l
+     GROUP BY 1, 2
+)
+SELECT r.org_id, r.day, r.meter, r.feature, r.event_id, -r.cost AS refunded_usage, c.cost AS charged_usage,
+       coalesce(string_agg(l.layer || ' ' || l.back || '>' || l.took, ', ' ORDER BY l.layer)
+                FILTER (WHERE l.back > l.took), '') AS layers_over
+  FROM r JOIN c ON c.refund_id = r.event_id LEFT JOIN layers l ON l.refund_id = r.event_id
+ GROUP BY r.org_id, r.day, r.meter, r.feature, r.event_id, r.cost, c.cost
+HAVING -r.cost <> c.cost OR bool_or(l.back > l.took)
+ ORDER BY r.org_id, r.day, r.event_id
+"""
+
+
+@dataclass
+class TieOutDrift:
+    org: str
+    day: str
+    meter: str
+    feature: str
+    check: str  # 'usage = monetization', 'monetization = balance' (allocated / credit), 'refund = charge'
+    left: int
+    right: int
+    detail: str = ""
+
+
+async def tie_out_drift(pg: asyncpg.Connection, org: str | None = None) -> list[TieOutDrift]:
+    """Where usage, monetization and balance changes disagree per (org, day, meter, feature), and
+    refunds that do not tie to their charge (see TIE_OUT and REFUND_TIE_OUT)."""
+    where, args = ("", []) if org is None else ("AND e.org_id = $1", [org])
+    out: list[TieOutDrift] = []
+    async with pg.transaction(isolation="repeatable_read", readonly=True):
+        for x in await pg.fetch(TIE_OUT.format(where=where), *args):
+            at = (x["org_id"], str(x["day"]), x["meter"], x["feature"])
+            if x["usage"] != x["charged"]:
+                out.append(TieOutDrift(*at, "usage = monetization", x["usage"], x["charged"],
+                                       "charges' cost vs what their split took"))
+            if x["split_allocated"] != x["delta_allocated"]:
+                out.append(TieOutDrift(*at, "monetization = balance", x["split_allocated"], x["delta_allocated"],
+                                       "split on allocated vs delta - delta_purchased"))
+            if x["split_credit"] != x["delta_purchased"]:
+                out.append(TieOutDrift(*at, "monetization = balance", x["split_credit"], x["delta_purchased"],
+                                       "split on credit layers vs delta_purchased"))
+        for x in await pg.fetch(REFUND_TIE_OUT.format(where=where), *args):
+            at = (x["org_id"], str(x["day"]), x["meter"], x["feature"])
+            detail = f"refund {x['event_id'].hex}"
+            if x["layers_over"]:
+                detail += f": back > taken on {x['layers_over']}"
+            out.append(TieOutDrift(*at, "refund = charge", x["refunded_usage"], x["charged_usage"], detail))
+    return out
+
+
+def print_tie_out_drift(drift: list[TieOutDrift], out: Any = None) -> None:
+    out = out or sys.stdout  # read at call time (a caller may have redirected it)
+    for d in drift:
+        out.write(f"{d.org} {d.day} {d.meter or '-'}/{d.feature or '-'}: {d.check}: {d.left} vs {d.right} "
+                  f"({d.detail})\n")
+    out.write(f"three records: {len({(d.org, d.day) for d in drift})} (org, day) periods where usage, "
+              "monetization and balance changes disagree\n")
+
+
+# One balance field set to the ledger's value, only if it still holds what reconcile read (a
+# decision meanwhile changed it: read again). An absent field reads as 0, as in reconcile.
+REPAIR_LUA = """
+local have = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if have ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+async def repair(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout, org: str,
+                 rounds: int = 5) -> tuple[list[Drift], list[Drift]]:
+    """Sets one org's drifted a/p/pt to what the ledger (plus the undrained events) says, while
+    the gateways run: each field by compare-and-set against what reconcile saw, then reconcile
+    again, until clean. Returns (repaired, still drifting)."""
+    fixed: list[Drift] = []
+    drift: list[Drift] = []
+    for _ in range(rounds):
+        drift, _ = await reconcile(r, pg, layout, org)
+        if not drift:
+            break
+        for d in drift:
+            if await r.eval(REPAIR_LUA, 1, layout.balances(d.org), f"{d.meter}:{d.field}", d.redis, d.ledger):
+                fixed.append(d)
+    return fixed, drift
 
 
 # --- rollups against events (migration 003) ----------------------------------------------------
@@ -500,7 +711,7 @@ def print_drift(drift: list[Drift], stats: dict[str, int], out: Any = sys.stdout
 
 
 async def _connect(redis_url: str, database_url: str) -> tuple[aioredis.Redis, asyncpg.Connection]:
-    return aioredis.from_url(redis_url, decode_responses=True), await asyncpg.connect(database_url)
+    return await cluster.connect(redis_url), await asyncpg.connect(database_url)
 
 
 async def rebuild_main(redis_url: str, database_url: str, config: Config, layout: Layout, force: bool = False) -> int:
@@ -522,11 +733,24 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         rep = await rebuild(r, pg, config, layout)
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
-              f"{rep.refund_guards} refund guards; open reservations were released")
+              f"{rep.refund_guards} refund guards, {rep.entitlements} entitlements; open reservations were released")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
         return 0
+    finally:
+        await r.aclose()
+        await pg.close()
+
+
+async def repair_main(redis_url: str, database_url: str, layout: Layout, org: str) -> int:
+    r, pg = await _connect(redis_url, database_url)
+    try:
+        fixed, left = await repair(r, pg, layout, org)
+        for d in fixed:
+            print(f"repaired {d.org} {d.meter} {d.field}: {d.redis} -> {d.ledger} (redis-ledger was {d.redis - d.ledger})")
+        print(f"{len(fixed)} balance fields of org {org} set from the ledger; {len(left)} still differ")
+        return 1 if left else 0
     finally:
         await r.aclose()
         await pg.close()
@@ -540,7 +764,11 @@ async def reconcile_main(redis_url: str, database_url: str, config: Config, layo
         print_drift(drift, stats)
         rollups, pairs = await rollup_drift(pg, org)
         print_rollup_drift(rollups, pairs)
-        return 1 if drift or rollups else 0
+        splits = await split_drift(pg, org)
+        print_split_drift(splits)
+        ties = await tie_out_drift(pg, org)
+        print_tie_out_drift(ties)
+        return 1 if drift or rollups or splits or ties else 0
     finally:
         await r.aclose()
         await pg.close()

@@ -10,24 +10,37 @@ is created at id 0 on every stream, so nothing written before the first worker s
 missed. A deleted stream (FLUSHALL, a new Redis) takes its group with it: NOGROUP makes the
 reader join again. The maintenance scripts are standalone files in lua/ (no _lib.lua prelude:
 they touch streams only); redis-py reloads them on NOSCRIPT.
+
+On a Redis Cluster (`REDIS_URL` naming any node; quota_gw/cluster.py) each shard stream is on
+the primary owning its slot, and one XREADGROUP may not name streams of several slots: a read
+is one XREADGROUP per stream, sent as one pipeline (the cluster client gives each node its
+part), without BLOCK; an empty round waits `POLL_S`. Everything else already names one stream
+(or one slot) per command. The client is made again from every node it knew, not only the
+URL's, so a worker follows a failover of that node without a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
+from quota_gw import cluster
 from quota_gw.layout import Layout
 from quota_gw.scripts import lua_dir
 
 from . import packing
 from .encoding import Entry
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 log = logging.getLogger("quota_gw.worker")
 
@@ -35,6 +48,7 @@ GROUP = "qgw-sync"
 MAINTAIN_LUA = (lua_dir() / "worker_maintain.lua").read_text()
 FORGET_LUA = (lua_dir() / "worker_forget.lua").read_text()
 DEAD_LETTERS_KEPT = 100_000  # per stream, approximately
+POLL_S = 0.05  # a cluster has no multi-stream BLOCK: an empty read round waits this long
 
 
 @dataclass(slots=True)
@@ -53,7 +67,8 @@ class Streams:
         self.redis_url, self.layout, self.consumer, self.group = redis_url, layout, consumer, group
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.names = [s.encode() for s in layout.streams()]
-        self.redis: aioredis.Redis | None = None
+        self.redis: aioredis.Redis | RedisCluster | None = None
+        self.cluster_nodes: list[tuple[str, int]] | None = None  # a cluster's nodes, last seen; None: one Redis
         self.backlog = True  # own pending entries may exist: read those before new ones
         self._joined = False
         self._maintain: AsyncScript | None = None
@@ -63,10 +78,8 @@ class Streams:
     async def open(self) -> None:
         """Connects (once) and joins the group on every stream (again after NOGROUP)."""
         if self.redis is None:
-            self.redis = aioredis.from_url(self.redis_url, decode_responses=False, protocol=2,
-                                           socket_connect_timeout=5, socket_timeout=self.block_ms / 1000 + 10,
-                                           **packing.client_options(self.redis_url))
-            raw = lambda r, **kw: r  # noqa: E731 - keep replies as nested lists of bytes
+            self.redis = await self._connect()
+            raw = lambda response, **kw: response  # noqa: E731 - keep replies as nested lists of bytes
             self.redis.set_response_callback("XREADGROUP", raw)
             self.redis.set_response_callback("XAUTOCLAIM", raw)
             self._maintain = self.redis.register_script(MAINTAIN_LUA)
@@ -81,7 +94,23 @@ class Streams:
                         raise
             self._joined = True
 
+    async def _connect(self) -> aioredis.Redis | RedisCluster:
+        kw: dict[str, Any] = {"decode_responses": False, "protocol": 2, "socket_connect_timeout": 5,
+                              "socket_timeout": self.block_ms / 1000 + 10}
+        if self.cluster_nodes is None and not await cluster.is_cluster(self.redis_url):
+            return aioredis.from_url(self.redis_url, **kw, **packing.client_options(self.redis_url))
+        # the cluster client makes its own connections (redis-py's packer: no hiredis packing)
+        if self.cluster_nodes:  # every node seen so far: the URL's may be the one that failed
+            rc = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.cluster_nodes], **kw)
+        else:
+            rc = RedisCluster.from_url(cluster.plain_url(self.redis_url), **kw)
+        await rc.initialize()
+        self.cluster_nodes = [(n.host, int(n.port)) for n in rc.get_nodes()]
+        return rc
+
     async def close(self) -> None:
+        if isinstance(self.redis, RedisCluster):
+            self.cluster_nodes = [(n.host, int(n.port)) for n in self.redis.get_nodes()] or self.cluster_nodes
         if self.redis is not None:
             try:
                 await self.redis.aclose()
@@ -94,8 +123,9 @@ class Streams:
         self.backlog = True
 
     def _client(self) -> aioredis.Redis:
+        """The client; a cluster's offers the same commands (each names one stream or slot)."""
         assert self.redis is not None, "open() first"
-        return self.redis
+        return cast(aioredis.Redis, self.redis)
 
     # --- the batch -----------------------------------------------------------------------------
     async def read(self, block: bool = True) -> tuple[bool, Any]:
@@ -104,11 +134,14 @@ class Streams:
         fields None for an entry deleted while pending."""
         pending = self.backlog
         args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.batch]
-        if not pending and block:
-            args += ["BLOCK", self.block_ms]
-        args += ["STREAMS", *self.names, *([b"0" if pending else b">"] * len(self.names))]
         try:
-            reply = await self._client().execute_command(*args)
+            if isinstance(self.redis, RedisCluster):
+                reply = await self._read_each(args, pending, block)
+            else:
+                if not pending and block:
+                    args += ["BLOCK", self.block_ms]
+                args += ["STREAMS", *self.names, *([b"0" if pending else b">"] * len(self.names))]
+                reply = await self._client().execute_command(*args)
         except ResponseError as e:
             if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):  # streams deleted (flush, new Redis): join again
                 self._joined = False
@@ -118,6 +151,18 @@ class Streams:
         if pending and not any(items for _, items in reply or ()):
             self.backlog = False
         return pending, reply
+
+    async def _read_each(self, args: list[Any], pending: bool, block: bool) -> list[Any]:
+        """One XREADGROUP per stream (a cluster: one slot per command), in one pipeline; the
+        replies joined as one multi-stream reply. Nothing new: wait POLL_S, then answer empty."""
+        async with self._client().pipeline(transaction=False) as p:
+            for s in self.names:
+                p.execute_command(*args, "STREAMS", s, b"0" if pending else b">")
+            replies = await p.execute()
+        reply = [x for r in replies for x in (r or ()) if x[1]]
+        if not reply and block and not pending:
+            await asyncio.sleep(POLL_S)
+        return reply
 
     async def ack(self, ids: dict[bytes, list[bytes]]) -> None:
         """Acks entries, per stream (only after their rows are committed)."""
@@ -130,7 +175,7 @@ class Streams:
         """Moves entries the ledger refuses to `<stream>:dead`, with the error, and acks them."""
         for e in dead:
             # The dead letter and its ack in one MULTI (same hash tag): never one without the other.
-            fields = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
+            fields: dict[FieldT, EncodableT] = {b"stream": e.stream, b"entry_id": e.id, b"error": e.error.encode()[:2000],
                       b"consumer": self.consumer.encode(),
                       b"fields": orjson.dumps([x.decode("utf-8", "replace") for x in (e.fields or [])])}
             async with self._client().pipeline(transaction=True) as p:

@@ -233,6 +233,15 @@ def set_plan(org_id: str, plan: str) -> Call:
                   json={"plan": plan})
 
 
+def entitlements(org_id: str) -> Call:
+    return Call("GET", f"/v1/admin/orgs/{org_id}/entitlements", _json)
+
+
+def set_entitlements(org_id: str, override: dict[str, Any]) -> Call:
+    """Replaces the org's override of its plan's layers ({} removes it)."""
+    return Call("PUT", f"/v1/admin/orgs/{org_id}/entitlements", _json, json=override)
+
+
 def add_user(org_id: str, user_id: str, team: str | None) -> Call:
     # An upsert: sending it again changes nothing more.
     return Call("POST", f"/v1/admin/orgs/{org_id}/users",

@@ -216,6 +216,14 @@ class AsyncAdminClient(_AsyncBase):
     async def set_plan(self, org_id: str, plan: str) -> models.Org:
         return await self._call(_core.set_plan(org_id, plan))
 
+    async def entitlements(self, org_id: str) -> dict[str, Any]:
+        """The org's entitlements (its override of the plan's layers) and the layers in effect."""
+        return await self._call(_core.entitlements(org_id))
+
+    async def set_entitlements(self, org_id: str, override: dict[str, Any]) -> dict[str, Any]:
+        """Replaces the org's override of its plan's layers (`{}` removes it)."""
+        return await self._call(_core.set_entitlements(org_id, override))
+
     async def add_user(self, org_id: str, user_id: str, team: str | None = None) -> models.User:
         return await self._call(_core.add_user(org_id, user_id, team))
 

@@ -208,6 +208,14 @@ class AdminClient(_Base):
     def set_plan(self, org_id: str, plan: str) -> models.Org:
         return self._call(_core.set_plan(org_id, plan))
 
+    def entitlements(self, org_id: str) -> dict[str, Any]:
+        """The org's entitlements (its override of the plan's layers) and the layers in effect."""
+        return self._call(_core.entitlements(org_id))
+
+    def set_entitlements(self, org_id: str, override: dict[str, Any]) -> dict[str, Any]:
+        """Replaces the org's override of its plan's layers (`{}` removes it)."""
+        return self._call(_core.set_entitlements(org_id, override))
+
     def add_user(self, org_id: str, user_id: str, team: str | None = None) -> models.User:
         return self._call(_core.add_user(org_id, user_id, team))
 

@@ -175,9 +175,12 @@
   function reason(e) {
     const md = e.metadata || {};
     if (e.kind === "denied") {
-      const why = md.status ? `${md.code} (${md.status})` : md.code || "refused";
+      let why = md.status ? `${md.code} (${md.status})` : md.code || "refused";
+      if (md.layer) why += ` at ${md.layer}`;  /* the waterfall's layer that refused */
       return md.cost ? `${why} · ${QGW.fmt(md.cost)} tokens asked` : why;
     }
+    /* A charge or refund: the layers it came from or went back to. */
+    if (e.sources && e.sources.length) return e.sources.map((s) => `${s.layer} ${QGW.fmt(Math.abs(s.amount))}`).join(" · ");
     return md.code || md.reason || "";
   }
 
