@@ -1,9 +1,9 @@
 -- burn_rates over whole UTC days: the last 7 full days plus today so far, read from the daily
 -- rollup alone. 003's view summed usage since the hour seven days ago, which is 7 daily rows plus
--- up to 24 hourly rows per (org, meter, feature); at 1,000 orgs that was 90,000-120,000 rows and
--- 140-280 ms at 10 and 100 million events on a loaded 2-CPU box, over the 100 ms the ops
--- dashboard needs (issue 13). Whole days are 8 daily rows per (org, meter, feature): 4x fewer
--- rows, no new rollup and no cost on the write path (docs/benchmarks.md).
+-- up to 24 hourly rows per (org, meter, feature); at 1,000 orgs x 4 features that was up to
+-- 124,000 rows and 110-280 ms at 100 million events on a loaded 2-CPU box, over the 100 ms the
+-- ops dashboards need. Whole days are 8 daily rows per (org, meter, feature), 32,000 rows: no
+-- new rollup and no cost on the write path (docs/benchmarks.md).
 --
 -- The meaning, stated once (docs/design.md): used_7d is the tokens used since 00:00 UTC seven
 -- days before today (so 7 to 8 days of usage), burn_per_day divides it by that window's length
