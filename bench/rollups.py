@@ -78,7 +78,7 @@ QUERIES = {
     "burn_rates": (
         "SELECT * FROM before_burn_rates",
         # 003's view verbatim: usage since the hour seven days ago (days and that day's hours)
-        f"""SELECT b.org_id, b.meter, b.balance, b.allocation, b.period_end, coalesce(u.used_7d, 0) AS used_7d,
+        """SELECT b.org_id, b.meter, b.balance, b.allocation, b.period_end, coalesce(u.used_7d, 0) AS used_7d,
                    round(coalesce(u.used_7d, 0) / 7.0, 2) AS burn_per_day,
                    CASE WHEN b.allocation < 0 OR coalesce(u.used_7d, 0) <= 0 THEN NULL
                         ELSE now() + greatest(b.balance, 0) * interval '7 days' / u.used_7d END,
