@@ -147,6 +147,14 @@ async def test_analytics_reads_the_rollups_so_it_outlives_the_raw_events(client,
     await drain()
     before = (await client.get("/v1/analytics?days=7", headers=h)).json()
     assert before["totals"] == {"calls": 4, "tokens": 20}
+    admin_h = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def burning() -> list[dict]:  # the ops page's burn table (GET /v1/admin/burn), this org's rows
+        rows = (await client.get("/v1/admin/burn?days=7&limit=200", headers=admin_h)).json()["orgs"]
+        return [(r["meter"], r["tokens"], r["burn_per_day"]) for r in rows if r["org_id"] == org]
+
+    burn_before = await burning()
+    assert burn_before == [("general", 20, round(20 / 7, 2))]
     pg = await asyncpg.connect(database_url)
     try:
         assert await pg.execute("DELETE FROM usage_events WHERE org_id = $1", org) != "DELETE 0"
@@ -156,6 +164,7 @@ async def test_analytics_reads_the_rollups_so_it_outlives_the_raw_events(client,
         after = (await client.get("/v1/analytics?days=7", headers=h)).json()
         assert after["totals"] == before["totals"] and after["by_day"] == before["by_day"]
         assert after["meters"]["general"]["burn_per_day"] == round(20 / 7, 2)
+        assert await burning() == burn_before  # the burn table reads the rollups too
     finally:  # the session's shared ledger again agrees with its rollups (later tests reconcile it)
         pg = await asyncpg.connect(database_url)
         try:

@@ -8,8 +8,9 @@ Outcomes: `ok` (consume and reserve events: decisions that passed; tokens are wh
 commit charged), and the refusals by their HTTP status (`402`, `403`, `429`, from the `denied`
 event's metadata; tokens are what the refused call would have cost). Refunds are counted apart.
 
-Read from the ledger, so they trail live traffic by the worker's lag. All of their SQL is in
-`minute_rows` and `burn_rows`, the functions to point at rollup tables once the worker keeps them.
+Read from the ledger, so they trail live traffic by the worker's lag. The burn table reads the
+rollups (`qgw_usage_since`, from the hour), whatever the ledger's size; the activity chart reads
+the raw events of its last minutes (an index range on `ts`, bounded by `minutes`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .account import _db, _int, _iso
 from .admin import _admin
 from .api import balance_of, json_response
 from .problems import Problem
+from .queries import Q
 
 OUTCOMES = ("ok", "402", "403", "429")
 MAX_MINUTES = 24 * 60
@@ -83,14 +85,10 @@ async def activity(request: Request) -> Response:
 
 
 async def burn_rows(db: Any, days: int, limit: int) -> list[Any]:
-    """(org_id, name, plan, meter, tokens) over the last `days` days, the largest first."""
-    return await db.fetch(
-        """SELECT e.org_id, o.name, o.plan, e.meter, sum(e.cost)::bigint AS tokens
-           FROM usage_events e JOIN orgs o USING (org_id)
-           WHERE e.ts >= now() - $1 * interval '1 day' AND e.kind IN ('consume', 'commit', 'refund')
-             AND e.meter IS NOT NULL
-           GROUP BY e.org_id, o.name, o.plan, e.meter HAVING sum(e.cost) > 0
-           ORDER BY tokens DESC, e.org_id, e.meter LIMIT $2""", days, limit)
+    """(org_id, name, plan, meter, tokens) over the last `days` days (from the hour), the largest
+    first: from the rollups (usage as `qgw_usage_since` defines it), not a scan of the raw events
+    that grows with the ledger."""
+    return await db.fetch(Q.burn_by_org_meter, days, limit)
 
 
 async def burn(request: Request) -> Response:

@@ -110,6 +110,14 @@ FROM (SELECT org_id, tokens, calls FROM qgw_org_usage_since(now() - $1 * interva
 LEFT JOIN orgs o USING (org_id)
 ORDER BY u.tokens DESC, u.org_id;
 
+-- burn_by_org_meter --
+-- Tokens per (org, meter) over the last $1 days (rollups: from the hour), the largest first, at most $2
+SELECT u.org_id, o.name, o.plan, u.meter, sum(u.tokens)::bigint AS tokens
+FROM qgw_usage_since(now() - $1 * interval '1 day') u JOIN orgs o USING (org_id)
+WHERE u.meter <> ''
+GROUP BY u.org_id, o.name, o.plan, u.meter HAVING sum(u.tokens) > 0
+ORDER BY tokens DESC, u.org_id, u.meter LIMIT $2;
+
 -- top_orgs_one_meter --
 -- Orgs by tokens used of meter $3 over the last $1 days (003's hour and day sums), at most $2
 SELECT u.org_id, o.name, o.plan, u.tokens, u.calls
