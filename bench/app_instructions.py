@@ -1,13 +1,16 @@
 """Instructions the app executes per request, hello world vs consume, counted by callgrind.
 
-    .venv/bin/python bench/app_instructions.py [--requests 1024]   (needs valgrind)
+    .venv/bin/python bench/app_instructions.py [--requests 1024] [--paths /hello,/v1/consume,/v1/authorize,/v1/chat/completions]
+    (needs valgrind)
 
 On a shared machine, CPU time moves with the neighbours' load; instruction counts do not. Each
 path runs in its own process under `valgrind --tool=callgrind`: the real app (serve_app) with
 an embedded Valkey, driven in process through ASGI (64 requests at a time, no HTTP server), and
 only the measured phase is counted (it runs inside `sorted()`, the toggle). So this is the
-app's own Python, without uvicorn or the kernel: compare the two rows, and one tree against
-another.
+app's own Python, without uvicorn or the kernel: compare the rows, and one tree against
+another. `/v1/authorize` is nginx's subrequest (HEAD, X-Original-URI on a fixed route);
+`/v1/chat/completions` an `openai` route's call (max_tokens 16) to the demo upstream, which
+runs in its own process (not counted; the gateway's aiohttp client is).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +34,9 @@ import bench as B  # noqa: E402
 from quota_gw import embedded  # noqa: E402
 
 CONCURRENCY = 64
+PATHS = ("/hello", "/v1/consume", "/v1/authorize", "/v1/chat/completions")
 BODY = b'{"feature":"generate_insight","user_id":"bench"}'
+LLM_BODY = b'{"model":"demo-1","max_tokens":16,"messages":[{"role":"user","content":"Say something about quotas."}]}'
 
 
 def drive(path: str, n: int) -> None:
@@ -40,12 +47,17 @@ def drive(path: str, n: int) -> None:
 
     key = os.environ["BENCH_KEY"]
     app = serve_app.factory()
+    auth = (b"authorization", b"Bearer " + key.encode())
     if path == "/hello":
         method, headers, body = "GET", [(b"host", b"bench")], b""
+    elif path == "/v1/authorize":  # as examples/nginx.conf asks
+        method, body = "HEAD", b""
+        headers = [(b"host", b"quota_gw"), (b"x-original-uri", b"/quota/bench"), (b"x-original-method", b"POST"),
+                   auth, (b"content-type", b"application/json")]
     else:
-        method, body = "POST", BODY
-        headers = [(b"host", b"bench"), (b"authorization", b"Bearer " + key.encode()),
-                   (b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
+        method, body = "POST", LLM_BODY if path == "/v1/chat/completions" else BODY
+        headers = [(b"host", b"bench"), auth, (b"content-type", b"application/json"),
+                   (b"content-length", b"%d" % len(body))]
     statuses: list[int] = []
 
     async def one() -> None:
@@ -79,6 +91,18 @@ def drive(path: str, n: int) -> None:
         sys.exit(f"{path}: statuses {sorted(set(statuses))}")
 
 
+def wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def count(path: str, n: int, env: dict[str, str]) -> int:
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=builtin_sorted",
@@ -93,6 +117,7 @@ def count(path: str, n: int, env: dict[str, str]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1024)
+    ap.add_argument("--paths", default="/hello,/v1/consume", help="comma-separated, of " + ", ".join(PATHS))
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.drive:
@@ -100,19 +125,34 @@ def main() -> None:
         return
     if not shutil.which("valgrind"):
         sys.exit("valgrind is not installed (apt-get install valgrind)")
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        sys.exit(f"unknown paths: {sorted(unknown)}")
     tmp = Path(tempfile.mkdtemp(prefix="qgw-ir-"))
     rs = embedded.start_redis(tmp / "redis")
+    up_port = embedded.free_port()
+    upstream = None
+    if "/v1/chat/completions" in paths:
+        upstream = subprocess.Popen([str(Path(sys.executable).parent / "quota-gw"), "demo-upstream", "--port",
+                                     str(up_port), "--log-level", "warning"])
+        wait_listening(up_port)
+    counts: dict[str, int] = {}
     try:
-        env = {**os.environ, "QUOTA_GW_CONFIG": str(B.config_file(tmp, "http://127.0.0.1:1")), "REDIS_URL": rs.url,
-               "QUOTA_GW_PREFIX": "ir", "BENCH_KEY": B.seed(rs.url, "ir", 16)}
+        env = {**os.environ, "QUOTA_GW_CONFIG": str(B.config_file(tmp, f"http://127.0.0.1:{up_port}")),
+               "REDIS_URL": rs.url, "QUOTA_GW_PREFIX": "ir", "BENCH_KEY": B.seed(rs.url, "ir", 16)}
         env.pop("DATABASE_URL", None)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        hello = count("/hello", args.requests, env)
-        consume = count("/v1/consume", args.requests, env)
+        for path in paths:
+            counts[path] = count(path, args.requests, env)
     finally:
+        if upstream is not None:
+            upstream.terminate()
+            upstream.wait(timeout=20)
         rs.stop()
-    print(f"/hello       {hello:>9,} instructions/request")
-    print(f"/v1/consume  {consume:>9,} instructions/request   {consume / hello:.2f}× hello")
+    base = counts.get("/hello")
+    for path, n in counts.items():
+        ratio = f"   {n / base:.2f}× hello" if base and path != "/hello" else ""
+        print(f"{path:<22} {n:>9,} instructions/request{ratio}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
 
 from conftest import test_config_data
 from quota_gw import config as config_mod
@@ -135,6 +136,35 @@ async def test_strip_prefix_user_header_and_unmetered_route(gw, tenant):
     assert r.status_code == 200 and await tokens_left(gw, h, "general") == 49
     assert (await gw.http.get("/ai/free/x")).status_code == 401  # still authenticated
     assert (await gw.http.get("/ai/goalsX", headers=h)).status_code == 404  # prefixes match whole segments
+
+
+async def test_a_prefix_takes_whole_segments_only_on_every_path(redis_url, database_url, prefix, tenant, tmp_path):
+    """A prefix /open is not /openapi.json (a POST there is 405, not a proxied 404) and /ai/goalsx
+    belongs to /ai, not to /ai/goals: the same through app.Gateway's shortcut and the router."""
+    demo_app = create_demo_app()
+    async with serve(demo_app, lifespan="off") as up:
+        data = test_config_data()
+        upstream, dead = f"http://127.0.0.1:{up.port}", f"http://127.0.0.1:{free_port()}"
+        data["routes"] = [{"prefix": "/open", "upstream": upstream, "metering": "none"},
+                          {"prefix": "/ai", "upstream": upstream, "metering": "none"},
+                          {"prefix": "/ai/goals", "upstream": dead, "metering": "none", "connect_timeout_s": 1}]
+        data["behaviour"] = {"spool_dir": str(tmp_path)}
+        app = create_app(config_mod.parse(data), redis_url, database_url, prefix)
+        org, h = await tenant("pro")
+        async with app.router.lifespan_context(app):
+            async def via_router(scope, receive, send):  # Starlette's own dispatch, no shortcut
+                await Starlette.__call__(app, scope, receive, send)
+
+            for asgi in (app, via_router):
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://gw") as c:
+                    assert (await c.post("/openapi.json", headers=h)).status_code == 405
+                    assert (await c.get("/openapi.json")).json()["openapi"].startswith("3.")
+                    r = await c.get("/ai/goalsx", headers=h)
+                    assert r.status_code == 200 and r.json()["path"] == "/ai/goalsx", r.text
+                    assert (await c.get("/ai/goals/x", headers=h)).status_code == 502  # /ai/goals
+                    assert (await c.get("/openx", headers=h)).status_code == 404
+                    r = await c.get("/open/x", headers=h)
+                    assert r.status_code == 200 and r.json()["path"] == "/open/x"
 
 
 async def test_refused_calls_are_not_forwarded(gw, tenant):

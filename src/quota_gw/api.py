@@ -289,13 +289,18 @@ class DecisionRoute:
         """The two ASGI messages of the answer (nothing is sent: an error raised here can still
         be answered)."""
         c: Context = scope["app"].state.ctx
-        status, data, headers = await self.decide(c, Head(scope, c.user_header), receive)
-        body = orjson.dumps(data)
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        raw.append((b"content-length", b"%d" % len(body)))
-        raw.append((b"content-type", b"application/json"))
-        return ({"type": "http.response.start", "status": status, "headers": raw},
-                {"type": "http.response.body", "body": body})
+        return json_messages(*await self.decide(c, Head(scope, c.user_header), receive))
+
+
+def json_messages(status: int, data: Any, headers: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ASGI messages `json_response(data, status, headers)` sends (`headers` without
+    Content-Length or Content-Type; a status that has a body)."""
+    body = orjson.dumps(data)
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw.append((b"content-length", b"%d" % len(body)))
+    raw.append((b"content-type", b"application/json"))
+    return ({"type": "http.response.start", "status": status, "headers": raw},
+            {"type": "http.response.body", "body": body})
 
 
 async def _decision_body(c: Context, head: Head, receive: Receive) -> tuple[Identity, dict[str, Any]]:

@@ -210,7 +210,10 @@ class KeyStore:
         call, nothing cached or written back (Redis is what is missing). API keys only (a
         dashboard link carries only `read`). Without Postgres it is 503: an unknown key cannot
         be told from a known one."""
-        key = bearer(request)
+        return await self.authenticate_key_from_postgres(bearer(request), scope)
+
+    async def authenticate_key_from_postgres(self, key: str | None, scope: str) -> Identity:
+        """`authenticate_from_postgres` with the bearer key already taken from the request."""
         if key is None:
             raise missing_key()
         if self.db is None:

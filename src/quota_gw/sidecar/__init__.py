@@ -28,23 +28,24 @@ from typing import Any
 from starlette.routing import Route
 
 from .. import config as config_mod
-from .authorize import authorize
+from .authorize import Authorize
 from .core import Endpoint, Sidecar
-from .routing import longest_first
+from .routing import PrefixRoute, longest_first
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-__all__ = ["Sidecar", "authorize_routes", "routes"]
+__all__ = ["PrefixRoute", "Sidecar", "authorize_routes", "routes"]
 
 
 # The decision-service route (nginx auth_request, Envoy ext_authz). Its paths are the API's
-# own, so it goes with the API routes, not behind every one of them (Starlette tries routes in
-# order: at the end, each call paid ~40 pattern matches, a quarter of the route's CPU).
-authorize_routes = [Route("/v1/authorize", authorize, methods=["GET", "POST", "HEAD"]),
-                    Route("/v1/authorize/{rest:path}", authorize, methods=METHODS)]
+# own, so it goes with the API routes, not behind every one of them. A plain ASGI app, which
+# app.Gateway answers before the router, as it does check and consume.
+_authorize = Authorize()
+authorize_routes = [Route("/v1/authorize", _authorize, methods=["GET", "POST", "HEAD"]),
+                    Route("/v1/authorize/{rest:path}", _authorize, methods=METHODS)]
 
 
-def routes(config: Any) -> list[Route]:
+def routes(config: Any) -> list[PrefixRoute]:
     """One route per configured prefix (longest first), to go after the API so they never
     shadow it."""
     out = []
@@ -53,5 +54,5 @@ def routes(config: Any) -> list[Route]:
     resolved = config_mod.resolve_route_headers(config)
     for i in longest_first(config.routes):
         r = config.routes[i]
-        out.append(Route(r.prefix.rstrip("/") + "{rest:path}", Endpoint(r, resolved[i]), methods=METHODS))
+        out.append(PrefixRoute(r.prefix, Endpoint(r, resolved[i]), methods=METHODS))
     return out

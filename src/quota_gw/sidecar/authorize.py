@@ -7,17 +7,23 @@ headers, for the proxy to pass upstream. Refused: the problem with its status (E
 it as is); nginx turns statuses other than 401/403 into 500, so the answer also carries
 X-Quota-Status and X-Quota-Problem (the problem body as one line) for examples/nginx.conf to
 rebuild the refusal.
+
+Every proxied call in front of nginx pays for this route, so it is a plain ASGI app like
+check and consume (api.DecisionRoute): app.Gateway answers it before Starlette's router and
+middleware, it reads its headers from the scope in one pass and builds its answer itself,
+byte for byte what a Response would send (tests/test_direct_routes.py).
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from ..api import json_response
+from ..api import Context, json_messages
+from ..auth import bearer_token
 from ..problems import Problem, invalid, problem_line
 from ..redis_errors import REDIS_DOWN
 from .admission import store_down
@@ -25,29 +31,65 @@ from .core import Sidecar
 from .settling import FixedCharge
 
 
-async def authorize(request: Request) -> Response:
-    """nginx auth_request / Envoy ext_authz: decide for X-Original-Method X-Original-URI, or
-    (Envoy's HTTP ext_authz, `path_prefix: /v1/authorize`) for the method and path it is called with."""
-    sidecar: Sidecar = request.app.state.sidecar
-    c = sidecar.ctx
-    uri = request.headers.get("x-original-uri")
-    rest = request.path_params.get("rest")
+class Authorize:
+    """The ASGI app of both paths: `/v1/authorize` (X-Original-Method and X-Original-URI say
+    what to decide for) and `/v1/authorize/{rest}` (Envoy's HTTP ext_authz, `path_prefix:
+    /v1/authorize`: the original path, with the method it is called with)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start, body = await self.answer(scope, receive)
+        await send(start)
+        await send(body)
+
+    async def answer(self, scope: Scope, receive: Receive) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The two ASGI messages of the answer (nothing is sent: an error raised here can still
+        be answered by the app's handlers)."""
+        params = scope.get("path_params")
+        return json_messages(*await authorize(scope["app"].state.sidecar, scope,
+                                              params.get("rest") if params else None))
+
+
+def uri_path(uri: str) -> str:
+    """urlsplit(uri).path, without urlsplit for the usual origin-form URI (urlsplit's cache
+    holds 128 URIs; query strings make most of them new)."""
+    if uri[:1] == "/" and uri[1:2] != "/" and "\t" not in uri and "\r" not in uri and "\n" not in uri:
+        return uri.split("#", 1)[0].split("?", 1)[0]
+    return urlsplit(uri).path
+
+
+async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) of an allowed call; a refusal is raised (a Problem)."""
+    c: Context = sidecar.ctx
+    uri = method = authorization = user_header = None
+    for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
+        if name == b"x-original-uri":
+            if uri is None:
+                uri = value.decode("latin-1")
+        elif name == b"x-original-method":
+            if method is None:
+                method = value.decode("latin-1")
+        elif name == b"authorization":
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif name == c.user_header and user_header is None:
+            user_header = value.decode("latin-1")
     if not uri and rest is not None:  # Envoy ext_authz: path_prefix + the original path, same method
         uri = "/" + rest
     if not uri:
         raise invalid("X-Original-URI: required (the URI of the request being authorized)", status=400)
-    method = request.headers.get("x-original-method", request.method if rest is not None else "GET").upper()
-    path = urlsplit(uri).path or "/"
+    method = (method if method is not None else scope["method"] if rest is not None else "GET").upper()
+    path = uri_path(uri) or "/"
     route = sidecar.table.match(path)
+    key = bearer_token(authorization)
     try:
         if route is None:  # only a caller with a key learns which routes exist
-            await c.keys.authenticate(request, "consume")
+            await c.keys.authenticate_key(key, "consume")
             raise Problem(404, "not_found", f"no route for {path}")
-        ident, redis_down = await sidecar.authenticate(request, route)
-        user = c.user(ident, sidecar.headers.claimed_user(request), request)
+        ident, redis_down = await sidecar.identify(key, route)
+        user = c.user_of(ident, sidecar.headers.claimed(scope["headers"]), user_header)
         headers = sidecar.headers.who(ident, user)
         if route.metering == "none":
-            return json_response({"allowed": True}, headers=headers)
+            return 200, {"allowed": True}, headers
         assert route.feature is not None
         d = None
         if not redis_down:
@@ -67,13 +109,13 @@ async def authorize(request: Request) -> Response:
                 charge.redis_down = True
                 await charge.keep()
             headers["X-Quota-Degraded"] = "fail-open"
-            return json_response({"allowed": True}, headers=headers)
+            return 200, {"allowed": True}, headers
         if not d.ok:
             raise d.problem()
         headers.update(d.headers())
         if d.event_id and route.metering == "fixed" and not d.would:
             headers["X-Quota-Event"] = d.event_id
-        return json_response({"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers=headers)
+        return 200, {"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers
     except Problem as p:
         p.headers = {**p.headers, "X-Quota-Status": str(p.status), "X-Quota-Problem": problem_line(p)}
         raise

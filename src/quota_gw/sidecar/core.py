@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import metering, metrics
 from ..api import Context
+from ..auth import bearer
 from ..config import Route as RouteConfig
 from ..decisions import Identity
 from ..problems import Problem
@@ -71,14 +72,18 @@ class Sidecar:
 
     async def authenticate(self, request: Request, route: RouteConfig) -> tuple[Identity, bool]:
         """(identity, redis_down). With Redis down, a fail-open route reads the key from Postgres."""
+        return await self.identify(bearer(request), route)
+
+    async def identify(self, key: str | None, route: RouteConfig) -> tuple[Identity, bool]:
+        """`authenticate` with the bearer key already taken from the request."""
         keys = self.ctx.keys
         try:
-            return await keys.authenticate(request, "consume"), False
+            return await keys.authenticate_key(key, "consume"), False
         except REDIS_DOWN:
             if not self.table.fail_open(route):
                 raise store_down() from None
             metrics.REDIS_ERRORS.inc()
-        return await keys.authenticate_from_postgres(request, "consume"), True
+        return await keys.authenticate_key_from_postgres(key, "consume"), True
 
     async def handle(self, route: RouteConfig, request: Request, send: Send,
                      route_headers: list[tuple[str, str]] | None = None) -> None:

@@ -54,7 +54,11 @@ class Headers:
         """The user the caller names in the user header, however spelled (`X_Quota_User` is
         X-Quota-User to a CGI upstream, so it is to the gateway too: a user-bound key naming
         another user is 403 either way). Two spellings that disagree are refused."""
-        values = {v.decode("latin-1") for k, v in request.scope["headers"] if header_key(k) == self.user_key}
+        return self.claimed(request.scope["headers"])
+
+    def claimed(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+        """`claimed_user` from the ASGI scope's headers."""
+        values = {v.decode("latin-1") for k, v in raw if header_key(k) == self.user_key}
         if len(values) > 1:
             name = self.behaviour.user_header
             raise invalid(f"{name}: sent more than once with different values", status=400, field=name)

@@ -1,17 +1,30 @@
 """Which configured route a path belongs to, and that route's effective settings.
 
-A prefix matches whole path segments and the longest one wins. Routes are ordered once
-(`longest_first`); the same order serves matching here and the Starlette routes that mount
-them (sidecar/__init__.py), so the two cannot disagree.
+A prefix matches whole path segments (`covers`) and the longest one wins. Routes are ordered
+once (`longest_first`); the same order and the same rule serve matching here and the Starlette
+routes that mount them (PrefixRoute), so the two cannot disagree. (A `{rest:path}` pattern
+matched characters, not segments: /ai/goalsx went to /ai/goals, which refused it, instead of
+to /ai; a POST to /openapi.json went to a route /open instead of being 405.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from starlette._utils import get_route_path
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from ..config import Config
 from ..config import Route as RouteConfig
 from ..problems import Problem
+
+
+def covers(prefix: str, path: str) -> bool:
+    """Whether `path` is under `prefix` on a segment boundary (/ai/goals covers /ai/goals and
+    /ai/goals/x, not /ai/goalsx; /api/ covers /api/ and /api/x)."""
+    return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
 def longest_first(routes: Sequence[RouteConfig]) -> list[int]:
@@ -27,8 +40,7 @@ class RouteTable:
     def match(self, path: str) -> RouteConfig | None:
         """The longest configured prefix that covers `path` on a segment boundary."""
         for r in self.routes:
-            p = r.prefix
-            if path == p or path.startswith(p if p.endswith("/") else p + "/"):
+            if covers(r.prefix, path):
                 return r
         return None
 
@@ -49,3 +61,23 @@ def target(route: RouteConfig, path: str, query: bytes) -> str:
     if query:
         url += "?" + query.decode("latin-1")
     return url
+
+
+class PrefixRoute(Route):
+    """The Starlette route of one configured prefix: it matches what `covers` says (its path,
+    `<prefix>{rest:path}`, only names it), with `rest` the path after the prefix."""
+
+    def __init__(self, prefix: str, endpoint: Any, methods: list[str]) -> None:
+        super().__init__((prefix.rstrip("/") or "/") + "{rest:path}", endpoint, methods=methods)
+        self.prefix = prefix
+        self._under = prefix if prefix.endswith("/") else prefix + "/"
+        self._cut = len(prefix.rstrip("/"))
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http":
+            path = get_route_path(scope)
+            if path == self.prefix or path.startswith(self._under):
+                child = {"endpoint": self.endpoint, "path_params": {**scope.get("path_params", {}),
+                                                                    "rest": path[self._cut:]}}
+                return (Match.FULL if not self.methods or scope["method"] in self.methods else Match.PARTIAL), child
+        return Match.NONE, {}
