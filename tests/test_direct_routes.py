@@ -184,3 +184,36 @@ async def test_authorize_with_redis_down_answers_the_same_with_and_without_the_r
             assert app.state.sidecar.spool.pending() == 2
     finally:
         await asyncio.to_thread(rs.stop)
+
+
+async def test_a_client_that_hangs_up_mid_body_is_not_a_server_error(app: Any, tenant, redis, caplog) -> None:
+    """Never a 500 for what a client can do: closing the connection halfway through a body, on the
+    direct decision routes and through the router alike, is answered 400 (to nobody), not logged as
+    an unhandled error, and charges nothing."""
+    org, h = await tenant("pro")
+    before = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+              .get("/v1/balance", headers=h)).json()["meters"]["general"]["balance"]
+    for path in ("/v1/consume", "/v1/check", "/v1/reservations"):
+        incoming = iter([{"type": "http.request", "body": b'{"feature": "generate_ins', "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive(incoming: Any = incoming) -> dict[str, Any]:
+            return next(incoming, {"type": "http.disconnect"})
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"gw"), (b"authorization", h["Authorization"].encode()),
+                             (b"content-type", b"application/json"), (b"content-length", b"100")],
+                 "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
+        caplog.clear()
+        await app(scope, receive, send)
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400], path
+        assert "unhandled error" not in caplog.text, path
+    after = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+             .get("/v1/balance", headers=h)).json()["meters"]["general"]["balance"]
+    assert after == before

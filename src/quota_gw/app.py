@@ -12,7 +12,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -101,6 +101,13 @@ async def on_redis_down(request: Request, exc: Exception) -> Response:
     log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
     return Response(problem_body(503, "unavailable", "the quota store is unavailable; nothing was charged"),
                     status_code=503, media_type="application/problem+json", headers={"Retry-After": "1"})
+
+
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up before its body arrived: nothing was decided or charged, and nobody is
+    left to read the answer. A 400 for the access log, not a 500 with a traceback."""
+    return Response(problem_body(400, "invalid_request", "the client closed the connection before its body arrived"),
+                    status_code=400, media_type="application/problem+json")
 
 
 async def on_error(request: Request, exc: Exception) -> Response:
@@ -271,6 +278,7 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
     return Gateway(routes=routes, lifespan=lifespan, exception_handlers={
         Problem: on_problem,
         HTTPException: on_http,
+        ClientDisconnect: on_client_gone,
         RedisError: on_redis_down,
         RedisClusterException: on_redis_down,
         Exception: on_error,
