@@ -10,6 +10,7 @@ the call asks for — with the budget lowered to what the org can afford (never 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -17,10 +18,10 @@ import orjson
 from .. import config as config_mod
 from .. import metering, metrics
 from ..config import Route as RouteConfig
-from ..decisions import Identity
+from ..decisions import Decision, Identity
 from ..problems import Problem, invalid, unavailable
 from ..redis_errors import REDIS_DOWN
-from .settling import FixedCharge, LLMCharge
+from .settling import Charge, FixedCharge, LLMCharge
 
 if TYPE_CHECKING:
     from .core import Sidecar
@@ -39,19 +40,27 @@ async def admit(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str
     charge = FixedCharge(sidecar, route, ident, user)
     if not redis_down:
         meta = orjson.dumps({"route": route.prefix, "method": method})
-        try:
-            d = await sidecar.ctx.decider.consume(ident, route.feature, 1, user, None, meta,
-                                                  sidecar.table.shadow(route))
-        except REDIS_DOWN:
-            if not sidecar.table.fail_open(route):
-                raise store_down() from None
-            redis_down = True
-        else:
-            if not d.ok:
-                raise d.problem()
-            charge.decided(d)
+        d = await _decide(sidecar, route, charge, sidecar.ctx.decider.consume(
+            ident, route.feature, 1, user, None, meta, sidecar.table.shadow(route)))
+        redis_down = d is None
     charge.redis_down = redis_down
     return charge
+
+
+async def _decide(sidecar: Sidecar, route: RouteConfig, charge: Charge, decision: Awaitable[Decision]) -> Decision | None:
+    """The admission decision, recorded on the charge; a refusal is raised as its problem. None:
+    Redis is down and the route fails open (the call goes on, its charge to the spool); a route
+    that fails closed answers 503."""
+    try:
+        d = await decision
+    except REDIS_DOWN:
+        if not sidecar.table.fail_open(route):
+            raise store_down() from None
+        return None
+    if not d.ok:
+        raise d.problem()
+    charge.decided(d)
+    return d
 
 
 async def hold(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str, api: metering.Metering,
@@ -84,23 +93,16 @@ async def hold(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str,
     if not redis_down:
         floor = prompt + min(route.min_completion_tokens, budget) * per
         ttl = config.behaviour.reservation_ttl_s
-        try:
-            d = await sidecar.ctx.decider.reserve(ident, route.feature, 1, user, ttl, None, shadow,
-                                                  cost=(prompt + budget * per) * unit,
-                                                  min_cost=0 if shadow or unit == 0 else floor * unit)
-        except REDIS_DOWN:
-            if not sidecar.table.fail_open(route):
-                raise store_down() from None
+        d = await _decide(sidecar, route, charge, sidecar.ctx.decider.reserve(
+            ident, route.feature, 1, user, ttl, None, shadow, cost=(prompt + budget * per) * unit,
+            min_cost=0 if shadow or unit == 0 else floor * unit))
+        if d is None:
             redis_down = True
-        else:
-            if not d.ok:
-                raise d.problem()
-            charge.decided(d)
-            if charge.rid is not None and unit > 0:
-                affordable = (d.cost // unit - prompt) // per
-                if budgeted and affordable < budget:
-                    budget = max(affordable, 0)
-                    charge.lowered = budget
+        elif charge.rid is not None and unit > 0:
+            affordable = (d.cost // unit - prompt) // per
+            if budgeted and affordable < budget:
+                budget = max(affordable, 0)
+                charge.lowered = budget
     charge.redis_down = redis_down
     charge.most = prompt + budget * per
     if budgeted:
