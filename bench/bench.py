@@ -294,9 +294,10 @@ def start_litellm(litellm: Path, tmp: Path, up_port: int) -> tuple[subprocess.Po
 
 
 def nginx_conf(tmp: Path, name: str, port: int, gw_port: int, up_port: int, auth: bool) -> Path:
-    """examples/nginx.conf on these ports; without `auth`, the same file less its auth_request."""
+    """examples/nginx.conf on these ports (`gw_port`: where it asks quota-gw, the authorize
+    listener or the main port); without `auth`, the same file less its auth_request."""
     conf = (ROOT / "examples" / "nginx.conf").read_text()
-    conf = (conf.replace("127.0.0.1:8080", f"127.0.0.1:{gw_port}").replace("127.0.0.1:9100", f"127.0.0.1:{up_port}")
+    conf = (conf.replace("127.0.0.1:8081", f"127.0.0.1:{gw_port}").replace("127.0.0.1:9100", f"127.0.0.1:{up_port}")
             .replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
     if not auth:  # nothing else changes: the auth_request_set variables stay empty
         conf = conf.replace("auth_request /_quota;", "")
@@ -310,7 +311,8 @@ def nginx_conf(tmp: Path, name: str, port: int, gw_port: int, up_port: int, auth
 def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, up_port: int,
                   up_pid: int) -> list[dict]:
     """examples/nginx.conf (auth_request -> /v1/authorize, a fixed route) vs the same nginx
-    without auth_request, both in front of the demo upstream."""
+    without auth_request, both in front of the demo upstream; auth_request to quota-gw's
+    authorize listener (`serve --authorize-port`) and to its main (uvicorn) port, one process."""
     binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                             if os.path.exists(p)), None)
     if binary is None:
@@ -320,16 +322,17 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
     key = seed(redis_url, prefix, 16)
     lua = tmp / "nginx.lua"
     lua.write_text(PROXY_LUA % key)
-    port = embedded.free_port()
-    env = {**os.environ, "QUOTA_GW_CONFIG": str(cfg), "REDIS_URL": redis_url, "QUOTA_GW_PREFIX": prefix}
+    port, listen_port = embedded.free_port(), embedded.free_port()
+    env = {**os.environ, "QUOTA_GW_CONFIG": str(cfg), "REDIS_URL": redis_url, "QUOTA_GW_PREFIX": prefix,
+           "QUOTA_GW_AUTHORIZE_LISTEN": f"127.0.0.1:{listen_port}"}  # what `serve --authorize-port` sets
     env.pop("DATABASE_URL", None)
     proc = start_server("uvicorn", port, env)
     procs = []
     try:
         ports = {}
-        for name, auth in (("plain", False), ("auth", True)):
+        for name, auth, gw in (("plain", False, listen_port), ("auth", True, listen_port), ("uvicorn", True, port)):
             ports[name] = embedded.free_port()
-            d = nginx_conf(tmp, f"nginx-{name}", ports[name], port, up_port, auth)
+            d = nginx_conf(tmp, f"nginx-{name}", ports[name], gw, up_port, auth)
             directives = f"daemon off; pid {d / 'nginx.pid'};" + (" user root;" if os.geteuid() == 0 else "")
             procs.append(subprocess.Popen([binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", "stderr",
                                            "-g", directives]))
@@ -345,8 +348,10 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
                     time.sleep(0.05)
         return measure(args, [
             ("nginx, no auth_request", f"http://127.0.0.1:{ports['plain']}/quota/bench", lua, [up_pid]),
-            ("nginx + auth_request to quota-gw", f"http://127.0.0.1:{ports['auth']}/quota/bench", lua,
-             [proc.pid, up_pid])])
+            ("nginx + auth_request to quota-gw, authorize listener", f"http://127.0.0.1:{ports['auth']}/quota/bench",
+             lua, [proc.pid, up_pid]),
+            ("nginx + auth_request to quota-gw, main port (uvicorn)",
+             f"http://127.0.0.1:{ports['uvicorn']}/quota/bench", lua, [proc.pid, up_pid])])
     finally:
         for p in procs:
             p.send_signal(signal.SIGQUIT)
@@ -481,7 +486,7 @@ def main() -> None:
         pairs = [(i, 0 if i < first_sse else first_sse) for i in range(len(llm_rows)) if i not in (0, first_sse)]
         table = side_by_side(llm_rows, pairs) + ("\n\n" + table if table else "")
     if nginx_rows:
-        table = side_by_side(nginx_rows, [(1, 0)]) + ("\n\n" + table if table else "")
+        table = side_by_side(nginx_rows, [(1, 0), (2, 0)]) + ("\n\n" + table if table else "")
     print(table)
     if args.write:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -231,9 +231,38 @@ def _may_match_under(route: BaseRoute, prefixed: Route) -> bool:
     return head.startswith(under) or under.startswith(head)
 
 
+AUTHORIZE_LISTEN_ENV = "QUOTA_GW_AUTHORIZE_LISTEN"  # HOST:PORT; `quota-gw serve --authorize-port` sets it
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """(host, port) of 'HOST:PORT' ('[::1]:8081' for IPv6); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{AUTHORIZE_LISTEN_ENV}={value!r}: not HOST:PORT (e.g. 127.0.0.1:8081; port 1..65535)")
+    return host, int(port)
+
+
+def keep_alive_s() -> float:
+    """How long idle client connections stay open: `quota-gw serve --timeout-keep-alive`, which
+    it passes to its worker processes as $QUOTA_GW_TIMEOUT_KEEP_ALIVE (uvicorn's 75 s default
+    otherwise, longer than nginx keeps idle upstream connections)."""
+    try:
+        return float(os.environ.get("QUOTA_GW_TIMEOUT_KEEP_ALIVE") or 75)
+    except ValueError:
+        return 75.0
+
+
 def create_app(config: Config, redis_url: str | None = None, database_url: str | None = None,
-               prefix: str | None = None, extra_routes: list[Any] | None = None) -> Starlette:
+               prefix: str | None = None, extra_routes: list[Any] | None = None,
+               authorize_listen: str | None = None) -> Starlette:
+    """`authorize_listen` (default $QUOTA_GW_AUTHORIZE_LISTEN): HOST:PORT of a second listener for
+    /v1/authorize alone (sidecar/listener.py), started and stopped with the app."""
     redis_url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    authorize_listen = authorize_listen or os.environ.get(AUTHORIZE_LISTEN_ENV) or None
+    if authorize_listen:
+        listen_address(authorize_listen)  # a bad value fails here, not at the first call
     database_url = database_url if database_url is not None else os.environ.get("DATABASE_URL")
     prefix = prefix or os.environ.get("QUOTA_GW_PREFIX", "qgw")
 
@@ -251,9 +280,19 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         app.state.ctx = Context(config, decider, keys, pool)
         app.state.sidecar = sidecar.Sidecar(app.state.ctx)  # proxy routes, /v1/authorize, the spool
         await app.state.sidecar.start()
+        listener = None
         try:
+            if authorize_listen:  # /v1/authorize alone, for nginx (sidecar/listener.py)
+                b = config.behaviour
+                listener = sidecar.Listener(app, max_head_bytes=b.max_header_bytes, max_headers=b.max_headers,
+                                            max_body_bytes=b.max_body_bytes, keepalive_s=keep_alive_s())
+                host, port = listen_address(authorize_listen)
+                await listener.start(host, port, shared=int(os.environ.get("QUOTA_GW_WORKERS") or 1) > 1)
+                app.state.authorize_listener = listener
             yield
         finally:
+            if listener is not None:
+                await listener.close()
             await app.state.sidecar.stop()
             await decider.aclose()
             await r.aclose()

@@ -61,11 +61,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    if args.authorize_port is not None and not (1 <= args.authorize_port <= 65535 and args.authorize_port != args.port):
+        raise Fail(f"--authorize-port {args.authorize_port}: a port 1..65535 other than --port", USAGE)
     _route_env(_config(args))
     # /metrics sums every worker process (metrics.py): they write their values into one fresh
     # folder, named before any of them imports prometheus_client.
     metrics_dir = tempfile.mkdtemp(prefix="quota-gw-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["QUOTA_GW_TIMEOUT_KEEP_ALIVE"] = str(args.timeout_keep_alive)  # the authorize listener's too
+    os.environ["QUOTA_GW_WORKERS"] = str(args.workers)
+    if args.authorize_port is not None:
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        os.environ["QUOTA_GW_AUTHORIZE_LISTEN"] = f"{host}:{args.authorize_port}"
     try:
         uvicorn.run("quota_gw.cli:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
                     log_level=args.log_level, access_log=False, loop="uvloop", http=HTTP_PROTOCOL,
@@ -196,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 "  DATABASE_URL          Postgres of the admin, usage and analytics routes (unset: they answer 503)",
                 ENV_PREFIX, ENV_ADMIN,
                 "  QUOTA_GW_SPOOL_DIR    where fail-open routes spool usage while Redis is down "
-                "(default: behaviour.spool_dir)", codes=SERVE_CODES)
+                "(default: behaviour.spool_dir)",
+                "  QUOTA_GW_AUTHORIZE_LISTEN  HOST:PORT of the /v1/authorize listener (what --authorize-port sets)",
+                codes=SERVE_CODES)
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface, "
@@ -207,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-keep-alive", type=int, default=75, metavar="SECONDS",
                    help="close idle client connections after this long (default 75: longer than the 60 s "
                         "proxies such as nginx keep idle upstream connections, so they never reuse one "
-                        "the gateway is closing)")
+                        "the gateway is closing); on --authorize-port too")
+    p.add_argument("--authorize-port", type=int, metavar="PORT",
+                   help="also answer GET/HEAD /v1/authorize (nginx auth_request) on this port, on --host, with "
+                        "a minimal HTTP/1.1 server in each worker: the same answers for less CPU a call "
+                        "(default: none; the main port answers it either way)")
 
     command("migrate", cmd_migrate, "Apply the Postgres migrations (idempotent). Creates the database first when "
                                     "it does not exist and the login may.", ENV_DATABASE)

@@ -14,6 +14,7 @@ each call then settles exactly once, by how it ended. One module per step:
 | `settling.py`   | commit, refund or release, once, by how the call ended                |
 | `authorize.py`  | `/v1/authorize` for nginx auth_request and Envoy ext_authz            |
 | `core.py`       | the Sidecar (shared state) and one call from request to settlement    |
+| `listener.py`   | the optional second port for `/v1/authorize` alone (nginx), no uvicorn |
 
 Shadow mode decides and records but never blocks (the answer says what would have happened
 in `X-Quota-Shadow`). When Redis is down a `fail: closed` route answers 503 and forwards
@@ -30,11 +31,12 @@ from starlette.routing import Route
 from .. import config as config_mod
 from .authorize import Authorize
 from .core import Endpoint, Sidecar
+from .listener import Listener
 from .routing import PrefixRoute, longest_first
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-__all__ = ["PrefixRoute", "Sidecar", "authorize_routes", "routes"]
+__all__ = ["Listener", "PrefixRoute", "Sidecar", "authorize_routes", "routes"]
 
 
 # The decision-service route (nginx auth_request, Envoy ext_authz). Its paths are the API's
