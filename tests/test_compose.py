@@ -76,6 +76,7 @@ def test_gateway_workers_come_from_the_environment_and_the_worker_serves_metrics
     cmd = s["gateway"]["command"]
     assert cmd[0] == "serve" and cmd[cmd.index("--workers") + 1] == "${QUOTA_GW_WORKERS:-2}"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "server gateway:%s;" % cmd[cmd.index("--authorize-port") + 1] in (ROOT / "deploy" / "nginx.conf").read_text()
     w = s["worker"]["command"]
     assert w[0] == "worker" and w[w.index("--metrics-port") + 1] == "9091" and "0.0.0.0" in w
     for name in ("migrate", "gateway", "worker", "upstream"):
@@ -106,7 +107,7 @@ def test_deploy_configs_are_the_examples_with_compose_addresses():
     example = (ROOT / "examples" / "nginx.conf").read_text()
     deployed = (ROOT / "deploy" / "nginx.conf").read_text()
     body = lambda s: s[s.index("worker_processes"):]  # noqa: E731 - after the header comment
-    swapped = (body(example).replace("server 127.0.0.1:8080;", "server gateway:8080;")
+    swapped = (body(example).replace("server 127.0.0.1:8081;", "server gateway:8081;")
                .replace("server 127.0.0.1:9100;", "server upstream:9100;")
                .replace("listen 127.0.0.1:8000;", "listen 8000;"))
     assert body(deployed) == swapped

@@ -1,5 +1,6 @@
 """Decision-service mode through a real nginx (auth_request): examples/nginx.conf as shipped,
-in front of the demo upstream, with `quota-gw serve` (a real uvicorn process) deciding."""
+in front of the demo upstream, with `quota-gw serve --authorize-port` (a real process) deciding:
+nginx asks the authorize listener, as the file does, or the main (uvicorn) port."""
 
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         return proc.wait()
 
 
-async def test_nginx_auth_request_allowed_402_and_429(tmp_path: Path, redis_url, database_url, prefix, tenant):
+@pytest.mark.parametrize("asks", ["authorize listener", "main port"])
+async def test_nginx_auth_request_allowed_402_and_429(tmp_path: Path, redis_url, database_url, prefix, tenant,
+                                                      asks: str):
     demo_app = create_demo_app()
     stats = demo_app.state.demo.stats
     async with serve(demo_app, lifespan="off") as up:
-        gw_port, nginx_port = free_port(), free_port()
+        gw_port, authorize_port, nginx_port = free_port(), free_port(), free_port()
         data = test_config_data()
         data["routes"] = [
             {"prefix": "/ai/goals", "upstream": f"http://127.0.0.1:{up.port}", "feature": "generate_goal"},
@@ -60,9 +63,11 @@ async def test_nginx_auth_request_allowed_402_and_429(tmp_path: Path, redis_url,
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix,
                "QUOTA_GW_ADMIN_TOKEN": ADMIN_TOKEN}
         gw = subprocess.Popen([sys.executable, "-m", "quota_gw.cli", "serve", "--config", str(tmp_path / "gw.yaml"),
-                               "--port", str(gw_port), "--log-level", "warning"], env=env)
+                               "--port", str(gw_port), "--authorize-port", str(authorize_port),
+                               "--log-level", "warning"], env=env)
         conf = (ROOT / "examples" / "nginx.conf").read_text()
-        conf = (conf.replace("127.0.0.1:8080", f"127.0.0.1:{gw_port}")
+        asked = authorize_port if asks == "authorize listener" else gw_port
+        conf = (conf.replace("127.0.0.1:8081", f"127.0.0.1:{asked}")
                 .replace("127.0.0.1:9100", f"127.0.0.1:{up.port}")
                 .replace("127.0.0.1:8000", f"127.0.0.1:{nginx_port}"))
         temps = "".join(f"    {d}_temp_path {tmp_path / d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
