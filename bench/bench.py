@@ -327,10 +327,17 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
            "QUOTA_GW_AUTHORIZE_LISTEN": f"127.0.0.1:{listen_port}"}  # what `serve --authorize-port` sets
     env.pop("DATABASE_URL", None)
     proc = start_server("uvicorn", port, env)
-    procs = []
+    procs: list[subprocess.Popen] = []
+    before = None
     try:
+        variants = [("plain", False, listen_port), ("auth", True, listen_port), ("uvicorn", True, port)]
+        if args.before_src:  # the same nginx in front of another tree's gateway, measured in the same rounds
+            before_port = embedded.free_port()
+            before = start_server("uvicorn", before_port, {**env, "PYTHONPATH": args.before_src,
+                                                           "QUOTA_GW_AUTHORIZE_LISTEN": ""})
+            variants.append(("before", True, before_port))
         ports = {}
-        for name, auth, gw in (("plain", False, listen_port), ("auth", True, listen_port), ("uvicorn", True, port)):
+        for name, auth, gw in variants:
             ports[name] = embedded.free_port()
             d = nginx_conf(tmp, f"nginx-{name}", ports[name], gw, up_port, auth)
             directives = f"daemon off; pid {d / 'nginx.pid'};" + (" user root;" if os.geteuid() == 0 else "")
@@ -351,13 +358,17 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
             ("nginx + auth_request to quota-gw, authorize listener", f"http://127.0.0.1:{ports['auth']}/quota/bench",
              lua, [proc.pid, up_pid]),
             ("nginx + auth_request to quota-gw, main port (uvicorn)",
-             f"http://127.0.0.1:{ports['uvicorn']}/quota/bench", lua, [proc.pid, up_pid])])
+             f"http://127.0.0.1:{ports['uvicorn']}/quota/bench", lua, [proc.pid, up_pid]),
+            *([(f"nginx + auth_request to quota-gw of {args.before_src}, main port",
+                f"http://127.0.0.1:{ports['before']}/quota/bench", lua, [before.pid, up_pid])] if before else [])])
     finally:
         for p in procs:
             p.send_signal(signal.SIGQUIT)
             p.wait(timeout=20)
-        proc.terminate()
-        proc.wait(timeout=20)
+        for p in (proc, before):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=20)
 
 
 def side_by_side(rows: list[dict], pairs: list[tuple[int, int]]) -> str:
@@ -382,6 +393,8 @@ def main() -> None:
     ap.add_argument("--sections", default="decision,proxy", help="decision,proxy,llm,nginx,litellm")
     ap.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"),
                     help="the litellm executable (a scratch venv's bin/litellm) for the litellm section")
+    ap.add_argument("--before-src", metavar="DIR", help="nginx section: also measure the gateway of another "
+                    "tree (its src/ folder, e.g. from `git archive`) in the same rounds")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -486,7 +499,7 @@ def main() -> None:
         pairs = [(i, 0 if i < first_sse else first_sse) for i in range(len(llm_rows)) if i not in (0, first_sse)]
         table = side_by_side(llm_rows, pairs) + ("\n\n" + table if table else "")
     if nginx_rows:
-        table = side_by_side(nginx_rows, [(1, 0), (2, 0)]) + ("\n\n" + table if table else "")
+        table = side_by_side(nginx_rows, [(i, 0) for i in range(1, len(nginx_rows))]) + ("\n\n" + table if table else "")
     print(table)
     if args.write:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
+import yaml
 
 from conftest import ADMIN_TOKEN, served, test_config_data
 from quota_gw import config as config_mod
+from quota_gw import embedded
 from quota_gw.app import create_app
 
 
 def test_serve_with_two_workers(tmp_path, redis_url, database_url, prefix):
     env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix}
-    with served(tmp_path, test_config_data(), env, "--workers", "2") as (base, ready):
+    data = test_config_data()
+    data["routes"] = [{"prefix": "/ai", "upstream": "http://127.0.0.1:9", "metering": "none"}]
+    authorize_port = embedded.free_port()
+    with served(tmp_path, data, env, "--workers", "2", "--authorize-port", str(authorize_port)) as (base, ready):
         assert ready.status_code == 200, ready.text
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         with httpx.Client(base_url=base, timeout=10) as c:
@@ -23,6 +31,20 @@ def test_serve_with_two_workers(tmp_path, redis_url, database_url, prefix):
                      for _ in range(4)]
             assert codes == [200, 200, 200, 402]
             assert c.get("/v1/balance", headers=h).json()["meters"]["general"]["balance"] == 10
+        # the authorize port, shared by both workers: new connections answered, whichever takes them
+        for _ in range(8):
+            with httpx.Client(base_url=f"http://127.0.0.1:{authorize_port}", timeout=10) as a:
+                r = a.head("/v1/authorize", headers={**h, "X-Original-URI": "/ai/x"})
+                assert r.status_code == 200 and r.headers["x-quota-org"] == org
+                assert a.get("/v1/balance", headers=h).status_code == 404  # that port answers authorize alone
+
+
+def test_serve_refuses_an_authorize_port_that_is_its_own_port(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(test_config_data()))
+    r = subprocess.run([sys.executable, "-m", "quota_gw.cli", "serve", "--config", str(cfg), "--port", "8999",
+                        "--authorize-port", "8999"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--authorize-port 8999: a port 1..65535 other than --port" in r.stderr
 
 
 async def test_unknown_users_refused_when_registration_is_off(redis_url, database_url, prefix, admin):
