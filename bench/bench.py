@@ -10,7 +10,8 @@ ratios, not the absolute numbers. --write appends the table to docs/benchmarks.m
 
 Sections: `decision` (consume vs hello), `proxy` (fixed and pass-through routes vs the upstream
 direct), `llm` (an `openai` route, JSON and streamed, vs the upstream direct), `nginx`
-(examples/nginx.conf with auth_request vs the same nginx without it, a fixed route), `litellm`
+(examples/nginx.conf with auth_request, to the authorize listener and to the main port, vs the
+same nginx without it, a fixed route; `--before-src DIR` adds another tree's gateway), `litellm`
 (LiteLLM's proxy beside the `llm` rows: `--litellm PATH` to its `litellm` executable, or
 $LITELLM_BIN; skipped when absent).
 """
