@@ -176,6 +176,15 @@ async def test_pipelined_requests_are_answered_in_order(listener: Listener) -> N
     assert await asyncio.wait_for(reader.read(), 5) == b""
 
 
+async def test_requests_before_a_half_close_are_answered(listener: Listener) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    writer.write(get(1) + get(2))
+    writer.write_eof()
+    assert [(await read_answer(reader))[2] for _ in range(2)] == [
+        b'{"path":"/v1/authorize","n":"1"}', b'{"path":"/v1/authorize","n":"2"}']
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
 async def test_a_request_split_across_packets(listener: Listener) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
     data = get("split", "/v1/authorize/a%20b?x=1") + get("whole")

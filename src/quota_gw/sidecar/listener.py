@@ -142,6 +142,11 @@ class Connection(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
 
+    def eof_received(self) -> bool:
+        """The client is done sending (a half-close): answer what it sent, then close."""
+        self.close_when_done()
+        return True  # keep the transport open for those answers
+
     def pause_writing(self) -> None:
         self.writing_paused = True
 
