@@ -21,12 +21,13 @@ local function bind(values, names)
   return t
 end
 
--- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs.
-local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'feature', 'meter', 'cost', 'allocation', 'period',
-  'rollover', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
-  'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s', 'fingerprint', 'metadata', 'shadow',
-  'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow',
-  'rl_org_overflow', 'alloc_overflow', 'credit_order', 'explain'}
+-- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs; `terms` is the
+-- plan's terms for the feature (decisions.GateTerms, GATE_TERMS below) as one tab-joined text.
+local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'cost', 'fingerprint', 'metadata', 'shadow', 'terms',
+  'reservation_ttl_s', 'unit_cost', 'min_cost', 'explain'}
+local GATE_TERMS = {'feature', 'meter', 'allocation', 'period', 'rollover', 'rl_user_interval_us', 'rl_user_burst',
+  'rl_key_interval_us', 'rl_key_burst', 'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s',
+  'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow', 'alloc_overflow', 'credit_order'}
 local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations',
   'expiries'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
@@ -62,6 +63,28 @@ local function meter_fields(meter)
     meter_field_names_n = meter_field_names_n + 1
   end
   return f
+end
+
+-- A plan's terms, parsed once and kept by their text (a library's state lives across calls):
+-- typed here, not per call. Read through the request (gate_request sets them as its __index).
+local TERM_NUMBERS = {'allocation', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
+  'rl_org_interval_us', 'rl_org_burst', 'idem_ttl_s', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow',
+  'alloc_overflow'}
+local PLAN_TERMS, plan_terms_n = {}, 0
+local function plan_terms(text)
+  local found = PLAN_TERMS[text]
+  if found then return found end
+  local values = {}
+  for v in string.gmatch(text .. '\t', '([^\t]*)\t') do values[#values + 1] = v end
+  local t = bind(values, GATE_TERMS)
+  for _, name in ipairs(TERM_NUMBERS) do t[name] = tonumber(t[name]) or 0 end
+  t.rollover = t.rollover == '1'
+  t.auto_register = t.auto_register == '1'
+  found = {__index = t}
+  if plan_terms_n >= 1000 then PLAN_TERMS, plan_terms_n = {}, 0 end  -- bounded
+  PLAN_TERMS[text] = found
+  plan_terms_n = plan_terms_n + 1
+  return found
 end
 
 -- The answer of every operation: decisions.Decision, field for field (REPLY order); reply{}
@@ -670,19 +693,16 @@ end
 -- --- The gate every decision (check, consume, reserve) goes through, step by step. ----------
 
 -- Step 1, arguments: the bound ARGV (GATE_ARGV names) becomes the request, typed in place
--- (one table a decision, not two), with the keys and the server time.
+-- (one table a decision, not two), with the keys and the server time; the plan's terms are
+-- read through it (its __index).
 local function gate_request(k, a, now)
+  setmetatable(a, plan_terms(a.terms))
   a.keys = k
   a.cost = tonumber(a.cost)
-  a.allocation = tonumber(a.allocation)
-  a.rollover = a.rollover == '1'
-  a.auto_register = a.auto_register == '1'
-  a.idem_ttl_s = tonumber(a.idem_ttl_s)
   a.shadow = a.shadow == '1'
   a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
   a.unit_cost = tonumber(a.unit_cost)
   a.min_cost = tonumber(a.min_cost) or 0
-  a.alloc_overflow = tonumber(a.alloc_overflow) or 1
   a.explain = a.explain == '1'
   a.price = a.cost  -- what the call is priced at; `cost` becomes what the waterfall charges
   a.layers = {}  -- explain: the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)

@@ -66,10 +66,18 @@ def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
     ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
     _, args = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1")
     _, terms, _ = d._priced(ident, "generate_insight")
-    assert args == decisions.argv(decisions.GateArgs(event_id="e1", org="org1", user="u1", key_id="key1",
-                                                     feature="generate_insight", cost=3, fingerprint="fp1",
-                                                     metadata='{"a":1}', shadow=1, **terms))
-    assert terms["rl_user_interval_us"] > 0 and args[decisions.GATE["rl_user_burst"]] == 20
+    assert args == decisions.argv(decisions.GateArgs(
+        event_id="e1", org="org1", user="u1", key_id="key1", cost=3, fingerprint="fp1", metadata='{"a":1}',
+        shadow=1, terms=decisions.terms_text(decisions.GateTerms(**terms))))
+    sent = dict(zip([f.name for f in dataclasses.fields(decisions.GateTerms)],
+                    args[decisions.GATE["terms"]].split("\t")))
+    assert terms["rl_user_interval_us"] > 0 and sent["rl_user_burst"] == "20" and sent["feature"] == "generate_insight"
+
+
+def test_the_plan_terms_are_named_in_lua_as_in_python_in_order() -> None:
+    """GateArgs.terms is positional text: GATE_TERMS (lua) binds it by the GateTerms field names."""
+    assert named_list("GATE_TERMS") == [f.name for f in dataclasses.fields(decisions.GateTerms)]
+    assert re.search(r"bind\(values, GATE_TERMS\)", code(LIB))
 
 
 def test_each_script_binds_its_keys_at_the_top() -> None:
