@@ -5,13 +5,31 @@
 -- (bind() below) and passes tables in; the argument lists (*_ARGV) mirror the typed objects of
 -- src/quota_gw/decisions.py, field for field (tests/test_lua_interface.py checks they agree).
 
+-- The globals the library uses, as locals. A Functions library reads a global through its
+-- sandbox (the global table's __index: two lookups and a metamethod a read); an upvalue is one
+-- read, and the hot path reads these hundreds of times a call. Loading a library sees none of
+-- them (only redis.register_function), so init() takes them on an operation's first call
+-- (scripts.py starts every operation with it).
+local call, tonumber, tostring, ipairs, pairs, setmetatable, type, unpack, next
+local insert, concat, sort, floor, max, min, ceil, format, sub, gmatch, match, json_encode, json_decode
+local function init()
+  if call then return end
+  local G = _G
+  call, tonumber, tostring, ipairs, pairs = G.redis.call, G.tonumber, G.tostring, G.ipairs, G.pairs
+  setmetatable, type, unpack, next = G.setmetatable, G.type, G.unpack, G.next
+  insert, concat, sort = G.table.insert, G.table.concat, G.table.sort
+  floor, max, min, ceil = G.math.floor, G.math.max, G.math.min, G.math.ceil
+  format, sub, gmatch, match = G.string.format, G.string.sub, G.string.gmatch, G.string.match
+  json_encode, json_decode = G.cjson.encode, G.cjson.decode
+end
+
 local function now_us()
-  local t = redis.call('TIME')
+  local t = call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
 local function fmt(n)
-  return string.format('%d', n)
+  return format('%d', n)
 end
 
 -- Names the positional values of KEYS or ARGV: bind(ARGV, {'event_id', 'org'}).event_id.
@@ -28,8 +46,7 @@ local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'cost', 'fingerprint', '
 local GATE_TERMS = {'feature', 'meter', 'allocation', 'period', 'rollover', 'rl_user_interval_us', 'rl_user_burst',
   'rl_key_interval_us', 'rl_key_burst', 'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s',
   'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow', 'alloc_overflow', 'credit_order'}
-local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations',
-  'expiries'}
+local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations', 'expiries'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
 local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
   'fingerprint', 'beyond_hold'}
@@ -44,6 +61,8 @@ local METER_FIELDS = {allocated = 'a', purchased = 'p', held = 'h', used = 'u', 
   limit = 'lim', purchased_total = 'pt', purchased_at_start = 'ps', lots = 'lots', alert_period = 'alpe',
   alert_threshold = 'alt'}
 local QUOTA_FIELDS = {limit = 'lim', used = 'used', held = 'h', period_end = 'pe'}
+-- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
+local USER_FIELDS = {rate = 'rl'}
 
 local function field_names(prefix, fields)
   local t = {}
@@ -75,7 +94,7 @@ local function plan_terms(text)
   local found = PLAN_TERMS[text]
   if found then return found end
   local values = {}
-  for v in string.gmatch(text .. '\t', '([^\t]*)\t') do values[#values + 1] = v end
+  for v in gmatch(text .. '\t', '([^\t]*)\t') do values[#values + 1] = v end
   local t = bind(values, GATE_TERMS)
   for _, name in ipairs(TERM_NUMBERS) do t[name] = tonumber(t[name]) or 0 end
   t.rollover = t.rollover == '1'
@@ -116,23 +135,23 @@ end
 -- Howard Hinnant's civil calendar algorithms (UTC), integer only.
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
+  local era = floor(y / 400)
   local yoe = y - era * 400
   local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
 end
 
 local function civil_from_days(z)
   z = z + 719468
-  local era = math.floor(z / 146097)
+  local era = floor(z / 146097)
   local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
   local y = yoe + era * 400
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
   local m = mp < 10 and mp + 3 or mp - 9
   if m <= 2 then y = y + 1 end
   return y, m, d
@@ -141,7 +160,7 @@ end
 -- End (unix seconds) of the period containing now_s: 'month', 'week' (Monday 00:00 UTC),
 -- 'day', or '<n>s' (fixed windows aligned to the epoch).
 local function period_end(spec, now_s)
-  local days = math.floor(now_s / 86400)
+  local days = floor(now_s / 86400)
   if spec == 'month' then
     local y, m = civil_from_days(days)
     if m == 12 then y = y + 1; m = 1 else m = m + 1 end
@@ -152,8 +171,8 @@ local function period_end(spec, now_s)
     -- 1970-01-01 was a Thursday: days since the last Monday = (days + 3) % 7.
     return (days - (days + 3) % 7 + 7) * 86400
   end
-  local n = tonumber(string.match(spec, '^(%d+)s$'))
-  return (math.floor(now_s / n) + 1) * n
+  local n = tonumber(match(spec, '^(%d+)s$'))
+  return (floor(now_s / n) + 1) * n
 end
 
 -- Derived event ids (period resets, expired holds) share the request's id but for the last
@@ -161,7 +180,7 @@ end
 -- (13th hex digit) becomes 0, which no request id (a UUID, version 1-8) has: without it, a
 -- request id ending in 81 was its own reset's id, and the ledger kept only one of the two.
 local function derived_id(base, i)
-  return string.sub(base, 1, 12) .. '0' .. string.sub(base, 14, 30) .. string.format('%02x', 128 + i)
+  return sub(base, 1, 12) .. '0' .. sub(base, 14, 30) .. format('%02x', 128 + i)
 end
 
 -- The event sink: one XADD per balance change (or refusal) to the shard's stream.
@@ -181,7 +200,7 @@ function Events:add(e)
     self.n = self.n + 1
     id = derived_id(self.base, self.n)
   end
-  redis.call('XADD', self.stream, '*',
+  call('XADD', self.stream, '*',
     'id', id, 'kind', e.kind, 'org', self.org, 'user', e.user or '', 'key', self.key,
     'meter', e.meter or '', 'feature', e.feature or '',
     'delta', fmt(e.delta or 0), 'dp', fmt(e.dp or 0), 'cost', fmt(e.cost or 0),
@@ -207,11 +226,11 @@ local NONE = {}  -- no expired holds (read only)
 
 local function expired_holds(rv_key, rx_key, now_s)
   local expired = {}
-  local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
+  local due = call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
   for _, rid in ipairs(due) do
-    local raw = redis.call('HGET', rv_key, rid)
+    local raw = call('HGET', rv_key, rid)
     if raw then
-      local rec = cjson.decode(raw)
+      local rec = json_decode(raw)
       expired[rec.m] = (expired[rec.m] or 0) + rec.held
       for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
         if subject ~= '' then
@@ -233,7 +252,7 @@ Meter.__index = Meter
 -- expire, earliest first, then the free pool, then lots that never expire, oldest first.
 local function decode_lots(raw)
   if not raw or raw == '' then return {} end
-  local lots = cjson.decode(raw)
+  local lots = json_decode(raw)
   if type(lots) ~= 'table' then return {} end
   return lots
 end
@@ -241,7 +260,7 @@ end
 -- One HMGET reads every field of the meter (the alerts' too).
 local function load_meter(bal_key, meter, expired)
   local f = meter_fields(meter)
-  local v = redis.call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
     f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
   local xh = expired[meter] or 0
   return setmetatable({key = bal_key, m = meter, f = f, xh = xh,
@@ -266,19 +285,19 @@ function Meter:refresh(alloc, spec, rollover, now_s)
     self.pe = period_end(spec, now_s)
     self.lim = alloc
     self.ps = self.p
-    table.insert(self.pending, {kind = 'reset', delta = new_a - old_a,
-      meta = cjson.encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
+    insert(self.pending, {kind = 'reset', delta = new_a - old_a,
+      meta = json_encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
   elseif self.lim ~= alloc then
     -- The plan (or its allocation) changed mid-period: move the allocation by the difference.
     local old_a = self.a
     local old_lim = self.lim or 0
     if old_lim < 0 then old_lim = 0 end
     local new_a = 0
-    if alloc > 0 then new_a = math.max(0, old_a + alloc - old_lim) end
+    if alloc > 0 then new_a = max(0, old_a + alloc - old_lim) end
     self.a = new_a
     self.lim = alloc
-    table.insert(self.pending, {kind = 'adjust', delta = new_a - old_a,
-      meta = cjson.encode({period_end = self.pe, allocation = alloc, reason = 'plan_change'})})
+    insert(self.pending, {kind = 'adjust', delta = new_a - old_a,
+      meta = json_encode({period_end = self.pe, allocation = alloc, reason = 'plan_change'})})
   end
 end
 
@@ -303,15 +322,15 @@ function Meter:expire_lots(now_s)
   local kept = {}
   for _, lot in ipairs(self.lots) do
     if lot.x > 0 and lot.x <= now_s then
-      local n = math.min(lot.n, self.p)
+      local n = min(lot.n, self.p)
       if n > 0 then
         self.p = self.p - n
-        table.insert(self.pending, {kind = 'expire', delta = -n, dp = -n,
-          meta = cjson.encode({lot = lot.i, expired = n, expires_at = lot.x})})
+        insert(self.pending, {kind = 'expire', delta = -n, dp = -n,
+          meta = json_encode({lot = lot.i, expired = n, expires_at = lot.x})})
       end
       self.lots_dirty = true
     else
-      table.insert(kept, lot)
+      insert(kept, lot)
     end
   end
   self.lots = kept
@@ -323,18 +342,18 @@ function Meter:draw_lots(amount, p_before)
   if amount <= 0 or #self.lots == 0 then return end
   local in_lots = 0
   for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
-  local free = math.max(0, p_before - in_lots)
+  local free = max(0, p_before - in_lots)
   local order = {}
-  for i, lot in ipairs(self.lots) do if lot.x > 0 then table.insert(order, i) end end
-  table.sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  for i, lot in ipairs(self.lots) do if lot.x > 0 then insert(order, i) end end
+  sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local left = amount
   local function take(i)
-    local d = math.min(self.lots[i].n, left)
+    local d = min(self.lots[i].n, left)
     self.lots[i].n = self.lots[i].n - d
     left = left - d
   end
   for _, i in ipairs(order) do if left > 0 then take(i) end end
-  left = left - math.min(free, left)
+  left = left - min(free, left)
   for i, lot in ipairs(self.lots) do if left > 0 and lot.x == 0 then take(i) end end
   self:drop_spent_lots()
 end
@@ -343,7 +362,7 @@ end
 -- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
 function Meter:drop_spent_lots()
   local kept = {}
-  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then table.insert(kept, lot) end end
+  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then insert(kept, lot) end end
   self.lots = kept
   self.lots_dirty = true
 end
@@ -351,9 +370,9 @@ end
 function Meter:save_lots()
   if not self.lots_dirty then return end
   if #self.lots == 0 then
-    redis.call('HDEL', self.key, self.f.lots)
+    call('HDEL', self.key, self.f.lots)
   else
-    redis.call('HSET', self.key, self.f.lots, cjson.encode(self.lots))
+    call('HSET', self.key, self.f.lots, json_encode(self.lots))
   end
   self.lots_dirty = false
 end
@@ -380,16 +399,16 @@ function Meter:credit_layers(order)
   local grants = {}
   for i, lot in ipairs(self.lots) do
     in_lots = in_lots + lot.n
-    if lot.x > 0 then table.insert(grants, i) else never = never + lot.n end
+    if lot.x > 0 then insert(grants, i) else never = never + lot.n end
   end
-  table.sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local out = {}
-  local purchased = {layer = 'purchased', had = math.max(0, self.p - in_lots) + never, take = 0}
-  if order == 'pg' then table.insert(out, purchased) end
+  local purchased = {layer = 'purchased', had = max(0, self.p - in_lots) + never, take = 0}
+  if order == 'pg' then insert(out, purchased) end
   for _, i in ipairs(grants) do
-    table.insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
+    insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
   end
-  if order ~= 'pg' then table.insert(out, purchased) end
+  if order ~= 'pg' then insert(out, purchased) end
   return out
 end
 
@@ -403,8 +422,8 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
   if self:unlimited() then return layers, price, nil end
   local left = price
   if not credit_only then
-    local take = math.min(self.a, left)
-    table.insert(layers, {layer = 'allocated', had = self.a, take = take})
+    local take = min(self.a, left)
+    insert(layers, {layer = 'allocated', had = self.a, take = take})
     total, left = take, left - take
     -- alloc_overflow 0: no credit past the allocation (a meter the plan leaves out runs on credit).
     if left > 0 and alloc_overflow == 0 and (self.lim or 0) > 0 then
@@ -412,11 +431,11 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
     end
   end
   if left > 0 then
-    local need = left * math.max(1, mult)
+    local need = left * max(1, mult)
     for _, l in ipairs(self:credit_layers(order)) do
-      l.take = math.min(l.had, need)
+      l.take = min(l.had, need)
       need, total = need - l.take, total + l.take
-      table.insert(layers, l)
+      insert(layers, l)
     end
     if need > 0 then
       local last = layers[#layers]
@@ -431,9 +450,9 @@ end
 local function sources(layers)
   local parts = {}
   for _, l in ipairs(layers) do
-    if l.take > 0 then table.insert(parts, l.layer .. ':' .. fmt(l.take)) end
+    if l.take > 0 then insert(parts, l.layer .. ':' .. fmt(l.take)) end
   end
-  return table.concat(parts, ',')
+  return concat(parts, ',')
 end
 
 -- Takes what the planned layers give. Returns the allocated part, the purchased part (every
@@ -452,10 +471,10 @@ function Meter:take(layers, total)
         else  -- purchased: the free pool, then lots that never expire, oldest first
           local in_lots = 0
           for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
-          local left = l.take - math.min(math.max(0, self.p - in_lots), l.take)
+          local left = l.take - min(max(0, self.p - in_lots), l.take)
           for _, lot in ipairs(self.lots) do
             if left > 0 and lot.x == 0 then
-              local d = math.min(lot.n, left)
+              local d = min(lot.n, left)
               lot.n, left = lot.n - d, left - d
               self.lots_dirty = true
             end
@@ -495,14 +514,14 @@ end
 -- Writes a, p and u only (commit, refund: the period and the holds are as loaded).
 function Meter:save_spend()
   local f = self.f
-  redis.call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.used, fmt(self.u))
+  call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.used, fmt(self.u))
   self:save_lots()
 end
 
 function Meter:save(events, user, feature)
   self:save_pending(events, user, feature)
   local f = self.f
-  redis.call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.held, fmt(self.h + self.xh),
+  call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.held, fmt(self.h + self.xh),
     f.used, fmt(self.u), f.period_end, fmt(self.pe), f.limit, fmt(self.lim), f.purchased_at_start, fmt(self.ps))
   self:save_lots()
 end
@@ -514,24 +533,24 @@ end
 -- it once per threshold per meter per period. Called after save() so the events follow the charge.
 function Meter:alerts(events, user, feature, spec)
   if spec == nil or spec == '' or self:unlimited() then return end
-  local base = math.max(self.lim or 0, 0) + self.ps
+  local base = max(self.lim or 0, 0) + self.ps
   if base <= 0 then return end
   local avail = self:available()
   local f = self.f
   local lowest = 101
   if self.alpe == self.pe then lowest = self.alt or 101 end
   local now_lowest = lowest
-  for t in string.gmatch(spec, '%d+') do
+  for t in gmatch(spec, '%d+') do
     t = tonumber(t)
     if t < lowest and avail * 100 <= t * base then
       events:add({kind = 'alert', user = user, meter = self.m, feature = feature, delta = 0, bal = self:balance(),
-        meta = cjson.encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
+        meta = json_encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
           period_end = self.pe, base = base})})
       if t < now_lowest then now_lowest = t end
     end
   end
   if now_lowest ~= lowest then
-    redis.call('HSET', self.key, f.alert_period, fmt(self.pe), f.alert_threshold, fmt(now_lowest))
+    call('HSET', self.key, f.alert_period, fmt(self.pe), f.alert_threshold, fmt(now_lowest))
   end
 end
 
@@ -544,10 +563,10 @@ local function load_quota(q_key, subject, meter, pe, expired)
   if subject == nil or subject == '' then return nil end
   local sm = subject .. ':' .. meter
   -- Most callers have no sub-quota: read its limit alone first.
-  local lim = tonumber(redis.call('HGET', q_key, sm .. ':' .. QUOTA_FIELDS.limit))
+  local lim = tonumber(call('HGET', q_key, sm .. ':' .. QUOTA_FIELDS.limit))
   if lim == nil then return nil end
   local f = field_names(sm, QUOTA_FIELDS)
-  local v = redis.call('HMGET', q_key, f.used, f.held, f.period_end)
+  local v = call('HMGET', q_key, f.used, f.held, f.period_end)
   local used = tonumber(v[1]) or 0
   if tonumber(v[3]) ~= pe then used = 0 end
   local xh = expired[sm] or 0
@@ -561,7 +580,7 @@ end
 
 function Quota:save()
   local f = self.f
-  redis.call('HSET', self.key, f.used, fmt(self.used), f.held, fmt(self.h + self.xh), f.period_end, fmt(self.pe))
+  call('HSET', self.key, f.used, fmt(self.used), f.held, fmt(self.h + self.xh), f.period_end, fmt(self.pe))
 end
 
 -- The sub-quotas of a reservation or refund record (rec.ut, rec.tt), those still set.
@@ -569,59 +588,73 @@ local function load_quotas(q_key, rec, meter, pe, expired)
   local qs = {}
   for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
     local q = load_quota(q_key, subject, meter, pe, expired)
-    if q then table.insert(qs, q) end
+    if q then insert(qs, q) end
   end
   return qs
 end
 
 -- GCRA on the server clock. interval_us = window / limit; burst = calls allowed at once.
 -- Returns allowed, new_tat, retry_after_us, remaining, reset_us.
-local function gcra(key, interval_us, burst, now)
-  local tat = tonumber(redis.call('GET', key)) or now
+local function gcra(stored_tat, interval_us, burst, now)
+  local tat = stored_tat or now
   if tat < now then tat = now end
   local new_tat = tat + interval_us
   local allow_at = new_tat - burst * interval_us
   if now < allow_at then
     return false, tat, allow_at - now, 0, tat - now
   end
-  local remaining = math.floor((now - allow_at) / interval_us)
+  local remaining = floor((now - allow_at) / interval_us)
   return true, new_tat, 0, remaining, new_tat - now
 end
 
--- Checks every configured rate limit without writing. limits = {{key, interval_us, burst}, ...}.
--- Returns ok, the reply's rate-limit fields (of the tightest limit), and the writes to make.
+-- Checks every configured rate limit without writing. limits = {{where, interval_us, burst,
+-- stored tat}, ...}. Returns ok, the reply's rate-limit fields (of the tightest limit), and the
+-- writes to make ({where, new tat, reset}).
 local function rate_limits(limits, now)
   local ok, retry, writes = true, 0, {}
   local best_limit, best_rem, best_reset = -1, -1, 0
   for _, r in ipairs(limits) do
-    local allowed, tat, wait, rem, reset = gcra(r[1], r[2], r[3], now)
+    local allowed, tat, wait, rem, reset = gcra(r[4], r[2], r[3], now)
     if not allowed then
       ok = false
       if wait > retry then retry = wait end
     else
-      table.insert(writes, {r[1], tat, reset})
+      insert(writes, {r[1], tat, reset})
     end
     if best_rem < 0 or rem < best_rem then
       best_limit, best_rem, best_reset = r[3], rem, reset
     end
   end
-  return ok, {rl_limit = best_limit, rl_remaining = best_rem, rl_reset = math.ceil(best_reset / 1000000),
-    retry_after_ms = math.ceil(retry / 1000)}, writes
+  return ok, {rl_limit = best_limit, rl_remaining = best_rem, rl_reset = ceil(best_reset / 1000000),
+    retry_after_ms = ceil(retry / 1000)}, writes
 end
 
-local function save_rate_limits(writes)
-  for _, w in ipairs(writes) do
-    redis.call('SET', w[1], fmt(w[2]), 'PX', math.max(1, math.ceil(w[3] / 1000)))
+-- The user's window lives in the users hash, written with its registration in one HSET (the
+-- user's field is only written for a user not yet registered); key and org windows are keys
+-- that expire when the window is full again.
+local function save_rate_limits(req)
+  for _, w in ipairs(req.rl_writes) do
+    if w[1] == 'user' then
+      if req.register then
+        call('HSET', req.keys.users, req.user, '', req.user .. ':' .. USER_FIELDS.rate, fmt(w[2]))
+        req.register = false
+      else
+        call('HSET', req.keys.users, req.user .. ':' .. USER_FIELDS.rate, fmt(w[2]))
+      end
+    else
+      call('SET', req.keys[w[1]], fmt(w[2]), 'PX', max(1, ceil(w[3] / 1000)))
+    end
   end
+  if req.register then call('HSET', req.keys.users, req.user, '') end
 end
 
 -- Reservations of an org: hash rid -> JSON record, and a zset of their expiries.
 local function release_hold(bal_key, q_key, rec)
   local m = rec.m
-  redis.call('HINCRBY', bal_key, meter_fields(m).held, -rec.held)
+  call('HINCRBY', bal_key, meter_fields(m).held, -rec.held)
   for _, subject in ipairs({rec.ut, rec.tt}) do
     if subject and subject ~= '' then
-      redis.call('HINCRBY', q_key, subject .. ':' .. m .. ':' .. QUOTA_FIELDS.held, -rec.held)
+      call('HINCRBY', q_key, subject .. ':' .. m .. ':' .. QUOTA_FIELDS.held, -rec.held)
     end
   end
 end
@@ -631,34 +664,34 @@ end
 local function expire_hold(org, events, rid, rec)
   release_hold(org.bal, org.quotas, rec)
   local f = meter_fields(rec.m)
-  local v = redis.call('HMGET', org.bal, f.allocated, f.purchased)
+  local v = call('HMGET', org.bal, f.allocated, f.purchased)
   events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f,
     bal = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0),
-    meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
-  redis.call('HDEL', org.reservations, rid)
-  redis.call('ZREM', org.expiries, rid)
+    meta = json_encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
+  call('HDEL', org.reservations, rid)
+  call('ZREM', org.expiries, rid)
 end
 
 -- Returns expired holds (at most `max` a call, oldest first) to their meters. Returns true when
 -- none is left past its expiry (fewer than `max` were due).
-local function sweep_expired(org, events, now_s, max)
-  local due = redis.call('ZRANGEBYSCORE', org.expiries, '-inf', now_s, 'LIMIT', 0, max)
+local function sweep_expired(org, events, now_s, most)
+  local due = call('ZRANGEBYSCORE', org.expiries, '-inf', now_s, 'LIMIT', 0, most)
   for _, rid in ipairs(due) do
-    local raw = redis.call('HGET', org.reservations, rid)
+    local raw = call('HGET', org.reservations, rid)
     if raw then
-      expire_hold(org, events, rid, cjson.decode(raw))
+      expire_hold(org, events, rid, json_decode(raw))
     else
-      redis.call('ZREM', org.expiries, rid)
+      call('ZREM', org.expiries, rid)
     end
   end
-  return #due < max
+  return #due < most
 end
 
 -- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
 local function quotas(req)
   local qs = {}
-  if req.uq then table.insert(qs, req.uq) end
-  if req.tq then table.insert(qs, req.tq) end
+  if req.uq then insert(qs, req.uq) end
+  if req.tq then insert(qs, req.tq) end
   return qs
 end
 
@@ -666,7 +699,7 @@ end
 local function remaining(req)
   local r = req.mtr:available()
   for _, q in ipairs(quotas(req)) do
-    local a = math.max(0, q:available())
+    local a = max(0, q:available())
     if r < 0 or a < r then r = a end
   end
   return r
@@ -675,9 +708,9 @@ end
 -- Returns the stored answer of an idempotent retry, or nil. An empty fingerprint: no key given.
 local function replay(idem_key, fp)
   if fp == '' then return nil end
-  local stored = redis.call('GET', idem_key)
+  local stored = call('GET', idem_key)
   if not stored then return nil end
-  local r = cjson.decode(stored)
+  local r = json_decode(stored)
   if r.fp ~= fp then
     return reply{status = 422, code = 'invalid_request', detail = 'idempotency key reused with a different request',
       replay = 1}
@@ -687,7 +720,7 @@ end
 
 local function remember(idem_key, fp, ttl, rep)
   if fp == '' then return end
-  redis.call('SET', idem_key, cjson.encode({fp = fp, reply = rep}), 'EX', ttl)
+  call('SET', idem_key, json_encode({fp = fp, reply = rep}), 'EX', ttl)
 end
 
 -- --- The gate every decision (check, consume, reserve) goes through, step by step. ----------
@@ -707,19 +740,26 @@ local function gate_request(k, a, now)
   a.price = a.cost  -- what the call is priced at; `cost` becomes what the waterfall charges
   a.layers = {}  -- explain: the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
   a.now = now
-  a.now_s = math.floor(now / 1000000)
+  a.now_s = floor(now / 1000000)
   a.team = ''
   return a
 end
 
--- Step 2, user: a known user may belong to a team; an unknown one is registered (or refused).
+-- Step 2, user: a known user may belong to a team; an unknown one is registered (or refused)
+-- when the call is decided (save_rate_limits, refuse). Its rate window is read with it.
 local function gate_user(req, write)
   if req.user == '' then return nil end
-  local team = redis.call('HGET', req.keys.users, req.user)
+  local team
+  if req.rl_user_interval_us > 0 then
+    local v = call('HMGET', req.keys.users, req.user, req.user .. ':' .. USER_FIELDS.rate)
+    team, req.user_tat = v[1], tonumber(v[2])
+  else
+    team = call('HGET', req.keys.users, req.user)
+  end
   if team then
     req.team = team
   elseif req.auto_register then
-    if write then redis.call('HSET', req.keys.users, req.user, '') end
+    req.register = write
   else
     return {403, 'forbidden', 'unknown user ' .. req.user, 'user', 0}
   end
@@ -727,36 +767,39 @@ local function gate_user(req, write)
 end
 
 -- Step 3, rate limits (user, key, org; interval 0 = none): checked now, written on success.
--- Per limit: its key (GATE_KEYS), its two arguments and its overflow (GATE_ARGV), its layer.
+-- Per limit: where its state lives (the user's in the users hash, USER_FIELDS; the key's and
+-- the org's a key of GATE_KEYS), its two terms and its overflow (GATE_TERMS), its layer.
 -- A call past a window whose plan says `overflow: credit` (overflow = the price multiple, 0 =
 -- none) is not refused here: it is priced at the highest multiple of the windows it is past,
 -- drawn from credit only (gate_levels), and advances no window: they did not pay for it.
-local RATE_LIMITS = {{'rl_user', 'rl_user_interval_us', 'rl_user_burst', 'rl_user_overflow', 'rate:user'},
+local RATE_LIMITS = {{'user', 'rl_user_interval_us', 'rl_user_burst', 'rl_user_overflow', 'rate:user'},
   {'rl_key', 'rl_key_interval_us', 'rl_key_burst', 'rl_key_overflow', 'rate:key'},
   {'rl_org', 'rl_org_interval_us', 'rl_org_burst', 'rl_org_overflow', 'rate:org'}}
 
 local function gate_rate_limits(req)
   local limits, named = {}, {}
   for i, lim in ipairs(RATE_LIMITS) do
-    local interval = tonumber(req[lim[2]])
+    local interval = req[lim[2]]
     if interval > 0 and not (i == 1 and req.user == '') then
-      table.insert(limits, {req.keys[lim[1]], interval, tonumber(req[lim[3]])})
-      table.insert(named, lim)
+      local tat
+      if i == 1 then tat = req.user_tat else tat = tonumber(call('GET', req.keys[lim[1]])) end
+      insert(limits, {lim[1], interval, req[lim[3]], tat})
+      insert(named, lim)
     end
   end
   local ok, rl, writes = rate_limits(limits, req.now)
   req.rl, req.rl_writes = rl, writes
   if ok then
     if req.explain then
-      for _, lim in ipairs(named) do table.insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
+      for _, lim in ipairs(named) do insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
     end
     return nil
   end
   local mult, refused = 0, nil
   for i, r in ipairs(limits) do
-    local allowed = gcra(r[1], r[2], r[3], req.now)
+    local allowed = gcra(r[4], r[2], r[3], req.now)
     local ov = tonumber(req[named[i][4]]) or 0
-    table.insert(req.layers, {layer = named[i][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
+    insert(req.layers, {layer = named[i][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
       overflow = (not allowed and ov > 0) and ov or nil})
     if not allowed then
       if ov == 0 then
@@ -789,8 +832,8 @@ end
 -- A team or user sub-quota (or nil) against what the call takes: nil, or the refusal.
 local function level_fits(req, q, who, name)
   if not q then return nil end
-  local had = math.max(0, q:available())
-  if req.explain then table.insert(req.layers, {layer = 'quota:' .. who, had = had, take = math.min(had, req.cost)}) end
+  local had = max(0, q:available())
+  if req.explain then insert(req.layers, {layer = 'quota:' .. who, had = had, take = min(had, req.cost)}) end
   if req.cost > q:available() then
     return {402, 'insufficient_balance', who .. ' ' .. name .. ' quota of ' .. req.meter .. ' has ' .. had
       .. ' left, the call costs ' .. req.cost, 'quota:' .. who, had}
@@ -815,7 +858,7 @@ local function gate_levels(req, expired)
   local steps, total, short = meter:waterfall(req.cost, credit_only, req.overflow or req.alloc_overflow,
     req.alloc_overflow, req.credit_order)
   if req.explain then
-    for _, l in ipairs(steps) do table.insert(req.layers, l) end
+    for _, l in ipairs(steps) do insert(req.layers, l) end
   end
   req.steps = steps
   if not short then req.cost = total end
@@ -823,7 +866,7 @@ local function gate_levels(req, expired)
     return {429, 'rate_limited', 'rate limit exceeded and the credit of ' .. req.meter .. ' cannot pay for the call ('
       .. short.layer .. ' had ' .. short.had .. '); retry in ' .. req.rl.retry_after_ms .. ' ms', short.layer, short.had}
   elseif short then
-    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. math.max(0, meter:available())
+    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. max(0, meter:available())
       .. ', the call costs ' .. req.cost, short.layer, short.had}
   end
   return level_fits(req, tq, 'team', req.team) or level_fits(req, uq, 'user', req.user)
@@ -851,12 +894,12 @@ end
 local function explained(req, refusal)
   local layers = {}
   for _, l in ipairs(req.layers) do
-    table.insert(layers, {layer = l.layer, had = l.had, gives = l.take, overflow = l.overflow})
+    insert(layers, {layer = l.layer, had = l.had, gives = l.take, overflow = l.overflow})
   end
   local out = {layers = layers}
   if req.overflow then out.overflow_cost = req.overflow end
   if refusal then out.refused_by = {layer = refusal[4], had = refusal[5], reason = refusal[2]} end
-  return cjson.encode(out)
+  return json_encode(out)
 end
 
 -- A gate decision's answer: the request's rate-limit fields, then `r`'s.
@@ -870,9 +913,10 @@ end
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
+  if req.register then call('HSET', req.keys.users, req.user, '') end
   req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
-    meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
+    meta = json_encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
       had = refusal[5], reason = refusal[3]})})
   if req.shadow then
     return decision(req, {cost = 0, remaining = remaining(req), event_id = req.event_id, would = refusal[2]})
@@ -888,9 +932,9 @@ local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past te
 
 local function settle_start(op, k, a)
   local rid = a.reservation_id
-  local done = redis.call('GET', k.settled)
+  local done = call('GET', k.settled)
   if done then
-    local d = cjson.decode(done)
+    local d = json_decode(done)
     if d.op ~= op then
       return nil, reply{status = 409, code = 'conflict', detail = 'reservation already ' .. SETTLED[d.op],
         replay = 1}
@@ -902,12 +946,12 @@ local function settle_start(op, k, a)
     return nil, replayed(d.reply)
   end
   local now = now_us()
-  local now_s = math.floor(now / 1000000)
+  local now_s = floor(now / 1000000)
   local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
   local swept_all = sweep_expired(k, events, now_s, 16)
-  local raw = redis.call('HGET', k.reservations, rid)
-  local rec = raw and cjson.decode(raw)
-  local expires = tonumber(redis.call('ZSCORE', k.expiries, rid))  -- as the sweep reads it
+  local raw = call('HGET', k.reservations, rid)
+  local rec = raw and json_decode(raw)
+  local expires = tonumber(call('ZSCORE', k.expiries, rid))  -- as the sweep reads it
   if rec and expires and now_s >= expires then
     -- Past its expiry: gone, swept or not, so the answer is the same whatever ran before.
     expire_hold(k, events, rid, rec)
@@ -917,15 +961,15 @@ local function settle_start(op, k, a)
     return nil, reply{status = 404, code = 'not_found', detail = 'reservation ' .. rid .. ' not found or expired'}
   end
   release_hold(k.bal, k.quotas, rec)
-  redis.call('HDEL', k.reservations, rid)
-  redis.call('ZREM', k.expiries, rid)
+  call('HDEL', k.reservations, rid)
+  call('ZREM', k.expiries, rid)
   -- The reservation, the event sink, and the holds still stored past their expiry.
   return {rec = rec, events = events, expired = swept_all and NONE or expired_holds(k.reservations, k.expiries, now_s)},
     nil
 end
 
 local function settle_finish(op, k, a, rep)
-  redis.call('SET', k.settled, cjson.encode({op = op, fp = a.fingerprint or '', reply = rep}), 'EX',
+  call('SET', k.settled, json_encode({op = op, fp = a.fingerprint or '', reply = rep}), 'EX',
     tonumber(a.answer_ttl_s))
   return rep
 end

@@ -15,7 +15,7 @@ for _, q in ipairs(quotas(req)) do
   q.used = q.used + req.cost; q:save()
 end
 m:save(req.events, req.user, req.feature)
-save_rate_limits(req.rl_writes)
+save_rate_limits(req)
 req.events:add({id = req.event_id, kind = 'consume', user = req.user, meter = req.meter, feature = req.feature,
   delta = -(from_a + from_p), dp = -from_p, cost = req.cost, bal = m:balance(), meta = req.metadata, src = src})
 m:alerts(req.events, req.user, req.feature, req.alert_thresholds)

@@ -102,6 +102,7 @@ def test_the_reply_layout_is_decision() -> None:
 def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("METER_FIELDS") == layout.METER_FIELDS
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
+    assert lua_table("USER_FIELDS") == layout.USER_FIELDS
     assert layout.meter_field("general", "purchased") == "general:p"
     assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
 
@@ -109,7 +110,7 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
 def test_events_add_writes_the_schema_fields_in_order() -> None:
     from quota_gw import events
 
-    xadd = re.search(r"redis\.call\('XADD', self\.stream, '\*',(.*?)\)\n", code(LIB), re.S)
+    xadd = re.search(r"call\('XADD', self\.stream, '\*',(.*?)\)\n", code(LIB), re.S)
     assert xadd
     names = re.findall(r"'(\w+)', ", xadd.group(1))
     assert tuple(names) == events.NAMES

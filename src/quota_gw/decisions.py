@@ -332,7 +332,7 @@ class Decider:
         event_id = event_id or new_id()
         keys = [
             L.balances(org), L.quotas(org), L.users(org),
-            L.rate(org, "u", user), L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
+            L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
             L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
             L.stream(org), L.reservations(org), L.expiries(org),
         ]
