@@ -8,12 +8,11 @@
 -- The globals the library uses, as locals. A Functions library reads a global through its
 -- sandbox (the global table's __index: two lookups and a metamethod a read); an upvalue is one
 -- read, and the hot path reads these hundreds of times a call. Loading a library sees none of
--- them (only redis.register_function), so init() takes them on an operation's first call
--- (scripts.py starts every operation with it).
+-- them (only redis.register_function), so init() (at the end of this file) takes them on an
+-- operation's first call (scripts.py starts every operation with it).
 local call, tonumber, tostring, ipairs, pairs, setmetatable, type, unpack, next
 local insert, concat, sort, floor, max, min, ceil, format, sub, gmatch, match, json_encode, json_decode
-local function init()
-  if call then return end
+local function take_globals()
   local G = _G
   call, tonumber, tostring, ipairs, pairs = G.redis.call, G.tonumber, G.tostring, G.ipairs, G.pairs
   setmetatable, type, unpack, next = G.setmetatable, G.type, G.unpack, G.next
@@ -33,10 +32,25 @@ local function fmt(n)
 end
 
 -- Names the positional values of KEYS or ARGV: bind(ARGV, {'event_id', 'org'}).event_id.
+-- The hot lists (the gate's and settling's) have a compiled binder (BINDERS, made by init()):
+-- one table constructor, sized once, instead of a table grown name by name (a rehash at every
+-- power of two was most of a bind).
+local BINDERS = {}
 local function bind(values, names)
+  local binder = BINDERS[names]
+  if binder then return binder(values) end
   local t = {}
   for i, name in ipairs(names) do t[name] = values[i] end
   return t
+end
+
+-- A function that returns {names[1] = v[1], ...; spare[1] = nil, ...}: the spare fields (those
+-- the caller adds later) are sized in with the rest, so adding them grows nothing.
+local function compile_binder(names, spare)
+  local parts = {}
+  for i, name in ipairs(names) do parts[i] = name .. ' = v[' .. i .. ']' end
+  for _, name in ipairs(spare or {}) do parts[#parts + 1] = name .. ' = nil' end
+  return _G.loadstring('return function(v) return {' .. concat(parts, ', ') .. '} end')()
 end
 
 -- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs; `terms` is the
@@ -114,14 +128,20 @@ local REPLY_DEFAULTS = {status = 200, code = '', detail = '', cost = 0, remainin
   retry_after_ms = 0, rl_limit = -1, rl_remaining = -1, rl_reset = 0, replay = 0, would = '', extra = '',
   sources = ''}
 
-local function reply(r)
-  local out = {}
+-- reply(r, more): each field from r, else from `more` (a decision's rate-limit fields), else
+-- its default; compiled by init() from REPLY and REPLY_DEFAULTS into one table constructor.
+local reply
+
+local function compile_reply()
+  local parts = {}
   for i, name in ipairs(REPLY) do
-    local v = r[name]
-    if v == nil then v = REPLY_DEFAULTS[name] end
-    out[i] = v
+    local default = REPLY_DEFAULTS[name]
+    local literal = type(default) == 'number' and tostring(default) or format('%q', default)
+    parts[i] = format('pick(r.%s, more and more.%s, %s)', name, name, literal)
   end
-  return out
+  local src = 'local function pick(a, b, c) if a ~= nil then return a elseif b ~= nil then return b end return c end\n'
+    .. 'return function(r, more) return {' .. concat(parts, ', ') .. '} end'
+  return _G.loadstring(src)()
 end
 
 local REPLAY = 11  -- position of `replay` in a stored answer
@@ -904,10 +924,7 @@ end
 
 -- A gate decision's answer: the request's rate-limit fields, then `r`'s.
 local function decision(req, r)
-  for name, v in pairs(req.rl) do
-    if r[name] == nil then r[name] = v end
-  end
-  return reply(r)
+  return reply(r, req.rl)
 end
 
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
@@ -972,4 +989,20 @@ local function settle_finish(op, k, a, rep)
   call('SET', k.settled, json_encode({op = op, fp = a.fingerprint or '', reply = rep}), 'EX',
     tonumber(a.answer_ttl_s))
   return rep
+end
+
+-- The library's first call: the globals (take_globals), the compiled binders and reply.
+-- The fields a gate request gains after its arguments (gate_request and the steps).
+local REQUEST_FIELDS = {'keys', 'price', 'layers', 'now', 'now_s', 'team', 'events', 'mtr', 'rl', 'rl_writes',
+  'user_tat', 'register', 'uq', 'tq', 'steps', 'overflow'}
+local ready = false
+local function init()
+  if ready then return end
+  take_globals()
+  BINDERS[GATE_KEYS] = compile_binder(GATE_KEYS)
+  BINDERS[GATE_ARGV] = compile_binder(GATE_ARGV, REQUEST_FIELDS)
+  BINDERS[SETTLE_KEYS] = compile_binder(SETTLE_KEYS)
+  BINDERS[SETTLE_ARGV] = compile_binder(SETTLE_ARGV)
+  reply = compile_reply()
+  ready = true
 end
