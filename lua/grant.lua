@@ -52,7 +52,7 @@ if delta > 0 and (lot_id ~= '' or x ~= '') then
   meta = json_encode(md)
 end
 m.p = m.p + delta
-call('HSET', k.bal, m.f.purchased, fmt(m.p))
+call('HSET', k.bal, m.f.purchased, m.p)
 m:save_lots()
 if delta > 0 then call('HINCRBY', k.bal, m.f.purchased_total, delta) end
 local id = events:add({id = a.event_id, kind = a.kind, user = a.user, meter = a.meter, feature = '',

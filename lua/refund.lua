@@ -91,5 +91,5 @@ local id = events:add({id = a.event_id, kind = 'refund', user = rec.u, meter = r
   delta = back_a + back_p, dp = back_p, cost = -rec.cost, bal = m:balance(), meta = json_encode(meta),
   src = concat(back, ',')})
 local rep = reply{cost = back_a + back_p, remaining = m:available(), event_id = id, sources = concat(back, ',')}
-call('SET', k.guard, json_encode({fp = a.fingerprint or '', r = rep}), 'PXAT', fmt(ceil(closes / 1000)))
+call('SET', k.guard, json_encode({fp = a.fingerprint or '', r = rep}), 'PXAT', ceil(closes / 1000))
 return rep
