@@ -418,6 +418,7 @@ end
 
 -- The credit layers, in order, with what each has (nothing taken yet).
 function Meter:credit_layers(order)
+  if #self.lots == 0 then return {{layer = 'purchased', had = max(0, self.p), take = 0}} end
   local in_lots, never = 0, 0
   local grants = {}
   for i, lot in ipairs(self.lots) do
@@ -471,11 +472,14 @@ end
 
 -- 'allocated:2,grant:p1:2,purchased:1': the layers that gave something, in order.
 local function sources(layers)
-  local parts = {}
-  for _, l in ipairs(layers) do
-    if l.take > 0 then insert(parts, l.layer .. ':' .. fmt(l.take)) end
+  local out = ''
+  for i = 1, #layers do
+    local l = layers[i]
+    if l.take > 0 then
+      if out == '' then out = l.layer .. ':' .. fmt(l.take) else out = out .. ',' .. l.layer .. ':' .. fmt(l.take) end
+    end
   end
-  return concat(parts, ',')
+  return out
 end
 
 -- Takes what the planned layers give. Returns the allocated part, the purchased part (every
@@ -554,17 +558,34 @@ end
 -- to or below a threshold records one `alert` event (delta 0), in this same script; the alert
 -- period and lowest threshold alerted in it (METER_FIELDS alert_period, alert_threshold) make
 -- it once per threshold per meter per period. Called after save() so the events follow the charge.
+local THRESHOLDS = {}  -- spec -> {numbers..., top = the highest}, parsed once per spec
+local function thresholds(spec)
+  local found = THRESHOLDS[spec]
+  if found then return found end
+  found = {top = -1}
+  for t in gmatch(spec, '%d+') do
+    t = tonumber(t)
+    found[#found + 1] = t
+    if t > found.top then found.top = t end
+  end
+  if #THRESHOLDS > 100 then THRESHOLDS = {} end
+  THRESHOLDS[spec] = found
+  return found
+end
+
 function Meter:alerts(events, user, feature, spec)
   if spec == nil or spec == '' or self:unlimited() then return end
   local base = max(self.lim or 0, 0) + self.ps
   if base <= 0 then return end
   local avail = self:available()
+  local ts = thresholds(spec)
+  if avail * 100 > ts.top * base then return end  -- above every threshold: none can be crossed
   local f = self.f
   local lowest = 101
   if self.alpe == self.pe then lowest = self.alt or 101 end
   local now_lowest = lowest
-  for t in gmatch(spec, '%d+') do
-    t = tonumber(t)
+  for i = 1, #ts do
+    local t = ts[i]
     if t < lowest and avail * 100 <= t * base then
       events:add({kind = 'alert', user = user, meter = self.m, feature = feature, delta = 0, bal = self:balance(),
         meta = json_encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
@@ -656,7 +677,9 @@ end
 -- user's field is only written for a user not yet registered); key and org windows are keys
 -- that expire when the window is full again.
 local function save_rate_limits(req)
-  for _, w in ipairs(req.rl_writes) do
+  local writes = req.rl_writes
+  for i = 1, #writes do
+    local w = writes[i]
     if w[1] == 'user' then
       if req.register then
         call('HSET', req.keys.users, req.user, '', req.user .. ':' .. USER_FIELDS.rate, w[2])
@@ -711,7 +734,9 @@ local function sweep_expired(org, events, now_s, most)
 end
 
 -- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
+local NO_QUOTAS = {}  -- read only
 local function quotas(req)
+  if not req.uq and not req.tq then return NO_QUOTAS end
   local qs = {}
   if req.uq then insert(qs, req.uq) end
   if req.tq then insert(qs, req.tq) end
@@ -761,7 +786,7 @@ local function gate_request(k, a, now)
   a.min_cost = tonumber(a.min_cost) or 0
   a.explain = a.explain == '1'
   a.price = a.cost  -- what the call is priced at; `cost` becomes what the waterfall charges
-  a.layers = {}  -- explain: the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
+  if a.explain then a.layers = {} end  -- the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
   a.now = now
   a.now_s = floor(now / 1000000)
   a.team = ''
@@ -799,34 +824,44 @@ local RATE_LIMITS = {{'user', 'rl_user_interval_us', 'rl_user_burst', 'rl_user_o
   {'rl_key', 'rl_key_interval_us', 'rl_key_burst', 'rl_key_overflow', 'rate:key'},
   {'rl_org', 'rl_org_interval_us', 'rl_org_burst', 'rl_org_overflow', 'rate:org'}}
 
+local NO_RATE_LIMIT = {rl_limit = -1, rl_remaining = -1, rl_reset = 0, retry_after_ms = 0}  -- read only
+local NO_WRITES = {}  -- read only
+
 local function gate_rate_limits(req)
-  local limits, named = {}, {}
-  for i, lim in ipairs(RATE_LIMITS) do
+  local limits = nil  -- {where, interval_us, burst, stored tat, RATE_LIMITS entry}
+  for i = 1, #RATE_LIMITS do
+    local lim = RATE_LIMITS[i]
     local interval = req[lim[2]]
     if interval > 0 and not (i == 1 and req.user == '') then
       local tat
       if i == 1 then tat = req.user_tat else tat = tonumber(call('GET', req.keys[lim[1]])) end
-      insert(limits, {lim[1], interval, req[lim[3]], tat})
-      insert(named, lim)
+      limits = limits or {}
+      limits[#limits + 1] = {lim[1], interval, req[lim[3]], tat, lim}
     end
+  end
+  if not limits then
+    req.rl, req.rl_writes = NO_RATE_LIMIT, NO_WRITES
+    return nil
   end
   local ok, rl, writes = rate_limits(limits, req.now)
   req.rl, req.rl_writes = rl, writes
   if ok then
     if req.explain then
-      for _, lim in ipairs(named) do insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
+      for _, r in ipairs(limits) do insert(req.layers, {layer = r[5][5], had = 1, take = 1}) end
     end
     return nil
   end
   local mult, refused = 0, nil
-  for i, r in ipairs(limits) do
+  for _, r in ipairs(limits) do
     local allowed = gcra(r[4], r[2], r[3], req.now)
-    local ov = tonumber(req[named[i][4]]) or 0
-    insert(req.layers, {layer = named[i][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
-      overflow = (not allowed and ov > 0) and ov or nil})
+    local ov = tonumber(req[r[5][4]]) or 0
+    if req.layers then
+      insert(req.layers, {layer = r[5][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
+        overflow = (not allowed and ov > 0) and ov or nil})
+    end
     if not allowed then
       if ov == 0 then
-        refused = refused or named[i][5]
+        refused = refused or r[5][5]
       elseif ov > mult then
         mult = ov
       end
@@ -835,7 +870,7 @@ local function gate_rate_limits(req)
   if refused then
     return {429, 'rate_limited', 'rate limit exceeded; retry in ' .. rl.retry_after_ms .. ' ms', refused, 0}
   end
-  req.overflow, req.rl_writes = mult, {}
+  req.overflow, req.rl_writes = mult, NO_WRITES
   return nil
 end
 
