@@ -290,7 +290,7 @@ local function load_meter(bal_key, meter, expired)
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
     ps = tonumber(v[8]) or 0, lots = decode_lots(v[9]), alpe = tonumber(v[10]), alt = tonumber(v[11]),
-    pending = {}}, Meter)
+    pending = {}, period_moved = nil, lots_dirty = nil}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -308,6 +308,7 @@ function Meter:refresh(alloc, spec, rollover, now_s)
     self.pe = period_end(spec, now_s)
     self.lim = alloc
     self.ps = self.p
+    self.period_moved = true
     insert(self.pending, {kind = 'reset', delta = new_a - old_a,
       meta = json_encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
   elseif self.lim ~= alloc then
@@ -319,6 +320,7 @@ function Meter:refresh(alloc, spec, rollover, now_s)
     if alloc > 0 then new_a = max(0, old_a + alloc - old_lim) end
     self.a = new_a
     self.lim = alloc
+    self.period_moved = true
     insert(self.pending, {kind = 'adjust', delta = new_a - old_a,
       meta = json_encode({period_end = self.pe, allocation = alloc, reason = 'plan_change'})})
   end
@@ -495,7 +497,7 @@ function Meter:take(layers, total)
         if l.lot then
           self.lots[l.lot].n = self.lots[l.lot].n - l.take
           self.lots_dirty = true
-        else  -- purchased: the free pool, then lots that never expire, oldest first
+        elseif #self.lots > 0 then  -- purchased: the free pool, then lots that never expire, oldest first
           local in_lots = 0
           for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
           local left = l.take - min(max(0, self.p - in_lots), l.take)
@@ -530,6 +532,7 @@ end
 
 -- Writes the pending events (resets, adjustments, expired lots), then forgets them.
 function Meter:save_pending(events, user, feature)
+  if #self.pending == 0 then return end
   for _, e in ipairs(self.pending) do
     e.user = user; e.meter = self.m; e.feature = feature or ''; e.dp = e.dp or 0; e.cost = 0
     e.bal = self:balance()
@@ -545,11 +548,16 @@ function Meter:save_spend()
   self:save_lots()
 end
 
+-- The period's fields (end, limit, purchased at its start) only when refresh() moved them.
 function Meter:save(events, user, feature)
   self:save_pending(events, user, feature)
   local f = self.f
-  call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh,
-    f.used, self.u, f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  if self.period_moved then
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh,
+      f.used, self.u, f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  else
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh, f.used, self.u)
+  end
   self:save_lots()
 end
 
