@@ -136,15 +136,17 @@ local REPLY_DEFAULTS = {status = 200, code = '', detail = '', cost = 0, remainin
 local reply
 
 local function compile_reply()
-  local parts = {}
+  local lines, values = {'return function(r, more)', '  local v'}, {}
   for i, name in ipairs(REPLY) do
     local default = REPLY_DEFAULTS[name]
     local literal = type(default) == 'number' and tostring(default) or format('%q', default)
-    parts[i] = format('pick(r.%s, more and more.%s, %s)', name, name, literal)
+    lines[#lines + 1] = format('  local v%d = r.%s; if v%d == nil then v = more and more.%s; if v == nil then v = %s end; v%d = v end',
+      i, name, i, name, literal, i)
+    values[i] = 'v' .. i
   end
-  local src = 'local function pick(a, b, c) if a ~= nil then return a elseif b ~= nil then return b end return c end\n'
-    .. 'return function(r, more) return {' .. concat(parts, ', ') .. '} end'
-  return _G.loadstring(src)()
+  lines[#lines + 1] = '  return {' .. concat(values, ', ') .. '}'
+  lines[#lines + 1] = 'end'
+  return _G.loadstring(concat(lines, '\n'))()
 end
 
 local REPLAY = 11  -- position of `replay` in a stored answer
