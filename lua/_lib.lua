@@ -78,6 +78,10 @@ local METER_FIELDS = {allocated = 'a', purchased = 'p', held = 'h', used = 'u', 
   limit = 'lim', purchased_total = 'pt', purchased_at_start = 'ps', lots = 'lots', alert_period = 'alpe',
   alert_threshold = 'alt'}
 local QUOTA_FIELDS = {limit = 'lim', used = 'used', held = 'h', period_end = 'pe'}
+-- The balance hash's one field that is the org's, not a meter's: when the earliest live hold
+-- expires (unix s; 0 none; absent: not known, as before it was kept). A decision sweeps expired
+-- holds only once that time has come, so the usual one reads no reservation at all.
+local HOLDS_DUE = 'holds_due'
 -- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
 local USER_FIELDS = {rate = 'rl'}
 
@@ -282,17 +286,17 @@ local function decode_lots(raw)
   return lots
 end
 
--- One HMGET reads every field of the meter (the alerts' too).
+-- One HMGET reads every field of the meter (the alerts' too) and when holds fall due.
 local function load_meter(bal_key, meter, expired)
   local f = meter_fields(meter)
   local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
+    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE)
   local xh = expired[meter] or 0
   return setmetatable({key = bal_key, m = meter, f = f, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
     ps = tonumber(v[8]) or 0, lots = decode_lots(v[9]), alpe = tonumber(v[10]), alt = tonumber(v[11]),
-    pending = {}, period_moved = nil, lots_dirty = nil}, Meter)
+    holds_due = tonumber(v[12]), pending = {}, period_moved = nil, lots_dirty = nil}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -740,7 +744,16 @@ local function sweep_expired(org, events, now_s, most)
       call('ZREM', org.expiries, rid)
     end
   end
-  return #due < most
+  if #due >= most then return false end
+  local next_due = call('ZRANGE', org.expiries, 0, 0, 'WITHSCORES')
+  call('HSET', org.bal, HOLDS_DUE, next_due[2] or 0)
+  return true
+end
+
+-- Whether a hold may be past its expiry (or it is not known: look).
+local function holds_may_be_due(meter, now_s)
+  local due = meter.holds_due
+  return due == nil or (due > 0 and now_s >= due)
 end
 
 -- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
@@ -886,11 +899,10 @@ end
 
 -- Step 4, period: the meter brought to the current period and plan; a meter the plan leaves
 -- out is forbidden until credit is bought.
-local function gate_period(req, expired)
-  local meter = load_meter(req.keys.bal, req.meter, expired)
+local function gate_period(req)
+  local meter = req.mtr
   meter:refresh(req.allocation, req.period, req.rollover, req.now_s)
   meter:expire_lots(req.now_s)
-  req.mtr = meter
   if meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
     return {403, 'plan_forbids', req.meter .. ' is not available on your plan', 'plan', 0}
   end
@@ -946,13 +958,17 @@ end
 local function gate(k, a, write)
   local req = gate_request(k, a, now_us())
   req.events = new_events(k.stream, req.event_id, req.now, req.org, req.key_id)
+  req.mtr = load_meter(k.bal, req.meter, NONE)
   local expired = NONE  -- what the sweep left
-  if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
-    expired = expired_holds(k.reservations, k.expiries, req.now_s)
+  if holds_may_be_due(req.mtr, req.now_s) then
+    if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
+      expired = expired_holds(k.reservations, k.expiries, req.now_s)
+    end
+    req.mtr = load_meter(k.bal, req.meter, expired)  -- as the sweep left it
   end
   local refusal = gate_user(req, write)
   local rl_refusal = gate_rate_limits(req)
-  local plan_refusal = gate_period(req, expired)
+  local plan_refusal = gate_period(req)
   local level_refusal = gate_levels(req, expired)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
 end

@@ -23,6 +23,8 @@ call('HSET', k.reservations, req.event_id, json_encode({m = req.meter, held = re
   co = req.overflow, o = req.credit_order,
   ut = req.uq and req.uq.subject or '', tt = req.tq and req.tq.subject or ''}))
 call('ZADD', k.expiries, expires, req.event_id)
+-- The earliest hold's expiry, once known (unknown stays unknown until a sweep learns it).
+if m.holds_due ~= nil and (m.holds_due == 0 or expires < m.holds_due) then call('HSET', k.bal, HOLDS_DUE, expires) end
 req.events:add({id = req.event_id, kind = 'reserve', user = req.user, meter = req.meter, feature = req.feature,
   delta = 0, cost = 0, bal = m:balance(),
   meta = json_encode({held = req.cost, expires_at = expires, reservation_id = req.event_id})})

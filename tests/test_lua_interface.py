@@ -103,6 +103,7 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("METER_FIELDS") == layout.METER_FIELDS
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
     assert lua_table("USER_FIELDS") == layout.USER_FIELDS
+    assert re.search(r"local HOLDS_DUE = '(\w+)'", code(LIB)).group(1) == layout.HOLDS_DUE
     assert layout.meter_field("general", "purchased") == "general:p"
     assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
 

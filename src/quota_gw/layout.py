@@ -30,6 +30,9 @@ METER_FIELDS = {
 }
 # Quota hash (Layout.quotas), one group per subject and meter, '<u|t>:<subject>:<meter>:<suffix>':
 QUOTA_FIELDS = {"limit": "lim", "used": "used", "held": "h", "period_end": "pe"}
+# The balance hash's one org field: when the earliest live hold expires (unix s, 0 none; absent:
+# not known). Decisions look for expired holds only once it has come (lua/_lib.lua HOLDS_DUE).
+HOLDS_DUE = "holds_due"
 # Users hash (Layout.users): '<user>' = the user's team ('' none), and '<user>:<suffix>' = the
 # user's state the gate keeps beside it: its rate window (GCRA theoretical arrival time, µs),
 # read with the registration in one HMGET and written in one HSET. A user id has no ':'.
