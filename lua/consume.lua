@@ -1,7 +1,11 @@
--- consume: idempotency -> user -> rate limits -> period refresh -> plan gate -> org/team/user
--- levels -> charge (the waterfall: allocated, then the credit layers) -> XADD -> remember the answer.
+-- consume: the usual one straight through (usual_consume), else idempotency -> user -> rate limits
+-- -> period refresh -> plan gate -> org/team/user levels -> charge (the waterfall: allocated, then
+-- the credit layers) -> XADD -> remember the answer.
 local k = bind(KEYS, GATE_KEYS)
 local a = bind(ARGV, GATE_ARGV)
+
+local usual = usual_consume(k, a)
+if usual then return usual end
 
 local idem = replay(k.idem, a.fingerprint)
 if idem then return idem end
