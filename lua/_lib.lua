@@ -140,17 +140,16 @@ local REPLY_DEFAULTS = {status = 200, code = '', detail = '', cost = 0, remainin
 local reply
 
 local function compile_reply()
-  local lines, values = {'return function(r, more)', '  local v'}, {}
+  local with_more, alone = {}, {}
   for i, name in ipairs(REPLY) do
     local default = REPLY_DEFAULTS[name]
     local literal = type(default) == 'number' and tostring(default) or format('%q', default)
-    lines[#lines + 1] = format('  local v%d = r.%s; if v%d == nil then v = more and more.%s; if v == nil then v = %s end; v%d = v end',
-      i, name, i, name, literal, i)
-    values[i] = 'v' .. i
+    -- (`or` is safe: no field is ever false.)
+    with_more[i] = format('r.%s or more.%s or %s', name, name, literal)
+    alone[i] = format('r.%s or %s', name, literal)
   end
-  lines[#lines + 1] = '  return {' .. concat(values, ', ') .. '}'
-  lines[#lines + 1] = 'end'
-  return _G.loadstring(concat(lines, '\n'))()
+  return _G.loadstring('return function(r, more) if more then return {' .. concat(with_more, ', ')
+    .. '} end return {' .. concat(alone, ', ') .. '} end')()
 end
 
 local REPLAY = 11  -- position of `replay` in a stored answer
@@ -990,12 +989,12 @@ local function usual_consume(k, a)
   local meter = t.meter
   local f = meter_fields(meter)
   local v = call('HMGET', k.bal, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.purchased_total, f.lots, f.purchased_at_start, f.alert_period, f.alert_threshold, HOLDS_DUE)
-  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
-  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[8] and v[8] ~= '') then return nil end  -- refresh, lots
+    f.lots, f.purchased_at_start, f.alert_period, f.alert_threshold, HOLDS_DUE)
+  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[11])
+  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[7] and v[7] ~= '') then return nil end  -- refresh, lots
   if due == nil or (due > 0 and now_s >= due) then return nil end  -- a hold may be due: the sweep
   local al, pu, held, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
-  if lim == 0 and pu <= 0 and (tonumber(v[7]) or 0) <= 0 then return nil end  -- forbidden
+  if lim == 0 and pu <= 0 then return nil end  -- nothing to charge from, maybe forbidden: the gate says
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
   local user, team, tat, new_tat, rl_rem, rl_reset = a.user, nil, nil, nil, -1, 0
   local rl_interval, rl_burst = t.rl_user_interval_us, t.rl_user_burst
@@ -1038,13 +1037,13 @@ local function usual_consume(k, a)
   -- Alerts: none may be crossed here (the gate records them).
   local spec = t.alert_thresholds
   if spec ~= '' and not unlimited then
-    local base = max(lim, 0) + (tonumber(v[9]) or 0)
+    local base = max(lim, 0) + (tonumber(v[8]) or 0)
     if base > 0 then
       local avail = al + pu - held
       local ts = thresholds(spec)
       if avail * 100 <= ts.top * base then
         local lowest = 101
-        if tonumber(v[10]) == pe then lowest = tonumber(v[11]) or 101 end
+        if tonumber(v[9]) == pe then lowest = tonumber(v[10]) or 101 end
         for i = 1, #ts do
           if ts[i] < lowest and avail * 100 <= ts[i] * base then return nil end
         end

@@ -69,6 +69,11 @@ def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
     assert args == decisions.argv(decisions.GateArgs(
         event_id="e1", org="org1", user="u1", key_id="key1", cost=3, fingerprint="fp1", metadata='{"a":1}',
         shadow=1, terms=decisions.terms_text(decisions.GateTerms(**terms))))
+    # A consume's ARGV stops after `terms` (the rest are reserve's and check's: their defaults).
+    _, short = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1",
+                            whole=False)
+    assert short == args[:decisions.GATE["terms"] + 1]
+    assert all(f.default != dataclasses.MISSING for f in dataclasses.fields(decisions.GateArgs)[len(short):])
     sent = dict(zip([f.name for f in dataclasses.fields(decisions.GateTerms)],
                     args[decisions.GATE["terms"]].split("\t")))
     assert terms["rl_user_interval_us"] > 0 and sent["rl_user_burst"] == "20" and sent["feature"] == "generate_insight"

@@ -325,8 +325,10 @@ class Decider:
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
                    fingerprint: str, metadata: bytes | None, shadow: bool,
-                   event_id: str | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate."""
+                   event_id: str | None = None, whole: bool = True) -> tuple[list[str], list[Any]]:
+        """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate. Not `whole`
+        (a consume): ARGV stops after `terms`; the fields after it are reserve's and check's, and
+        one left out is its default (every argument Redis receives costs it)."""
         L, org = self.layout, ident.org_id
         _, _, template = self._priced(ident, feature)
         event_id = event_id or new_id()
@@ -336,7 +338,7 @@ class Decider:
             L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
             L.stream(org), L.reservations(org), L.expiries(org),
         ]
-        args = template.copy()
+        args = template.copy() if whole else template[:_G_TERMS + 1]
         args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
         args[_G_FP] = fingerprint if idem else ""
         args[_G_META] = metadata.decode() if metadata else ""
@@ -356,7 +358,8 @@ class Decider:
         """`rate_limit=False`: for a call that already happened (the fail-open spool's replay)."""
         t0 = time.perf_counter()
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
-                                     fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow)
+                                     fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow,
+                                     whole=False)
         if not rate_limit:  # no user, key or org rate limit
             args[_G_TERMS] = self._unlimited_terms(ident, feature)
         d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
