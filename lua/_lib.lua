@@ -5,30 +5,65 @@
 -- (bind() below) and passes tables in; the argument lists (*_ARGV) mirror the typed objects of
 -- src/quota_gw/decisions.py, field for field (tests/test_lua_interface.py checks they agree).
 
+-- The globals the library uses, as locals. A Functions library reads a global through its
+-- sandbox (the global table's __index: two lookups and a metamethod a read); an upvalue is one
+-- read, and the hot path reads these hundreds of times a call. Loading a library sees none of
+-- them (only redis.register_function), so init() (at the end of this file) takes them on an
+-- operation's first call (scripts.py starts every operation with it).
+local call, tonumber, tostring, ipairs, pairs, setmetatable, type, unpack, next
+local insert, concat, sort, floor, max, min, ceil, format, sub, gmatch, match, json_encode, json_decode
+local function take_globals()
+  local G = _G
+  call, tonumber, tostring, ipairs, pairs = G.redis.call, G.tonumber, G.tostring, G.ipairs, G.pairs
+  setmetatable, type, unpack, next = G.setmetatable, G.type, G.unpack, G.next
+  insert, concat, sort = G.table.insert, G.table.concat, G.table.sort
+  floor, max, min, ceil = G.math.floor, G.math.max, G.math.min, G.math.ceil
+  format, sub, gmatch, match = G.string.format, G.string.sub, G.string.gmatch, G.string.match
+  json_encode, json_decode = G.cjson.encode, G.cjson.decode
+end
+
 local function now_us()
-  local t = redis.call('TIME')
+  local t = call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- An integer as text, for strings built in Lua (concatenating a number writes 1e+15). Numbers
+-- sent to Redis go as they are: redis.call writes an integral number as its digits, exactly up to
+-- 2^53 (the money range), in C, several times cheaper than formatting them here.
 local function fmt(n)
-  return string.format('%d', n)
+  return format('%d', n)
 end
 
 -- Names the positional values of KEYS or ARGV: bind(ARGV, {'event_id', 'org'}).event_id.
+-- The hot lists (the gate's and settling's) have a compiled binder (BINDERS, made by init()):
+-- one table constructor, sized once, instead of a table grown name by name (a rehash at every
+-- power of two was most of a bind).
+local BINDERS = {}
 local function bind(values, names)
+  local binder = BINDERS[names]
+  if binder then return binder(values) end
   local t = {}
   for i, name in ipairs(names) do t[name] = values[i] end
   return t
 end
 
--- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs.
-local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'feature', 'meter', 'cost', 'allocation', 'period',
-  'rollover', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
-  'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s', 'fingerprint', 'metadata', 'shadow',
-  'reservation_ttl_s', 'unit_cost', 'min_cost', 'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow',
-  'rl_org_overflow', 'alloc_overflow', 'credit_order', 'explain'}
-local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_user', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations',
-  'expiries'}
+-- A function that returns {names[1] = v[1], ...; spare[1] = nil, ...}: the spare fields (those
+-- the caller adds later) are sized in with the rest, so adding them grows nothing.
+local function compile_binder(names, spare)
+  local parts = {}
+  for i, name in ipairs(names) do parts[i] = name .. ' = v[' .. i .. ']' end
+  for _, name in ipairs(spare or {}) do parts[#parts + 1] = name .. ' = nil' end
+  return _G.loadstring('return function(v) return {' .. concat(parts, ', ') .. '} end')()
+end
+
+-- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs; `terms` is the
+-- plan's terms for the feature (decisions.GateTerms, GATE_TERMS below) as one tab-joined text.
+local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'cost', 'fingerprint', 'metadata', 'shadow', 'terms',
+  'reservation_ttl_s', 'unit_cost', 'min_cost', 'explain'}
+local GATE_TERMS = {'feature', 'meter', 'allocation', 'period', 'rollover', 'rl_user_interval_us', 'rl_user_burst',
+  'rl_key_interval_us', 'rl_key_burst', 'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s',
+  'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow', 'alloc_overflow', 'credit_order'}
+local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations', 'expiries'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
 local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
   'fingerprint', 'beyond_hold'}
@@ -43,6 +78,12 @@ local METER_FIELDS = {allocated = 'a', purchased = 'p', held = 'h', used = 'u', 
   limit = 'lim', purchased_total = 'pt', purchased_at_start = 'ps', lots = 'lots', alert_period = 'alpe',
   alert_threshold = 'alt'}
 local QUOTA_FIELDS = {limit = 'lim', used = 'used', held = 'h', period_end = 'pe'}
+-- The balance hash's one field that is the org's, not a meter's: when the earliest live hold
+-- expires (unix s; 0 none; absent: not known, as before it was kept). A decision sweeps expired
+-- holds only once that time has come, so the usual one reads no reservation at all.
+local HOLDS_DUE = 'holds_due'
+-- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
+local USER_FIELDS = {rate = 'rl'}
 
 local function field_names(prefix, fields)
   local t = {}
@@ -64,6 +105,28 @@ local function meter_fields(meter)
   return f
 end
 
+-- A plan's terms, parsed once and kept by their text (a library's state lives across calls):
+-- typed here, not per call. Read through the request (gate_request sets them as its __index).
+local TERM_NUMBERS = {'allocation', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
+  'rl_org_interval_us', 'rl_org_burst', 'idem_ttl_s', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow',
+  'alloc_overflow'}
+local PLAN_TERMS, plan_terms_n = {}, 0
+local function plan_terms(text)
+  local found = PLAN_TERMS[text]
+  if found then return found end
+  local values = {}
+  for v in gmatch(text .. '\t', '([^\t]*)\t') do values[#values + 1] = v end
+  local t = bind(values, GATE_TERMS)
+  for _, name in ipairs(TERM_NUMBERS) do t[name] = tonumber(t[name]) or 0 end
+  t.rollover = t.rollover == '1'
+  t.auto_register = t.auto_register == '1'
+  found = {__index = t}
+  if plan_terms_n >= 1000 then PLAN_TERMS, plan_terms_n = {}, 0 end  -- bounded
+  PLAN_TERMS[text] = found
+  plan_terms_n = plan_terms_n + 1
+  return found
+end
+
 -- The answer of every operation: decisions.Decision, field for field (REPLY order); reply{}
 -- fills what a call leaves out.
 local REPLY = {'status', 'code', 'detail', 'cost', 'remaining', 'event_id', 'retry_after_ms', 'rl_limit',
@@ -72,14 +135,21 @@ local REPLY_DEFAULTS = {status = 200, code = '', detail = '', cost = 0, remainin
   retry_after_ms = 0, rl_limit = -1, rl_remaining = -1, rl_reset = 0, replay = 0, would = '', extra = '',
   sources = ''}
 
-local function reply(r)
-  local out = {}
+-- reply(r, more): each field from r, else from `more` (a decision's rate-limit fields), else
+-- its default; compiled by init() from REPLY and REPLY_DEFAULTS into one table constructor.
+local reply
+
+local function compile_reply()
+  local with_more, alone = {}, {}
   for i, name in ipairs(REPLY) do
-    local v = r[name]
-    if v == nil then v = REPLY_DEFAULTS[name] end
-    out[i] = v
+    local default = REPLY_DEFAULTS[name]
+    local literal = type(default) == 'number' and tostring(default) or format('%q', default)
+    -- (`or` is safe: no field is ever false.)
+    with_more[i] = format('r.%s or more.%s or %s', name, name, literal)
+    alone[i] = format('r.%s or %s', name, literal)
   end
-  return out
+  return _G.loadstring('return function(r, more) if more then return {' .. concat(with_more, ', ')
+    .. '} end return {' .. concat(alone, ', ') .. '} end')()
 end
 
 local REPLAY = 11  -- position of `replay` in a stored answer
@@ -93,23 +163,23 @@ end
 -- Howard Hinnant's civil calendar algorithms (UTC), integer only.
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
+  local era = floor(y / 400)
   local yoe = y - era * 400
   local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
 end
 
 local function civil_from_days(z)
   z = z + 719468
-  local era = math.floor(z / 146097)
+  local era = floor(z / 146097)
   local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
   local y = yoe + era * 400
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
   local m = mp < 10 and mp + 3 or mp - 9
   if m <= 2 then y = y + 1 end
   return y, m, d
@@ -118,7 +188,7 @@ end
 -- End (unix seconds) of the period containing now_s: 'month', 'week' (Monday 00:00 UTC),
 -- 'day', or '<n>s' (fixed windows aligned to the epoch).
 local function period_end(spec, now_s)
-  local days = math.floor(now_s / 86400)
+  local days = floor(now_s / 86400)
   if spec == 'month' then
     local y, m = civil_from_days(days)
     if m == 12 then y = y + 1; m = 1 else m = m + 1 end
@@ -129,8 +199,8 @@ local function period_end(spec, now_s)
     -- 1970-01-01 was a Thursday: days since the last Monday = (days + 3) % 7.
     return (days - (days + 3) % 7 + 7) * 86400
   end
-  local n = tonumber(string.match(spec, '^(%d+)s$'))
-  return (math.floor(now_s / n) + 1) * n
+  local n = tonumber(match(spec, '^(%d+)s$'))
+  return (floor(now_s / n) + 1) * n
 end
 
 -- Derived event ids (period resets, expired holds) share the request's id but for the last
@@ -138,7 +208,7 @@ end
 -- (13th hex digit) becomes 0, which no request id (a UUID, version 1-8) has: without it, a
 -- request id ending in 81 was its own reset's id, and the ledger kept only one of the two.
 local function derived_id(base, i)
-  return string.sub(base, 1, 12) .. '0' .. string.sub(base, 14, 30) .. string.format('%02x', 128 + i)
+  return sub(base, 1, 12) .. '0' .. sub(base, 14, 30) .. format('%02x', 128 + i)
 end
 
 -- The event sink: one XADD per balance change (or refusal) to the shard's stream.
@@ -152,17 +222,18 @@ end
 
 -- e: {id?, kind, user, meter, feature, delta, dp, cost, bal, meta, src}; src: where a charge's
 -- tokens came from (or a refund's went back to), 'layer:amount,...' (see Meter:waterfall).
+-- (x + 0: a negated zero, -(0), is -0, which Redis would write as "-0"; adding 0 makes it 0.)
 function Events:add(e)
   local id = e.id
   if not id then
     self.n = self.n + 1
     id = derived_id(self.base, self.n)
   end
-  redis.call('XADD', self.stream, '*',
+  call('XADD', self.stream, '*',
     'id', id, 'kind', e.kind, 'org', self.org, 'user', e.user or '', 'key', self.key,
     'meter', e.meter or '', 'feature', e.feature or '',
-    'delta', fmt(e.delta or 0), 'dp', fmt(e.dp or 0), 'cost', fmt(e.cost or 0),
-    'bal', fmt(e.bal or 0), 'ts', fmt(self.now), 'meta', e.meta or '', 'src', e.src or '')
+    'delta', (e.delta or 0) + 0, 'dp', (e.dp or 0) + 0, 'cost', (e.cost or 0) + 0,
+    'bal', e.bal or 0, 'ts', self.now, 'meta', e.meta or '', 'src', e.src or '')
   return id
 end
 
@@ -184,11 +255,11 @@ local NONE = {}  -- no expired holds (read only)
 
 local function expired_holds(rv_key, rx_key, now_s)
   local expired = {}
-  local due = redis.call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
+  local due = call('ZRANGEBYSCORE', rx_key, '-inf', now_s)
   for _, rid in ipairs(due) do
-    local raw = redis.call('HGET', rv_key, rid)
+    local raw = call('HGET', rv_key, rid)
     if raw then
-      local rec = cjson.decode(raw)
+      local rec = json_decode(raw)
       expired[rec.m] = (expired[rec.m] or 0) + rec.held
       for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
         if subject ~= '' then
@@ -210,22 +281,22 @@ Meter.__index = Meter
 -- expire, earliest first, then the free pool, then lots that never expire, oldest first.
 local function decode_lots(raw)
   if not raw or raw == '' then return {} end
-  local lots = cjson.decode(raw)
+  local lots = json_decode(raw)
   if type(lots) ~= 'table' then return {} end
   return lots
 end
 
--- One HMGET reads every field of the meter (the alerts' too).
+-- One HMGET reads every field of the meter (the alerts' too) and when holds fall due.
 local function load_meter(bal_key, meter, expired)
   local f = meter_fields(meter)
-  local v = redis.call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
+  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE)
   local xh = expired[meter] or 0
   return setmetatable({key = bal_key, m = meter, f = f, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
     u = tonumber(v[4]) or 0, pe = tonumber(v[5]), lim = tonumber(v[6]), pt = tonumber(v[7]) or 0,
     ps = tonumber(v[8]) or 0, lots = decode_lots(v[9]), alpe = tonumber(v[10]), alt = tonumber(v[11]),
-    pending = {}}, Meter)
+    holds_due = tonumber(v[12]), pending = {}, period_moved = nil, lots_dirty = nil}, Meter)
 end
 
 -- Brings the meter to the current period and plan, in memory only: `pending` holds the
@@ -243,19 +314,21 @@ function Meter:refresh(alloc, spec, rollover, now_s)
     self.pe = period_end(spec, now_s)
     self.lim = alloc
     self.ps = self.p
-    table.insert(self.pending, {kind = 'reset', delta = new_a - old_a,
-      meta = cjson.encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
+    self.period_moved = true
+    insert(self.pending, {kind = 'reset', delta = new_a - old_a,
+      meta = json_encode({period_end = self.pe, allocation = alloc, purchased = self.p})})
   elseif self.lim ~= alloc then
     -- The plan (or its allocation) changed mid-period: move the allocation by the difference.
     local old_a = self.a
     local old_lim = self.lim or 0
     if old_lim < 0 then old_lim = 0 end
     local new_a = 0
-    if alloc > 0 then new_a = math.max(0, old_a + alloc - old_lim) end
+    if alloc > 0 then new_a = max(0, old_a + alloc - old_lim) end
     self.a = new_a
     self.lim = alloc
-    table.insert(self.pending, {kind = 'adjust', delta = new_a - old_a,
-      meta = cjson.encode({period_end = self.pe, allocation = alloc, reason = 'plan_change'})})
+    self.period_moved = true
+    insert(self.pending, {kind = 'adjust', delta = new_a - old_a,
+      meta = json_encode({period_end = self.pe, allocation = alloc, reason = 'plan_change'})})
   end
 end
 
@@ -280,15 +353,15 @@ function Meter:expire_lots(now_s)
   local kept = {}
   for _, lot in ipairs(self.lots) do
     if lot.x > 0 and lot.x <= now_s then
-      local n = math.min(lot.n, self.p)
+      local n = min(lot.n, self.p)
       if n > 0 then
         self.p = self.p - n
-        table.insert(self.pending, {kind = 'expire', delta = -n, dp = -n,
-          meta = cjson.encode({lot = lot.i, expired = n, expires_at = lot.x})})
+        insert(self.pending, {kind = 'expire', delta = -n, dp = -n,
+          meta = json_encode({lot = lot.i, expired = n, expires_at = lot.x})})
       end
       self.lots_dirty = true
     else
-      table.insert(kept, lot)
+      insert(kept, lot)
     end
   end
   self.lots = kept
@@ -300,18 +373,18 @@ function Meter:draw_lots(amount, p_before)
   if amount <= 0 or #self.lots == 0 then return end
   local in_lots = 0
   for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
-  local free = math.max(0, p_before - in_lots)
+  local free = max(0, p_before - in_lots)
   local order = {}
-  for i, lot in ipairs(self.lots) do if lot.x > 0 then table.insert(order, i) end end
-  table.sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  for i, lot in ipairs(self.lots) do if lot.x > 0 then insert(order, i) end end
+  sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local left = amount
   local function take(i)
-    local d = math.min(self.lots[i].n, left)
+    local d = min(self.lots[i].n, left)
     self.lots[i].n = self.lots[i].n - d
     left = left - d
   end
   for _, i in ipairs(order) do if left > 0 then take(i) end end
-  left = left - math.min(free, left)
+  left = left - min(free, left)
   for i, lot in ipairs(self.lots) do if left > 0 and lot.x == 0 then take(i) end end
   self:drop_spent_lots()
 end
@@ -320,7 +393,7 @@ end
 -- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
 function Meter:drop_spent_lots()
   local kept = {}
-  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then table.insert(kept, lot) end end
+  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then insert(kept, lot) end end
   self.lots = kept
   self.lots_dirty = true
 end
@@ -328,9 +401,9 @@ end
 function Meter:save_lots()
   if not self.lots_dirty then return end
   if #self.lots == 0 then
-    redis.call('HDEL', self.key, self.f.lots)
+    call('HDEL', self.key, self.f.lots)
   else
-    redis.call('HSET', self.key, self.f.lots, cjson.encode(self.lots))
+    call('HSET', self.key, self.f.lots, json_encode(self.lots))
   end
   self.lots_dirty = false
 end
@@ -353,20 +426,21 @@ end
 
 -- The credit layers, in order, with what each has (nothing taken yet).
 function Meter:credit_layers(order)
+  if #self.lots == 0 then return {{layer = 'purchased', had = max(0, self.p), take = 0}} end
   local in_lots, never = 0, 0
   local grants = {}
   for i, lot in ipairs(self.lots) do
     in_lots = in_lots + lot.n
-    if lot.x > 0 then table.insert(grants, i) else never = never + lot.n end
+    if lot.x > 0 then insert(grants, i) else never = never + lot.n end
   end
-  table.sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local out = {}
-  local purchased = {layer = 'purchased', had = math.max(0, self.p - in_lots) + never, take = 0}
-  if order == 'pg' then table.insert(out, purchased) end
+  local purchased = {layer = 'purchased', had = max(0, self.p - in_lots) + never, take = 0}
+  if order == 'pg' then insert(out, purchased) end
   for _, i in ipairs(grants) do
-    table.insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
+    insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
   end
-  if order ~= 'pg' then table.insert(out, purchased) end
+  if order ~= 'pg' then insert(out, purchased) end
   return out
 end
 
@@ -380,8 +454,8 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
   if self:unlimited() then return layers, price, nil end
   local left = price
   if not credit_only then
-    local take = math.min(self.a, left)
-    table.insert(layers, {layer = 'allocated', had = self.a, take = take})
+    local take = min(self.a, left)
+    insert(layers, {layer = 'allocated', had = self.a, take = take})
     total, left = take, left - take
     -- alloc_overflow 0: no credit past the allocation (a meter the plan leaves out runs on credit).
     if left > 0 and alloc_overflow == 0 and (self.lim or 0) > 0 then
@@ -389,11 +463,11 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
     end
   end
   if left > 0 then
-    local need = left * math.max(1, mult)
+    local need = left * max(1, mult)
     for _, l in ipairs(self:credit_layers(order)) do
-      l.take = math.min(l.had, need)
+      l.take = min(l.had, need)
       need, total = need - l.take, total + l.take
-      table.insert(layers, l)
+      insert(layers, l)
     end
     if need > 0 then
       local last = layers[#layers]
@@ -406,11 +480,14 @@ end
 
 -- 'allocated:2,grant:p1:2,purchased:1': the layers that gave something, in order.
 local function sources(layers)
-  local parts = {}
-  for _, l in ipairs(layers) do
-    if l.take > 0 then table.insert(parts, l.layer .. ':' .. fmt(l.take)) end
+  local out = ''
+  for i = 1, #layers do
+    local l = layers[i]
+    if l.take > 0 then
+      if out == '' then out = l.layer .. ':' .. fmt(l.take) else out = out .. ',' .. l.layer .. ':' .. fmt(l.take) end
+    end
   end
-  return table.concat(parts, ',')
+  return out
 end
 
 -- Takes what the planned layers give. Returns the allocated part, the purchased part (every
@@ -426,13 +503,13 @@ function Meter:take(layers, total)
         if l.lot then
           self.lots[l.lot].n = self.lots[l.lot].n - l.take
           self.lots_dirty = true
-        else  -- purchased: the free pool, then lots that never expire, oldest first
+        elseif #self.lots > 0 then  -- purchased: the free pool, then lots that never expire, oldest first
           local in_lots = 0
           for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
-          local left = l.take - math.min(math.max(0, self.p - in_lots), l.take)
+          local left = l.take - min(max(0, self.p - in_lots), l.take)
           for _, lot in ipairs(self.lots) do
             if left > 0 and lot.x == 0 then
-              local d = math.min(lot.n, left)
+              local d = min(lot.n, left)
               lot.n, left = lot.n - d, left - d
               self.lots_dirty = true
             end
@@ -461,6 +538,7 @@ end
 
 -- Writes the pending events (resets, adjustments, expired lots), then forgets them.
 function Meter:save_pending(events, user, feature)
+  if #self.pending == 0 then return end
   for _, e in ipairs(self.pending) do
     e.user = user; e.meter = self.m; e.feature = feature or ''; e.dp = e.dp or 0; e.cost = 0
     e.bal = self:balance()
@@ -472,15 +550,20 @@ end
 -- Writes a, p and u only (commit, refund: the period and the holds are as loaded).
 function Meter:save_spend()
   local f = self.f
-  redis.call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.used, fmt(self.u))
+  call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u)
   self:save_lots()
 end
 
+-- The period's fields (end, limit, purchased at its start) only when refresh() moved them.
 function Meter:save(events, user, feature)
   self:save_pending(events, user, feature)
   local f = self.f
-  redis.call('HSET', self.key, f.allocated, fmt(self.a), f.purchased, fmt(self.p), f.held, fmt(self.h + self.xh),
-    f.used, fmt(self.u), f.period_end, fmt(self.pe), f.limit, fmt(self.lim), f.purchased_at_start, fmt(self.ps))
+  if self.period_moved then
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh,
+      f.used, self.u, f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  else
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh, f.used, self.u)
+  end
   self:save_lots()
 end
 
@@ -489,26 +572,43 @@ end
 -- to or below a threshold records one `alert` event (delta 0), in this same script; the alert
 -- period and lowest threshold alerted in it (METER_FIELDS alert_period, alert_threshold) make
 -- it once per threshold per meter per period. Called after save() so the events follow the charge.
+local THRESHOLDS = {}  -- spec -> {numbers..., top = the highest}, parsed once per spec
+local function thresholds(spec)
+  local found = THRESHOLDS[spec]
+  if found then return found end
+  found = {top = -1}
+  for t in gmatch(spec, '%d+') do
+    t = tonumber(t)
+    found[#found + 1] = t
+    if t > found.top then found.top = t end
+  end
+  if #THRESHOLDS > 100 then THRESHOLDS = {} end
+  THRESHOLDS[spec] = found
+  return found
+end
+
 function Meter:alerts(events, user, feature, spec)
   if spec == nil or spec == '' or self:unlimited() then return end
-  local base = math.max(self.lim or 0, 0) + self.ps
+  local base = max(self.lim or 0, 0) + self.ps
   if base <= 0 then return end
   local avail = self:available()
+  local ts = thresholds(spec)
+  if avail * 100 > ts.top * base then return end  -- above every threshold: none can be crossed
   local f = self.f
   local lowest = 101
   if self.alpe == self.pe then lowest = self.alt or 101 end
   local now_lowest = lowest
-  for t in string.gmatch(spec, '%d+') do
-    t = tonumber(t)
+  for i = 1, #ts do
+    local t = ts[i]
     if t < lowest and avail * 100 <= t * base then
       events:add({kind = 'alert', user = user, meter = self.m, feature = feature, delta = 0, bal = self:balance(),
-        meta = cjson.encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
+        meta = json_encode({threshold = t, balance = avail, allocated = self.a, purchased = self.p,
           period_end = self.pe, base = base})})
       if t < now_lowest then now_lowest = t end
     end
   end
   if now_lowest ~= lowest then
-    redis.call('HSET', self.key, f.alert_period, fmt(self.pe), f.alert_threshold, fmt(now_lowest))
+    call('HSET', self.key, f.alert_period, self.pe, f.alert_threshold, now_lowest)
   end
 end
 
@@ -521,10 +621,10 @@ local function load_quota(q_key, subject, meter, pe, expired)
   if subject == nil or subject == '' then return nil end
   local sm = subject .. ':' .. meter
   -- Most callers have no sub-quota: read its limit alone first.
-  local lim = tonumber(redis.call('HGET', q_key, sm .. ':' .. QUOTA_FIELDS.limit))
+  local lim = tonumber(call('HGET', q_key, sm .. ':' .. QUOTA_FIELDS.limit))
   if lim == nil then return nil end
   local f = field_names(sm, QUOTA_FIELDS)
-  local v = redis.call('HMGET', q_key, f.used, f.held, f.period_end)
+  local v = call('HMGET', q_key, f.used, f.held, f.period_end)
   local used = tonumber(v[1]) or 0
   if tonumber(v[3]) ~= pe then used = 0 end
   local xh = expired[sm] or 0
@@ -538,7 +638,7 @@ end
 
 function Quota:save()
   local f = self.f
-  redis.call('HSET', self.key, f.used, fmt(self.used), f.held, fmt(self.h + self.xh), f.period_end, fmt(self.pe))
+  call('HSET', self.key, f.used, self.used, f.held, self.h + self.xh, f.period_end, self.pe)
 end
 
 -- The sub-quotas of a reservation or refund record (rec.ut, rec.tt), those still set.
@@ -546,59 +646,75 @@ local function load_quotas(q_key, rec, meter, pe, expired)
   local qs = {}
   for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
     local q = load_quota(q_key, subject, meter, pe, expired)
-    if q then table.insert(qs, q) end
+    if q then insert(qs, q) end
   end
   return qs
 end
 
 -- GCRA on the server clock. interval_us = window / limit; burst = calls allowed at once.
 -- Returns allowed, new_tat, retry_after_us, remaining, reset_us.
-local function gcra(key, interval_us, burst, now)
-  local tat = tonumber(redis.call('GET', key)) or now
+local function gcra(stored_tat, interval_us, burst, now)
+  local tat = stored_tat or now
   if tat < now then tat = now end
   local new_tat = tat + interval_us
   local allow_at = new_tat - burst * interval_us
   if now < allow_at then
     return false, tat, allow_at - now, 0, tat - now
   end
-  local remaining = math.floor((now - allow_at) / interval_us)
+  local remaining = floor((now - allow_at) / interval_us)
   return true, new_tat, 0, remaining, new_tat - now
 end
 
--- Checks every configured rate limit without writing. limits = {{key, interval_us, burst}, ...}.
--- Returns ok, the reply's rate-limit fields (of the tightest limit), and the writes to make.
+-- Checks every configured rate limit without writing. limits = {{where, interval_us, burst,
+-- stored tat}, ...}. Returns ok, the reply's rate-limit fields (of the tightest limit), and the
+-- writes to make ({where, new tat, reset}).
 local function rate_limits(limits, now)
   local ok, retry, writes = true, 0, {}
   local best_limit, best_rem, best_reset = -1, -1, 0
   for _, r in ipairs(limits) do
-    local allowed, tat, wait, rem, reset = gcra(r[1], r[2], r[3], now)
+    local allowed, tat, wait, rem, reset = gcra(r[4], r[2], r[3], now)
     if not allowed then
       ok = false
       if wait > retry then retry = wait end
     else
-      table.insert(writes, {r[1], tat, reset})
+      insert(writes, {r[1], tat, reset})
     end
     if best_rem < 0 or rem < best_rem then
       best_limit, best_rem, best_reset = r[3], rem, reset
     end
   end
-  return ok, {rl_limit = best_limit, rl_remaining = best_rem, rl_reset = math.ceil(best_reset / 1000000),
-    retry_after_ms = math.ceil(retry / 1000)}, writes
+  return ok, {rl_limit = best_limit, rl_remaining = best_rem, rl_reset = ceil(best_reset / 1000000),
+    retry_after_ms = ceil(retry / 1000)}, writes
 end
 
-local function save_rate_limits(writes)
-  for _, w in ipairs(writes) do
-    redis.call('SET', w[1], fmt(w[2]), 'PX', math.max(1, math.ceil(w[3] / 1000)))
+-- The user's window lives in the users hash, written with its registration in one HSET (the
+-- user's field is only written for a user not yet registered); key and org windows are keys
+-- that expire when the window is full again.
+local function save_rate_limits(req)
+  local writes = req.rl_writes
+  for i = 1, #writes do
+    local w = writes[i]
+    if w[1] == 'user' then
+      if req.register then
+        call('HSET', req.keys.users, req.user, '', req.user .. ':' .. USER_FIELDS.rate, w[2])
+        req.register = false
+      else
+        call('HSET', req.keys.users, req.user .. ':' .. USER_FIELDS.rate, w[2])
+      end
+    else
+      call('SET', req.keys[w[1]], w[2], 'PX', max(1, ceil(w[3] / 1000)))
+    end
   end
+  if req.register then call('HSET', req.keys.users, req.user, '') end
 end
 
 -- Reservations of an org: hash rid -> JSON record, and a zset of their expiries.
 local function release_hold(bal_key, q_key, rec)
   local m = rec.m
-  redis.call('HINCRBY', bal_key, meter_fields(m).held, -rec.held)
+  call('HINCRBY', bal_key, meter_fields(m).held, -rec.held)
   for _, subject in ipairs({rec.ut, rec.tt}) do
     if subject and subject ~= '' then
-      redis.call('HINCRBY', q_key, subject .. ':' .. m .. ':' .. QUOTA_FIELDS.held, -rec.held)
+      call('HINCRBY', q_key, subject .. ':' .. m .. ':' .. QUOTA_FIELDS.held, -rec.held)
     end
   end
 end
@@ -608,34 +724,45 @@ end
 local function expire_hold(org, events, rid, rec)
   release_hold(org.bal, org.quotas, rec)
   local f = meter_fields(rec.m)
-  local v = redis.call('HMGET', org.bal, f.allocated, f.purchased)
+  local v = call('HMGET', org.bal, f.allocated, f.purchased)
   events:add({kind = 'release', user = rec.u, meter = rec.m, feature = rec.f,
     bal = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0),
-    meta = cjson.encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
-  redis.call('HDEL', org.reservations, rid)
-  redis.call('ZREM', org.expiries, rid)
+    meta = json_encode({reservation_id = rid, held = rec.held, reason = 'expired'})})
+  call('HDEL', org.reservations, rid)
+  call('ZREM', org.expiries, rid)
 end
 
 -- Returns expired holds (at most `max` a call, oldest first) to their meters. Returns true when
 -- none is left past its expiry (fewer than `max` were due).
-local function sweep_expired(org, events, now_s, max)
-  local due = redis.call('ZRANGEBYSCORE', org.expiries, '-inf', now_s, 'LIMIT', 0, max)
+local function sweep_expired(org, events, now_s, most)
+  local due = call('ZRANGEBYSCORE', org.expiries, '-inf', now_s, 'LIMIT', 0, most)
   for _, rid in ipairs(due) do
-    local raw = redis.call('HGET', org.reservations, rid)
+    local raw = call('HGET', org.reservations, rid)
     if raw then
-      expire_hold(org, events, rid, cjson.decode(raw))
+      expire_hold(org, events, rid, json_decode(raw))
     else
-      redis.call('ZREM', org.expiries, rid)
+      call('ZREM', org.expiries, rid)
     end
   end
-  return #due < max
+  if #due >= most then return false end
+  local next_due = call('ZRANGE', org.expiries, 0, 0, 'WITHSCORES')
+  call('HSET', org.bal, HOLDS_DUE, next_due[2] or 0)
+  return true
+end
+
+-- Whether a hold may be past its expiry (or it is not known: look).
+local function holds_may_be_due(meter, now_s)
+  local due = meter.holds_due
+  return due == nil or (due > 0 and now_s >= due)
 end
 
 -- The sub-quotas a call touches (user, team), without holes (ipairs stops at a nil).
+local NO_QUOTAS = {}  -- read only
 local function quotas(req)
+  if not req.uq and not req.tq then return NO_QUOTAS end
   local qs = {}
-  if req.uq then table.insert(qs, req.uq) end
-  if req.tq then table.insert(qs, req.tq) end
+  if req.uq then insert(qs, req.uq) end
+  if req.tq then insert(qs, req.tq) end
   return qs
 end
 
@@ -643,7 +770,7 @@ end
 local function remaining(req)
   local r = req.mtr:available()
   for _, q in ipairs(quotas(req)) do
-    local a = math.max(0, q:available())
+    local a = max(0, q:available())
     if r < 0 or a < r then r = a end
   end
   return r
@@ -652,9 +779,9 @@ end
 -- Returns the stored answer of an idempotent retry, or nil. An empty fingerprint: no key given.
 local function replay(idem_key, fp)
   if fp == '' then return nil end
-  local stored = redis.call('GET', idem_key)
+  local stored = call('GET', idem_key)
   if not stored then return nil end
-  local r = cjson.decode(stored)
+  local r = json_decode(stored)
   if r.fp ~= fp then
     return reply{status = 422, code = 'invalid_request', detail = 'idempotency key reused with a different request',
       replay = 1}
@@ -664,42 +791,46 @@ end
 
 local function remember(idem_key, fp, ttl, rep)
   if fp == '' then return end
-  redis.call('SET', idem_key, cjson.encode({fp = fp, reply = rep}), 'EX', ttl)
+  call('SET', idem_key, json_encode({fp = fp, reply = rep}), 'EX', ttl)
 end
 
 -- --- The gate every decision (check, consume, reserve) goes through, step by step. ----------
 
 -- Step 1, arguments: the bound ARGV (GATE_ARGV names) becomes the request, typed in place
--- (one table a decision, not two), with the keys and the server time.
+-- (one table a decision, not two), with the keys and the server time; the plan's terms are
+-- read through it (its __index).
 local function gate_request(k, a, now)
+  setmetatable(a, plan_terms(a.terms))
   a.keys = k
   a.cost = tonumber(a.cost)
-  a.allocation = tonumber(a.allocation)
-  a.rollover = a.rollover == '1'
-  a.auto_register = a.auto_register == '1'
-  a.idem_ttl_s = tonumber(a.idem_ttl_s)
   a.shadow = a.shadow == '1'
   a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
   a.unit_cost = tonumber(a.unit_cost)
   a.min_cost = tonumber(a.min_cost) or 0
-  a.alloc_overflow = tonumber(a.alloc_overflow) or 1
   a.explain = a.explain == '1'
   a.price = a.cost  -- what the call is priced at; `cost` becomes what the waterfall charges
-  a.layers = {}  -- explain: the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
+  if a.explain then a.layers = {} end  -- the waterfall as evaluated (rate windows, sub-quotas, the meter's layers)
   a.now = now
-  a.now_s = math.floor(now / 1000000)
+  a.now_s = floor(now / 1000000)
   a.team = ''
   return a
 end
 
--- Step 2, user: a known user may belong to a team; an unknown one is registered (or refused).
+-- Step 2, user: a known user may belong to a team; an unknown one is registered (or refused)
+-- when the call is decided (save_rate_limits, refuse). Its rate window is read with it.
 local function gate_user(req, write)
   if req.user == '' then return nil end
-  local team = redis.call('HGET', req.keys.users, req.user)
+  local team
+  if req.rl_user_interval_us > 0 then
+    local v = call('HMGET', req.keys.users, req.user, req.user .. ':' .. USER_FIELDS.rate)
+    team, req.user_tat = v[1], tonumber(v[2])
+  else
+    team = call('HGET', req.keys.users, req.user)
+  end
   if team then
     req.team = team
   elseif req.auto_register then
-    if write then redis.call('HSET', req.keys.users, req.user, '') end
+    req.register = write
   else
     return {403, 'forbidden', 'unknown user ' .. req.user, 'user', 0}
   end
@@ -707,40 +838,53 @@ local function gate_user(req, write)
 end
 
 -- Step 3, rate limits (user, key, org; interval 0 = none): checked now, written on success.
--- Per limit: its key (GATE_KEYS), its two arguments and its overflow (GATE_ARGV), its layer.
+-- Per limit: where its state lives (the user's in the users hash, USER_FIELDS; the key's and
+-- the org's a key of GATE_KEYS), its two terms and its overflow (GATE_TERMS), its layer.
 -- A call past a window whose plan says `overflow: credit` (overflow = the price multiple, 0 =
 -- none) is not refused here: it is priced at the highest multiple of the windows it is past,
 -- drawn from credit only (gate_levels), and advances no window: they did not pay for it.
-local RATE_LIMITS = {{'rl_user', 'rl_user_interval_us', 'rl_user_burst', 'rl_user_overflow', 'rate:user'},
+local RATE_LIMITS = {{'user', 'rl_user_interval_us', 'rl_user_burst', 'rl_user_overflow', 'rate:user'},
   {'rl_key', 'rl_key_interval_us', 'rl_key_burst', 'rl_key_overflow', 'rate:key'},
   {'rl_org', 'rl_org_interval_us', 'rl_org_burst', 'rl_org_overflow', 'rate:org'}}
 
+local NO_RATE_LIMIT = {rl_limit = -1, rl_remaining = -1, rl_reset = 0, retry_after_ms = 0}  -- read only
+local NO_WRITES = {}  -- read only
+
 local function gate_rate_limits(req)
-  local limits, named = {}, {}
-  for i, lim in ipairs(RATE_LIMITS) do
-    local interval = tonumber(req[lim[2]])
+  local limits = nil  -- {where, interval_us, burst, stored tat, RATE_LIMITS entry}
+  for i = 1, #RATE_LIMITS do
+    local lim = RATE_LIMITS[i]
+    local interval = req[lim[2]]
     if interval > 0 and not (i == 1 and req.user == '') then
-      table.insert(limits, {req.keys[lim[1]], interval, tonumber(req[lim[3]])})
-      table.insert(named, lim)
+      local tat
+      if i == 1 then tat = req.user_tat else tat = tonumber(call('GET', req.keys[lim[1]])) end
+      limits = limits or {}
+      limits[#limits + 1] = {lim[1], interval, req[lim[3]], tat, lim}
     end
+  end
+  if not limits then
+    req.rl, req.rl_writes = NO_RATE_LIMIT, NO_WRITES
+    return nil
   end
   local ok, rl, writes = rate_limits(limits, req.now)
   req.rl, req.rl_writes = rl, writes
   if ok then
     if req.explain then
-      for _, lim in ipairs(named) do table.insert(req.layers, {layer = lim[5], had = 1, take = 1}) end
+      for _, r in ipairs(limits) do insert(req.layers, {layer = r[5][5], had = 1, take = 1}) end
     end
     return nil
   end
   local mult, refused = 0, nil
-  for i, r in ipairs(limits) do
-    local allowed = gcra(r[1], r[2], r[3], req.now)
-    local ov = tonumber(req[named[i][4]]) or 0
-    table.insert(req.layers, {layer = named[i][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
-      overflow = (not allowed and ov > 0) and ov or nil})
+  for _, r in ipairs(limits) do
+    local allowed = gcra(r[4], r[2], r[3], req.now)
+    local ov = tonumber(req[r[5][4]]) or 0
+    if req.layers then
+      insert(req.layers, {layer = r[5][5], had = allowed and 1 or 0, take = allowed and 1 or 0,
+        overflow = (not allowed and ov > 0) and ov or nil})
+    end
     if not allowed then
       if ov == 0 then
-        refused = refused or named[i][5]
+        refused = refused or r[5][5]
       elseif ov > mult then
         mult = ov
       end
@@ -749,17 +893,16 @@ local function gate_rate_limits(req)
   if refused then
     return {429, 'rate_limited', 'rate limit exceeded; retry in ' .. rl.retry_after_ms .. ' ms', refused, 0}
   end
-  req.overflow, req.rl_writes = mult, {}
+  req.overflow, req.rl_writes = mult, NO_WRITES
   return nil
 end
 
 -- Step 4, period: the meter brought to the current period and plan; a meter the plan leaves
 -- out is forbidden until credit is bought.
-local function gate_period(req, expired)
-  local meter = load_meter(req.keys.bal, req.meter, expired)
+local function gate_period(req)
+  local meter = req.mtr
   meter:refresh(req.allocation, req.period, req.rollover, req.now_s)
   meter:expire_lots(req.now_s)
-  req.mtr = meter
   if meter.lim == 0 and meter.p <= 0 and meter.pt <= 0 then
     return {403, 'plan_forbids', req.meter .. ' is not available on your plan', 'plan', 0}
   end
@@ -769,8 +912,8 @@ end
 -- A team or user sub-quota (or nil) against what the call takes: nil, or the refusal.
 local function level_fits(req, q, who, name)
   if not q then return nil end
-  local had = math.max(0, q:available())
-  if req.explain then table.insert(req.layers, {layer = 'quota:' .. who, had = had, take = math.min(had, req.cost)}) end
+  local had = max(0, q:available())
+  if req.explain then insert(req.layers, {layer = 'quota:' .. who, had = had, take = min(had, req.cost)}) end
   if req.cost > q:available() then
     return {402, 'insufficient_balance', who .. ' ' .. name .. ' quota of ' .. req.meter .. ' has ' .. had
       .. ' left, the call costs ' .. req.cost, 'quota:' .. who, had}
@@ -795,7 +938,7 @@ local function gate_levels(req, expired)
   local steps, total, short = meter:waterfall(req.cost, credit_only, req.overflow or req.alloc_overflow,
     req.alloc_overflow, req.credit_order)
   if req.explain then
-    for _, l in ipairs(steps) do table.insert(req.layers, l) end
+    for _, l in ipairs(steps) do insert(req.layers, l) end
   end
   req.steps = steps
   if not short then req.cost = total end
@@ -803,7 +946,7 @@ local function gate_levels(req, expired)
     return {429, 'rate_limited', 'rate limit exceeded and the credit of ' .. req.meter .. ' cannot pay for the call ('
       .. short.layer .. ' had ' .. short.had .. '); retry in ' .. req.rl.retry_after_ms .. ' ms', short.layer, short.had}
   elseif short then
-    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. math.max(0, meter:available())
+    return {402, 'insufficient_balance', 'balance of ' .. req.meter .. ' is ' .. max(0, meter:available())
       .. ', the call costs ' .. req.cost, short.layer, short.had}
   end
   return level_fits(req, tq, 'team', req.team) or level_fits(req, uq, 'user', req.user)
@@ -815,15 +958,119 @@ end
 local function gate(k, a, write)
   local req = gate_request(k, a, now_us())
   req.events = new_events(k.stream, req.event_id, req.now, req.org, req.key_id)
+  req.mtr = load_meter(k.bal, req.meter, NONE)
   local expired = NONE  -- what the sweep left
-  if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
-    expired = expired_holds(k.reservations, k.expiries, req.now_s)
+  if holds_may_be_due(req.mtr, req.now_s) then
+    if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
+      expired = expired_holds(k.reservations, k.expiries, req.now_s)
+    end
+    req.mtr = load_meter(k.bal, req.meter, expired)  -- as the sweep left it
   end
   local refusal = gate_user(req, write)
   local rl_refusal = gate_rate_limits(req)
-  local plan_refusal = gate_period(req, expired)
+  local plan_refusal = gate_period(req)
   local level_refusal = gate_levels(req, expired)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
+end
+
+-- --- The usual consume, straight through. ----------------------------------------------
+-- Most decisions are the same shape: no idempotency key, a user without a sub-quota, at most a
+-- user rate window (not past it), a meter in its period with no credit lots and no hold due, a
+-- charge that fits and crosses no alert threshold. usual_consume decides exactly those with
+-- the gate's rules in straight-line code (a tenth of the tables and calls of the steps above),
+-- and returns nil, having written nothing, for anything else: the gate then decides it.
+-- tests/test_usual_consume.py holds the two to the same answers, events and balances.
+local function usual_consume(k, a)
+  if a.fingerprint ~= '' or a.explain == '1' or a.shadow == '1' then return nil end
+  local t = plan_terms(a.terms).__index
+  if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
+  local now = now_us()
+  local now_s = floor(now / 1000000)
+  local meter = t.meter
+  local f = meter_fields(meter)
+  local v = call('HMGET', k.bal, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+    f.lots, f.purchased_at_start, f.alert_period, f.alert_threshold, HOLDS_DUE)
+  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[11])
+  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[7] and v[7] ~= '') then return nil end  -- refresh, lots
+  if due == nil or (due > 0 and now_s >= due) then return nil end  -- a hold may be due: the sweep
+  local al, pu, held, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
+  if lim == 0 and pu <= 0 then return nil end  -- nothing to charge from, maybe forbidden: the gate says
+  -- The user: known (or registered by this call), no sub-quota, inside its rate window.
+  local user, team, tat, new_tat, rl_rem, rl_reset = a.user, nil, nil, nil, -1, 0
+  local rl_interval, rl_burst = t.rl_user_interval_us, t.rl_user_burst
+  if user ~= '' then
+    local rate_field = user .. ':' .. USER_FIELDS.rate
+    if rl_interval > 0 then
+      local u = call('HMGET', k.users, user, rate_field)
+      team, tat = u[1], tonumber(u[2])
+    else
+      team = call('HGET', k.users, user)
+    end
+    if not team and not t.auto_register then return nil end
+    if call('HGET', k.quotas, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil end
+    if team and team ~= '' and call('HGET', k.quotas, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
+      return nil
+    end
+    if rl_interval > 0 then
+      local allowed, wait
+      allowed, new_tat, wait, rl_rem, rl_reset = gcra(tat, rl_interval, rl_burst, now)
+      if not allowed then return nil end
+    end
+  end
+  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool).
+  local cost = tonumber(a.cost)
+  local take_a, take_p, total = 0, 0, cost
+  local unlimited = lim < 0
+  if not unlimited then
+    take_a = min(al, cost)
+    local left = cost - take_a
+    if left > 0 then
+      if t.alloc_overflow == 0 and lim > 0 then return nil end
+      take_p = left * max(1, t.alloc_overflow)
+      if take_p > max(0, pu) then return nil end
+    end
+    total = take_a + take_p
+    if total > al + pu - held then return nil end
+    al, pu = al - take_a, pu - take_p
+  end
+  used = used + total
+  -- Alerts: none may be crossed here (the gate records them).
+  local spec = t.alert_thresholds
+  if spec ~= '' and not unlimited then
+    local base = max(lim, 0) + (tonumber(v[8]) or 0)
+    if base > 0 then
+      local avail = al + pu - held
+      local ts = thresholds(spec)
+      if avail * 100 <= ts.top * base then
+        local lowest = 101
+        if tonumber(v[9]) == pe then lowest = tonumber(v[10]) or 101 end
+        for i = 1, #ts do
+          if ts[i] < lowest and avail * 100 <= ts[i] * base then return nil end
+        end
+      end
+    end
+  end
+  -- Decided: write the meter, the user, the event.
+  call('HSET', k.bal, f.allocated, al, f.purchased, pu, f.used, used)
+  if user ~= '' then
+    if not team and new_tat then
+      call('HSET', k.users, user, '', user .. ':' .. USER_FIELDS.rate, new_tat)
+    elseif not team then
+      call('HSET', k.users, user, '')
+    elseif new_tat then
+      call('HSET', k.users, user .. ':' .. USER_FIELDS.rate, new_tat)
+    end
+  end
+  local src = ''
+  if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+  if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  new_events(k.stream, a.event_id, now, a.org, a.key_id):add({id = a.event_id, kind = 'consume', user = user,
+    meter = meter, feature = t.feature, delta = -(take_a + take_p), dp = -take_p, cost = total, bal = al + pu,
+    meta = a.metadata, src = src})
+  local rl_limit = -1
+  if new_tat then rl_limit = rl_burst end
+  return reply({cost = total, remaining = unlimited and -1 or al + pu - held, event_id = a.event_id,
+    sources = src, rl_limit = rl_limit, rl_remaining = rl_rem, rl_reset = ceil(rl_reset / 1000000)})
 end
 
 -- The waterfall as evaluated (check with explain): each layer, what it had and would give,
@@ -831,28 +1078,26 @@ end
 local function explained(req, refusal)
   local layers = {}
   for _, l in ipairs(req.layers) do
-    table.insert(layers, {layer = l.layer, had = l.had, gives = l.take, overflow = l.overflow})
+    insert(layers, {layer = l.layer, had = l.had, gives = l.take, overflow = l.overflow})
   end
   local out = {layers = layers}
   if req.overflow then out.overflow_cost = req.overflow end
   if refusal then out.refused_by = {layer = refusal[4], had = refusal[5], reason = refusal[2]} end
-  return cjson.encode(out)
+  return json_encode(out)
 end
 
 -- A gate decision's answer: the request's rate-limit fields, then `r`'s.
 local function decision(req, r)
-  for name, v in pairs(req.rl) do
-    if r[name] == nil then r[name] = v end
-  end
-  return reply(r)
+  return reply(r, req.rl)
 end
 
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
+  if req.register then call('HSET', req.keys.users, req.user, '') end
   req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
-    meta = cjson.encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
+    meta = json_encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
       had = refusal[5], reason = refusal[3]})})
   if req.shadow then
     return decision(req, {cost = 0, remaining = remaining(req), event_id = req.event_id, would = refusal[2]})
@@ -868,9 +1113,9 @@ local SETTLED = {commit = 'committed', release = 'released'}  -- an op's past te
 
 local function settle_start(op, k, a)
   local rid = a.reservation_id
-  local done = redis.call('GET', k.settled)
+  local done = call('GET', k.settled)
   if done then
-    local d = cjson.decode(done)
+    local d = json_decode(done)
     if d.op ~= op then
       return nil, reply{status = 409, code = 'conflict', detail = 'reservation already ' .. SETTLED[d.op],
         replay = 1}
@@ -882,12 +1127,12 @@ local function settle_start(op, k, a)
     return nil, replayed(d.reply)
   end
   local now = now_us()
-  local now_s = math.floor(now / 1000000)
+  local now_s = floor(now / 1000000)
   local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
   local swept_all = sweep_expired(k, events, now_s, 16)
-  local raw = redis.call('HGET', k.reservations, rid)
-  local rec = raw and cjson.decode(raw)
-  local expires = tonumber(redis.call('ZSCORE', k.expiries, rid))  -- as the sweep reads it
+  local raw = call('HGET', k.reservations, rid)
+  local rec = raw and json_decode(raw)
+  local expires = tonumber(call('ZSCORE', k.expiries, rid))  -- as the sweep reads it
   if rec and expires and now_s >= expires then
     -- Past its expiry: gone, swept or not, so the answer is the same whatever ran before.
     expire_hold(k, events, rid, rec)
@@ -897,15 +1142,31 @@ local function settle_start(op, k, a)
     return nil, reply{status = 404, code = 'not_found', detail = 'reservation ' .. rid .. ' not found or expired'}
   end
   release_hold(k.bal, k.quotas, rec)
-  redis.call('HDEL', k.reservations, rid)
-  redis.call('ZREM', k.expiries, rid)
+  call('HDEL', k.reservations, rid)
+  call('ZREM', k.expiries, rid)
   -- The reservation, the event sink, and the holds still stored past their expiry.
   return {rec = rec, events = events, expired = swept_all and NONE or expired_holds(k.reservations, k.expiries, now_s)},
     nil
 end
 
 local function settle_finish(op, k, a, rep)
-  redis.call('SET', k.settled, cjson.encode({op = op, fp = a.fingerprint or '', reply = rep}), 'EX',
+  call('SET', k.settled, json_encode({op = op, fp = a.fingerprint or '', reply = rep}), 'EX',
     tonumber(a.answer_ttl_s))
   return rep
+end
+
+-- The library's first call: the globals (take_globals), the compiled binders and reply.
+-- The fields a gate request gains after its arguments (gate_request and the steps).
+local REQUEST_FIELDS = {'keys', 'price', 'layers', 'now', 'now_s', 'team', 'events', 'mtr', 'rl', 'rl_writes',
+  'user_tat', 'register', 'uq', 'tq', 'steps', 'overflow'}
+local ready = false
+local function init()
+  if ready then return end
+  take_globals()
+  BINDERS[GATE_KEYS] = compile_binder(GATE_KEYS)
+  BINDERS[GATE_ARGV] = compile_binder(GATE_ARGV, REQUEST_FIELDS)
+  BINDERS[SETTLE_KEYS] = compile_binder(SETTLE_KEYS)
+  BINDERS[SETTLE_ARGV] = compile_binder(SETTLE_ARGV)
+  reply = compile_reply()
+  ready = true
 end

@@ -5,10 +5,10 @@
 local k = bind(KEYS, {'bal', 'reservations', 'expiries'})
 local per_meter = {}
 for i = 1, #ARGV, #BALANCE_ARGV do
-  table.insert(per_meter, bind({unpack(ARGV, i, i + #BALANCE_ARGV - 1)}, BALANCE_ARGV))
+  insert(per_meter, bind({unpack(ARGV, i, i + #BALANCE_ARGV - 1)}, BALANCE_ARGV))
 end
 
-local now_s = math.floor(now_us() / 1000000)
+local now_s = floor(now_us() / 1000000)
 local expired = expired_holds(k.reservations, k.expiries, now_s)
 local out = {}
 for _, a in ipairs(per_meter) do
@@ -16,6 +16,6 @@ for _, a in ipairs(per_meter) do
   m:refresh(tonumber(a.allocation), a.period, a.rollover == '1', now_s)
   m:expire_lots(now_s)
   local x, n = m:next_expiry()
-  table.insert(out, {m.a, m.p, m.h, m.u, m.pe, m.lim, m.pt, m.ps, x, n})
+  insert(out, {m.a, m.p, m.h, m.u, m.pe, m.lim, m.pt, m.ps, x, n})
 end
 return out

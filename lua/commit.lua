@@ -15,13 +15,13 @@ local m = load_meter(k.bal, rec.m, s.expired)
 -- A hold past a rate window (rec.co, its price multiple) is charged from credit only, at that multiple.
 local want = tonumber(a.units) * rec.unit * (rec.co or 1)
 local qs = load_quotas(k.quotas, rec, rec.m, m.pe, s.expired)
-local cost = math.min(want, rec.held)
-if not m:unlimited() then cost = math.min(cost, rec.co and m.p or m:balance()) end
+local cost = min(want, rec.held)
+if not m:unlimited() then cost = min(cost, rec.co and m.p or m:balance()) end
 if a.beyond_hold == '1' and want > cost and cost == rec.held then
   -- The hold is back in `available` (settle_start released it); other holds stay covered.
   local room = want - cost
-  if not m:unlimited() then room = math.min(room, m:available() - cost, rec.co and m.p - cost or room) end
-  for _, q in ipairs(qs) do room = math.min(room, q:available() - cost) end
+  if not m:unlimited() then room = min(room, m:available() - cost, rec.co and m.p - cost or room) end
+  for _, q in ipairs(qs) do room = min(room, q:available() - cost) end
   if room > 0 then cost = cost + room end
 end
 local from_a, from_p, src = m:charge(cost, rec.co ~= nil, rec.o)
@@ -29,10 +29,10 @@ for _, q in ipairs(qs) do q.used = q.used + cost; q:save() end
 m:save_spend()
 local meta = {reservation_id = a.reservation_id, held = rec.held, requested = want}
 if want > cost then meta.overage = want - cost end
-if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
+if a.metadata ~= '' then meta.request = json_decode(a.metadata) end
 local id = events:add({id = a.event_id, kind = 'commit', user = rec.u, meter = rec.m, feature = rec.f,
-  delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), meta = cjson.encode(meta), src = src})
+  delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), meta = json_encode(meta), src = src})
 -- Nothing is kept for a refund: it reads this event back (refund.lua).
 return settle_finish('commit', k, a, reply{cost = cost, remaining = m:available(), event_id = id, sources = src,
-  extra = cjson.encode({released = math.max(0, rec.held - cost), overage = math.max(0, want - cost),
+  extra = json_encode({released = max(0, rec.held - cost), overage = max(0, want - cost),
     meter = rec.m, feature = rec.f})})

@@ -1,7 +1,11 @@
--- consume: idempotency -> user -> rate limits -> period refresh -> plan gate -> org/team/user
--- levels -> charge (the waterfall: allocated, then the credit layers) -> XADD -> remember the answer.
+-- consume: the usual one straight through (usual_consume), else idempotency -> user -> rate limits
+-- -> period refresh -> plan gate -> org/team/user levels -> charge (the waterfall: allocated, then
+-- the credit layers) -> XADD -> remember the answer.
 local k = bind(KEYS, GATE_KEYS)
 local a = bind(ARGV, GATE_ARGV)
+
+local usual = usual_consume(k, a)
+if usual then return usual end
 
 local idem = replay(k.idem, a.fingerprint)
 if idem then return idem end
@@ -15,7 +19,7 @@ for _, q in ipairs(quotas(req)) do
   q.used = q.used + req.cost; q:save()
 end
 m:save(req.events, req.user, req.feature)
-save_rate_limits(req.rl_writes)
+save_rate_limits(req)
 req.events:add({id = req.event_id, kind = 'consume', user = req.user, meter = req.meter, feature = req.feature,
   delta = -(from_a + from_p), dp = -from_p, cost = req.cost, bal = m:balance(), meta = req.metadata, src = src})
 m:alerts(req.events, req.user, req.feature, req.alert_thresholds)

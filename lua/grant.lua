@@ -15,7 +15,7 @@ if k.idem2 then
   if idem then return idem end
 end
 local now = now_us()
-local now_s = math.floor(now / 1000000)
+local now_s = floor(now / 1000000)
 local events = new_events(k.stream, a.event_id, now, a.org, a.actor_key_id)
 local m = load_meter(k.bal, a.meter, expired_holds(k.reservations, k.expiries, now_s))
 m:expire_lots(now_s)
@@ -28,33 +28,33 @@ if a.take_lot == 'take_lot' then
   local left = 0
   local kept = {}
   for _, lot in ipairs(m.lots) do
-    if lot.i == lot_id then left = left + lot.n else table.insert(kept, lot) end
+    if lot.i == lot_id then left = left + lot.n else insert(kept, lot) end
   end
   m.lots = kept
   m.lots_dirty = true
-  delta = -math.min(left, m.p)
-  local md = cjson.decode(meta)
+  delta = -min(left, m.p)
+  local md = json_decode(meta)
   md.taken = -delta
-  md.lost = math.max(0, amount + delta)
-  meta = cjson.encode(md)
+  md.lost = max(0, amount + delta)
+  meta = json_encode(md)
 else
-  delta = math.max(amount, -m.p)
+  delta = max(amount, -m.p)
   if delta < 0 then m:draw_lots(-delta, m.p) end
 end
 local x = a.lot_expiry or ''
 if delta > 0 and (lot_id ~= '' or x ~= '') then
   local exp = 0
-  if string.sub(x, 1, 1) == '+' then exp = now_s + tonumber(string.sub(x, 2)) elseif x ~= '' then exp = tonumber(x) end
-  table.insert(m.lots, {i = lot_id ~= '' and lot_id or a.event_id, n = delta, x = exp})
+  if sub(x, 1, 1) == '+' then exp = now_s + tonumber(sub(x, 2)) elseif x ~= '' then exp = tonumber(x) end
+  insert(m.lots, {i = lot_id ~= '' and lot_id or a.event_id, n = delta, x = exp})
   m.lots_dirty = true
-  local md = cjson.decode(meta)
+  local md = json_decode(meta)
   if exp > 0 then md.expires_at = exp end
-  meta = cjson.encode(md)
+  meta = json_encode(md)
 end
 m.p = m.p + delta
-redis.call('HSET', k.bal, m.f.purchased, fmt(m.p))
+call('HSET', k.bal, m.f.purchased, m.p)
 m:save_lots()
-if delta > 0 then redis.call('HINCRBY', k.bal, m.f.purchased_total, delta) end
+if delta > 0 then call('HINCRBY', k.bal, m.f.purchased_total, delta) end
 local id = events:add({id = a.event_id, kind = a.kind, user = a.user, meter = a.meter, feature = '',
   delta = delta, dp = delta, cost = 0, bal = m:balance(), meta = meta})
 local rep = reply{status = 201, cost = delta, remaining = m:available(), event_id = id}

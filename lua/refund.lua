@@ -14,14 +14,14 @@ local k = bind(KEYS, {'bal', 'quotas', 'guard', 'stream', 'reservations', 'expir
 local a = bind(ARGV, {'refunded_event_id', 'event_id', 'org', 'key_id', 'metadata', 'fingerprint', 'meter',
   'allocated', 'purchased', 'cost', 'user', 'feature', 'charged_at_us', 'period', 'refund_window_s', 'sources'})
 
-local guard = redis.call('GET', k.guard)
-local old = not guard and redis.call('GET', k.legacy_record)
+local guard = call('GET', k.guard)
+local old = not guard and call('GET', k.legacy_record)
 if old then
-  old = cjson.decode(old)
-  if old.refunded then guard = cjson.encode({fp = old.refunded_fp or '', r = old.refunded}) end
+  old = json_decode(old)
+  if old.refunded then guard = json_encode({fp = old.refunded_fp or '', r = old.refunded}) end
 end
 if guard then
-  local g = cjson.decode(guard)
+  local g = json_decode(guard)
   if not g.r then  -- restored by a rebuild: refunded before it, the answer is gone
     return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
   end
@@ -38,58 +38,58 @@ if now >= closes then
   return reply{status = 404, code = 'not_found', detail = 'no refundable event ' .. a.refunded_event_id}
 end
 local rec = {m = a.meter, a = tonumber(a.allocated), p = tonumber(a.purchased), cost = tonumber(a.cost),
-  u = a.user, f = a.feature, pe = period_end(a.period, math.floor(charged_at / 1000000)), ut = '', tt = ''}
+  u = a.user, f = a.feature, pe = period_end(a.period, floor(charged_at / 1000000)), ut = '', tt = ''}
 if rec.u ~= '' then
   rec.ut = 'u:' .. rec.u
-  local team = redis.call('HGET', k.users, rec.u)
+  local team = call('HGET', k.users, rec.u)
   if team and team ~= '' then rec.tt = 't:' .. team end
 end
 local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)
-local expired = expired_holds(k.reservations, k.expiries, math.floor(now / 1000000))
+local expired = expired_holds(k.reservations, k.expiries, floor(now / 1000000))
 local m = load_meter(k.bal, rec.m, expired)
 local back_a = 0
 if rec.pe == m.pe then
   back_a = rec.a
-  m.u = math.max(0, m.u - rec.cost)
+  m.u = max(0, m.u - rec.cost)
   for _, q in ipairs(load_quotas(k.quotas, rec, rec.m, m.pe, expired)) do
-    q.used = math.max(0, q.used - rec.cost); q:save()
+    q.used = max(0, q.used - rec.cost); q:save()
   end
 end
 m.a = m.a + back_a
 local back_p, lost, back = rec.p, 0, {}
-if back_a > 0 then table.insert(back, 'allocated:' .. fmt(back_a)) end
+if back_a > 0 then insert(back, 'allocated:' .. fmt(back_a)) end
 if (a.sources or '') ~= '' then
   back_p = 0
-  local now_s = math.floor(now / 1000000)
-  for layer, n in string.gmatch(a.sources, '([^,]+):(%d+)') do
+  local now_s = floor(now / 1000000)
+  for layer, n in gmatch(a.sources, '([^,]+):(%d+)') do
     n = tonumber(n)
     if layer == 'purchased' then
       back_p = back_p + n
-      table.insert(back, layer .. ':' .. fmt(n))
-    elseif string.sub(layer, 1, 6) == 'grant:' then
-      local id, lot = string.sub(layer, 7), nil
+      insert(back, layer .. ':' .. fmt(n))
+    elseif sub(layer, 1, 6) == 'grant:' then
+      local id, lot = sub(layer, 7), nil
       for _, l in ipairs(m.lots) do if l.i == id and l.x > now_s then lot = l end end
       if lot then
         lot.n = lot.n + n
         m.lots_dirty = true
         back_p = back_p + n
-        table.insert(back, layer .. ':' .. fmt(n))
+        insert(back, layer .. ':' .. fmt(n))
       else
         lost = lost + n
       end
     end
   end
 elseif back_p > 0 then
-  table.insert(back, 'purchased:' .. fmt(back_p))
+  insert(back, 'purchased:' .. fmt(back_p))
 end
 m.p = m.p + back_p
 m:save_spend()
 local meta = {refund_of = a.refunded_event_id}
 if lost > 0 then meta.lost = lost end
-if a.metadata ~= '' then meta.request = cjson.decode(a.metadata) end
+if a.metadata ~= '' then meta.request = json_decode(a.metadata) end
 local id = events:add({id = a.event_id, kind = 'refund', user = rec.u, meter = rec.m, feature = rec.f,
-  delta = back_a + back_p, dp = back_p, cost = -rec.cost, bal = m:balance(), meta = cjson.encode(meta),
-  src = table.concat(back, ',')})
-local rep = reply{cost = back_a + back_p, remaining = m:available(), event_id = id, sources = table.concat(back, ',')}
-redis.call('SET', k.guard, cjson.encode({fp = a.fingerprint or '', r = rep}), 'PXAT', fmt(math.ceil(closes / 1000)))
+  delta = back_a + back_p, dp = back_p, cost = -rec.cost, bal = m:balance(), meta = json_encode(meta),
+  src = concat(back, ',')})
+local rep = reply{cost = back_a + back_p, remaining = m:available(), event_id = id, sources = concat(back, ',')}
+call('SET', k.guard, json_encode({fp = a.fingerprint or '', r = rep}), 'PXAT', ceil(closes / 1000))
 return rep

@@ -9,6 +9,6 @@ local rec = s.rec
 local m = load_meter(k.bal, rec.m, s.expired)
 local id = s.events:add({id = a.event_id, kind = 'release', user = rec.u, meter = rec.m, feature = rec.f,
   delta = 0, cost = 0, bal = m:balance(),
-  meta = cjson.encode({reservation_id = a.reservation_id, held = rec.held, reason = 'released'})})
+  meta = json_encode({reservation_id = a.reservation_id, held = rec.held, reason = 'released'})})
 return settle_finish('release', k, a, reply{remaining = m:available(), event_id = id,
-  extra = cjson.encode({released = rec.held})})
+  extra = json_encode({released = rec.held})})

@@ -17,17 +17,19 @@ for _, q in ipairs(quotas(req)) do
   q.h = q.h + req.cost; q:save()
 end
 m:save(req.events, req.user, req.feature)
-save_rate_limits(req.rl_writes)
-redis.call('HSET', k.reservations, req.event_id, cjson.encode({m = req.meter, held = req.cost,
+save_rate_limits(req)
+call('HSET', k.reservations, req.event_id, json_encode({m = req.meter, held = req.cost,
   unit = req.unit_cost or req.cost, u = req.user, f = req.feature, k = req.key_id, exp = expires,
   co = req.overflow, o = req.credit_order,
   ut = req.uq and req.uq.subject or '', tt = req.tq and req.tq.subject or ''}))
-redis.call('ZADD', k.expiries, expires, req.event_id)
+call('ZADD', k.expiries, expires, req.event_id)
+-- The earliest hold's expiry, once known (unknown stays unknown until a sweep learns it).
+if m.holds_due ~= nil and (m.holds_due == 0 or expires < m.holds_due) then call('HSET', k.bal, HOLDS_DUE, expires) end
 req.events:add({id = req.event_id, kind = 'reserve', user = req.user, meter = req.meter, feature = req.feature,
   delta = 0, cost = 0, bal = m:balance(),
-  meta = cjson.encode({held = req.cost, expires_at = expires, reservation_id = req.event_id})})
+  meta = json_encode({held = req.cost, expires_at = expires, reservation_id = req.event_id})})
 m:alerts(req.events, req.user, req.feature, req.alert_thresholds)
 local rep = decision(req, {status = 201, cost = req.cost, remaining = remaining(req), event_id = req.event_id,
-  extra = cjson.encode({expires_at = expires})})
+  extra = json_encode({expires_at = expires})})
 remember(k.idem, a.fingerprint, req.idem_ttl_s, rep)
 return rep

@@ -13,7 +13,7 @@ import pytest
 from conftest import ADMIN_TOKEN, test_config_data
 from quota_gw import config as config_mod
 from quota_gw.app import create_app
-from quota_gw.layout import Layout, meter_field, quota_field, quota_subject
+from quota_gw.layout import HOLDS_DUE, Layout, meter_field, quota_field, quota_subject
 
 
 async def balance(client: httpx.AsyncClient, h: dict[str, str], meter: str) -> dict:
@@ -135,8 +135,10 @@ async def test_expired_reservation_returns_its_hold(client, tenant, redis, confi
     r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 6, "ttl_s": 1}, headers=h)
     rid = r.json()["reservation_id"]
     layout = Layout(prefix, config.shards)
-    # Age the hold instead of sleeping: the expiry is a score in the org's expiry set.
+    # Age the hold instead of sleeping: the expiry is a score in the org's expiry set, and the
+    # earliest one is kept beside the balances.
     await redis.zadd(layout.expiries(org), {rid: 1})
+    await redis.hset(layout.balances(org), HOLDS_DUE, 1)
     r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 10}, headers=h)
     assert r.status_code == 200, r.text  # the sweep returned the 6 before deciding
     assert (await client.post(f"/v1/reservations/{rid}/commit", json={"units": 1}, headers=h)).status_code == 404
@@ -399,8 +401,10 @@ async def test_decision_connection_lost_mid_flight_retries_with_keys_charge_once
 # -- expired holds are gone for every reader (issue 8) --------------------------------------
 
 async def age(redis, layout: Layout, org: str, *rids: str) -> None:
-    """Puts holds past their expiry without sleeping: the expiry is a score in the org's set."""
+    """Puts holds past their expiry without sleeping: the expiry is a score in the org's set, and
+    the earliest one is kept beside the balances (layout.HOLDS_DUE)."""
     await redis.zadd(layout.expiries(org), {rid: 1 for rid in rids})
+    await redis.hset(layout.balances(org), HOLDS_DUE, 1)
 
 
 async def reserve(client, h, units: int, **kw) -> str:
@@ -408,6 +412,46 @@ async def reserve(client, h, units: int, **kw) -> str:
                           headers=h)
     assert r.status_code == 201, r.text
     return r.json()["reservation_id"]
+
+
+async def test_decisions_know_when_the_earliest_hold_expires_and_sweep_only_then(client, tenant, redis, config,
+                                                                                  prefix):
+    """Decisions read no reservation until the earliest hold's expiry (HOLDS_DUE) has come; the
+    reserve that adds an earlier hold moves it, the sweep sets it to the next one (0: none), and
+    an org without it (data written before it was kept) is swept as before, then knows it."""
+    org, h = await tenant("starter", general=100)
+    layout = Layout(prefix, config.shards)
+    bal = layout.balances(org)
+
+    async def due() -> str | None:
+        return await redis.hget(bal, HOLDS_DUE)
+
+    async def consume() -> None:
+        r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 1}, headers=h)
+        assert r.status_code == 200, r.text
+
+    await consume()
+    assert await due() == "0"  # looked once (not known yet): no hold
+    late = await reserve(client, h, 2, ttl_s=600)
+    late_at = int(await redis.zscore(layout.expiries(org), late))
+    assert await due() == str(late_at)
+    early = await reserve(client, h, 2, ttl_s=60)
+    early_at = int(await redis.zscore(layout.expiries(org), early))
+    assert early_at < late_at and await due() == str(early_at)
+    await reserve(client, h, 2, ttl_s=3000)
+    assert await due() == str(early_at)  # a later hold does not move it
+    # The earliest hold falls due (aged, not slept): the next decision sweeps it, and only it.
+    await redis.zadd(layout.expiries(org), {early: 1})
+    await redis.hset(bal, HOLDS_DUE, 1)
+    await consume()
+    assert not await redis.hexists(layout.reservations(org), early) and await redis.hexists(layout.reservations(org), late)
+    assert await due() == str(late_at)
+    # Written before the field was kept: a hold past its expiry, nothing known. Swept as before.
+    await redis.zadd(layout.expiries(org), {late: 1})
+    await redis.hdel(bal, HOLDS_DUE)
+    await consume()
+    assert not await redis.hexists(layout.reservations(org), late)
+    assert int(await due()) > late_at  # the 3000 s hold is the next
 
 
 async def test_expired_hold_is_gone_for_check_and_balance_which_write_nothing(client, tenant, redis, config, prefix):

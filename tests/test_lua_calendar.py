@@ -14,8 +14,10 @@ from quota_gw.decisions import Decider
 from quota_gw.layout import Layout
 from quota_gw.scripts import lua_dir
 
-# The library, then: period_end(spec, t) for each t in ARGV[2..].
+# The library (init() takes the globals it uses, as scripts.py does), then: period_end(spec, t)
+# for each t in ARGV[2..].
 PROBE = (lua_dir() / "_lib.lua").read_text() + """
+init()
 local out = {}
 for i = 2, #ARGV do table.insert(out, period_end(ARGV[1], tonumber(ARGV[i]))) end
 return out

@@ -66,10 +66,23 @@ def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
     ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
     _, args = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1")
     _, terms, _ = d._priced(ident, "generate_insight")
-    assert args == decisions.argv(decisions.GateArgs(event_id="e1", org="org1", user="u1", key_id="key1",
-                                                     feature="generate_insight", cost=3, fingerprint="fp1",
-                                                     metadata='{"a":1}', shadow=1, **terms))
-    assert terms["rl_user_interval_us"] > 0 and args[decisions.GATE["rl_user_burst"]] == 20
+    assert args == decisions.argv(decisions.GateArgs(
+        event_id="e1", org="org1", user="u1", key_id="key1", cost=3, fingerprint="fp1", metadata='{"a":1}',
+        shadow=1, terms=decisions.terms_text(decisions.GateTerms(**terms))))
+    # A consume's ARGV stops after `terms` (the rest are reserve's and check's: their defaults).
+    _, short = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1",
+                            whole=False)
+    assert short == args[:decisions.GATE["terms"] + 1]
+    assert all(f.default != dataclasses.MISSING for f in dataclasses.fields(decisions.GateArgs)[len(short):])
+    sent = dict(zip([f.name for f in dataclasses.fields(decisions.GateTerms)],
+                    args[decisions.GATE["terms"]].split("\t")))
+    assert terms["rl_user_interval_us"] > 0 and sent["rl_user_burst"] == "20" and sent["feature"] == "generate_insight"
+
+
+def test_the_plan_terms_are_named_in_lua_as_in_python_in_order() -> None:
+    """GateArgs.terms is positional text: GATE_TERMS (lua) binds it by the GateTerms field names."""
+    assert named_list("GATE_TERMS") == [f.name for f in dataclasses.fields(decisions.GateTerms)]
+    assert re.search(r"bind\(values, GATE_TERMS\)", code(LIB))
 
 
 def test_each_script_binds_its_keys_at_the_top() -> None:
@@ -94,6 +107,8 @@ def test_the_reply_layout_is_decision() -> None:
 def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("METER_FIELDS") == layout.METER_FIELDS
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
+    assert lua_table("USER_FIELDS") == layout.USER_FIELDS
+    assert re.search(r"local HOLDS_DUE = '(\w+)'", code(LIB)).group(1) == layout.HOLDS_DUE
     assert layout.meter_field("general", "purchased") == "general:p"
     assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
 
@@ -101,7 +116,7 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
 def test_events_add_writes_the_schema_fields_in_order() -> None:
     from quota_gw import events
 
-    xadd = re.search(r"redis\.call\('XADD', self\.stream, '\*',(.*?)\)\n", code(LIB), re.S)
+    xadd = re.search(r"call\('XADD', self\.stream, '\*',(.*?)\)\n", code(LIB), re.S)
     assert xadd
     names = re.findall(r"'(\w+)', ", xadd.group(1))
     assert tuple(names) == events.NAMES

@@ -100,17 +100,15 @@ class Decision:
 
 
 @dataclass(slots=True)
-class GateArgs:
-    """check, consume, reserve (lua/_lib.lua GATE_ARGV). Rate limits: GCRA interval (µs) and
-    burst of the user, key and org limit; interval 0 = none."""
+class GateTerms:
+    """What a plan says for one feature (lua/_lib.lua GATE_TERMS): the same for every call of a
+    (plan, the org's entitlements, feature), so it travels as one argument (GateArgs.terms,
+    the fields joined by tabs) that the library parses once and keeps (lua plan_terms): a
+    decision carries 13 arguments instead of 31. Rate limits: GCRA interval (µs) and burst of
+    the user, key and org limit; interval 0 = none."""
 
-    event_id: str
-    org: str
-    user: str
-    key_id: str
     feature: str
     meter: str
-    cost: int
     allocation: int  # -1 unlimited
     period: str
     rollover: int
@@ -122,12 +120,6 @@ class GateArgs:
     rl_org_burst: int
     auto_register: int
     idem_ttl_s: str
-    fingerprint: str  # '' = no idempotency key
-    metadata: str
-    shadow: int
-    reservation_ttl_s: str = ""  # reserve
-    unit_cost: int | str = ""  # reserve: what one unit commits at
-    min_cost: int = 0  # reserve: hold less than asked, down to this, when that is all there is
     alert_thresholds: str = ""  # '25,10,0' (lua Meter:alerts)
     # The waterfall (config Plan.overflow*): a rate window's overflow multiple (0: refuse past it),
     # the allocation's (0: no credit past it), the credit layers' order ('gp' grants first, 'pg').
@@ -136,6 +128,30 @@ class GateArgs:
     rl_org_overflow: int = 0
     alloc_overflow: int = 1
     credit_order: str = "gp"
+
+
+def terms_text(terms: GateTerms) -> str:
+    """GateArgs.terms: the fields in order, joined by tabs (no field holds a tab: names match
+    NAME_RE, the rest are numbers and short codes)."""
+    return "\t".join(str(v) for v in argv(terms))
+
+
+@dataclass(slots=True)
+class GateArgs:
+    """check, consume, reserve (lua/_lib.lua GATE_ARGV): the call, then its plan's terms."""
+
+    event_id: str
+    org: str
+    user: str
+    key_id: str
+    cost: int
+    fingerprint: str  # '' = no idempotency key
+    metadata: str
+    shadow: int
+    terms: str  # terms_text(GateTerms)
+    reservation_ttl_s: str = ""  # reserve
+    unit_cost: int | str = ""  # reserve: what one unit commits at
+    min_cost: int = 0  # reserve: hold less than asked, down to this, when that is all there is
     explain: int = 0  # check: answer the waterfall as evaluated (Decision.extra)
 
 
@@ -209,7 +225,8 @@ class BalanceArgs:
 SCRIPT_ARGS: dict[str, type] = {"check": GateArgs, "consume": GateArgs, "reserve": GateArgs, "commit": SettleArgs,
                                 "release": SettleArgs, "refund": RefundArgs, "grant": GrantArgs,
                                 "balance": BalanceArgs}
-_GETTERS = {cls: operator.attrgetter(*[f.name for f in dataclasses.fields(cls)]) for cls in set(SCRIPT_ARGS.values())}
+_GETTERS = {cls: operator.attrgetter(*[f.name for f in dataclasses.fields(cls)])
+            for cls in {*SCRIPT_ARGS.values(), GateTerms}}
 
 
 def argv(args: Any) -> list[Any]:
@@ -222,9 +239,8 @@ def argv(args: Any) -> list[Any]:
 # with the per-call fields set by these positions: the same list as argv(GateArgs(...)) gives
 # (tests/test_lua_interface.py), at a tenth of the cost on the hot path.
 GATE = {f.name: i for i, f in enumerate(dataclasses.fields(GateArgs))}
-_G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW = (
-    GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow"))
-_G_RATE_LIMITS = [GATE[f"rl_{who}_{what}"] for who in ("user", "key", "org") for what in ("interval_us", "burst")]
+_G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW, _G_TERMS = (
+    GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow", "terms"))
 
 
 def new_id() -> str:
@@ -262,7 +278,7 @@ class Decider:
         self._stream_reads = self._coalescer if isinstance(self._coalescer, Lanes) else redis  # charges.find
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)
-        self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any]]] = {}
+        self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any], str]] = {}
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
@@ -276,43 +292,53 @@ class Decider:
         return p
 
     def _priced(self, ident: Identity, feature: str) -> tuple[str, dict[str, Any], list[Any]]:
-        """The plan's terms for a feature's meter (GateArgs fields) and the gate's ARGV template,
+        """The plan's terms for a feature's meter (GateTerms fields) and the gate's ARGV template,
         computed once per (plan, the org's entitlements, feature): an org's override is its own
-        template, found with the same one dict lookup."""
+        template, found with the same one dict lookup. The template's `terms` argument is the
+        terms as text, or (its 4th item) the same without rate limits (a replayed call)."""
         hit = self._terms.get((ident.plan, ident.entitlements, feature))
         if hit is None:
             meter = self.config.features[feature].meter
             plan = self.plan(ident)
             rl = plan.rate_limits
-            terms: dict[str, Any] = {"meter": meter, "allocation": plan.allocation(meter), "period": plan.period,
-                                     "rollover": int(plan.rollover)}
+            terms: dict[str, Any] = {"feature": feature, "meter": meter, "allocation": plan.allocation(meter),
+                                     "period": plan.period, "rollover": int(plan.rollover)}
             for name, lim in (("user", rl.user), ("key", rl.key), ("org", rl.org)):
                 terms[f"rl_{name}_interval_us"], terms[f"rl_{name}_burst"] = \
                     (lim.interval_us, lim.burst_or_limit) if lim else (0, 0)
             terms.update(entitlements.gate_terms(plan, ident.entitlements))
             terms.update(auto_register=int(self.config.behaviour.auto_register_users), idem_ttl_s=self._ttl[0],
                          alert_thresholds=self._alerts)
-            template = argv(GateArgs(event_id="", org="", user="", key_id="", feature=feature, cost=0,
-                                     fingerprint="", metadata="", shadow=0, **terms))
+            text = terms_text(GateTerms(**terms))
+            unlimited = terms_text(GateTerms(**{**terms, **{f"rl_{who}_{what}": 0 for who in ("user", "key", "org")
+                                                             for what in ("interval_us", "burst")}}))
+            template = argv(GateArgs(event_id="", org="", user="", key_id="", cost=0, fingerprint="", metadata="",
+                                     shadow=0, terms=text))
             if len(self._terms) > 10_000:  # overrides are few; bound it anyway
                 self._terms.clear()
-            hit = self._terms[(ident.plan, ident.entitlements, feature)] = (meter, terms, template)
-        return hit
+            hit = self._terms[(ident.plan, ident.entitlements, feature)] = (meter, terms, template, unlimited)
+        return hit[0], hit[1], hit[2]
+
+    def _unlimited_terms(self, ident: Identity, feature: str) -> str:
+        self._priced(ident, feature)
+        return self._terms[(ident.plan, ident.entitlements, feature)][3]
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
                    fingerprint: str, metadata: bytes | None, shadow: bool,
-                   event_id: str | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate."""
+                   event_id: str | None = None, whole: bool = True) -> tuple[list[str], list[Any]]:
+        """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate. Not `whole`
+        (a consume): ARGV stops after `terms`; the fields after it are reserve's and check's, and
+        one left out is its default (every argument Redis receives costs it)."""
         L, org = self.layout, ident.org_id
         _, _, template = self._priced(ident, feature)
         event_id = event_id or new_id()
         keys = [
             L.balances(org), L.quotas(org), L.users(org),
-            L.rate(org, "u", user), L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
+            L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
             L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
             L.stream(org), L.reservations(org), L.expiries(org),
         ]
-        args = template.copy()
+        args = template.copy() if whole else template[:_G_TERMS + 1]
         args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
         args[_G_FP] = fingerprint if idem else ""
         args[_G_META] = metadata.decode() if metadata else ""
@@ -332,10 +358,10 @@ class Decider:
         """`rate_limit=False`: for a call that already happened (the fail-open spool's replay)."""
         t0 = time.perf_counter()
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
-                                     fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow)
+                                     fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow,
+                                     whole=False)
         if not rate_limit:  # no user, key or org rate limit
-            for i in _G_RATE_LIMITS:
-                args[i] = 0
+            args[_G_TERMS] = self._unlimited_terms(ident, feature)
         d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
         return self._observed("consume", ident, feature, d, t0)
 

@@ -30,11 +30,23 @@ METER_FIELDS = {
 }
 # Quota hash (Layout.quotas), one group per subject and meter, '<u|t>:<subject>:<meter>:<suffix>':
 QUOTA_FIELDS = {"limit": "lim", "used": "used", "held": "h", "period_end": "pe"}
+# The balance hash's one org field: when the earliest live hold expires (unix s, 0 none; absent:
+# not known). Decisions look for expired holds only once it has come (lua/_lib.lua HOLDS_DUE).
+HOLDS_DUE = "holds_due"
+# Users hash (Layout.users): '<user>' = the user's team ('' none), and '<user>:<suffix>' = the
+# user's state the gate keeps beside it: its rate window (GCRA theoretical arrival time, µs),
+# read with the registration in one HMGET and written in one HSET. A user id has no ':'.
+USER_FIELDS = {"rate": "rl"}
 
 
 def meter_field(meter: str, name: str) -> str:
     """A field of the balance hash: meter_field('general', 'purchased') == 'general:p'."""
     return f"{meter}:{METER_FIELDS[name]}"
+
+
+def user_field(user: str, name: str) -> str:
+    """A user's state in the users hash: user_field('u1', 'rate') == 'u1:rl'."""
+    return f"{user}:{USER_FIELDS[name]}"
 
 
 def quota_subject(scope: str, subject: str) -> str:

