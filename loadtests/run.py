@@ -133,7 +133,8 @@ async def check(pg_url: str, redis_url: str, prefix: str, shards: int, orgs: lis
     layout = Layout(prefix, shards)
     for org in orgs:
         for field, v in r.hgetall(layout.balances(org)).items():
-            if field.rsplit(":", 1)[1] in ("a", "p", "h") and int(v) < 0:
+            meter, _, suffix = field.rpartition(":")  # '<meter>:<suffix>'; holds_due is the org's
+            if meter and suffix in ("a", "p", "h") and int(v) < 0:
                 problems.append(f"overspend: Redis {org} {field} = {v}")
     return problems
 

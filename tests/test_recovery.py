@@ -20,7 +20,7 @@ import pytest
 from conftest import Admin, test_config_data
 from quota_gw import db
 from quota_gw.app import create_app
-from quota_gw.layout import METER_FIELDS, QUOTA_FIELDS, Layout, meter_field
+from quota_gw.layout import HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, USER_FIELDS, Layout, meter_field
 from sync_worker.recovery import reconcile
 from worker_support import QUOTA_GW, WorkerProc, wait_drained, write_config
 
@@ -79,11 +79,14 @@ async def snapshot(redis, iso: Any, orgs: list[str]) -> dict[str, Any]:
     for o in orgs:
         bal = await redis.hgetall(L.balances(o))
         # A missing a/p/u/pt reads as 0 (lua/_lib.lua load_meter); rebuild may write the 0.
-        out[f"b:{o}"] = {k: v for k, v in bal.items()
-                         if not k.endswith(":" + HELD) and not (v == "0" and k.rsplit(":", 1)[1] in ZERO_IS_MISSING)}
+        # holds_due is not restored (rebuild releases the holds; absent, the next decision looks).
+        out[f"b:{o}"] = {k: v for k, v in bal.items() if k != HOLDS_DUE
+                         and not k.endswith(":" + HELD) and not (v == "0" and k.rsplit(":", 1)[1] in ZERO_IS_MISSING)}
         q = await redis.hgetall(L.quotas(o))
         out[f"q:{o}"] = {k: v for k, v in q.items() if not k.endswith(":" + QUOTA_FIELDS["held"])}
-        out[f"users:{o}"] = await redis.hgetall(L.users(o))
+        # A user's team is restored; its rate window (USER_FIELDS) is not: it starts afresh.
+        out[f"users:{o}"] = {k: v for k, v in (await redis.hgetall(L.users(o))).items()
+                             if not any(k.endswith(":" + suffix) for suffix in USER_FIELDS.values())}
         out[f"org:{o}"] = await redis.hgetall(L.org(o))
     async for k in redis.scan_iter(match=f"{iso.prefix}:key:*", count=5000):
         out[k] = await redis.hgetall(k)
