@@ -209,7 +209,7 @@ class Gateway(Starlette):
 
         try:
             await app(scope, receive, sending)
-        except Exception as e:  # noqa: BLE001 - rendered (or re-raised) as Starlette would
+        except Exception as e:  # rendered (or re-raised) as Starlette would
             if started:
                 raise
             scope[_DIRECT] = functools.partial(_reraise, e)

@@ -2,10 +2,9 @@
 
 Why not aiohttp's client: the proxy sends one small request and relays one answer per call,
 and aiohttp's generality (a request and a response object with multidicts, a payload
-registry, a body-writing task, trace hooks, a cookie filter) cost ~110 µs of CPU a call,
-a quarter of an LLM call's whole cost in the gateway. This client writes the request in one
-`write` and hands the answer's bytes over as the parser yields them (docs/benchmarks.md,
-"Sidecar, round 3"). What it keeps of aiohttp's behaviour: the request line and Host as
+registry, a body-writing task, trace hooks, a cookie filter) cost ~90 µs of CPU per JSON
+call where this client, which writes the request in one `write` and hands the answer's bytes
+over as the parser yields them, costs ~50 (docs/benchmarks.md, "Sidecar, round 3"). What it keeps of aiohttp's behaviour: the request line and Host as
 yarl would make them, `Accept: */*` when the caller sent none, `Content-Length` on every
 method that may carry a body, TLS for https upstreams, no cookies, no redirects followed,
 bodies passed through untouched (no decompression).
@@ -338,8 +337,8 @@ class Pool:
         data = text.encode("utf-8")  # as aiohttp wrote them
         conn = self._pick(origin) or await self._connect(origin, connect_timeout)
         self.busy.add(conn)
-        conn.send(data, body, method == "HEAD", read_timeout)
         try:
+            conn.send(data, body, method == "HEAD", read_timeout)
             return await conn.head()
         except BaseException:
             conn.close()
