@@ -63,7 +63,13 @@ def drive(path: str, n: int) -> None:
     async def one() -> None:
         sent: list[dict] = []
 
+        received = False
+
         async def receive() -> dict:
+            nonlocal received
+            if received:  # the client stays connected: the proxy's watch for a disconnect waits
+                await asyncio.Future()
+            received = True
             return {"type": "http.request", "body": body, "more_body": False}
 
         async def send(message: dict) -> None:

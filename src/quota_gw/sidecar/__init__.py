@@ -1,7 +1,7 @@
 """The sidecar: configured routes forwarded to their upstream, charged and settled.
 
 A proxied call is authenticated, decided in one Redis script, forwarded over a pooled
-aiohttp client (chosen by measurement, docs/benchmarks.md) and streamed back chunk by chunk;
+client of its own (pool.py, chosen by measurement, docs/benchmarks.md) and streamed back chunk by chunk;
 each call then settles exactly once, by how it ended. One module per step:
 
 | module          | what                                                                  |

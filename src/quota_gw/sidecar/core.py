@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import aiohttp
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
@@ -26,7 +25,7 @@ from ..redis_errors import REDIS_DOWN
 from ..spool import Spool, replay_forever
 from . import pool
 from .admission import admit, hold, store_down
-from .forwarding import forward, read_body, timeout_of
+from .forwarding import forward, read_body
 from .headers import Headers
 from .routing import RouteTable, target
 from .settling import Charge
@@ -45,9 +44,8 @@ class Sidecar:
         # One folder per key prefix: a replayer must only replay into the Redis it was spooled for.
         spool_dir = os.environ.get("QUOTA_GW_SPOOL_DIR") or ctx.config.behaviour.spool_dir
         self.spool = Spool(os.path.join(spool_dir, ctx.decider.layout.prefix))
-        # One pooled client per upstream keep-alive setting (aiohttp sets it per connector).
-        self.sessions: dict[float, aiohttp.ClientSession] = {}
-        self.timeouts = {id(r): timeout_of(r) for r in self.table.routes}
+        # One connection pool per upstream keep-alive setting.
+        self.pools: dict[float, pool.Pool] = {}
         self._replayer: asyncio.Task[None] | None = None
 
     @property
@@ -56,7 +54,7 @@ class Sidecar:
 
     async def start(self) -> None:
         for keepalive in {r.upstream_keepalive_s for r in self.routes} or {DEFAULT_KEEPALIVE_S}:
-            self.sessions[keepalive] = pool.session(keepalive)
+            self.pools[keepalive] = pool.Pool(keepalive)
         self._replayer = asyncio.create_task(replay_forever(self.spool, self.ctx.decider), name="spool-replay")
 
     async def stop(self) -> None:
@@ -67,8 +65,8 @@ class Sidecar:
             except asyncio.CancelledError:
                 pass
         self.spool.rotate()
-        for session in self.sessions.values():
-            await session.close()
+        for p in self.pools.values():
+            await p.close()
 
     async def authenticate(self, request: Request, route: RouteConfig) -> tuple[Identity, bool]:
         """(identity, redis_down). With Redis down, a fail-open route reads the key from Postgres."""
@@ -111,8 +109,7 @@ class Sidecar:
             charge = Charge(self, route, ident, user)
         else:
             charge = await admit(self, route, ident, user, request.method, redis_down)
-        await forward(self.sessions[route.upstream_keepalive_s], self.timeouts[id(route)], route, request, send,
-                      url, headers, body, charge)
+        await forward(self.pools[route.upstream_keepalive_s], route, request, send, url, headers, body, charge)
 
 
 class Endpoint:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import aiohttp
 from starlette.requests import Request
 from starlette.types import Receive, Send
 
@@ -25,7 +24,7 @@ from .settling import Charge
 
 log = logging.getLogger("quota_gw.proxy")
 
-UPSTREAM_DOWN = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+UPSTREAM_DOWN = (OSError, TimeoutError)  # pool.py's errors: the socket's, ServerDisconnected, BadResponse
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
 
 
@@ -42,17 +41,13 @@ async def read_body(request: Request) -> bytes:
     return b"".join(parts)
 
 
-def timeout_of(route: RouteConfig) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout_s, sock_read=route.timeout_s)
-
-
-async def forward(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout, route: RouteConfig,
-                  request: Request, send: Send, url: str, headers: list[tuple[str, str]], body: bytes,
-                  charge: Charge) -> None:
+async def forward(upstream: pool.Pool, route: RouteConfig, request: Request, send: Send, url: str,
+                  headers: list[tuple[str, str]], body: bytes, charge: Charge) -> None:
     answered = False
     try:
         try:
-            resp = await pool.send(session, request.method, url, headers, body, timeout)
+            resp = await upstream.request(request.method, url, headers, body, route.connect_timeout_s,
+                                          route.timeout_s)
         except TimeoutError:
             await charge.failed("timeout")
             raise Problem(504, "upstream_timeout", f"the upstream did not answer within {route.timeout_s:g} s; "
@@ -69,9 +64,9 @@ async def forward(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout
             await asyncio.shield(charge.abandoned() if answered else charge.failed("error"))
 
 
-async def relay(request: Request, send: Send, resp: aiohttp.ClientResponse, charge: Charge) -> None:
+async def relay(request: Request, send: Send, resp: pool.Response, charge: Charge) -> None:
     charge.status = resp.status
-    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+    sse = resp.content_type.startswith(b"text/event-stream")
     charge.start(sse)
     if resp.status in charge.route.refund_statuses:
         # Known failure before a byte is sent: settle first, so the quota headers are true.
@@ -84,12 +79,12 @@ async def relay(request: Request, send: Send, resp: aiohttp.ClientResponse, char
     out = [(k.lower(), v) for k, v in resp.raw_headers if header_key(k) not in drop]
     out += ours
     start = {"type": "http.response.start", "status": resp.status, "headers": out}
-    if resp.content.is_eof():
+    if resp.complete():
         # The whole body came with the head (most small answers): nothing left to stream, so
         # no copy and watch tasks. It settles before anything is sent, and the body goes out
         # as the last message: one write for body and end (a chunked answer's end was a write
         # of its own, and a wake-up of the client).
-        body = resp.content.read_nowait()
+        body = resp.read_now()
         body = (charge.feed(body) if body else b"") + charge.flush()
         await charge.succeeded()
         try:
@@ -110,13 +105,13 @@ async def relay(request: Request, send: Send, resp: aiohttp.ClientResponse, char
         await charge.failed("cut mid-response")
 
 
-async def pump(resp: aiohttp.ClientResponse, receive: Receive, send: Send,
+async def pump(resp: pool.Response, receive: Receive, send: Send,
                feed: Callable[[bytes], bytes]) -> str:
     """Copies the upstream body to the client as it arrives. Returns 'done', 'disconnect'
     (the client went away: stop reading, the upstream is closed) or 'upstream' (it broke)."""
 
     async def copy() -> None:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.chunks():
             out = feed(chunk)
             if out:
                 try:
