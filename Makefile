@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 dev: $(STAMP)
-	$(VENV)/bin/quota-gw dev --config examples/quota-gw.yaml
+	$(VENV)/bin/quota-gw dev --config examples/quota-gw.yaml --authorize-port 8081
 
 test: lint system-deps
 	$(PY) -m pytest -q

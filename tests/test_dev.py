@@ -21,7 +21,7 @@ from quota_gw.embedded import free_port, reachable
 
 
 async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
-    up_port, gw_port = free_port(), free_port()
+    up_port, gw_port, authz_port = free_port(), free_port(), free_port()
     cfg = (ROOT / "examples" / "quota-gw.yaml").read_text().replace("127.0.0.1:9100", f"127.0.0.1:{up_port}")
     (tmp_path / "quota-gw.yaml").write_text(cfg)
     env = {k: v for k, v in os.environ.items()
@@ -29,7 +29,7 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
                         "QUOTA_GW_SPOOL_DIR")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "quota_gw.cli", "dev", "--config", "quota-gw.yaml", "--port", str(gw_port),
-        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "--authorize-port", str(authz_port), cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out: list[str] = []
     try:
         async with asyncio.timeout(120):
@@ -60,6 +60,12 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
             assert r.status_code == 200 and r.json()["meters"] == (await c.get("/v1/balance", headers=h)).json()["meters"]
             assert re.search(rf"ops:\s+http://127\.0\.0\.1:{gw_port}/ops", text)
             assert (await c.get("/ops")).status_code == 200
+        # nginx's auth subrequest on the authorize port (examples/nginx.conf): the route's decision
+        assert re.search(rf"authorize:\s+http://127\.0\.0\.1:{authz_port}/v1/authorize", text)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{authz_port}", timeout=30) as a:
+            r = await a.head("/v1/authorize", headers={**h, "X-Original-URI": "/ai/goals", "X-Original-Method": "POST"})
+            assert r.status_code == 200 and r.headers["X-Quota-Remaining"], r.headers
+            assert (await a.head("/v1/authorize", headers={"X-Original-URI": "/ai/goals"})).status_code == 401
         await _banner_examples_work(text)
     finally:
         if proc.returncode is None:
@@ -69,7 +75,7 @@ async def test_dev_starts_serves_a_demo_call_and_stops_cleanly(tmp_path: Path):
             rc = await proc.wait()
     assert rc == 0, "".join(out) + rest
     assert rest.rstrip().endswith("stopped")
-    assert not any(reachable("127.0.0.1", p) for p in (*ports, gw_port, up_port))
+    assert not any(reachable("127.0.0.1", p) for p in (*ports, gw_port, up_port, authz_port))
 
 
 async def _banner_examples_work(text: str) -> None:

@@ -170,7 +170,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         return runner(run_dev(cfg, args.config or os.environ.get("QUOTA_GW_CONFIG"), args.host, args.port,
-                              Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker))
+                              Path(args.data_dir), args.redis_port, args.pg_port, worker=not args.no_worker,
+                              authorize_port=args.authorize_port))
     except DevExtraMissing as e:  # no dev extra and no REDIS_URL/DATABASE_URL: one line, exit 2
         print(f"quota-gw dev: {e}", file=sys.stderr)
         return 2
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg-port", type=int, default=_env_int("QUOTA_GW_DEV_PG_PORT"),
                    help="embedded Postgres port (default: a free port)")
     p.add_argument("--no-worker", action="store_true", help="do not start the sync worker")
+    p.add_argument("--authorize-port", type=int, default=None,
+                   help="also answer /v1/authorize alone on this port, for nginx auth_request "
+                        "(examples/nginx.conf asks 8081; `make dev` passes it)")
 
     args = parser.parse_args(argv)
     name = " ".join(x for x in (args.command, getattr(args, "subcommand", None)) if x)

@@ -145,7 +145,10 @@ def _admin_token(data_dir: Path) -> str:
 
 
 async def run(config: Config, config_path: str | None, host: str, port: int, data_dir: Path,
-              redis_port: int | None, pg_port: int | None, worker: bool = True) -> int:
+              redis_port: int | None, pg_port: int | None, worker: bool = True,
+              authorize_port: int | None = None) -> int:
+    """`authorize_port`: the gateway also answers `/v1/authorize` alone there (sidecar/listener.py),
+    where examples/nginx.conf asks (8081, which `make dev` passes)."""
     from . import embedded
     from . import pages
     from .app import create_app
@@ -192,7 +195,9 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
                 await stack.enter_async_context(serve(create_demo_app(latency_ms=20, token_delay_ms=10),
                                                       up_host, up_port))
                 _say(f"  upstream:   http://{up_host}:{up_port} (demo OpenAI-compatible model)")
-            gw = await stack.enter_async_context(serve(create_app(config, redis_url, database_url), host, port,
+            authorize = f"{host}:{authorize_port}" if authorize_port else None
+            gw = await stack.enter_async_context(serve(create_app(config, redis_url, database_url,
+                                                                  authorize_listen=authorize), host, port,
                                                        log_level="info"))
             base = f"http://{host}:{gw.port}"
             plan = "pro" if "pro" in config.plans else (config.default_plan or next(iter(config.plans)))
@@ -212,6 +217,8 @@ async def run(config: Config, config_path: str | None, host: str, port: int, dat
                 _say("  worker:     not started (`quota-gw worker` is unavailable or no --config was given); "
                      "events stay in the Redis streams until a worker runs")
             _say(f"  gateway:    {base}")
+            if authorize:
+                _say(f"  authorize:  http://{authorize}/v1/authorize   (nginx auth_request: examples/nginx.conf)")
             _say(f"  dashboard:  {pages.dashboard_url(base, DEMO_ORG, int(time.time()) + DEV_LINK_TTL_S)}")
             _say(f"              (signed read-only link for {DEMO_ORG!r}, 12 h; "
                  f"or open {base}/dashboard and enter the key)")
