@@ -28,20 +28,24 @@ import redis.asyncio as aioredis
 from quota_gw.entitlements import canonical
 from quota_gw.layout import QUOTA_FIELDS, USER_FIELDS, Layout, quota_field, quota_subject
 
-# Users Postgres knows, as rebuild writes them (recovery.USERS, for a set of orgs): the users
-# table, plus users registered on first use, who appear only in the ledger.
+# Users Postgres knows, as rebuild writes them (recovery.USERS): the users table, plus users
+# registered on first use, who appear only in the ledger. {where}: all orgs (then no filter: an
+# org_id = ANY(every org) test per ledger row cost more than the rest of the check), or one.
+# The ledger's users are grouped before the anti-join (fewer rows to probe; bench/reconcile_config.py).
 USERS = """
-SELECT org_id, user_id, coalesce(team, '') AS team FROM users WHERE org_id = ANY($1)
-UNION
-SELECT DISTINCT org_id, user_id, '' FROM usage_events e
-WHERE org_id = ANY($1) AND user_id IS NOT NULL AND NOT (kind = 'denied' AND metadata ->> 'code' = 'forbidden')
-  AND NOT EXISTS (SELECT 1 FROM users u WHERE u.org_id = e.org_id AND u.user_id = e.user_id)
+SELECT org_id, user_id, coalesce(team, '') AS team FROM users WHERE true {where}
+UNION ALL
+SELECT org_id, user_id, '' FROM (
+    SELECT org_id, user_id FROM usage_events
+    WHERE user_id IS NOT NULL AND NOT (kind = 'denied' AND metadata ->> 'code' = 'forbidden') {where}
+    GROUP BY 1, 2) e
+WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.org_id = e.org_id AND u.user_id = e.user_id)
 """
 
 ORGS = """SELECT o.org_id, o.plan, e.entitlements::text AS entitlements FROM orgs o
-          LEFT JOIN org_entitlements e USING (org_id) WHERE o.org_id = ANY($1)"""
+          LEFT JOIN org_entitlements e USING (org_id) WHERE true {where}"""
 
-QUOTAS = "SELECT org_id, meter, scope, subject, quota FROM sub_quotas WHERE org_id = ANY($1)"
+QUOTAS = "SELECT org_id, meter, scope, subject, quota FROM sub_quotas WHERE true {where}"
 
 _LIMIT = ":" + QUOTA_FIELDS["limit"]
 _USER_STATE = tuple(":" + s for s in USER_FIELDS.values())
@@ -121,12 +125,13 @@ async def config_drift(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout
     entries = [f for f in await stream_entries(r, layout) if f.get("org") in wanted]
     async with pg.transaction(isolation="repeatable_read", readonly=True):
         pending = await not_in_ledger(pg, entries)
-        pg_orgs = {x["org_id"]: x for x in await pg.fetch(ORGS, orgs)}
+        where, args = ("", []) if org is None else ("AND org_id = $1", [org])
+        pg_orgs = {x["org_id"]: x for x in await pg.fetch(ORGS.format(where=where), *args)}
         pg_users: dict[str, dict[str, str]] = defaultdict(dict)
-        for u in await pg.fetch(USERS, orgs):
+        for u in await pg.fetch(USERS.format(where=where), *args):
             pg_users[u["org_id"]][u["user_id"]] = u["team"]
         pg_quotas: dict[str, dict[str, str]] = defaultdict(dict)
-        for q in await pg.fetch(QUOTAS, orgs):
+        for q in await pg.fetch(QUOTAS.format(where=where), *args):
             field = quota_field(quota_subject(q["scope"], q["subject"]), q["meter"], "limit")
             pg_quotas[q["org_id"]][field] = str(q["quota"])
     for o, u in _stream_users(pending, wanted):
