@@ -196,6 +196,7 @@ class RebuildReport:
     lots_not_restored: int = 0
     entitlements: int = 0
     config_removed: int = 0
+    config_set: int = 0  # after the writes: a user of an event not drained (--force), or a write racing
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -278,7 +279,8 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     # What the writes above cannot undo over a Redis that had state (--force): configuration
     # Postgres no longer has (users, sub-quota limits, orgs) is removed, so reconcile is clean.
     fixed, _ = await repair_config(r, pg, layout)
-    rep.config_removed = len(fixed)
+    rep.config_removed = sum(d.postgres is None for d in fixed)
+    rep.config_set = len(fixed) - rep.config_removed
     return rep
 
 
@@ -745,6 +747,8 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         if rep.config_removed:
             print(f"quota-gw rebuild: {rep.config_removed} configuration fields Postgres does not have were removed "
                   "from Redis (users, sub-quota limits, orgs)")
+        if rep.config_set:
+            print(f"quota-gw rebuild: {rep.config_set} more configuration fields were set as Postgres says")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
