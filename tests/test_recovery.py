@@ -1,5 +1,5 @@
 """SPEC §3.6 recoverability: `quota-gw rebuild` restores Redis from Postgres, `quota-gw
-reconcile` reports drift (and exits non-zero on it). Runs in a database and key prefix of its
+reconcile` reports drift, of balances and of configuration (and exits non-zero on it). Runs in a database and key prefix of its
 own, through the real gateway API, a real worker and the real commands."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from conftest import Admin, test_config_data
 from quota_gw import db
 from quota_gw.app import create_app
 from quota_gw.layout import HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, USER_FIELDS, Layout, meter_field
+from sync_worker.config_drift import config_drift
 from sync_worker.recovery import reconcile
 from worker_support import QUOTA_GW, WorkerProc, wait_drained, write_config
 
@@ -200,7 +201,9 @@ async def test_reconcile_is_clean_under_live_traffic(iso, redis) -> None:
         for _ in range(500):  # at most 2,000 events: the checks read every entry of the streams
             if stop.is_set():
                 break
-            rs = await asyncio.gather(*(c.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+            # New users on the way: each registered on first use, its event in the stream until drained.
+            rs = await asyncio.gather(*(c.post("/v1/consume", json={"feature": "generate_insight",
+                                                                   "user_id": f"u{n % 40}"}, headers=h)
                                         for h in keys))
             n += sum(r.status_code == 200 for r in rs)
         return n
@@ -208,8 +211,10 @@ async def test_reconcile_is_clean_under_live_traffic(iso, redis) -> None:
     task = asyncio.create_task(load())
     checks = []
     # Before the worker starts every event is in the streams only; then they drain meanwhile.
+    configs = []
     for _ in range(2):
         checks.append(await reconcile(redis, iso.pg, iso.layout))
+        configs.append(await config_drift(redis, iso.pg, iso.layout))
     w = iso.worker("live")
     await w.start()
     deadline = asyncio.get_running_loop().time() + 10
@@ -218,11 +223,121 @@ async def test_reconcile_is_clean_under_live_traffic(iso, redis) -> None:
         await asyncio.sleep(0.05)
     for _ in range(4):
         checks.append(await reconcile(redis, iso.pg, iso.layout))
+        configs.append(await config_drift(redis, iso.pg, iso.layout))
     stop.set()
     assert await task > 0
     assert all(d == [] for d, _ in checks), [d for d, _ in checks if d][0][:5]
+    assert all(d == [] for d, _ in configs), [d for d, _ in configs if d][0][:5]
     assert checks[0][1]["undrained"] > 0
     await wait_drained(redis, iso.layout, 30, w)
     assert await w.stop() == 0
     drift, stats = await reconcile(redis, iso.pg, iso.layout)
     assert drift == [] and stats["undrained"] == 0 and stats["pairs"] >= 4
+
+
+async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso, redis) -> None:
+    """Each org's configuration in Redis (plan, entitlements, user teams, sub-quota limits) is
+    checked against Postgres: Redis changed behind Postgres's back is named, field by field,
+    with exit 1; `rebuild --org` sets it from Postgres and reconcile is clean again."""
+    c, admin, L = iso.client, iso.admin, iso.layout
+    ent = await admin.org("pro")
+    plain = await admin.org("bulk")
+    r = await c.put(f"/v1/admin/orgs/{ent}/entitlements", json={"overflow": "credit", "overflow_cost": 2},
+                    headers=admin.h)
+    assert r.status_code == 200, r.text
+    text = await redis.hget(L.org(ent), "entitlements")
+    assert text
+    await admin.user(ent, "ann", team="red")
+    await admin.user(ent, "bob")
+    await admin.quota(ent, "general", 40, user_id="ann")
+    await admin.quota(ent, "general", 60, team="red")
+    key = await admin.key(ent)
+    # A user's rate state beside its team is not configuration.
+    await redis.hset(L.users(ent), "bob:" + USER_FIELDS["rate"], "123")
+    # A user registered on first use is in Postgres through the ledger (or the stream until drained).
+    assert (await c.post("/v1/consume", json={"feature": "generate_insight", "user_id": "cid"},
+                         headers={"Authorization": f"Bearer {key}"})).status_code == 200
+
+    clean = await iso.cmd("reconcile")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert " config " not in clean.stdout
+    assert "config: 2 orgs' plan, entitlements, user teams and sub-quota limits checked against Postgres, " \
+           "0 differ" in clean.stdout
+
+    # Redis behind Postgres's back: each of the four, and configuration Postgres does not have.
+    lim = QUOTA_FIELDS["limit"]
+    await redis.hset(L.org(ent), "plan", "bulk")
+    await redis.hset(L.org(plain), "entitlements", '{"overflow":"credit"}')
+    await redis.hset(L.users(ent), "ann", "blue")
+    await redis.hdel(L.users(ent), "bob")
+    await redis.hset(L.users(ent), "eve", "")
+    await redis.hset(L.quotas(ent), f"u:ann:general:{lim}", "400")
+    await redis.hset(L.quotas(ent), f"t:blue:general:{lim}", "5")
+    await redis.hdel(L.quotas(ent), f"t:red:general:{lim}")
+    await redis.hdel(L.org(ent), "entitlements")
+    # An org row Postgres has and Redis never got (the Redis write failed), with a user.
+    await iso.pg.execute("INSERT INTO orgs (org_id, plan) VALUES ('pg-only', 'pro')")
+    await iso.pg.execute("INSERT INTO users (org_id, user_id, team) VALUES ('pg-only', 'dan', 'ops')")
+    await iso.pg.execute("INSERT INTO sub_quotas (org_id, meter, scope, subject, quota) "
+                         "VALUES ('pg-only', 'general', 'user', 'dan', 7)")
+
+    bad = await iso.cmd("reconcile")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    lines = {line for line in bad.stdout.splitlines() if " config " in line}
+    assert lines == {
+        f"{ent} config plan: redis 'bulk' vs postgres 'pro'",
+        f"{ent} config entitlements: redis (absent) vs postgres '{text}'",
+        f"{plain} config entitlements: redis '{{\"overflow\":\"credit\"}}' vs postgres (absent)",
+        f"{ent} config team ann: redis 'blue' vs postgres 'red'",
+        f"{ent} config team bob: redis (absent) vs postgres ''",
+        f"{ent} config team eve: redis '' vs postgres (absent)",
+        f"{ent} config quota u:ann:general:{lim}: redis '400' vs postgres '40'",
+        f"{ent} config quota t:blue:general:{lim}: redis '5' vs postgres (absent)",
+        f"{ent} config quota t:red:general:{lim}: redis (absent) vs postgres '60'",
+        "pg-only config plan: redis (absent) vs postgres 'pro'",
+        "pg-only config team dan: redis (absent) vs postgres 'ops'",
+        f"pg-only config quota u:dan:general:{lim}: redis (absent) vs postgres '7'",
+    }, bad.stdout
+    assert "config: 3 orgs' plan, entitlements, user teams and sub-quota limits checked against Postgres, " \
+           "3 differ" in bad.stdout
+    # The balance table stays as it was: no balance drifted.
+    assert "balances checked, 0 differ" in bad.stdout
+
+    one = await iso.cmd("reconcile", "--org", plain)
+    assert one.returncode == 1 and [x for x in one.stdout.splitlines() if " config " in x] == [
+        f"{plain} config entitlements: redis '{{\"overflow\":\"credit\"}}' vs postgres (absent)"], one.stdout
+
+    fixed = {}
+    for o in (ent, plain, "pg-only"):
+        fix = await iso.cmd("rebuild", "--org", o)
+        assert fix.returncode == 0, fix.stdout + fix.stderr
+        assert f"configuration fields of org {o} set from Postgres; 0 still differ" in fix.stdout
+        fixed[o] = fix.stdout
+    assert f"repaired {ent} config team eve: '' -> (absent)" in fixed[ent]
+    assert f"repaired {ent} config plan: 'bulk' -> 'pro'" in fixed[ent]
+    assert "8 configuration fields" in fixed[ent] and "3 configuration fields" in fixed["pg-only"], fixed
+    ok = await iso.cmd("reconcile")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert await redis.hgetall(L.org(ent)) == {"plan": "pro", "name": "", "entitlements": text}
+    assert await redis.hget(L.users(ent), "bob:" + USER_FIELDS["rate"]) == "123"  # rate state left alone
+
+
+async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, redis) -> None:
+    """`rebuild --force` over a Redis with state: configuration only Redis has (an org, a user, a
+    sub-quota limit) is removed, so reconcile is clean after it."""
+    admin, L = iso.admin, iso.layout
+    org = await admin.org("pro")
+    await admin.user(org, "ann", team="red")
+    lim = QUOTA_FIELDS["limit"]
+    await redis.hset(L.org("ghost"), mapping={"plan": "pro", "entitlements": '{"overflow":"none"}'})
+    await redis.hset(L.users(org), mapping={"eve": "x", "eve:" + USER_FIELDS["rate"]: "1"})
+    await redis.hset(L.quotas(org), f"u:eve:general:{lim}", "3")
+    bad = await iso.cmd("reconcile")
+    assert bad.returncode == 1 and "ghost config plan: redis 'pro' vs postgres (absent)" in bad.stdout, bad.stdout
+    rb = await iso.cmd("rebuild", "--force")
+    assert rb.returncode == 0, rb.stdout + rb.stderr
+    assert "4 configuration fields Postgres does not have were removed" in rb.stdout, rb.stdout
+    ok = await iso.cmd("reconcile")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert await redis.exists(L.org("ghost")) == 0
+    assert await redis.hgetall(L.users(org)) == {"ann": "red"}

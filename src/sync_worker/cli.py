@@ -26,15 +26,16 @@ WORKER_CODES = """exit codes:
   4  unexpected error (QUOTA_GW_DEBUG=1 prints the traceback)"""
 
 REBUILD_CODES = """exit codes:
-  0  rebuilt (with --org: that org's balances match the ledger now)
-  1  --org: some field still differs (traffic kept changing it; run again)
+  0  rebuilt (with --org: that org's balances match the ledger, and its configuration Postgres, now)
+  1  --org: some field still differs (traffic or an admin write kept changing it; run again)
   2  usage or config error, or refused: Redis already holds state for the prefix, or events are not
      drained yet (the message says which; --force overrides)
   3  Redis or Postgres unreachable, or the database does not exist
   4  unexpected error (QUOTA_GW_DEBUG=1 prints the traceback)"""
 
 RECONCILE_CODES = """exit codes (for cron and alerts):
-  0  clean: every Redis balance matches the ledger plus the events not yet drained
+  0  clean: every Redis balance matches the ledger plus the events not yet drained, and every org's
+     configuration in Redis (plan, entitlements, user teams, sub-quota limits) matches Postgres
   1  drift: the differences are printed, one line each
   2  usage or config error
   3  Redis or Postgres unreachable, or the database does not exist
@@ -137,12 +138,15 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
     p.add_argument("--force", action="store_true",
                    help="write even if Redis already holds keys of this prefix (overwrites balances)")
-    p.add_argument("--org", help="only this org's balances, while the gateways run: each field reconcile finds "
-                                 "drifting is set from the ledger (compare-and-set; after a failover lost writes)")
+    p.add_argument("--org", help="only this org, while the gateways run: each balance field reconcile finds "
+                                 "drifting is set from the ledger (compare-and-set; after a failover lost writes), "
+                                 "each configuration field (plan, entitlements, user teams, sub-quota limits) "
+                                 "from Postgres")
     p.add_argument("--log-level", default="warning")
 
     p = command("reconcile", cmd_reconcile, "Compare Redis balances with the Postgres ledger (plus events not "
-                                            "yet drained); exit 1 and print the differences on drift.", *env,
+                                            "yet drained), and each org's configuration in Redis with "
+                                            "Postgres; exit 1 and print the differences on drift.", *env,
                 codes=RECONCILE_CODES)
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
     p.add_argument("--org", help="only this org")

@@ -1,5 +1,6 @@
 """`quota-gw rebuild` and `quota-gw reconcile`: Redis state from the Postgres ledger, and drift
-(Redis against the ledger, and the ledger's rollups against its events).
+(Redis against the ledger, the ledger's rollups against its events, and each org's configuration
+in Redis against Postgres: config_drift.py).
 
 The ledger holds every balance change, so per (org, meter):
     allocated `a` = sum(delta - delta_purchased)     purchased `p` = sum(delta_purchased)
@@ -34,6 +35,8 @@ from quota_gw.config import Config
 from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
 from quota_gw.redis_text import text_entries
+
+from .config_drift import shown, config_drift, print_config_drift, repair_config
 
 
 log = logging.getLogger("quota_gw.recovery")
@@ -192,6 +195,8 @@ class RebuildReport:
     refund_guards: int = 0
     lots_not_restored: int = 0
     entitlements: int = 0
+    config_removed: int = 0
+    config_set: int = 0  # after the writes: a user of an event not drained (--force), or a write racing
 
 
 async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, layout: Layout) -> RebuildReport:
@@ -271,6 +276,11 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     rep.refund_guards = await _refund_guards(pg, config, layout, ops)
     rep.lots_not_restored = await pg.fetchval(LIVE_LOTS)
     await _write(r, ops)
+    # What the writes above cannot undo over a Redis that had state (--force): configuration
+    # Postgres no longer has (users, sub-quota limits, orgs) is removed, so reconcile is clean.
+    fixed, _ = await repair_config(r, pg, layout)
+    rep.config_removed = sum(d.postgres is None for d in fixed)
+    rep.config_set = len(fixed) - rep.config_removed
     return rep
 
 
@@ -734,6 +744,11 @@ async def rebuild_main(redis_url: str, database_url: str, config: Config, layout
         print(f"rebuilt prefix {layout.prefix!r} in {time.monotonic() - t0:.1f}s: {rep.orgs} orgs, {rep.balances} "
               f"balances, {rep.users} users, {rep.quotas} sub-quotas, {rep.keys} keys ({rep.revoked} revoked), "
               f"{rep.refund_guards} refund guards, {rep.entitlements} entitlements; open reservations were released")
+        if rep.config_removed:
+            print(f"quota-gw rebuild: {rep.config_removed} configuration fields Postgres does not have were removed "
+                  "from Redis (users, sub-quota limits, orgs)")
+        if rep.config_set:
+            print(f"quota-gw rebuild: {rep.config_set} more configuration fields were set as Postgres says")
         if rep.lots_not_restored:
             print(f"quota-gw rebuild: {rep.lots_not_restored} credit lots (expiring grants, purchases) were not "
                   "restored: their credit stays purchased, but without its expiry or a refund's tracing")
@@ -750,7 +765,11 @@ async def repair_main(redis_url: str, database_url: str, layout: Layout, org: st
         for d in fixed:
             print(f"repaired {d.org} {d.meter} {d.field}: {d.redis} -> {d.ledger} (redis-ledger was {d.redis - d.ledger})")
         print(f"{len(fixed)} balance fields of org {org} set from the ledger; {len(left)} still differ")
-        return 1 if left else 0
+        config_fixed, config_left = await repair_config(r, pg, layout, org)
+        for c in config_fixed:
+            print(f"repaired {c.org} config {c.what}: {shown(c.redis)} -> {shown(c.postgres)}")
+        print(f"{len(config_fixed)} configuration fields of org {org} set from Postgres; {len(config_left)} still differ")
+        return 1 if left or config_left else 0
     finally:
         await r.aclose()
         await pg.close()
@@ -768,7 +787,9 @@ async def reconcile_main(redis_url: str, database_url: str, config: Config, layo
         print_split_drift(splits)
         ties = await tie_out_drift(pg, org)
         print_tie_out_drift(ties)
-        return 1 if drift or rollups or splits or ties else 0
+        configs, orgs = await config_drift(r, pg, layout, org)
+        print_config_drift(configs, orgs)
+        return 1 if drift or rollups or splits or ties or configs else 0
     finally:
         await r.aclose()
         await pg.close()
