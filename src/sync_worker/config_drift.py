@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -27,6 +28,8 @@ import redis.asyncio as aioredis
 
 from quota_gw.entitlements import canonical
 from quota_gw.layout import QUOTA_FIELDS, USER_FIELDS, Layout, quota_field, quota_subject
+
+T = TypeVar("T")
 
 # Users Postgres knows, as rebuild writes them (recovery.USERS): the users table, plus users
 # registered on first use, who appear only in the ledger. {where}: all orgs (then no filter: an
@@ -203,17 +206,28 @@ async def set_from_postgres(r: aioredis.Redis, d: ConfigDrift) -> bool:
                              int(d.postgres is not None), d.postgres or "", *extra))
 
 
+async def until_clean(check: Callable[[], Awaitable[list[T]]], fix: Callable[[T], Awaitable[Any]],
+                      rounds: int) -> tuple[list[T], list[T]]:
+    """The repair loop of `rebuild --org` while gateways run: fix each drift found (a fix that
+    finds the field changed since the check does nothing), check again, until clean or `rounds`.
+    Returns (fixed, still drifting). Balances (recovery.repair) and configuration use it."""
+    fixed: list[T] = []
+    drift: list[T] = []
+    for _ in range(rounds):
+        drift = await check()
+        if not drift:
+            break
+        for d in drift:
+            if await fix(d):
+                fixed.append(d)
+    return fixed, drift
+
+
 async def repair_config(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout, org: str | None = None,
                         rounds: int = 5) -> tuple[list[ConfigDrift], list[ConfigDrift]]:
     """Sets the drifting configuration of one org (or every org) from Postgres, while the
     gateways run, then checks again, until clean. Returns (repaired, still drifting)."""
-    fixed: list[ConfigDrift] = []
-    drift: list[ConfigDrift] = []
-    for _ in range(rounds):
-        drift, _ = await config_drift(r, pg, layout, org)
-        if not drift:
-            break
-        for d in drift:
-            if await set_from_postgres(r, d):
-                fixed.append(d)
-    return fixed, drift
+    async def check() -> list[ConfigDrift]:
+        return (await config_drift(r, pg, layout, org))[0]
+
+    return await until_clean(check, lambda d: set_from_postgres(r, d), rounds)

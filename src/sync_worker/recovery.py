@@ -36,7 +36,7 @@ from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
 from quota_gw.redis_text import text_entries
 
-from .config_drift import shown, config_drift, print_config_drift, repair_config
+from .config_drift import config_drift, print_config_drift, repair_config, shown, until_clean
 
 
 log = logging.getLogger("quota_gw.recovery")
@@ -582,16 +582,13 @@ async def repair(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout, org:
     """Sets one org's drifted a/p/pt to what the ledger (plus the undrained events) says, while
     the gateways run: each field by compare-and-set against what reconcile saw, then reconcile
     again, until clean. Returns (repaired, still drifting)."""
-    fixed: list[Drift] = []
-    drift: list[Drift] = []
-    for _ in range(rounds):
-        drift, _ = await reconcile(r, pg, layout, org)
-        if not drift:
-            break
-        for d in drift:
-            if await r.eval(REPAIR_LUA, 1, layout.balances(d.org), f"{d.meter}:{d.field}", d.redis, d.ledger):
-                fixed.append(d)
-    return fixed, drift
+    async def check() -> list[Drift]:
+        return (await reconcile(r, pg, layout, org))[0]
+
+    async def fix(d: Drift) -> Any:
+        return await r.eval(REPAIR_LUA, 1, layout.balances(d.org), f"{d.meter}:{d.field}", d.redis, d.ledger)
+
+    return await until_clean(check, fix, rounds)
 
 
 # --- rollups against events (migration 003) ----------------------------------------------------
