@@ -25,6 +25,7 @@ import yaml
 from conftest import ADMIN_TOKEN, Admin, test_config_data
 from worker_support import WorkerProc
 from quota_gw.app import create_app
+from quota_gw.layout import Layout
 from sync_worker.worker import GROUP
 
 H = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -42,8 +43,8 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory, redis_url: str, database_u
             "QUOTA_GW_CONFIG": str(path)}
 
 
-async def qgw(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "quota_gw.cli", *args],
+async def qgw(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "quota_gw.cli", *args], input=stdin,
                                    capture_output=True, text=True, timeout=90, env=env)
 
 
@@ -223,6 +224,96 @@ async def test_cli_grant_adds_credit_once_per_idempotency_key(client: httpx.Asyn
     refused(await qgw(cli_env, "grant", org, "gold", "5", "--reason", "r"), 2, "meter: one of")
     refused(await qgw(cli_env, "grant", org, "general", "0", "--reason", "r"), 2, "amount")
     refused(await qgw(cli_env, "grant", org_id("ghost"), "general", "5", "--reason", "r"), 1, "no org")
+
+
+async def allowed_within(client: httpx.AsyncClient, h: dict[str, str], allowed: bool) -> None:
+    """Waits out the gateway's key cache (≤ 1 s) until a check answers `allowed`."""
+    async with asyncio.timeout(10):
+        while (await client.post("/v1/check", json={"feature": "generate_insight"}, headers=h)).json()["allowed"] \
+                is not allowed:
+            await asyncio.sleep(0.1)
+
+
+async def test_cli_entitlements_set_turns_a_429_into_a_charged_call_and_clear_restores_the_plan(
+        client: httpx.AsyncClient, tenant: Any, cli_env: dict[str, str], tmp_path: Any):
+    org, h = await tenant("pro", "ann", general=10)  # pro: 5 calls a minute a user, no overflow
+    for _ in range(5):
+        assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 200
+    assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 429
+
+    shown = await qgw(cli_env, "orgs", "entitlements", org)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"org_id": org, "plan": "pro", "entitlements": {}, "effective": {
+        "overflow": "credit", "overflow_cost": 1, "credit_order": ["grants", "purchased"],
+        "rate_limits": {"user": {"overflow": "none", "overflow_cost": 1}}}}
+
+    body = tmp_path / "ent.json"
+    body.write_text('{"rate_limits": {"user": {"overflow": "credit", "overflow_cost": 2}}}')
+    r = await qgw(cli_env, "orgs", "entitlements", org, "--set", str(body))
+    assert r.returncode == 0, r.stderr
+    set_ = json.loads(r.stdout)
+    api = await client.get(f"/v1/admin/orgs/{org}/entitlements", headers=H)
+    assert api.status_code == 200 and api.json() == set_, api.text
+    assert set_["entitlements"] == {"rate_limits": {"user": {"overflow": "credit", "overflow_cost": 2}}}
+    assert set_["effective"]["rate_limits"]["user"] == {"overflow": "credit", "overflow_cost": 2}
+    await allowed_within(client, h, True)
+    r6 = await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)
+    assert r6.status_code == 200 and (r6.json()["cost"], r6.headers["X-Quota-Source"]) == (2, "purchased"), r6.text
+
+    cleared = await qgw(cli_env, "orgs", "entitlements", org, "--clear")
+    assert cleared.returncode == 0 and json.loads(cleared.stdout)["entitlements"] == {}, cleared.stderr
+    assert (await client.get(f"/v1/admin/orgs/{org}/entitlements", headers=H)).json()["entitlements"] == {}
+    await allowed_within(client, h, False)
+    assert (await client.post("/v1/consume", json={"feature": "generate_insight"}, headers=h)).status_code == 429
+    assert (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]["purchased"] == 8
+
+
+async def test_cli_entitlements_refuses_bad_input_naming_the_field_and_writes_nothing(
+        client: httpx.AsyncClient, admin: Admin, redis: Any, prefix: str, config: Any, cli_env: dict[str, str],
+        tmp_path: Any):
+    org = await admin.org("pro", org_id("ent"))
+    kept = {"overflow": "credit", "overflow_cost": 3}
+    r = await qgw(cli_env, "orgs", "entitlements", org, "--set", "-", stdin=json.dumps(kept))
+    assert r.returncode == 0 and json.loads(r.stdout)["entitlements"] == kept, r.stderr
+    hash_before = await redis.hget(Layout(prefix, config.shards).org(org), "entitlements")
+    assert json.loads(hash_before) == kept
+    for text, words in [('{"overflow": "credit",', ["malformed JSON"]), ("[]", ["JSON object"]), ("", ["required"]),
+                        ('{"allocations": {"general": 5}}', ["allocations"]),
+                        ('{"overflow": "sometimes"}', ["overflow:"]),
+                        ('{"overflow_cost": "2"}', ["overflow_cost:"]),
+                        ('{"rate_limits": {"user": {"overflow_cost": 1001}}}', ["rate_limits.user.overflow_cost:"]),
+                        ('{"credit_order": ["grants"]}', ["credit_order:"])]:
+        refused(await qgw(cli_env, "orgs", "entitlements", org, "--set", "-", stdin=text), 2, *words)
+    refused(await qgw(cli_env, "orgs", "entitlements", org, "--set", str(tmp_path / "missing.json")), 2,
+            "cannot read", "missing.json")
+    assert (await client.get(f"/v1/admin/orgs/{org}/entitlements", headers=H)).json()["entitlements"] == kept
+    assert await redis.hget(Layout(prefix, config.shards).org(org), "entitlements") == hash_before
+    ghost = org_id("ghost")
+    for extra in ([], ["--clear"], ["--set", "-"]):
+        refused(await qgw(cli_env, "orgs", "entitlements", ghost, *extra, stdin="{}"), 1, f"no org {ghost}")
+
+
+async def test_cli_entitlements_redis_failing_after_the_commit_exits_3_and_the_same_command_again_sets_it(
+        client: httpx.AsyncClient, admin: Admin, redis: Any, prefix: str, config: Any, cli_env: dict[str, str]):
+    """A Redis login that may not write the org hash: Postgres commits, the Redis write fails."""
+    org = await admin.org("pro", org_id("half"))
+    user = f"qgw_nohset_{secrets.token_hex(4)}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-hset", "-hdel")
+    try:
+        url = cli_env["REDIS_URL"].replace("redis://", f"redis://{user}:pw@", 1)
+        r = await qgw({**cli_env, "REDIS_URL": url}, "orgs", "entitlements", org, "--set", "-",
+                      stdin='{"overflow_cost": 3}')
+    finally:
+        await redis.execute_command("ACL", "DELUSER", user)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("quota-gw orgs entitlements:") and "run the command again" in last, r.stderr
+    assert (await client.get(f"/v1/admin/orgs/{org}/entitlements", headers=H)).json()["entitlements"] == {
+        "overflow_cost": 3}
+    assert await redis.hget(Layout(prefix, config.shards).org(org), "entitlements") is None  # Redis behind
+    again = await qgw(cli_env, "orgs", "entitlements", org, "--set", "-", stdin='{"overflow_cost": 3}')
+    assert again.returncode == 0, again.stderr
+    assert await redis.hget(Layout(prefix, config.shards).org(org), "entitlements") == '{"overflow_cost":3}'
 
 
 async def test_admin_worker_shows_a_running_worker_drain_and_report_its_last_batch(own_prefix, redis_url: str,

@@ -97,7 +97,8 @@ async def test_migrate_says_the_createdb_command_when_the_login_may_not_create(s
 
 @pytest.mark.parametrize("argv", [["migrate"], ["reconcile"], ["rebuild"], ["worker"], ["orgs", "list"],
                                   ["orgs", "create", "acme"], ["keys", "create", "acme"], ["keys", "revoke", "key_x"],
-                                  ["grant", "acme", "general", "5", "--reason", "r"], ["worker-status"]])
+                                  ["grant", "acme", "general", "5", "--reason", "r"], ["worker-status"],
+                                  ["orgs", "entitlements", "acme", "--clear"]])
 def test_postgres_unreachable_is_one_line_and_exit_3(argv, config_file, redis_url):
     url = f"postgresql://postgres@127.0.0.1:{closed_port()}/quota_gw"
     r = qgw(*argv, DATABASE_URL=url, REDIS_URL=redis_url, QUOTA_GW_CONFIG=config_file)
@@ -105,7 +106,8 @@ def test_postgres_unreachable_is_one_line_and_exit_3(argv, config_file, redis_ur
 
 
 @pytest.mark.parametrize("argv", [["reconcile"], ["rebuild"], ["worker"], ["orgs", "list"],
-                                  ["grant", "acme", "general", "5", "--reason", "r"], ["worker-status"]])
+                                  ["grant", "acme", "general", "5", "--reason", "r"], ["worker-status"],
+                                  ["orgs", "entitlements", "acme"]])
 def test_redis_unreachable_is_one_line_and_exit_3(argv, config_file, database_url):
     r = qgw(*argv, DATABASE_URL=database_url, REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
             QUOTA_GW_CONFIG=config_file)
@@ -155,7 +157,7 @@ def test_reconcile_exits_0_when_clean(config_file, redis_url, own_database_url):
 
 
 COMMANDS = [["serve"], ["migrate"], ["worker"], ["rebuild"], ["reconcile"], ["dev"], ["orgs", "create"],
-            ["orgs", "list"], ["keys", "create"], ["keys", "revoke"], ["grant"], ["worker-status"]]
+            ["orgs", "list"], ["keys", "create"], ["keys", "revoke"], ["grant"], ["worker-status"], ["orgs", "entitlements"]]
 
 
 @pytest.mark.parametrize("argv", COMMANDS)

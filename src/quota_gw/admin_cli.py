@@ -1,9 +1,9 @@
-"""The admin CLI: `quota-gw orgs create|list`, `keys create|revoke`, `grant`, `worker-status`.
+"""The admin CLI: `quota-gw orgs create|list|entitlements`, `keys create|revoke`, `grant`, `worker-status`.
 
 Each command is a call of the admin API, run in process (httpx over ASGI into the gateway's
 own app): the same validation, the same Postgres-then-Redis writes, the same answers; there is
 no second implementation of the rules. The API's problem becomes one line and an exit code:
-422/400 → 2, 404/409 → 1, 503 → 3. The app's spool is an empty temporary folder, so a CLI
+422/400/413 → 2, 404/409 → 1, 503 → 3. The app's spool is an empty temporary folder, so a CLI
 call never replays usage a gateway spooled. Redis and Postgres are reached first, so an
 unreachable store is named with its address.
 """
@@ -35,7 +35,8 @@ ADMIN_CODES = """exit codes:
   3  Redis or Postgres unreachable, or the database does not exist
   4  unexpected error (QUOTA_GW_DEBUG=1 prints the traceback)"""
 
-STATUS_CODES = {400: USAGE, 401: USAGE, 403: USAGE, 404: PROBLEM, 409: PROBLEM, 422: USAGE, 503: UNREACHABLE}
+STATUS_CODES = {400: USAGE, 401: USAGE, 403: USAGE, 404: PROBLEM, 409: PROBLEM, 413: USAGE, 422: USAGE,
+                503: UNREACHABLE}
 
 
 @contextlib.asynccontextmanager
@@ -64,11 +65,16 @@ def answer(r: Any, ok: int = 200) -> Any:
     """The JSON body of a success, or Fail with the problem's detail and its exit code."""
     if r.status_code == ok:
         return r.json()
+    raise Fail(answer_detail(r), STATUS_CODES.get(r.status_code, INTERNAL))
+
+
+def answer_detail(r: Any) -> str:
+    """A problem's detail, on one line."""
     try:
         detail = r.json().get("detail") or r.text
     except ValueError:
         detail = r.text or f"HTTP {r.status_code}"
-    raise Fail(" ".join(str(detail).split())[:500], STATUS_CODES.get(r.status_code, INTERNAL))
+    return " ".join(str(detail).split())[:500]
 
 
 def _call(config: Any, fn: Callable[[Any], Any]) -> Any:
@@ -84,6 +90,17 @@ def _scopes(v: str) -> list[str]:
     if not scopes:
         raise argparse.ArgumentTypeError("a comma-separated list, e.g. consume,read")
     return scopes
+
+
+def _body(source: str) -> bytes:
+    """The bytes of FILE, or of stdin for `-`, sent as they are: the API's own checks judge them."""
+    try:
+        if source == "-":
+            return sys.stdin.buffer.read()
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise Fail(f"cannot read {source}: {e.strerror or e}", USAGE) from None
 
 
 def _err(msg: str) -> None:
@@ -151,6 +168,25 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         _err(f"{len(orgs)} org{'s' if len(orgs) != 1 else ''}{' with a low balance' if args.low else ''}")
         return 0
 
+    def cmd_orgs_entitlements(args: argparse.Namespace) -> int:
+        cfg = load_config(args)
+        url = f"/v1/admin/orgs/{quote(args.org, safe='')}/entitlements"
+        body = None if args.set is None else _body(args.set)
+
+        async def call(c: Any) -> Any:
+            if body is not None:
+                return await c.put(url, content=body, headers={"Content-Type": "application/json"})
+            return await (c.delete(url) if args.clear else c.get(url))
+
+        r = _call(cfg, call)
+        if r.status_code == 503 and (body is not None or args.clear):
+            # Postgres is written before Redis (store.py): the change may be in Postgres only. The
+            # same command again, once Redis is back, sets both.
+            raise Fail(f"{answer_detail(r)}; Postgres may hold the change already: run the command again once "
+                       "Redis is back", UNREACHABLE)
+        sys.stdout.write(orjson.dumps(answer(r), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+
     def cmd_keys_create(args: argparse.Namespace) -> int:
         cfg = load_config(args)
         body: dict[str, Any] = {"scopes": args.scopes}
@@ -211,7 +247,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
 
     cfg_help = "config file (default: $QUOTA_GW_CONFIG)"
 
-    orgs = command("orgs", lambda a: 0, "Create and list orgs (tenants).", *ENV, codes=ADMIN_CODES)
+    orgs = command("orgs", lambda a: 0, "Create and list orgs (tenants); read or set an org's entitlements.", *ENV,
+                   codes=ADMIN_CODES)
     orgs_sub = orgs.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     p = command("create", cmd_orgs_create, "Create an org on a plan.", *ENV, codes=ADMIN_CODES, parent=orgs_sub)
     p.add_argument("org", metavar="ORG", help="org id: letters, digits, _ . - (at most 64)")
@@ -224,6 +261,18 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                    help="only orgs with a meter under behaviour.low_balance_percent of its allocation")
     p.add_argument("--limit", type=int, default=0, help="at most this many orgs (default: all)")
     p.add_argument("--json", action="store_true", help="the orgs as JSON (as GET /v1/admin/orgs gives them)")
+    p.add_argument("--config", help=cfg_help)
+
+    p = command("entitlements", cmd_orgs_entitlements,
+                "An org's entitlements (its override of its plan's overflow, overflow_cost, credit_order and "
+                "rate windows' overflow/overflow_cost) and the layers its decisions use, as JSON (as GET "
+                "/v1/admin/orgs/ORG/entitlements answers). --set replaces the override, --clear removes it; "
+                "every gateway uses the change within 1 s.", *ENV, codes=ADMIN_CODES, parent=orgs_sub)
+    p.add_argument("org", metavar="ORG")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--set", metavar="FILE", help="replace the override with the JSON object in FILE (- for "
+                        "stdin), as PUT takes it: only what differs from the plan; {} removes it")
+    change.add_argument("--clear", action="store_true", help="remove the override: the plan's layers again")
     p.add_argument("--config", help=cfg_help)
 
     keys = command("keys", lambda a: 0, "Create and revoke API keys.", *ENV, codes=ADMIN_CODES)
