@@ -287,10 +287,16 @@ local function decode_lots(raw)
 end
 
 -- One HMGET reads every field of the meter (the alerts' too) and when holds fall due.
-local function load_meter(bal_key, meter, expired)
+local function read_meter(bal_key, meter)
   local f = meter_fields(meter)
-  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+  return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
     f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE)
+end
+
+-- `v`: read_meter's reply when the caller has it already (usual_consume's, handed to the gate).
+local function load_meter(bal_key, meter, expired, v)
+  local f = meter_fields(meter)
+  v = v or read_meter(bal_key, meter)
   local xh = expired[meter] or 0
   return setmetatable({key = bal_key, m = meter, f = f, xh = xh,
     a = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, h = (tonumber(v[3]) or 0) - xh,
@@ -954,11 +960,13 @@ end
 
 -- Runs the steps; the first refusal (status, code, detail) wins, but every step runs, so a
 -- refusal still reports rate limits and what is left. `write`: consume and reserve (a check
--- writes nothing). Returns the request (with its meter and levels) and the refusal or nil.
-local function gate(k, a, write)
-  local req = gate_request(k, a, now_us())
+-- writes nothing). `now`, `meter_read`: the server time and read_meter's reply when the caller
+-- has them (a consume usual_consume gave back), not fetched again.
+-- Returns the request (with its meter and levels) and the refusal or nil.
+local function gate(k, a, write, now, meter_read)
+  local req = gate_request(k, a, now or now_us())
   req.events = new_events(k.stream, req.event_id, req.now, req.org, req.key_id)
-  req.mtr = load_meter(k.bal, req.meter, NONE)
+  req.mtr = load_meter(k.bal, req.meter, NONE, meter_read)
   local expired = NONE  -- what the sweep left
   if holds_may_be_due(req.mtr, req.now_s) then
     if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
@@ -979,7 +987,8 @@ end
 -- charge that fits and crosses no alert threshold. usual_consume decides exactly those with
 -- the gate's rules in straight-line code, none of the steps' tables (292k instructions a call
 -- through the steps, 207k straight: docs/benchmarks.md), and returns nil, having written
--- nothing, for anything else: the gate then decides it.
+-- nothing, for anything else (with the server time and the meter it read, once it has them):
+-- the gate then decides it from those.
 -- tests/test_usual_consume.py holds the two to the same answers, events and balances.
 local function usual_consume(k, a)
   if a.fingerprint ~= '' or a.explain == '1' or a.shadow == '1' then return nil end
@@ -989,13 +998,12 @@ local function usual_consume(k, a)
   local now_s = floor(now / 1000000)
   local meter = t.meter
   local f = meter_fields(meter)
-  local v = call('HMGET', k.bal, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.lots, f.purchased_at_start, f.alert_period, f.alert_threshold, HOLDS_DUE)
-  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[11])
-  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[7] and v[7] ~= '') then return nil end  -- refresh, lots
-  if due == nil or (due > 0 and now_s >= due) then return nil end  -- a hold may be due: the sweep
+  local v = read_meter(k.bal, meter)
+  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
+  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end  -- refresh, lots
+  if due == nil or (due > 0 and now_s >= due) then return nil, now, v end  -- a hold may be due: the sweep
   local al, pu, held, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
-  if lim == 0 and pu <= 0 then return nil end  -- nothing to charge from, maybe forbidden: the gate says
+  if lim == 0 and pu <= 0 then return nil, now, v end  -- nothing to charge from, maybe forbidden: the gate says
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
   local user, team, tat, new_tat, rl_rem, rl_reset = a.user, nil, nil, nil, -1, 0
   local rl_interval, rl_burst = t.rl_user_interval_us, t.rl_user_burst
@@ -1007,15 +1015,15 @@ local function usual_consume(k, a)
     else
       team = call('HGET', k.users, user)
     end
-    if not team and not t.auto_register then return nil end
-    if call('HGET', k.quotas, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil end
+    if not team and not t.auto_register then return nil, now, v end
+    if call('HGET', k.quotas, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil, now, v end
     if team and team ~= '' and call('HGET', k.quotas, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
-      return nil
+      return nil, now, v
     end
     if rl_interval > 0 then
       local allowed, wait
       allowed, new_tat, wait, rl_rem, rl_reset = gcra(tat, rl_interval, rl_burst, now)
-      if not allowed then return nil end
+      if not allowed then return nil, now, v end
     end
   end
   -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool).
@@ -1026,12 +1034,12 @@ local function usual_consume(k, a)
     take_a = min(al, cost)
     local left = cost - take_a
     if left > 0 then
-      if t.alloc_overflow == 0 and lim > 0 then return nil end
+      if t.alloc_overflow == 0 and lim > 0 then return nil, now, v end
       take_p = left * max(1, t.alloc_overflow)
-      if take_p > max(0, pu) then return nil end
+      if take_p > max(0, pu) then return nil, now, v end
     end
     total = take_a + take_p
-    if total > al + pu - held then return nil end
+    if total > al + pu - held then return nil, now, v end
     al, pu = al - take_a, pu - take_p
   end
   used = used + total
@@ -1044,9 +1052,9 @@ local function usual_consume(k, a)
       local ts = thresholds(spec)
       if avail * 100 <= ts.top * base then
         local lowest = 101
-        if tonumber(v[9]) == pe then lowest = tonumber(v[10]) or 101 end
+        if tonumber(v[10]) == pe then lowest = tonumber(v[11]) or 101 end
         for i = 1, #ts do
-          if ts[i] < lowest and avail * 100 <= ts[i] * base then return nil end
+          if ts[i] < lowest and avail * 100 <= ts[i] * base then return nil, now, v end
         end
       end
     end

@@ -4,13 +4,14 @@
 local k = bind(KEYS, GATE_KEYS)
 local a = bind(ARGV, GATE_ARGV)
 
-local usual = usual_consume(k, a)
+-- Not the usual one: the gate decides, from the server time and the meter usual_consume read.
+local usual, now, meter_read = usual_consume(k, a)
 if usual then return usual end
 
 local idem = replay(k.idem, a.fingerprint)
 if idem then return idem end
 
-local req, refusal = gate(k, a, true)
+local req, refusal = gate(k, a, true, now, meter_read)
 if refusal then return refuse(req, refusal) end
 
 local m = req.mtr
