@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -247,3 +249,17 @@ def tenant(admin: Admin) -> Callable[..., Awaitable[Tenant]]:
 
 async def gather_limited(n: int, fn: Callable[[int], Awaitable[Any]]) -> list[Any]:
     return await asyncio.gather(*(fn(i) for i in range(n)))
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package as `pip wheel` builds it, once a run: what `pip install quota-gw` (and the
+    Dockerfile) installs."""
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "No module named" in r.stderr:
+        pytest.skip(f"cannot build a wheel here: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0, r.stderr
+    (built,) = out.glob("quota_gw-*.whl")
+    return built

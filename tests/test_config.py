@@ -98,14 +98,8 @@ def test_serve_refuses_a_bad_file_at_start(tmp_path):
     assert r.returncode == 2 and "cannot read" in r.stderr
 
 
-def test_wheel_ships_the_lua_scripts(tmp_path):
+def test_wheel_ships_the_lua_scripts(wheel):
     """An installed gateway finds its scripts without the source tree."""
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
-    if r.returncode != 0 and "No module named" in r.stderr:
-        pytest.skip(f"cannot build a wheel here: {r.stderr.strip()[-200:]}")
-    assert r.returncode == 0, r.stderr
-    (wheel,) = tmp_path.glob("quota_gw-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for script in ("consume", "check", "reserve", "commit", "release", "refund", "grant", "_lib", "worker_maintain",
                    "worker_forget"):
