@@ -1,12 +1,13 @@
 -- consume: the usual one straight through (usual_consume), else idempotency -> user -> rate limits
 -- -> period refresh -> plan gate -> org/team/user levels -> charge (the waterfall: allocated, then
 -- the credit layers) -> XADD -> remember the answer.
+
+-- The usual one names its KEYS and ARGV itself, without tables (usual_consume).
+local usual, now, meter_read = usual_consume(KEYS, ARGV)
+if usual then return usual end
+-- Not the usual one: the gate decides, from the server time and the meter usual_consume read.
 local k = bind(KEYS, GATE_KEYS)
 local a = bind(ARGV, GATE_ARGV)
-
--- Not the usual one: the gate decides, from the server time and the meter usual_consume read.
-local usual, now, meter_read = usual_consume(k, a)
-if usual then return usual end
 
 local idem = replay(k.idem, a.fingerprint)
 if idem then return idem end

@@ -197,6 +197,26 @@ async def test_idempotency_key_charges_once_and_returns_the_first_answer(client,
     assert r.status_code == 422
 
 
+async def test_an_answer_stored_by_an_earlier_version_is_still_the_first_answer(client, tenant, redis):
+    """Answers were stored as arrays (status, code, detail, cost, ...) before they travelled as one
+    text; a retry inside the record's lifetime after an upgrade gets that answer, not an error."""
+    org, h = await tenant("starter", general=50)
+    hk = {**h, "Idempotency-Key": "order-7"}
+    first = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 5}, headers=hk)
+    [key] = [k async for k in redis.scan_iter(match=f"*:idem:{org}:*")]
+    record = orjson.loads(await redis.get(key))
+    (status, code, cost, remaining, event_id, retry, rl_limit, rl_remaining, rl_reset, _replay, would, extra,
+     sources, detail) = record["reply"].split("\t", 13)
+    record["reply"] = [int(status), code, detail, int(cost), int(remaining), event_id, int(retry), int(rl_limit),
+                       int(rl_remaining), int(rl_reset), 0, would, extra, sources]
+    await redis.set(key, orjson.dumps(record), keepttl=True)
+    again = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 5}, headers=hk)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert again.headers["X-Quota-Source"] == first.headers["X-Quota-Source"] == "purchased"
+    assert (await balance(client, h, "general"))["balance"] == 45
+
+
 async def test_refund_once(client, tenant):
     org, h = await tenant("starter", general=10)
     eid = (await client.post("/v1/consume", json={"feature": "generate_insight", "units": 4}, headers=h)).json()["event_id"]

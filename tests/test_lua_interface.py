@@ -89,7 +89,9 @@ def test_each_script_binds_its_keys_at_the_top() -> None:
     for script in OPERATIONS:
         src = code((lua_dir() / f"{script}.lua").read_text())
         first = [line for line in src.splitlines() if line.strip()][0]
-        assert first.startswith("local k = bind(KEYS,"), script
+        # consume: its usual case names them itself (usual_consume, held below), then binds.
+        usual = script == "consume" and first.startswith("local usual, now, meter_read = usual_consume(KEYS, ARGV)")
+        assert first.startswith("local k = bind(KEYS,") or usual, script
         assert len(bound(script, "KEYS")) == len(set(bound(script, "KEYS")))
         # A script reads names, never positions.
         assert not re.search(r"(KEYS|ARGV)\[", src), script
@@ -113,10 +115,23 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
 
 
-def test_events_add_writes_the_schema_fields_in_order() -> None:
+def test_the_usual_consume_names_keys_and_argv_as_the_gate_binds_them() -> None:
+    """usual_consume unpacks KEYS and ARGV into locals (no bound table): each name is the
+    GATE_KEYS / GATE_ARGV name at its position, `_` for one it does not read."""
+    for what, names in (("keys", named_list("GATE_KEYS")), ("argv", named_list("GATE_ARGV"))):
+        line = re.search(r"local ([\w, ]+) = unpack\(%s\)" % what, code(LIB))
+        assert line, what
+        unpacked = [n.strip() for n in line.group(1).split(",")]
+        assert all(n == "_" or n == names[i] or n == names[i] + "_key" for i, n in enumerate(unpacked)), unpacked
+        assert [n for n in unpacked if n != "_"]  # it reads some
+
+
+def test_every_xadd_of_an_event_writes_the_schema_fields_in_order() -> None:
+    """Events:add, and usual_consume's own XADD (no sink table on the hot path)."""
     from quota_gw import events
 
-    xadd = re.search(r"call\('XADD', self\.stream, '\*',(.*?)\)\n", code(LIB), re.S)
-    assert xadd
-    names = re.findall(r"'(\w+)', ", xadd.group(1))
-    assert tuple(names) == events.NAMES
+    xadds = re.findall(r"call\('XADD', (?:self\.stream|stream_key), '\*',(.*?)\)\n", code(LIB), re.S)
+    assert len(xadds) == 2
+    for xadd in xadds:
+        args = [a.strip() for a in xadd.split(",")]  # name, value, name, value... (no value has a comma)
+        assert tuple(a.strip("'") for a in args[0::2]) == events.NAMES

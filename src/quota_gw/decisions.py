@@ -43,9 +43,12 @@ class Identity:
 
 @dataclass(slots=True)
 class Decision:
+    """A script's answer. On the wire it is one text, these fields in this order joined by tabs
+    (lua/_lib.lua REPLY, reply()): Redis replies with one string for a fraction of what an
+    array of 14 costs it. `detail`, free text, is last: a tab in it stays in it."""
+
     status: int
     code: str
-    detail: str
     cost: int
     remaining: int
     event_id: str
@@ -56,14 +59,14 @@ class Decision:
     replay: bool
     would: str
     extra: dict[str, Any]
-    sources: str = ""  # the layers that paid: 'allocated:2,grant:<lot>:2,purchased:1' (lua Meter:waterfall)
+    sources: str  # the layers that paid: 'allocated:2,grant:<lot>:2,purchased:1' (lua Meter:waterfall)
+    detail: str
 
     @classmethod
-    def from_reply(cls, r: list[Any]) -> Decision:
-        # An answer stored before `sources` existed (an idempotent replay) has 13 fields.
-        return cls(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
-                   int(r[9]), bool(int(r[10])), r[11], orjson.loads(r[12]) if r[12] else {},
-                   r[13] if len(r) > 13 else "")
+    def from_reply(cls, reply: str | bytes) -> Decision:
+        r = (reply if isinstance(reply, str) else reply.decode()).split("\t", 13)
+        return cls(int(r[0]), r[1], int(r[2]), int(r[3]), r[4], int(r[5]), int(r[6]), int(r[7]), int(r[8]),
+                   r[9] == "1", r[10], orjson.loads(r[11]) if r[11] else {}, r[12], r[13])
 
     @property
     def ok(self) -> bool:
@@ -432,7 +435,7 @@ class Decider:
         window = self.config.behaviour.refund_window_s
         c = await charges.find(self._stream_reads, self.ledger, L, org, event_id, window)
         if c is None or not c.refundable_by(org):
-            d = Decision(404, "not_found", f"no refundable event {event_id}", 0, -1, "", 0, -1, -1, 0, False, "", {})
+            d = Decision(404, "not_found", 0, -1, "", 0, -1, -1, 0, False, "", {}, "", f"no refundable event {event_id}")
         else:
             keys = [L.balances(org), L.quotas(org), L.refund_guard(org, event_id), L.stream(org),
                     L.reservations(org), L.expiries(org), L.users(org), L.event_record(org, event_id)]
