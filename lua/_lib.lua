@@ -230,8 +230,26 @@ local function derived_id(base, i)
   return sub(base, 1, 12) .. '0' .. sub(base, 14, 30) .. format('%02x', 128 + i)
 end
 
--- The event sink: one XADD per balance change (or refusal) to the shard's stream.
--- Its fields and their order are src/quota_gw/events.py's (tests/test_event_schema.py).
+-- The event sink: one XADD per balance change (or refusal) to the shard's stream: one field,
+-- ENTRY_FIELD, the values in EVENT_FIELDS order joined by tabs (src/quota_gw/events.py, the owner:
+-- tests/test_lua_interface.py pins the list, tests/test_event_schema.py what each script writes).
+local ENTRY_FIELD = 'e'
+local EVENT_FIELDS = {'id', 'kind', 'org', 'user', 'key', 'meter', 'feature', 'delta', 'dp', 'cost', 'bal', 'ts',
+  'src', 'meta'}
+local EVENT_NUMBERS = {delta = true, dp = true, cost = true, bal = true, ts = true}  -- written by num()
+
+-- pack_event(id, kind, org, user, key, meter, feature, delta, dp, cost, bal, ts, src, meta): the
+-- entry's text, every argument given ('' none); compiled by init() from EVENT_FIELDS. num()
+-- writes a negated zero, -(0), as 0.
+local pack_event
+
+local function compile_pack_event()
+  local parts = {}
+  for i, name in ipairs(EVENT_FIELDS) do parts[i] = EVENT_NUMBERS[name] and 'num(' .. name .. ')' or name end
+  return _G.loadstring('local num = ...; return function(' .. concat(EVENT_FIELDS, ', ') .. ') return '
+    .. concat(parts, " .. '\\t' .. ") .. ' end')(num)
+end
+
 local Events = {}
 Events.__index = Events
 
@@ -241,18 +259,15 @@ end
 
 -- e: {id?, kind, user, meter, feature, delta, dp, cost, bal, meta, src}; src: where a charge's
 -- tokens came from (or a refund's went back to), 'layer:amount,...' (see Meter:waterfall).
--- (x + 0: a negated zero, -(0), is -0, which Redis would write as "-0"; adding 0 makes it 0.)
 function Events:add(e)
   local id = e.id
   if not id then
     self.n = self.n + 1
     id = derived_id(self.base, self.n)
   end
-  call('XADD', self.stream, '*',
-    'id', id, 'kind', e.kind, 'org', self.org, 'user', e.user or '', 'key', self.key,
-    'meter', e.meter or '', 'feature', e.feature or '',
-    'delta', (e.delta or 0) + 0, 'dp', (e.dp or 0) + 0, 'cost', (e.cost or 0) + 0,
-    'bal', e.bal or 0, 'ts', self.now, 'meta', e.meta or '', 'src', e.src or '')
+  call('XADD', self.stream, '*', ENTRY_FIELD, pack_event(id, e.kind, self.org, e.user or '', self.key,
+    e.meter or '', e.feature or '', e.delta or 0, e.dp or 0, e.cost or 0, e.bal or 0, self.now, e.src or '',
+    e.meta or ''))
   return id
 end
 
@@ -1097,10 +1112,9 @@ local function usual_consume(keys, argv)
   local src = ''
   if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
   if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
-  -- The event, as Events:add writes it (no sink table: this is the only one).
-  call('XADD', stream_key, '*', 'id', event_id, 'kind', 'consume', 'org', org, 'user', user, 'key', key_id,
-    'meter', meter, 'feature', t.feature, 'delta', -(take_a + take_p) + 0, 'dp', -take_p + 0, 'cost', total,
-    'bal', al + pu, 'ts', now, 'meta', metadata, 'src', src)
+  -- The event (no sink table: this is the only one).
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
+    -(take_a + take_p), -take_p, total, al + pu, now, src, metadata))
   local rl_limit = -1
   if new_tat then rl_limit = rl_burst end
   return reply({cost = total, remaining = unlimited and -1 or al + pu - held, event_id = event_id,
@@ -1204,5 +1218,6 @@ local function init()
   BINDERS[SETTLE_KEYS] = compile_binder(SETTLE_KEYS)
   BINDERS[SETTLE_ARGV] = compile_binder(SETTLE_ARGV)
   reply = compile_reply()
+  pack_event = compile_pack_event()
   ready = true
 end

@@ -25,6 +25,7 @@ from quota_gw import metering
 from quota_gw.app import create_app
 from quota_gw.dev import serve
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 INPUT, CACHED, OUTPUT = 11, 5, 7  # what the upstream reports, whatever it is sent
 
@@ -90,7 +91,7 @@ async def tokens_left(http: httpx.AsyncClient, h: dict[str, str]) -> int:
 async def commit_meta(redis: Any, layout: Layout, org: str) -> dict[str, Any]:
     async with asyncio.timeout(10):
         while True:
-            for _, e in await redis.xrange(layout.stream(org)):
+            for e in entries(await redis.xrange(layout.stream(org))):
                 if e["org"] == org and e["kind"] == "commit":
                     return orjson.loads(e["meta"])
             await asyncio.sleep(0.02)

@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 
 def problem(r, status: int, code: str) -> dict:
@@ -117,7 +118,7 @@ async def test_bad_input_is_422_and_changes_nothing(client, tenant, redis, prefi
     assert field in b["detail"]
     layout = Layout(prefix, config.shards)
     assert await redis.exists(layout.balances(org)) == 0
-    assert not [f for _, f in await redis.xrange(layout.stream(org)) if f["org"] == org]
+    assert not [f for f in entries(await redis.xrange(layout.stream(org))) if f["org"] == org]
 
 
 async def test_malformed_json_is_400(client, tenant):

@@ -26,6 +26,7 @@ from quota_gw.client import (NO_RETRY, AdminClient, AsyncAdminClient, AsyncQuota
                              RateLimited, Released, RetryPolicy, Unauthorized, Unavailable)
 from quota_gw.embedded import free_port
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENAPI = ROOT / "src" / "quota_gw" / "openapi.json"
@@ -87,7 +88,7 @@ def tenant(adm: AdminClient):
 
 def events(rds: Any, layout: Layout, org: str, kind: str | None = None) -> list[dict[str, str]]:
     """The org's events in its Redis stream (what the sync worker carries to Postgres)."""
-    return [f for _, f in rds.xrange(layout.stream(org)) if f["org"] == org and kind in (None, f["kind"])]
+    return [f for f in entries(rds.xrange(layout.stream(org))) if f["org"] == org and kind in (None, f["kind"])]
 
 
 def general(q: QuotaClient) -> int:

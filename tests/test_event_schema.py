@@ -1,10 +1,11 @@
 """The event schema (quota_gw/events.py) pinned against what the scripts really write and what
-the ledger really has: every script runs on the real Redis and each entry it XADDs carries
-exactly the schema's field names, in order; the schema's columns are usage_events' columns, with
-matching types, in the migrated database."""
+the ledger really has: every script runs on the real Redis and each entry it XADDs is one field
+whose text splits into the schema's values, each of its type (a swapped pair of values shows);
+the schema's columns are usage_events' columns, with matching types, in the migrated database."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -19,11 +20,28 @@ from quota_gw.layout import Layout
 SQL_TYPE = {"text": "text", "int": "bigint", "uuid": "uuid", "us": "timestamp with time zone", "json": "jsonb"}
 
 
+# What a value of each EventField.type looks like as the Lua writes it ('' none where allowed).
+VALUE = {"text": r"[A-Za-z0-9_.:,-]*", "int": r"-?\d+", "uuid": r"[0-9a-f]{32}", "us": r"\d{16}", "json": r"(\{.*\})?"}
+
+
 async def entries(redis: Any, stream: str, after: str) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(entry id, field names in order, fields) of the stream's entries after `after`."""
+    """(entry id, field names in order, values by name) of the stream's entries after `after`."""
     raw = await redis.execute_command("XRANGE", stream, f"({after}", "+")
-    return [(eid, list(f[0::2]) if isinstance(f, list) else list(f), dict(zip(f[0::2], f[1::2]))
-             if isinstance(f, list) else dict(f)) for eid, f in raw]
+    out = []
+    for eid, f in raw:
+        names = list(f[0::2]) if isinstance(f, list) else list(f)
+        fields = dict(zip(f[0::2], f[1::2])) if isinstance(f, list) else dict(f)
+        out.append((eid, names, events.decode(fields)))
+    return out
+
+
+def typed(values: dict[str, str], org: str, now_us: int) -> None:
+    """Each value has its field's type; the org and the time are this call's."""
+    for f in events.FIELDS:
+        assert re.fullmatch(VALUE[f.type], values[f.name], re.S), (f.name, values[f.name])
+    assert values["org"] == org and values["key"] in ("k1", "admin")  # a grant is the admin's
+    assert abs(int(values["ts"]) - now_us) < 60_000_000
+    assert values["meter"] == "general" and int(values["bal"]) >= 0
 
 
 async def test_every_script_xadds_the_schema_fields_in_order(redis: Any, config: Any, prefix: str) -> None:
@@ -41,8 +59,9 @@ async def test_every_script_xadds_the_schema_fields_in_order(redis: Any, config:
         got = await entries(redis, stream, last)
         if got:
             last = got[-1][0]
-        for _, names, _ in got:
-            assert tuple(names) == events.NAMES, (script, names)
+        for _, names, values in got:
+            assert names == [events.ENTRY_FIELD], (script, names)
+            typed(values, org, int(time.time() * 1_000_000))
         kinds_by_script.setdefault(script, set()).update(f["kind"] for _, _, f in got)
         return result
 
@@ -89,7 +108,14 @@ def test_the_worker_and_its_sql_take_their_order_from_the_schema() -> None:
     for f in events.FIELDS:
         value = {"int": b"7", "us": b"1700000000123456", "json": b"{}", "uuid": b"ab" * 16}.get(f.type, b"x")
         fields += [f.name.encode(), value]
-    line = encoding.copy_line(b"s/", b"1-0", fields).rstrip(b"\n").split(b"\t")
+    packed = [events.ENTRY_FIELD.encode(), b"\t".join(fields[1::2])]
+    # An entry as the scripts write it, and one written before packing (a field per value): one line.
+    assert encoding.copy_line(b"s/", b"1-0", packed) == encoding.copy_line(b"s/", b"1-0", fields)
+    line = encoding.copy_line(b"s/", b"1-0", packed).rstrip(b"\n").split(b"\t")
     assert len(line) == len(sql.COLUMNS)
     row = dict(zip(sql.COLUMNS, line))
     assert row["ts"] == b"2023-11-14 22:13:20.123456+00" and row["metadata"] == b"{}" and row["stream_id"] == b"s/1-0"
+    # The metadata is last: whatever it holds stays in it, escaped for COPY.
+    odd = [packed[0], packed[1][:-2] + b'{"a":"\t\\"}']
+    assert encoding.event_values(odd)[events.POSITION["meta"]] == b'{"a":"\t\\"}'
+    assert encoding.copy_line(b"s/", b"1-0", odd).count(b"\t") == len(sql.COLUMNS) - 1

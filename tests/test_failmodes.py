@@ -19,6 +19,7 @@ from quota_gw.app import create_app
 from quota_gw.demo import create_demo_app
 from quota_gw.dev import serve
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 
 async def wait_until(cond, timeout: float = 15.0) -> None:
@@ -103,7 +104,7 @@ async def test_fail_open_spools_and_replays_once_fail_closed_forwards_nothing(tm
                 assert await balances() == (17 - 12, 100000 - llm_tokens)
 
                 redis = app.state.ctx.decider.redis
-                events = [f for _, f in await redis.xrange(layout.stream(org)) if f["org"] == org]
+                events = [f for f in entries(await redis.xrange(layout.stream(org))) if f["org"] == org]
                 spooled = [e for e in events if e["kind"] == "consume" and orjson.loads(e["meta"]).get("spooled")]
                 assert sorted(e["feature"] for e in spooled) == ["chat"] + ["generate_goal"] * 4
                 assert sum(-int(e["delta"]) for e in spooled) == 12 + llm_tokens

@@ -7,10 +7,11 @@ from __future__ import annotations
 from test_api import problem
 
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 
 async def stream_len(redis, prefix, config, org) -> int:
-    return len([f for _, f in await redis.xrange(Layout(prefix, config.shards).stream(org)) if f["org"] == org])
+    return len([f for f in entries(await redis.xrange(Layout(prefix, config.shards).stream(org))) if f["org"] == org])
 
 
 async def test_key_scopes_that_are_not_strings_are_422_not_500(client, admin):

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ADMIN_TOKEN, test_config_data
 from quota_gw import config as config_mod
+from quota_gw import events
 from quota_gw.app import create_app
 from quota_gw.layout import HOLDS_DUE, Layout, meter_field, quota_field, quota_subject
 
@@ -24,7 +25,7 @@ async def balance(client: httpx.AsyncClient, h: dict[str, str], meter: str) -> d
 
 async def stream_kinds(redis, layout: Layout, org: str) -> list[dict]:
     entries = await redis.xrange(layout.stream(org))
-    return [f for _, f in entries if f["org"] == org]
+    return [f for f in events.entries(entries) if f["org"] == org]
 
 
 async def test_no_overspend_1000_concurrent_consumes(client, tenant):

@@ -126,12 +126,14 @@ def test_the_usual_consume_names_keys_and_argv_as_the_gate_binds_them() -> None:
         assert [n for n in unpacked if n != "_"]  # it reads some
 
 
-def test_every_xadd_of_an_event_writes_the_schema_fields_in_order() -> None:
-    """Events:add, and usual_consume's own XADD (no sink table on the hot path)."""
+def test_the_event_packer_writes_the_schema_fields_in_order() -> None:
+    """pack_event joins EVENT_FIELDS in events.NAMES order, formats the integer ones, and every
+    XADD of an event (Events:add, usual_consume's own) writes its text as ENTRY_FIELD."""
     from quota_gw import events
 
-    xadds = re.findall(r"call\('XADD', (?:self\.stream|stream_key), '\*',(.*?)\)\n", code(LIB), re.S)
-    assert len(xadds) == 2
-    for xadd in xadds:
-        args = [a.strip() for a in xadd.split(",")]  # name, value, name, value... (no value has a comma)
-        assert tuple(a.strip("'") for a in args[0::2]) == events.NAMES
+    assert tuple(named_list("EVENT_FIELDS")) == events.NAMES
+    numbers = re.search(r"local EVENT_NUMBERS = \{(.*?)\}", code(LIB)).group(1)
+    assert set(re.findall(r"(\w+) = true", numbers)) == {f.name for f in events.FIELDS if f.type in ("int", "us")}
+    assert re.search(r"local ENTRY_FIELD = '(\w+)'", code(LIB)).group(1) == events.ENTRY_FIELD
+    xadds = re.findall(r"call\('XADD', ([\w.]+), '\*', ([^,]+), (\w+)\(", code(LIB))
+    assert [(field, packer) for _, field, packer in xadds] == [("ENTRY_FIELD", "pack_event")] * 2

@@ -48,6 +48,7 @@ from quota_gw import db, openapi
 from quota_gw.config import NAME_RE
 from quota_gw.embedded import free_port
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 from stripe_support import FakeStripeAPI
 
 EXAMPLES = int(os.environ.get("QUOTA_GW_FUZZ_EXAMPLES", "20"))
@@ -151,7 +152,7 @@ class Live:
         return redis_state, tables, last[0][0] if last else "0-0"
 
     def new_events(self, after: str) -> list[dict[str, str]]:
-        return [f for _, f in self.r.xrange(self.layout.stream(self.org), min=f"({after}")]
+        return [f for f in entries(self.r.xrange(self.layout.stream(self.org), min=f"({after}"))]
 
 
 def fuzz_config_data() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from quota_gw.demo import Stats, create_demo_app
 from quota_gw.dev import serve
 from quota_gw.embedded import free_port
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 CHAT = "/v1/chat/completions"
 
@@ -72,7 +73,7 @@ async def tokens_left(gw: Gateway, h: dict[str, str], meter: str = "tokens") -> 
 
 
 async def org_events(redis: Any, gw: Gateway, org: str) -> list[dict[str, str]]:
-    return [f for _, f in await redis.xrange(gw.layout.stream(org)) if f["org"] == org]
+    return [f for f in entries(await redis.xrange(gw.layout.stream(org))) if f["org"] == org]
 
 
 async def wait_event(redis: Any, gw: Gateway, org: str, kind: str, timeout: float = 10) -> dict[str, str]:

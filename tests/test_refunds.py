@@ -28,6 +28,7 @@ from quota_gw.db import Database
 from quota_gw.decisions import Decider, Identity
 from quota_gw.layout import Layout
 from quota_gw.problems import Problem
+from quota_gw.events import entries
 from worker_support import WorkerProc, write_config
 
 
@@ -75,7 +76,7 @@ async def until(pred: Callable[[], Awaitable[bool]], what: str, timeout: float =
 
 
 async def stream_has(redis, gw: Any, org: str, eid: str) -> bool:
-    return any(f["id"] == eid for _, f in await redis.xrange(gw.layout.stream(org)))
+    return any(f["id"] == eid for f in entries(await redis.xrange(gw.layout.stream(org))))
 
 
 async def ledger_has(gw: Any, eid: str) -> bool:
@@ -181,7 +182,7 @@ async def test_concurrent_refunds_refund_once(gw: Any, redis) -> None:
     assert sum(a.headers.get("Idempotent-Replayed") != "true" for a in answers) == 2
     a, p, used, ann, red = before
     assert await state(redis, gw, org, h) == (a + 10, p, used - 10, ann - 10, red - 10)
-    refunds = [f for _, f in await redis.xrange(gw.layout.stream(org)) if f["kind"] == "refund"]
+    refunds = [f for f in entries(await redis.xrange(gw.layout.stream(org))) if f["kind"] == "refund"]
     assert sorted(int(f["cost"]) for f in refunds) == [-6, -4]
 
 

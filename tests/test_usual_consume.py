@@ -13,6 +13,7 @@ import random
 import re
 
 from quota_gw.layout import Layout
+from quota_gw.events import entries
 
 INTEGER = re.compile(r"^(0|-?[1-9][0-9]*)$")  # what the ledger reads; never "-0"
 NUMERIC = ("delta", "dp", "cost", "bal", "ts")
@@ -27,7 +28,7 @@ def timeless(text: str) -> str:
 
 
 async def events(redis, layout: Layout, org: str) -> list[dict]:
-    return [{**f, "meta": timeless(f["meta"])} for _, f in await redis.xrange(layout.stream(org)) if f["org"] == org]
+    return [{**f, "meta": timeless(f["meta"])} for f in entries(await redis.xrange(layout.stream(org))) if f["org"] == org]
 
 
 async def test_the_usual_consume_answers_writes_and_records_as_the_gate(client, admin, redis, config, prefix):

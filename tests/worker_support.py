@@ -19,6 +19,7 @@ import yaml
 
 from quota_gw.decisions import Decider, Identity
 from quota_gw.layout import Layout, meter_field
+from quota_gw.events import entries
 from sync_worker.worker import GROUP
 
 SOAK = os.environ.get("QUOTA_GW_SOAK") == "1"
@@ -101,8 +102,7 @@ async def stream_events(r: aioredis.Redis, layout: Layout) -> list[dict[str, str
     """Every entry still in the streams (tests keep them with an idle extra group)."""
     out = []
     for s in layout.streams():
-        for _, f in await r.xrange(s):
-            out.append(f)
+        out += entries(await r.xrange(s))
     return out
 
 

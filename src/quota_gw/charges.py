@@ -27,6 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from . import events
 from .cluster import Lanes
 from .db import Database
 from .layout import Layout
@@ -59,9 +60,10 @@ def _text(v: Any) -> str:
 
 
 def from_stream(fields: dict[str, str]) -> Charge:
+    """The charge of an event's values by name (events.decode)."""
     delta, dp = int(fields["delta"]), int(fields["dp"])
     return Charge(fields["kind"], fields["org"], fields["meter"], dp - delta, -dp, int(fields["cost"]),
-                  fields["user"], fields["feature"], int(fields["ts"]), fields.get("src", ""))
+                  fields["user"], fields["feature"], int(fields["ts"]), fields["src"])
 
 
 async def newest_first(redis: Redis | Lanes, stream: str, end: str) -> list[Any]:
@@ -77,8 +79,9 @@ async def in_stream(redis: Redis | Lanes, stream: str, event_id: str) -> Charge 
     while True:
         page = await newest_first(redis, stream, end)
         for _entry_id, raw in page:
-            if raw and _text(raw.get("id", raw.get(b"id", b""))) == event_id:
-                return from_stream({_text(k): _text(v) for k, v in raw.items()})
+            fields = {_text(k): _text(v) for k, v in (raw or {}).items()}  # one field (events.ENTRY_FIELD)
+            if fields.get(events.ENTRY_FIELD, "").startswith(event_id + "\t") or fields.get("id") == event_id:
+                return from_stream(events.decode(fields))
         if len(page) < STREAM_PAGE:
             return None
         end = "(" + _text(page[-1][0])

@@ -1,17 +1,25 @@
 """The event schema: the one owner of what a stream entry carries and where it lands.
 
 Every balance change (and every refusal) is one XADD by a Lua script (lua/_lib.lua
-`Events:add`) and later one row of the ledger `usage_events`, written by the sync worker with
-COPY. The entry's fields are positional on both sides (the worker slices the raw entry; COPY
-takes columns in order), so their order is part of the contract. This module states it once:
-the worker's encoding (src/sync_worker/encoding.py) and SQL (src/sync_worker/sql.py) derive every
-position from here by name, and tests/test_event_schema.py runs each script on a real Redis
-and checks that what it XADDs is exactly `NAMES`, in order, and that `COLUMNS` are the
-ledger's columns (the migrations). Adding a field: README "Adding an event field".
+`pack_event`) and later one row of the ledger `usage_events`, written by the sync worker with
+COPY. An entry has one field, `e` (ENTRY_FIELD): the event's values in FIELDS order, joined by
+tabs. One field and not fourteen because each field is an argument Redis turns into an object and
+a stream entry it encodes, ~6 % of a decision's time (docs/benchmarks.md), and because the ledger
+wants the values in that order anyway: the worker's COPY line is the entry's text with the time
+rewritten. `meta` (JSON, free text) is last, so even a tab in it could not shift a value; the other
+values are names (config.NAME_RE), ids and integers. Entries written before packing carried one
+field per value, by name (`decode`, the worker's `event_values` read both).
+
+This module states the order once: the Lua packer (EVENT_FIELDS), the worker's encoding
+(src/sync_worker/encoding.py) and SQL (src/sync_worker/sql.py) take it from here by name;
+tests/test_lua_interface.py pins the Lua list, tests/test_event_schema.py runs each script on a
+real Redis and reads every value back by its type, and checks `COLUMNS` against the ledger's
+columns (the migrations). Adding a field: README "Adding an event field".
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -35,9 +43,9 @@ FIELDS: tuple[EventField, ...] = (
     EventField("cost", "cost", "int"),
     EventField("bal", "balance_after", "int"),
     EventField("ts", "ts", "us"),
-    EventField("meta", "metadata", "json"),
     # Where a charge's tokens came from (a refund's went back to): 'allocated:2,grant:<lot>:2,purchased:1'.
     EventField("src", "sources", "text"),
+    EventField("meta", "metadata", "json"),  # last: free text
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
@@ -45,3 +53,19 @@ COLUMNS: tuple[str, ...] = tuple(f.column for f in FIELDS)
 POSITION: dict[str, int] = {f.name: i for i, f in enumerate(FIELDS)}
 # The ledger column the worker adds to every row: where the entry came from ('<stream>/<id>').
 STREAM_ID_COLUMN = "stream_id"
+# The stream entry's one field: the values, in FIELDS order, joined by tabs.
+ENTRY_FIELD = "e"
+
+
+def decode(fields: Mapping[str, str]) -> dict[str, str]:
+    """An event entry's values by name, from an XRANGE of a decoding client. An entry written
+    before packing has them as its fields (without `src` if older still: '')."""
+    packed = fields.get(ENTRY_FIELD)
+    if packed is None:
+        return {"src": "", **fields}
+    return dict(zip(NAMES, packed.split("\t", len(NAMES) - 1)))
+
+
+def entries(reply: Iterable[tuple[str, Mapping[str, str]]] | None) -> list[dict[str, str]]:
+    """The events of an XRANGE/XREVRANGE reply of a decoding client, values by name."""
+    return [decode(fields) for _, fields in reply or ()]

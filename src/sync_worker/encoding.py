@@ -1,12 +1,11 @@
 """Stream entries to COPY text lines: what the worker writes to the ledger, and what it cannot.
 
-The entry's fields arrive in the order lua/_lib.lua Events:add writes them, which is the order
-of sql.COLUMNS (both are quota_gw/events.py's, by name), so a line is the entry's values joined
-by tabs, plus the stream id. `event_values`
-is the one place that knows an entry's layout; everything else asks it.
+An entry's one field holds the event's values joined by tabs in the order of sql.COLUMNS (both
+are quota_gw/events.py's, by name), so a line is that text with the time rewritten, plus the
+stream id. `event_values` is the one place that knows an entry's layout; everything else asks it.
 
 This is the worker's hottest code (its CPU is the drain's limit, docs/benchmarks.md): rows are
-tuples, a line is one slice and one join, and escaping runs only when a value needs it.
+tuples, a line is one split and one join, and escaping runs only when a value needs it.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ from typing import Any
 
 from quota_gw import events
 
-# The fields lua/_lib.lua Events:add writes, in its order (quota_gw/events.py), and the
-# positions in event_values() this module rewrites, by name.
 FIELDS = [n.encode() for n in events.NAMES]
-_ENTRY_LEN = 2 * len(FIELDS)  # field, value, field, value, ...
-# An entry XADDed before the last field (`src`) was added: still drained, the field empty.
-_OLD_LEN, _OLD_FIELDS = _ENTRY_LEN - 2, FIELDS[:-1]
+ENTRY_FIELD = events.ENTRY_FIELD.encode()
+_FIELD_SET = set(FIELDS)
+_SPLITS = len(FIELDS) - 1  # `meta`, last, keeps whatever it holds
 TS, META = events.POSITION["ts"], events.POSITION["meta"]  # the timestamp (µs) and the metadata
 
 
@@ -33,12 +30,19 @@ class BadEntry(ValueError):
 
 def event_values(f: list[bytes] | None) -> list[bytes]:
     """The values of an event entry (raw [name, value, ...]) in FIELDS order, a new list;
-    BadEntry if the entry is not an event."""
-    if f is not None and len(f) == _OLD_LEN and f[0::2] == _OLD_FIELDS:
-        return f[1::2] + [b""]
-    if f is None or len(f) != _ENTRY_LEN or f[0::2] != FIELDS:
-        raise BadEntry("not an event entry: unexpected fields")
-    return f[1::2]
+    BadEntry if the entry is not an event. Entries written before packing (one field per value,
+    by name; the oldest without `src`) are read by name."""
+    if f is not None and len(f) == 2 and f[0] == ENTRY_FIELD:
+        v = f[1].split(b"\t", _SPLITS)
+        if len(v) == len(FIELDS):
+            return v
+    elif f is not None and len(f) % 2 == 0:
+        names = f[0::2]
+        named = dict(zip(names, f[1::2]))
+        named.setdefault(b"src", b"")
+        if len(names) == len(set(names)) and named.keys() == _FIELD_SET:
+            return [named[n] for n in FIELDS]
+    raise BadEntry("not an event entry: unexpected fields")
 
 
 @lru_cache(maxsize=8)

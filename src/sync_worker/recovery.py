@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from quota_gw import cluster
+from quota_gw import cluster, events
 from quota_gw.config import Config
 from quota_gw.entitlements import canonical
 from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
@@ -159,7 +159,7 @@ async def stream_entries(r: aioredis.Redis, layout: Layout) -> list[dict[str, st
         start = "-"
         while True:
             chunk = text_entries(await r.xrange(s, min=start, count=10_000))
-            entries += [f for _, f in chunk]
+            entries += [events.decode(f) for _, f in chunk]
             if len(chunk) < 10_000:
                 break
             start = "(" + chunk[-1][0]
