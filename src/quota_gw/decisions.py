@@ -168,6 +168,9 @@ class SettleArgs:
     metadata: str
     fingerprint: str  # a retry with a different body is 409, not the first answer
     beyond_hold: str = ""  # commit: '1' charges usage beyond the hold (the sidecar)
+    # commit: the low-balance thresholds, '25,10,0' (as GateTerms.alert_thresholds; lua Meter:alerts):
+    # a commit judges the crossing, as a consume does. '' none (release).
+    alert_thresholds: str = ""
 
 
 @dataclass(slots=True)
@@ -400,7 +403,8 @@ class Decider:
                 L.settled(org, rid)]
         args = SettleArgs(reservation_id=rid, event_id=event_id, org=org, key_id=ident.key_id, units=units,
                           answer_ttl_s=self._ttl[0], metadata=metadata.decode() if metadata else "",
-                          fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "")
+                          fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "",
+                          alert_thresholds=self._alerts if op == "commit" else "")
         return keys, argv(args)
 
     async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None,
