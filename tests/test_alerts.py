@@ -245,6 +245,10 @@ async def test_a_commit_crossing_a_threshold_records_the_alert_a_consume_would_a
     assert (body["type"], body["threshold"], body["balance"], body["allocated"]) == ("balance.low", 25, 12, 12)
     await asyncio.sleep(0.5)  # several notifier polls (0.1 s): none may send a second
     assert len(env.receiver.of(org)) == 1
+    # The org's own usage lists it by its kind.
+    r = await env.client.get("/v1/usage", params={"kind": "alert"}, headers=h)
+    assert r.status_code == 200, r.text
+    assert [(e["kind"], e["metadata"]["threshold"]) for e in r.json()["events"]] == [("alert", 25)]
 
 
 async def test_a_hold_released_unspent_records_no_alert(env: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import charges, entitlements, metrics
+from . import charges, entitlements, events, metrics
 from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
@@ -459,6 +459,8 @@ class Decider:
         per `also_idem`, a second key: a purchase is once per Stripe event and once per session).
         `lot` names the credit (a purchase id) and `expires` ends it (unix s, or '+<s>' from now);
         `take_lot` takes back what is left of lot `lot` (`amount`: what it gave)."""
+        if kind not in events.CREDIT_KINDS:  # the ledger's kinds are events.KINDS: grant.lua writes this one
+            raise ValueError(f"grant kind {kind!r} is not one of events.CREDIT_KINDS")
         L = self.layout
         meta = orjson.dumps(metadata or {}, option=orjson.OPT_SORT_KEYS)
         keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org), L.reservations(org),
