@@ -73,7 +73,7 @@ local GATE_TERMS = {'feature', 'meter', 'allocation', 'period', 'rollover', 'rl_
 local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations', 'expiries'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
 local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
-  'fingerprint', 'beyond_hold'}
+  'fingerprint', 'beyond_hold', 'alert_thresholds'}
 local SETTLE_KEYS = {'bal', 'quotas', 'reservations', 'expiries', 'stream', 'settled'}
 -- The balance read: one group per meter, decisions.BalanceArgs.
 local BALANCE_ARGV = {'meter', 'allocation', 'period', 'rollover'}
@@ -612,6 +612,7 @@ end
 -- to or below a threshold records one `alert` event (delta 0), in this same script; the alert
 -- period and lowest threshold alerted in it (METER_FIELDS alert_period, alert_threshold) make
 -- it once per threshold per meter per period. Called after save() so the events follow the charge.
+-- The charges judge it (consume, commit); a hold changes no balance, so reserve does not (commit.lua).
 local THRESHOLDS = {}  -- spec -> {numbers..., top = the highest}, parsed once per spec
 local function thresholds(spec)
   local found = THRESHOLDS[spec]

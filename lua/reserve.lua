@@ -28,7 +28,7 @@ if m.holds_due ~= nil and (m.holds_due == 0 or expires < m.holds_due) then call(
 req.events:add({id = req.event_id, kind = 'reserve', user = req.user, meter = req.meter, feature = req.feature,
   delta = 0, cost = 0, bal = m:balance(),
   meta = json_encode({held = req.cost, expires_at = expires, reservation_id = req.event_id})})
-m:alerts(req.events, req.user, req.feature, req.alert_thresholds)
+-- No low-balance alert here: the hold is not spent yet; its commit judges the crossing (commit.lua).
 local rep = decision(req, {status = 201, cost = req.cost, remaining = remaining(req), event_id = req.event_id,
   extra = json_encode({expires_at = expires})})
 remember(k.idem, a.fingerprint, req.idem_ttl_s, rep)

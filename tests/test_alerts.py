@@ -196,3 +196,101 @@ async def test_webhook_url_must_be_http_and_the_route_needs_the_admin_token(env:
 def test_notifier_command_is_documented() -> None:
     out = subprocess.run([QUOTA_GW, "notifier", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "DATABASE_URL" in out.stdout
+
+
+# --- Spent through a reservation (reserve -> commit: the decision API and the sidecar's LLM routes) ---
+
+async def reserve(env: Any, h: dict[str, str], units: int) -> str:
+    r = await env.client.post("/v1/reservations", json={"feature": "generate_insight", "units": units}, headers=h)
+    assert r.status_code == 201, r.text
+    return r.json()["reservation_id"]
+
+
+async def commit(env: Any, h: dict[str, str], rid: str, units: int) -> str:
+    r = await env.client.post(f"/v1/reservations/{rid}/commit", json={"units": units}, headers=h)
+    assert r.status_code == 200, r.text
+    return r.json()["event_id"]
+
+
+async def ledger_until(env: Any, org: str, event_id: str) -> list[asyncpg.Record]:
+    """The org's ledger, in the order the scripts wrote it, once `event_id` (its last write) is in."""
+    async def drained() -> bool:
+        return bool(await env.pg.fetchval("SELECT 1 FROM usage_events WHERE event_id = $1::uuid", event_id))
+    await until(drained, f"event {event_id} in the ledger")
+    return await env.pg.fetch("SELECT kind, user_id, meter, feature, delta, cost, balance_after, metadata::text AS meta "
+                              "FROM usage_events WHERE org_id = $1 ORDER BY ts, stream_id", org)
+
+
+async def test_a_commit_crossing_a_threshold_records_the_alert_a_consume_would_and_the_notifier_posts_it(
+        env: Any) -> None:
+    org, h, _ = await env.tenant()
+    await env.hook(org)
+    rid = await reserve(env, h, 40)  # held: 10 left to spend, nothing spent yet
+    await commit(env, h, rid, 38)  # 50 -> 12: below 25 %
+    last = await commit(env, h, await reserve(env, h, 1), 1)  # 12 -> 11: below 25 % again, no new threshold
+    rows = await ledger_until(env, org, last)
+    assert [r["kind"] for r in rows] == ["reset", "reserve", "commit", "alert", "reserve", "commit"]
+    alert = rows[3]
+    assert orjson.loads(alert["meta"])["threshold"] == 25 and orjson.loads(alert["meta"])["balance"] == 12
+    # The same crossing by a consume, in another org: the same event, field for field.
+    other, oh, _ = await env.tenant()
+    by_consume = await ledger_until(env, other, (await spend(env, oh, 38)).json()["event_id"])
+    assert [r["kind"] for r in by_consume] == ["reset", "consume", "alert"]
+    assert dict(by_consume[2]) == dict(alert)
+
+    async def delivered() -> bool:
+        return len(env.receiver.of(org)) >= 1
+    await until(delivered, "the alert POSTed")
+    body = env.receiver.of(org)[0]["body"]
+    assert (body["type"], body["threshold"], body["balance"], body["allocated"]) == ("balance.low", 25, 12, 12)
+    await asyncio.sleep(0.5)  # several notifier polls (0.1 s): none may send a second
+    assert len(env.receiver.of(org)) == 1
+    # The org's own usage lists it by its kind.
+    r = await env.client.get("/v1/usage", params={"kind": "alert"}, headers=h)
+    assert r.status_code == 200, r.text
+    assert [(e["kind"], e["metadata"]["threshold"]) for e in r.json()["events"]] == [("alert", 25)]
+
+
+async def test_a_hold_released_unspent_records_no_alert(env: Any) -> None:
+    org, h, _ = await env.tenant()
+    rid = await reserve(env, h, 45)  # would leave 5 (10 %): judged when spent, not when held
+    r = await env.client.delete(f"/v1/reservations/{rid}", headers=h)
+    assert r.status_code == 200, r.text
+    rows = await ledger_until(env, org, (await spend(env, h, 1)).json()["event_id"])
+    assert [r["kind"] for r in rows] == ["reset", "reserve", "release", "consume"]
+
+
+async def test_commits_walk_down_every_threshold_once_each(env: Any) -> None:
+    org, h, _ = await env.tenant()
+    last = ""
+    # Each hold a little over what is spent (as an LLM hold is): spent 50 -> 30 -> 10 (25 %) -> 5 (10 %) -> 0 (0 %).
+    for held, units in ((25, 20), (25, 20), (8, 5), (5, 5)):
+        last = await commit(env, h, await reserve(env, h, held), units)
+    rows = await ledger_until(env, org, last)
+    alerts = [(orjson.loads(r["meta"])["threshold"], orjson.loads(r["meta"])["balance"]) for r in rows
+              if r["kind"] == "alert"]
+    assert alerts == [(25, 10), (10, 5), (0, 0)]
+
+
+async def test_a_commit_after_its_period_ended_records_no_alert(redis: Any, config: Any, prefix: str) -> None:
+    """The period the charge falls in is over: the next decision starts a new one (and new alerts)."""
+    from quota_gw.decisions import Decider, Identity
+    from quota_gw.layout import Layout, meter_field
+    from quota_gw.events import entries
+
+    layout = Layout(f"{prefix}:alpe", 16)
+    decider = Decider(redis, config, layout)
+    try:
+        kinds = []
+        for ended in (False, True):
+            org = f"org-{ended}-{time.time_ns()}"
+            ident = Identity("k1", org, None, frozenset({"consume"}), "pro")
+            r = await decider.reserve(ident, "generate_insight", 45, "", ttl_s=60)
+            assert r.status == 201
+            if ended:
+                await redis.hset(layout.balances(org), meter_field("general", "period_end"), int(time.time()) - 1)
+            assert (await decider.commit(ident, r.event_id, 45)).status == 200
+            kinds.append([f["kind"] for f in entries(await redis.xrange(layout.stream(org))) if f["org"] == org])
+    finally:
+        await decider.aclose()
+    assert kinds == [["reset", "reserve", "commit", "alert", "alert"], ["reset", "reserve", "commit"]]

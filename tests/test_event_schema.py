@@ -5,16 +5,22 @@ the schema's columns are usage_events' columns, with matching types, in the migr
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from quota_gw import events
 from quota_gw.decisions import Decider, Identity
 from quota_gw.layout import Layout
+from quota_gw.scripts import lua_dir
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 # What each EventField.type is stored as in the ledger (information_schema data_type).
 SQL_TYPE = {"text": "text", "int": "bigint", "uuid": "uuid", "us": "timestamp with time zone", "json": "jsonb"}
@@ -84,6 +90,58 @@ async def test_every_script_xadds_the_schema_fields_in_order(redis: Any, config:
     assert kinds_by_script["consume"] == {"reset", "expire", "consume", "alert", "denied"}
     for script in ("reserve", "commit", "release", "refund"):
         assert script in kinds_by_script[script], kinds_by_script
+    assert set().union(*kinds_by_script.values()) <= set(events.KINDS)
+
+
+def lua_kinds() -> dict[str, set[str]]:
+    """{script: the kinds it writes as literals}, and every other `kind =` it assigns under '?'."""
+    out: dict[str, set[str]] = {}
+    for path in sorted(lua_dir().glob("*.lua")):
+        src = re.sub(r"--[^\n]*", "", path.read_text())
+        for value in re.findall(r"\bkind = ([^,}]+)", src):
+            literal = re.fullmatch(r"'(\w+)'", value.strip())
+            out.setdefault(path.stem, set()).add(literal.group(1) if literal else "?" + value.strip())
+    return out
+
+
+def python_grant_kinds() -> set[str]:
+    """The kinds the Python code asks grant.lua to write: each Decider.grant call's `kind`
+    (its 4th argument), where it is a literal."""
+    found = set()
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "grant" \
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "decider":
+                kind = next((k.value for k in node.keywords if k.arg == "kind"), None)
+                kind = kind or (node.args[3] if len(node.args) > 3 else ast.Constant("grant"))
+                assert isinstance(kind, ast.Constant), f"{path}: a grant kind that is not a literal"
+                found.add(kind.value)
+    return found
+
+
+def test_the_event_kinds_are_exactly_the_kinds_the_scripts_and_the_code_write() -> None:
+    """events.KINDS (GET /v1/usage's `kind`, the OpenAPI EventKind) can neither miss a kind a
+    script writes nor list one nothing writes. grant.lua alone writes the kind it is given."""
+    by_script = lua_kinds()
+    named = {k for kinds in by_script.values() for k in kinds if k.startswith("?")}
+    assert named == {"?a.kind"} and "?a.kind" in by_script["grant"], by_script
+    written = {k for kinds in by_script.values() for k in kinds if not k.startswith("?")}
+    assert {"consume", "commit", "alert", "expire", "denied"} <= written  # the scan sees the scripts
+    assert python_grant_kinds() == {"grant", "purchase", "revoke"}
+    assert python_grant_kinds() <= set(events.CREDIT_KINDS)
+    assert sorted(written | set(events.CREDIT_KINDS)) == sorted(events.KINDS)
+    assert len(set(events.KINDS)) == len(events.KINDS)
+
+
+async def test_a_grant_of_a_kind_the_ledger_does_not_list_is_refused_before_redis(config: Any) -> None:
+    from redis.asyncio import Redis
+
+    decider = Decider(Redis(port=1), config, Layout("t", 16))  # nothing listens: it must not be asked
+    try:
+        with pytest.raises(ValueError, match="CREDIT_KINDS"):
+            await decider.grant("org", "general", 5, kind="bonus")
+    finally:
+        await decider.aclose()
 
 
 async def test_the_schema_columns_are_the_ledger_columns(database_url: str) -> None:

@@ -53,8 +53,22 @@ def test_each_script_binds_its_argv_by_the_names_of_its_python_object_in_order()
 
 def test_argv_lists_the_fields_in_order() -> None:
     args = decisions.SettleArgs(reservation_id="r", event_id="e", org="o", key_id="k", units=3, answer_ttl_s="60",
-                                metadata="", fingerprint="fp", beyond_hold="1")
-    assert decisions.argv(args) == ["r", "e", "o", "k", 3, "60", "", "fp", "1"]
+                                metadata="", fingerprint="fp", beyond_hold="1", alert_thresholds="25,10,0")
+    assert decisions.argv(args) == ["r", "e", "o", "k", 3, "60", "", "fp", "1", "25,10,0"]
+
+
+def test_a_commit_carries_the_alert_thresholds_the_gate_does_and_a_release_none(config) -> None:
+    """commit judges low-balance alerts as consume does, from the same text (GateTerms.alert_thresholds)."""
+    from redis.asyncio import Redis
+
+    d = decisions.Decider(Redis(), config, layout.Layout("t", 16))
+    ident = decisions.Identity("key1", "org1", None, frozenset(), "pro")
+    _, terms, _ = d._priced(ident, "generate_insight")
+    assert terms["alert_thresholds"] == "25,10,0"
+    at = [f.name for f in dataclasses.fields(decisions.SettleArgs)].index("alert_thresholds")
+    _, commit = d._settle_call(ident, "r1", 3, None, "commit")
+    _, release = d._settle_call(ident, "r1", 0, None, "release")
+    assert commit[at] == terms["alert_thresholds"] and release[at] == ""
 
 
 def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:

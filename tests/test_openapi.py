@@ -80,6 +80,13 @@ def test_served_document_names_the_deployment(config):
     assert s["ConsumeRequest"]["properties"]["units"]["maximum"] == config.behaviour.max_units
 
 
+def test_event_kinds_are_the_ledgers():
+    """EventKind is events.KINDS (held to what the scripts write by tests/test_event_schema.py)."""
+    from quota_gw import events
+
+    assert openapi.document()["components"]["schemas"]["EventKind"]["enum"] == list(events.KINDS)
+
+
 def test_problem_codes_are_the_ones_the_gateway_uses():
     assert set(openapi.document()["components"]["schemas"]["Problem"]["properties"]["code"]["enum"]) == set(TITLES)
 

@@ -507,6 +507,20 @@ async def test_usage_beyond_the_balance_is_recorded_as_overage_and_never_goes_be
     assert await tokens_left(gw, h) == 0
 
 
+async def test_an_llm_call_spending_the_balance_below_a_threshold_records_one_alert_at_its_commit(gw, tenant, redis):
+    org, h = await tenant("bulk")  # 1,000 tokens; alerts at 25, 10 and 0 %
+    for prompt in ("800", "10"):  # 820 charged (the hold was far less): 180 left, 18 %; then ~30 more, still above 10 %
+        r = await gw.http.post(CHAT, json=chat(20), headers={**h, "X-Demo-Prompt-Tokens": prompt})
+        assert r.status_code == 200, r.text
+    events = await org_events(redis, gw, org)
+    kinds = [e["kind"] for e in events]
+    assert kinds == ["reset", "reserve", "commit", "alert", "reserve", "commit"], kinds
+    alert = events[3]
+    meta = orjson.loads(alert["meta"])
+    assert (meta["threshold"], meta["balance"], meta["base"]) == (25, 180, 1000)
+    assert (alert["meter"], alert["feature"], alert["delta"]) == ("tokens", "chat", "0")
+
+
 async def test_usage_beyond_the_hold_respects_a_user_sub_quota(gw, tenant, redis, admin):
     org, h = await tenant("pro")  # 100,000 tokens for the org
     await admin.quota(org, "tokens", 500, user_id="alice")

@@ -21,10 +21,10 @@ from starlette.routing import Route
 from .admin import _admin, pg_errors
 from .api import Context, balance_of, ctx, json_response
 from .config import NAME_RE, is_name
+from .events import KINDS
 from .problems import Problem, invalid
 from .store import Store
 
-KINDS = ("consume", "refund", "reserve", "commit", "release", "grant", "purchase", "reset", "adjust", "denied")
 BURN_WINDOW_DAYS = 7
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIN_TIME = datetime(1, 1, 2, tzinfo=timezone.utc)  # since/until bounds: a day inside Python's range

@@ -364,9 +364,10 @@ class Behaviour(_Model):
 class Alerts(_Model):
     thresholds: list[int] = Field(default_factory=lambda: [25, 10, 0], description=(
         "Low-balance alerts, in percent of a meter's period allocation plus the purchased credit it started the "
-        "period with: the decision that takes the balance to or below one records an `alert` event (once per "
-        "threshold per meter per period), delivered to the org's webhook by `quota-gw notifier`. The highest "
-        "is also where GET /v1/balance says `low`."))
+        "period with: the charge that takes the balance to or below one (a consume, or a reservation's commit: the "
+        "sidecar's LLM calls too; a hold alone does not) records an `alert` event (once per threshold per meter "
+        "per period), delivered to the org's webhook by `quota-gw notifier`. The highest is also where GET "
+        "/v1/balance says `low`."))
     retry_initial_s: float = Field(default=5.0, gt=0, description=(
         "First wait before a failed webhook delivery is tried again; doubled each attempt."))
     retry_max_s: float = Field(default=3600.0, gt=0, description="Longest wait between two delivery attempts.")

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import charges, entitlements, metrics
+from . import charges, entitlements, events, metrics
 from .cluster import Lanes, RedisCluster
 from .coalesce import Coalescer
 from .config import Config, Plan
@@ -171,6 +171,9 @@ class SettleArgs:
     metadata: str
     fingerprint: str  # a retry with a different body is 409, not the first answer
     beyond_hold: str = ""  # commit: '1' charges usage beyond the hold (the sidecar)
+    # commit: the low-balance thresholds, '25,10,0' (as GateTerms.alert_thresholds; lua Meter:alerts):
+    # a commit judges the crossing, as a consume does. '' none (release).
+    alert_thresholds: str = ""
 
 
 @dataclass(slots=True)
@@ -403,7 +406,8 @@ class Decider:
                 L.settled(org, rid)]
         args = SettleArgs(reservation_id=rid, event_id=event_id, org=org, key_id=ident.key_id, units=units,
                           answer_ttl_s=self._ttl[0], metadata=metadata.decode() if metadata else "",
-                          fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "")
+                          fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "",
+                          alert_thresholds=self._alerts if op == "commit" else "")
         return keys, argv(args)
 
     async def commit(self, ident: Identity, rid: str, units: int, metadata: bytes | None = None,
@@ -458,6 +462,8 @@ class Decider:
         per `also_idem`, a second key: a purchase is once per Stripe event and once per session).
         `lot` names the credit (a purchase id) and `expires` ends it (unix s, or '+<s>' from now);
         `take_lot` takes back what is left of lot `lot` (`amount`: what it gave)."""
+        if kind not in events.CREDIT_KINDS:  # the ledger's kinds are events.KINDS: grant.lua writes this one
+            raise ValueError(f"grant kind {kind!r} is not one of events.CREDIT_KINDS")
         L = self.layout
         meta = orjson.dumps(metadata or {}, option=orjson.OPT_SORT_KEYS)
         keys = [L.balances(org), L.idem(org, "g", idem or "-"), L.stream(org), L.reservations(org),

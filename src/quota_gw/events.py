@@ -15,6 +15,11 @@ This module states the order once: the Lua packer (EVENT_FIELDS), the worker's e
 tests/test_lua_interface.py pins the Lua list, tests/test_event_schema.py runs each script on a
 real Redis and reads every value back by its type, and checks `COLUMNS` against the ledger's
 columns (the migrations). Adding a field: README "Adding an event field".
+
+It also owns the event kinds: every `kind` an entry can carry, which GET /v1/usage filters by and
+the OpenAPI `EventKind` lists. The scripts write each kind as a literal, except lua/grant.lua,
+which writes the one its Python caller names (CREDIT_KINDS; Decider.grant refuses any other);
+tests/test_event_schema.py holds KINDS to exactly what the scripts and those callers write.
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ COLUMNS: tuple[str, ...] = tuple(f.column for f in FIELDS)
 POSITION: dict[str, int] = {f.name: i for i, f in enumerate(FIELDS)}
 # The ledger column the worker adds to every row: where the entry came from ('<stream>/<id>').
 STREAM_ID_COLUMN = "stream_id"
+# The kinds lua/grant.lua writes as its caller names them (the credit an operator, a purchase or
+# its refund changes).
+CREDIT_KINDS: tuple[str, ...] = ("grant", "purchase", "adjust", "revoke")
+# Every kind of event, in the order the API documents them: the SPEC's, then those added since
+# (low-balance `alert`, credit lots' `expire`, a refunded purchase's `revoke`).
+KINDS: tuple[str, ...] = ("consume", "refund", "reserve", "commit", "release", "grant", "purchase", "reset",
+                          "adjust", "denied", "alert", "expire", "revoke")
+
 # The stream entry's one field: the values, in FIELDS order, joined by tabs.
 ENTRY_FIELD = "e"
 
