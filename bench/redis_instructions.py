@@ -1,6 +1,6 @@
 """Instructions Redis executes per consume, beside the minimal script, under callgrind.
 
-    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH]
+    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH] [--layers]
 
 bench/redis_cost.py measures time, which the shared machine makes noisy (one preempted script
 swells a round); this counts the instructions the server executes for the same calls, which is
@@ -12,6 +12,9 @@ and read after it (`callgrind_control`). Same org, plan, feature and user ids as
 the real Decider; the minimal script is the same HGET, HINCRBY, TIME, XADD of 4 fields,
 pipelined 64 at a time. Each side runs twice; the lower count is reported (the first
 touches the server's caches and dictionaries grow).
+
+--layers adds a third side, as in redis_cost.py: consumes of an org whose allocation is spent,
+with an expiring grant and purchased credit, so every call takes the gate's steps (credit lots).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def counted(out_dir: str, pid: int) -> int:
     raise RuntimeError("callgrind wrote no dump")
 
 
-async def run(calls: int, server: str, users: int) -> None:
+async def run(calls: int, server: str, users: int, layers: bool = False) -> None:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         sys.exit("valgrind (callgrind) is not installed")
     out_dir = tempfile.mkdtemp(prefix="qgw-callgrind-")
@@ -95,16 +98,28 @@ async def run(calls: int, server: str, users: int) -> None:
         ids = [f"u{rng.randrange(users)}" for _ in range(calls)]
         for u in ids[:200]:  # warm: the library loaded, the period started
             await decider.consume(ident, feature, 1, u)
+        ident3 = Identity("key3", "org3", None, frozenset({"decide"}), "enterprise")
+        if layers:  # allocation spent, then an expiring grant and purchased credit
+            meter, cost = cfg.features[feature].meter, cfg.features[feature].cost
+            await decider.consume(ident3, feature, 1, "warm")
+            spent = await decider.consume(ident3, feature, (cfg.plans["enterprise"].allocation(meter) - cost) // cost, "w")
+            assert spent.status == 200, spent
+            await decider.grant("org3", meter, cost * calls * 8, kind="grant", expires="+86400")
+            await decider.grant("org3", meter, cost * calls * 8, kind="grant")
+            d3 = await decider.consume(ident3, feature, 1, "warm")
+            assert d3.status == 200 and d3.sources.startswith("grant:"), d3
         minimal = r.register_script(MINIMAL_LUA)
         await r.hset("min:{s00}:bal", "left", 10**12)
         await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[1, "org1", "warm"])
-        counts: dict[str, list[float]] = {"consume": [], "minimal": []}
-        for side in ("consume", "minimal", "consume", "minimal"):
+        counts: dict[str, list[float]] = {"consume": [], "minimal": [], "3 layers": []}
+        sides = ("consume", "minimal", "3 layers") if layers else ("consume", "minimal")
+        for side in sides * 2:
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=False)
             for i in range(0, calls, 64):
                 part = ids[i:i + 64]
-                if side == "consume":
-                    ds = await asyncio.gather(*[decider.consume(ident, feature, 1, u) for u in part])
+                if side != "minimal":
+                    who = ident if side == "consume" else ident3
+                    ds = await asyncio.gather(*[decider.consume(who, feature, 1, u) for u in part])
                     assert all(d.status == 200 for d in ds), ds[0]
                 else:
                     p = r.pipeline(transaction=False)
@@ -115,6 +130,9 @@ async def run(calls: int, server: str, users: int) -> None:
         c, m = min(counts["consume"]), min(counts["minimal"])
         print(f"{Path(server).name} {version}, {calls} calls a side, {users} user ids")
         print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}")
+        if layers:
+            t = min(counts["3 layers"])
+            print(f"3 layers {t:,.0f}: {t / m:.2f}x the minimal script, {t / c:.2f}x the usual consume")
         await decider.aclose()
     finally:
         await r.aclose()
@@ -128,8 +146,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--server", default=None, help="redis-server or valkey-server to run under callgrind")
+    ap.add_argument("--layers", action="store_true", help="also consumes that draw three layers (the gate's steps)")
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.server or default_server(), a.users))
+    asyncio.run(run(a.calls, a.server or default_server(), a.users, a.layers))
 
 
 if __name__ == "__main__":
