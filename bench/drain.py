@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from quota_gw import db  # noqa: E402
+from quota_gw import db, events  # noqa: E402
 from quota_gw.layout import Layout  # noqa: E402
 from sync_worker import sql  # noqa: E402
 from sync_worker import packing  # noqa: E402
@@ -62,7 +62,12 @@ def event(i: int, now_us: int) -> dict[str, str]:
             "key": "key_0123456789abcdef", "meter": "general", "feature": "generate_insight",
             "delta": "-3" if kind in ("consume", "commit") else "0", "dp": "0",
             "cost": "3" if kind in ("consume", "commit") else "0", "bal": str(100000 - i), "ts": str(now_us + i),
-            "meta": meta}
+            "src": "allocated:3" if kind in ("consume", "commit") else "", "meta": meta}
+
+
+def entry(e: dict[str, str]) -> dict[str, str]:
+    """A stream entry as the scripts write it: one field, the values in the schema's order."""
+    return {events.ENTRY_FIELD: "\t".join(e[n] for n in events.NAMES)}
 
 
 async def xadd_many(r: aioredis.Redis, layout: Layout, start: int, n: int) -> None:
@@ -70,7 +75,7 @@ async def xadd_many(r: aioredis.Redis, layout: Layout, start: int, n: int) -> No
     async with r.pipeline(transaction=False) as p:
         for i in range(start, start + n):
             e = event(i, now_us)
-            p.xadd(layout.stream(e["org"]), e)
+            p.xadd(layout.stream(e["org"]), entry(e))
         await p.execute()
 
 
@@ -147,7 +152,7 @@ async def write_paths(pg: asyncpg.Connection, layout: Layout, args: argparse.Nam
     lines = []
     for i in range(args.events):
         e = event(i, now_us)
-        fields = [x for k, v in e.items() for x in (k.encode(), v.encode())]
+        fields = [x for k, v in entry(e).items() for x in (k.encode(), v.encode())]
         lines.append(copy_line(layout.stream(e["org"]).encode() + b"/", b"%d-0" % i, fields))
     ledger = Ledger(pg)
     await pg.execute(sql.CREATE_STAGE)
