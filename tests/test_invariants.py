@@ -475,6 +475,32 @@ async def test_decisions_know_when_the_earliest_hold_expires_and_sweep_only_then
     assert int(await due()) > late_at  # the 3000 s hold is the next
 
 
+async def test_commit_and_release_sweep_other_expired_holds_once_the_earliest_is_due(client, tenant, redis, config,
+                                                                                    prefix):
+    """A settle returns other holds past their expiry first, as decisions do, and like them looks
+    only once HOLDS_DUE has come: a hold aged behind a mark still in the future is not read."""
+    org, h = await tenant("starter", general=100)
+    layout = Layout(prefix, config.shards)
+    bal = layout.balances(org)
+    stale, live, other = [await reserve(client, h, 5) for _ in range(3)]
+    mark = await redis.hget(bal, HOLDS_DUE)
+    await redis.zadd(layout.expiries(org), {stale: 1})  # past its expiry, the mark not moved
+    r = await client.post(f"/v1/reservations/{live}/commit", json={"units": 2}, headers=h)
+    assert r.status_code == 200, r.text
+    assert await redis.hexists(layout.reservations(org), stale)  # not due by the mark: not looked for
+    assert await redis.hget(bal, HOLDS_DUE) == mark
+    await redis.hset(bal, HOLDS_DUE, 1)  # now due
+    other_at = int(await redis.zscore(layout.expiries(org), other))
+    assert (await client.delete(f"/v1/reservations/{other}", headers=h)).status_code == 200
+    assert not await redis.hexists(layout.reservations(org), stale)
+    expired = [f for f in await stream_kinds(redis, layout, org) if f["kind"] == "release" and '"expired"' in f["meta"]]
+    assert [orjson.loads(f["meta"])["reservation_id"] for f in expired] == [stale]
+    # The sweep set the next hold's expiry (the one being released); settling it leaves the mark.
+    assert await redis.hget(bal, HOLDS_DUE) == str(other_at)
+    b = await balance(client, h, "general")
+    assert (b["balance"], b["held"], b["used"]) == (98, 0, 2)
+
+
 async def test_expired_hold_is_gone_for_check_and_balance_which_write_nothing(client, tenant, redis, config, prefix):
     org, h = await tenant("starter", general=10)
     layout = Layout(prefix, config.shards)
