@@ -1,6 +1,6 @@
 """Instructions Redis executes per consume, beside the minimal script, under callgrind.
 
-    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH] [--layers]
+    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH] [--layers] [--settle]
 
 bench/redis_cost.py measures time, which the shared machine makes noisy (one preempted script
 swells a round); this counts the instructions the server executes for the same calls, which is
@@ -15,6 +15,8 @@ touches the server's caches and dictionaries grow).
 
 --layers adds a third side, as in redis_cost.py: consumes of an org whose allocation is spent,
 with an expiring grant and purchased credit, so every call takes the gate's steps (credit lots).
+--settle adds two: a reserve of 2 units, and the commit of 1 of them (what an LLM call through
+the sidecar costs Redis: one of each).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def counted(out_dir: str, pid: int) -> int:
     raise RuntimeError("callgrind wrote no dump")
 
 
-async def run(calls: int, server: str, users: int, layers: bool = False) -> None:
+async def run(calls: int, server: str, users: int, layers: bool = False, settle: bool = False) -> None:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         sys.exit("valgrind (callgrind) is not installed")
     out_dir = tempfile.mkdtemp(prefix="qgw-callgrind-")
@@ -111,13 +113,21 @@ async def run(calls: int, server: str, users: int, layers: bool = False) -> None
         minimal = r.register_script(MINIMAL_LUA)
         await r.hset("min:{s00}:bal", "left", 10**12)
         await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[1, "org1", "warm"])
-        counts: dict[str, list[float]] = {"consume": [], "minimal": [], "3 layers": []}
-        sides = ("consume", "minimal", "3 layers") if layers else ("consume", "minimal")
+        counts: dict[str, list[float]] = {"consume": [], "minimal": [], "3 layers": [], "reserve": [], "commit": []}
+        sides = ("consume", "minimal") + (("3 layers",) if layers else ()) + (("reserve", "commit") if settle else ())
+        held: list[str] = []  # reservations the reserve side made, committed by the commit side
         for side in sides * 2:
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=False)
             for i in range(0, calls, 64):
                 part = ids[i:i + 64]
-                if side != "minimal":
+                if side == "reserve":
+                    rs = await asyncio.gather(*[decider.reserve(ident, feature, 2, u, ttl_s=600) for u in part])
+                    assert all(d.status == 201 for d in rs), rs[0]
+                    held += [d.event_id for d in rs]
+                elif side == "commit":
+                    cs = await asyncio.gather(*[decider.commit(ident, held.pop(), 1) for _ in part])
+                    assert all(d.status == 200 for d in cs), cs[0]
+                elif side != "minimal":
                     who = ident if side == "consume" else ident3
                     ds = await asyncio.gather(*[decider.consume(who, feature, 1, u) for u in part])
                     assert all(d.status == 200 for d in ds), ds[0]
@@ -130,6 +140,9 @@ async def run(calls: int, server: str, users: int, layers: bool = False) -> None
         c, m = min(counts["consume"]), min(counts["minimal"])
         print(f"{Path(server).name} {version}, {calls} calls a side, {users} user ids")
         print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}")
+        for side in ("reserve", "commit"):
+            if counts[side]:
+                print(f"{side} {min(counts[side]):,.0f}: {min(counts[side]) / m:.2f}x the minimal script")
         if layers:
             t = min(counts["3 layers"])
             print(f"3 layers {t:,.0f}: {t / m:.2f}x the minimal script, {t / c:.2f}x the usual consume")
@@ -147,8 +160,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--server", default=None, help="redis-server or valkey-server to run under callgrind")
     ap.add_argument("--layers", action="store_true", help="also consumes that draw three layers (the gate's steps)")
+    ap.add_argument("--settle", action="store_true", help="also reserves and their commits (an LLM call's two)")
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.server or default_server(), a.users, a.layers))
+    asyncio.run(run(a.calls, a.server or default_server(), a.users, a.layers, a.settle))
 
 
 if __name__ == "__main__":
