@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -52,8 +52,9 @@ _META_KINDS = "('grant', 'purchase', 'adjust', 'revoke', 'expire')"
 
 
 def lot_events_sql(one_org: bool) -> str:
-    """The credit events of every (org, meter) that ever had a lot, from its first one, and per
-    such meter one row of kind '' whose delta_purchased is the purchased credit before it.
+    """The credit events of every (org, meter) that ever had a lot, from its first one, in
+    stream order, after one row per such meter of kind '' whose dp is the purchased credit
+    before it. Columns: org, meter, LotEvent's fields, the event's time (unix µs).
     $1/$2: (org, meter) pairs replayed from their first event (a lot opened by an event still in
     a stream). one_org: only the org $3. Every org's in one pass (reconcile keeps, per org, the
     events up to its snapshot time): no org_id = ANY(<every org>) test per ledger row."""
@@ -68,20 +69,29 @@ WITH opened AS (
         SELECT x.org_id, x.meter, '-infinity'::timestamptz FROM unnest($1::text[], $2::text[]) AS x(org_id, meter)
     ) s GROUP BY 1, 2
 )
-SELECT o.org_id, o.meter, '' AS kind, NULL::bigint AS ts_us, NULL::text AS stream_id, NULL::uuid AS event_id,
+SELECT * FROM (
+SELECT o.org_id, o.meter, -1::bigint AS ms, 0::bigint AS seq, 0::bigint AS ts_s, '' AS kind,
        (SELECT coalesce(sum(b.delta_purchased), 0) FROM usage_events b
          WHERE b.org_id = o.org_id AND b.meter = o.meter AND b.ts < o.since)::bigint AS dp,
-       NULL::text AS sources, NULL::text AS purchase_id, NULL::text AS expires_at, NULL::text AS lot,
-       false AS taken
+       '' AS event_id, '' AS sources, '' AS purchase_id, 0::bigint AS expires_at, '' AS lot, false AS taken,
+       0::bigint AS ts_us
   FROM opened o
 UNION ALL
-SELECT e.org_id, e.meter, e.kind, (extract(epoch FROM e.ts) * 1000000)::bigint, e.stream_id, e.event_id,
-       e.delta_purchased, e.sources, m.metadata ->> 'purchase_id', m.metadata ->> 'expires_at',
-       m.metadata ->> 'lot', coalesce(m.metadata ? 'taken', false)
+SELECT e.org_id, e.meter,
+       coalesce(split_part(split_part(e.stream_id, '/', -1), '-', 1)::bigint, (extract(epoch FROM e.ts) * 1000)::bigint),
+       coalesce(split_part(e.stream_id, '-', -1)::bigint, -1),
+       floor(extract(epoch FROM e.ts))::bigint,
+       e.kind, e.delta_purchased,
+       CASE WHEN e.kind IN {GRANT_KINDS} THEN replace(e.event_id::text, '-', '') ELSE '' END,
+       coalesce(e.sources, ''), coalesce(m.metadata ->> 'purchase_id', ''),
+       CASE WHEN m.metadata ->> 'expires_at' ~ '^[0-9]{{1,15}}$' THEN (m.metadata ->> 'expires_at')::bigint ELSE 0 END,
+       coalesce(m.metadata ->> 'lot', ''), coalesce(m.metadata ? 'taken', false),
+       (extract(epoch FROM e.ts) * 1000000)::bigint
   FROM opened o
   JOIN usage_events e ON e.org_id = o.org_id AND e.meter = o.meter AND e.ts >= o.since
  CROSS JOIN LATERAL (SELECT CASE WHEN e.kind IN {_META_KINDS} THEN e.metadata END AS metadata) m
  WHERE e.delta_purchased <> 0 OR e.kind = 'revoke'
+) u ORDER BY org_id COLLATE "C", meter COLLATE "C", ms, seq  -- (any order of the meters groups them)
 """
 
 
@@ -97,26 +107,26 @@ class Lot:
         return f"{self.n} left, expires {datetime.fromtimestamp(self.x, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
-@dataclass
-class LotEvent:
-    """One credit event of a meter, as the replay needs it."""
-    order: tuple[int, int]  # its stream entry id (ms, seq): the order the scripts wrote in
+class LotEvent(NamedTuple):
+    """One credit event of a meter, as the replay needs it (lot_events_sql's columns between the
+    org and meter and the time in µs)."""
+    ms: int  # its stream entry id (ms, seq): the order the scripts wrote in
+    seq: int
     ts_s: int  # when (unix s, the script's clock)
     kind: str
     dp: int  # the change of purchased credit
-    event_id: str = ""  # 32 hex digits
-    sources: str = ""
-    purchase_id: str = ""
-    expires_at: int = 0
-    lot: str = ""  # an expire event's lot
-    taken: bool = False  # a revoke that took back its purchase's lot
+    event_id: str  # 32 hex digits (read only for a lot's id)
+    sources: str
+    purchase_id: str
+    expires_at: int
+    lot: str  # an expire event's lot
+    taken: bool  # a revoke that took back its purchase's lot
 
 
 def entry_order(entry_id: str | None, ts_us: int) -> tuple[int, int]:
-    """A stream entry id ('<ms>-<seq>', or '<stream>/<ms>-<seq>') as a sort key; from the
-    event's time when there is none."""
+    """A stream entry id ('<ms>-<seq>') as a sort key; from the event's time when there is none."""
     if entry_id:
-        ms, sep, seq = entry_id.rpartition("/")[2].partition("-")
+        ms, sep, seq = entry_id.partition("-")
         if sep and ms.isdigit() and seq.isdigit():
             return int(ms), int(seq)
     return ts_us // 1000, -1
@@ -127,13 +137,6 @@ def _int(v: Any) -> int:
         return int(v or 0)
     except (TypeError, ValueError):
         return 0
-
-
-def event_from_row(x: Any) -> LotEvent:
-    """A row of lot_events_sql (not the kind '' one)."""
-    return LotEvent(entry_order(x["stream_id"], x["ts_us"]), x["ts_us"] // 1_000_000, x["kind"], x["dp"],
-                    x["event_id"].hex if x["event_id"] else "", x["sources"] or "", x["purchase_id"] or "",
-                    _int(x["expires_at"]), x["lot"] or "", bool(x["taken"]))
 
 
 def event_from_entry(entry_id: str, f: dict[str, str]) -> LotEvent | None:
@@ -152,7 +155,7 @@ def event_from_entry(entry_id: str, f: dict[str, str]) -> LotEvent | None:
             meta = loaded if isinstance(loaded, dict) else {}
         except orjson.JSONDecodeError:
             pass
-    return LotEvent(entry_order(entry_id, ts), ts // 1_000_000, kind, dp, f.get("id", ""), f.get("src", ""),
+    return LotEvent(*entry_order(entry_id, ts), ts // 1_000_000, kind, dp, f.get("id", ""), f.get("src", ""),
                     str(meta.get("purchase_id") or ""), _int(meta.get("expires_at")), str(meta.get("lot") or ""),
                     "taken" in meta)
 
@@ -289,22 +292,28 @@ def _parts(sources: str) -> list[tuple[str, int]]:
 
 def replay(rows: list[Any], pending_of: dict[tuple[str, str], list[LotEvent]] | None = None
            ) -> dict[tuple[str, str], MeterLots]:
-    """Per (org, meter): its lots after the rows of lot_events_sql and the events in
-    `pending_of` (not in the ledger yet), in stream order."""
-    start: dict[tuple[str, str], int] = {}
-    events: dict[tuple[str, str], list[LotEvent]] = {}
+    """Per (org, meter): its lots after the rows of lot_events_sql (in its order) and the events
+    in `pending_of` (not in the ledger yet), in stream order."""
+    out: dict[tuple[str, str], MeterLots] = {}
+    key: tuple[str, str] | None = None
+    events: list[LotEvent] = []
+
+    def done() -> None:
+        if key is None:
+            return
+        meter = out[key]
+        more = (pending_of or {}).get(key)
+        for e in sorted(events + more) if more else events:
+            meter.apply(e)
+
     for x in rows:
-        key = (x["org_id"], x["meter"])
-        if x["kind"] == "":
-            start[key] = x["dp"]
+        if x[5] == "":  # the meter's first row: the purchased credit before its first lot
+            done()
+            key, events = (x[0], x[1]), []
+            out[key] = MeterLots(x[6])
         else:
-            events.setdefault(key, []).append(event_from_row(x))
-    out = {}
-    for key, p in start.items():
-        m = MeterLots(p)
-        for e in sorted(events.get(key, []) + (pending_of or {}).get(key, []), key=lambda e: e.order):
-            m.apply(e)
-        out[key] = m
+            events.append(LotEvent._make(x[2:13]))
+    done()
     return out
 
 

@@ -408,7 +408,7 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         opened = sorted(k for k, es in credit_pending.items() if any(map(lots.opens_lot, es)))
         args: list[Any] = [[k[0] for k in opened], [k[1] for k in opened]] + ([org] if org else [])
         lot_rows = [x for x in await pg.fetch(lots.lot_events_sql(org is not None), *args)
-                    if x["org_id"] in t_of and (x["kind"] == "" or x["ts_us"] <= t_of[x["org_id"]])]
+                    if x["org_id"] in t_of and x["ts_us"] <= t_of[x["org_id"]]]
         for pair, meter in lots.replay(lot_rows, credit_pending).items():
             ledger_lots[pair] = meter.stored(t_of[pair[0]] // 1_000_000)
     for f in pending:
