@@ -341,6 +341,7 @@ async def test_a_grant_lapsed_but_not_yet_recorded_at_the_rebuild_expires_at_the
         env: Any, rebuilt: Any) -> None:
     p = rebuilt.pairs["unrecorded"]
     assert [lot["i"] for lot in lots_of(rebuilt.before[p.s])] == [p["late"], p["short"]]
+    assert "2 of the credit lots are past their expiry" in rebuilt.rebuild.stdout  # the pair's
     now = await env.redis.hgetall(env.layout.balances(p.s))
     assert restorable(now) == restorable(rebuilt.before[p.s])
     b = await env.general(p.hs)

@@ -44,9 +44,9 @@ import orjson
 
 GRANT_KINDS = ("grant", "purchase", "adjust")
 # Kinds written by scripts that first expire the lots past their expiry (Meter:expire_lots):
-# the gate's (consume) and grant.lua's. Those that held credit were recorded by `expire` events
-# just before; the spent ones went without one.
-_EXPIRING_FIRST = (*GRANT_KINDS, "revoke", "consume")
+# the gate's (consume; an `expire` event is its record) and grant.lua's. Those that held credit
+# were recorded by `expire` events just before; the spent ones went without one.
+_EXPIRING_FIRST = (*GRANT_KINDS, "revoke", "consume", "expire")
 # Kinds whose metadata the replay reads (a lot's id and expiry, a revoked lot, an expired lot).
 _META_KINDS = "('grant', 'purchase', 'adjust', 'revoke', 'expire')"
 
