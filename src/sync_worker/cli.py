@@ -133,8 +133,9 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default 127.0.0.1)")
     p.add_argument("--log-level", default="info")
 
-    p = command("rebuild", cmd_rebuild, "Restore Redis (balances, users, quotas, orgs, keys) from Postgres, "
-                                        "into an empty Redis for this prefix.", *env, codes=REBUILD_CODES)
+    p = command("rebuild", cmd_rebuild, "Restore Redis (balances and their credit lots, users, quotas, orgs, "
+                                        "keys) from Postgres, into an empty Redis for this prefix.", *env,
+                codes=REBUILD_CODES)
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
     p.add_argument("--force", action="store_true",
                    help="write even if Redis already holds keys of this prefix (overwrites balances)")
@@ -144,8 +145,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                                  "from Postgres")
     p.add_argument("--log-level", default="warning")
 
-    p = command("reconcile", cmd_reconcile, "Compare Redis balances with the Postgres ledger (plus events not "
-                                            "yet drained), and each org's configuration in Redis with "
+    p = command("reconcile", cmd_reconcile, "Compare Redis balances and credit lots with the Postgres ledger "
+                                            "(plus events not yet drained), and each org's configuration in Redis with "
                                             "Postgres; exit 1 and print the differences on drift.", *env,
                 codes=RECONCILE_CODES)
     p.add_argument("--config", help="config file (default: $QUOTA_GW_CONFIG)")
