@@ -1198,8 +1198,9 @@ local function settle_start(op, k, a)
   release_hold(k.bal, k.quotas, rec)
   call('HDEL', k.reservations, rid)
   call('ZREM', k.expiries, rid)
-  -- The reservation, the event sink, and the holds still stored past their expiry.
-  return {rec = rec, events = events, expired = swept_all and NONE or expired_holds(k.reservations, k.expiries, now_s)},
+  -- The reservation, the event sink, the server time (s), and the holds still stored past their expiry.
+  return {rec = rec, events = events, now_s = now_s,
+    expired = swept_all and NONE or expired_holds(k.reservations, k.expiries, now_s)},
     nil
 end
 

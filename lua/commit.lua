@@ -12,6 +12,9 @@ if early then return early end
 local rec, events = s.rec, s.events
 
 local m = load_meter(k.bal, rec.m, s.expired)
+-- Credit lots past their expiry lapse first (their `expire` events), as for a consume: a hold
+-- taken while a grant was live does not make the grant spendable after it.
+m:expire_lots(s.now_s)
 -- A hold past a rate window (rec.co, its price multiple) is charged from credit only, at that multiple.
 local want = tonumber(a.units) * rec.unit * (rec.co or 1)
 local qs = load_quotas(k.quotas, rec, rec.m, m.pe, s.expired)
@@ -27,6 +30,7 @@ end
 local from_a, from_p, src = m:charge(cost, rec.co ~= nil, rec.o)
 for _, q in ipairs(qs) do q.used = q.used + cost; q:save() end
 m:save_spend()
+m:save_pending(events, rec.u, rec.f)
 local meta = {reservation_id = a.reservation_id, held = rec.held, requested = want}
 if want > cost then meta.overage = want - cost end
 if a.metadata ~= '' then meta.request = json_decode(a.metadata) end

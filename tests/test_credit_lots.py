@@ -9,7 +9,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from quota_gw.layout import Layout
+import orjson
+
+from quota_gw.events import entries
+from quota_gw.layout import Layout, meter_field
 from sync_worker.recovery import reconcile
 from test_alerts import env, spend, until  # noqa: F401 - the module's gateway fixture
 
@@ -73,6 +76,32 @@ async def test_spending_takes_the_lot_that_expires_first(env: Any) -> None:
     assert (await general(env, h))["next_expiry"] == {"at": rfc3339(soon), "amount": 2}
     assert (await spend(env, h, 4)).status_code == 200  # 2 of the soon lot, then 2 of the late one
     assert (await general(env, h))["next_expiry"] == {"at": rfc3339(late), "amount": 8}
+
+
+async def test_a_commit_after_a_lots_expiry_does_not_spend_it(env: Any, redis: Any, prefix: str) -> None:
+    """A hold taken while a grant was live, committed after its expiry with no decision between:
+    the commit sees the lot lapsed (and records its `expire`), as a consume would, and charges
+    only what is left (nothing here); it must not spend the expired credit."""
+    org, h, _ = await env.tenant()
+    assert (await spend(env, h, 50)).status_code == 200
+    r = await env.client.post(f"/v1/admin/orgs/{org}/grants", headers=env.admin.h, json={
+        "meter": "general", "amount": 10, "reason": "trial", "expires_at": rfc3339(time.time() + 600)})
+    assert r.status_code == 201, r.text
+    r = await env.client.post("/v1/reservations", json={"feature": "generate_insight", "units": 6}, headers=h)
+    assert r.status_code == 201, r.text
+    rid = r.json()["reservation_id"]
+    # The lot falls due (aged in place, not slept): its expiry moved into the past.
+    bal, lots = Layout(f"{prefix}:al", 16).balances(org), meter_field("general", "lots")
+    stored = orjson.loads(await redis.hget(bal, lots))
+    await redis.hset(bal, lots, orjson.dumps([{**lot, "x": int(time.time()) - 1} for lot in stored]))
+    r = await env.client.post(f"/v1/reservations/{rid}/commit", json={"units": 6}, headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["cost"] == 0 and "X-Quota-Source" not in r.headers
+    b = await general(env, h)
+    assert (b["purchased"], b["balance"], b["held"]) == (0, 0, 0)
+    events = entries(await redis.xrange(Layout(f"{prefix}:al", 16).stream(org)))
+    expired = [e for e in events if e["org"] == org and e["kind"] == "expire"]
+    assert [(int(e["delta"]), orjson.loads(e["meta"])["expired"]) for e in expired] == [(-10, 10)]
 
 
 async def test_expires_at_must_be_a_future_rfc3339_time(env: Any) -> None:
