@@ -199,16 +199,23 @@ def owner_port(cluster: Cluster, key: str) -> int:
     return owner_of_slot(cluster, key_slot(key.encode()))
 
 
-def owner_of_slot(cluster: Cluster, slot: int) -> int:
-    for line in command(cluster.live_ports()[0], "CLUSTER", "NODES").splitlines():
-        f = line.split()
-        if "master" not in f[2] or "fail" in f[2]:
-            continue
-        for rng in f[8:]:
-            lo, _, hi = rng.partition("-")
-            if rng[0] != "[" and int(lo) <= slot <= int(hi or lo):
-                return int(f[1].split("@")[0].rsplit(":", 1)[1])
-    raise AssertionError(f"no owner for slot {slot}")
+def owner_of_slot(cluster: Cluster, slot: int, timeout: float = 10.0) -> int:
+    """The slot's primary as the live nodes say. Right after a failover a node's view may not
+    have the promotion yet (gossip): ask each live node, again until one knows (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for port in cluster.live_ports():
+            for line in command(port, "CLUSTER", "NODES").splitlines():
+                f = line.split()
+                if "master" not in f[2] or "fail" in f[2]:
+                    continue
+                for rng in f[8:]:
+                    lo, _, hi = rng.partition("-")
+                    if rng[0] != "[" and int(lo) <= slot <= int(hi or lo):
+                        return int(f[1].split("@")[0].rsplit(":", 1)[1])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no owner for slot {slot}")
+        time.sleep(0.1)
 
 
 def orgs_on_every_primary(cluster: Cluster, layout: Any, n: int = 12) -> list[str]:
