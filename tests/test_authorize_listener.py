@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from conftest import RUN, Admin
 from quota_gw import embedded
 from quota_gw.app import create_app
+from quota_gw.layout import Layout
 from quota_gw.sidecar.listener import Listener
 from test_direct_routes import authorize_config, normalized
 
@@ -96,6 +98,25 @@ async def test_the_listener_answers_as_the_asgi_route(redis_url: str, database_u
         assert a == b and a[0] == 405, a
         r = await tcp.get("/v1/consume", headers=h)
         assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+async def test_each_charge_names_its_route_and_method_in_its_event(redis_url: str, database_url: str, prefix: str,
+                                                                   tenant: Any, redis: Any, tmp_path: Any) -> None:
+    """The charge's metadata is made once per (route, method) and kept: each call's event
+    still names its own."""
+    async with gateway(redis_url, database_url, prefix, str(tmp_path)) as (app, base), \
+            httpx.AsyncClient(base_url=base) as tcp:
+        org, h = await tenant("pro")
+        asked = [("/ai/goals/a", "POST"), ("/ai/ins", "GET"), ("/ai/goals/b", "GET"), ("/ai/goals", "POST")]
+        for uri, method in asked:
+            r = await tcp.head("/v1/authorize", headers={**h, "X-Original-URI": uri, "X-Original-Method": method})
+            assert r.status_code == 200, r.headers
+        stream = Layout(prefix, app.state.ctx.config.shards).stream(org)
+        metas = [orjson.loads(f["meta"]) for _, f in await redis.xrange(stream) if f["org"] == org and f["kind"] == "consume"]
+        assert metas == [{"route": "/ai/goals", "method": "POST", "via": "authorize"},
+                         {"route": "/ai/ins", "method": "GET", "via": "authorize"},
+                         {"route": "/ai/goals", "method": "GET", "via": "authorize"},
+                         {"route": "/ai/goals", "method": "POST", "via": "authorize"}]
 
 
 async def test_redis_down_is_503_with_retry_after_on_the_listener(database_url: str, tmp_path: Any) -> None:

@@ -57,6 +57,20 @@ def uri_path(uri: str) -> str:
     return urlsplit(uri).path
 
 
+def charge_metadata(prefix: str, method: str) -> bytes:
+    """A fixed route's charge metadata: the same for every call of a (route, method), so made once."""
+    meta = _METADATA.get((prefix, method))
+    if meta is None:
+        meta = orjson.dumps({"route": prefix, "method": method, "via": "authorize"})
+        if len(_METADATA) >= 1024:  # the method is the caller's to choose: bounded
+            _METADATA.clear()
+        _METADATA[(prefix, method)] = meta
+    return meta
+
+
+_METADATA: dict[tuple[str, str], bytes] = {}
+
+
 async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) of an allowed call; a refusal is raised (a Problem)."""
     c: Context = sidecar.ctx
@@ -85,7 +99,11 @@ async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[i
         if route is None:  # only a caller with a key learns which routes exist
             await c.keys.authenticate_key(key, "consume")
             raise Problem(404, "not_found", f"no route for {path}")
-        ident, redis_down = await sidecar.identify(key, route)
+        ident = c.keys.cached(key, "consume")
+        if ident is not None:
+            redis_down = False
+        else:
+            ident, redis_down = await sidecar.identify(key, route)
         user = c.user_of(ident, sidecar.headers.claimed(scope["headers"]), user_header)
         headers = sidecar.headers.who(ident, user)
         if route.metering == "none":
@@ -95,8 +113,7 @@ async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[i
         if not redis_down:
             try:
                 if route.metering == "fixed":
-                    meta = orjson.dumps({"route": route.prefix, "method": method, "via": "authorize"})
-                    d = await c.decider.consume(ident, route.feature, 1, user, None, meta,
+                    d = await c.decider.consume(ident, route.feature, 1, user, None, charge_metadata(route.prefix, method),
                                                 sidecar.table.shadow(route))
                 else:  # LLM usage cannot be measured from here: check that the org can pay at all
                     d = await c.decider.check(ident, route.feature, 1, user)
