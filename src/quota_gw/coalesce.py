@@ -106,8 +106,8 @@ class Coalescer:
                     fut.set_exception(e)
 
     def _write(self, conn: Any, batch: list[Call]) -> None:
-        metrics.ROUND_TRIPS.inc()
-        metrics.SCRIPT_CALLS.inc(len(batch))
+        metrics.count(metrics.ROUND_TRIPS)
+        metrics.count(metrics.SCRIPT_CALLS, len(batch))
         now = asyncio.get_running_loop().time()
         data = b"".join([s.pack(k, a) for s, k, a, _ in batch])
         for call in batch:
