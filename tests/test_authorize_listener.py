@@ -299,6 +299,19 @@ async def test_http_1_0_and_idle_connections_are_closed(listener: Listener) -> N
     assert not listener.connections
 
 
+async def test_a_connection_in_use_stays_open_and_closes_keepalive_s_after_its_last_answer(listener: Listener) -> None:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    for i in range(6):  # asked every 0.2 s for 1.2 s: well past keepalive_s (0.5 s) after the first answer
+        writer.write(get(i))
+        assert (await read_answer(reader))[2] == b'{"path":"/v1/authorize","n":"%d"}' % i
+        last = loop.time()
+        await asyncio.sleep(0.2)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert loop.time() - last >= 0.45  # keepalive_s after the last answer (timers may fire a little early)
+    assert not listener.connections
+
+
 async def test_a_port_in_use_is_an_error_unless_shared(listener: Listener) -> None:
     with pytest.raises(OSError):
         await Listener(stand_in, max_head_bytes=4096, max_headers=20, max_body_bytes=1024,
