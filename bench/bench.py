@@ -11,7 +11,7 @@ ratios, not the absolute numbers. --write appends the table to docs/benchmarks.m
 Sections: `decision` (consume vs hello), `proxy` (fixed and pass-through routes vs the upstream
 direct), `llm` (an `openai` route, JSON and streamed, vs the upstream direct), `nginx`
 (examples/nginx.conf with auth_request, to the authorize listener and to the main port, vs the
-same nginx without it, a fixed route; `--before-src DIR` adds another tree's gateway), `litellm`
+same nginx without it, a fixed route; `--before-src DIR` adds another tree's gateway, both ports), `litellm`
 (LiteLLM's proxy beside the `llm` rows: `--litellm PATH` to its `litellm` executable, or
 $LITELLM_BIN; skipped when absent).
 """
@@ -333,10 +333,10 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
     try:
         variants = [("plain", False, listen_port), ("auth", True, listen_port), ("uvicorn", True, port)]
         if args.before_src:  # the same nginx in front of another tree's gateway, measured in the same rounds
-            before_port = embedded.free_port()
+            before_port, before_listen = embedded.free_port(), embedded.free_port()
             before = start_server("uvicorn", before_port, {**env, "PYTHONPATH": args.before_src,
-                                                           "QUOTA_GW_AUTHORIZE_LISTEN": ""})
-            variants.append(("before", True, before_port))
+                                                           "QUOTA_GW_AUTHORIZE_LISTEN": f"127.0.0.1:{before_listen}"})
+            variants += [("before-listener", True, before_listen), ("before", True, before_port)]
         ports = {}
         for name, auth, gw in variants:
             ports[name] = embedded.free_port()
@@ -360,7 +360,9 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
              lua, [proc.pid, up_pid]),
             ("nginx + auth_request to quota-gw, main port (uvicorn)",
              f"http://127.0.0.1:{ports['uvicorn']}/quota/bench", lua, [proc.pid, up_pid]),
-            *([(f"nginx + auth_request to quota-gw of {args.before_src}, main port",
+            *([(f"nginx + auth_request to quota-gw of {args.before_src}, authorize listener",
+                f"http://127.0.0.1:{ports['before-listener']}/quota/bench", lua, [before.pid, up_pid]),
+               (f"nginx + auth_request to quota-gw of {args.before_src}, main port",
                 f"http://127.0.0.1:{ports['before']}/quota/bench", lua, [before.pid, up_pid])] if before else [])])
     finally:
         for p in procs:
@@ -395,7 +397,8 @@ def main() -> None:
     ap.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"),
                     help="the litellm executable (a scratch venv's bin/litellm) for the litellm section")
     ap.add_argument("--before-src", metavar="DIR", help="nginx section: also measure the gateway of another "
-                    "tree (its src/ folder, e.g. from `git archive`) in the same rounds")
+                    "tree (its src/ folder, e.g. from `git archive`; its authorize listener and its main port) "
+                    "in the same rounds")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args()
     if not shutil.which("wrk"):
