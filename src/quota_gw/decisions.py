@@ -84,12 +84,25 @@ class Decision:
         if self.replay:
             h["Idempotent-Replayed"] = "true"
         if self.sources:
-            h["X-Quota-Source"] = ",".join(p.rsplit(":", 1)[0] for p in self.sources.split(","))
+            h["X-Quota-Source"] = _SOURCE_LAYERS.get(self.sources) or source_layers(self.sources)
         return h
 
     def problem(self) -> Problem:
         return Problem(self.status, self.code, self.detail, headers=self.headers(), cost=self.cost,
                        remaining=self.remaining)
+
+
+def source_layers(sources: str) -> str:
+    """X-Quota-Source: the layers that paid, without their amounts ('allocated:2,purchased:1' ->
+    'allocated,purchased'); remembered, as most calls of a route are paid the same way."""
+    layers = ",".join(p.rsplit(":", 1)[0] for p in sources.split(","))
+    if len(_SOURCE_LAYERS) >= 4096:  # lot ids and amounts vary: bounded
+        _SOURCE_LAYERS.clear()
+    _SOURCE_LAYERS[sources] = layers
+    return layers
+
+
+_SOURCE_LAYERS: dict[str, str] = {}
 
 
 # --- The scripts' arguments -------------------------------------------------------------------
