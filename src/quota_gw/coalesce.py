@@ -135,6 +135,10 @@ class Coalescer:
     def _answer(self, reply: Any) -> None:
         """The next reply, to the oldest call in flight."""
         call, _ = self._inflight.popleft()
+        if type(reply) is list and not self.wait_ms:  # the usual reply: a decision, to its caller
+            if not call[3].done():
+                call[3].set_result(reply)
+            return
         if call is REPLICATED:
             self._release(reply)
             return
