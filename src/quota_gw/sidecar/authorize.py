@@ -16,6 +16,7 @@ byte for byte what a Response would send (tests/test_direct_routes.py).
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,12 +42,12 @@ class Authorize:
         await send(start)
         await send(body)
 
-    async def answer(self, scope: Scope, receive: Receive) -> tuple[dict[str, Any], dict[str, Any]]:
+    @staticmethod
+    def answer(scope: Scope, receive: Receive) -> Coroutine[Any, Any, tuple[dict[str, Any], dict[str, Any]]]:
         """The two ASGI messages of the answer (nothing is sent: an error raised here can still
-        be answered by the app's handlers)."""
-        params = scope.get("path_params")
-        return json_messages(*await authorize(scope["app"].state.sidecar, scope,
-                                              params.get("rest") if params else None))
+        be answered by the app's handlers). authorize() itself, not awaited here: every await
+        level is passed again each time the decision resumes."""
+        return authorize(scope)
 
 
 def uri_path(uri: str) -> str:
@@ -71,8 +72,11 @@ def charge_metadata(prefix: str, method: str) -> bytes:
 _METADATA: dict[tuple[str, str], bytes] = {}
 
 
-async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, body, headers) of an allowed call; a refusal is raised (a Problem)."""
+async def authorize(scope: Scope) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ASGI messages of an allowed call; a refusal is raised (a Problem)."""
+    sidecar: Sidecar = scope["app"].state.sidecar
+    params = scope.get("path_params")
+    rest: str | None = params.get("rest") if params else None
     c: Context = sidecar.ctx
     uri = method = authorization = user_header = None
     for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
@@ -107,7 +111,7 @@ async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[i
         user = c.user_of(ident, sidecar.headers.claimed(scope["headers"]), user_header)
         headers = sidecar.headers.who(ident, user)
         if route.metering == "none":
-            return 200, {"allowed": True}, headers
+            return json_messages(200, {"allowed": True}, headers)
         assert route.feature is not None
         d = None
         if not redis_down:
@@ -126,13 +130,13 @@ async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[i
                 charge.redis_down = True
                 await charge.keep()
             headers["X-Quota-Degraded"] = "fail-open"
-            return 200, {"allowed": True}, headers
+            return json_messages(200, {"allowed": True}, headers)
         if not d.ok:
             raise d.problem()
         headers.update(d.headers())
         if d.event_id and route.metering == "fixed" and not d.would:
             headers["X-Quota-Event"] = d.event_id
-        return 200, {"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers
+        return json_messages(200, {"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers)
     except Problem as p:
         p.headers = {**p.headers, "X-Quota-Status": str(p.status), "X-Quota-Problem": problem_line(p)}
         raise
