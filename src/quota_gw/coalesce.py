@@ -57,14 +57,16 @@ class Coalescer:
         self._watching = False
         self.client_id: int | None = None
 
-    async def run(self, script: Function, keys: list[str], args: list[Any]) -> Any:
+    def run(self, script: Function, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """The call's reply, to await: a future, not a coroutine (an await level of its own is
+        passed again when the reply comes)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, fut))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await fut
+        return fut
 
     async def run_now(self, script: Function, keys: list[str], args: list[Any]) -> Any:
         """One call, sent at once on a pooled connection (coalescing off)."""
