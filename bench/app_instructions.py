@@ -1,6 +1,6 @@
 """Instructions the app executes per request, hello world vs consume, counted by callgrind.
 
-    .venv/bin/python bench/app_instructions.py [--requests 1024] [--src DIR]
+    .venv/bin/python bench/app_instructions.py [--requests 1024] [--src DIR] [--multiproc-metrics]
         [--paths /hello,/v1/consume,/v1/authorize,listener:/v1/authorize,/v1/chat/completions]
     (needs valgrind)
 
@@ -19,7 +19,8 @@ bytes are counted too, with the socket calls' user-space part, as nginx asks it 
 keep-alive connections, one request at a time on each). The client is a bare asyncio protocol
 in the same process and is counted as well (the same few thousand instructions a call for
 every tree). `--src DIR` runs another tree's gateway (its src/ folder, e.g. from
-`git archive`) under the same driver, for a before/after.
+`git archive`) under the same driver, for a before/after. `--multiproc-metrics` sets
+PROMETHEUS_MULTIPROC_DIR as `quota-gw serve` does (each metric write also goes to a file).
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1024)
     ap.add_argument("--paths", default="/hello,/v1/consume", help="comma-separated, of " + ", ".join(PATHS))
     ap.add_argument("--src", help="another tree's src/ folder: count its gateway instead")
+    ap.add_argument("--multiproc-metrics", action="store_true", help="PROMETHEUS_MULTIPROC_DIR set, as `serve` sets it")
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.drive:
@@ -239,10 +241,15 @@ def main() -> None:
                "REDIS_URL": rs.url, "QUOTA_GW_PREFIX": "ir", "BENCH_KEY": B.seed(rs.url, "ir", 16)}
         env.pop("DATABASE_URL", None)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if args.multiproc_metrics:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "metrics")
         env.pop("QUOTA_GW_AUTHORIZE_LISTEN", None)
         if args.src:
             env["PYTHONPATH"] = str(Path(args.src).resolve())
         for path in paths:
+            if args.multiproc_metrics:  # a fresh folder for each process, as `serve` starts with
+                shutil.rmtree(tmp / "metrics", ignore_errors=True)
+                (tmp / "metrics").mkdir()
             counts[path] = count(path, args.requests, env)
     finally:
         if upstream is not None:
