@@ -1,16 +1,26 @@
 """Instructions the app executes per request, hello world vs consume, counted by callgrind.
 
-    .venv/bin/python bench/app_instructions.py [--requests 1024] [--paths /hello,/v1/consume,/v1/authorize,/v1/chat/completions]
+    .venv/bin/python bench/app_instructions.py [--requests 1024] [--src DIR] [--multiproc-metrics]
+        [--paths /hello,/v1/consume,/v1/authorize,listener:/v1/authorize,/v1/chat/completions]
     (needs valgrind)
 
 On a shared machine, CPU time moves with the neighbours' load; instruction counts do not. Each
 path runs in its own process under `valgrind --tool=callgrind`: the real app (serve_app) with
 an embedded Valkey, driven in process through ASGI (64 requests at a time, no HTTP server), and
-only the measured phase is counted (it runs inside `sorted()`, the toggle). So this is the
-app's own Python, without uvicorn or the kernel: compare the rows, and one tree against
-another. `/v1/authorize` is nginx's subrequest (HEAD, X-Original-URI on a fixed route);
+only the measured phase is counted (it runs inside `sorted()`, the toggle); the key cache does
+not expire during the run (steady()). So this is the app's own Python, without uvicorn or the
+kernel: compare the rows, and one tree against another. `/v1/authorize` is nginx's subrequest (HEAD, X-Original-URI on a fixed route);
 `/v1/chat/completions` an `openai` route's call (max_tokens 16) to the demo upstream, which
 runs in its own process (not counted; the gateway's aiohttp client is).
+
+`listener:/v1/authorize` is the same subrequest through the authorize listener (`serve
+--authorize-port`, sidecar/listener.py) over loopback TCP: its HTTP parsing, scope and answer
+bytes are counted too, with the socket calls' user-space part, as nginx asks it (64
+keep-alive connections, one request at a time on each). The client is a bare asyncio protocol
+in the same process and is counted as well (the same few thousand instructions a call for
+every tree). `--src DIR` runs another tree's gateway (its src/ folder, e.g. from
+`git archive`) under the same driver, for a before/after. `--multiproc-metrics` sets
+PROMETHEUS_MULTIPROC_DIR as `quota-gw serve` does (each metric write also goes to a file).
 """
 
 from __future__ import annotations
@@ -26,15 +36,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import bench as B  # noqa: E402
-
-from quota_gw import embedded  # noqa: E402
+# (bench and quota_gw are imported in main(): the driven process imports the tree under test)
 
 CONCURRENCY = 64
-PATHS = ("/hello", "/v1/consume", "/v1/authorize", "/v1/chat/completions")
+PATHS = ("/hello", "/v1/consume", "/v1/authorize", "listener:/v1/authorize", "/v1/chat/completions")
+LISTENER = "listener:"
 BODY = b'{"feature":"generate_insight","user_id":"bench"}'
 LLM_BODY = b'{"model":"demo-1","max_tokens":16,"messages":[{"role":"user","content":"Say something about quotas."}]}'
 
@@ -46,6 +55,9 @@ def drive(path: str, n: int) -> None:
     import serve_app
 
     key = os.environ["BENCH_KEY"]
+    if path.startswith(LISTENER):
+        drive_listener(key, n)
+        return
     app = serve_app.factory()
     auth = (b"authorization", b"Bearer " + key.encode())
     if path == "/hello":
@@ -90,11 +102,85 @@ def drive(path: str, n: int) -> None:
     asyncio.set_event_loop(loop)
     lifespan = app.router.lifespan_context(app)
     loop.run_until_complete(lifespan.__aenter__())
+    steady(app)
     loop.run_until_complete(batch(512))
     sorted([0], key=lambda _: loop.run_until_complete(batch(n)))  # the counted phase
     loop.run_until_complete(lifespan.__aexit__(None, None, None))
     if set(statuses) != {200}:
         sys.exit(f"{path}: statuses {sorted(set(statuses))}")
+
+
+def steady(app: Any) -> None:
+    """Under valgrind the app runs ~50 times slower than the clock, so the key cache (live ≤ 1 s)
+    would expire every few dozen calls, not every few thousand: a third of the calls then took
+    the miss path. Kept for the run, as it is between two refreshes in service."""
+    app.state.ctx.keys.ttl = 3600.0
+
+
+def drive_listener(key: str, n: int) -> None:
+    """`drive` through the authorize listener: CONCURRENCY connections, each asking again as
+    soon as its answer is in (as nginx's keep-alive connections do)."""
+    import uvloop
+
+    import serve_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["QUOTA_GW_AUTHORIZE_LISTEN"] = f"127.0.0.1:{port}"
+    app = serve_app.factory()
+    request = (b"HEAD /v1/authorize HTTP/1.1\r\nHost: quota_gw\r\nX-Original-URI: /quota/bench\r\n"
+               b"X-Original-Method: POST\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+               + key.encode() + b"\r\n\r\n")
+    refused: list[bytes] = []
+
+    class Client(asyncio.Protocol):
+        """One keep-alive connection: asks `left` times, one request at a time (a HEAD answer
+        ends at its blank line)."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.buffer = b""
+
+        def ask(self, left: int, done: asyncio.Future[None]) -> None:
+            self.left, self.done = left, done
+            self.transport.write(request)
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                answer, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+                if not answer.startswith(b"HTTP/1.1 200 "):
+                    refused.append(answer[:200])
+                self.left -= 1
+                if self.left:
+                    self.transport.write(request)
+                else:
+                    self.done.set_result(None)
+
+    clients: list[Client] = []
+
+    async def run(count: int) -> None:
+        loop = asyncio.get_running_loop()
+        while len(clients) < CONCURRENCY:  # made before the counted phase (nginx keeps them open)
+            clients.append((await loop.create_connection(Client, "127.0.0.1", port))[1])
+        done = [loop.create_future() for _ in clients]
+        for c, f in zip(clients, done):
+            c.ask(count // CONCURRENCY, f)
+        await asyncio.gather(*done)
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    lifespan = app.router.lifespan_context(app)
+    loop.run_until_complete(lifespan.__aenter__())
+    steady(app)
+    loop.run_until_complete(run(512))
+    sorted([0], key=lambda _: loop.run_until_complete(run(n)))  # the counted phase
+    for c in clients:
+        c.transport.close()
+    loop.run_until_complete(lifespan.__aexit__(None, None, None))
+    if refused:
+        sys.exit(f"listener: {len(refused)} refused, e.g. {refused[0]!r}")
 
 
 def wait_listening(port: int) -> None:
@@ -124,11 +210,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1024)
     ap.add_argument("--paths", default="/hello,/v1/consume", help="comma-separated, of " + ", ".join(PATHS))
+    ap.add_argument("--src", help="another tree's src/ folder: count its gateway instead")
+    ap.add_argument("--multiproc-metrics", action="store_true", help="PROMETHEUS_MULTIPROC_DIR set, as `serve` sets it")
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.drive:
         drive(args.drive, args.requests)
         return
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench as B
+
+    from quota_gw import embedded
+
     if not shutil.which("valgrind"):
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     paths = args.paths.split(",")
@@ -148,7 +241,15 @@ def main() -> None:
                "REDIS_URL": rs.url, "QUOTA_GW_PREFIX": "ir", "BENCH_KEY": B.seed(rs.url, "ir", 16)}
         env.pop("DATABASE_URL", None)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if args.multiproc_metrics:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "metrics")
+        env.pop("QUOTA_GW_AUTHORIZE_LISTEN", None)
+        if args.src:
+            env["PYTHONPATH"] = str(Path(args.src).resolve())
         for path in paths:
+            if args.multiproc_metrics:  # a fresh folder for each process, as `serve` starts with
+                shutil.rmtree(tmp / "metrics", ignore_errors=True)
+                (tmp / "metrics").mkdir()
             counts[path] = count(path, args.requests, env)
     finally:
         if upstream is not None:
@@ -158,7 +259,7 @@ def main() -> None:
     base = counts.get("/hello")
     for path, n in counts.items():
         ratio = f"   {n / base:.2f}× hello" if base and path != "/hello" else ""
-        print(f"{path:<22} {n:>9,} instructions/request{ratio}")
+        print(f"{path:<24} {n:>9,} instructions/request{ratio}")
 
 
 if __name__ == "__main__":

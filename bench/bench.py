@@ -11,7 +11,7 @@ ratios, not the absolute numbers. --write appends the table to docs/benchmarks.m
 Sections: `decision` (consume vs hello), `proxy` (fixed and pass-through routes vs the upstream
 direct), `llm` (an `openai` route, JSON and streamed, vs the upstream direct), `nginx`
 (examples/nginx.conf with auth_request, to the authorize listener and to the main port, vs the
-same nginx without it, a fixed route; `--before-src DIR` adds another tree's gateway), `litellm`
+same nginx without it, a fixed route; `--before-src DIR` adds another tree's gateway, both ports), `litellm`
 (LiteLLM's proxy beside the `llm` rows: `--litellm PATH` to its `litellm` executable, or
 $LITELLM_BIN; skipped when absent).
 """
@@ -213,24 +213,47 @@ def medians(rs: list[dict[str, float]]) -> dict[str, float]:
             "p99": statistics.median(x["p99"] for x in rs), "errors": sum(x["errors"] for x in rs)}
 
 
-def measure(args: argparse.Namespace, targets: list[tuple[str, str, Path | None, list[int]]]) -> list[dict]:
+def measure(args: argparse.Namespace, targets: list[tuple[str, str, Path | None, list[int]]],
+            chain: list[list[int]] | None = None) -> list[dict]:
     """wrk against each (name, url, script, pids) in turn, `rounds` times, alternating; the
-    median of each, and the CPU the listed processes spent per request while it ran."""
+    median of each, and the CPU the listed processes spent per request while it ran. `chain`
+    (one list of pids per target): also `chain_us`, the CPU per request of every process the
+    request went through, wrk's own included."""
     for _, url, script, _ in targets:
         wrk(url, 2, args.connections, script)  # warm up
     runs: list[list[dict[str, float]]] = [[] for _ in targets]
     cpu = [[0.0] * len(t[3]) for t in targets]
+    whole = [0.0] * len(targets)
     n = [0.0] * len(targets)
     for _ in range(args.rounds):
         for i, (_, url, script, pids) in enumerate(targets):
             before = [cpu_s(p) for p in pids]
+            others = [cpu_s(p) for p in chain[i]] if chain else []
+            t0 = os.times()
             res = wrk(url, args.duration, args.connections, script)
+            t1 = os.times()
             for j, p in enumerate(pids):
                 cpu[i][j] += cpu_s(p) - before[j]
+            if chain:
+                whole[i] += sum(cpu_s(p) - c for p, c in zip(chain[i], others))
+                whole[i] += t1.children_user + t1.children_system - t0.children_user - t0.children_system  # wrk
             n[i] += res["rps"] * args.duration
             runs[i].append(res)
-    return [{"name": t[0], **medians(runs[i]), "cpu_us": [c / max(n[i], 1) * 1e6 for c in cpu[i]]}
+    return [{"name": t[0], **medians(runs[i]), "cpu_us": [c / max(n[i], 1) * 1e6 for c in cpu[i]],
+             **({"chain_us": whole[i] / max(n[i], 1) * 1e6} if chain else {})}
             for i, t in enumerate(targets)]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (an nginx master's workers)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def llm_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, up_port: int, up_pid: int,
@@ -310,10 +333,13 @@ def nginx_conf(tmp: Path, name: str, port: int, gw_port: int, up_port: int, auth
 
 
 def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str, up_port: int,
-                  up_pid: int) -> list[dict]:
+                  up_pid: int, redis_pid: int) -> list[dict]:
     """examples/nginx.conf (auth_request -> /v1/authorize, a fixed route) vs the same nginx
     without auth_request, both in front of the demo upstream; auth_request to quota-gw's
-    authorize listener (`serve --authorize-port`) and to its main (uvicorn) port, one process."""
+    authorize listener (`serve --authorize-port`) and to its main (uvicorn) port, one process.
+    Each row also has the CPU per request of the whole chain (wrk, nginx, the gateway, Valkey,
+    the upstream): on a shared machine the req/s ratio follows the neighbours' load, the ratio
+    of these does not (it is the req/s ratio the chains would have on the machine alone)."""
     binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                             if os.path.exists(p)), None)
     if binary is None:
@@ -333,10 +359,10 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
     try:
         variants = [("plain", False, listen_port), ("auth", True, listen_port), ("uvicorn", True, port)]
         if args.before_src:  # the same nginx in front of another tree's gateway, measured in the same rounds
-            before_port = embedded.free_port()
+            before_port, before_listen = embedded.free_port(), embedded.free_port()
             before = start_server("uvicorn", before_port, {**env, "PYTHONPATH": args.before_src,
-                                                           "QUOTA_GW_AUTHORIZE_LISTEN": ""})
-            variants.append(("before", True, before_port))
+                                                           "QUOTA_GW_AUTHORIZE_LISTEN": f"127.0.0.1:{before_listen}"})
+            variants += [("before-listener", True, before_listen), ("before", True, before_port)]
         ports = {}
         for name, auth, gw in variants:
             ports[name] = embedded.free_port()
@@ -354,14 +380,21 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+        workers = {name: children(p.pid) for name, p in zip(ports, procs)}
+        gateway = {"plain": [], "auth": [proc.pid], "uvicorn": [proc.pid],
+                   "before-listener": [before.pid] if before else [], "before": [before.pid] if before else []}
+        chain = [[up_pid, redis_pid, *workers[name], *gateway[name]] for name in ports]
         return measure(args, [
             ("nginx, no auth_request", f"http://127.0.0.1:{ports['plain']}/quota/bench", lua, [up_pid]),
             ("nginx + auth_request to quota-gw, authorize listener", f"http://127.0.0.1:{ports['auth']}/quota/bench",
              lua, [proc.pid, up_pid]),
             ("nginx + auth_request to quota-gw, main port (uvicorn)",
              f"http://127.0.0.1:{ports['uvicorn']}/quota/bench", lua, [proc.pid, up_pid]),
-            *([(f"nginx + auth_request to quota-gw of {args.before_src}, main port",
-                f"http://127.0.0.1:{ports['before']}/quota/bench", lua, [before.pid, up_pid])] if before else [])])
+            *([(f"nginx + auth_request to quota-gw of {args.before_src}, authorize listener",
+                f"http://127.0.0.1:{ports['before-listener']}/quota/bench", lua, [before.pid, up_pid]),
+               (f"nginx + auth_request to quota-gw of {args.before_src}, main port",
+                f"http://127.0.0.1:{ports['before']}/quota/bench", lua, [before.pid, up_pid])] if before else [])],
+            chain)
     finally:
         for p in procs:
             p.send_signal(signal.SIGQUIT)
@@ -373,15 +406,21 @@ def nginx_section(args: argparse.Namespace, tmp: Path, cfg: Path, redis_url: str
 
 
 def side_by_side(rows: list[dict], pairs: list[tuple[int, int]]) -> str:
-    """Each row with its ratio to its baseline row and the CPU per request of the processes."""
-    out = ["| what | req/s | ratio | p50 ms | p99 ms | non-2xx | CPU µs/req (proxy, upstream) |",
-           "|---|---|---|---|---|---|---|"]
+    """Each row with its ratio to its baseline row and the CPU per request of the processes
+    (and of the whole chain, with its baseline's over it, when measured)."""
+    whole = all("chain_us" in x for x in rows)
+    out = ["| what | req/s | ratio | p50 ms | p99 ms | non-2xx | CPU µs/req (proxy, upstream) |"
+           + (" chain CPU µs/req | CPU-bound ratio |" if whole else ""),
+           "|---|---|---|---|---|---|---|" + ("---|---|" if whole else "")]
     base = dict(pairs)
     for i, x in enumerate(rows):
         ratio = f"**{x['rps'] / rows[base[i]]['rps']:.2f}×**" if i in base else "1.00×"
         cpu = ", ".join(f"{c:,.0f}" for c in x["cpu_us"])
-        out.append(f"| {x['name']} | {x['rps']:,.0f} | {ratio} | {x['p50']:.2f} | {x['p99']:.2f} | {x['errors']} |"
-                   f" {cpu} |")
+        line = f"| {x['name']} | {x['rps']:,.0f} | {ratio} | {x['p50']:.2f} | {x['p99']:.2f} | {x['errors']} | {cpu} |"
+        if whole:
+            bound = f"**{rows[base[i]]['chain_us'] / x['chain_us']:.2f}×**" if i in base else "1.00×"
+            line += f" {x['chain_us']:,.0f} | {bound} |"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -395,7 +434,8 @@ def main() -> None:
     ap.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"),
                     help="the litellm executable (a scratch venv's bin/litellm) for the litellm section")
     ap.add_argument("--before-src", metavar="DIR", help="nginx section: also measure the gateway of another "
-                    "tree (its src/ folder, e.g. from `git archive`) in the same rounds")
+                    "tree (its src/ folder, e.g. from `git archive`; its authorize listener and its main port) "
+                    "in the same rounds")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -421,7 +461,7 @@ def main() -> None:
         if "llm" in args.sections or litellm is not None:
             llm_rows = llm_section(args, tmp, cfg, rsrv.url, up_port, upstream.pid, litellm)
         if "nginx" in args.sections:
-            nginx_rows = nginx_section(args, tmp, cfg, rsrv.url, up_port, upstream.pid)
+            nginx_rows = nginx_section(args, tmp, cfg, rsrv.url, up_port, upstream.pid, rsrv.pid)
         for server in (args.servers.split(",") if "decision" in args.sections else []):
             for coalesce in (True, False):
                 data = yaml.safe_load(cfg.read_text())

@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from conftest import RUN, Admin
 from quota_gw import embedded
 from quota_gw.app import create_app
+from quota_gw.events import entries
+from quota_gw.layout import Layout
 from quota_gw.sidecar.listener import Listener
 from test_direct_routes import authorize_config, normalized
 
@@ -96,6 +99,25 @@ async def test_the_listener_answers_as_the_asgi_route(redis_url: str, database_u
         assert a == b and a[0] == 405, a
         r = await tcp.get("/v1/consume", headers=h)
         assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+async def test_each_charge_names_its_route_and_method_in_its_event(redis_url: str, database_url: str, prefix: str,
+                                                                   tenant: Any, redis: Any, tmp_path: Any) -> None:
+    """The charge's metadata is made once per (route, method) and kept: each call's event
+    still names its own."""
+    async with gateway(redis_url, database_url, prefix, str(tmp_path)) as (app, base), \
+            httpx.AsyncClient(base_url=base) as tcp:
+        org, h = await tenant("pro")
+        asked = [("/ai/goals/a", "POST"), ("/ai/ins", "GET"), ("/ai/goals/b", "GET"), ("/ai/goals", "POST")]
+        for uri, method in asked:
+            r = await tcp.head("/v1/authorize", headers={**h, "X-Original-URI": uri, "X-Original-Method": method})
+            assert r.status_code == 200, r.headers
+        stream = Layout(prefix, app.state.ctx.config.shards).stream(org)
+        metas = [orjson.loads(f["meta"]) for f in entries(await redis.xrange(stream)) if f["org"] == org and f["kind"] == "consume"]
+        assert metas == [{"route": "/ai/goals", "method": "POST", "via": "authorize"},
+                         {"route": "/ai/ins", "method": "GET", "via": "authorize"},
+                         {"route": "/ai/goals", "method": "GET", "via": "authorize"},
+                         {"route": "/ai/goals", "method": "POST", "via": "authorize"}]
 
 
 async def test_redis_down_is_503_with_retry_after_on_the_listener(database_url: str, tmp_path: Any) -> None:
@@ -275,6 +297,19 @@ async def test_http_1_0_and_idle_connections_are_closed(listener: Listener) -> N
     writer.write(get(1))
     await read_answer(reader)
     assert await asyncio.wait_for(reader.read(), 5) == b""  # keepalive_s (0.5 s) later
+    assert not listener.connections
+
+
+async def test_a_connection_in_use_stays_open_and_closes_keepalive_s_after_its_last_answer(listener: Listener) -> None:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    for i in range(6):  # asked every 0.2 s for 1.2 s: well past keepalive_s (0.5 s) after the first answer
+        writer.write(get(i))
+        assert (await read_answer(reader))[2] == b'{"path":"/v1/authorize","n":"%d"}' % i
+        last = loop.time()
+        await asyncio.sleep(0.2)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert loop.time() - last >= 0.45  # keepalive_s after the last answer (timers may fire a little early)
     assert not listener.connections
 
 

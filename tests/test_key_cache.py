@@ -80,3 +80,18 @@ async def test_no_cache_reads_every_time(store):
     keys.ttl = 0
     await asyncio.gather(*(keys.resolve(key) for _ in range(5)))
     assert redis.reads == 10
+
+
+async def test_the_cached_answer_is_only_a_live_entry_with_the_scope(store):
+    """`cached` (authorize's path without a coroutine) answers what authenticate_key would,
+    or None for authenticate_key to decide: never an expired entry, an unknown key or a scope
+    the key lacks."""
+    keys, redis, key = store
+    assert keys.cached(key, "consume") is None  # not read yet
+    ident = await keys.authenticate_key(key, "consume")
+    assert keys.cached(key, "consume") == ident and keys.cached(key, "read") == ident
+    assert keys.cached(key, "admin") is None and keys.cached(None, "consume") is None
+    assert await keys.resolve("qgw_unknown") is None
+    assert keys.cached("qgw_unknown", "consume") is None  # cached as unknown: authenticate_key refuses it
+    keys._keys[key] = (ident, 0.0)  # expired
+    assert keys.cached(key, "consume") is None

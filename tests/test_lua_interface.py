@@ -93,6 +93,25 @@ def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
     assert terms["rl_user_interval_us"] > 0 and sent["rl_user_burst"] == "20" and sent["feature"] == "generate_insight"
 
 
+def test_the_gates_keys_are_named_in_gate_keys_order_and_an_idempotency_key_stays_with_its_call(config) -> None:
+    """The gate's KEYS are kept per (org, key): a call's idempotency key goes in its own copy,
+    at the place GATE_KEYS names `idem`, and never into the next call's."""
+    from redis.asyncio import Redis
+
+    L = layout.Layout("t", 16)
+    d = decisions.Decider(Redis(), config, L)
+    ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
+    named = {"bal": L.balances("org1"), "quotas": L.quotas("org1"), "users": L.users("org1"),
+             "rl_key": L.rate("org1", "k", "key1"), "rl_org": L.rate("org1", "o", "-"), "idem": L.idem("org1", "d", "-"),
+             "stream": L.stream("org1"), "reservations": L.reservations("org1"), "expiries": L.expiries("org1")}
+    plain, _ = d._gate_call(ident, "generate_insight", 3, "u1", None, "", None, False)
+    with_idem, _ = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", None, False)
+    again, _ = d._gate_call(ident, "generate_insight", 3, "u1", None, "", None, False)
+    assert dict(zip(named_list("GATE_KEYS"), plain, strict=True)) == named
+    assert dict(zip(named_list("GATE_KEYS"), with_idem, strict=True)) == {**named, "idem": L.idem("org1", "d", "idem1")}
+    assert again == plain
+
+
 def test_the_plan_terms_are_named_in_lua_as_in_python_in_order() -> None:
     """GateArgs.terms is positional text: GATE_TERMS (lua) binds it by the GateTerms field names."""
     assert named_list("GATE_TERMS") == [f.name for f in dataclasses.fields(decisions.GateTerms)]

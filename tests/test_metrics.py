@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ADMIN_TOKEN, RUN, test_config_data
@@ -78,6 +79,14 @@ async def test_two_worker_processes_report_every_decision_and_every_metric_moves
                 for _ in range(10):
                     r = await c.post("/v1/consume", json={"feature": "generate_insight", "units": 8}, headers=h)
                     assert r.status_code == 200, r.text
+                # (a process writes a turn's tallies as the turn ends, just after the answers it
+                # wrote: wait for the last one, then every scrape, whichever process serves it, has all)
+                async def all_ten() -> bool:
+                    fams = scrape((await c.get("/metrics")).text)
+                    return sum(v for name, labels, v in fams["quota_gw_decisions"]
+                               if labels["op"] == "consume" and labels["outcome"] == "ok") == 10
+
+                await wait_for(all_ten)
                 seen = []
                 for _ in range(8):
                     fams = scrape((await c.get("/metrics")).text)
@@ -122,3 +131,42 @@ async def test_two_worker_processes_report_every_decision_and_every_metric_moves
             proc.terminate()
             assert proc.wait(timeout=20) == 0
         rs.stop()
+
+
+class _Decided:
+    """What metrics.observe reads of a decision."""
+
+    status, code, would, cost, remaining = 200, "", "", 3, 50
+
+
+async def test_a_scrape_includes_what_the_current_turn_recorded() -> None:
+    """Decisions are tallied and written as the loop turn ends; /metrics writes them first."""
+    def consumed(text: str) -> float:
+        return sum(v for _, labels, v in scrape(text)["quota_gw_decisions"]
+                   if labels == {"op": "consume", "outcome": "ok", "feature": "tally_test"})
+
+    before = consumed((await metrics.endpoint(None)).body.decode())  # type: ignore[arg-type]
+    metrics.observe("consume", "tally_test", "general", 100, _Decided(), 0.0)
+    metrics.observe("consume", "tally_test", "general", 100, _Decided(), 0.0)
+    assert consumed((await metrics.endpoint(None)).body.decode()) == before + 2  # type: ignore[arg-type]
+
+
+def test_a_tally_left_by_a_loop_that_closed_is_written_by_the_next_record() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("tally_test", "a counter of this test", registry=registry)
+
+    async def record_then_stop() -> None:
+        metrics.count(counter)
+        asyncio.get_running_loop().stop()  # before the turn that would write it
+
+    loop = asyncio.new_event_loop()
+    loop.create_task(record_then_stop())
+    loop.run_forever()
+    loop.close()
+    assert registry.get_sample_value("tally_test_total") == 0
+
+    async def record() -> None:
+        metrics.count(counter, 2)
+
+    asyncio.run(record())
+    assert registry.get_sample_value("tally_test_total") == 3

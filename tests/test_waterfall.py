@@ -392,3 +392,15 @@ async def test_reconcile_ties_usage_monetization_and_balance_changes_and_catches
     # A refund whose usage is not its charge's.
     assert await caught("cost", -2, f.json()["event_id"]) == [("refund = charge", 2, 1)]
     assert await tie_out_drift(wf.pg, org) == []
+
+
+def test_the_source_header_names_the_paying_layers_also_when_remembered() -> None:
+    from quota_gw.decisions import Decision
+
+    def layers(sources: str) -> str:
+        return Decision(200, "", "", 3, 10, "e", 0, -1, -1, 0, False, "", {}, sources).headers()["X-Quota-Source"]
+
+    for _ in range(2):  # made, then remembered
+        assert layers("allocated:2,grant:lot_1:2,purchased:1") == "allocated,grant:lot_1,purchased"
+        assert layers("purchased:2") == "purchased"
+    assert [layers(f"grant:lot_{i}:1") for i in range(5000)][-1] == "grant:lot_4999"  # past the memory's bound

@@ -292,11 +292,24 @@ class DecisionRoute:
         return json_messages(*await self.decide(c, Head(scope, c.user_header), receive))
 
 
+def _name(header: str) -> bytes:
+    """A header name as an ASGI message carries it (lowercase bytes), remembered: a decision's
+    answer carries the same few names every time."""
+    if len(_NAMES) >= 1024:  # (names come from the code and the config: never reached)
+        _NAMES.clear()
+    name = _NAMES[header] = header.lower().encode("latin-1")
+    return name
+
+
+_NAMES: dict[str, bytes] = {}
+
+
 def json_messages(status: int, data: Any, headers: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The two ASGI messages `json_response(data, status, headers)` sends (`headers` without
     Content-Length or Content-Type; a status that has a body)."""
     body = orjson.dumps(data)
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    names = _NAMES
+    raw = [(names.get(k) or _name(k), v.encode("latin-1")) for k, v in headers.items()]
     raw.append((b"content-length", b"%d" % len(body)))
     raw.append((b"content-type", b"application/json"))
     return ({"type": "http.response.start", "status": status, "headers": raw},

@@ -164,8 +164,16 @@ class Gateway(Starlette):
         endpoint = self.direct.get(path)
         if endpoint is not None:
             endpoint = endpoint.get(scope["method"])
-        if endpoint is not None:
-            await self._answer(endpoint, scope, receive, send)
+        if endpoint is not None:  # (answered here, not a level below: each level is passed again on every resume)
+            scope["app"] = self
+            try:
+                start, body = await endpoint.answer(scope, receive)
+            except Exception as e:  # noqa: BLE001 - rendered (or re-raised) as Starlette would
+                scope[_DIRECT] = functools.partial(_reraise, e)
+                await self._middleware()(scope, receive, send)
+                return
+            await send(start)
+            await send(body)
             return
         for route, guards in self.prefixed:
             match, child = route.matches(scope)
@@ -180,17 +188,6 @@ class Gateway(Starlette):
                 return
             break  # a 405, or an earlier route's path: the router says which
         await super().__call__(scope, receive, send)
-
-    async def _answer(self, endpoint: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["app"] = self
-        try:
-            start, body = await endpoint.answer(scope, receive)
-        except Exception as e:  # noqa: BLE001 - rendered (or re-raised) as Starlette would
-            scope[_DIRECT] = functools.partial(_reraise, e)
-            await self._middleware()(scope, receive, send)
-            return
-        await send(start)
-        await send(body)
 
     async def _direct(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """`app` called as the router would call it, without the middleware's wrappers around

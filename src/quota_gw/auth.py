@@ -80,12 +80,22 @@ class KeyStore:
         self._plans: dict[str, tuple[tuple[str, str] | None, float]] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[Any]] = {}
 
+    def cached(self, key: str | None, scope: str) -> Identity | None:
+        """What `authenticate_key` answers when the cache holds the key, live and with `scope`,
+        without a coroutine (every authorize call asks; three awaits cost as much as the lookup
+        itself). None: ask `authenticate_key` (it counts the lookup then, hit or miss)."""
+        hit = self._keys.get(key) if key is not None else None  # (never a dashboard link: not cached here)
+        if hit is None or hit[0] is None or hit[1] <= time.monotonic() or scope not in hit[0].scopes:
+            return None
+        metrics.count(KEY_CACHE_HIT)
+        return hit[0]
+
     async def resolve(self, key: str) -> Identity | None:
         hit = self._keys.get(key)
         if hit is not None and hit[1] > time.monotonic():
-            KEY_CACHE_HIT.inc()
+            metrics.count(KEY_CACHE_HIT)
             return hit[0]
-        KEY_CACHE_MISS.inc()
+        metrics.count(KEY_CACHE_MISS)
         return await self._once(("key", key), self._reload_key, key)
 
     async def _reload_key(self, key: str) -> Identity | None:

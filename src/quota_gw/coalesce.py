@@ -37,6 +37,10 @@ Call = tuple[Function, list[str], list[Any], "asyncio.Future[Any]"]
 REPLICATED: Any = (None, [], [], None)  # in flight after a batch when waiting for a replica: WAIT's reply
 
 
+# What an operation answers (decisions.Decision.from_reply's text, decoded or not; the balance's
+# rows): never an error or a "not loaded" reply, so handed to the caller first.
+_ANSWERS = frozenset({str, bytes, list})
+
 class Coalescer:
     """Coalesced calls travel on one dedicated connection, written in order and answered in
     order (Redis answers a connection's commands in the order it sent them), so there is no
@@ -57,14 +61,16 @@ class Coalescer:
         self._watching = False
         self.client_id: int | None = None
 
-    async def run(self, script: Function, keys: list[str], args: list[Any]) -> Any:
+    def run(self, script: Function, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """The call's reply, to await: a future, not a coroutine (an await level of its own is
+        passed again when the reply comes)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, fut))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await fut
+        return fut
 
     async def run_now(self, script: Function, keys: list[str], args: list[Any]) -> Any:
         """One call, sent at once on a pooled connection (coalescing off)."""
@@ -106,8 +112,8 @@ class Coalescer:
                     fut.set_exception(e)
 
     def _write(self, conn: Any, batch: list[Call]) -> None:
-        metrics.ROUND_TRIPS.inc()
-        metrics.SCRIPT_CALLS.inc(len(batch))
+        metrics.count(metrics.ROUND_TRIPS)
+        metrics.count(metrics.SCRIPT_CALLS, len(batch))
         now = asyncio.get_running_loop().time()
         data = b"".join([s.pack(k, a) for s, k, a, _ in batch])
         for call in batch:
@@ -135,6 +141,10 @@ class Coalescer:
     def _answer(self, reply: Any) -> None:
         """The next reply, to the oldest call in flight."""
         call, _ = self._inflight.popleft()
+        if type(reply) in _ANSWERS and not self.wait_ms:  # the usual reply: a decision, to its caller
+            if not call[3].done():
+                call[3].set_result(reply)
+            return
         if call is REPLICATED:
             self._release(reply)
             return

@@ -87,12 +87,25 @@ class Decision:
         if self.replay:
             h["Idempotent-Replayed"] = "true"
         if self.sources:
-            h["X-Quota-Source"] = ",".join(p.rsplit(":", 1)[0] for p in self.sources.split(","))
+            h["X-Quota-Source"] = _SOURCE_LAYERS.get(self.sources) or source_layers(self.sources)
         return h
 
     def problem(self) -> Problem:
         return Problem(self.status, self.code, self.detail, headers=self.headers(), cost=self.cost,
                        remaining=self.remaining)
+
+
+def source_layers(sources: str) -> str:
+    """X-Quota-Source: the layers that paid, without their amounts ('allocated:2,purchased:1' ->
+    'allocated,purchased'); remembered, as most calls of a route are paid the same way."""
+    layers = ",".join(p.rsplit(":", 1)[0] for p in sources.split(","))
+    if len(_SOURCE_LAYERS) >= 4096:  # lot ids and amounts vary: bounded
+        _SOURCE_LAYERS.clear()
+    _SOURCE_LAYERS[sources] = layers
+    return layers
+
+
+_SOURCE_LAYERS: dict[str, str] = {}
 
 
 # --- The scripts' arguments -------------------------------------------------------------------
@@ -247,6 +260,7 @@ def argv(args: Any) -> list[Any]:
 GATE = {f.name: i for i, f in enumerate(dataclasses.fields(GateArgs))}
 _G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW, _G_TERMS = (
     GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow", "terms"))
+_K_IDEM = 5  # the idempotency key's place in the gate's KEYS (lua/_lib.lua GATE_KEYS)
 
 
 def new_id() -> str:
@@ -285,6 +299,7 @@ class Decider:
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)
         self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any], str]] = {}
+        self._keys: dict[tuple[str, str], list[str]] = {}  # (org, key id) -> the gate's KEYS (_gate_keys)
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
@@ -335,21 +350,31 @@ class Decider:
         """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate. Not `whole`
         (a consume): ARGV stops after `terms`; the fields after it are reserve's and check's, and
         one left out is its default (every argument Redis receives costs it)."""
-        L, org = self.layout, ident.org_id
+        org = ident.org_id
         _, _, template = self._priced(ident, feature)
         event_id = event_id or new_id()
-        keys = [
-            L.balances(org), L.quotas(org), L.users(org),
-            L.rate(org, "k", ident.key_id), L.rate(org, "o", "-"),
-            L.idem(org, "d", idem) if idem else L.idem(org, "d", "-"),
-            L.stream(org), L.reservations(org), L.expiries(org),
-        ]
+        keys = self._gate_keys(org, ident.key_id)
+        if idem:
+            keys[_K_IDEM] = self.layout.idem(org, "d", idem)
         args = template.copy() if whole else template[:_G_TERMS + 1]
         args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
         args[_G_FP] = fingerprint if idem else ""
         args[_G_META] = metadata.decode() if metadata else ""
         args[_G_SHADOW] = int(shadow)
         return keys, args
+
+    def _gate_keys(self, org: str, key_id: str) -> list[str]:
+        """The gate's KEYS for a call without an idempotency key (a new list each call), built
+        once per (org, key): formatting the nine names took as long as packing the call."""
+        keys = self._keys.get((org, key_id))
+        if keys is None:
+            L = self.layout
+            keys = [L.balances(org), L.quotas(org), L.users(org), L.rate(org, "k", key_id), L.rate(org, "o", "-"),
+                    L.idem(org, "d", "-"), L.stream(org), L.reservations(org), L.expiries(org)]
+            if len(self._keys) > 100_000:  # keys in use are few; bound it anyway
+                self._keys.clear()
+            self._keys[(org, key_id)] = keys
+        return keys.copy()
 
     def cost(self, feature: str, units: int) -> int:
         return self.config.features[feature].cost * units
@@ -363,9 +388,10 @@ class Decider:
                       metadata: bytes | None = None, shadow: bool = False, rate_limit: bool = True) -> Decision:
         """`rate_limit=False`: for a call that already happened (the fail-open spool's replay)."""
         t0 = time.perf_counter()
+        # (the fingerprint is sent only with an idempotency key: not made without one)
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
-                                     fingerprint("consume", feature, units, user, metadata=metadata), metadata, shadow,
-                                     whole=False)
+                                     fingerprint("consume", feature, units, user, metadata=metadata) if idem else "",
+                                     metadata, shadow, whole=False)
         if not rate_limit:  # no user, key or org rate limit
             args[_G_TERMS] = self._unlimited_terms(ident, feature)
         d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
@@ -389,8 +415,8 @@ class Decider:
         unit = self.config.features[feature].cost
         held = self.cost(feature, units) if cost is None else cost
         keys, args = self._gate_call(ident, feature, held, user, idem,
-                                     fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else ""),
-                                     None, shadow)
+                                     fingerprint("reserve", feature, units, user, ttl_s, cost if cost is not None else "")
+                                     if idem else "", None, shadow)
         args[GATE["reservation_ttl_s"]] = str(ttl_s)
         args[GATE["unit_cost"]] = unit if cost is None else 1
         args[GATE["min_cost"]] = min_cost

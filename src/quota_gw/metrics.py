@@ -11,6 +11,7 @@ the process's own registry is served.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import time
@@ -64,20 +65,66 @@ def child(metric: Any, *labels: str) -> Any:
     return c
 
 
-def observe(op: str, feature: str, meter: str, allocation: int, d: object, started: float) -> None:
+# What the hot path records is tallied here and written into the metrics once per event-loop
+# turn (`flush`, scheduled by the first record of the turn; /metrics flushes first). Each
+# prometheus_client write takes a lock and checks its arguments (in multiprocess mode it also
+# writes to an mmap), and a decision made five of them, its key lookup a sixth: ~8 % of an
+# authorize call's instructions (docs/benchmarks.md). The decisions of one turn mostly share
+# their labels, so their counts add up into one write each. What this costs: under
+# `--workers N`, a scrape served by another process sees a decision once the turn that made it
+# has ended (microseconds after its answer was written), not before.
+_decided: list[tuple[str, str, str, int, Any, float]] = []  # observe()'s arguments, the time taken last
+_counted: dict[Any, float] = {}  # a counter (a labelled child) -> its increase, from count()
+_flush_on: Any = None  # the loop a flush is scheduled on (None: none is)
+
+
+def observe(op: str, feature: str, meter: str, allocation: int, d: Any, started: float) -> None:
     """Records one decision (decisions.Decider calls this for every script it runs)."""
-    child(DECISION_SECONDS, op).observe(time.perf_counter() - started)
-    code = getattr(d, "code", "") or ""
-    would = getattr(d, "would", "") or ""
-    child(DECISIONS, op, code or ("shadow_" + would if would else "ok"), feature).inc()
-    if getattr(d, "status", 500) >= 300:
+    _decided.append((op, feature, meter, allocation, d, time.perf_counter() - started))
+    if _flush_on is None or _flush_on.is_closed():  # (closed first: it never will)
+        _schedule()
+
+
+def count(counter: Any, amount: float = 1) -> None:
+    """`counter.inc(amount)`, written at the end of the turn."""
+    _counted[counter] = _counted.get(counter, 0) + amount
+    if _flush_on is None or _flush_on.is_closed():  # (closed first: it never will)
+        _schedule()
+
+
+def _schedule() -> None:
+    global _flush_on
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop: now
+        flush()
         return
-    cost = getattr(d, "cost", 0)
-    if op in ("consume", "commit") and cost > 0 and meter:
-        child(CHARGED, meter).inc(cost)
-    remaining = getattr(d, "remaining", -1)
-    if op in ("consume", "reserve", "commit") and allocation > 0 and 0 <= remaining < allocation * NEAR_LIMIT_SHARE:
-        child(NEAR_LIMIT, feature).inc()
+    _flush_on = loop
+    loop.call_soon(flush)
+
+
+def flush() -> None:
+    """Writes what was tallied into the metrics."""
+    global _flush_on
+    _flush_on = None
+    counted = _counted.copy()
+    _counted.clear()
+    decided = _decided.copy()
+    _decided.clear()
+    for op, feature, meter, allocation, d, seconds in decided:
+        child(DECISION_SECONDS, op).observe(seconds)
+        key = child(DECISIONS, op, d.code or ("shadow_" + d.would if d.would else "ok"), feature)
+        counted[key] = counted.get(key, 0) + 1
+        if d.status >= 300:
+            continue
+        if d.cost > 0 and meter and op in ("consume", "commit"):
+            key = child(CHARGED, meter)
+            counted[key] = counted.get(key, 0) + d.cost
+        if allocation > 0 and 0 <= d.remaining < allocation * NEAR_LIMIT_SHARE and op in ("consume", "reserve", "commit"):
+            key = child(NEAR_LIMIT, feature)
+            counted[key] = counted.get(key, 0) + 1
+    for counter, amount in counted.items():
+        counter.inc(amount)
 
 
 def _multiproc_dir() -> str | None:
@@ -93,6 +140,7 @@ if _multiproc_dir():
 
 
 async def endpoint(request: Request) -> Response:
+    flush()
     path = _multiproc_dir()
     if path:
         from prometheus_client import multiprocess

@@ -16,6 +16,7 @@ byte for byte what a Response would send (tests/test_direct_routes.py).
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,12 +42,12 @@ class Authorize:
         await send(start)
         await send(body)
 
-    async def answer(self, scope: Scope, receive: Receive) -> tuple[dict[str, Any], dict[str, Any]]:
+    @staticmethod
+    def answer(scope: Scope, receive: Receive) -> Coroutine[Any, Any, tuple[dict[str, Any], dict[str, Any]]]:
         """The two ASGI messages of the answer (nothing is sent: an error raised here can still
-        be answered by the app's handlers)."""
-        params = scope.get("path_params")
-        return json_messages(*await authorize(scope["app"].state.sidecar, scope,
-                                              params.get("rest") if params else None))
+        be answered by the app's handlers). authorize() itself, not awaited here: every await
+        level is passed again each time the decision resumes."""
+        return authorize(scope)
 
 
 def uri_path(uri: str) -> str:
@@ -57,8 +58,25 @@ def uri_path(uri: str) -> str:
     return urlsplit(uri).path
 
 
-async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, body, headers) of an allowed call; a refusal is raised (a Problem)."""
+def charge_metadata(prefix: str, method: str) -> bytes:
+    """A fixed route's charge metadata: the same for every call of a (route, method), so made once."""
+    meta = _METADATA.get((prefix, method))
+    if meta is None:
+        meta = orjson.dumps({"route": prefix, "method": method, "via": "authorize"})
+        if len(_METADATA) >= 1024:  # the method is the caller's to choose: bounded
+            _METADATA.clear()
+        _METADATA[(prefix, method)] = meta
+    return meta
+
+
+_METADATA: dict[tuple[str, str], bytes] = {}
+
+
+async def authorize(scope: Scope) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ASGI messages of an allowed call; a refusal is raised (a Problem)."""
+    sidecar: Sidecar = scope["app"].state.sidecar
+    params = scope.get("path_params")
+    rest: str | None = params.get("rest") if params else None
     c: Context = sidecar.ctx
     uri = method = authorization = user_header = None
     for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
@@ -85,18 +103,21 @@ async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[i
         if route is None:  # only a caller with a key learns which routes exist
             await c.keys.authenticate_key(key, "consume")
             raise Problem(404, "not_found", f"no route for {path}")
-        ident, redis_down = await sidecar.identify(key, route)
+        ident = c.keys.cached(key, "consume")
+        if ident is not None:
+            redis_down = False
+        else:
+            ident, redis_down = await sidecar.identify(key, route)
         user = c.user_of(ident, sidecar.headers.claimed(scope["headers"]), user_header)
         headers = sidecar.headers.who(ident, user)
         if route.metering == "none":
-            return 200, {"allowed": True}, headers
+            return json_messages(200, {"allowed": True}, headers)
         assert route.feature is not None
         d = None
         if not redis_down:
             try:
                 if route.metering == "fixed":
-                    meta = orjson.dumps({"route": route.prefix, "method": method, "via": "authorize"})
-                    d = await c.decider.consume(ident, route.feature, 1, user, None, meta,
+                    d = await c.decider.consume(ident, route.feature, 1, user, None, charge_metadata(route.prefix, method),
                                                 sidecar.table.shadow(route))
                 else:  # LLM usage cannot be measured from here: check that the org can pay at all
                     d = await c.decider.check(ident, route.feature, 1, user)
@@ -109,13 +130,13 @@ async def authorize(sidecar: Sidecar, scope: Scope, rest: str | None) -> tuple[i
                 charge.redis_down = True
                 await charge.keep()
             headers["X-Quota-Degraded"] = "fail-open"
-            return 200, {"allowed": True}, headers
+            return json_messages(200, {"allowed": True}, headers)
         if not d.ok:
             raise d.problem()
         headers.update(d.headers())
         if d.event_id and route.metering == "fixed" and not d.would:
             headers["X-Quota-Event"] = d.event_id
-        return 200, {"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers
+        return json_messages(200, {"allowed": True, "cost": d.cost, "remaining": d.remaining}, headers)
     except Problem as p:
         p.headers = {**p.headers, "X-Quota-Status": str(p.status), "X-Quota-Problem": problem_line(p)}
         raise

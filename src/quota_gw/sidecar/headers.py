@@ -58,7 +58,8 @@ class Headers:
 
     def claimed(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
         """`claimed_user` from the ASGI scope's headers."""
-        values = {v.decode("latin-1") for k, v in raw if header_key(k) == self.user_key}
+        keys, user_key = _KEYS, self.user_key  # (header_key's memory read inline: every authorize call asks)
+        values = {v.decode("latin-1") for k, v in raw if (keys.get(k) or header_key(k)) == user_key}
         if len(values) > 1:
             name = self.behaviour.user_header
             raise invalid(f"{name}: sent more than once with different values", status=400, field=name)

@@ -44,6 +44,7 @@ from ..problems import problem_body
 log = logging.getLogger("quota_gw")
 
 PATH = "/v1/authorize"
+UNDER = PATH + "/"
 PIPELINE_MAX = 32  # requests read ahead of their answers on one connection
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 _DISCONNECT = {"type": "http.disconnect"}
@@ -120,7 +121,10 @@ class Connection(asyncio.Protocol):
         self.done = False  # nothing more is read or answered (a refusal, a close, the client gone)
         self.closing = False  # close once the queue is answered (shutdown)
         self.reading_paused = self.writing_paused = False
+        # The idle timer stays armed while the connection is used (re-armed for what is left
+        # when it fires early): made and cancelled per request, it cost a timer each way.
         self.idle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when the connection last became idle (loop time)
         self.server: tuple[str, int] | None = None
         self.client: tuple[str, int] | None = None
         self.raw_head = 0  # bytes received while in a head (covers a header still being parsed)
@@ -159,9 +163,6 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done:
             return  # lingering after a refusal: read and drop
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
         if self.in_head:
             self.raw_head += len(data)
         try:
@@ -200,10 +201,15 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url  # may come in pieces
-        self._grow(len(url), 0)
+        self.head += len(url)
+        if self.head > self.listener.max_head_bytes:
+            self._too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow(len(name) + len(value) + 4, 1)
+        self.head += len(name) + len(value) + 4
+        self.count += 1
+        if self.count > self.listener.max_headers or self.head > self.listener.max_head_bytes:
+            self._too_large()
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -236,15 +242,12 @@ class Connection(asyncio.Protocol):
         self.queue.append((scope, version == "1.1" and parser.should_keep_alive()))
         self.in_head, self.raw_head = True, 0
 
-    def _grow(self, size: int, count: int) -> None:
-        self.head += size
-        self.count += count
+    def _too_large(self) -> None:
         if self.count > self.listener.max_headers:
             self._refuse(431, f"more than {self.listener.max_headers} request headers")
-            raise _Refused
-        if self.head > self.listener.max_head_bytes:
+        else:
             self._refuse(431, f"request headers larger than {self.listener.max_head_bytes} bytes")
-            raise _Refused
+        raise _Refused
 
     # --- answers ---------------------------------------------------------------------------
 
@@ -276,10 +279,10 @@ class Connection(asyncio.Protocol):
 
     async def _answer(self, scope: dict[str, Any], keep_alive: bool) -> None:
         path = scope["path"]
-        if path == PATH or path.startswith(PATH + "/"):
+        if path == PATH or path.startswith(UNDER):
             out = Answer(scope["method"] == "HEAD")
             try:
-                await self.listener.app(scope, _receive(), out.send)
+                await self.listener.app(scope, out.receive, out.send)
             except Exception:  # the app's own handlers answered (500) and logged it, or nothing was sent
                 if not out.complete:
                     log.exception("unhandled error on %s %s (authorize listener)", scope["method"], path)
@@ -310,18 +313,25 @@ class Connection(asyncio.Protocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
     def _arm_idle(self) -> None:
+        """The connection is idle from now: closed `keepalive_s` later unless it is used again."""
         if self.closing and not self.done:
             self.done = True
             self.transport.close()
             return
+        self.idle_since = self.loop.time()
         if self.idle is None and not self.done:
             self.idle = self.loop.call_later(self.listener.keepalive_s, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
         self.idle = None
-        if not self.busy and not self.queue:
-            self.done = True
-            self.transport.close()
+        if self.busy or self.queue or self.done:
+            return  # in use: armed again when it is idle again
+        left = self.idle_since + self.listener.keepalive_s - self.loop.time()
+        if left > 0:  # used since the timer was armed
+            self.idle = self.loop.call_later(left, self._idle_timeout)
+            return
+        self.done = True
+        self.transport.close()
 
     def close_when_done(self) -> None:
         self.closing = True
@@ -331,13 +341,21 @@ class Connection(asyncio.Protocol):
 
 
 class Answer:
-    """The ASGI messages of one answer, as bytes on the wire."""
+    """The ASGI messages of one answer, as bytes on the wire; and what the app receives."""
 
     def __init__(self, head_only: bool) -> None:
         self.head_only = head_only
         self.start: dict[str, Any] | None = None
         self.body: list[bytes] = []
         self.complete = False
+        self.received = False
+
+    async def receive(self) -> dict[str, Any]:
+        """An empty body, then a disconnect (the body, if any, was dropped by the parser)."""
+        if self.received:
+            return _DISCONNECT
+        self.received = True
+        return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -353,8 +371,9 @@ class Answer:
         lines = [status_line(self.start["status"])]
         sized = False
         for name, value in self.start.get("headers", ()):
-            lines.append(b"%s: %s\r\n" % (name, value))
-            sized = sized or name.lower() == b"content-length"
+            lines += (name, b": ", value, b"\r\n")
+            if not sized and name.lower() == b"content-length":
+                sized = True
         if not sized:
             lines.append(b"content-length: %d\r\n" % len(body))
         lines.append(date)
@@ -372,20 +391,6 @@ def _plain(status: int, code: str, detail: str, date: bytes, keep_alive: bool = 
     return b"".join([status_line(status), b"content-type: application/problem+json\r\n",
                      b"content-length: %d\r\n" % len(body), date,
                      b"" if keep_alive else b"connection: close\r\n", b"\r\n", b"" if head_only else body])
-
-
-def _receive() -> Any:
-    """An empty body, then a disconnect (the body, if any, was dropped by the parser)."""
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return _DISCONNECT
-        sent = True
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    return receive
 
 
 def _address(addr: Any) -> tuple[str, int] | None:

@@ -36,13 +36,20 @@ class RouteTable:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.routes = [config.routes[i] for i in longest_first(config.routes)]
+        # path -> its route (None: none), remembered: authorize asks for the same few paths on every call
+        self._matched: dict[str, RouteConfig | None] = {}
 
     def match(self, path: str) -> RouteConfig | None:
         """The longest configured prefix that covers `path` on a segment boundary."""
-        for r in self.routes:
-            if covers(r.prefix, path):
-                return r
-        return None
+        try:
+            return self._matched[path]
+        except KeyError:
+            pass
+        route = next((r for r in self.routes if covers(r.prefix, path)), None)
+        if len(self._matched) >= 4096:  # paths are the caller's to choose: bounded
+            self._matched.clear()
+        self._matched[path] = route
+        return route
 
     def shadow(self, route: RouteConfig) -> bool:
         return self.config.behaviour.shadow if route.shadow is None else route.shadow
