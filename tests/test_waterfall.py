@@ -398,7 +398,9 @@ def test_the_source_header_names_the_paying_layers_also_when_remembered() -> Non
     from quota_gw.decisions import Decision
 
     def layers(sources: str) -> str:
-        return Decision(200, "", "", 3, 10, "e", 0, -1, -1, 0, False, "", {}, sources).headers()["X-Quota-Source"]
+        return Decision(status=200, code="", cost=3, remaining=10, event_id="e", retry_after_ms=0, rl_limit=-1,
+                        rl_remaining=-1, rl_reset=0, replay=False, would="", extra={}, sources=sources,
+                        detail="").headers()["X-Quota-Source"]
 
     for _ in range(2):  # made, then remembered
         assert layers("allocated:2,grant:lot_1:2,purchased:1") == "allocated,grant:lot_1,purchased"
