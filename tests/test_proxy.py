@@ -374,6 +374,39 @@ async def test_bad_llm_body_is_400_and_charges_nothing(gw, tenant):
     assert await tokens_left(gw, h) == 100000
 
 
+
+async def test_a_client_that_hangs_up_mid_body_on_a_proxy_route_is_400_and_nothing_is_forwarded(gw, tenant, caplog):
+    """The proxy reads the body from the ASGI messages itself: a client gone halfway through it
+    is answered as on every route (400 to nobody, not an unhandled error), with nothing held,
+    charged or sent upstream, on an LLM route and a fixed one alike."""
+    org, h = await tenant("pro")
+    n = gw.demo.count
+    goals = await tokens_left(gw, h, "goal_generation")
+    for path in (CHAT, "/ai/goals"):
+        incoming = iter([{"type": "http.request", "body": b'{"model": "demo-1", "mess', "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive(incoming: Any = incoming) -> dict[str, Any]:
+            return next(incoming, {"type": "http.disconnect"})
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"gw"), (b"authorization", h["Authorization"].encode()),
+                             (b"content-type", b"application/json"), (b"content-length", b"100")],
+                 "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
+        caplog.clear()
+        await gw.app(scope, receive, send)
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400], path
+        assert "unhandled error" not in caplog.text, path
+    assert gw.demo.count == n
+    assert await tokens_left(gw, h) == 100000
+    assert await tokens_left(gw, h, "goal_generation") == goals
+
 # --- shadow mode and authorize ----------------------------------------------------------------
 
 async def test_shadow_route_lets_an_exhausted_org_through_and_records_denied(gw, tenant, client, redis):

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from .. import metering, metrics
 from ..api import Context
-from ..auth import bearer
+from ..auth import bearer_token
 from ..config import Route as RouteConfig
 from ..decisions import Identity
 from ..problems import Problem
@@ -26,7 +25,7 @@ from ..spool import Spool, replay_forever
 from . import pool
 from .admission import admit, hold, store_down
 from .forwarding import forward, read_body
-from .headers import Headers
+from .headers import Headers, route_keys
 from .routing import RouteTable, target
 from .settling import Charge
 
@@ -68,12 +67,9 @@ class Sidecar:
         for p in self.pools.values():
             await p.close()
 
-    async def authenticate(self, request: Request, route: RouteConfig) -> tuple[Identity, bool]:
-        """(identity, redis_down). With Redis down, a fail-open route reads the key from Postgres."""
-        return await self.identify(bearer(request), route)
-
     async def identify(self, key: str | None, route: RouteConfig) -> tuple[Identity, bool]:
-        """`authenticate` with the bearer key already taken from the request."""
+        """(identity, redis_down) of a bearer key. With Redis down, a fail-open route reads the
+        key from Postgres."""
         keys = self.ctx.keys
         try:
             return await keys.authenticate_key(key, "consume"), False
@@ -83,17 +79,20 @@ class Sidecar:
             metrics.REDIS_ERRORS.inc()
         return await keys.authenticate_key_from_postgres(key, "consume"), True
 
-    async def handle(self, route: RouteConfig, request: Request, send: Send,
-                     route_headers: list[tuple[str, str]] | None = None) -> None:
-        scope = request.scope
-        path = scope["path"]
+    async def handle(self, route: RouteConfig, scope: Scope, receive: Receive, send: Send,
+                     route_headers: list[tuple[str, str]], route_keys: frozenset[str]) -> None:
+        """One proxied call, from the raw ASGI scope (a Starlette Request is not built: the
+        headers are read once, by Incoming)."""
+        path, method = scope["path"], scope["method"]
         url = target(route, path, scope.get("query_string") or b"")
-        ident, redis_down = await self.authenticate(request, route)
-        user = self.ctx.user(ident, self.headers.claimed_user(request), request)
-        body = await read_body(request)
+        seen = self.headers.incoming(scope)
+        ident, redis_down = await self.identify(bearer_token(seen.authorization), route)
+        user = self.ctx.user_of(ident, self.headers.claimed_of(seen.claimed), seen.user)
+        body = await read_body(receive, method, seen.framed)
         api = metering.METERINGS.get(route.metering)
-        endpoint = api.endpoint(path) if api is not None and request.method == "POST" else None
-        headers = self.headers.upstream(request, ident, user, route_headers or [], metered=endpoint is not None)
+        endpoint = api.endpoint(path) if api is not None and method == "POST" else None
+        headers = self.headers.upstream(scope, seen, ident, user, route_headers, route_keys,
+                                        metered=endpoint is not None)
         charge: Charge
         if route.metering == "none":
             charge = Charge(self, route, ident, user)
@@ -101,15 +100,16 @@ class Sidecar:
             llm = await hold(self, route, ident, user, api, endpoint, body, redis_down)
             charge, body = llm, llm.body
         elif api is not None:  # GET /v1/models and the like on an LLM route: not metered
-            if request.method in ("POST", "PUT", "PATCH"):
+            if method in ("POST", "PUT", "PATCH"):
                 # work the gateway cannot meter (/v1/responses, audio, images...) is not forwarded free
-                raise Problem(404, "not_found", f"{request.method} {path}: an {api.name} route meters "
+                raise Problem(404, "not_found", f"{method} {path}: an {api.name} route meters "
                               f"{', '.join(api.endpoints)} only; give this path its own route "
                               "(metering: fixed or none)")
             charge = Charge(self, route, ident, user)
         else:
-            charge = await admit(self, route, ident, user, request.method, redis_down)
-        await forward(self.pools[route.upstream_keepalive_s], route, request, send, url, headers, body, charge)
+            charge = await admit(self, route, ident, user, method, redis_down)
+        await forward(self.pools[route.upstream_keepalive_s], route, method, receive, send, url, headers, body,
+                      charge)
 
 
 class Endpoint:
@@ -119,10 +119,10 @@ class Endpoint:
     def __init__(self, route: RouteConfig, headers: list[tuple[str, str]]) -> None:
         self.route = route
         self.headers = headers  # the route's own, resolved (credentials: never logged)
+        self.keys = route_keys(headers)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.route.prefix!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        await request.app.state.sidecar.handle(self.route, request, send, self.headers)
+        await scope["app"].state.sidecar.handle(self.route, scope, receive, send, self.headers, self.keys)

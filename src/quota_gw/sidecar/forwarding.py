@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Send
 
 from ..config import Route as RouteConfig
@@ -28,25 +28,37 @@ UPSTREAM_DOWN = (OSError, TimeoutError)  # pool.py's errors: the socket's, Serve
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
 
 
-async def read_body(request: Request) -> bytes:
-    if request.method in ("GET", "HEAD") and "content-length" not in request.headers \
-            and "transfer-encoding" not in request.headers:
+async def read_body(receive: Receive, method: str, framed: bool) -> bytes:
+    """The request body, whole (`framed`: Content-Length or Transfer-Encoding was sent; a GET or
+    HEAD without either has none to wait for). A client gone before its end is ClientDisconnect,
+    answered as on every route (app.on_client_gone)."""
+    if method in ("GET", "HEAD") and not framed:
         return b""
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise Problem(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise Problem(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
+            if not message.get("more_body", False):
+                if not parts:
+                    return chunk  # the usual case: one message holds it all
+                parts.append(chunk)
+                return b"".join(parts)
+            parts.append(chunk)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
-async def forward(upstream: pool.Pool, route: RouteConfig, request: Request, send: Send, url: str,
+async def forward(upstream: pool.Pool, route: RouteConfig, method: str, receive: Receive, send: Send, url: str,
                   headers: list[tuple[str, str]], body: bytes, charge: Charge) -> None:
     answered = False
     try:
         try:
-            resp = await upstream.request(request.method, url, headers, body, route.connect_timeout_s,
+            resp = await upstream.request(method, url, headers, body, route.connect_timeout_s,
                                           route.timeout_s)
         except TimeoutError:
             await charge.failed("timeout")
@@ -58,13 +70,13 @@ async def forward(upstream: pool.Pool, route: RouteConfig, request: Request, sen
                           "nothing was charged", headers=charge.headers()) from None
         answered = True
         async with resp:
-            await relay(request, send, resp, charge)
+            await relay(receive, send, resp, charge)
     finally:
         if not charge.settled:  # cancelled (shutdown) or a bug: settle by how far it got
             await asyncio.shield(charge.abandoned() if answered else charge.failed("error"))
 
 
-async def relay(request: Request, send: Send, resp: pool.Response, charge: Charge) -> None:
+async def relay(receive: Receive, send: Send, resp: pool.Response, charge: Charge) -> None:
     charge.status = resp.status
     sse = resp.content_type.startswith(b"text/event-stream")
     charge.start(sse)
@@ -94,7 +106,7 @@ async def relay(request: Request, send: Send, resp: pool.Response, charge: Charg
             pass
         return
     await send(start)
-    ended = await pump(resp, request.receive, send, charge.feed)
+    ended = await pump(resp, receive, send, charge.feed)
     if ended == "done":
         tail = charge.flush()
         await charge.succeeded()

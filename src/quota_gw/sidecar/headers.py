@@ -10,7 +10,7 @@ Server, not the upstream's as well.
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.types import Scope
 
 from ..config import Behaviour
 from ..decisions import Identity
@@ -42,6 +42,50 @@ def header_key(name: bytes | str) -> str:
 _KEYS: dict[bytes | str, str] = {}
 
 
+class Incoming:
+    """What the proxy reads of a caller's headers, in one pass over the ASGI scope's list (names
+    in lower case; the first of a repeated one counts, as Starlette's Headers.get): the bearer
+    key, the user header as named and as any spelling (`claimed`), the three that forwarding
+    reads, whether a body is announced, and every name's header_key for the filter. A Starlette
+    Request and its Headers, built for the same values, cost more than the rest of the call's
+    header work."""
+
+    __slots__ = ("raw", "keys", "authorization", "user", "claimed", "connection", "forwarded_for", "host",
+                 "framed")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]], user_header: bytes, user_key: str) -> None:
+        self.raw = raw
+        self.keys: list[str] = []
+        self.claimed: set[bytes] = set()  # the user header's values, in every spelling
+        found: list[bytes | None] = [None] * (len(_READ) + 1)  # and _USER
+        for k, v in raw:
+            key = _KEYS.get(k) or header_key(k)
+            self.keys.append(key)
+            if key == user_key:
+                self.claimed.add(v)
+            slot = _READ.get(k)
+            if slot is None:
+                slot = _USER if k == user_header else None
+                if slot is None:
+                    continue
+            if found[slot] is None:
+                found[slot] = v
+        self.authorization, self.user, self.connection, self.forwarded_for, self.host, length, chunked = (
+            None if v is None else v.decode("latin-1") for v in found)
+        self.framed = length is not None or chunked is not None  # Content-Length or Transfer-Encoding
+
+
+# The raw names Incoming reads, by slot (the user header's name is the configuration's: _USER).
+_READ = {b"authorization": 0, b"connection": 2, b"x-forwarded-for": 3, b"host": 4, b"content-length": 5,
+         b"transfer-encoding": 6}
+_USER = 1
+
+
+def route_keys(route_headers: list[tuple[str, str]]) -> frozenset[str]:
+    """The header_keys of a route's own headers: no caller's header of those names crosses."""
+    return frozenset(header_key(k) for k, _ in route_headers)
+
+
 class Headers:
     """The header rules of one gateway (its identity header names come from `behaviour`)."""
 
@@ -49,21 +93,25 @@ class Headers:
         self.behaviour = behaviour
         self.drop = REQUEST_DROP | {header_key(behaviour.org_header), header_key(behaviour.user_header)}
         self.user_key = header_key(behaviour.user_header)
+        self.user_raw = behaviour.user_header.lower().encode("latin-1")  # as it arrives in a scope
+        self._drops: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
 
-    def claimed_user(self, request: Request) -> dict[str, str]:
+    def incoming(self, scope: Scope) -> Incoming:
+        return Incoming(scope["headers"], self.user_raw, self.user_key)
+
+    def claimed(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
         """The user the caller names in the user header, however spelled (`X_Quota_User` is
         X-Quota-User to a CGI upstream, so it is to the gateway too: a user-bound key naming
         another user is 403 either way). Two spellings that disagree are refused."""
-        return self.claimed(request.scope["headers"])
-
-    def claimed(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
-        """`claimed_user` from the ASGI scope's headers."""
         keys, user_key = _KEYS, self.user_key  # (header_key's memory read inline: every authorize call asks)
-        values = {v.decode("latin-1") for k, v in raw if (keys.get(k) or header_key(k)) == user_key}
+        return self.claimed_of({v for k, v in raw if (keys.get(k) or header_key(k)) == user_key})
+
+    def claimed_of(self, values: set[bytes]) -> dict[str, str]:
+        """`claimed` from the user header's values (Incoming.claimed)."""
         if len(values) > 1:
             name = self.behaviour.user_header
             raise invalid(f"{name}: sent more than once with different values", status=400, field=name)
-        return {"user_id": values.pop()} if values else {}
+        return {"user_id": values.pop().decode("latin-1")} if values else {}
 
     def who(self, ident: Identity, user: str) -> dict[str, str]:
         """The identity headers an allowed call carries upstream (authorize's answer)."""
@@ -73,41 +121,35 @@ class Headers:
             h[b.user_header.lower()] = user
         return h
 
-    def upstream(self, request: Request, ident: Identity, user: str, route_headers: list[tuple[str, str]],
+    def upstream(self, scope: Scope, seen: Incoming, ident: Identity, user: str,
+                 route_headers: list[tuple[str, str]], route_keys: frozenset[str],
                  metered: bool = False) -> list[tuple[str, str]]:
         """The caller's headers, less every one the gateway strips or sets (compared as
         header_key: case and `_`/`-` do not matter), then the gateway's: forwarding, identity,
-        and the route's own (its upstream credentials), so a caller can override none of them."""
-        # From the raw ASGI headers (lowercase names; the first of a repeated one counts, as
-        # Starlette's request.headers would say): building request.headers and request.url
-        # for three values cost more than the rest of this function.
+        and the route's own (its upstream credentials; `route_keys`: route_keys(route_headers),
+        made once per route), so a caller can override none of them."""
         b = self.behaviour
-        scope = request.scope
-        raw = scope["headers"]
-        conn = prior = host = None
-        for k, v in raw:
-            if k == b"connection" and conn is None:
-                conn = v.decode("latin-1")
-            elif k == b"x-forwarded-for" and prior is None:
-                prior = v.decode("latin-1")
-            elif k == b"host" and host is None:
-                host = v.decode("latin-1")
-        drop = self.drop
-        if route_headers:
-            drop = drop | {header_key(k) for k, _ in route_headers}
-        if metered:  # the gateway reads usage from the answer: it asks for it uncompressed
-            drop = drop | {"accept-encoding"}
+        drop = self._drops.get((route_keys, metered))
+        if drop is None:
+            drop = self.drop | route_keys
+            if metered:  # the gateway reads usage from the answer: it asks for it uncompressed
+                drop |= {"accept-encoding"}
+            if len(self._drops) < 1024:  # one per route and metering: few
+                self._drops[(route_keys, metered)] = drop
+        conn = seen.connection
         if conn:
             drop = drop | {header_key(t.strip()) for t in conn.split(",")}
-        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if header_key(k) not in drop]
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for (k, v), key in zip(seen.raw, seen.keys)
+               if key not in drop]
         client = scope["client"][0] if scope.get("client") else ""
+        prior = seen.forwarded_for
         if prior and prior.rsplit(",", 1)[-1].strip() == client:
             # uvicorn trusted a local proxy's header and made its last hop the client already
             out.append(("X-Forwarded-For", prior))
         else:
             out.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
         out.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
-        out.append(("X-Forwarded-Host", host or ""))
+        out.append(("X-Forwarded-Host", seen.host or ""))
         out.append((b.org_header, ident.org_id))
         if user:
             out.append((b.user_header, user))
