@@ -147,10 +147,26 @@ async def test_a_refused_connection_is_an_oserror() -> None:
 
 async def test_control_characters_in_headers_are_refused() -> None:
     pool = Pool(4)
-    for bad in ("a\r\nX-Evil: 1", "a\nb", "a\x00"):
+    for bad in ("a\r\nX-Evil: 1", "a\nb", "a\rb", "a\x00", "a\x1b", "a\x7f", "é\x0b"):
         with pytest.raises(ValueError):
             await pool.request("GET", "http://127.0.0.1:9/", [("X-Test", bad)], b"", 5, 5)
+        with pytest.raises(ValueError):
+            await pool.request("GET", "http://127.0.0.1:9/", [("X-Test", "1"), (f"X-{bad}", "1")], b"", 5, 5)
     await pool.close()
+
+
+async def test_a_callers_accept_in_any_case_replaces_the_default_and_tabs_and_latin_1_pass() -> None:
+    async def run(pool: Pool, base: str, up: Upstream) -> None:
+        for headers in ([("ACCEPT", "text/plain"), ("X-Tab", "a\tb é\xa0")], [("Accept-Language", "fr")], []):
+            resp = await pool.request("GET", base + "/", headers, b"", 5, 5)
+            async with resp:
+                assert resp.status == 200
+
+    up = await with_upstream([OK, OK, OK], run)
+    first, second, third = (r.decode() for r in up.requests)
+    assert "ACCEPT: text/plain\r\nX-Tab: a\tb é\xa0\r\n\r\n" in first and "*/*" not in first
+    assert "Accept-Language: fr\r\nAccept: */*\r\n\r\n" in second
+    assert third.endswith("\r\nAccept: */*\r\n\r\n")
 
 
 async def test_an_idle_connection_is_closed_after_keepalive() -> None:

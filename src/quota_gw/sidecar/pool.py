@@ -54,8 +54,10 @@ _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # aiohttp sends no C
 # A request target that needs no quoting (yarl would leave it as it is): the common case, checked once
 _PLAIN_TARGET = re.compile(r"[A-Za-z0-9\-._~/?=&:@!$'()*+,;]*")
 # Control characters are refused in header names and values as aiohttp refuses them (header
-# injection); CR and LF are counted instead: the head has exactly one CRLF per line
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# injection): the head has exactly one CRLF per line, and no other control character (tab is
+# allowed). Looked for in the UTF-8 head, where every byte below 0x80 is that ASCII character;
+# bytes.translate costs a third of the regular expression this was.
+_CONTROL = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])  # with CR and LF
 _INLINE_BODY = 64 * 1024  # smaller bodies go out in the same buffer as the head
 
 
@@ -330,11 +332,12 @@ class Pool:
         if body or method not in _BODYLESS:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
-        text = "".join(lines)
+        data = "".join(lines).encode("utf-8")  # as aiohttp wrote them
         crlfs = len(lines) + 1  # the first line holds two: the request line and Host
-        if text.count("\n") != crlfs or text.count("\r") != crlfs or _CONTROL.search(text) is not None:
+        # Exactly `crlfs` CRLF pairs, and no other CR, LF or control character: the pairs are
+        # counted, and deleting every CR, LF and control character must take 2 × crlfs bytes.
+        if data.count(b"\r\n") != crlfs or len(data) - len(data.translate(None, _CONTROL)) != 2 * crlfs:
             raise ValueError("Forbidden control character detected in headers. Potential header injection attack.")
-        data = text.encode("utf-8")  # as aiohttp wrote them
         conn = self._pick(origin) or await self._connect(origin, connect_timeout)
         self.busy.add(conn)
         try:
