@@ -53,32 +53,55 @@ class Incoming:
     __slots__ = ("raw", "keys", "authorization", "user", "claimed", "connection", "forwarded_for", "host",
                  "framed")
 
-    def __init__(self, raw: list[tuple[bytes, bytes]], user_header: bytes, user_key: str) -> None:
+    def __init__(self, raw: list[tuple[bytes, bytes]], names: Names) -> None:
         self.raw = raw
-        self.keys: list[str] = []
-        self.claimed: set[bytes] = set()  # the user header's values, in every spelling
-        found: list[bytes | None] = [None] * (len(_READ) + 1)  # and _USER
+        keys: list[str] = []
+        claimed: set[bytes] = set()  # the user header's values, in every spelling
+        found: list[bytes | None] = [None, None, None, None, None, None, None]
         for k, v in raw:
-            key = _KEYS.get(k) or header_key(k)
-            self.keys.append(key)
-            if key == user_key:
-                self.claimed.add(v)
-            slot = _READ.get(k)
-            if slot is None:
-                slot = _USER if k == user_header else None
-                if slot is None:
-                    continue
-            if found[slot] is None:
-                found[slot] = v
-        self.authorization, self.user, self.connection, self.forwarded_for, self.host, length, chunked = (
-            None if v is None else v.decode("latin-1") for v in found)
+            key, slot = names[k]
+            keys.append(key)
+            if slot is not None:
+                if slot >= _USER:  # the user header, as named (_USER) or spelled otherwise
+                    claimed.add(v)
+                    if slot != _USER:
+                        continue
+                if found[slot] is None:
+                    found[slot] = v
+        self.keys, self.claimed = keys, claimed
+        auth, conn, forwarded, host, length, chunked, user = found
+        self.authorization = None if auth is None else auth.decode("latin-1")
+        self.user = None if user is None else user.decode("latin-1")
+        self.connection = None if conn is None else conn.decode("latin-1")
+        self.forwarded_for = None if forwarded is None else forwarded.decode("latin-1")
+        self.host = None if host is None else host.decode("latin-1")
         self.framed = length is not None or chunked is not None  # Content-Length or Transfer-Encoding
 
 
-# The raw names Incoming reads, by slot (the user header's name is the configuration's: _USER).
-_READ = {b"authorization": 0, b"connection": 2, b"x-forwarded-for": 3, b"host": 4, b"content-length": 5,
-         b"transfer-encoding": 6}
-_USER = 1
+# What Incoming reads, by slot: the first value of each raw name (ASGI names are lower case),
+# the user header as the configuration names it (_USER), which also counts, with every other
+# spelling of it (_SPELLED_USER), as a claimed user (a user header named like one of the others
+# is read as the user only).
+_READ = {b"authorization": 0, b"connection": 1, b"x-forwarded-for": 2, b"host": 3, b"content-length": 4,
+         b"transfer-encoding": 5}
+_USER, _SPELLED_USER = 6, 7
+
+
+class Names(dict[bytes, tuple[str, int | None]]):
+    """Raw header name -> (header_key, Incoming's slot for it), learnt as names arrive (a hit
+    is one lookup in C). Bounded: names are the caller's to choose."""
+
+    def __init__(self, user_raw: bytes, user_key: str) -> None:
+        super().__init__()
+        self.user_raw, self.user_key = user_raw, user_key
+
+    def __missing__(self, name: bytes) -> tuple[str, int | None]:
+        key = header_key(name)
+        slot = _USER if name == self.user_raw else _SPELLED_USER if key == self.user_key else _READ.get(name)
+        if len(self) >= 4096:
+            self.clear()
+        self[name] = found = (key, slot)
+        return found
 
 
 def route_keys(route_headers: list[tuple[str, str]]) -> frozenset[str]:
@@ -95,9 +118,10 @@ class Headers:
         self.user_key = header_key(behaviour.user_header)
         self.user_raw = behaviour.user_header.lower().encode("latin-1")  # as it arrives in a scope
         self._drops: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
+        self.names = Names(self.user_raw, self.user_key)
 
     def incoming(self, scope: Scope) -> Incoming:
-        return Incoming(scope["headers"], self.user_raw, self.user_key)
+        return Incoming(scope["headers"], self.names)
 
     def claimed(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
         """The user the caller names in the user header, however spelled (`X_Quota_User` is
