@@ -152,21 +152,28 @@ async def test_control_characters_in_headers_are_refused() -> None:
             await pool.request("GET", "http://127.0.0.1:9/", [("X-Test", bad)], b"", 5, 5)
         with pytest.raises(ValueError):
             await pool.request("GET", "http://127.0.0.1:9/", [("X-Test", "1"), (f"X-{bad}", "1")], b"", 5, 5)
+        for _ in range(2):  # a line refused is not remembered as a good one
+            with pytest.raises(ValueError):
+                await pool.request(f"GET{bad}", "http://127.0.0.1:9/", [("X-Test", "1")], b"", 5, 5)
     await pool.close()
 
 
 async def test_a_callers_accept_in_any_case_replaces_the_default_and_tabs_and_latin_1_pass() -> None:
     async def run(pool: Pool, base: str, up: Upstream) -> None:
-        for headers in ([("ACCEPT", "text/plain"), ("X-Tab", "a\tb é\xa0")], [("Accept-Language", "fr")], []):
+        # header lines are remembered, a few thousand at most: filled up, a caller's Accept is still found
+        many = [[(f"X-Id-{n}-{i}", "1") for i in range(1000)] for n in range(4)]
+        for headers in ([("ACCEPT", "text/plain"), ("X-Tab", "a\tb é\xa0")], [("Accept-Language", "fr")], [],
+                        *many, [("accept", "text/plain")] + [(f"X-Id-{i}", "1") for i in range(200)]):
             resp = await pool.request("GET", base + "/", headers, b"", 5, 5)
             async with resp:
                 assert resp.status == 200
 
-    up = await with_upstream([OK, OK, OK], run)
-    first, second, third = (r.decode() for r in up.requests)
+    up = await with_upstream([OK] * 8, run)
+    first, second, third, fourth = (r.decode() for r in (*up.requests[:3], up.requests[-1]))
     assert "ACCEPT: text/plain\r\nX-Tab: a\tb é\xa0\r\n\r\n" in first and "*/*" not in first
     assert "Accept-Language: fr\r\nAccept: */*\r\n\r\n" in second
     assert third.endswith("\r\nAccept: */*\r\n\r\n")
+    assert "\r\naccept: text/plain\r\nX-Id-0: 1\r\n" in fourth and "*/*" not in fourth
 
 
 async def test_an_idle_connection_is_closed_after_keepalive() -> None:

@@ -54,11 +54,55 @@ _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # aiohttp sends no C
 # A request target that needs no quoting (yarl would leave it as it is): the common case, checked once
 _PLAIN_TARGET = re.compile(r"[A-Za-z0-9\-._~/?=&:@!$'()*+,;]*")
 # Control characters are refused in header names and values as aiohttp refuses them (header
-# injection): the head has exactly one CRLF per line, and no other control character (tab is
-# allowed). Looked for in the UTF-8 head, where every byte below 0x80 is that ASCII character;
-# bytes.translate costs a third of the regular expression this was.
+# injection): each line of the head ends in the one CRLF, and has no other control character
+# (tab is allowed). Looked for in UTF-8, where every byte below 0x80 is that ASCII character.
 _CONTROL = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])  # with CR and LF
 _INLINE_BODY = 64 * 1024  # smaller bodies go out in the same buffer as the head
+
+
+def checked(text: str, crlfs: int) -> str:
+    """`text`, which must hold exactly `crlfs` CRLF pairs and no other CR, LF or control
+    character (the pairs are counted, and deleting every CR, LF and control character must take
+    2 × crlfs bytes); ValueError otherwise."""
+    data = text.encode("utf-8")
+    if data.count(b"\r\n") != crlfs or len(data) - len(data.translate(None, _CONTROL)) != 2 * crlfs:
+        raise ValueError("Forbidden control character detected in headers. Potential header injection attack.")
+    return text
+
+
+class _Lines(dict[tuple[str, ...], str]):
+    """The head's lines, made and checked (`checked`) once: a header's (`Name: value`, CRLF) by
+    (name, value), and the request line with Host by (method, target, host). A route's calls
+    repeat them (the caller's client, the forwarding and identity headers, the route's own);
+    formatting and checking the whole head on every call was most of the cost of writing it.
+    `accept`: the lines of an Accept header (any case), so a caller's Accept is found among the
+    lines in C. Bounded (values are the caller's to choose): emptied between requests, never
+    while one request's lines are looked up, so `accept` always holds that request's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accept: set[str] = set()
+
+    def bound(self) -> None:
+        if len(self) >= 4096:
+            self.clear()
+            self.accept.clear()
+
+    def __missing__(self, key: tuple[str, ...]) -> str:
+        if len(key) == 3:  # the request line and Host
+            method, target, host = key
+            line = checked(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n", 2)
+        else:
+            name, value = key
+            line = checked(f"{name}: {value}\r\n", 1)
+            if len(name) == 6 and name.lower() == "accept":
+                self.accept.add(line)
+        self[key] = line
+        return line
+
+
+_LINES = _Lines()
+_LINE = _LINES.__getitem__
 
 
 class ServerDisconnected(ConnectionError):
@@ -317,27 +361,17 @@ class Pool:
         """Sends the request and returns the answer once its head has arrived (release it, or
         use it as an async context manager)."""
         origin, target = self._split(url)
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        accept = False
-        for k, v in headers:
-            if origin.auth is not None and k.lower() == "authorization":
-                continue
-            if not accept and len(k) == 6 and k.lower() == "accept":
-                accept = True
-            lines.append(f"{k}: {v}\r\n")
-        if origin.auth is not None:
-            lines.append(f"Authorization: {origin.auth}\r\n")
-        if not accept:
+        if origin.auth is not None:  # user:password@ in the upstream URL: its Authorization, not the caller's
+            headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
+            headers.append(("Authorization", origin.auth))
+        _LINES.bound()
+        lines = [_LINES[(method, target, origin.host_header)], *map(_LINE, headers)]
+        if _LINES.accept.isdisjoint(lines):
             lines.append("Accept: */*\r\n")
         if body or method not in _BODYLESS:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
         data = "".join(lines).encode("utf-8")  # as aiohttp wrote them
-        crlfs = len(lines) + 1  # the first line holds two: the request line and Host
-        # Exactly `crlfs` CRLF pairs, and no other CR, LF or control character: the pairs are
-        # counted, and deleting every CR, LF and control character must take 2 × crlfs bytes.
-        if data.count(b"\r\n") != crlfs or len(data) - len(data.translate(None, _CONTROL)) != 2 * crlfs:
-            raise ValueError("Forbidden control character detected in headers. Potential header injection attack.")
         conn = self._pick(origin) or await self._connect(origin, connect_timeout)
         self.busy.add(conn)
         try:
