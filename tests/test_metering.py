@@ -29,6 +29,30 @@ def test_a_chat_prompt_counts_every_message_part_and_schema():
     assert OPENAI.prompt_tokens("chat/completions", tools) > OPENAI.prompt_tokens("chat/completions", bare)
 
 
+
+def test_every_message_field_beside_role_and_content_is_prompt_however_few_the_fields():
+    """A message of role and content alone skips the walk of its other fields; any other field
+    (a name, tool calls), with or without a role, is still counted."""
+    text, name = "x" * 40, "n" * 8
+    chat = "chat/completions"
+    base = OPENAI.prompt_tokens(chat, {"messages": [{"role": "user", "content": text}]})
+    assert OPENAI.prompt_tokens(chat, {"messages": [{"role": "user", "content": text, "name": name}]}) == base + 2
+    assert OPENAI.prompt_tokens(chat, {"messages": [{"content": text, "name": name}]}) == base + 2
+    assert OPENAI.prompt_tokens(chat, {"messages": [{"role": "user", "name": name}]}) == base - 10 + 2
+    calls = [{"type": "function", "function": {"name": "f", "arguments": text}}]
+    assert OPENAI.prompt_tokens(chat, {"messages": [{"role": "assistant", "content": None, "tool_calls": calls}]}) \
+        == PER_REPLY + PER_MESSAGE + metering._strings(calls)
+
+
+def test_an_endpoint_is_found_the_same_when_remembered():
+    for _ in range(2):
+        assert OPENAI.endpoint("/v1/chat/completions") == "chat/completions"
+        assert OPENAI.endpoint("/v1/chat/completions/") == "chat/completions"
+        assert OPENAI.endpoint("/v1/embeddings") == "embeddings"
+        assert OPENAI.endpoint("/v1/models") is None
+        assert OPENAI.endpoint("/v1/xchat/completions") == "completions"  # the legacy endpoint
+        assert OPENAI.endpoint("/v1/chatcompletions") is None
+
 def test_completions_and_embeddings_prompts_count_strings_and_token_ids():
     assert OPENAI.prompt_tokens("completions", {"prompt": "y" * 8}) == 2
     assert OPENAI.prompt_tokens("completions", {"prompt": [1, 2, 3]}) == 3  # token ids

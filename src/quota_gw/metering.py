@@ -119,10 +119,14 @@ def prompt_tokens(kind: str, body: dict[str, Any], image_tokens: int = IMAGE_TOK
         n = PER_REPLY
         for m in body.get("messages") or []:
             if isinstance(m, dict):
-                n += PER_MESSAGE + _content(m.get("content"), image_tokens)
-                n += _strings({k: v for k, v in m.items() if k not in ("role", "content")})
+                content = m.get("content")
+                n += PER_MESSAGE + (text_tokens(content) if isinstance(content, str) else _content(content, image_tokens))
+                if len(m) > ("role" in m) + ("content" in m):  # more than role and content: tool calls, names
+                    n += _strings({k: v for k, v in m.items() if k not in ("role", "content")})
         for f in ("tools", "functions", "response_format"):
-            n += _schema(body.get(f))
+            schema = body.get(f)
+            if schema is not None:
+                n += _schema(schema)
         prediction = body.get("prediction")
         if isinstance(prediction, dict):  # rejected predicted tokens are billed too
             n += _content(prediction.get("content"), image_tokens)
@@ -205,13 +209,21 @@ class Metering:
     endpoints: ClassVar[tuple[str, ...]]  # path suffixes metered; others are forwarded unmetered (reads)
     budget_fields: ClassVar[tuple[str, ...]]  # every field the upstream may read as the completion budget
 
+    def __init__(self) -> None:
+        self._endpoints: dict[str, str] = {}  # path -> endpoint(path), "" for none
+
     def endpoint(self, path: str) -> str | None:
-        """Which metered endpoint a path is (None: not one)."""
+        """Which metered endpoint a path is (None: not one). Remembered: a route's calls go to a
+        few paths (bounded: paths are the caller's to choose)."""
+        known = self._endpoints.get(path)
+        if known is not None:
+            return known or None
         p = path.rstrip("/")
-        for k in self.endpoints:
-            if p == k or p.endswith("/" + k):
-                return k
-        return None
+        found = next((k for k in self.endpoints if p == k or p.endswith("/" + k)), "")
+        if len(self._endpoints) >= 1024:
+            self._endpoints.clear()
+        self._endpoints[path] = found
+        return found or None
 
     def budgeted(self, endpoint: str) -> bool:
         """Whether the endpoint produces completion tokens (embeddings do not)."""
@@ -226,16 +238,24 @@ class Metering:
 
     def requested_budget(self, body: dict[str, Any]) -> int | None:
         """The least budget the caller asked for in any budget field (None: no valid one)."""
-        asked = [v for f in self.budget_fields
-                 if isinstance(v := body.get(f), int) and not isinstance(v, bool) and v > 0]
-        return min(asked) if asked else None
+        least = None
+        for f in self.budget_fields:
+            v = body.get(f)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0 and (least is None or v < least):
+                least = v
+        return least
 
     def set_budget(self, body: dict[str, Any], budget: int, default_field: str) -> None:
         """Every budget field the caller sent is set to the hold (an upstream may read any one
         of them); with none sent, `default_field`. Always explicit: the upstream's own default
         could exceed the hold."""
-        for f in [f for f in self.budget_fields if f in body] or [default_field]:
-            body[f] = budget
+        sent = False
+        for f in self.budget_fields:
+            if f in body:
+                body[f] = budget
+                sent = True
+        if not sent:
+            body[default_field] = budget
 
     def ask_for_usage(self, body: dict[str, Any]) -> bool:
         """Makes the answer carry usage; True when that adds an event the caller did not ask
