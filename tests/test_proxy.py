@@ -204,6 +204,29 @@ async def test_upstream_client_errors_stay_charged(gw, tenant):
     assert await tokens_left(gw, h, "goal_generation") == 17
 
 
+
+def test_the_answers_raw_quota_headers_are_the_quota_headers():
+    """The proxy writes Decision.raw_headers (and the charge's own) straight into the answer:
+    they must say what headers() says, for every header a decision can carry."""
+    from quota_gw.decisions import Decision
+    from quota_gw.sidecar.settling import LLMCharge
+
+    def decision(**kw: Any) -> Decision:
+        base = dict(status=200, code="", detail="", cost=5, remaining=95, event_id="e", retry_after_ms=0,
+                    rl_limit=-1, rl_remaining=-1, rl_reset=0, replay=False, would="", extra={}, sources="")
+        return Decision(**{**base, **kw})
+
+    cases = [decision(), decision(remaining=-1), decision(rl_limit=10, rl_remaining=-2, rl_reset=30),
+             decision(status=429, code="rate_limited", retry_after_ms=1500, rl_limit=10, rl_remaining=0),
+             decision(status=429, retry_after_ms=0), decision(would="rate_limited"), decision(replay=True),
+             decision(sources="allocated:3"), decision(sources="allocated:2,grant:lot_1:2,purchased:1")]
+    for d in cases:
+        assert d.raw_headers() == [(k.lower().encode(), v.encode()) for k, v in d.headers().items()], d
+    charge = LLMCharge(None, None, None, "", metering.OPENAI)  # type: ignore[arg-type]
+    for d, down, lowered in ((None, True, 7), (cases[3], False, None), (cases[8], True, 0)):
+        charge.decision, charge.redis_down, charge.lowered = d, down, lowered
+        assert charge.raw_headers() == [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
+
 # --- LLM routes -------------------------------------------------------------------------------
 
 async def test_streamed_completion_arrives_in_chunks_and_charges_exactly_the_usage(gw, tenant):

@@ -90,6 +90,27 @@ class Decision:
             h["X-Quota-Source"] = _SOURCE_LAYERS.get(self.sources) or source_layers(self.sources)
         return h
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """headers() as an ASGI answer carries them (names in lower case, bytes), made directly:
+        the proxy's answer, where the dict and its conversion were a tenth of the call's
+        header work. tests/test_proxy.py holds the two together."""
+        h = []
+        if self.remaining >= 0:
+            h.append((b"x-quota-remaining", b"%d" % self.remaining))
+        if self.rl_limit >= 0:
+            h.append((b"ratelimit-limit", b"%d" % self.rl_limit))
+            h.append((b"ratelimit-remaining", b"%d" % max(self.rl_remaining, 0)))
+            h.append((b"ratelimit-reset", b"%d" % self.rl_reset))
+        if self.status == 429:
+            h.append((b"retry-after", b"%d" % max(1, -(-self.retry_after_ms // 1000))))
+        if self.would:
+            h.append((b"x-quota-shadow", self.would.encode()))
+        if self.replay:
+            h.append((b"idempotent-replayed", b"true"))
+        if self.sources:
+            h.append((b"x-quota-source", (_SOURCE_LAYERS.get(self.sources) or source_layers(self.sources)).encode()))
+        return h
+
     def problem(self) -> Problem:
         return Problem(self.status, self.code, self.detail, headers=self.headers(), cost=self.cost,
                        remaining=self.remaining)

@@ -85,10 +85,14 @@ async def relay(receive: Receive, send: Send, resp: pool.Response, charge: Charg
         await charge.failed(f"status {resp.status}")
     elif charge.redis_down:
         charge.rewrites = True  # the spool entry is written before the client sees the end
-    ours = [(k.lower().encode(), v.encode()) for k, v in charge.headers().items()]
+    ours = charge.raw_headers()
     # the upstream cannot speak for the gateway (X-Quota-*) in any spelling either
-    drop = RESPONSE_DROP | {header_key(k) for k, _ in ours} | ({"content-length"} if charge.rewrites else set())
-    out = [(k.lower(), v) for k, v in resp.raw_headers if header_key(k) not in drop]
+    drop = dropped(tuple(dict(ours)), charge.rewrites)
+    out = []
+    for k, v in resp.raw_headers:
+        lower, key = _NAMES[k]
+        if key not in drop:
+            out.append((lower, v))
     out += ours
     start = {"type": "http.response.start", "status": resp.status, "headers": out}
     if resp.complete():
@@ -115,6 +119,35 @@ async def relay(receive: Receive, send: Send, resp: pool.Response, charge: Charg
         await charge.abandoned()
     else:  # the upstream broke mid-answer: refund, and cut the client's response too
         await charge.failed("cut mid-response")
+
+
+def dropped(ours: tuple[bytes, ...], rewrites: bool) -> frozenset[str]:
+    """The header_keys of the upstream's answer headers that do not cross: RESPONSE_DROP, the
+    gateway's own (`ours`), and Content-Length when the body may change. One set per
+    combination (a few), made once."""
+    drop = _DROPS.get((ours, rewrites))
+    if drop is None:
+        drop = RESPONSE_DROP | {header_key(k) for k in ours} | ({"content-length"} if rewrites else set())
+        if len(_DROPS) < 1024:
+            _DROPS[(ours, rewrites)] = drop
+    return drop
+
+
+_DROPS: dict[tuple[tuple[bytes, ...], bool], frozenset[str]] = {}
+
+
+class _Names(dict[bytes, tuple[bytes, str]]):
+    """An upstream answer's header name -> (in lower case, its header_key), learnt once (bounded:
+    names are the upstream's to choose)."""
+
+    def __missing__(self, name: bytes) -> tuple[bytes, str]:
+        if len(self) >= 4096:
+            self.clear()
+        self[name] = found = (name.lower(), header_key(name))
+        return found
+
+
+_NAMES = _Names()
 
 
 async def pump(resp: pool.Response, receive: Receive, send: Send,

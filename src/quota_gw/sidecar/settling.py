@@ -82,6 +82,13 @@ class Charge:
             h["X-Quota-Degraded"] = "fail-open"
         return h
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """headers() as the answer carries them (lower-case names, bytes)."""
+        h = self.decision.raw_headers() if self.decision is not None else []
+        if self.redis_down:
+            h.append((b"x-quota-degraded", b"fail-open"))
+        return h
+
     def start(self, sse: bool) -> None:
         pass
 
@@ -196,6 +203,12 @@ class LLMCharge(Charge):
         h = super().headers()
         if self.lowered is not None:
             h["X-Quota-Max-Tokens"] = str(self.lowered)
+        return h
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        h = super().raw_headers()
+        if self.lowered is not None:
+            h.append((b"x-quota-max-tokens", b"%d" % self.lowered))
         return h
 
     def start(self, sse: bool) -> None:
