@@ -129,7 +129,9 @@ class Gateway(Starlette):
     - A path under a prefix route (a configured proxy prefix, sidecar.PrefixRoute; authorize's
       path form) goes to that route without the walk, unless a route listed before it matches
       too (found once, here: only the routes whose pattern could fall under the prefix are
-      asked). It is called directly (`_direct`): the middleware's two layers of wrappers, around
+      asked; a prefix route whose literal start the path lacks is not asked at all). Its app
+      is called directly (`_direct`; not Route.handle, whose method check a full match has
+      passed already): the middleware's two layers of wrappers, around
       the call and around each message sent, cost ~15 µs a proxied call; an error goes through
       the middleware as it would have. (With a middleware added to the app, the call goes
       through the stack.)
@@ -142,13 +144,15 @@ class Gateway(Starlette):
         routes = self.router.routes
         # exact path -> {method: endpoint}, for methods no earlier route takes
         self.direct: dict[str, dict[str, Any]] = {}
-        # (prefix route, the earlier routes that may match a path under it), in route order
-        self.prefixed: list[tuple[Route, list[BaseRoute]]] = []
+        # (prefix route, the earlier routes that may match a path under it, the literal start of
+        # every path it matches: a path without it is not asked), in route order
+        self.prefixed: list[tuple[Route, list[BaseRoute], str]] = []
         for i, r in enumerate(routes):
             if not isinstance(r, Route):
                 continue
             if isinstance(r, sidecar.PrefixRoute) or (hasattr(r.endpoint, "answer") and r.path.endswith("{rest:path}")):
-                self.prefixed.append((r, [g for g in routes[:i] if not _is_prefixed(g) and _may_match_under(g, r)]))
+                self.prefixed.append((r, [g for g in routes[:i] if not _is_prefixed(g) and _may_match_under(g, r)],
+                                      r.path.split("{", 1)[0]))
             elif hasattr(r.endpoint, "answer") and not r.param_convertors:
                 for method in r.methods or ():
                     probe = {"type": "http", "path": r.path, "method": method, "root_path": ""}
@@ -175,16 +179,19 @@ class Gateway(Starlette):
             await send(start)
             await send(body)
             return
-        for route, guards in self.prefixed:
+        for route, guards, literal in self.prefixed:
+            if not path.startswith(literal):
+                continue
             match, child = route.matches(scope)
             if match is Match.NONE:
                 continue
-            if match is Match.FULL and not any(g.matches(scope)[0] is Match.FULL for g in guards):
+            if match is Match.FULL and not (guards and any(g.matches(scope)[0] is Match.FULL for g in guards)):
                 scope["app"] = self
                 scope.setdefault("router", self.router)
                 scope["route"] = route
                 scope.update(child)
-                await self._direct(route.handle, scope, receive, send)
+                # the route's app: Route.handle would first check the method, which FULL means is allowed
+                await self._direct(route.app, scope, receive, send)
                 return
             break  # a 405, or an earlier route's path: the router says which
         await super().__call__(scope, receive, send)
