@@ -346,6 +346,7 @@ class Pool:
         self.idle: dict[tuple[str, int, bool], list[Connection]] = {}
         self.busy: set[Connection] = set()
         self.origins: dict[str, Origin] = {}
+        self.targets: dict[str, tuple[Origin, str]] = {}  # url -> _split(url)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -382,7 +383,11 @@ class Pool:
             raise
 
     def _split(self, url: str) -> tuple[Origin, str]:
-        """(origin, request target) of an absolute URL; the target quoted as yarl quotes it."""
+        """(origin, request target) of an absolute URL; the target quoted as yarl quotes it.
+        Remembered by URL: a route's calls go to a few (bounded: paths are the callers')."""
+        known = self.targets.get(url)
+        if known is not None:
+            return known
         cut = url.find("/", url.find("://") + 3)
         base, target = (url, "/") if cut < 0 else (url[:cut], url[cut:])
         origin = self.origins.get(base)
@@ -392,7 +397,10 @@ class Pool:
                 self.origins[base] = origin
         if not _PLAIN_TARGET.fullmatch(target):
             target = URL(url).raw_path_qs
-        return origin, target
+        if len(self.targets) >= 4096:
+            self.targets.clear()
+        self.targets[url] = known = (origin, target)
+        return known
 
     def _pick(self, origin: Origin) -> Connection | None:
         conns = self.idle.get((origin.host, origin.port, origin.ssl))
