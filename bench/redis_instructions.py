@@ -1,6 +1,6 @@
 """Instructions Redis executes per consume, beside the minimal script, under callgrind.
 
-    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH] [--layers] [--settle]
+    .venv/bin/python bench/redis_instructions.py [--calls 2000] [--server PATH] [--layers] [--settle] [--llm]
 
 bench/redis_cost.py measures time, which the shared machine makes noisy (one preempted script
 swells a round); this counts the instructions the server executes for the same calls, which is
@@ -15,8 +15,13 @@ touches the server's caches and dictionaries grow).
 
 --layers adds a third side, as in redis_cost.py: consumes of an org whose allocation is spent,
 with an expiring grant and purchased credit, so every call takes the gate's steps (credit lots).
---settle adds two: a reserve of 2 units, and the commit of 1 of them (what an LLM call through
-the sidecar costs Redis: one of each).
+--settle adds two: a reserve of 2 units, and the commit of 1 of them (the decision API's
+reserve/commit pair).
+
+--llm: instead, the two decisions of an `openai` route's call as the sidecar sends them (a
+reserve of 100 tokens with a floor of 40, then a commit of 34 beyond the hold, with the
+sidecar's metadata) beside a consume of 34, on bench.py's LLM plan (no rate limits, no user),
+64 at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -154,14 +160,74 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+async def run_llm(calls: int, server: str) -> None:
+    import bench as B
+
+    out_dir = tempfile.mkdtemp(prefix="qgw-callgrind-")
+    port = free_port()
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p", server,
+                             "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = aioredis.Redis(port=port, decode_responses=True)
+    try:
+        for _ in range(600):
+            try:
+                await r.ping()
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        version = (await r.info("server")).get("valkey_version") or (await r.info("server"))["redis_version"]
+        cfg = config_mod.load(B.config_file(Path(tempfile.mkdtemp(prefix="qgw-cfg-")), "http://127.0.0.1:9"))
+        decider = Decider(r, cfg, Layout("bench", cfg.shards))
+        ident = Identity("key1", "bench-org", None, frozenset({"consume"}), "bench")
+        meta = b'{"route":"/v1/chat/completions","tokens":34,"source":"usage","status":200,"prompt_estimate":13}'
+
+        async def reserve() -> Any:
+            return await decider.reserve(ident, "chat", 1, "", 600, cost=100, min_cost=40)
+
+        for _ in range(200):  # warm: the library loaded, the period started
+            h = await reserve()
+            await decider.commit(ident, h.event_id, 34, meta, beyond_hold=True)
+            await decider.consume(ident, "chat", 34, "")
+        counts: dict[str, list[float]] = {"reserve": [], "commit": [], "consume": []}
+        for _ in range(2):
+            for side in counts:
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=False)
+                if side == "reserve":
+                    holds = [h for _ in range(0, calls, 64) for h in await asyncio.gather(*[reserve() for _ in range(64)])]
+                    ds = holds
+                elif side == "commit":
+                    ds = [d for i in range(0, len(holds), 64) for d in await asyncio.gather(
+                        *[decider.commit(ident, h.event_id, 34, meta, beyond_hold=True) for h in holds[i:i + 64]])]
+                else:
+                    ds = [d for _ in range(0, calls, 64) for d in await asyncio.gather(
+                        *[decider.consume(ident, "chat", 34, "") for _ in range(64)])]
+                assert all(d.status < 300 for d in ds), ds[0]
+                counts[side].append(counted(out_dir, proc.pid) / len(ds))
+        c = {k: min(v) for k, v in counts.items()}
+        print(f"{Path(server).name} {version}, {len(holds)} calls a side")
+        print(f"instructions per call: reserve {c['reserve']:,.0f}, commit {c['commit']:,.0f} "
+              f"(an LLM call {c['reserve'] + c['commit']:,.0f}), consume {c['consume']:,.0f}")
+        await decider.aclose()
+    finally:
+        await r.aclose()
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--server", default=None, help="redis-server or valkey-server to run under callgrind")
     ap.add_argument("--layers", action="store_true", help="also consumes that draw three layers (the gate's steps)")
-    ap.add_argument("--settle", action="store_true", help="also reserves and their commits (an LLM call's two)")
+    ap.add_argument("--settle", action="store_true", help="also reserves and their commits (the decision API's pair)")
+    ap.add_argument("--llm", action="store_true", help="instead, an LLM call's reserve and commit beside a consume")
     a = ap.parse_args()
+    if a.llm:
+        asyncio.run(run_llm(a.calls, a.server or default_server()))
+        return
     asyncio.run(run(a.calls, a.server or default_server(), a.users, a.layers, a.settle))
 
 
