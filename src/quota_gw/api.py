@@ -70,9 +70,12 @@ async def receive_body(receive: Receive, length: str | None, limit: int) -> byte
             size += len(chunk)
             if size > limit:
                 raise too_large(limit)
-            chunks.append(chunk)
             if not message.get("more_body", False):
+                if not chunks:
+                    return chunk  # the usual case: one message holds it all
+                chunks.append(chunk)
                 return b"".join(chunks)
+            chunks.append(chunk)
         elif message["type"] == "http.disconnect":
             raise ClientDisconnect()
 

@@ -13,9 +13,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Send
 
+from ..api import receive_body
 from ..config import Route as RouteConfig
 from ..problems import Problem
 from . import pool
@@ -34,23 +34,7 @@ async def read_body(receive: Receive, method: str, framed: bool) -> bytes:
     answered as on every route (app.on_client_gone)."""
     if method in ("GET", "HEAD") and not framed:
         return b""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.request":
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise Problem(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
-            if not message.get("more_body", False):
-                if not parts:
-                    return chunk  # the usual case: one message holds it all
-                parts.append(chunk)
-                return b"".join(parts)
-            parts.append(chunk)
-        elif message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+    return await receive_body(receive, None, MAX_BODY)
 
 
 async def forward(upstream: pool.Pool, route: RouteConfig, method: str, receive: Receive, send: Send, url: str,
