@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import yaml
@@ -60,18 +63,15 @@ async def seed(pg: asyncpg.Connection, orgs: int, users: int, events: int) -> No
     await pg.execute("ANALYZE")
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--orgs", type=int, default=2000)
-    ap.add_argument("--users", type=int, default=10)
-    ap.add_argument("--events", type=int, default=500_000)
-    ap.add_argument("--runs", type=int, default=5)
-    a = ap.parse_args()
+@contextlib.asynccontextmanager
+async def scratch(tag: str) -> AsyncIterator[tuple[asyncpg.Connection, Any, Layout, config_mod.Config]]:
+    """A migrated database and a key prefix of their own (DATABASE_URL, REDIS_URL), and the
+    example config; both removed at the end."""
     admin_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     admin_url = admin_url.rsplit("/", 1)[0] + "/postgres"
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     cfg = config_mod.parse(yaml.safe_load((ROOT / "examples" / "quota-gw.yaml").read_text()), "bench")
-    name = f"qgw_bench_rc_{secrets.token_hex(3)}"
+    name = f"qgw_bench_{tag}_{secrets.token_hex(3)}"
     conn = await asyncpg.connect(admin_url)
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
@@ -80,6 +80,43 @@ async def main() -> None:
     layout = Layout(f"qgwbench{secrets.token_hex(3)}", 16)
     try:
         await db.migrate(pg)
+        yield pg, r, layout, cfg
+    finally:
+        async for k in r.scan_iter(match=f"{layout.prefix}:*", count=5000):
+            await r.delete(k)
+        await r.aclose()
+        await pg.close()
+        conn = await asyncpg.connect(admin_url)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+async def taking_turns(checks: dict[str, Callable[[], Awaitable[int]]], runs: int, base: str, of: str) -> None:
+    """Each check once to warm up (it must find no drift), then `runs` rounds taking turns;
+    prints each one's median and fastest, and its median against `base`'s."""
+    times: dict[str, list[float]] = {k: [] for k in checks}
+    for k, f in checks.items():
+        assert await f() == 0, k  # warm-up; a clean deployment
+    for _ in range(runs):
+        for k, f in checks.items():
+            t = time.perf_counter()
+            await f()
+            times[k].append(time.perf_counter() - t)
+    print(f"load average {os.getloadavg()[0]:.2f}; {runs} runs each, taking turns")
+    width = max(len(k) for k in checks)
+    for k, ts in times.items():
+        print(f"  {k:<{width}} median {statistics.median(ts) * 1000:8.1f} ms  fastest {min(ts) * 1000:8.1f} ms  "
+              f"x{statistics.median(ts) / statistics.median(times[base]):.2f} of {of}")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--orgs", type=int, default=2000)
+    ap.add_argument("--users", type=int, default=10)
+    ap.add_argument("--events", type=int, default=500_000)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    async with scratch("rc") as (pg, r, layout, cfg):
         t0 = time.perf_counter()
         await seed(pg, a.orgs, a.users, a.events)
         await rebuild(r, pg, cfg, layout)
@@ -94,28 +131,8 @@ async def main() -> None:
             drift, _ = await config_drift(r, pg, layout)
             return len(drift)
 
-        checks = {"balances (reconcile())": balances, "configuration (config_drift())": configs}
-        times: dict[str, list[float]] = {k: [] for k in checks}
-        for k, f in checks.items():
-            assert await f() == 0, k  # warm-up; a clean deployment
-        for _ in range(a.runs):
-            for k, f in checks.items():
-                t = time.perf_counter()
-                await f()
-                times[k].append(time.perf_counter() - t)
-        print(f"load average {os.getloadavg()[0]:.2f}; {a.runs} runs each, taking turns")
-        base = statistics.median(times["balances (reconcile())"])
-        for k, ts in times.items():
-            print(f"  {k:<32} median {statistics.median(ts) * 1000:8.1f} ms  fastest {min(ts) * 1000:8.1f} ms  "
-                  f"x{statistics.median(ts) / base:.2f} of the balance check")
-    finally:
-        async for k in r.scan_iter(match=f"{layout.prefix}:*", count=5000):
-            await r.delete(k)
-        await r.aclose()
-        await pg.close()
-        conn = await asyncpg.connect(admin_url)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+        await taking_turns({"balances (reconcile())": balances, "configuration (config_drift())": configs}, a.runs,
+                           "balances (reconcile())", "the balance check")
 
 
 if __name__ == "__main__":

@@ -20,24 +20,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import secrets
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import asyncpg
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from quota_gw import cluster, db  # noqa: E402
-from quota_gw import config as config_mod  # noqa: E402
-from quota_gw.layout import Layout  # noqa: E402
 from sync_worker import lots  # noqa: E402
 from sync_worker.recovery import rebuild, reconcile  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from reconcile_config import scratch, taking_turns  # noqa: E402
 
 
 async def seed(pg: asyncpg.Connection, orgs: int, events: int, lot_share: int) -> int:
@@ -83,19 +79,7 @@ async def main() -> None:
     ap.add_argument("--lot-share", type=int, default=4, help="every n-th org has lots (0: none)")
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
-    admin_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    admin_url = admin_url.rsplit("/", 1)[0] + "/postgres"
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    cfg = config_mod.parse(yaml.safe_load((ROOT / "examples" / "quota-gw.yaml").read_text()), "bench")
-    name = f"qgw_bench_lots_{secrets.token_hex(3)}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    pg = await asyncpg.connect(admin_url.rsplit("/", 1)[0] + "/" + name)
-    r = await cluster.connect(redis_url)
-    layout = Layout(f"qgwbench{secrets.token_hex(3)}", 16)
-    try:
-        await db.migrate(pg)
+    async with scratch("lots") as (pg, r, layout, cfg):
         t0 = time.perf_counter()
         with_lots = await seed(pg, a.orgs, a.events, a.lot_share)
         rep = await rebuild(r, pg, cfg, layout)
@@ -113,28 +97,8 @@ async def main() -> None:
             found = lots.replay(await pg.fetch(lots.lot_events_sql(False), [], []))
             return sum(len(m.stored(now_s)) for m in found.values()) - rep.lots
 
-        checks = {"reconcile() (balances and lots)": full, "lots alone (query and replay)": lots_alone}
-        times: dict[str, list[float]] = {k: [] for k in checks}
-        for k, f in checks.items():
-            assert await f() == 0, k  # warm-up; a clean deployment
-        for _ in range(a.runs):
-            for k, f in checks.items():
-                t = time.perf_counter()
-                await f()
-                times[k].append(time.perf_counter() - t)
-        print(f"load average {os.getloadavg()[0]:.2f}; {a.runs} runs each, taking turns")
-        base = statistics.median(times["reconcile() (balances and lots)"])
-        for k, ts in times.items():
-            print(f"  {k:<34} median {statistics.median(ts) * 1000:8.1f} ms  fastest {min(ts) * 1000:8.1f} ms  "
-                  f"x{statistics.median(ts) / base:.2f} of reconcile()")
-    finally:
-        async for k in r.scan_iter(match=f"{layout.prefix}:*", count=5000):
-            await r.delete(k)
-        await r.aclose()
-        await pg.close()
-        conn = await asyncpg.connect(admin_url)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+        await taking_turns({"reconcile() (balances and lots)": full, "lots alone (query and replay)": lots_alone},
+                           a.runs, "reconcile() (balances and lots)", "reconcile()")
 
 
 if __name__ == "__main__":

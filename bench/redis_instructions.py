@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import os
 import random
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,10 @@ def counted(out_dir: str, pid: int) -> int:
     raise RuntimeError("callgrind wrote no dump")
 
 
-async def run(calls: int, server: str, users: int, layers: bool = False, settle: bool = False) -> None:
+@contextlib.asynccontextmanager
+async def callgrind_server(server: str, decode: bool = False) -> AsyncIterator[tuple[aioredis.Redis, str, str, int]]:
+    """(client, version, dump folder, pid) of `server` started under callgrind on a free port,
+    answering; stopped and its dumps removed at the end."""
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         sys.exit("valgrind (callgrind) is not installed")
     out_dir = tempfile.mkdtemp(prefix="qgw-callgrind-")
@@ -88,7 +93,7 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p", server,
                              "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = aioredis.Redis(port=port)
+    r = aioredis.Redis(port=port, decode_responses=decode)
     try:
         for _ in range(600):
             try:
@@ -96,7 +101,17 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
                 break
             except Exception:
                 await asyncio.sleep(0.1)
-        version = (await r.info("server")).get("valkey_version") or (await r.info("server"))["redis_version"]
+        info = await r.info("server")
+        yield r, info.get("valkey_version") or info["redis_version"], out_dir, proc.pid
+    finally:
+        await r.aclose()
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+async def run(calls: int, server: str, users: int, layers: bool = False, settle: bool = False) -> None:
+    async with callgrind_server(server) as (r, version, out_dir, pid):
         cfg = config_mod.load(ROOT / "examples" / "quota-gw.yaml")
         decider = Decider(r, cfg, Layout("bench", cfg.shards))
         ident = Identity("key1", "org1", None, frozenset({"decide"}), "enterprise")
@@ -123,7 +138,7 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
         sides = ("consume", "minimal") + (("3 layers",) if layers else ()) + (("reserve", "commit") if settle else ())
         held: list[str] = []  # reservations the reserve side made, committed by the commit side
         for side in sides * 2:
-            subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=False)
+            subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, check=False)
             for i in range(0, calls, 64):
                 part = ids[i:i + 64]
                 if side == "reserve":
@@ -142,7 +157,7 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
                     for u in part:
                         p.evalsha(minimal.sha, 2, "min:{s00}:bal", "min:{s00}:events", 1, "org1", u)
                     await p.execute()
-            counts[side].append(counted(out_dir, proc.pid) / calls)
+            counts[side].append(counted(out_dir, pid) / calls)
         c, m = min(counts["consume"]), min(counts["minimal"])
         print(f"{Path(server).name} {version}, {calls} calls a side, {users} user ids")
         print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}")
@@ -153,30 +168,12 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
             t = min(counts["3 layers"])
             print(f"3 layers {t:,.0f}: {t / m:.2f}x the minimal script, {t / c:.2f}x the usual consume")
         await decider.aclose()
-    finally:
-        await r.aclose()
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 async def run_llm(calls: int, server: str) -> None:
     import bench as B
 
-    out_dir = tempfile.mkdtemp(prefix="qgw-callgrind-")
-    port = free_port()
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p", server,
-                             "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = aioredis.Redis(port=port, decode_responses=True)
-    try:
-        for _ in range(600):
-            try:
-                await r.ping()
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
-        version = (await r.info("server")).get("valkey_version") or (await r.info("server"))["redis_version"]
+    async with callgrind_server(server, decode=True) as (r, version, out_dir, pid):
         cfg = config_mod.load(B.config_file(Path(tempfile.mkdtemp(prefix="qgw-cfg-")), "http://127.0.0.1:9"))
         decider = Decider(r, cfg, Layout("bench", cfg.shards))
         ident = Identity("key1", "bench-org", None, frozenset({"consume"}), "bench")
@@ -192,7 +189,7 @@ async def run_llm(calls: int, server: str) -> None:
         counts: dict[str, list[float]] = {"reserve": [], "commit": [], "consume": []}
         for _ in range(2):
             for side in counts:
-                subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=False)
+                subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, check=False)
                 if side == "reserve":
                     holds = [h for _ in range(0, calls, 64) for h in await asyncio.gather(*[reserve() for _ in range(64)])]
                     ds = holds
@@ -203,17 +200,12 @@ async def run_llm(calls: int, server: str) -> None:
                     ds = [d for _ in range(0, calls, 64) for d in await asyncio.gather(
                         *[decider.consume(ident, "chat", 34, "") for _ in range(64)])]
                 assert all(d.status < 300 for d in ds), ds[0]
-                counts[side].append(counted(out_dir, proc.pid) / len(ds))
+                counts[side].append(counted(out_dir, pid) / len(ds))
         c = {k: min(v) for k, v in counts.items()}
         print(f"{Path(server).name} {version}, {len(holds)} calls a side")
         print(f"instructions per call: reserve {c['reserve']:,.0f}, commit {c['commit']:,.0f} "
               f"(an LLM call {c['reserve'] + c['commit']:,.0f}), consume {c['consume']:,.0f}")
         await decider.aclose()
-    finally:
-        await r.aclose()
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def main() -> None:
