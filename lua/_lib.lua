@@ -30,14 +30,10 @@ end
 -- An integer as text, for strings built in Lua (concatenating a number writes 1e+15). Numbers
 -- sent to Redis go as they are: redis.call writes an integral number as its digits, exactly up to
 -- 2^53 (the money range), in C, several times cheaper than formatting them here.
-local function fmt(n)
-  return format('%d', n)
-end
-
--- The text of the small integers an answer or an event carries most (costs, rate-limit counts,
--- -1 for none), made once: a table read instead of a format call (~1,300 instructions) each.
+-- The small integers an answer or an event carries most (costs, rate-limit counts, -1 for none)
+-- are made once: a table read instead of a format call (~1,300 instructions) each.
 local SMALL_NUMBERS = {}  -- filled by init()
-local function num(n)
+local function fmt(n)
   return SMALL_NUMBERS[n] or format('%d', n)
 end
 
@@ -158,13 +154,13 @@ local function compile_reply()
     local default = REPLY_DEFAULTS[name]
     -- (`or` is safe: no field is ever false.)
     if type(default) == 'number' then
-      parts[i] = format('num(r.%s or more.%s or %d)', name, name, default)
+      parts[i] = format('fmt(r.%s or more.%s or %d)', name, name, default)
     else
       parts[i] = format('(r.%s or more.%s or %q)', name, name, default)
     end
   end
-  return _G.loadstring('local num, none = ...; return function(r, more) more = more or none return '
-    .. concat(parts, " .. '\\t' .. ") .. ' end')(num, {})
+  return _G.loadstring('local fmt, none = ...; return function(r, more) more = more or none return '
+    .. concat(parts, " .. '\\t' .. ") .. ' end')(fmt, {})
 end
 
 -- A stored answer given again: marked as a replay (its `replay` field set to 1).
@@ -236,18 +232,18 @@ end
 local ENTRY_FIELD = 'e'
 local EVENT_FIELDS = {'id', 'kind', 'org', 'user', 'key', 'meter', 'feature', 'delta', 'dp', 'cost', 'bal', 'ts',
   'src', 'meta'}
-local EVENT_NUMBERS = {delta = true, dp = true, cost = true, bal = true, ts = true}  -- written by num()
+local EVENT_NUMBERS = {delta = true, dp = true, cost = true, bal = true, ts = true}  -- written by fmt()
 
 -- pack_event(id, kind, org, user, key, meter, feature, delta, dp, cost, bal, ts, src, meta): the
--- entry's text, every argument given ('' none); compiled by init() from EVENT_FIELDS. num()
+-- entry's text, every argument given ('' none); compiled by init() from EVENT_FIELDS. fmt()
 -- writes a negated zero, -(0), as 0.
 local pack_event
 
 local function compile_pack_event()
   local parts = {}
-  for i, name in ipairs(EVENT_FIELDS) do parts[i] = EVENT_NUMBERS[name] and 'num(' .. name .. ')' or name end
-  return _G.loadstring('local num = ...; return function(' .. concat(EVENT_FIELDS, ', ') .. ') return '
-    .. concat(parts, " .. '\\t' .. ") .. ' end')(num)
+  for i, name in ipairs(EVENT_FIELDS) do parts[i] = EVENT_NUMBERS[name] and 'fmt(' .. name .. ')' or name end
+  return _G.loadstring('local fmt = ...; return function(' .. concat(EVENT_FIELDS, ', ') .. ') return '
+    .. concat(parts, " .. '\\t' .. ") .. ' end')(fmt)
 end
 
 local Events = {}
@@ -613,7 +609,7 @@ end
 -- period and lowest threshold alerted in it (METER_FIELDS alert_period, alert_threshold) make
 -- it once per threshold per meter per period. Called after save() so the events follow the charge.
 -- The charges judge it (consume, commit); a hold changes no balance, so reserve does not (commit.lua).
-local THRESHOLDS = {}  -- spec -> {numbers..., top = the highest}, parsed once per spec
+local THRESHOLDS, thresholds_n = {}, 0  -- spec -> {numbers..., top = the highest}, parsed once per spec
 local function thresholds(spec)
   local found = THRESHOLDS[spec]
   if found then return found end
@@ -623,8 +619,9 @@ local function thresholds(spec)
     found[#found + 1] = t
     if t > found.top then found.top = t end
   end
-  if #THRESHOLDS > 100 then THRESHOLDS = {} end
+  if thresholds_n >= 100 then THRESHOLDS, thresholds_n = {}, 0 end  -- bounded (# counts no string keys)
   THRESHOLDS[spec] = found
+  thresholds_n = thresholds_n + 1
   return found
 end
 
@@ -791,9 +788,8 @@ local function sweep_expired(org, events, now_s, most)
   return true
 end
 
--- Whether a hold may be past its expiry (or it is not known: look).
-local function holds_may_be_due(meter, now_s)
-  local due = meter.holds_due
+-- Whether a hold may be past its expiry, by HOLDS_DUE (`due`, a number; nil: not known, look).
+local function holds_may_be_due(due, now_s)
   return due == nil or (due > 0 and now_s >= due)
 end
 
@@ -1001,14 +997,15 @@ end
 local function gate(k, a, write, now, meter_read)
   local req = gate_request(k, a, now or now_us())
   req.events = new_events(k.stream, req.event_id, req.now, req.org, req.key_id)
-  req.mtr = load_meter(k.bal, req.meter, NONE, meter_read)
+  local v = meter_read or read_meter(k.bal, req.meter)
   local expired = NONE  -- what the sweep left
-  if holds_may_be_due(req.mtr, req.now_s) then
+  if holds_may_be_due(tonumber(v[12]), req.now_s) then
     if not (write and sweep_expired(k, req.events, req.now_s, 16)) then
       expired = expired_holds(k.reservations, k.expiries, req.now_s)
     end
-    req.mtr = load_meter(k.bal, req.meter, expired)  -- as the sweep left it
+    v = read_meter(k.bal, req.meter)  -- as the sweep left it
   end
+  req.mtr = load_meter(k.bal, req.meter, expired, v)
   local refusal = gate_user(req, write)
   local rl_refusal = gate_rate_limits(req)
   local plan_refusal = gate_period(req)
@@ -1041,7 +1038,7 @@ local function usual_consume(keys, argv)
   local v = read_meter(bal_key, meter)
   local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
   if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end  -- refresh, lots
-  if due == nil or (due > 0 and now_s >= due) then return nil, now, v end  -- a hold may be due: the sweep
+  if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
   local al, pu, held, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
   if lim == 0 and pu <= 0 then return nil, now, v end  -- nothing to charge from, maybe forbidden: the gate says
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
@@ -1183,7 +1180,7 @@ local function settle_start(op, k, a)
   -- earlier mark than the earliest hold only costs a sweep that finds nothing.
   local due = tonumber(call('HGET', k.bal, HOLDS_DUE))
   local swept_all = true
-  if due == nil or (due > 0 and now_s >= due) then swept_all = sweep_expired(k, events, now_s, 16) end
+  if holds_may_be_due(due, now_s) then swept_all = sweep_expired(k, events, now_s, 16) end
   local raw = call('HGET', k.reservations, rid)
   local rec = raw and json_decode(raw)
   local expires = tonumber(call('ZSCORE', k.expiries, rid))  -- as the sweep reads it

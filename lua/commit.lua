@@ -40,7 +40,7 @@ local id = events:add({id = a.event_id, kind = 'commit', user = rec.u, meter = r
 -- changes no balance (its reserve event's delta is 0) and may be released unspent, so reserve
 -- records none. Not once the period is over: the next decision starts a new one. No threshold
 -- crossed: no Redis call (Meter:alerts reads the marks load_meter already has).
-if m.pe and floor(events.now / 1000000) < m.pe then m:alerts(events, rec.u, rec.f, a.alert_thresholds) end
+if m.pe and s.now_s < m.pe then m:alerts(events, rec.u, rec.f, a.alert_thresholds) end
 -- Nothing is kept for a refund: it reads this event back (refund.lua).
 return settle_finish('commit', k, a, reply{cost = cost, remaining = m:available(), event_id = id, sources = src,
   extra = json_encode({released = max(0, rec.held - cost), overage = max(0, want - cost),

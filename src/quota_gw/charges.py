@@ -79,9 +79,9 @@ async def in_stream(redis: Redis | Lanes, stream: str, event_id: str) -> Charge 
     while True:
         page = await newest_first(redis, stream, end)
         for _entry_id, raw in page:
-            fields = {_text(k): _text(v) for k, v in (raw or {}).items()}  # one field (events.ENTRY_FIELD)
-            if fields.get(events.ENTRY_FIELD, "").startswith(event_id + "\t") or fields.get("id") == event_id:
-                return from_stream(events.decode(fields))
+            e = events.decode({_text(k): _text(v) for k, v in (raw or {}).items()})
+            if e.get("id") == event_id:
+                return from_stream(e)
         if len(page) < STREAM_PAGE:
             return None
         end = "(" + _text(page[-1][0])
