@@ -290,8 +290,8 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
     /v1/authorize alone (sidecar/listener.py), started and stopped with the app."""
     redis_url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     authorize_listen = authorize_listen or os.environ.get(AUTHORIZE_LISTEN_ENV) or None
-    if authorize_listen:
-        listen_address(authorize_listen)  # a bad value fails here, not at the first call
+    # A bad value fails here, not when the app starts.
+    listen = listen_address(authorize_listen) if authorize_listen else None
     database_url = database_url if database_url is not None else os.environ.get("DATABASE_URL")
     prefix = prefix or os.environ.get("QUOTA_GW_PREFIX", "qgw")
 
@@ -311,12 +311,11 @@ def create_app(config: Config, redis_url: str | None = None, database_url: str |
         await app.state.sidecar.start()
         listener = None
         try:
-            if authorize_listen:  # /v1/authorize alone, for nginx (sidecar/listener.py)
+            if listen:  # /v1/authorize alone, for nginx (sidecar/listener.py)
                 b = config.behaviour
                 listener = sidecar.Listener(app, max_head_bytes=b.max_header_bytes, max_headers=b.max_headers,
                                             max_body_bytes=b.max_body_bytes, keepalive_s=keep_alive_s())
-                host, port = listen_address(authorize_listen)
-                await listener.start(host, port, shared=int(os.environ.get("QUOTA_GW_WORKERS") or 1) > 1)
+                await listener.start(*listen, shared=int(os.environ.get("QUOTA_GW_WORKERS") or 1) > 1)
                 app.state.authorize_listener = listener
             yield
         finally:

@@ -45,13 +45,12 @@ from .config_drift import config_drift, print_config_drift, repair_config, shown
 
 log = logging.getLogger("quota_gw.recovery")
 
-GRANT_KINDS = ("grant", "purchase", "adjust")
 
 LEDGER_BALANCES = f"""
 SELECT org_id, meter,
        sum(delta - delta_purchased)::bigint AS a,
        sum(delta_purchased)::bigint AS p,
-       coalesce(sum(delta_purchased) FILTER (WHERE delta_purchased > 0 AND kind IN {GRANT_KINDS}), 0)::bigint AS pt
+       coalesce(sum(delta_purchased) FILTER (WHERE delta_purchased > 0 AND kind IN {lots.GRANT_KINDS}), 0)::bigint AS pt
 FROM usage_events
 WHERE meter IS NOT NULL {{where}}
 GROUP BY org_id, meter
@@ -423,7 +422,7 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
         v = ledger[(o, f["meter"])]
         v[0] += delta - dp
         v[1] += dp
-        if dp > 0 and f.get("kind") in GRANT_KINDS:
+        if dp > 0 and f.get("kind") in lots.GRANT_KINDS:
             v[2] += dp
         stats["undrained"] += 1
     drift: list[Drift | LotDrift] = []

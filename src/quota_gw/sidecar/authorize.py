@@ -103,11 +103,7 @@ async def authorize(scope: Scope) -> tuple[dict[str, Any], dict[str, Any]]:
         if route is None:  # only a caller with a key learns which routes exist
             await c.keys.authenticate_key(key, "consume")
             raise Problem(404, "not_found", f"no route for {path}")
-        ident = c.keys.cached(key, "consume")
-        if ident is not None:
-            redis_down = False
-        else:
-            ident, redis_down = await sidecar.identify(key, route)
+        ident, redis_down = sidecar.known(key) or await sidecar.identify(key, route)
         user = c.user_of(ident, sidecar.headers.claimed(scope["headers"]), user_header)
         headers = sidecar.headers.who(ident, user)
         if route.metering == "none":

@@ -256,10 +256,7 @@ class Connection(asyncio.Protocol):
         if self.done:
             return
         self.done = True
-        body = problem_body(status, "invalid_request", detail)
-        self.queue.append(b"".join([status_line(status), b"content-type: application/problem+json\r\n",
-                                    b"content-length: %d\r\n" % len(body), self.listener.date(),
-                                    b"connection: close\r\n\r\n", body]))
+        self.queue.append(_plain(status, "invalid_request", detail, self.listener.date()))
 
     def _next(self) -> None:
         """Starts on the oldest request when no answer is being made and the client reads."""
