@@ -263,3 +263,25 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert r.returncode == 0, r.stderr
     (built,) = out.glob("quota_gw-*.whl")
     return built
+
+
+async def hang_up_mid_body(app: Any, path: str, authorization: str, part: bytes) -> list[int]:
+    """POSTs `part` of a 100-byte JSON body to `app` (ASGI, no server), then the client is gone;
+    the statuses the app answered (to nobody)."""
+    incoming = iter([{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming, {"type": "http.disconnect"})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"gw"), (b"authorization", authorization.encode()),
+                         (b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return [m["status"] for m in sent if m["type"] == "http.response.start"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from conftest import RUN, Admin, test_config_data
+from conftest import RUN, Admin, hang_up_mid_body, test_config_data
 from quota_gw import config as config_mod
 from quota_gw import embedded
 from quota_gw.app import Gateway, create_app
@@ -194,25 +194,8 @@ async def test_a_client_that_hangs_up_mid_body_is_not_a_server_error(app: Any, t
     before = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
               .get("/v1/balance", headers=h)).json()["meters"]["general"]["balance"]
     for path in ("/v1/consume", "/v1/check", "/v1/reservations"):
-        incoming = iter([{"type": "http.request", "body": b'{"feature": "generate_ins', "more_body": True},
-                         {"type": "http.disconnect"}])
-
-        async def receive(incoming: Any = incoming) -> dict[str, Any]:
-            return next(incoming, {"type": "http.disconnect"})
-
-        sent: list[dict[str, Any]] = []
-
-        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"gw"), (b"authorization", h["Authorization"].encode()),
-                             (b"content-type", b"application/json"), (b"content-length", b"100")],
-                 "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
         caplog.clear()
-        await app(scope, receive, send)
-        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400], path
+        assert await hang_up_mid_body(app, path, h["Authorization"], b'{"feature": "generate_ins') == [400], path
         assert "unhandled error" not in caplog.text, path
     after = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
              .get("/v1/balance", headers=h)).json()["meters"]["general"]["balance"]

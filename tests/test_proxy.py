@@ -16,7 +16,7 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
-from conftest import test_config_data
+from conftest import hang_up_mid_body, test_config_data
 from quota_gw import config as config_mod
 from quota_gw import metering
 from quota_gw.app import create_app
@@ -406,25 +406,8 @@ async def test_a_client_that_hangs_up_mid_body_on_a_proxy_route_is_400_and_nothi
     n = gw.demo.count
     goals = await tokens_left(gw, h, "goal_generation")
     for path in (CHAT, "/ai/goals"):
-        incoming = iter([{"type": "http.request", "body": b'{"model": "demo-1", "mess', "more_body": True},
-                         {"type": "http.disconnect"}])
-
-        async def receive(incoming: Any = incoming) -> dict[str, Any]:
-            return next(incoming, {"type": "http.disconnect"})
-
-        sent: list[dict[str, Any]] = []
-
-        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"gw"), (b"authorization", h["Authorization"].encode()),
-                             (b"content-type", b"application/json"), (b"content-length", b"100")],
-                 "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
         caplog.clear()
-        await gw.app(scope, receive, send)
-        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400], path
+        assert await hang_up_mid_body(gw.app, path, h["Authorization"], b'{"model": "demo-1", "mess') == [400], path
         assert "unhandled error" not in caplog.text, path
     assert gw.demo.count == n
     assert await tokens_left(gw, h) == 100000
