@@ -121,6 +121,12 @@ local QUOTA_FIELDS = {limit = 'lim', used = 'used', held = 'h', period_end = 'pe
 -- expires (unix s; 0 none; absent: not known, as before it was kept). A decision sweeps expired
 -- holds only once that time has come, so the usual one reads no reservation at all.
 local HOLDS_DUE = 'holds_due'
+-- The balance hash's other org field: whether the org's quota hash may hold a sub-quota. '0': it
+-- is empty (no user or team has one: the usual consume reads none), '1': it may (read the
+-- caller's); absent: not known (from before the field, or a sub-quota write removed it), look.
+-- The usual consume records it; every write of a sub-quota limit (store.set_sub_quota, rebuild,
+-- the configuration repair) removes it in the same atomic step, so '0' is never stale.
+local SUB_QUOTAS = 'sub_quotas'
 -- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
 local USER_FIELDS = {rate = 'rl'}
 
@@ -363,9 +369,14 @@ local function decode_lots(raw)
   return lots
 end
 
--- One HMGET reads every field of the meter (the alerts' too) and when holds fall due.
-local function read_meter(bal_key, meter)
+-- One HMGET reads every field of the meter (the alerts' too) and when holds fall due; the usual
+-- consume's (with_sub_quotas) also whether the org has sub-quotas (13th).
+local function read_meter(bal_key, meter, with_sub_quotas)
   local f = meter_fields(meter)
+  if with_sub_quotas then
+    return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+      f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE, SUB_QUOTAS)
+  end
   return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
     f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE)
 end
@@ -1066,8 +1077,8 @@ end
 -- charge that fits and crosses no alert threshold. usual_consume decides exactly those with
 -- the gate's rules in straight-line code, none of the steps' tables (292k instructions a call
 -- through the steps, 207k straight: docs/benchmarks.md), and returns nil, having written
--- nothing, for anything else (with the server time and the meter it read, once it has them):
--- the gate then decides it from those.
+-- nothing (but the SUB_QUOTAS mark, a fact about the quota hash), for anything else (with the
+-- server time and the meter it read, once it has them): the gate then decides it from those.
 -- tests/test_usual_consume.py holds the two to the same answers, events and balances.
 local function usual_consume(keys, argv)
   -- KEYS and ARGV as named locals, not bound tables (binding them cost ~10 % of the call): the
@@ -1081,7 +1092,7 @@ local function usual_consume(keys, argv)
   local now = now_us()
   local now_s = floor(now / 1000000)
   local meter = t.meter
-  local v = read_meter(bal_key, meter)
+  local v = read_meter(bal_key, meter, true)
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   local x = v[5]
   local pe = NUMBERS[x] or number_of(x)
@@ -1113,9 +1124,18 @@ local function usual_consume(keys, argv)
       team = call('HGET', users_key, user)
     end
     if not team and not t.auto_register then return nil, now, v end
-    if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil, now, v end
-    if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
-      return nil, now, v
+    -- Sub-quotas: none to read in an org that has none (SUB_QUOTAS '0'); not known: the quota
+    -- hash says, recorded now (a fact about the hash, whatever this call decides).
+    local has_sub_quotas = v[13]
+    if not has_sub_quotas then
+      has_sub_quotas = call('HLEN', quotas_key) == 0 and '0' or '1'
+      call('HSET', bal_key, SUB_QUOTAS, has_sub_quotas)
+    end
+    if has_sub_quotas ~= '0' then
+      if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil, now, v end
+      if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
+        return nil, now, v
+      end
     end
     if rl_interval > 0 then
       local allowed, wait

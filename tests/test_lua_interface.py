@@ -144,6 +144,7 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
     assert lua_table("USER_FIELDS") == layout.USER_FIELDS
     assert re.search(r"local HOLDS_DUE = '(\w+)'", code(LIB)).group(1) == layout.HOLDS_DUE
+    assert re.search(r"local SUB_QUOTAS = '(\w+)'", code(LIB)).group(1) == layout.SUB_QUOTAS
     assert layout.meter_field("general", "purchased") == "general:p"
     assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from quota_gw.layout import Layout
+from quota_gw.layout import SUB_QUOTAS, Layout, quota_field, quota_subject
 from quota_gw.events import entries
 
 INTEGER = re.compile(r"^(0|-?[1-9][0-9]*)$")  # what the ledger reads; never "-0"
@@ -76,3 +76,65 @@ async def test_the_usual_consume_answers_writes_and_records_as_the_gate(client, 
         r = await client.get("/v1/balance", headers=h)
         balances.append(r.json()["meters"]["general"])
     assert balances[0] == balances[1]
+
+
+async def consume(client, h: dict[str, str], units: int, user: str = "ann") -> tuple[int, dict]:
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": units, "user_id": user}, headers=h)
+    return r.status_code, r.json()
+
+
+async def test_a_sub_quota_set_after_the_org_was_known_to_have_none_holds_the_next_consume(client, admin, redis,
+                                                                                         config, prefix):
+    """The usual consume reads no sub-quota in an org known to have none (the balance hash's
+    SUB_QUOTAS '0', which a consume records from the empty quota hash); setting one, for a user or
+    a team, removes that mark in the same step, so the very next consume reads it and is held to it."""
+    layout = Layout(prefix, config.shards)
+    for who in ({"user_id": "ann"}, {"team": "red"}):
+        org = await admin.org("pro")
+        await admin.user(org, "ann", team="red")
+        h = {"Authorization": f"Bearer {await admin.key(org)}"}
+        for _ in range(2):  # the first starts the period (the gate's steps), the second is a usual one
+            assert (await consume(client, h, 1))[0] == 200
+        assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "0"
+        await admin.quota(org, "general", 2, **who)
+        assert await redis.hget(layout.balances(org), SUB_QUOTAS) is None
+        assert (await consume(client, h, 2))[0] == 200  # a new sub-quota counts from its setting
+        status, out = await consume(client, h, 1)
+        assert (status, out["code"]) == (402, "insufficient_balance"), out
+        assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "1"  # it has one now: read each call
+        assert (await consume(client, h, 1, user="bob"))[0] == 200  # bob, in no team, has none
+
+
+async def test_an_org_whose_mark_is_absent_is_looked_at(client, admin, redis, config, prefix):
+    """Data from before the mark (or after a rebuild) has none: absent means look, never none."""
+    layout = Layout(prefix, config.shards)
+    org = await admin.org("pro")
+    h = {"Authorization": f"Bearer {await admin.key(org)}"}
+    for _ in range(2):
+        assert (await consume(client, h, 1))[0] == 200
+    # A sub-quota as a version without the mark wrote it: the limit alone, the mark left absent.
+    await redis.hdel(layout.balances(org), SUB_QUOTAS)
+    await redis.hset(layout.quotas(org), quota_field(quota_subject("user", "ann"), "general", "limit"), 1)
+    assert (await consume(client, h, 1))[0] == 200
+    assert (await consume(client, h, 1))[0] == 402
+    assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "1"
+
+
+async def test_the_configuration_repair_of_a_sub_quota_removes_the_mark_with_it(client, admin, redis, config,
+                                                                                  prefix):
+    """`rebuild --org` sets a sub-quota Redis missed (config_drift.set_from_postgres): the mark
+    that said the org has none goes in the same script."""
+    from sync_worker.config_drift import ConfigDrift, set_from_postgres
+
+    layout = Layout(prefix, config.shards)
+    org = await admin.org("pro")
+    h = {"Authorization": f"Bearer {await admin.key(org)}"}
+    for _ in range(2):  # the first starts the period, the second is a usual one
+        assert (await consume(client, h, 1))[0] == 200
+    assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "0"
+    field = quota_field(quota_subject("user", "ann"), "general", "limit")
+    assert await set_from_postgres(redis, layout, ConfigDrift(org, f"quota {field}", layout.quotas(org), field,
+                                                              None, "1"))
+    assert await redis.hget(layout.balances(org), SUB_QUOTAS) is None
+    assert (await consume(client, h, 1))[0] == 200
+    assert (await consume(client, h, 1))[0] == 402
