@@ -1088,14 +1088,15 @@ local function usual_consume(keys, argv)
   local bal_key, quotas_key, users_key, _, _, _, stream_key = unpack(keys)
   local event_id, org, user, key_id, cost, fingerprint, metadata, shadow, terms = unpack(argv)
   if fingerprint ~= '' or shadow == '1' then return nil end
-  local t = plan_terms(terms).__index
+  -- (The caches read here, their function only on a miss: a call saved each.)
+  local t = (PLAN_TERMS[terms] or plan_terms(terms)).__index
   if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
   local x = call('TIME')  -- now_us(), with the seconds kept
   local now_s = NUMBERS[x[1]] or number_of(x[1])
   local now = now_s * 1000000 + x[2]
   local meter = t.meter
   -- read_meter's fields, in its order, then whether the org has sub-quotas (13th).
-  local f = meter_fields(meter)
+  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
   local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
     f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE, SUB_QUOTAS)
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
@@ -1173,7 +1174,7 @@ local function usual_consume(keys, argv)
     local base = (lim > 0 and lim or 0) + (NUMBERS[x] or number_of(x) or 0)
     if base > 0 then
       local avail = al + pu - held
-      local ts = thresholds(spec)
+      local ts = THRESHOLDS[spec] or thresholds(spec)
       if avail * 100 <= ts.top * base then
         local lowest = 101
         x = v[10]
@@ -1202,8 +1203,10 @@ local function usual_consume(keys, argv)
     end
   end
   local src = ''
-  if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
-  if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
+  if take_p > 0 then
+    src = (src == '' and '' or src .. ',') .. 'purchased:' .. (SMALL_NUMBERS[take_p] or fmt_large(take_p))
+  end
   -- The event (no sink table: this is the only one).
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
     -(take_a + take_p), -take_p, total, al + pu, now, src, metadata))
