@@ -24,18 +24,22 @@ end
 
 -- Texts read back call after call (a period's end, a limit, a cost, holds_due, TIME's seconds)
 -- as numbers: a table read instead of tonumber, which parses the text twice with strtod (~1,100
--- instructions). NUMBERS holds the small integers' texts always and the texts number_of() parsed,
--- bounded by a count. A text that changes every call (a balance) is not remembered: `text + 0`
--- parses it once (the same conversion as tonumber's, for the integer texts the scripts write).
+-- instructions). NUMBERS holds the texts of -1..99 (a nought held or left most often) and the
+-- texts number_of() parsed, bounded by a count (then it starts again from the small ones; kept
+-- small: every table the library keeps is walked by each garbage collection, a 1,000-entry one
+-- measured ~600 instructions a call). A text that changes every call (a balance) is not
+-- remembered: `text + 0` parses it once (the same conversion as tonumber's, for the integer
+-- texts the scripts write).
 local NUMBERS, numbers_n = {}, 0  -- text -> number; filled by init()
-local function small_numbers(t)
-  for n = -1, 1023 do t[format('%d', n)] = n end
+local SMALL_NUMBERS, DIGITS3 = {}, {}  -- filled by init(): n -> '<n>' (-1..1023), n -> '%03d' (0..999)
+local function small_texts(t)
+  for n = -1, 99 do t[SMALL_NUMBERS[n]] = n end
   return t
 end
 local function number_of(text)
   local n = tonumber(text)
   if n == nil then return nil end
-  if numbers_n >= 1000 then NUMBERS, numbers_n = small_numbers({}), 0 end  -- bounded
+  if numbers_n >= 4096 then NUMBERS, numbers_n = small_texts({}), 0 end  -- bounded
   NUMBERS[text] = n
   numbers_n = numbers_n + 1
   return n
@@ -47,14 +51,14 @@ local function now_us()
   return (NUMBERS[s] or number_of(s)) * 1000000 + t[2]
 end
 
--- An integer as text, for strings built in Lua (concatenating a number writes 1e+15). Numbers
--- sent to Redis go as they are: redis.call writes an integral number as its digits, exactly up to
--- 2^53 (the money range), in C, several times cheaper than formatting them here.
+-- An integer as text, for strings built in Lua (concatenating a number writes 1e+15), and for
+-- the numbers the usual consume sends Redis: redis.call writes a Lua number as its digits, exactly
+-- up to 2^53 (the money range), but Redis 7.0 with snprintf('%.17g') (~2,700 instructions; Valkey
+-- and later Redis more cheaply); the other operations send theirs as they are.
 -- The small integers an answer or an event carries most (costs, rate-limit counts, -1 for none)
 -- are made once: a table read instead of a format call (~1,300 instructions) each. A larger
 -- whole number (a balance, a time in µs) is joined from groups of three digits made once, one
 -- concatenation: a fifth of a format call.
-local SMALL_NUMBERS, DIGITS3 = {}, {}  -- filled by init(): n -> '<n>' (-1..1023), n -> '%03d' (0..999)
 local function fmt_large(n)
   -- Exact below 2^53 (the money range; µs until the year 2255): n % 1000 of such a double is exact.
   if n < 1000 or n >= 9007199254740992 or n % 1 ~= 0 then return format('%d', n) end
@@ -1312,7 +1316,7 @@ local function init()
   take_globals()
   for n = -1, 1023 do SMALL_NUMBERS[n] = format('%d', n) end
   for n = 0, 999 do DIGITS3[n] = format('%03d', n) end
-  NUMBERS = small_numbers({})
+  small_texts(NUMBERS)
   REPLAY_SPLIT = '^(' .. _G.string.rep('[^\t]*\t', 9) .. ')[^\t]*(.*)$'
   BINDERS[GATE_KEYS] = compile_binder(GATE_KEYS)
   BINDERS[GATE_ARGV] = compile_binder(GATE_ARGV, REQUEST_FIELDS)
