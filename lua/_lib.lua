@@ -39,7 +39,7 @@ end
 local function number_of(text)
   local n = tonumber(text)
   if n == nil then return nil end
-  if numbers_n >= 4096 then NUMBERS, numbers_n = small_texts({}), 0 end  -- bounded
+  if numbers_n >= 256 then NUMBERS, numbers_n = small_texts({}), 0 end  -- bounded
   NUMBERS[text] = n
   numbers_n = numbers_n + 1
   return n
