@@ -138,3 +138,27 @@ async def test_the_configuration_repair_of_a_sub_quota_removes_the_mark_with_it(
     assert await redis.hget(layout.balances(org), SUB_QUOTAS) is None
     assert (await consume(client, h, 1))[0] == 200
     assert (await consume(client, h, 1))[0] == 402
+
+
+async def test_the_usual_consume_writes_large_numbers_digit_for_digit(client, admin, redis, config, prefix):
+    """The numbers the usual consume sends Redis, and those of its event and answer, are texts it
+    makes itself (fmt: groups of three digits, not Redis's or Lua's formatting): digit for digit,
+    whatever their size, in the balance hash, the event, the answer and the rate window."""
+    layout = Layout(prefix, config.shards)
+    org = await admin.org("pro")
+    h = {"Authorization": f"Bearer {await admin.key(org)}"}
+    await admin.grant(org, "general", 10**12 - 1)
+    assert (await consume(client, h, 1))[0] == 200  # starts the period (the gate's steps)
+    allocated = int(await redis.hget(layout.balances(org), "general:a"))
+    status, out = await consume(client, h, allocated + 1000)  # the allocation, then 1,000 of credit
+    assert status == 200, out
+    left = 10**12 - 1 - 1000
+    assert await redis.hget(layout.balances(org), "general:p") == str(left)
+    assert await redis.hget(layout.balances(org), "general:a") == "0"
+    assert out["remaining"] == left
+    last = (await events(redis, layout, org))[-1]
+    assert (last["kind"], last["bal"], last["src"]) == ("consume", str(left), f"allocated:{allocated},purchased:1000")
+    assert INTEGER.match(last["ts"]) and len(last["ts"]) == 16
+    tat = await redis.hget(layout.users(org), "ann:rl")  # the plan's user rate window, in µs
+    assert INTEGER.match(tat) and len(tat) == 16, tat
+    assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "0"  # the usual path decided it
