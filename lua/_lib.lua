@@ -318,15 +318,21 @@ local function known_lots(raw, lots)
   LOTS[raw] = lots
   lots_n = lots_n + 1
 end
+-- The lots of a text, kept in the memo (decoded on a miss): for a reader that may not change them.
+local function lots_of(raw)
+  local lots = LOTS[raw]
+  if lots then return lots end
+  lots = json_decode(raw)
+  if type(lots) ~= 'table' then lots = {} end
+  known_lots(raw, lots)
+  return lots
+end
+
+-- The lots of a text, the caller's own (out of the memo: it may change them).
 local function decode_lots(raw)
   if not raw or raw == '' then return {} end
-  local lots = LOTS[raw]
-  if lots then
-    LOTS[raw] = nil
-    return lots
-  end
-  lots = json_decode(raw)
-  if type(lots) ~= 'table' then return {} end
+  local lots = lots_of(raw)
+  LOTS[raw] = nil
   return lots
 end
 
@@ -1055,8 +1061,9 @@ end
 
 -- --- The usual consume, straight through. ----------------------------------------------
 -- Most decisions are the same shape: no idempotency key, a user without a sub-quota, at most a
--- user rate window (not past it), a meter in its period with no credit lots and no hold due, a
--- charge that fits and crosses no alert threshold. usual_consume decides exactly those with
+-- user rate window (not past it), a meter in its period with no credit lot past its expiry and
+-- no hold due, a charge that fits and crosses no alert threshold (credit lots are drawn by the
+-- meter's own waterfall, Meter:waterfall and Meter:take, as the gate draws them). usual_consume decides exactly those with
 -- the gate's rules in straight-line code, none of the steps' tables (292k instructions a call
 -- through the steps, 207k straight: docs/benchmarks.md), and returns nil, having written
 -- nothing, for anything else (with the server time and the meter it read, once it has them):
@@ -1077,7 +1084,16 @@ local function usual_consume(keys, argv)
   local f = meter_fields(meter)
   local v = read_meter(bal_key, meter)
   local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
-  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end  -- refresh, lots
+  if pe == nil or now_s >= pe or lim ~= t.allocation then return nil, now, v end  -- refresh
+  local raw_lots = v[9]
+  if raw_lots == '' then raw_lots = nil end
+  if raw_lots then  -- credit lots: none may be past its expiry (the gate records their `expire`)
+    local lots = lots_of(raw_lots)
+    for j = 1, #lots do
+      local x = lots[j].x
+      if x > 0 and x <= now_s then return nil, now, v end
+    end
+  end
   if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
   local al, pu, held, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
   if lim == 0 and pu <= 0 then return nil, now, v end  -- nothing to charge from, maybe forbidden: the gate says
@@ -1103,11 +1119,24 @@ local function usual_consume(keys, argv)
       if not allowed then return nil, now, v end
     end
   end
-  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool).
+  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool;
+  -- lots: the meter's waterfall, as the gate draws it).
   cost = tonumber(cost)
   local take_a, take_p, total = 0, 0, cost
   local unlimited = lim < 0
-  if not unlimited then
+  local src, lots_meter = '', nil
+  if raw_lots and not unlimited then
+    local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
+      lots = lots_of(raw_lots), lots_dirty = nil}, Meter)
+    local steps, planned, short = m:waterfall(cost, false, t.alloc_overflow, t.alloc_overflow, t.credit_order)
+    if short then return nil, now, v end
+    LOTS[raw_lots] = nil  -- the lots are this call's now: take() may change them
+    take_a, take_p, src = m:take(steps, planned)
+    if not m.lots_dirty then known_lots(raw_lots, m.lots) end  -- unchanged: the next reader's again
+    total = planned
+    al, pu = m.a, m.p
+    lots_meter = m
+  elseif not unlimited then
     take_a = min(al, cost)
     local left = cost - take_a
     if left > 0 then
@@ -1136,8 +1165,13 @@ local function usual_consume(keys, argv)
       end
     end
   end
-  -- Decided: write the meter, the user, the event.
-  call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used)
+  -- Decided: write the meter (with its lots when the charge drew one), the user, the event.
+  local lots_text = lots_meter and lots_meter:lots_text()
+  if lots_text then
+    call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used, f.lots, lots_text)
+  else
+    call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used)
+  end
   if user ~= '' then
     if not team and new_tat then
       call('HSET', users_key, user, '', user .. ':' .. USER_FIELDS.rate, new_tat)
@@ -1147,9 +1181,10 @@ local function usual_consume(keys, argv)
       call('HSET', users_key, user .. ':' .. USER_FIELDS.rate, new_tat)
     end
   end
-  local src = ''
-  if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
-  if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  if not raw_lots then
+    if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+    if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  end
   -- The event (no sink table: this is the only one).
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
     -(take_a + take_p), -take_p, total, al + pu, now, src, metadata))
