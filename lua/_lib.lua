@@ -371,10 +371,30 @@ Meter.__index = Meter
 -- refund takes back as far as it is unspent), '<meter>:lots' = JSON [{i = id, n = left, x = 0|expiry}].
 -- Purchased credit outside any lot (`p` less the lots) is the free pool. Spending draws lots that
 -- expire, earliest first, then the free pool, then lots that never expire, oldest first.
+-- Decoded once per text (a library's state lives across calls): the text a decision writes is
+-- what the next one reads, so lots_text() keeps the lots it encoded, by their text, and the
+-- call that reads that text takes them (out of the memo: it may change them). At most 32 kept.
+local LOTS, lots_n = {}, 0
+local function known_lots(raw, lots)
+  if lots_n >= 32 then LOTS, lots_n = {}, 0 end
+  LOTS[raw] = lots
+  lots_n = lots_n + 1
+end
+-- The lots of a text, kept in the memo (decoded on a miss): for a reader that may not change them.
+local function lots_of(raw)
+  local lots = LOTS[raw]
+  if lots then return lots end
+  lots = json_decode(raw)
+  if type(lots) ~= 'table' then lots = {} end
+  known_lots(raw, lots)
+  return lots
+end
+
+-- The lots of a text, the caller's own (out of the memo: it may change them).
 local function decode_lots(raw)
   if not raw or raw == '' then return {} end
-  local lots = json_decode(raw)
-  if type(lots) ~= 'table' then return {} end
+  local lots = lots_of(raw)
+  LOTS[raw] = nil
   return lots
 end
 
@@ -448,9 +468,15 @@ end
 -- Lots past their expiry stop counting: each is taken out of `p` by an `expire` event (pending,
 -- like a reset, so read-only callers see the same numbers and only save() writes).
 function Meter:expire_lots(now_s)
-  if #self.lots == 0 then return end
+  local lots = self.lots
+  local due = false
+  for j = 1, #lots do
+    local x = lots[j].x
+    if x > 0 and x <= now_s then due = true; break end
+  end
+  if not due then return end  -- the usual case: nothing to rebuild
   local kept = {}
-  for _, lot in ipairs(self.lots) do
+  for _, lot in ipairs(lots) do
     if lot.x > 0 and lot.x <= now_s then
       local n = min(lot.n, self.p)
       if n > 0 then
@@ -460,7 +486,7 @@ function Meter:expire_lots(now_s)
       end
       self.lots_dirty = true
     else
-      insert(kept, lot)
+      kept[#kept + 1] = lot
     end
   end
   self.lots = kept
@@ -474,7 +500,7 @@ function Meter:draw_lots(amount, p_before)
   for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
   local free = max(0, p_before - in_lots)
   local order = {}
-  for i, lot in ipairs(self.lots) do if lot.x > 0 then insert(order, i) end end
+  for i, lot in ipairs(self.lots) do if lot.x > 0 then order[#order + 1] = i end end
   sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local left = amount
   local function take(i)
@@ -492,19 +518,28 @@ end
 -- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
 function Meter:drop_spent_lots()
   local kept = {}
-  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then insert(kept, lot) end end
+  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then kept[#kept + 1] = lot end end
   self.lots = kept
   self.lots_dirty = true
 end
 
-function Meter:save_lots()
-  if not self.lots_dirty then return end
+-- The lots' text when they changed and some are left, for the caller's HSET; else nil (none
+-- left: their field is deleted here).
+function Meter:lots_text()
+  if not self.lots_dirty then return nil end
+  self.lots_dirty = false
   if #self.lots == 0 then
     call('HDEL', self.key, self.f.lots)
-  else
-    call('HSET', self.key, self.f.lots, json_encode(self.lots))
+    return nil
   end
-  self.lots_dirty = false
+  local raw = json_encode(self.lots)
+  known_lots(raw, self.lots)  -- written last: nothing changes them after this
+  return raw
+end
+
+function Meter:save_lots()
+  local raw = self:lots_text()
+  if raw then call('HSET', self.key, self.f.lots, raw) end
 end
 
 -- The lot that expires next: expiry (unix s) and amount, or 0, 0.
@@ -530,16 +565,16 @@ function Meter:credit_layers(order)
   local grants = {}
   for i, lot in ipairs(self.lots) do
     in_lots = in_lots + lot.n
-    if lot.x > 0 then insert(grants, i) else never = never + lot.n end
+    if lot.x > 0 then grants[#grants + 1] = i else never = never + lot.n end
   end
   sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local out = {}
   local purchased = {layer = 'purchased', had = max(0, self.p - in_lots) + never, take = 0}
-  if order == 'pg' then insert(out, purchased) end
+  if order == 'pg' then out[#out + 1] = purchased end
   for _, i in ipairs(grants) do
-    insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
+    out[#out + 1] = {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i}
   end
-  if order ~= 'pg' then insert(out, purchased) end
+  if order ~= 'pg' then out[#out + 1] = purchased end
   return out
 end
 
@@ -554,7 +589,7 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
   local left = price
   if not credit_only then
     local take = min(self.a, left)
-    insert(layers, {layer = 'allocated', had = self.a, take = take})
+    layers[#layers + 1] = {layer = 'allocated', had = self.a, take = take}
     total, left = take, left - take
     -- alloc_overflow 0: no credit past the allocation (a meter the plan leaves out runs on credit).
     if left > 0 and alloc_overflow == 0 and (self.lim or 0) > 0 then
@@ -566,7 +601,7 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
     for _, l in ipairs(self:credit_layers(order)) do
       l.take = min(l.had, need)
       need, total = need - l.take, total + l.take
-      insert(layers, l)
+      layers[#layers + 1] = l
     end
     if need > 0 then
       local last = layers[#layers]
@@ -647,23 +682,34 @@ function Meter:save_pending(events, user, feature)
 end
 
 -- Writes a, p and u only (commit, refund: the period and the holds are as loaded).
+-- Writes a, p and u only (commit, refund: the period and the holds are as loaded), with the
+-- lots when they changed: one HSET.
 function Meter:save_spend()
-  local f = self.f
-  call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u)
-  self:save_lots()
+  local f, lots = self.f, self:lots_text()
+  if lots then
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u, f.lots, lots)
+  else
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u)
+  end
 end
 
--- The period's fields (end, limit, purchased at its start) only when refresh() moved them.
+-- The period's fields (end, limit, purchased at its start) only when refresh() moved them, the
+-- lots only when they changed: one HSET.
 function Meter:save(events, user, feature)
   self:save_pending(events, user, feature)
-  local f = self.f
-  if self.period_moved then
-    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh,
-      f.used, self.u, f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  local f, key, lots = self.f, self.key, self:lots_text()
+  local held = self.h + self.xh
+  if self.period_moved and lots then
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u,
+      f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps, f.lots, lots)
+  elseif self.period_moved then
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u,
+      f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  elseif lots then
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u, f.lots, lots)
   else
-    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh, f.used, self.u)
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u)
   end
-  self:save_lots()
 end
 
 -- Low-balance alerts. `spec`: thresholds, percent of the period's base (its allocation plus the
@@ -747,7 +793,7 @@ local function load_quotas(q_key, rec, meter, pe, expired)
   local qs = {}
   for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
     local q = load_quota(q_key, subject, meter, pe, expired)
-    if q then insert(qs, q) end
+    if q then qs[#qs + 1] = q end
   end
   return qs
 end
@@ -778,7 +824,7 @@ local function rate_limits(limits, now)
       ok = false
       if wait > retry then retry = wait end
     else
-      insert(writes, {r[1], tat, reset})
+      writes[#writes + 1] = {r[1], tat, reset}
     end
     if best_rem < 0 or rem < best_rem then
       best_limit, best_rem, best_reset = r[3], rem, reset
@@ -861,8 +907,8 @@ local NO_QUOTAS = {}  -- read only
 local function quotas(req)
   if not req.uq and not req.tq then return NO_QUOTAS end
   local qs = {}
-  if req.uq then insert(qs, req.uq) end
-  if req.tq then insert(qs, req.tq) end
+  if req.uq then qs[#qs + 1] = req.uq end
+  if req.tq then qs[#qs + 1] = req.tq end
   return qs
 end
 
@@ -1078,10 +1124,11 @@ end
 
 -- --- The usual consume, straight through. ----------------------------------------------
 -- Most decisions are the same shape: no idempotency key, a user without a sub-quota, at most a
--- user rate window (not past it), a meter in its period with no credit lots and no hold due, a
--- charge that fits and crosses no alert threshold. usual_consume decides exactly those with
--- the gate's rules in straight-line code, none of the steps' tables (292k instructions a call
--- through the steps, 207k straight: docs/benchmarks.md), and returns nil, having written
+-- user rate window (not past it), a meter in its period with no credit lot past its expiry and
+-- no hold due, a charge that fits and crosses no alert threshold. usual_consume decides exactly
+-- those with the gate's rules in straight-line code, none of the steps' tables (292k instructions
+-- a call through the steps, 207k straight: docs/benchmarks.md) but for credit lots, drawn by the
+-- meter's own waterfall (Meter:waterfall, Meter:take) as the gate draws them, and returns nil, having written
 -- nothing (but the SUB_QUOTAS mark, a fact about the quota hash), for anything else (with the
 -- server time and the meter it read, once it has them): the gate then decides it from those.
 -- tests/test_usual_consume.py holds the two to the same answers, events and balances.
@@ -1108,7 +1155,16 @@ local function usual_consume(keys, argv)
   local pe = NUMBERS[x] or number_of(x)
   x = v[6]
   local lim = NUMBERS[x] or number_of(x)
-  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end  -- refresh, lots
+  if pe == nil or now_s >= pe or lim ~= t.allocation then return nil, now, v end  -- refresh
+  local raw_lots = v[9]
+  if raw_lots == '' then raw_lots = nil end
+  if raw_lots then  -- credit lots: none may be past its expiry (the gate records their `expire`)
+    local lots = LOTS[raw_lots] or lots_of(raw_lots)
+    for j = 1, #lots do
+      x = lots[j].x
+      if x > 0 and x <= now_s then return nil, now, v end
+    end
+  end
   x = v[12]
   if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then return nil, now, v end  -- the sweep
   x = v[2]
@@ -1153,11 +1209,24 @@ local function usual_consume(keys, argv)
       if not allowed then return nil, now, v end
     end
   end
-  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool).
+  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool;
+  -- lots: the meter's own waterfall, as the gate draws them).
   cost = NUMBERS[cost] or number_of(cost)
   local take_a, take_p, total = 0, 0, cost
   local unlimited = lim < 0
-  if not unlimited then  -- (min and max written out: a call each saved)
+  local src, lots_meter = '', nil
+  if raw_lots and not unlimited then
+    local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
+      lots = LOTS[raw_lots] or lots_of(raw_lots), lots_dirty = nil}, Meter)
+    local steps, planned, short = m:waterfall(cost, false, t.alloc_overflow, t.alloc_overflow, t.credit_order)
+    if short then return nil, now, v end
+    LOTS[raw_lots] = nil  -- the lots are this call's now: take() may change them
+    take_a, take_p, src = m:take(steps, planned)
+    if not m.lots_dirty then known_lots(raw_lots, m.lots) end  -- unchanged: the next reader's again
+    total = planned
+    al, pu = m.a, m.p
+    lots_meter = m
+  elseif not unlimited then  -- (min and max written out: a call each saved)
     take_a = al < cost and al or cost
     local left = cost - take_a
     if left > 0 then
@@ -1195,8 +1264,15 @@ local function usual_consume(keys, argv)
   -- Decided: write the meter, the user, the event. Numbers go to Redis as text made here (fmt):
   -- Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions each.
   -- (fmt written out: a call each saved.)
-  call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
-    SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used))
+  -- The lots when the charge drew one (lots_text(): after every refusal, it may delete their field).
+  local lots_text = lots_meter and lots_meter:lots_text()
+  if lots_text then
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
+      SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)
+  else
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
+      SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used))
+  end
   if user ~= '' then
     if not team and new_tat then
       call('HSET', users_key, user, '', rate_field, fmt_large(new_tat))
@@ -1206,10 +1282,11 @@ local function usual_consume(keys, argv)
       call('HSET', users_key, rate_field, fmt_large(new_tat))
     end
   end
-  local src = ''
-  if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
-  if take_p > 0 then
-    src = (src == '' and '' or src .. ',') .. 'purchased:' .. (SMALL_NUMBERS[take_p] or fmt_large(take_p))
+  if not raw_lots then
+    if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
+    if take_p > 0 then
+      src = (src == '' and '' or src .. ',') .. 'purchased:' .. (SMALL_NUMBERS[take_p] or fmt_large(take_p))
+    end
   end
   -- The event (no sink table: this is the only one).
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
