@@ -517,10 +517,20 @@ end
 -- Forgets spent lots that never expire. A spent lot that expires stays until its expiry: a
 -- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
 function Meter:drop_spent_lots()
-  local kept = {}
-  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then kept[#kept + 1] = lot end end
-  self.lots = kept
+  local lots = self.lots
   self.lots_dirty = true
+  for j = 1, #lots do
+    local lot = lots[j]
+    if lot.n <= 0 and lot.x <= 0 then  -- one to forget: the list without it (and any other)
+      local kept = {}
+      for i = 1, #lots do
+        lot = lots[i]
+        if lot.n > 0 or lot.x > 0 then kept[#kept + 1] = lot end
+      end
+      self.lots = kept
+      return
+    end
+  end
 end
 
 -- The lots' text when they changed and some are left, for the caller's HSET; else nil (none
@@ -561,18 +571,21 @@ end
 -- The credit layers, in order, with what each has (nothing taken yet).
 function Meter:credit_layers(order)
   if #self.lots == 0 then return {{layer = 'purchased', had = max(0, self.p), take = 0}} end
+  local lots = self.lots
   local in_lots, never = 0, 0
   local grants = {}
-  for i, lot in ipairs(self.lots) do
+  for i = 1, #lots do
+    local lot = lots[i]
     in_lots = in_lots + lot.n
     if lot.x > 0 then grants[#grants + 1] = i else never = never + lot.n end
   end
-  sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  if #grants > 1 then sort(grants, function(x, y) return lots[x].x < lots[y].x end) end
   local out = {}
   local purchased = {layer = 'purchased', had = max(0, self.p - in_lots) + never, take = 0}
-  if order == 'pg' then out[#out + 1] = purchased end
-  for _, i in ipairs(grants) do
-    out[#out + 1] = {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i}
+  if order == 'pg' then out[1] = purchased end
+  for j = 1, #grants do
+    local i = grants[j]
+    out[#out + 1] = {layer = 'grant:' .. lots[i].i, had = lots[i].n, take = 0, lot = i}
   end
   if order ~= 'pg' then out[#out + 1] = purchased end
   return out
@@ -598,7 +611,9 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
   end
   if left > 0 then
     local need = left * max(1, mult)
-    for _, l in ipairs(self:credit_layers(order)) do
+    local credit = self:credit_layers(order)
+    for j = 1, #credit do
+      local l = credit[j]
       l.take = min(l.had, need)
       need, total = need - l.take, total + l.take
       layers[#layers + 1] = l
@@ -629,7 +644,8 @@ end
 function Meter:take(layers, total)
   self.u = self.u + total
   local from_a, from_p = 0, 0
-  for _, l in ipairs(layers) do
+  for j = 1, #layers do
+    local l = layers[j]
     if l.take > 0 then
       if l.layer == 'allocated' then
         self.a = self.a - l.take; from_a = from_a + l.take
