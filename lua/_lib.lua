@@ -1138,6 +1138,45 @@ local function gate(k, a, write, now, meter_read)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
 end
 
+-- The waterfall of a usual consume's charge with credit lots (Meter:waterfall, allocation first,
+-- written out for the shape lots are mostly in: at most one that expires), without the layers'
+-- tables. Plans only: the allocated part, the lot that expires and its part, the purchased part
+-- (the free pool, then lots that never expire) and what the lots held in all; nil when the
+-- charge does not fit or the lots are another shape (the meter's own waterfall then decides).
+local function plan_lots_charge(lots, a, p, held, lim, price, overflow, order)
+  local in_lots, never, grant = 0, 0, nil
+  for j = 1, #lots do
+    local lot = lots[j]
+    in_lots = in_lots + lot.n
+    if lot.x > 0 then
+      if grant then return nil end  -- two that expire: in the order of their expiry (the waterfall's)
+      grant = lot
+    else
+      never = never + lot.n
+    end
+  end
+  local from_a = a < price and a or price
+  local left = price - from_a
+  local from_g, from_p = 0, 0
+  if left > 0 then
+    if overflow == 0 and lim > 0 then return nil end
+    local need = overflow > 1 and left * overflow or left
+    local pool = p - in_lots
+    pool = (pool > 0 and pool or 0) + never
+    local granted = grant and grant.n or 0
+    if order == 'pg' then
+      from_p = pool < need and pool or need
+      from_g = granted < need - from_p and granted or need - from_p
+    else
+      from_g = granted < need and granted or need
+      from_p = pool < need - from_g and pool or need - from_g
+    end
+    if from_g + from_p < need then return nil end
+  end
+  if from_a + from_g + from_p > a + p - held then return nil end
+  return from_a, grant, from_g, from_p, in_lots
+end
+
 -- --- The usual consume, straight through. ----------------------------------------------
 -- Most decisions are the same shape: no idempotency key, a user without a sub-quota, at most a
 -- user rate window (not past it), a meter in its period with no credit lot past its expiry and
@@ -1230,8 +1269,49 @@ local function usual_consume(keys, argv)
   cost = NUMBERS[cost] or number_of(cost)
   local take_a, take_p, total = 0, 0, cost
   local unlimited = lim < 0
-  local src, lots_meter = '', nil
+  local src, lots_meter, lots, lots_dirty = '', nil, nil, false
+  local from_a, grant, from_g, from_p, in_lots
   if raw_lots and not unlimited then
+    lots = LOTS[raw_lots] or lots_of(raw_lots)
+    from_a, grant, from_g, from_p, in_lots = plan_lots_charge(lots, al, pu, held, lim, cost, t.alloc_overflow,
+      t.credit_order)
+  end
+  if from_a then  -- the lots' shape planned above: taken as Meter:take takes (its `sources` too)
+    LOTS[raw_lots] = nil  -- the lots are this call's now
+    if from_g > 0 then
+      grant.n = grant.n - from_g
+      lots_dirty = true
+    end
+    local free = pu - in_lots
+    local left = free > 0 and from_p - free or from_p  -- past the free pool: lots that never expire, oldest first
+    if left > 0 then
+      for j = 1, #lots do
+        local lot = lots[j]
+        if left > 0 and lot.x == 0 then
+          local d = lot.n < left and lot.n or left
+          lot.n, left = lot.n - d, left - d
+          lots_dirty = true
+        end
+      end
+    end
+    if lots_dirty then
+      lots_meter = setmetatable({key = bal_key, f = f, lots = lots}, Meter)
+      lots_meter:drop_spent_lots()
+    else
+      known_lots(raw_lots, lots)  -- unchanged: the next reader's again
+    end
+    take_a, take_p, total = from_a, from_g + from_p, from_a + from_g + from_p
+    al, pu = al - take_a, pu - take_p
+    -- The layers that gave, in the waterfall's order: allocated, then grant and purchased (or
+    -- purchased and grant: credit_order 'pg').
+    local first, second = '', ''
+    if from_g > 0 then first = 'grant:' .. grant.i .. ':' .. fmt(from_g) end
+    if from_p > 0 then second = 'purchased:' .. fmt(from_p) end
+    if t.credit_order == 'pg' then first, second = second, first end
+    if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+    if first ~= '' then src = src == '' and first or src .. ',' .. first end
+    if second ~= '' then src = src == '' and second or src .. ',' .. second end
+  elseif raw_lots and not unlimited then
     local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
       lots = LOTS[raw_lots] or lots_of(raw_lots), lots_dirty = nil}, Meter)
     local steps, planned, short = m:waterfall(cost, false, t.alloc_overflow, t.alloc_overflow, t.credit_order)

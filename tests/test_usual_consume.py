@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from quota_gw.decisions import Decider
@@ -174,28 +175,39 @@ async def test_the_usual_consume_writes_large_numbers_digit_for_digit(client, ad
     assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "0"  # the usual path decided it
 
 
-async def test_the_usual_consume_draws_credit_lots_as_the_gate(client, admin, redis, redis_url, config, prefix):
+# Credit lot shapes: (expiring grants, entitlements). One lot that expires is drawn by the usual
+# consume's own plan (plan_lots_charge); two go through the meter's waterfall on the usual path.
+LOT_SHAPES = {
+    "one lot that expires, grants first": ((4,), {}),
+    "purchased first, credit at 2x": ((4,), {"credit_order": ["purchased", "grants"], "overflow_cost": 2}),
+    "two lots that expire": ((6, 4), {}),
+}
+
+
+@pytest.mark.parametrize("shape", list(LOT_SHAPES))
+async def test_the_usual_consume_draws_credit_lots_as_the_gate(client, admin, redis, redis_url, config, prefix, shape):
     """Credit lots (grants that expire, a purchase that never does, beside the free pool) are
-    drawn by the usual consume in the gate's order: the same answers, events, balances and lots."""
+    drawn by the usual consume in the gate's order: the same answers, events, balances and lots.
+    The gate's org sends every call with an idempotency key, which the usual consume leaves to it."""
+    expiring, entitlements = LOT_SHAPES[shape]
     layout = Layout(prefix, config.shards)
     raw = aioredis.from_url(redis_url)
     decider = Decider(raw, config, layout)
-    later, sooner = rfc3339(time.time() + 7200), rfc3339(time.time() + 3600)
     users = [f"u{i}" for i in range(8)]
     orgs, names = {}, {}
     for side in ("usual", "gate"):
         org = await admin.org("pro")
         key = await admin.key(org)
+        if entitlements:
+            r = await client.put(f"/v1/admin/orgs/{org}/entitlements", json=entitlements, headers=admin.h)
+            assert r.status_code == 200, r.text
         ids = {}
-        ids[(await admin.grant(org, "general", 6, expires_at=later)).json()["event_id"]] = "LATER"
-        ids[(await admin.grant(org, "general", 4, expires_at=sooner)).json()["event_id"]] = "SOONER"
+        for n, amount in enumerate(expiring):  # the later the larger: the sooner one is drawn first
+            expires = rfc3339(time.time() + 7200 - 3600 * n)
+            ids[(await admin.grant(org, "general", amount, expires_at=expires)).json()["event_id"]] = f"GRANT{n}"
         await decider.grant(org, "general", 5, lot=f"buy-{side}")  # a purchase: traced, never expires
         ids[f"buy-{side}"] = "BUY"
         await admin.grant(org, "general", 3)  # the free pool
-        if side == "gate":
-            for u in users:
-                await admin.user(org, u, team="everyone")
-            await admin.quota(org, "general", 10**9, team="everyone")
         orgs[side] = (org, {"Authorization": f"Bearer {key}"})
         names[side] = ids
 
@@ -207,10 +219,12 @@ async def test_the_usual_consume_draws_credit_lots_as_the_gate(client, admin, re
     rng = random.Random(2)
     calls = [(rng.choice(users + [None]), rng.randint(1, 4)) for _ in range(90)]
     statuses = set()
-    for user, units in calls:
+    for i, (user, units) in enumerate(calls):
         body = {"feature": "generate_insight", "units": units, **({"user_id": user} if user else {})}
         answers = {}
         for side, (_, h) in orgs.items():
+            if side == "gate":  # a call with an idempotency key takes the gate's steps, user or not
+                h = {**h, "Idempotency-Key": f"call-{i}"}
             r = await client.post("/v1/consume", json=body, headers=h)
             out = r.json()
             out.pop("event_id", None)
@@ -225,11 +239,73 @@ async def test_the_usual_consume_draws_credit_lots_as_the_gate(client, admin, re
                 for side, (org, _) in orgs.items()}
     assert recorded["usual"] == recorded["gate"]
     srcs = {e[-1] for e in recorded["usual"] if e[0] == "consume"}
-    assert any("grant:SOONER:" in s for s in srcs) and any("grant:LATER:" in s for s in srcs), srcs
-    assert any("purchased:" in s for s in srcs), srcs
+    assert all(any(f"grant:GRANT{n}:" in s for s in srcs) for n in range(len(expiring))), srcs
+    assert any("purchased:" in s for s in srcs) and any("allocated:" in s for s in srcs), srcs
     lots = {side: named(side, await redis.hget(layout.balances(org), meter_field("general", "lots")) or "")
             for side, (org, _) in orgs.items()}
     assert lots["usual"] == lots["gate"]
+    balances = [(await client.get("/v1/balance", headers=h)).json()["meters"]["general"] for _, h in orgs.values()]
+    assert balances[0] == balances[1]
+    await raw.aclose()
+
+
+# After the allocation is spent (every alert threshold passed: none sends a call to the gate), calls
+# that cross each boundary between the credit layers, and one the layers cannot cover.
+BOUNDARIES = {
+    # one lot that expires (4), the purchase (5), the free pool (3): grants first
+    "grants first": ({}, [15, 3, 2, 5, 1, 3], ["grant:G:3", "grant:G:1,purchased:1", "purchased:5"]),
+    # purchased first, credit at 2x: the pool and the purchase (8), then the lot (4)
+    "purchased first, 2x": ({"credit_order": ["purchased", "grants"], "overflow_cost": 2}, [7, 3, 2, 1, 1],
+                            ["purchased:6", "purchased:2,grant:G:2", "grant:G:2"]),
+}
+
+
+@pytest.mark.parametrize("shape", list(BOUNDARIES))
+async def test_the_usual_consume_crosses_the_credit_layers_as_the_gate(client, admin, redis, redis_url, config,
+                                                                      prefix, shape):
+    """Each boundary between credit layers, and a charge they cannot cover (refused, nothing taken
+    although some credit is left), decided by the usual consume and by the gate alike."""
+    entitlements, units, expected = BOUNDARIES[shape]
+    layout = Layout(prefix, config.shards)
+    raw = aioredis.from_url(redis_url)
+    decider = Decider(raw, config, layout)
+    orgs, names = {}, {}
+    for side in ("usual", "gate"):
+        org = await admin.org("pro")
+        h = {"Authorization": f"Bearer {await admin.key(org)}"}
+        if entitlements:
+            r = await client.put(f"/v1/admin/orgs/{org}/entitlements", json=entitlements, headers=admin.h)
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 50}, headers=h)
+        assert r.status_code == 200, r.text  # the allocation, to 0: every alert threshold passed
+        grant = (await admin.grant(org, "general", 4, expires_at=rfc3339(time.time() + 3600))).json()["event_id"]
+        await decider.grant(org, "general", 5, lot=f"buy-{side}")
+        await admin.grant(org, "general", 3)
+        orgs[side], names[side] = (org, h), {grant: "G", f"buy-{side}": "BUY"}
+    answers: dict[str, list] = {"usual": [], "gate": []}
+    for i, n in enumerate(units):
+        for side, (_, h) in orgs.items():
+            if side == "gate":
+                h = {**h, "Idempotency-Key": f"{shape}-{i}"}
+            r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": n}, headers=h)
+            out = r.json()
+            out.pop("event_id", None)
+            text = orjson.dumps(out).decode()
+            for lot_id, name in names[side].items():
+                text = text.replace(lot_id, name)
+            answers[side].append((r.status_code, text))
+    assert answers["usual"] == answers["gate"]
+    statuses = [s for s, _ in answers["usual"]]
+    assert statuses[0] == 402 and statuses[-1] == 402, statuses  # more than the layers hold; then out of credit
+    recorded = {}
+    for side, (org, _) in orgs.items():
+        text = "\n".join(e["src"] for e in await events(redis, layout, org) if e["kind"] == "consume")
+        for lot_id, name in names[side].items():
+            text = text.replace(lot_id, name)
+        recorded[side] = text.split("\n")
+    assert recorded["usual"] == recorded["gate"]
+    for part in expected:
+        assert part in recorded["usual"], (part, recorded["usual"])
     balances = [(await client.get("/v1/balance", headers=h)).json()["meters"]["general"] for _, h in orgs.values()]
     assert balances[0] == balances[1]
     await raw.aclose()
