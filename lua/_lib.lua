@@ -516,9 +516,7 @@ end
 
 -- Forgets spent lots that never expire. A spent lot that expires stays until its expiry: a
 -- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
-function Meter:drop_spent_lots()
-  local lots = self.lots
-  self.lots_dirty = true
+local function unspent(lots)
   for j = 1, #lots do
     local lot = lots[j]
     if lot.n <= 0 and lot.x <= 0 then  -- one to forget: the list without it (and any other)
@@ -527,24 +525,53 @@ function Meter:drop_spent_lots()
         lot = lots[i]
         if lot.n > 0 or lot.x > 0 then kept[#kept + 1] = lot end
       end
-      self.lots = kept
-      return
+      return kept
     end
   end
+  return lots
 end
 
--- The lots' text when they changed and some are left, for the caller's HSET; else nil (none
--- left: their field is deleted here).
+function Meter:drop_spent_lots()
+  self.lots = unspent(self.lots)
+  self.lots_dirty = true
+end
+
+-- The lots' text as src/sync_worker/lots.py encode() writes it, [{"i":id,"n":left,"x":expiry},...],
+-- the integers in full (cjson writes 14 significant digits, through snprintf). A lot's id and
+-- expiry never change: their text is made once per lot and kept on it (the memo above keeps the
+-- lot across calls), so a write formats only what is left of each.
+local function lot_text(lot)
+  local head = lot.head
+  if not head then
+    head = '{"i":' .. json_encode(lot.i) .. ',"n":'
+    lot.head, lot.tail = head, ',"x":' .. fmt(lot.x) .. '}'
+  end
+  return head .. fmt(lot.n) .. lot.tail
+end
+local function encode_lots(lots)
+  if #lots == 1 then return '[' .. lot_text(lots[1]) .. ']' end
+  local parts = {}
+  for j = 1, #lots do parts[j] = lot_text(lots[j]) end
+  return '[' .. concat(parts, ',') .. ']'
+end
+
+-- The text of changed lots when some are left, for the caller's HSET (one with the meter's
+-- fields), kept in the memo; else nil (none left: their field is deleted here).
+local function changed_lots_text(bal_key, field, lots)
+  if #lots == 0 then
+    call('HDEL', bal_key, field)
+    return nil
+  end
+  local raw = encode_lots(lots)
+  known_lots(raw, lots)  -- written last: nothing changes them after this
+  return raw
+end
+
+-- The lots' text when they changed (changed_lots_text), else nil.
 function Meter:lots_text()
   if not self.lots_dirty then return nil end
   self.lots_dirty = false
-  if #self.lots == 0 then
-    call('HDEL', self.key, self.f.lots)
-    return nil
-  end
-  local raw = json_encode(self.lots)
-  known_lots(raw, self.lots)  -- written last: nothing changes them after this
-  return raw
+  return changed_lots_text(self.key, self.f.lots, self.lots)
 end
 
 function Meter:save_lots()
@@ -1295,8 +1322,7 @@ local function usual_consume(keys, argv)
       end
     end
     if lots_dirty then
-      lots_meter = setmetatable({key = bal_key, f = f, lots = lots}, Meter)
-      lots_meter:drop_spent_lots()
+      lots = unspent(lots)
     else
       known_lots(raw_lots, lots)  -- unchanged: the next reader's again
     end
@@ -1361,7 +1387,10 @@ local function usual_consume(keys, argv)
   -- Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions each.
   -- (fmt written out: a call each saved.)
   -- The lots when the charge drew one (lots_text(): after every refusal, it may delete their field).
-  local lots_text = lots_meter and lots_meter:lots_text()
+  local lots_text
+  if lots_meter then lots_text = lots_meter:lots_text() elseif lots_dirty then
+    lots_text = changed_lots_text(bal_key, f.lots, lots)
+  end
   if lots_text then
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
       SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)

@@ -309,3 +309,27 @@ async def test_the_usual_consume_crosses_the_credit_layers_as_the_gate(client, a
     balances = [(await client.get("/v1/balance", headers=h)).json()["meters"]["general"] for _, h in orgs.values()]
     assert balances[0] == balances[1]
     await raw.aclose()
+
+
+async def test_a_lots_text_written_by_a_charge_reads_back_whatever_its_ids_hold(client, admin, redis, redis_url,
+                                                                               config, prefix):
+    """The lots' text a charge writes (made in Lua, not by cjson) is JSON that
+    sync_worker.lots.decode reads back: an id with quotes, backslashes, slashes and non-ASCII, and
+    amounts written digit for digit."""
+    from sync_worker import lots as lots_mod
+
+    layout = Layout(prefix, config.shards)
+    raw = aioredis.from_url(redis_url)
+    org = await admin.org("pro")
+    h = {"Authorization": f"Bearer {await admin.key(org)}"}
+    odd = 'cs_"quoted"\\back/slash-é'
+    assert (await client.post("/v1/consume", json={"feature": "generate_insight", "units": 50}, headers=h)).status_code == 200
+    await Decider(raw, config, layout).grant(org, "general", 123456789012, lot=odd)
+    expires = int(time.time()) + 3600
+    await admin.grant(org, "general", 7, expires_at=rfc3339(expires))
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 9}, headers=h)
+    assert r.status_code == 200, r.text
+    text = await redis.hget(layout.balances(org), meter_field("general", "lots"))
+    read = sorted(lots_mod.decode(text), key=lambda lot: lot.x)
+    assert [(lot.i, lot.n, lot.x) for lot in read] == [(odd, 123456789012 - 2, 0), (read[1].i, 0, expires)], text
+    await raw.aclose()
