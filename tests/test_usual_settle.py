@@ -245,3 +245,38 @@ async def test_the_usual_llm_hold_and_commit_beyond_it_answer_write_and_record_a
     b = await balances(client, orgs, "tokens")
     assert b[0] == b[1]
     await decider.aclose()
+
+
+async def test_a_hold_is_recorded_as_the_general_path_records_it_and_any_json_of_it_is_settled(
+        client, admin, redis, config, prefix):
+    """The straight reserve writes the reservation record the general path writes (the readers:
+    settle_start, the sweeps, expired_holds, all cjson), and the straight commit and release read
+    a record in any JSON spelling of it (one written by an earlier version), not only their own."""
+    layout = Layout(prefix, config.shards)
+    orgs = await two_orgs(admin, "general", 40)
+    records = {}
+    for side, (org, h) in orgs.items():
+        r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 2, "user_id": "u1"},
+                              headers=h)
+        assert r.status_code == 201, r.text
+        records[side] = json.loads(await redis.hget(layout.reservations(org), r.json()["reservation_id"]))
+    assert records["gate"].pop("tt") == "t:everyone" and records["usual"].pop("tt") == ""
+    assert records["usual"]["exp"] - records["gate"]["exp"] in (-1, 0, 1)
+    assert {**records["usual"], "exp": 0, "k": ""} == {**records["gate"], "exp": 0, "k": ""}
+
+    org, h = orgs["usual"]
+    answers = []
+    for path in ("/commit", ""):
+        r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 3}, headers=h)
+        rid = r.json()["reservation_id"]
+        raw = await redis.hget(layout.reservations(org), rid)
+        # Another spelling of the same record: sorted keys, spaces (cjson reads it as the same).
+        await redis.hset(layout.reservations(org), rid, json.dumps(json.loads(raw), sort_keys=True))
+        if path:
+            answers.append(await client.post(f"/v1/reservations/{rid}{path}", json={"units": 2}, headers=h))
+        else:
+            answers.append(await client.delete(f"/v1/reservations/{rid}", headers=h))
+    assert [(a.status_code, a.json()["released"]) for a in answers] == [(200, 1), (200, 3)]
+    assert answers[0].json()["cost"] == 2
+    b = (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]
+    assert b["held"] == 2  # the first hold (u1's) only
