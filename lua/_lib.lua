@@ -1244,9 +1244,10 @@ end
 -- sub-quota (ut, tt ''), in cjson's key order, and the pattern that reads exactly that text back
 -- (strings without escapes, integers): matching it costs a fraction of a cjson decode. Any other
 -- record (an escaped string, a multiple, a sub-quota, an older writer's order) is decoded.
+-- (`expires` and `held` as JSON already: the event and the answer write them too.)
 local function usual_hold_text(meter, held, unit, user, feature, key_id, expires, order)
-  return '{"exp":' .. json_int(expires) .. ',"u":' .. json_encode(user) .. ',"unit":' .. json_int(unit) .. ',"held":'
-    .. json_int(held) .. ',"k":' .. json_name(key_id) .. ',"tt":"","m":' .. json_name(meter) .. ',"ut":"","o":'
+  return '{"exp":' .. expires .. ',"u":' .. json_encode(user) .. ',"unit":' .. json_int(unit) .. ',"held":'
+    .. held .. ',"k":' .. json_name(key_id) .. ',"tt":"","m":' .. json_name(meter) .. ',"ut":"","o":'
     .. json_name(order) .. ',"f":' .. json_name(feature) .. '}'
 end
 local USUAL_HOLD = '^{"exp":(%d+),"u":"([^"\\]*)","unit":(%d+),"held":(%d+),"k":"[^"\\]*","tt":"","m":"([^"\\]*)",'
@@ -1342,7 +1343,7 @@ local function usual_reserve(keys, argv)
   local unlimited = lim < 0
   local total = cost
   if not unlimited then
-    min_cost = tonumber(min_cost) or 0
+    min_cost = min_cost ~= '0' and tonumber(min_cost) or 0
     if min_cost > 0 and cost > al + pu - held and al + pu - held >= min_cost then cost = al + pu - held end
     local take_a = min(al, cost)
     local take_p = 0
@@ -1358,24 +1359,25 @@ local function usual_reserve(keys, argv)
   -- Decided: the hold, its record and expiry, the user, the event.
   held = held + total
   local expires = now_s + tonumber(reservation_ttl_s)
+  local expires_text, total_text = json_int(expires), json_int(total)
   local f = meter_fields(meter)
   -- The earliest hold's expiry, once known (as reserve.lua).
   if due == 0 or expires < due then
-    call('HSET', bal_key, f.held, held, HOLDS_DUE, expires)
+    call('HSET', bal_key, f.held, held, HOLDS_DUE, expires_text)
   else
     call('HSET', bal_key, f.held, held)
   end
   save_usual_user(users_key, user, team, new_tat)
-  call('HSET', reservations_key, event_id, usual_hold_text(meter, total, tonumber(unit_cost) or total, user,
-    t.feature, key_id, expires, t.credit_order))
-  call('ZADD', expiries_key, expires, event_id)
+  call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text, tonumber(unit_cost) or total, user,
+    t.feature, key_id, expires_text, t.credit_order))
+  call('ZADD', expiries_key, expires_text, event_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'reserve', org, user, key_id, meter, t.feature,
-    0, 0, 0, al + pu, now, '', '{"held":' .. json_int(total) .. ',"reservation_id":' .. json_encode(event_id)
-    .. ',"expires_at":' .. json_int(expires) .. '}'))
+    0, 0, 0, al + pu, now, '', '{"held":' .. total_text .. ',"reservation_id":' .. json_encode(event_id)
+    .. ',"expires_at":' .. expires_text .. '}'))
   local rl_limit = -1
   if new_tat then rl_limit = t.rl_user_burst end
   return reply({status = 201, cost = total, remaining = unlimited and -1 or al + pu - held, event_id = event_id,
-    extra = '{"expires_at":' .. json_int(expires) .. '}', rl_limit = rl_limit, rl_remaining = rl_rem,
+    extra = '{"expires_at":' .. expires_text .. '}', rl_limit = rl_limit, rl_remaining = rl_rem,
     rl_reset = ceil(rl_reset / 1000000)})
 end
 
