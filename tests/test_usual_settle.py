@@ -102,7 +102,7 @@ async def test_the_usual_reserve_commit_and_release_answer_write_and_record_as_t
     ids = {side: Ids() for side in orgs}
     held: list[dict[str, str]] = []  # open reservations, each org's id
     settled: list[tuple[dict[str, str], str, dict[str, Any]]] = []  # (ids, path, body): retried below
-    rng = random.Random(10)
+    rng = random.Random(14)
     statuses: dict[str, set[int]] = {"reserve": set(), "commit": set(), "release": set(), "consume": set()}
 
     async def call(op: str, method: str, path: dict[str, str] | str, body: dict[str, Any] | None) -> dict[str, str]:
@@ -130,11 +130,13 @@ async def test_the_usual_reserve_commit_and_release_answer_write_and_record_as_t
 
     for step in range(70):
         expired = step == 20
-        if expired:  # a hold that expires, committed too late (one: the sweep takes equal expiries by id)
+        if expired:  # a hold that expires (one: the sweep takes equal expiries by id), committed too late
             made = await call("reserve", "POST", "/v1/reservations",
                               {"feature": "generate_insight", "units": 1, "ttl_s": 1, "user_id": "u1"})
             held.insert(0, made)
             await asyncio.sleep(1.2)
+            # The next decision sweeps it, by holds_due (which the straight reserve kept as the general one)
+            held.append(await call("reserve", "POST", "/v1/reservations", {"feature": "generate_insight", "units": 1}))
         user = rng.choice(USERS + [None, None, None])
         roll = 0.5 if expired else rng.random()
         if roll < 0.45 or not held:
@@ -184,6 +186,8 @@ async def test_the_usual_reserve_commit_and_release_answer_write_and_record_as_t
     b = await balances(client, orgs, "general")
     assert b[0] == b[1]
     assert b[0]["held"] == 0  # every hold settled, released or expired
+    # The team's sub-quota got its holds back too (their commits and releases took the general path).
+    assert await redis.hget(layout.quotas(orgs["gate"][0]), "t:everyone:general:h") == "0"
 
 
 async def test_the_usual_llm_hold_and_commit_beyond_it_answer_write_and_record_as_the_general_path(
@@ -206,6 +210,14 @@ async def test_the_usual_llm_hold_and_commit_beyond_it_answer_write_and_record_a
         return (d.status, d.code, d.cost, d.remaining, d.rl_limit, d.rl_remaining, d.rl_reset, d.replay, d.would,
                 extra, d.sources, timeless(d.detail))
 
+    async def both(call: Any) -> dict[str, Any]:
+        """The same call for both orgs; their answers must agree."""
+        out = {side: await call(side, ident) for side, ident in idents.items()}
+        assert plain("usual", out["usual"]) == plain("gate", out["gate"])
+        return out
+
+    # Other calls' holds, open throughout: a commit beyond its own hold never takes what they cover.
+    others = [await both(lambda side, ident: decider.reserve(ident, "chat", 1, "", 600, cost=5_000)) for _ in range(2)]
     for step in range(40):
         user = rng.choice(USERS)
         estimate = rng.randint(2_000, 14_000)
@@ -222,7 +234,7 @@ async def test_the_usual_llm_hold_and_commit_beyond_it_answer_write_and_record_a
         seen["cost"].add("lowered" if d.ok and d.cost < estimate else "whole")
         if not d.ok:
             continue
-        tokens = rng.randint(0, 2 * estimate)
+        tokens = rng.randint(0, estimate * 3 // 2)
         meta = orjson.dumps({"route": "/v1/chat/completions", "tokens": tokens, "source": "usage", "status": 200,
                              "prompt_estimate": rng.randint(1, 900)})
         answers = []
@@ -237,6 +249,16 @@ async def test_the_usual_llm_hold_and_commit_beyond_it_answer_write_and_record_a
     # Holds lowered to what was left, commits beyond the hold charged and beyond the balance not.
     assert seen["cost"] == {"lowered", "whole"} and seen["overage"] == {True, False}, seen
     assert {201, 402} <= seen["status"], seen
+
+    # Every threshold crossed, one other hold released: an LLM call beyond its hold, straight through,
+    # takes what is left but the other hold, not more.
+    first = await both(lambda side, ident: decider.release(ident, others[0][side].event_id))
+    hold = await both(lambda side, ident: decider.reserve(ident, "chat", 1, "", 600, cost=2_000, min_cost=500))
+    meta = orjson.dumps({"route": "/v1/chat/completions", "tokens": 10_000, "source": "usage", "status": 200})
+    done = await both(lambda side, ident: decider.commit(ident, hold[side].event_id, 10_000, meta, beyond_hold=True))
+    assert first["usual"].ok and hold["usual"].cost == 2_000 and done["usual"].ok, (first, hold, done)
+    assert 0 < done["usual"].extra["overage"] < 10_000 - 2_000 and done["usual"].remaining == 0, done["usual"]
+    await both(lambda side, ident: decider.release(ident, others[1][side].event_id))
 
     usual = await events(redis, layout, orgs["usual"][0], ids["usual"])
     gate = await events(redis, layout, orgs["gate"][0], ids["gate"])
@@ -280,3 +302,30 @@ async def test_a_hold_is_recorded_as_the_general_path_records_it_and_any_json_of
     assert answers[0].json()["cost"] == 2
     b = (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]
     assert b["held"] == 2  # the first hold (u1's) only
+
+
+async def test_a_hold_priced_past_a_rate_window_is_committed_from_credit_at_its_multiple(
+        client, admin, redis, config, prefix):
+    """A hold taken past the user's window with `overflow: credit` (its record's multiple, `co`) is
+    not of the usual shape: its commit charges purchased credit only, at the multiple, as
+    commit.lua does, whichever path the hold and the commit take."""
+    org = await admin.org("pro")
+    key = await admin.key(org)
+    h = {"Authorization": f"Bearer {key}"}
+    await admin.grant(org, "general", 40)
+    r = await client.put(f"/v1/admin/orgs/{org}/entitlements", headers=admin.h,
+                         json={"rate_limits": {"user": {"overflow": "credit", "overflow_cost": 2}}})
+    assert r.status_code == 200, r.text
+    holds = []
+    for _ in range(6):  # pro: 5 calls a minute a user; the sixth is past the window
+        r = await client.post("/v1/reservations", json={"feature": "generate_insight", "units": 2, "user_id": "ann"},
+                              headers=h)
+        assert r.status_code == 201, r.text
+        holds.append(r.json())
+    assert [x["held"] for x in holds] == [2] * 5 + [4]  # the sixth at twice the price, from credit
+    answers = []
+    for x in (holds[5], holds[0]):
+        r = await client.post(f"/v1/reservations/{x['reservation_id']}/commit", json={"units": 1}, headers=h)
+        assert r.status_code == 200, r.text
+        answers.append((r.json()["cost"], r.json()["released"], r.headers.get("X-Quota-Source")))
+    assert answers == [(2, 2, "purchased"), (1, 1, "allocated")]
