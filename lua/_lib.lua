@@ -1508,6 +1508,302 @@ local function settle_finish(op, k, a, rep)
   return rep
 end
 
+-- --- The usual reserve, commit and release, straight through. ----------------------------
+-- As usual_consume for consume: the common shape (no idempotency key, no shadow, no sub-quota,
+-- at most a user rate window and not past it, a meter in its period with no credit lots and no
+-- hold due, a hold or charge that fits, no alert threshold crossed) decided in straight-line
+-- code by the same rules; anything else returns nil having written nothing, and the general
+-- path (the gate; settle_start) decides it. tests/test_usual_settle.py holds the two to the
+-- same answers, events, balances and replays.
+--
+-- The JSON these write (the reservation record, the events' meta, the answer's extra, the
+-- settled answer) is the text cjson writes for the same table, key for key in cjson's order,
+-- built by concatenation: a cjson encode of a table was ~9,000 instructions, three a reserve.
+-- Every reader (settle_start, the sweeps, expired_holds) still reads it with cjson.
+
+-- A JSON string literal is cjson's own (a string alone: ~1,200 instructions, less than a Lua
+-- pattern scanning it for what needs escaping). A name of the config (meter, feature, credit
+-- order) or a key id is few and repeats: its literal is kept, one table read a call.
+local NAME_JSON, name_json_n = {}, 0
+local function json_name(s)
+  local found = NAME_JSON[s]
+  if found then return found end
+  found = json_encode(s)
+  if name_json_n >= 1000 then NAME_JSON, name_json_n = {}, 0 end  -- bounded
+  NAME_JSON[s] = found
+  name_json_n = name_json_n + 1
+  return found
+end
+
+-- A JSON integer as cjson writes it: its 14 significant digits (1e+14 and up lose the rest).
+local function json_int(n)
+  if n < 1e14 and n > -1e14 then return fmt(n) end
+  return format('%.14g', n)
+end
+
+-- The reservation record (reserve.lua's table) with no rate-window multiple (co) and no
+-- sub-quota (ut, tt ''), in cjson's key order, and the pattern that reads exactly that text back
+-- (strings without escapes, integers): ~9,700 instructions, a cjson decode ~15,700. Any other
+-- record (an escaped string, a multiple, a sub-quota, an older writer's order) is decoded.
+-- (`expires` and `held` as JSON already: the event and the answer write them too.)
+local function usual_hold_text(meter, held, unit, user, feature, key_id, expires, order)
+  return '{"exp":' .. expires .. ',"u":' .. json_encode(user) .. ',"unit":' .. json_int(unit) .. ',"held":'
+    .. held .. ',"k":' .. json_name(key_id) .. ',"tt":"","m":' .. json_name(meter) .. ',"ut":"","o":'
+    .. json_name(order) .. ',"f":' .. json_name(feature) .. '}'
+end
+local USUAL_HOLD = '^{"exp":(%d+),"u":"([^"\\]*)","unit":(%d+),"held":(%d+),"k":"[^"\\]*","tt":"",'
+  .. '"m":"([^"\\]*)","ut":"","o":"[^"\\]*","f":"([^"\\]*)"}$'
+
+-- A hold's expiry, user, unit cost, amount, meter and feature if it is of the usual shape (no
+-- multiple, no sub-quota), else nil. (The credit order is moot: the usual meter has no lots.)
+local function read_usual_hold(raw)
+  local exp, u, unit, held, m, f = match(raw, USUAL_HOLD)
+  if exp then return tonumber(exp), u, tonumber(unit), tonumber(held), m, f end
+  local rec = json_decode(raw)
+  if rec.co or not rec.unit or not rec.exp or (rec.ut or '') ~= '' or (rec.tt or '') ~= '' then return nil end
+  return rec.exp, rec.u or '', rec.unit, rec.held, rec.m, rec.f or ''
+end
+
+-- The user of a straight call: known (or registered by it), no sub-quota, inside its rate window
+-- (usual_consume's rules). Returns ok, team, the new window (nil: none), its remaining, its reset.
+local function usual_user(t, users_key, quotas_key, user, meter, now)
+  local team, tat, new_tat, rl_rem, rl_reset = nil, nil, nil, -1, 0
+  if user == '' then return true, team, new_tat, rl_rem, rl_reset end
+  local rl_interval = t.rl_user_interval_us
+  if rl_interval > 0 then
+    local u = call('HMGET', users_key, user, user .. ':' .. USER_FIELDS.rate)
+    team, tat = u[1], tonumber(u[2])
+  else
+    team = call('HGET', users_key, user)
+  end
+  if not team and not t.auto_register then return false end
+  if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return false end
+  if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
+    return false
+  end
+  if rl_interval > 0 then
+    local allowed, _
+    allowed, new_tat, _, rl_rem, rl_reset = gcra(tat, rl_interval, t.rl_user_burst, now)
+    if not allowed then return false end
+  end
+  return true, team, new_tat, rl_rem, rl_reset
+end
+
+-- The user's registration and window, as save_rate_limits writes them.
+local function save_usual_user(users_key, user, team, new_tat)
+  if user == '' then return end
+  if not team and new_tat then
+    call('HSET', users_key, user, '', user .. ':' .. USER_FIELDS.rate, new_tat)
+  elseif not team then
+    call('HSET', users_key, user, '')
+  elseif new_tat then
+    call('HSET', users_key, user .. ':' .. USER_FIELDS.rate, new_tat)
+  end
+end
+
+-- Would charging leave `avail` at or below a threshold not yet alerted in this period (Meter:alerts)?
+local function crosses_alert(spec, v, lim, pe, avail)
+  if spec == '' or lim < 0 then return false end
+  local base = max(lim, 0) + (tonumber(v[8]) or 0)
+  if base <= 0 then return false end
+  local ts = thresholds(spec)
+  if avail * 100 > ts.top * base then return false end
+  local lowest = 101
+  if tonumber(v[10]) == pe then lowest = tonumber(v[11]) or 101 end
+  for i = 1, #ts do
+    if ts[i] < lowest and avail * 100 <= ts[i] * base then return true end
+  end
+  return false
+end
+
+-- reserve.lua's usual case. Returns the answer, or nil with the server time and read_meter's
+-- reply once it has them (for the gate).
+local function usual_reserve(keys, argv)
+  -- GATE_KEYS and GATE_ARGV in order (tests/test_lua_interface.py reads these two lines).
+  local bal_key, quotas_key, users_key, _, _, _, stream_key, reservations_key, expiries_key = unpack(keys)
+  local event_id, org, user, key_id, cost, fingerprint, _, shadow, terms, reservation_ttl_s, unit_cost, min_cost,
+    explain = unpack(argv)
+  if fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
+  local t = plan_terms(terms).__index
+  if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
+  local now = now_us()
+  local now_s = floor(now / 1000000)
+  local meter = t.meter
+  local v = read_meter(bal_key, meter)
+  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
+  -- A period to refresh, lots: the gate.
+  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end
+  if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
+  local al, pu, held = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if lim == 0 and pu <= 0 then return nil, now, v end  -- maybe forbidden: the gate says
+  local ok, team, new_tat, rl_rem, rl_reset = usual_user(t, users_key, quotas_key, user, meter, now)
+  if not ok then return nil, now, v end
+  -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
+  -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
+  -- purchased credit at the plan's multiple (no lots: one pool).
+  cost = tonumber(cost)
+  local unlimited = lim < 0
+  local total = cost
+  if not unlimited then
+    min_cost = min_cost ~= '0' and tonumber(min_cost) or 0
+    if min_cost > 0 and cost > al + pu - held and al + pu - held >= min_cost then cost = al + pu - held end
+    local take_a = min(al, cost)
+    local take_p = 0
+    local left = cost - take_a
+    if left > 0 then
+      if t.alloc_overflow == 0 and lim > 0 then return nil, now, v end
+      take_p = left * max(1, t.alloc_overflow)
+      if take_p > max(0, pu) then return nil, now, v end
+    end
+    total = take_a + take_p
+    if total > al + pu - held then return nil, now, v end
+  end
+  -- Decided: the hold, its record and expiry, the user, the event.
+  held = held + total
+  local expires = now_s + tonumber(reservation_ttl_s)
+  local expires_text, total_text = json_int(expires), json_int(total)
+  local f = meter_fields(meter)
+  -- The earliest hold's expiry, once known (as reserve.lua).
+  if due == 0 or expires < due then
+    call('HSET', bal_key, f.held, held, HOLDS_DUE, expires_text)
+  else
+    call('HSET', bal_key, f.held, held)
+  end
+  save_usual_user(users_key, user, team, new_tat)
+  call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text, tonumber(unit_cost) or total, user,
+    t.feature, key_id, expires_text, t.credit_order))
+  call('ZADD', expiries_key, expires_text, event_id)
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'reserve', org, user, key_id, meter, t.feature,
+    0, 0, 0, al + pu, now, '', '{"held":' .. total_text .. ',"reservation_id":' .. json_encode(event_id)
+    .. ',"expires_at":' .. expires_text .. '}'))
+  local rl_limit = -1
+  if new_tat then rl_limit = t.rl_user_burst end
+  return reply({status = 201, cost = total, remaining = unlimited and -1 or al + pu - held, event_id = event_id,
+    extra = '{"expires_at":' .. expires_text .. '}', rl_limit = rl_limit, rl_remaining = rl_rem,
+    rl_reset = ceil(rl_reset / 1000000)})
+end
+
+-- The caller's metadata as the commit event's `request`: cjson's text of it, as commit.lua
+-- writes it (its decode and encode change a number past 14 digits, an empty array: the same
+-- value either way). Cheaper than Lua patterns looking for those (~20,000 instructions, ~48,000).
+local function request_json(metadata)
+  return json_encode(json_decode(metadata))
+end
+
+-- The hold a straight commit or release settles: stored in the usual shape, live, and no hold
+-- of the org due (else settle_start sweeps). Not settled before: settling deletes the record in
+-- the script that stores the answer, and a reservation id is a new event id (a retry finds no
+-- record: settle_start answers it again). Its expiry is the record's: reserve writes the same
+-- number to the record and to the expiries. Returns the server time (µs, s) and the hold (user,
+-- unit cost, amount, meter, feature), or nil. (The caller reads the meter and holds_due.)
+local function usual_hold(reservations_key, rid)
+  local raw = call('HGET', reservations_key, rid)
+  if not raw then return nil end  -- settle_start says 404, or answers a retry again
+  local exp, u, unit, held, m, f = read_usual_hold(raw)
+  if not exp then return nil end
+  local now = now_us()
+  local now_s = floor(now / 1000000)
+  if now_s >= exp then return nil end  -- expired: settle_start returns it (an `expired` release)
+  return now, now_s, u, unit, held, m, f
+end
+
+-- The settled answer (settle_finish's record: a retry gets it again), as cjson writes it.
+local function usual_settled(settled_key, op, fingerprint, answer_ttl_s, rep)
+  call('SET', settled_key, '{"fp":' .. json_encode(fingerprint) .. ',"op":"' .. op .. '","reply":' .. json_encode(rep)
+    .. '}', 'EX', answer_ttl_s)
+  return rep
+end
+
+-- commit.lua's usual case: the charge as commit.lua makes it (up to the hold as far as the
+-- balance goes; beyond it, as far as what no other hold has taken, with `beyond_hold`), no
+-- threshold crossed, in the meter's period, no credit lots. Returns the answer or nil.
+local function usual_commit(settle_keys, settle_argv)
+  -- SETTLE_KEYS and SETTLE_ARGV in order (tests/test_lua_interface.py reads these two lines).
+  local bal_key, _, reservations_key, expiries_key, stream_key, settled_key = unpack(settle_keys)
+  local reservation_id, event_id, org, key_id, units, answer_ttl_s, metadata, fingerprint, beyond_hold,
+    alert_thresholds = unpack(settle_argv)
+  local now, now_s, user, unit, held, meter, feature = usual_hold(reservations_key, reservation_id)
+  if not now then return nil end
+  local v = read_meter(bal_key, meter)
+  if holds_may_be_due(tonumber(v[12]), now_s) then return nil end
+  local pe, lim = tonumber(v[5]), tonumber(v[6])
+  if pe == nil or now_s >= pe or lim == nil or (v[9] and v[9] ~= '') then return nil end  -- lots may lapse
+  local al, pu, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4]) or 0
+  if al < 0 or pu < 0 then return nil end
+  local h = (tonumber(v[3]) or 0) - held  -- the other holds (this one is given back)
+  local unlimited = lim < 0
+  local want = tonumber(units) * unit
+  local cost = min(want, held)
+  if not unlimited then cost = min(cost, al + pu) end
+  if beyond_hold == '1' and want > cost and cost == held then
+    local room = want - cost
+    if not unlimited then room = min(room, al + pu - h - cost) end
+    if room > 0 then cost = cost + room end
+  end
+  -- Meter:charge: the allocation, then purchased credit (no lots: one pool).
+  local take_a, take_p = 0, 0
+  if unlimited then
+    used = used + cost
+  else
+    take_a = min(al, cost)
+    if cost > take_a then take_p = min(pu, cost - take_a) end
+    al, pu, used = al - take_a, pu - take_p, used + take_a + take_p
+    if crosses_alert(alert_thresholds, v, lim, pe, al + pu - h) then return nil end  -- Meter:alerts records it
+  end
+  local src = ''
+  if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+  if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  -- The event's meta: commit.lua's table, in cjson's order for each of its four shapes.
+  local rid = json_encode(reservation_id)
+  local meta
+  if metadata == '' and want > cost then
+    meta = '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":' .. rid
+      .. ',"requested":' .. json_int(want) .. '}'
+  elseif metadata == '' then
+    meta = '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid .. ',"requested":' .. json_int(want) .. '}'
+  elseif want > cost then
+    meta = '{"held":' .. json_int(held) .. ',"requested":' .. json_int(want) .. ',"overage":' .. json_int(want - cost)
+      .. ',"reservation_id":' .. rid .. ',"request":' .. request_json(metadata) .. '}'
+  else
+    meta = '{"request":' .. request_json(metadata) .. ',"held":' .. json_int(held) .. ',"reservation_id":' .. rid
+      .. ',"requested":' .. json_int(want) .. '}'
+  end
+  -- Decided: the meter (the hold given back, the charge), the hold forgotten, the event, the answer.
+  local f = meter_fields(meter)
+  call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used, f.held, h)
+  call('HDEL', reservations_key, reservation_id)
+  call('ZREM', expiries_key, reservation_id)
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'commit', org, user, key_id, meter, feature,
+    -(take_a + take_p), -take_p, cost, al + pu, now, src, meta))
+  return usual_settled(settled_key, 'commit', fingerprint, answer_ttl_s, reply({cost = cost,
+    remaining = unlimited and -1 or al + pu - h, event_id = event_id, sources = src,
+    extra = '{"released":' .. json_int(max(0, held - cost)) .. ',"feature":' .. json_name(feature) .. ',"overage":'
+      .. json_int(max(0, want - cost)) .. ',"meter":' .. json_name(meter) .. '}'}))
+end
+
+-- release.lua's usual case: the whole hold given back. Returns the answer or nil.
+local function usual_release(settle_keys, settle_argv)
+  local bal_key, _, reservations_key, expiries_key, stream_key, settled_key = unpack(settle_keys)
+  local reservation_id, event_id, org, key_id, _, answer_ttl_s, _, fingerprint = unpack(settle_argv)
+  local now, now_s, user, _, held, meter, feature = usual_hold(reservations_key, reservation_id)
+  if not now then return nil end
+  -- The five fields a release reads (read_meter's twelve: ~12,800 instructions more a release).
+  local f = meter_fields(meter)
+  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.limit, HOLDS_DUE)
+  if holds_may_be_due(tonumber(v[5]), now_s) then return nil end
+  local al, pu, lim = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4])
+  local h = (tonumber(v[3]) or 0) - held
+  call('HSET', bal_key, f.held, h)
+  call('HDEL', reservations_key, reservation_id)
+  call('ZREM', expiries_key, reservation_id)
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'release', org, user, key_id, meter, feature,
+    0, 0, 0, al + pu, now, '', '{"held":' .. json_int(held) .. ',"reservation_id":' .. json_encode(reservation_id)
+    .. ',"reason":"released"}'))
+  return usual_settled(settled_key, 'release', fingerprint, answer_ttl_s, reply({
+    remaining = (lim ~= nil and lim < 0) and -1 or al + pu - h, event_id = event_id,
+    extra = '{"released":' .. json_int(held) .. '}'}))
+end
+
 -- The library's first call: the globals (take_globals), the compiled binders and reply.
 -- The fields a gate request gains after its arguments (gate_request and the steps).
 local REQUEST_FIELDS = {'keys', 'price', 'layers', 'now', 'now_s', 'team', 'events', 'mtr', 'rl', 'rl_writes',
