@@ -323,15 +323,6 @@ class Connection(asyncio.Protocol):
             self.transport.write(data + body if body else data)
         return resp
 
-    async def head(self) -> Response:
-        resp = self.resp
-        assert resp is not None
-        while not resp.status:
-            if resp._error is not None:
-                raise resp._error
-            await self.wait()
-        return resp
-
     async def wait(self) -> None:
         """Until the parser has more for the answer, the connection breaks or `read_timeout` passes."""
         loop = self.pool.loop
@@ -422,8 +413,12 @@ class Pool:
         conn = self._pick(origin) or await self._connect(origin, connect_timeout)
         self.busy.add(conn)
         try:
-            conn.send(data, body, method == "HEAD", read_timeout)
-            return await conn.head()
+            resp = conn.send(data, body, method == "HEAD", read_timeout)
+            while not resp.status:  # until the head has arrived
+                if resp._error is not None:
+                    raise resp._error
+                await conn.wait()
+            return resp
         except BaseException:
             conn.close()
             raise
