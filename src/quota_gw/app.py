@@ -7,7 +7,7 @@ import functools
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -207,10 +207,10 @@ class Gateway(Starlette):
             return
         started = False
 
-        async def sending(message: Message) -> None:
+        def sending(message: Message) -> Awaitable[None]:  # send's own coroutine: no level around it
             nonlocal started
             started = True
-            await send(message)
+            return send(message)
 
         try:
             await app(scope, receive, sending)
