@@ -15,8 +15,8 @@ touches the server's caches and dictionaries grow).
 
 --layers adds a third side, as in redis_cost.py: consumes of an org whose allocation is spent,
 with an expiring grant and purchased credit, so every call takes the gate's steps (credit lots).
---settle adds two: a reserve of 2 units, and the commit of 1 of them (the decision API's
-reserve/commit pair).
+--settle adds three: a reserve of 2 units, the commit of 1 of them (the decision API's
+reserve/commit pair), and the release of such a hold (its reserve not counted).
 
 --llm: instead, the two decisions of an `openai` route's call as the sidecar sends them (a
 reserve of 100 tokens with a floor of 40, then a commit of 34 beyond the hold, with the
@@ -134,10 +134,17 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
         minimal = r.register_script(MINIMAL_LUA)
         await r.hset("min:{s00}:bal", "left", 10**12)
         await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[1, "org1", "warm"])
-        counts: dict[str, list[float]] = {"consume": [], "minimal": [], "3 layers": [], "reserve": [], "commit": []}
-        sides = ("consume", "minimal") + (("3 layers",) if layers else ()) + (("reserve", "commit") if settle else ())
+        counts: dict[str, list[float]] = {"consume": [], "minimal": [], "3 layers": [], "reserve": [], "commit": [],
+                                          "release": []}
+        sides = ("consume", "minimal") + (("3 layers",) if layers else ()) + \
+            (("reserve", "commit", "release") if settle else ())
         held: list[str] = []  # reservations the reserve side made, committed by the commit side
         for side in sides * 2:
+            if side == "release":  # the holds it releases, made before the count starts
+                for i in range(0, calls, 64):
+                    rs = await asyncio.gather(*[decider.reserve(ident, feature, 2, u, ttl_s=600) for u in ids[i:i + 64]])
+                    assert all(d.status == 201 for d in rs), rs[0]
+                    held += [d.event_id for d in rs]
             subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, check=False)
             for i in range(0, calls, 64):
                 part = ids[i:i + 64]
@@ -147,6 +154,9 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
                     held += [d.event_id for d in rs]
                 elif side == "commit":
                     cs = await asyncio.gather(*[decider.commit(ident, held.pop(), 1) for _ in part])
+                    assert all(d.status == 200 for d in cs), cs[0]
+                elif side == "release":
+                    cs = await asyncio.gather(*[decider.release(ident, held.pop()) for _ in part])
                     assert all(d.status == 200 for d in cs), cs[0]
                 elif side != "minimal":
                     who = ident if side == "consume" else ident3
@@ -161,7 +171,7 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
         c, m = min(counts["consume"]), min(counts["minimal"])
         print(f"{Path(server).name} {version}, {calls} calls a side, {users} user ids")
         print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}")
-        for side in ("reserve", "commit"):
+        for side in ("reserve", "commit", "release"):
             if counts[side]:
                 print(f"{side} {min(counts[side]):,.0f}: {min(counts[side]) / m:.2f}x the minimal script")
         if layers:

@@ -22,19 +22,59 @@ local function take_globals()
   json_encode, json_decode = G.cjson.encode, G.cjson.decode
 end
 
-local function now_us()
-  local t = call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Texts read back call after call (a period's end, a limit, a cost, holds_due, TIME's seconds)
+-- as numbers: a table read instead of tonumber, which parses the text twice with strtod (~1,100
+-- instructions). NUMBERS holds the texts of -1..99 (a nought held or left most often) and the
+-- texts number_of() parsed, bounded by a count (then it starts again from the small ones; kept
+-- small: every table the library keeps is walked by each garbage collection, a 1,000-entry one
+-- measured ~600 instructions a call). A text that changes every call (a balance) is not
+-- remembered: `text + 0` parses it once (the same conversion as tonumber's, for the integer
+-- texts the scripts write).
+local NUMBERS, numbers_n = {}, 0  -- text -> number; filled by init()
+local SMALL_NUMBERS, DIGITS3 = {}, {}  -- filled by init(): n -> '<n>' (-1..1023), n -> '%03d' (0..999)
+local function small_texts(t)
+  for n = -1, 99 do t[SMALL_NUMBERS[n]] = n end
+  return t
+end
+local function number_of(text)
+  local n = tonumber(text)
+  if n == nil then return nil end
+  if numbers_n >= 256 then NUMBERS, numbers_n = small_texts({}), 0 end  -- bounded
+  NUMBERS[text] = n
+  numbers_n = numbers_n + 1
+  return n
 end
 
--- An integer as text, for strings built in Lua (concatenating a number writes 1e+15). Numbers
--- sent to Redis go as they are: redis.call writes an integral number as its digits, exactly up to
--- 2^53 (the money range), in C, several times cheaper than formatting them here.
+local function now_us()
+  local t = call('TIME')
+  local s = t[1]
+  return (NUMBERS[s] or number_of(s)) * 1000000 + t[2]
+end
+
+-- An integer as text, for strings built in Lua (concatenating a number writes 1e+15), and for
+-- the numbers the usual consume sends Redis: redis.call writes a Lua number as its digits, exactly
+-- up to 2^53 (the money range), but Redis 7.0 with snprintf('%.17g') (~2,700 instructions; Valkey
+-- and later Redis more cheaply); the other operations send theirs as they are.
 -- The small integers an answer or an event carries most (costs, rate-limit counts, -1 for none)
--- are made once: a table read instead of a format call (~1,300 instructions) each.
-local SMALL_NUMBERS = {}  -- filled by init()
+-- are made once: a table read instead of a format call (~1,300 instructions) each. A larger
+-- whole number (a balance, a time in µs) is joined from groups of three digits made once, one
+-- concatenation: a fifth of a format call.
+local function fmt_large(n)
+  -- Exact below 2^53 (the money range; µs until the year 2255): n % 1000 of such a double is exact.
+  if n < 1000 or n >= 9007199254740992 or n % 1 ~= 0 then return format('%d', n) end
+  local a = n % 1000; n = (n - a) / 1000
+  if n < 1000 then return SMALL_NUMBERS[n] .. DIGITS3[a] end
+  local b = n % 1000; n = (n - b) / 1000
+  if n < 1000 then return SMALL_NUMBERS[n] .. DIGITS3[b] .. DIGITS3[a] end
+  local c = n % 1000; n = (n - c) / 1000
+  if n < 1000 then return SMALL_NUMBERS[n] .. DIGITS3[c] .. DIGITS3[b] .. DIGITS3[a] end
+  local d = n % 1000; n = (n - d) / 1000
+  if n < 1000 then return SMALL_NUMBERS[n] .. DIGITS3[d] .. DIGITS3[c] .. DIGITS3[b] .. DIGITS3[a] end
+  local e = n % 1000; n = (n - e) / 1000
+  return SMALL_NUMBERS[n] .. DIGITS3[e] .. DIGITS3[d] .. DIGITS3[c] .. DIGITS3[b] .. DIGITS3[a]
+end
 local function fmt(n)
-  return SMALL_NUMBERS[n] or format('%d', n)
+  return SMALL_NUMBERS[n] or fmt_large(n)
 end
 
 -- Names the positional values of KEYS or ARGV: bind(ARGV, {'event_id', 'org'}).event_id.
@@ -85,6 +125,12 @@ local QUOTA_FIELDS = {limit = 'lim', used = 'used', held = 'h', period_end = 'pe
 -- expires (unix s; 0 none; absent: not known, as before it was kept). A decision sweeps expired
 -- holds only once that time has come, so the usual one reads no reservation at all.
 local HOLDS_DUE = 'holds_due'
+-- The balance hash's other org field: whether the org's quota hash may hold a sub-quota. '0': it
+-- is empty (no user or team has one: the usual consume reads none), '1': it may (read the
+-- caller's); absent: not known (from before the field, or a sub-quota write removed it), look.
+-- The usual consume records it; every write of a sub-quota limit (store.set_sub_quota, rebuild,
+-- the configuration repair) removes it in the same atomic step, so '0' is never stale.
+local SUB_QUOTAS = 'sub_quotas'
 -- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
 local USER_FIELDS = {rate = 'rl'}
 
@@ -161,6 +207,22 @@ local function compile_reply()
   end
   return _G.loadstring('local fmt, none = ...; return function(r, more) more = more or none return '
     .. concat(parts, " .. '\\t' .. ") .. ' end')(fmt, {})
+end
+
+-- pack_reply(status, code, cost, ...): the same text from every field given, in REPLY order, no
+-- table (the usual consume's); compiled by init() from REPLY.
+local pack_reply
+
+-- fmt(x) as an expression for the compiled packers: inline, a call fewer (~200 instructions) a field.
+local function fmt_inline(x)
+  return '(small[' .. x .. '] or fmt_large(' .. x .. '))'
+end
+
+local function compile_pack_reply()
+  local parts = {}
+  for i, name in ipairs(REPLY) do parts[i] = type(REPLY_DEFAULTS[name]) == 'number' and fmt_inline(name) or name end
+  return _G.loadstring('local small, fmt_large = ...; return function(' .. concat(REPLY, ', ') .. ') return '
+    .. concat(parts, " .. '\\t' .. ") .. ' end')(SMALL_NUMBERS, fmt_large)
 end
 
 -- A stored answer given again: marked as a replay (its `replay` field set to 1).
@@ -241,9 +303,9 @@ local pack_event
 
 local function compile_pack_event()
   local parts = {}
-  for i, name in ipairs(EVENT_FIELDS) do parts[i] = EVENT_NUMBERS[name] and 'fmt(' .. name .. ')' or name end
-  return _G.loadstring('local fmt = ...; return function(' .. concat(EVENT_FIELDS, ', ') .. ') return '
-    .. concat(parts, " .. '\\t' .. ") .. ' end')(fmt)
+  for i, name in ipairs(EVENT_FIELDS) do parts[i] = EVENT_NUMBERS[name] and fmt_inline(name) or name end
+  return _G.loadstring('local small, fmt_large = ...; return function(' .. concat(EVENT_FIELDS, ', ') .. ') return '
+    .. concat(parts, " .. '\\t' .. ") .. ' end')(SMALL_NUMBERS, fmt_large)
 end
 
 local Events = {}
@@ -309,14 +371,35 @@ Meter.__index = Meter
 -- refund takes back as far as it is unspent), '<meter>:lots' = JSON [{i = id, n = left, x = 0|expiry}].
 -- Purchased credit outside any lot (`p` less the lots) is the free pool. Spending draws lots that
 -- expire, earliest first, then the free pool, then lots that never expire, oldest first.
-local function decode_lots(raw)
-  if not raw or raw == '' then return {} end
-  local lots = json_decode(raw)
-  if type(lots) ~= 'table' then return {} end
+-- Decoded once per text (a library's state lives across calls): the text a decision writes is
+-- what the next one reads, so lots_text() keeps the lots it encoded, by their text, and the
+-- call that reads that text takes them (out of the memo: it may change them). At most 32 kept.
+local LOTS, lots_n = {}, 0
+local function known_lots(raw, lots)
+  if lots_n >= 32 then LOTS, lots_n = {}, 0 end
+  LOTS[raw] = lots
+  lots_n = lots_n + 1
+end
+-- The lots of a text, kept in the memo (decoded on a miss): for a reader that may not change them.
+local function lots_of(raw)
+  local lots = LOTS[raw]
+  if lots then return lots end
+  lots = json_decode(raw)
+  if type(lots) ~= 'table' then lots = {} end
+  known_lots(raw, lots)
   return lots
 end
 
--- One HMGET reads every field of the meter (the alerts' too) and when holds fall due.
+-- The lots of a text, the caller's own (out of the memo: it may change them).
+local function decode_lots(raw)
+  if not raw or raw == '' then return {} end
+  local lots = lots_of(raw)
+  LOTS[raw] = nil
+  return lots
+end
+
+-- One HMGET reads every field of the meter (the alerts' too) and when holds fall due (the usual
+-- consume reads the same, then SUB_QUOTAS, itself).
 local function read_meter(bal_key, meter)
   local f = meter_fields(meter)
   return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
@@ -385,9 +468,15 @@ end
 -- Lots past their expiry stop counting: each is taken out of `p` by an `expire` event (pending,
 -- like a reset, so read-only callers see the same numbers and only save() writes).
 function Meter:expire_lots(now_s)
-  if #self.lots == 0 then return end
+  local lots = self.lots
+  local due = false
+  for j = 1, #lots do
+    local x = lots[j].x
+    if x > 0 and x <= now_s then due = true; break end
+  end
+  if not due then return end  -- the usual case: nothing to rebuild
   local kept = {}
-  for _, lot in ipairs(self.lots) do
+  for _, lot in ipairs(lots) do
     if lot.x > 0 and lot.x <= now_s then
       local n = min(lot.n, self.p)
       if n > 0 then
@@ -397,7 +486,7 @@ function Meter:expire_lots(now_s)
       end
       self.lots_dirty = true
     else
-      insert(kept, lot)
+      kept[#kept + 1] = lot
     end
   end
   self.lots = kept
@@ -411,7 +500,7 @@ function Meter:draw_lots(amount, p_before)
   for _, lot in ipairs(self.lots) do in_lots = in_lots + lot.n end
   local free = max(0, p_before - in_lots)
   local order = {}
-  for i, lot in ipairs(self.lots) do if lot.x > 0 then insert(order, i) end end
+  for i, lot in ipairs(self.lots) do if lot.x > 0 then order[#order + 1] = i end end
   sort(order, function(x, y) return self.lots[x].x < self.lots[y].x end)
   local left = amount
   local function take(i)
@@ -427,21 +516,67 @@ end
 
 -- Forgets spent lots that never expire. A spent lot that expires stays until its expiry: a
 -- refund of a charge it paid finds it there and puts its share back (gone: expired, not restored).
+local function unspent(lots)
+  for j = 1, #lots do
+    local lot = lots[j]
+    if lot.n <= 0 and lot.x <= 0 then  -- one to forget: the list without it (and any other)
+      local kept = {}
+      for i = 1, #lots do
+        lot = lots[i]
+        if lot.n > 0 or lot.x > 0 then kept[#kept + 1] = lot end
+      end
+      return kept
+    end
+  end
+  return lots
+end
+
 function Meter:drop_spent_lots()
-  local kept = {}
-  for _, lot in ipairs(self.lots) do if lot.n > 0 or lot.x > 0 then insert(kept, lot) end end
-  self.lots = kept
+  self.lots = unspent(self.lots)
   self.lots_dirty = true
 end
 
-function Meter:save_lots()
-  if not self.lots_dirty then return end
-  if #self.lots == 0 then
-    call('HDEL', self.key, self.f.lots)
-  else
-    call('HSET', self.key, self.f.lots, json_encode(self.lots))
+-- The lots' text as src/sync_worker/lots.py encode() writes it, [{"i":id,"n":left,"x":expiry},...],
+-- the integers in full (cjson writes 14 significant digits, through snprintf). A lot's id and
+-- expiry never change: their text is made once per lot and kept on it (the memo above keeps the
+-- lot across calls), so a write formats only what is left of each.
+local function lot_text(lot)
+  local head = lot.head
+  if not head then
+    head = '{"i":' .. json_encode(lot.i) .. ',"n":'
+    lot.head, lot.tail = head, ',"x":' .. fmt(lot.x) .. '}'
   end
+  return head .. fmt(lot.n) .. lot.tail
+end
+local function encode_lots(lots)
+  if #lots == 1 then return '[' .. lot_text(lots[1]) .. ']' end
+  local parts = {}
+  for j = 1, #lots do parts[j] = lot_text(lots[j]) end
+  return '[' .. concat(parts, ',') .. ']'
+end
+
+-- The text of changed lots when some are left, for the caller's HSET (one with the meter's
+-- fields), kept in the memo; else nil (none left: their field is deleted here).
+local function changed_lots_text(bal_key, field, lots)
+  if #lots == 0 then
+    call('HDEL', bal_key, field)
+    return nil
+  end
+  local raw = encode_lots(lots)
+  known_lots(raw, lots)  -- written last: nothing changes them after this
+  return raw
+end
+
+-- The lots' text when they changed (changed_lots_text), else nil.
+function Meter:lots_text()
+  if not self.lots_dirty then return nil end
   self.lots_dirty = false
+  return changed_lots_text(self.key, self.f.lots, self.lots)
+end
+
+function Meter:save_lots()
+  local raw = self:lots_text()
+  if raw then call('HSET', self.key, self.f.lots, raw) end
 end
 
 -- The lot that expires next: expiry (unix s) and amount, or 0, 0.
@@ -463,20 +598,23 @@ end
 -- The credit layers, in order, with what each has (nothing taken yet).
 function Meter:credit_layers(order)
   if #self.lots == 0 then return {{layer = 'purchased', had = max(0, self.p), take = 0}} end
+  local lots = self.lots
   local in_lots, never = 0, 0
   local grants = {}
-  for i, lot in ipairs(self.lots) do
+  for i = 1, #lots do
+    local lot = lots[i]
     in_lots = in_lots + lot.n
-    if lot.x > 0 then insert(grants, i) else never = never + lot.n end
+    if lot.x > 0 then grants[#grants + 1] = i else never = never + lot.n end
   end
-  sort(grants, function(x, y) return self.lots[x].x < self.lots[y].x end)
+  if #grants > 1 then sort(grants, function(x, y) return lots[x].x < lots[y].x end) end
   local out = {}
   local purchased = {layer = 'purchased', had = max(0, self.p - in_lots) + never, take = 0}
-  if order == 'pg' then insert(out, purchased) end
-  for _, i in ipairs(grants) do
-    insert(out, {layer = 'grant:' .. self.lots[i].i, had = self.lots[i].n, take = 0, lot = i})
+  if order == 'pg' then out[1] = purchased end
+  for j = 1, #grants do
+    local i = grants[j]
+    out[#out + 1] = {layer = 'grant:' .. lots[i].i, had = lots[i].n, take = 0, lot = i}
   end
-  if order ~= 'pg' then insert(out, purchased) end
+  if order ~= 'pg' then out[#out + 1] = purchased end
   return out
 end
 
@@ -491,7 +629,7 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
   local left = price
   if not credit_only then
     local take = min(self.a, left)
-    insert(layers, {layer = 'allocated', had = self.a, take = take})
+    layers[#layers + 1] = {layer = 'allocated', had = self.a, take = take}
     total, left = take, left - take
     -- alloc_overflow 0: no credit past the allocation (a meter the plan leaves out runs on credit).
     if left > 0 and alloc_overflow == 0 and (self.lim or 0) > 0 then
@@ -500,10 +638,12 @@ function Meter:waterfall(price, credit_only, mult, alloc_overflow, order)
   end
   if left > 0 then
     local need = left * max(1, mult)
-    for _, l in ipairs(self:credit_layers(order)) do
+    local credit = self:credit_layers(order)
+    for j = 1, #credit do
+      local l = credit[j]
       l.take = min(l.had, need)
       need, total = need - l.take, total + l.take
-      insert(layers, l)
+      layers[#layers + 1] = l
     end
     if need > 0 then
       local last = layers[#layers]
@@ -531,7 +671,8 @@ end
 function Meter:take(layers, total)
   self.u = self.u + total
   local from_a, from_p = 0, 0
-  for _, l in ipairs(layers) do
+  for j = 1, #layers do
+    local l = layers[j]
     if l.take > 0 then
       if l.layer == 'allocated' then
         self.a = self.a - l.take; from_a = from_a + l.take
@@ -584,23 +725,34 @@ function Meter:save_pending(events, user, feature)
 end
 
 -- Writes a, p and u only (commit, refund: the period and the holds are as loaded).
+-- Writes a, p and u only (commit, refund: the period and the holds are as loaded), with the
+-- lots when they changed: one HSET.
 function Meter:save_spend()
-  local f = self.f
-  call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u)
-  self:save_lots()
+  local f, lots = self.f, self:lots_text()
+  if lots then
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u, f.lots, lots)
+  else
+    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.used, self.u)
+  end
 end
 
--- The period's fields (end, limit, purchased at its start) only when refresh() moved them.
+-- The period's fields (end, limit, purchased at its start) only when refresh() moved them, the
+-- lots only when they changed: one HSET.
 function Meter:save(events, user, feature)
   self:save_pending(events, user, feature)
-  local f = self.f
-  if self.period_moved then
-    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh,
-      f.used, self.u, f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  local f, key, lots = self.f, self.key, self:lots_text()
+  local held = self.h + self.xh
+  if self.period_moved and lots then
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u,
+      f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps, f.lots, lots)
+  elseif self.period_moved then
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u,
+      f.period_end, self.pe, f.limit, self.lim, f.purchased_at_start, self.ps)
+  elseif lots then
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u, f.lots, lots)
   else
-    call('HSET', self.key, f.allocated, self.a, f.purchased, self.p, f.held, self.h + self.xh, f.used, self.u)
+    call('HSET', key, f.allocated, self.a, f.purchased, self.p, f.held, held, f.used, self.u)
   end
-  self:save_lots()
 end
 
 -- Low-balance alerts. `spec`: thresholds, percent of the period's base (its allocation plus the
@@ -684,7 +836,7 @@ local function load_quotas(q_key, rec, meter, pe, expired)
   local qs = {}
   for _, subject in ipairs({rec.ut or '', rec.tt or ''}) do
     local q = load_quota(q_key, subject, meter, pe, expired)
-    if q then insert(qs, q) end
+    if q then qs[#qs + 1] = q end
   end
   return qs
 end
@@ -715,7 +867,7 @@ local function rate_limits(limits, now)
       ok = false
       if wait > retry then retry = wait end
     else
-      insert(writes, {r[1], tat, reset})
+      writes[#writes + 1] = {r[1], tat, reset}
     end
     if best_rem < 0 or rem < best_rem then
       best_limit, best_rem, best_reset = r[3], rem, reset
@@ -798,8 +950,8 @@ local NO_QUOTAS = {}  -- read only
 local function quotas(req)
   if not req.uq and not req.tq then return NO_QUOTAS end
   local qs = {}
-  if req.uq then insert(qs, req.uq) end
-  if req.tq then insert(qs, req.tq) end
+  if req.uq then qs[#qs + 1] = req.uq end
+  if req.tq then qs[#qs + 1] = req.tq end
   return qs
 end
 
@@ -1013,14 +1165,54 @@ local function gate(k, a, write, now, meter_read)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
 end
 
+-- The waterfall of a usual consume's charge with credit lots (Meter:waterfall, allocation first,
+-- written out for the shape lots are mostly in: at most one that expires), without the layers'
+-- tables. Plans only: the allocated part, the lot that expires and its part, the purchased part
+-- (the free pool, then lots that never expire) and what the lots held in all; nil when the
+-- charge does not fit or the lots are another shape (the meter's own waterfall then decides).
+local function plan_lots_charge(lots, a, p, held, lim, price, overflow, order)
+  local in_lots, never, grant = 0, 0, nil
+  for j = 1, #lots do
+    local lot = lots[j]
+    in_lots = in_lots + lot.n
+    if lot.x > 0 then
+      if grant then return nil end  -- two that expire: in the order of their expiry (the waterfall's)
+      grant = lot
+    else
+      never = never + lot.n
+    end
+  end
+  local from_a = a < price and a or price
+  local left = price - from_a
+  local from_g, from_p = 0, 0
+  if left > 0 then
+    if overflow == 0 and lim > 0 then return nil end
+    local need = overflow > 1 and left * overflow or left
+    local pool = p - in_lots
+    pool = (pool > 0 and pool or 0) + never
+    local granted = grant and grant.n or 0
+    if order == 'pg' then
+      from_p = pool < need and pool or need
+      from_g = granted < need - from_p and granted or need - from_p
+    else
+      from_g = granted < need and granted or need
+      from_p = pool < need - from_g and pool or need - from_g
+    end
+    if from_g + from_p < need then return nil end
+  end
+  if from_a + from_g + from_p > a + p - held then return nil end
+  return from_a, grant, from_g, from_p, in_lots
+end
+
 -- --- The usual consume, straight through. ----------------------------------------------
 -- Most decisions are the same shape: no idempotency key, a user without a sub-quota, at most a
--- user rate window (not past it), a meter in its period with no credit lots and no hold due, a
--- charge that fits and crosses no alert threshold. usual_consume decides exactly those with
--- the gate's rules in straight-line code, none of the steps' tables (292k instructions a call
--- through the steps, 207k straight: docs/benchmarks.md), and returns nil, having written
--- nothing, for anything else (with the server time and the meter it read, once it has them):
--- the gate then decides it from those.
+-- user rate window (not past it), a meter in its period with no credit lot past its expiry and
+-- no hold due, a charge that fits and crosses no alert threshold. usual_consume decides exactly
+-- those with the gate's rules in straight-line code, none of the steps' tables (292k instructions
+-- a call through the steps, 207k straight: docs/benchmarks.md) but for credit lots, drawn by the
+-- meter's own waterfall (Meter:waterfall, Meter:take) as the gate draws them, and returns nil, having written
+-- nothing (but the SUB_QUOTAS mark, a fact about the quota hash), for anything else (with the
+-- server time and the meter it read, once it has them): the gate then decides it from those.
 -- tests/test_usual_consume.py holds the two to the same answers, events and balances.
 local function usual_consume(keys, argv)
   -- KEYS and ARGV as named locals, not bound tables (binding them cost ~10 % of the call): the
@@ -1029,51 +1221,141 @@ local function usual_consume(keys, argv)
   local bal_key, quotas_key, users_key, _, _, _, stream_key = unpack(keys)
   local event_id, org, user, key_id, cost, fingerprint, metadata, shadow, terms = unpack(argv)
   if fingerprint ~= '' or shadow == '1' then return nil end
-  local t = plan_terms(terms).__index
+  -- (The caches read here, their function only on a miss: a call saved each.)
+  local t = (PLAN_TERMS[terms] or plan_terms(terms)).__index
   if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
-  local now = now_us()
-  local now_s = floor(now / 1000000)
+  local x = call('TIME')  -- now_us(), with the seconds kept
+  local now_s = NUMBERS[x[1]] or number_of(x[1])
+  local now = now_s * 1000000 + x[2]
   local meter = t.meter
-  local f = meter_fields(meter)
-  local v = read_meter(bal_key, meter)
-  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
-  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end  -- refresh, lots
-  if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
-  local al, pu, held, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
+  -- read_meter's fields, in its order, then whether the org has sub-quotas (13th).
+  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
+  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE, SUB_QUOTAS)
+  -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
+  x = v[5]
+  local pe = NUMBERS[x] or number_of(x)
+  x = v[6]
+  local lim = NUMBERS[x] or number_of(x)
+  if pe == nil or now_s >= pe or lim ~= t.allocation then return nil, now, v end  -- refresh
+  local raw_lots = v[9]
+  if raw_lots == '' then raw_lots = nil end
+  if raw_lots then  -- credit lots: none may be past its expiry (the gate records their `expire`)
+    local lots = LOTS[raw_lots] or lots_of(raw_lots)
+    for j = 1, #lots do
+      x = lots[j].x
+      if x > 0 and x <= now_s then return nil, now, v end
+    end
+  end
+  x = v[12]
+  if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then return nil, now, v end  -- the sweep
+  x = v[2]
+  local pu = NUMBERS[x] or x and x + 0 or 0
   if lim == 0 and pu <= 0 then return nil, now, v end  -- nothing to charge from, maybe forbidden: the gate says
+  x = v[1]
+  local al = NUMBERS[x] or x and x + 0 or 0
+  x = v[3]
+  local held = NUMBERS[x] or x and x + 0 or 0
+  x = v[4]
+  local used = NUMBERS[x] or x and x + 0 or 0
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
   local team, tat, new_tat, rl_rem, rl_reset = nil, nil, nil, -1, 0
-  local rl_interval, rl_burst = t.rl_user_interval_us, t.rl_user_burst
+  local rl_interval = t.rl_user_interval_us
+  local rate_field
   if user ~= '' then
-    local rate_field = user .. ':' .. USER_FIELDS.rate
+    rate_field = user .. ':' .. USER_FIELDS.rate
     if rl_interval > 0 then
       local u = call('HMGET', users_key, user, rate_field)
-      team, tat = u[1], tonumber(u[2])
+      team, x = u[1], u[2]
+      if x then tat = x + 0 end
     else
       team = call('HGET', users_key, user)
     end
     if not team and not t.auto_register then return nil, now, v end
-    if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil, now, v end
-    if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
-      return nil, now, v
+    -- Sub-quotas: none to read in an org that has none (SUB_QUOTAS '0'); not known: the quota
+    -- hash says, recorded now (a fact about the hash, whatever this call decides).
+    local has_sub_quotas = v[13]
+    if not has_sub_quotas then
+      has_sub_quotas = call('HLEN', quotas_key) == 0 and '0' or '1'
+      call('HSET', bal_key, SUB_QUOTAS, has_sub_quotas)
+    end
+    if has_sub_quotas ~= '0' then
+      if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return nil, now, v end
+      if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
+        return nil, now, v
+      end
     end
     if rl_interval > 0 then
       local allowed, wait
-      allowed, new_tat, wait, rl_rem, rl_reset = gcra(tat, rl_interval, rl_burst, now)
+      allowed, new_tat, wait, rl_rem, rl_reset = gcra(tat, rl_interval, t.rl_user_burst, now)
       if not allowed then return nil, now, v end
     end
   end
-  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool).
-  cost = tonumber(cost)
+  -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool;
+  -- lots: the meter's own waterfall, as the gate draws them).
+  cost = NUMBERS[cost] or number_of(cost)
   local take_a, take_p, total = 0, 0, cost
   local unlimited = lim < 0
-  if not unlimited then
-    take_a = min(al, cost)
+  local src, lots_meter, lots, lots_dirty = '', nil, nil, false
+  local from_a, grant, from_g, from_p, in_lots
+  if raw_lots and not unlimited then
+    lots = LOTS[raw_lots] or lots_of(raw_lots)
+    from_a, grant, from_g, from_p, in_lots = plan_lots_charge(lots, al, pu, held, lim, cost, t.alloc_overflow,
+      t.credit_order)
+  end
+  if from_a then  -- the lots' shape planned above: taken as Meter:take takes (its `sources` too)
+    LOTS[raw_lots] = nil  -- the lots are this call's now
+    if from_g > 0 then
+      grant.n = grant.n - from_g
+      lots_dirty = true
+    end
+    local free = pu - in_lots
+    local left = free > 0 and from_p - free or from_p  -- past the free pool: lots that never expire, oldest first
+    if left > 0 then
+      for j = 1, #lots do
+        local lot = lots[j]
+        if left > 0 and lot.x == 0 then
+          local d = lot.n < left and lot.n or left
+          lot.n, left = lot.n - d, left - d
+          lots_dirty = true
+        end
+      end
+    end
+    if lots_dirty then
+      lots = unspent(lots)
+    else
+      known_lots(raw_lots, lots)  -- unchanged: the next reader's again
+    end
+    take_a, take_p, total = from_a, from_g + from_p, from_a + from_g + from_p
+    al, pu = al - take_a, pu - take_p
+    -- The layers that gave, in the waterfall's order: allocated, then grant and purchased (or
+    -- purchased and grant: credit_order 'pg').
+    local first, second = '', ''
+    if from_g > 0 then first = 'grant:' .. grant.i .. ':' .. fmt(from_g) end
+    if from_p > 0 then second = 'purchased:' .. fmt(from_p) end
+    if t.credit_order == 'pg' then first, second = second, first end
+    if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+    if first ~= '' then src = src == '' and first or src .. ',' .. first end
+    if second ~= '' then src = src == '' and second or src .. ',' .. second end
+  elseif raw_lots and not unlimited then
+    local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
+      lots = LOTS[raw_lots] or lots_of(raw_lots), lots_dirty = nil}, Meter)
+    local steps, planned, short = m:waterfall(cost, false, t.alloc_overflow, t.alloc_overflow, t.credit_order)
+    if short then return nil, now, v end
+    LOTS[raw_lots] = nil  -- the lots are this call's now: take() may change them
+    take_a, take_p, src = m:take(steps, planned)
+    if not m.lots_dirty then known_lots(raw_lots, m.lots) end  -- unchanged: the next reader's again
+    total = planned
+    al, pu = m.a, m.p
+    lots_meter = m
+  elseif not unlimited then  -- (min and max written out: a call each saved)
+    take_a = al < cost and al or cost
     local left = cost - take_a
     if left > 0 then
-      if t.alloc_overflow == 0 and lim > 0 then return nil, now, v end
-      take_p = left * max(1, t.alloc_overflow)
-      if take_p > max(0, pu) then return nil, now, v end
+      local overflow = t.alloc_overflow
+      if overflow == 0 and lim > 0 then return nil, now, v end
+      take_p = overflow > 1 and left * overflow or left
+      if take_p > pu then return nil, now, v end  -- (take_p > 0: as take_p > max(0, pu))
     end
     total = take_a + take_p
     if total > al + pu - held then return nil, now, v end
@@ -1083,40 +1365,59 @@ local function usual_consume(keys, argv)
   -- Alerts: none may be crossed here (the gate records them).
   local spec = t.alert_thresholds
   if spec ~= '' and not unlimited then
-    local base = max(lim, 0) + (tonumber(v[8]) or 0)
+    x = v[8]
+    local base = (lim > 0 and lim or 0) + (NUMBERS[x] or number_of(x) or 0)
     if base > 0 then
       local avail = al + pu - held
-      local ts = thresholds(spec)
+      local ts = THRESHOLDS[spec] or thresholds(spec)
       if avail * 100 <= ts.top * base then
         local lowest = 101
-        if tonumber(v[10]) == pe then lowest = tonumber(v[11]) or 101 end
+        x = v[10]
+        if (NUMBERS[x] or number_of(x)) == pe then
+          x = v[11]
+          lowest = NUMBERS[x] or number_of(x) or 101
+        end
         for i = 1, #ts do
           if ts[i] < lowest and avail * 100 <= ts[i] * base then return nil, now, v end
         end
       end
     end
   end
-  -- Decided: write the meter, the user, the event.
-  call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used)
+  -- Decided: write the meter, the user, the event. Numbers go to Redis as text made here (fmt):
+  -- Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions each.
+  -- (fmt written out: a call each saved.)
+  -- The lots when the charge drew one (lots_text(): after every refusal, it may delete their field).
+  local lots_text
+  if lots_meter then lots_text = lots_meter:lots_text() elseif lots_dirty then
+    lots_text = changed_lots_text(bal_key, f.lots, lots)
+  end
+  if lots_text then
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
+      SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)
+  else
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
+      SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used))
+  end
   if user ~= '' then
     if not team and new_tat then
-      call('HSET', users_key, user, '', user .. ':' .. USER_FIELDS.rate, new_tat)
+      call('HSET', users_key, user, '', rate_field, fmt_large(new_tat))
     elseif not team then
       call('HSET', users_key, user, '')
     elseif new_tat then
-      call('HSET', users_key, user .. ':' .. USER_FIELDS.rate, new_tat)
+      call('HSET', users_key, rate_field, fmt_large(new_tat))
     end
   end
-  local src = ''
-  if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
-  if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  if not raw_lots then
+    if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
+    if take_p > 0 then
+      src = (src == '' and '' or src .. ',') .. 'purchased:' .. (SMALL_NUMBERS[take_p] or fmt_large(take_p))
+    end
+  end
   -- The event (no sink table: this is the only one).
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
     -(take_a + take_p), -take_p, total, al + pu, now, src, metadata))
-  local rl_limit = -1
-  if new_tat then rl_limit = rl_burst end
-  return reply({cost = total, remaining = unlimited and -1 or al + pu - held, event_id = event_id,
-    sources = src, rl_limit = rl_limit, rl_remaining = rl_rem, rl_reset = ceil(rl_reset / 1000000)})
+  return pack_reply(200, '', total, unlimited and -1 or al + pu - held, event_id, 0, new_tat and t.rl_user_burst or -1,
+    rl_rem, ceil(rl_reset / 1000000), 0, '', '', src, '')
 end
 
 -- The waterfall as evaluated (check with explain): each layer, what it had and would give,
@@ -1207,6 +1508,302 @@ local function settle_finish(op, k, a, rep)
   return rep
 end
 
+-- --- The usual reserve, commit and release, straight through. ----------------------------
+-- As usual_consume for consume: the common shape (no idempotency key, no shadow, no sub-quota,
+-- at most a user rate window and not past it, a meter in its period with no credit lots and no
+-- hold due, a hold or charge that fits, no alert threshold crossed) decided in straight-line
+-- code by the same rules; anything else returns nil having written nothing, and the general
+-- path (the gate; settle_start) decides it. tests/test_usual_settle.py holds the two to the
+-- same answers, events, balances and replays.
+--
+-- The JSON these write (the reservation record, the events' meta, the answer's extra, the
+-- settled answer) is the text cjson writes for the same table, key for key in cjson's order,
+-- built by concatenation: a cjson encode of a table was ~9,000 instructions, three a reserve.
+-- Every reader (settle_start, the sweeps, expired_holds) still reads it with cjson.
+
+-- A JSON string literal is cjson's own (a string alone: ~1,200 instructions, less than a Lua
+-- pattern scanning it for what needs escaping). A name of the config (meter, feature, credit
+-- order) or a key id is few and repeats: its literal is kept, one table read a call.
+local NAME_JSON, name_json_n = {}, 0
+local function json_name(s)
+  local found = NAME_JSON[s]
+  if found then return found end
+  found = json_encode(s)
+  if name_json_n >= 1000 then NAME_JSON, name_json_n = {}, 0 end  -- bounded
+  NAME_JSON[s] = found
+  name_json_n = name_json_n + 1
+  return found
+end
+
+-- A JSON integer as cjson writes it: its 14 significant digits (1e+14 and up lose the rest).
+local function json_int(n)
+  if n < 1e14 and n > -1e14 then return fmt(n) end
+  return format('%.14g', n)
+end
+
+-- The reservation record (reserve.lua's table) with no rate-window multiple (co) and no
+-- sub-quota (ut, tt ''), in cjson's key order, and the pattern that reads exactly that text back
+-- (strings without escapes, integers): ~9,700 instructions, a cjson decode ~15,700. Any other
+-- record (an escaped string, a multiple, a sub-quota, an older writer's order) is decoded.
+-- (`expires` and `held` as JSON already: the event and the answer write them too.)
+local function usual_hold_text(meter, held, unit, user, feature, key_id, expires, order)
+  return '{"exp":' .. expires .. ',"u":' .. json_encode(user) .. ',"unit":' .. json_int(unit) .. ',"held":'
+    .. held .. ',"k":' .. json_name(key_id) .. ',"tt":"","m":' .. json_name(meter) .. ',"ut":"","o":'
+    .. json_name(order) .. ',"f":' .. json_name(feature) .. '}'
+end
+local USUAL_HOLD = '^{"exp":(%d+),"u":"([^"\\]*)","unit":(%d+),"held":(%d+),"k":"[^"\\]*","tt":"",'
+  .. '"m":"([^"\\]*)","ut":"","o":"[^"\\]*","f":"([^"\\]*)"}$'
+
+-- A hold's expiry, user, unit cost, amount, meter and feature if it is of the usual shape (no
+-- multiple, no sub-quota), else nil. (The credit order is moot: the usual meter has no lots.)
+local function read_usual_hold(raw)
+  local exp, u, unit, held, m, f = match(raw, USUAL_HOLD)
+  if exp then return tonumber(exp), u, tonumber(unit), tonumber(held), m, f end
+  local rec = json_decode(raw)
+  if rec.co or not rec.unit or not rec.exp or (rec.ut or '') ~= '' or (rec.tt or '') ~= '' then return nil end
+  return rec.exp, rec.u or '', rec.unit, rec.held, rec.m, rec.f or ''
+end
+
+-- The user of a straight call: known (or registered by it), no sub-quota, inside its rate window
+-- (usual_consume's rules). Returns ok, team, the new window (nil: none), its remaining, its reset.
+local function usual_user(t, users_key, quotas_key, user, meter, now)
+  local team, tat, new_tat, rl_rem, rl_reset = nil, nil, nil, -1, 0
+  if user == '' then return true, team, new_tat, rl_rem, rl_reset end
+  local rl_interval = t.rl_user_interval_us
+  if rl_interval > 0 then
+    local u = call('HMGET', users_key, user, user .. ':' .. USER_FIELDS.rate)
+    team, tat = u[1], tonumber(u[2])
+  else
+    team = call('HGET', users_key, user)
+  end
+  if not team and not t.auto_register then return false end
+  if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return false end
+  if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
+    return false
+  end
+  if rl_interval > 0 then
+    local allowed, _
+    allowed, new_tat, _, rl_rem, rl_reset = gcra(tat, rl_interval, t.rl_user_burst, now)
+    if not allowed then return false end
+  end
+  return true, team, new_tat, rl_rem, rl_reset
+end
+
+-- The user's registration and window, as save_rate_limits writes them.
+local function save_usual_user(users_key, user, team, new_tat)
+  if user == '' then return end
+  if not team and new_tat then
+    call('HSET', users_key, user, '', user .. ':' .. USER_FIELDS.rate, new_tat)
+  elseif not team then
+    call('HSET', users_key, user, '')
+  elseif new_tat then
+    call('HSET', users_key, user .. ':' .. USER_FIELDS.rate, new_tat)
+  end
+end
+
+-- Would charging leave `avail` at or below a threshold not yet alerted in this period (Meter:alerts)?
+local function crosses_alert(spec, v, lim, pe, avail)
+  if spec == '' or lim < 0 then return false end
+  local base = max(lim, 0) + (tonumber(v[8]) or 0)
+  if base <= 0 then return false end
+  local ts = thresholds(spec)
+  if avail * 100 > ts.top * base then return false end
+  local lowest = 101
+  if tonumber(v[10]) == pe then lowest = tonumber(v[11]) or 101 end
+  for i = 1, #ts do
+    if ts[i] < lowest and avail * 100 <= ts[i] * base then return true end
+  end
+  return false
+end
+
+-- reserve.lua's usual case. Returns the answer, or nil with the server time and read_meter's
+-- reply once it has them (for the gate).
+local function usual_reserve(keys, argv)
+  -- GATE_KEYS and GATE_ARGV in order (tests/test_lua_interface.py reads these two lines).
+  local bal_key, quotas_key, users_key, _, _, _, stream_key, reservations_key, expiries_key = unpack(keys)
+  local event_id, org, user, key_id, cost, fingerprint, _, shadow, terms, reservation_ttl_s, unit_cost, min_cost,
+    explain = unpack(argv)
+  if fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
+  local t = plan_terms(terms).__index
+  if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
+  local now = now_us()
+  local now_s = floor(now / 1000000)
+  local meter = t.meter
+  local v = read_meter(bal_key, meter)
+  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
+  -- A period to refresh, lots: the gate.
+  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end
+  if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
+  local al, pu, held = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if lim == 0 and pu <= 0 then return nil, now, v end  -- maybe forbidden: the gate says
+  local ok, team, new_tat, rl_rem, rl_reset = usual_user(t, users_key, quotas_key, user, meter, now)
+  if not ok then return nil, now, v end
+  -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
+  -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
+  -- purchased credit at the plan's multiple (no lots: one pool).
+  cost = tonumber(cost)
+  local unlimited = lim < 0
+  local total = cost
+  if not unlimited then
+    min_cost = min_cost ~= '0' and tonumber(min_cost) or 0
+    if min_cost > 0 and cost > al + pu - held and al + pu - held >= min_cost then cost = al + pu - held end
+    local take_a = min(al, cost)
+    local take_p = 0
+    local left = cost - take_a
+    if left > 0 then
+      if t.alloc_overflow == 0 and lim > 0 then return nil, now, v end
+      take_p = left * max(1, t.alloc_overflow)
+      if take_p > max(0, pu) then return nil, now, v end
+    end
+    total = take_a + take_p
+    if total > al + pu - held then return nil, now, v end
+  end
+  -- Decided: the hold, its record and expiry, the user, the event.
+  held = held + total
+  local expires = now_s + tonumber(reservation_ttl_s)
+  local expires_text, total_text = json_int(expires), json_int(total)
+  local f = meter_fields(meter)
+  -- The earliest hold's expiry, once known (as reserve.lua).
+  if due == 0 or expires < due then
+    call('HSET', bal_key, f.held, held, HOLDS_DUE, expires_text)
+  else
+    call('HSET', bal_key, f.held, held)
+  end
+  save_usual_user(users_key, user, team, new_tat)
+  call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text, tonumber(unit_cost) or total, user,
+    t.feature, key_id, expires_text, t.credit_order))
+  call('ZADD', expiries_key, expires_text, event_id)
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'reserve', org, user, key_id, meter, t.feature,
+    0, 0, 0, al + pu, now, '', '{"held":' .. total_text .. ',"reservation_id":' .. json_encode(event_id)
+    .. ',"expires_at":' .. expires_text .. '}'))
+  local rl_limit = -1
+  if new_tat then rl_limit = t.rl_user_burst end
+  return reply({status = 201, cost = total, remaining = unlimited and -1 or al + pu - held, event_id = event_id,
+    extra = '{"expires_at":' .. expires_text .. '}', rl_limit = rl_limit, rl_remaining = rl_rem,
+    rl_reset = ceil(rl_reset / 1000000)})
+end
+
+-- The caller's metadata as the commit event's `request`: cjson's text of it, as commit.lua
+-- writes it (its decode and encode change a number past 14 digits, an empty array: the same
+-- value either way). Cheaper than Lua patterns looking for those (~20,000 instructions, ~48,000).
+local function request_json(metadata)
+  return json_encode(json_decode(metadata))
+end
+
+-- The hold a straight commit or release settles: stored in the usual shape, live, and no hold
+-- of the org due (else settle_start sweeps). Not settled before: settling deletes the record in
+-- the script that stores the answer, and a reservation id is a new event id (a retry finds no
+-- record: settle_start answers it again). Its expiry is the record's: reserve writes the same
+-- number to the record and to the expiries. Returns the server time (µs, s) and the hold (user,
+-- unit cost, amount, meter, feature), or nil. (The caller reads the meter and holds_due.)
+local function usual_hold(reservations_key, rid)
+  local raw = call('HGET', reservations_key, rid)
+  if not raw then return nil end  -- settle_start says 404, or answers a retry again
+  local exp, u, unit, held, m, f = read_usual_hold(raw)
+  if not exp then return nil end
+  local now = now_us()
+  local now_s = floor(now / 1000000)
+  if now_s >= exp then return nil end  -- expired: settle_start returns it (an `expired` release)
+  return now, now_s, u, unit, held, m, f
+end
+
+-- The settled answer (settle_finish's record: a retry gets it again), as cjson writes it.
+local function usual_settled(settled_key, op, fingerprint, answer_ttl_s, rep)
+  call('SET', settled_key, '{"fp":' .. json_encode(fingerprint) .. ',"op":"' .. op .. '","reply":' .. json_encode(rep)
+    .. '}', 'EX', answer_ttl_s)
+  return rep
+end
+
+-- commit.lua's usual case: the charge as commit.lua makes it (up to the hold as far as the
+-- balance goes; beyond it, as far as what no other hold has taken, with `beyond_hold`), no
+-- threshold crossed, in the meter's period, no credit lots. Returns the answer or nil.
+local function usual_commit(settle_keys, settle_argv)
+  -- SETTLE_KEYS and SETTLE_ARGV in order (tests/test_lua_interface.py reads these two lines).
+  local bal_key, _, reservations_key, expiries_key, stream_key, settled_key = unpack(settle_keys)
+  local reservation_id, event_id, org, key_id, units, answer_ttl_s, metadata, fingerprint, beyond_hold,
+    alert_thresholds = unpack(settle_argv)
+  local now, now_s, user, unit, held, meter, feature = usual_hold(reservations_key, reservation_id)
+  if not now then return nil end
+  local v = read_meter(bal_key, meter)
+  if holds_may_be_due(tonumber(v[12]), now_s) then return nil end
+  local pe, lim = tonumber(v[5]), tonumber(v[6])
+  if pe == nil or now_s >= pe or lim == nil or (v[9] and v[9] ~= '') then return nil end  -- lots may lapse
+  local al, pu, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4]) or 0
+  if al < 0 or pu < 0 then return nil end
+  local h = (tonumber(v[3]) or 0) - held  -- the other holds (this one is given back)
+  local unlimited = lim < 0
+  local want = tonumber(units) * unit
+  local cost = min(want, held)
+  if not unlimited then cost = min(cost, al + pu) end
+  if beyond_hold == '1' and want > cost and cost == held then
+    local room = want - cost
+    if not unlimited then room = min(room, al + pu - h - cost) end
+    if room > 0 then cost = cost + room end
+  end
+  -- Meter:charge: the allocation, then purchased credit (no lots: one pool).
+  local take_a, take_p = 0, 0
+  if unlimited then
+    used = used + cost
+  else
+    take_a = min(al, cost)
+    if cost > take_a then take_p = min(pu, cost - take_a) end
+    al, pu, used = al - take_a, pu - take_p, used + take_a + take_p
+    if crosses_alert(alert_thresholds, v, lim, pe, al + pu - h) then return nil end  -- Meter:alerts records it
+  end
+  local src = ''
+  if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+  if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
+  -- The event's meta: commit.lua's table, in cjson's order for each of its four shapes.
+  local rid = json_encode(reservation_id)
+  local meta
+  if metadata == '' and want > cost then
+    meta = '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":' .. rid
+      .. ',"requested":' .. json_int(want) .. '}'
+  elseif metadata == '' then
+    meta = '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid .. ',"requested":' .. json_int(want) .. '}'
+  elseif want > cost then
+    meta = '{"held":' .. json_int(held) .. ',"requested":' .. json_int(want) .. ',"overage":' .. json_int(want - cost)
+      .. ',"reservation_id":' .. rid .. ',"request":' .. request_json(metadata) .. '}'
+  else
+    meta = '{"request":' .. request_json(metadata) .. ',"held":' .. json_int(held) .. ',"reservation_id":' .. rid
+      .. ',"requested":' .. json_int(want) .. '}'
+  end
+  -- Decided: the meter (the hold given back, the charge), the hold forgotten, the event, the answer.
+  local f = meter_fields(meter)
+  call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used, f.held, h)
+  call('HDEL', reservations_key, reservation_id)
+  call('ZREM', expiries_key, reservation_id)
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'commit', org, user, key_id, meter, feature,
+    -(take_a + take_p), -take_p, cost, al + pu, now, src, meta))
+  return usual_settled(settled_key, 'commit', fingerprint, answer_ttl_s, reply({cost = cost,
+    remaining = unlimited and -1 or al + pu - h, event_id = event_id, sources = src,
+    extra = '{"released":' .. json_int(max(0, held - cost)) .. ',"feature":' .. json_name(feature) .. ',"overage":'
+      .. json_int(max(0, want - cost)) .. ',"meter":' .. json_name(meter) .. '}'}))
+end
+
+-- release.lua's usual case: the whole hold given back. Returns the answer or nil.
+local function usual_release(settle_keys, settle_argv)
+  local bal_key, _, reservations_key, expiries_key, stream_key, settled_key = unpack(settle_keys)
+  local reservation_id, event_id, org, key_id, _, answer_ttl_s, _, fingerprint = unpack(settle_argv)
+  local now, now_s, user, _, held, meter, feature = usual_hold(reservations_key, reservation_id)
+  if not now then return nil end
+  -- The five fields a release reads (read_meter's twelve: ~12,800 instructions more a release).
+  local f = meter_fields(meter)
+  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.limit, HOLDS_DUE)
+  if holds_may_be_due(tonumber(v[5]), now_s) then return nil end
+  local al, pu, lim = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4])
+  local h = (tonumber(v[3]) or 0) - held
+  call('HSET', bal_key, f.held, h)
+  call('HDEL', reservations_key, reservation_id)
+  call('ZREM', expiries_key, reservation_id)
+  call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'release', org, user, key_id, meter, feature,
+    0, 0, 0, al + pu, now, '', '{"held":' .. json_int(held) .. ',"reservation_id":' .. json_encode(reservation_id)
+    .. ',"reason":"released"}'))
+  return usual_settled(settled_key, 'release', fingerprint, answer_ttl_s, reply({
+    remaining = (lim ~= nil and lim < 0) and -1 or al + pu - h, event_id = event_id,
+    extra = '{"released":' .. json_int(held) .. '}'}))
+end
+
 -- The library's first call: the globals (take_globals), the compiled binders and reply.
 -- The fields a gate request gains after its arguments (gate_request and the steps).
 local REQUEST_FIELDS = {'keys', 'price', 'layers', 'now', 'now_s', 'team', 'events', 'mtr', 'rl', 'rl_writes',
@@ -1216,12 +1813,15 @@ local function init()
   if ready then return end
   take_globals()
   for n = -1, 1023 do SMALL_NUMBERS[n] = format('%d', n) end
+  for n = 0, 999 do DIGITS3[n] = format('%03d', n) end
+  small_texts(NUMBERS)
   REPLAY_SPLIT = '^(' .. _G.string.rep('[^\t]*\t', 9) .. ')[^\t]*(.*)$'
   BINDERS[GATE_KEYS] = compile_binder(GATE_KEYS)
   BINDERS[GATE_ARGV] = compile_binder(GATE_ARGV, REQUEST_FIELDS)
   BINDERS[SETTLE_KEYS] = compile_binder(SETTLE_KEYS)
   BINDERS[SETTLE_ARGV] = compile_binder(SETTLE_ARGV)
   reply = compile_reply()
+  pack_reply = compile_pack_reply()
   pack_event = compile_pack_event()
   ready = true
 end

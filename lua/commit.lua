@@ -4,6 +4,10 @@
 -- as what no other hold has taken goes, at every level (org, team, user), never below zero;
 -- without it a commit never charges more than the hold (the decision API's contract).
 -- What could not be charged is the commit event's `overage` (its metadata).
+
+-- The usual one straight through (usual_commit); it writes nothing when it does not decide.
+local usual = usual_commit(KEYS, ARGV)
+if usual then return usual end
 local k = bind(KEYS, SETTLE_KEYS)
 local a = bind(ARGV, SETTLE_ARGV)
 

@@ -1,4 +1,8 @@
 -- release: returns the whole hold, charges nothing.
+
+-- The usual one straight through (usual_release); it writes nothing when it does not decide.
+local usual = usual_release(KEYS, ARGV)
+if usual then return usual end
 local k = bind(KEYS, SETTLE_KEYS)
 local a = bind(ARGV, SETTLE_ARGV)
 

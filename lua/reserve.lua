@@ -1,13 +1,18 @@
 -- reserve: the gate as for consume, then a hold instead of a charge. The hold counts against
 -- every level until commit, release or expiry (reservation_ttl_s). The reservation id is the
 -- request's event id.
+
+-- The usual one names its KEYS and ARGV itself, without tables (usual_reserve).
+local usual, now, meter_read = usual_reserve(KEYS, ARGV)
+if usual then return usual end
+-- Not the usual one: the gate decides, from the server time and the meter usual_reserve read.
 local k = bind(KEYS, GATE_KEYS)
 local a = bind(ARGV, GATE_ARGV)
 
 local idem = replay(k.idem, a.fingerprint)
 if idem then return idem end
 
-local req, refusal = gate(k, a, true)
+local req, refusal = gate(k, a, true, now, meter_read)
 if refusal then return refuse(req, refusal) end
 
 local m = req.mtr

@@ -122,8 +122,9 @@ def test_each_script_binds_its_keys_at_the_top() -> None:
     for script in OPERATIONS:
         src = code((lua_dir() / f"{script}.lua").read_text())
         first = [line for line in src.splitlines() if line.strip()][0]
-        # consume: its usual case names them itself (usual_consume, held below), then binds.
-        usual = script == "consume" and first.startswith("local usual, now, meter_read = usual_consume(KEYS, ARGV)")
+        # consume, reserve, commit, release: the usual case names them itself (usual_<op>, held
+        # below), then binds.
+        usual = re.match(r"local usual(, now, meter_read)? = usual_%s\(KEYS, ARGV\)$" % script, first.strip())
         assert first.startswith("local k = bind(KEYS,") or usual, script
         assert len(bound(script, "KEYS")) == len(set(bound(script, "KEYS")))
         # A script reads names, never positions.
@@ -144,19 +145,25 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
     assert lua_table("USER_FIELDS") == layout.USER_FIELDS
     assert re.search(r"local HOLDS_DUE = '(\w+)'", code(LIB)).group(1) == layout.HOLDS_DUE
+    assert re.search(r"local SUB_QUOTAS = '(\w+)'", code(LIB)).group(1) == layout.SUB_QUOTAS
     assert layout.meter_field("general", "purchased") == "general:p"
     assert layout.quota_field(layout.quota_subject("team", "red"), "general", "limit") == "t:red:general:lim"
 
 
-def test_the_usual_consume_names_keys_and_argv_as_the_gate_binds_them() -> None:
-    """usual_consume unpacks KEYS and ARGV into locals (no bound table): each name is the
-    GATE_KEYS / GATE_ARGV name at its position, `_` for one it does not read."""
-    for what, names in (("keys", named_list("GATE_KEYS")), ("argv", named_list("GATE_ARGV"))):
-        line = re.search(r"local ([\w, ]+) = unpack\(%s\)" % what, code(LIB))
-        assert line, what
-        unpacked = [n.strip() for n in line.group(1).split(",")]
-        assert all(n == "_" or n == names[i] or n == names[i] + "_key" for i, n in enumerate(unpacked)), unpacked
-        assert [n for n in unpacked if n != "_"]  # it reads some
+def test_the_usual_cases_name_keys_and_argv_as_the_scripts_bind_them() -> None:
+    """usual_consume and usual_reserve unpack KEYS and ARGV (as `keys`, `argv`) into locals (no
+    bound table), usual_commit and usual_release theirs (as `settle_keys`, `settle_argv`): each
+    name is the GATE_* / SETTLE_* name at its position, `_` for one it does not read."""
+    lists = (("keys", "GATE_KEYS", 2), ("argv", "GATE_ARGV", 2), ("settle_keys", "SETTLE_KEYS", 2),
+             ("settle_argv", "SETTLE_ARGV", 2))
+    for what, list_name, count in lists:
+        names = named_list(list_name)
+        lines = re.findall(r"local ([\w, \n]+) = unpack\(%s\)" % what, code(LIB))
+        assert len(lines) == count, what
+        for line in lines:
+            unpacked = [n.strip() for n in line.split(",")]
+            assert all(n == "_" or n == names[i] or n == names[i] + "_key" for i, n in enumerate(unpacked)), unpacked
+            assert [n for n in unpacked if n != "_"]  # it reads some
 
 
 def test_the_event_packer_writes_the_schema_fields_in_order() -> None:
@@ -169,4 +176,5 @@ def test_the_event_packer_writes_the_schema_fields_in_order() -> None:
     assert set(re.findall(r"(\w+) = true", numbers)) == {f.name for f in events.FIELDS if f.type in ("int", "us")}
     assert re.search(r"local ENTRY_FIELD = '(\w+)'", code(LIB)).group(1) == events.ENTRY_FIELD
     xadds = re.findall(r"call\('XADD', ([\w.]+), '\*', ([^,]+), (\w+)\(", code(LIB))
-    assert [(field, packer) for _, field, packer in xadds] == [("ENTRY_FIELD", "pack_event")] * 2
+    # Events:add's, and the usual consume's, reserve's, commit's and release's own
+    assert [(field, packer) for _, field, packer in xadds] == [("ENTRY_FIELD", "pack_event")] * 5

@@ -29,7 +29,7 @@ from quota_gw import config as config_mod
 from quota_gw import db
 from quota_gw.events import entries
 from quota_gw.app import create_app
-from quota_gw.layout import HOLDS_DUE, METER_FIELDS, Layout, meter_field
+from quota_gw.layout import HOLDS_DUE, METER_FIELDS, SUB_QUOTAS, Layout, meter_field
 from sync_worker.lots import lua_sort
 from sync_worker.recovery import rebuild, reconcile
 from stripe_support import FakeStripeAPI, paid, signed
@@ -51,10 +51,11 @@ def lots_of(bal: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def restorable(bal: dict[str, str]) -> dict[str, Any]:
-    """A balance hash as rebuild restores it: holds aside (released), a missing a/p/u/pt is 0
+    """A balance hash as rebuild restores it: holds aside (released; when they fall due and whether
+    the org has sub-quotas, the next decision looks up again), a missing a/p/u/pt is 0
     (lua/_lib.lua load_meter), lots decoded (the JSON's key order is the encoder's)."""
     zero_is_missing = {METER_FIELDS[n] for n in ("allocated", "purchased", "used", "purchased_total")}
-    out: dict[str, Any] = {k: v for k, v in bal.items() if k != HOLDS_DUE and k != LOTS
+    out: dict[str, Any] = {k: v for k, v in bal.items() if k not in (HOLDS_DUE, SUB_QUOTAS, LOTS)
                            and not k.endswith(":" + METER_FIELDS["held"])
                            and not (v == "0" and k.rsplit(":", 1)[1] in zero_is_missing)}
     out[LOTS] = lots_of(bal)

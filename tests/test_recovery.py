@@ -20,7 +20,7 @@ import pytest
 from conftest import Admin, test_config_data
 from quota_gw import db
 from quota_gw.app import create_app
-from quota_gw.layout import HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, USER_FIELDS, Layout, meter_field
+from quota_gw.layout import HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, meter_field
 from sync_worker.config_drift import config_drift
 from sync_worker.recovery import reconcile
 from worker_support import QUOTA_GW, WorkerProc, wait_drained, write_config
@@ -80,8 +80,9 @@ async def snapshot(redis, iso: Any, orgs: list[str]) -> dict[str, Any]:
     for o in orgs:
         bal = await redis.hgetall(L.balances(o))
         # A missing a/p/u/pt reads as 0 (lua/_lib.lua load_meter); rebuild may write the 0.
-        # holds_due is not restored (rebuild releases the holds; absent, the next decision looks).
-        out[f"b:{o}"] = {k: v for k, v in bal.items() if k != HOLDS_DUE
+        # holds_due and sub_quotas are not restored (rebuild releases the holds; absent, the next
+        # decision looks).
+        out[f"b:{o}"] = {k: v for k, v in bal.items() if k not in (HOLDS_DUE, SUB_QUOTAS)
                          and not k.endswith(":" + HELD) and not (v == "0" and k.rsplit(":", 1)[1] in ZERO_IS_MISSING)}
         q = await redis.hgetall(L.quotas(o))
         out[f"q:{o}"] = {k: v for k, v in q.items() if not k.endswith(":" + QUOTA_FIELDS["held"])}

@@ -30,9 +30,14 @@ METER_FIELDS = {
 }
 # Quota hash (Layout.quotas), one group per subject and meter, '<u|t>:<subject>:<meter>:<suffix>':
 QUOTA_FIELDS = {"limit": "lim", "used": "used", "held": "h", "period_end": "pe"}
-# The balance hash's one org field: when the earliest live hold expires (unix s, 0 none; absent:
-# not known). Decisions look for expired holds only once it has come (lua/_lib.lua HOLDS_DUE).
+# The balance hash's two org fields. When the earliest live hold expires (unix s, 0 none; absent:
+# not known): decisions look for expired holds only once it has come (lua/_lib.lua HOLDS_DUE).
 HOLDS_DUE = "holds_due"
+# Whether the org's quota hash may hold a sub-quota: '0' it is empty (a consume reads none), '1'
+# it may; absent: not known, the next consume looks (lua/_lib.lua SUB_QUOTAS). Every write of a
+# sub-quota limit removes it in the same atomic step (store.set_sub_quota, the configuration
+# repair; rebuild, gateways stopped, after its writes), so a '0' is never stale.
+SUB_QUOTAS = "sub_quotas"
 # Users hash (Layout.users): '<user>' = the user's team ('' none), and '<user>:<suffix>' = the
 # user's state the gate keeps beside it: its rate window (GCRA theoretical arrival time, µs),
 # read with the registration in one HMGET and written in one HSET. A user id has no ':'.

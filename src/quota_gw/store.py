@@ -27,7 +27,7 @@ from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
 from .entitlements import canonical
-from .layout import quota_field, quota_subject
+from .layout import SUB_QUOTAS, quota_field, quota_subject
 from .problems import Problem
 from .queries import Q
 
@@ -42,6 +42,20 @@ async def record_low_balance_mark(pg: asyncpg.Pool | asyncpg.Connection, percent
 def sub_quota_field(scope: str, subject: str, meter: str) -> str:
     """A user's or team's cap in the org's quotas hash (read by lua/_lib.lua and recovery.py)."""
     return quota_field(quota_subject(scope, subject), meter, "limit")
+
+
+# A sub-quota limit set (ARGV[2] its limit) or removed (ARGV[2] ''), and the balance hash's
+# SUB_QUOTAS mark removed in the same script: a consume never reads a '0' made before it.
+# KEYS: quotas, balances (the org's, one slot); ARGV: the field, the limit.
+SUB_QUOTA_WRITE_LUA = """
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('HDEL', KEYS[2], '%s')
+return 1
+""" % SUB_QUOTAS
 
 
 class Store:
@@ -196,10 +210,8 @@ class Store:
                 await conn.execute(Q.upsert_sub_quota, org_id, meter, scope, subject, limit)
 
         async def apply(_: None) -> None:
-            if limit is None:
-                await self.redis.hdel(self.layout.quotas(org_id), field)
-            else:
-                await self.redis.hset(self.layout.quotas(org_id), field, limit)
+            await self.redis.eval(SUB_QUOTA_WRITE_LUA, 2, self.layout.quotas(org_id), self.layout.balances(org_id),
+                                  field, "" if limit is None else limit)
 
         await self.require_org(org_id)
         await self._postgres_then_redis(write, apply)

@@ -27,7 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from quota_gw.entitlements import canonical
-from quota_gw.layout import QUOTA_FIELDS, USER_FIELDS, Layout, quota_field, quota_subject
+from quota_gw.layout import QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, quota_field, quota_subject
 
 T = TypeVar("T")
 
@@ -185,6 +185,7 @@ def print_config_drift(drift: list[ConfigDrift], orgs: int, out: Any = None) -> 
 # One field set to Postgres's value (or removed), only if it still holds what the check read: an
 # admin write meanwhile wrote both stores and wins. ARGV: field, 1 if it was present, what it
 # held, 1 to set (else remove), the value to set, then fields removed with a removal (a user's state).
+# A sub-quota limit's: KEYS[2], the org's balance hash, loses its SUB_QUOTAS mark in the same script.
 CONFIG_REPAIR_LUA = """
 local have = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
@@ -195,14 +196,16 @@ if ARGV[4] == '1' then
 else
   redis.call('HDEL', KEYS[1], ARGV[1], unpack(ARGV, 6))
 end
+if KEYS[2] then redis.call('HDEL', KEYS[2], '%s') end
 return 1
-"""
+""" % SUB_QUOTAS
 
 
-async def set_from_postgres(r: aioredis.Redis, d: ConfigDrift) -> bool:
+async def set_from_postgres(r: aioredis.Redis, layout: Layout, d: ConfigDrift) -> bool:
     """One drifting field set as Postgres says, compare-and-set against what the check read."""
     extra = [d.field + s for s in _USER_STATE] if d.what.startswith("team ") and d.postgres is None else []
-    return bool(await r.eval(CONFIG_REPAIR_LUA, 1, d.key, d.field, int(d.redis is not None), d.redis or "",
+    keys = [d.key, layout.balances(d.org)] if d.what.startswith("quota ") else [d.key]
+    return bool(await r.eval(CONFIG_REPAIR_LUA, len(keys), *keys, d.field, int(d.redis is not None), d.redis or "",
                              int(d.postgres is not None), d.postgres or "", *extra))
 
 
@@ -230,4 +233,4 @@ async def repair_config(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layou
     async def check() -> list[ConfigDrift]:
         return (await config_drift(r, pg, layout, org))[0]
 
-    return await until_clean(check, lambda d: set_from_postgres(r, d), rounds)
+    return await until_clean(check, lambda d: set_from_postgres(r, layout, d), rounds)

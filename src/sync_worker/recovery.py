@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from quota_gw import cluster, events
 from quota_gw.config import Config
 from quota_gw.entitlements import canonical
-from quota_gw.layout import METER_FIELDS, Layout, meter_field, quota_field, quota_subject
+from quota_gw.layout import METER_FIELDS, SUB_QUOTAS, Layout, meter_field, quota_field, quota_subject
 from quota_gw.redis_text import text_entries
 
 from . import lots
@@ -282,6 +282,8 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
             fields[qf("used")] = max(0, subject_used.get((org, subject, m), 0))
             fields[qf("period_end")] = periods[(org, m)][0]
         ops.append(("hset", layout.quotas(org), None, None, fields))
+        # Not known whether the org has sub-quotas (a --force over a Redis that said none): the next consume looks.
+        ops.append(("hdel", layout.balances(org), SUB_QUOTAS))
         rep.quotas += 1
 
     rep.refund_guards = await _refund_guards(pg, config, layout, ops)
