@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ADMIN_TOKEN, RUN, test_config_data
@@ -170,3 +171,19 @@ def test_a_tally_left_by_a_loop_that_closed_is_written_by_the_next_record() -> N
 
     asyncio.run(record())
     assert registry.get_sample_value("tally_test_total") == 3
+
+
+def test_durations_tallied_in_one_write_land_in_the_buckets_and_sum_that_observe_gives_them() -> None:
+    registry = CollectorRegistry()
+    bounds = (0.001, 0.01, 0.1)
+    one_by_one = Histogram("one_by_one", "observe() per amount", registry=registry, buckets=bounds)
+    tallied = Histogram("tallied", "the same amounts, tallied", registry=registry, buckets=bounds)
+    amounts = [0.0, 0.0005, 0.001, 0.001000001, 0.01, 0.05, 0.1, 0.2, 30.0, 0.001]  # on, under, over each bound
+    for a in amounts:
+        one_by_one.observe(a)
+    metrics._observe_all(tallied, amounts)
+    for le in ("0.001", "0.01", "0.1", "+Inf"):
+        assert registry.get_sample_value("tallied_bucket", {"le": le}) == \
+            registry.get_sample_value("one_by_one_bucket", {"le": le})
+    assert registry.get_sample_value("tallied_count") == registry.get_sample_value("one_by_one_count") == 10
+    assert registry.get_sample_value("tallied_sum") == pytest.approx(registry.get_sample_value("one_by_one_sum"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import yaml
 from conftest import ADMIN_TOKEN, served, test_config_data
 from quota_gw import config as config_mod
 from quota_gw import embedded
-from quota_gw.app import create_app
+from quota_gw.app import GC_YOUNG_THRESHOLD, create_app
 
 
 def test_serve_with_two_workers(tmp_path, redis_url, database_url, prefix):
@@ -60,3 +61,19 @@ async def test_unknown_users_refused_when_registration_is_off(redis_url, databas
             await admin.user(org, "stranger")
             r = await c.post("/v1/consume", json={"feature": "generate_goal", "user_id": "stranger"}, headers=h)
             assert r.status_code == 200
+
+
+async def test_a_serving_app_freezes_its_start_up_and_collects_young_objects_less_often_until_it_stops(config, redis_url,
+                                                                                                      prefix):
+    outer = gc.get_threshold()
+    gc.unfreeze()  # another app of this session may be serving
+    gc.set_threshold(700, 10, 10)  # CPython's defaults
+    try:
+        application = create_app(config, redis_url, "", prefix)
+        async with application.router.lifespan_context(application):
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+            assert gc.get_freeze_count() > 0  # start-up's objects: out of the collector's walks
+        assert gc.get_threshold() == (700, 10, 10)
+        assert gc.get_freeze_count() == 0  # the stopped app's objects are collectable again
+    finally:
+        gc.set_threshold(*outer)

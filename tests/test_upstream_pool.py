@@ -123,6 +123,18 @@ async def test_head_and_interim_answers() -> None:
                          b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK], run)
 
 
+async def test_bytes_after_the_answer_asked_for_retire_the_connection_and_the_next_answer_parses_whole() -> None:
+    async def run(pool: Pool, base: str, up: Upstream) -> None:
+        # the start of a second answer nobody asked for, in the same write as the first
+        assert await body_of(pool, "GET", base + "/") == (200, b"{}")
+        for _ in range(2):  # on a new connection, whose parser starts clean, and again on it
+            assert await body_of(pool, "GET", base + "/") == (200, b"[1]")
+        assert up.connections == 2
+
+    again = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[1]"
+    await with_upstream([OK + b"HTTP/1.1 200 OK\r\nContent-Le", again, again], run)
+
+
 async def test_a_cut_a_silence_and_garbage_are_errors_and_the_connection_is_not_reused() -> None:
     async def run(pool: Pool, base: str, up: Upstream) -> None:
         with pytest.raises(ServerDisconnected):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 
 from starlette.types import Receive, Scope, Send
 
@@ -131,5 +132,6 @@ class Endpoint:
     def __repr__(self) -> str:
         return f"Endpoint({self.route.prefix!r})"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await scope["app"].state.sidecar.handle(self.route, scope, receive, send, self.headers, self.keys)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # the handler's coroutine itself, not one around it: each level is passed again on every resume
+        return scope["app"].state.sidecar.handle(self.route, scope, receive, send, self.headers, self.keys)

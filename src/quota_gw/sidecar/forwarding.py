@@ -53,8 +53,10 @@ async def forward(upstream: pool.Pool, route: RouteConfig, method: str, receive:
             raise Problem(502, "upstream_error", f"the upstream is unreachable ({type(e).__name__}); "
                           "nothing was charged", headers=charge.headers()) from None
         answered = True
-        async with resp:
+        try:  # (not `async with resp`: two coroutines a call for nothing to await)
             await relay(receive, send, resp, charge)
+        finally:
+            resp.release()
     finally:
         if not charge.settled:  # cancelled (shutdown) or a bug: settle by how far it got
             await asyncio.shield(charge.abandoned() if answered else charge.failed("error"))

@@ -134,14 +134,15 @@ class Origin:
 class Response:
     """An upstream answer: status and raw headers at once, the body as it arrives."""
 
-    __slots__ = ("conn", "status", "raw_headers", "content_type", "done", "keep_alive", "_parts", "_error",
-                 "_eof_ends")
+    __slots__ = ("conn", "status", "raw_headers", "content_type", "framed", "done", "keep_alive", "_parts",
+                 "_error", "_eof_ends")
 
     def __init__(self, conn: Connection) -> None:
         self.conn: Connection | None = conn
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.content_type = b""
+        self.framed = False  # Content-Length or Transfer-Encoding was sent
         self.done = False  # the whole body has arrived
         self.keep_alive = False
         self._parts: list[bytes] = []
@@ -193,8 +194,29 @@ class Response:
         self.release()
 
 
+class _Roles(dict[bytes, int]):
+    """An answer's header name -> what the client reads of it: _TYPE (Content-Type), _FRAMING
+    (Content-Length, Transfer-Encoding), 0 nothing. Learnt once per spelling, so a header costs
+    one look-up in C (bounded: names are the upstream's to choose)."""
+
+    def __missing__(self, name: bytes) -> int:
+        if len(self) >= 4096:
+            self.clear()
+        lower = name.lower()
+        role = self[name] = _TYPE if lower == b"content-type" else \
+            _FRAMING if lower in (b"content-length", b"transfer-encoding") else 0
+        return role
+
+
+_TYPE, _FRAMING = 1, 2
+_ROLES = _Roles()
+
+
 class Connection(asyncio.Protocol):
-    """One keep-alive connection to an upstream; one request at a time."""
+    """One keep-alive connection to an upstream; one request at a time. Its parser lives as
+    long as it does (llhttp starts each answer afresh): making one per request cost as much as
+    parsing the answer (httptools looks up each of its callbacks on the protocol, and five of
+    them are missing here)."""
 
     def __init__(self, pool: Pool, key: tuple[str, int, bool]) -> None:
         self.pool, self.key = pool, key
@@ -206,10 +228,15 @@ class Connection(asyncio.Protocol):
         self.read_timeout = 60.0
         self.idle_since = 0.0
         self.closed = False
+        self.poller: Any = None  # its socket's own poll object (peer_closed)
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= 0:
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)  # POLLHUP, POLLERR: always
 
     def data_received(self, data: bytes) -> None:
         resp = self.resp
@@ -237,10 +264,20 @@ class Connection(asyncio.Protocol):
                 self._fail(ServerDisconnected("the upstream closed the connection before the answer was complete"))
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        resp = self.resp
+        if resp is not None and resp.done:  # a second answer to one request: the connection is out of step
+            resp.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp.raw_headers.append((name, value))  # type: ignore[union-attr]
-        if len(name) == 12 and name.lower() == b"content-type":
-            self.resp.content_type = value  # type: ignore[union-attr]
+        resp = self.resp
+        resp.raw_headers.append((name, value))  # type: ignore[union-attr]
+        role = _ROLES[name]
+        if role:
+            if role == _TYPE:
+                resp.content_type = value  # type: ignore[union-attr]
+            else:
+                resp.framed = True  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         resp = self.resp
@@ -249,14 +286,14 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:  # an interim answer (103 Early Hints): the real one follows
             resp.raw_headers = []
             resp.content_type = b""
+            resp.framed = False
             return
         resp.status = status
         resp.keep_alive = self.parser.should_keep_alive()
         if self.head_only:
             resp.done = True
             self.parser = None  # whatever Content-Length says, nothing follows
-        elif status not in (204, 304) and not any(
-                k.lower() in (b"content-length", b"transfer-encoding") for k, _ in resp.raw_headers):
+        elif status not in (204, 304) and not resp.framed:
             resp._eof_ends = True
             resp.keep_alive = False
         self._wake()
@@ -275,7 +312,8 @@ class Connection(asyncio.Protocol):
     # -- the gateway's side
     def send(self, data: bytes, body: bytes, head_only: bool, read_timeout: float) -> Response:
         self.resp = resp = Response(self)
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:  # a new connection, or the last answer was to a HEAD
+            self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
         self.read_timeout = read_timeout
         assert self.transport is not None
@@ -283,15 +321,6 @@ class Connection(asyncio.Protocol):
             self.transport.writelines((data, body))
         else:
             self.transport.write(data + body if body else data)
-        return resp
-
-    async def head(self) -> Response:
-        resp = self.resp
-        assert resp is not None
-        while not resp.status:
-            if resp._error is not None:
-                raise resp._error
-            await self.wait()
         return resp
 
     async def wait(self) -> None:
@@ -323,9 +352,17 @@ class Connection(asyncio.Protocol):
         if fut is not None and not fut.done():
             fut.set_exception(error)
 
+    def peer_closed(self) -> bool:
+        """True when its socket has an end of stream, an error or unread bytes waiting (an idle
+        HTTP/1.1 connection has none of those). One poll(2) with no wait, on a poll object of
+        the connection's own with its socket registered once (a MSG_PEEK recv needed a socket
+        object made and detached around it: ~7× the CPU; finding the socket and registering it
+        around each look, a shared poll object's way, were ~5k instructions a call)."""
+        poller = self.poller
+        return poller is not None and bool(poller.poll(0))
+
     def idle(self) -> None:
         self.resp = None
-        self.parser = None
         if self.closed:
             return
         self.idle_since = self.pool.loop.time()
@@ -376,8 +413,12 @@ class Pool:
         conn = self._pick(origin) or await self._connect(origin, connect_timeout)
         self.busy.add(conn)
         try:
-            conn.send(data, body, method == "HEAD", read_timeout)
-            return await conn.head()
+            resp = conn.send(data, body, method == "HEAD", read_timeout)
+            while not resp.status:  # until the head has arrived
+                if resp._error is not None:
+                    raise resp._error
+                await conn.wait()
+            return resp
         except BaseException:
             conn.close()
             raise
@@ -414,7 +455,7 @@ class Pool:
             if conn.idle_since < oldest_kept:
                 conn.close()
                 continue
-            if closed_by_peer(conn.transport):
+            if conn.peer_closed():
                 conn.close()
                 DROPPED_IDLE.inc()
                 continue
@@ -471,24 +512,3 @@ class Pool:
         for c in list(self.busy):
             c.close()
         self.busy.clear()
-
-
-def closed_by_peer(transport: Any) -> bool:
-    """True when the socket under `transport` has an end of stream, an error or unread bytes
-    waiting (an idle HTTP/1.1 connection has none of those). One poll(2) with no wait on a
-    poll object kept for the purpose (a MSG_PEEK recv needed a socket object made and detached
-    around it: ~7× the CPU)."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return False
-    fd = sock.fileno()
-    if fd < 0:
-        return True
-    _POLL.register(fd, select.POLLIN | select.POLLPRI)  # POLLHUP and POLLERR are always reported
-    try:
-        return bool(_POLL.poll(0))
-    finally:
-        _POLL.unregister(fd)
-
-
-_POLL = select.poll()  # the event loop's thread only, like everything here

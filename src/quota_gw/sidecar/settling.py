@@ -17,7 +17,7 @@ text is estimated. With Redis down (fail open) the usage goes to the spool inste
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -306,13 +306,13 @@ class LLMCharge(Charge):
         if d.ok and self.decision is not None:
             self.decision.remaining = d.remaining
 
-    async def succeeded(self) -> None:
+    def succeeded(self) -> Coroutine[Any, Any, None]:
+        # the settling coroutine itself, not one around it: each level is passed again on resume
         if self.status >= 400:
             self._produced()
             if self.status in self.route.refund_statuses or self.source != "usage":
-                await self._settle("released", self._release)
-                return
-        await self._settle("ok", self._commit)
+                return self._settle("released", self._release)
+        return self._settle("ok", self._commit)
 
     async def failed(self, reason: str) -> None:
         await self._settle("released", self._release)
