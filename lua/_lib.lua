@@ -549,7 +549,11 @@ local function lot_text(lot)
   return head .. fmt(lot.n) .. lot.tail
 end
 local function encode_lots(lots)
-  if #lots == 1 then return '[' .. lot_text(lots[1]) .. ']' end
+  local lot = lots[1]
+  if #lots == 1 and lot.head then  -- the usual one: a lot seen before, written out (a call saved)
+    local n = lot.n
+    return '[' .. lot.head .. (SMALL_NUMBERS[n] or fmt_large(n)) .. lot.tail .. ']'
+  end
   local parts = {}
   for j = 1, #lots do parts[j] = lot_text(lots[j]) end
   return '[' .. concat(parts, ',') .. ']'
@@ -1316,10 +1320,10 @@ local function usual_consume(keys, argv)
   x = v[6]
   local lim = NUMBERS[x] or number_of(x)
   if pe == nil or now_s >= pe or lim ~= t.allocation then return nil, now, v end  -- refresh
-  local raw_lots = v[9]
+  local raw_lots, lots = v[9], nil
   if raw_lots == '' then raw_lots = nil end
   if raw_lots then  -- credit lots: none may be past its expiry (the gate records their `expire`)
-    local lots = LOTS[raw_lots] or lots_of(raw_lots)
+    lots = LOTS[raw_lots] or lots_of(raw_lots)
     for j = 1, #lots do
       x = lots[j].x
       if x > 0 and x <= now_s then return nil, now, v end
@@ -1374,10 +1378,9 @@ local function usual_consume(keys, argv)
   cost = NUMBERS[cost] or number_of(cost)
   local take_a, take_p, total = 0, 0, cost
   local unlimited = lim < 0
-  local src, lots_meter, lots, lots_dirty = '', nil, nil, false
+  local src, lots_meter, lots_dirty = '', nil, false
   local from_a, grant, from_g, from_p, in_lots
   if raw_lots and not unlimited then
-    lots = LOTS[raw_lots] or lots_of(raw_lots)
     from_a, grant, from_g, from_p, in_lots = plan_lots_charge(lots, al, pu, held, lim, cost, t.alloc_overflow,
       t.credit_order)
   end
@@ -1398,26 +1401,23 @@ local function usual_consume(keys, argv)
           lots_dirty = true
         end
       end
+      lots = unspent(lots)  -- (only a lot that never expires is forgotten spent)
     end
-    if lots_dirty then
-      lots = unspent(lots)
-    else
-      known_lots(raw_lots, lots)  -- unchanged: the next reader's again
-    end
+    if not lots_dirty then known_lots(raw_lots, lots) end  -- unchanged: the next reader's again
     take_a, take_p, total = from_a, from_g + from_p, from_a + from_g + from_p
     al, pu = al - take_a, pu - take_p
     -- The layers that gave, in the waterfall's order: allocated, then grant and purchased (or
     -- purchased and grant: credit_order 'pg').
     local first, second = '', ''
-    if from_g > 0 then first = 'grant:' .. grant.i .. ':' .. fmt(from_g) end
-    if from_p > 0 then second = 'purchased:' .. fmt(from_p) end
+    if from_g > 0 then first = 'grant:' .. grant.i .. ':' .. (SMALL_NUMBERS[from_g] or fmt_large(from_g)) end
+    if from_p > 0 then second = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p)) end
     if t.credit_order == 'pg' then first, second = second, first end
-    if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
+    if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
     if first ~= '' then src = src == '' and first or src .. ',' .. first end
     if second ~= '' then src = src == '' and second or src .. ',' .. second end
   elseif raw_lots and not unlimited then
     local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
-      lots = LOTS[raw_lots] or lots_of(raw_lots), lots_dirty = nil}, Meter)
+      lots = lots, lots_dirty = nil}, Meter)
     local steps, planned, short = m:waterfall(cost, false, t.alloc_overflow, t.alloc_overflow, t.credit_order)
     if short then return nil, now, v end
     LOTS[raw_lots] = nil  -- the lots are this call's now: take() may change them
