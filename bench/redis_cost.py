@@ -1,6 +1,6 @@
 """Redis time per decision: the real consume beside a minimal script, same Redis, one run.
 
-    .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise] [--layers]
+    .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise] [--layers] [--cpu N]
 
 Starts its own redis-server (7.x, on a free port, no persistence) so `INFO commandstats` counts
 only this run. One org on the plan of examples/quota-gw.yaml (rate limits on), funded so no call
@@ -14,12 +14,17 @@ machine is shared.
 --layers adds a third side, measured in the same rounds: consumes of a second org whose meter
 has three layers (the waterfall): its allocation spent, an expiring grant (the credit lots, read
 and written by every call) and purchased credit, so every call walks past the allocation.
+
+--cpu N holds the server to core N (taskset) and this client off it: the scheduler moving the
+server between cores, or the client onto its core, no longer swells a round. Time inside a
+command (`usec_per_call`) still counts a preemption by anything else on that core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import statistics
@@ -50,13 +55,21 @@ return 1
 SCRIPT_COMMANDS = ("evalsha", "eval", "fcall", "fcall_ro")
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], int, str]:
+def start_redis(cpu: int | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
+    """The server on a free port; with `cpu`, held to that core (taskset) and this process kept
+    off it, so the scheduler moving either does not swell a round."""
     exe = shutil.which("redis-server") or shutil.which("valkey-server")
     if exe is None:
         sys.exit("redis-server (7.x) is not on PATH")
     port = free_port()
     d = tempfile.mkdtemp(prefix="qgw-redis-cost-")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    pin: list[str] = []
+    if cpu is not None:
+        pin = ["taskset", "-c", str(cpu)]
+        others = os.sched_getaffinity(0) - {cpu}
+        if others:
+            os.sched_setaffinity(0, others)
+    proc = subprocess.Popen(pin + [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", d], stdout=subprocess.DEVNULL)
     return proc, port, d
 
@@ -85,8 +98,8 @@ def per_call(stats: dict[str, tuple[int, float]]) -> float:
 
 
 async def run(calls: int, users: int, plan: str, feature: str, concurrency: int, rounds: int,
-              layers: bool = False) -> None:
-    proc, port, _ = start_redis()
+              layers: bool = False, cpu: int | None = None) -> None:
+    proc, port, _ = start_redis(cpu)
     r = aioredis.Redis(port=port)
     try:
         for _ in range(200):
@@ -199,8 +212,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layers", action="store_true", help="also consumes that walk three layers (the waterfall)")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="hold the server to this core (taskset) and the client off it")
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers))
+    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers, a.cpu))
 
 
 if __name__ == "__main__":
