@@ -128,8 +128,9 @@ local HOLDS_DUE = 'holds_due'
 -- The balance hash's other org field: whether the org's quota hash may hold a sub-quota. '0': it
 -- is empty (no user or team has one: the usual consume reads none), '1': it may (read the
 -- caller's); absent: not known (from before the field, or a sub-quota write removed it), look.
--- The usual consume records it; every write of a sub-quota limit (store.set_sub_quota, rebuild,
--- the configuration repair) removes it in the same atomic step, so '0' is never stale.
+-- The usual consume records it; every write of a sub-quota limit removes it: in the same atomic
+-- step (store.set_sub_quota, the configuration repair of `rebuild --org`), or after its writes
+-- (a full rebuild, gateways stopped), so '0' is never stale.
 local SUB_QUOTAS = 'sub_quotas'
 -- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
 local USER_FIELDS = {rate = 'rl'}
@@ -1254,7 +1255,9 @@ local function plan_lots_charge(lots, a, p, held, lim, price, overflow, order)
   local in_lots, never, grant = 0, 0, nil
   for j = 1, #lots do
     local lot = lots[j]
-    in_lots = in_lots + lot.n
+    local n = lot.n
+    if n < 0 or n == 0 and lot.x <= 0 then return nil end  -- hand-written data: the meter's rules for it
+    in_lots = in_lots + n
     if lot.x > 0 then
       if grant then return nil end  -- two that expire: in the order of their expiry (the waterfall's)
       grant = lot
@@ -1332,8 +1335,10 @@ local function usual_consume(keys, argv)
   x = v[2]
   local pu = NUMBERS[x] or x and x + 0 or 0
   if lim == 0 and pu <= 0 then return nil, now, v end  -- nothing to charge from, maybe forbidden: the gate says
+  if pu < 0 then return nil, now, v end  -- (only hand-written data: the gate's rules for it)
   x = v[1]
   local al = NUMBERS[x] or x and x + 0 or 0
+  if al < 0 then return nil, now, v end  -- (only hand-written data: the gate's rules for it)
   x = v[3]
   local held = NUMBERS[x] or x and x + 0 or 0
   x = v[4]
@@ -1604,6 +1609,7 @@ local function usual_reserve(keys, argv)
   if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
   local al, pu, held = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
   if lim == 0 and pu <= 0 then return nil, now, v end  -- maybe forbidden: the gate says
+  if al < 0 or pu < 0 then return nil, now, v end  -- (only hand-written data: the gate's rules for it)
   local ok, team, new_tat, rl_rem, rl_reset, rate_field = usual_user(t, users_key, quotas_key, bal_key, v, user,
     meter, now)
   if not ok then return nil, now, v end

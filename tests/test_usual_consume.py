@@ -333,3 +333,33 @@ async def test_a_lots_text_written_by_a_charge_reads_back_whatever_its_ids_hold(
     read = sorted(lots_mod.decode(text), key=lambda lot: lot.x)
     assert [(lot.i, lot.n, lot.x) for lot in read] == [(odd, 123456789012 - 2, 0), (read[1].i, 0, expires)], text
     await raw.aclose()
+
+
+async def test_hand_written_balances_out_of_range_are_left_to_the_gate(client, admin, redis, redis_url, config,
+                                                                        prefix):
+    """A negative allocation, or a credit lot holding less than nothing, is no state a script
+    writes; an operator's hand can. The usual consume leaves such a meter to the gate's rules, so
+    the answer, the balances and the event are the gate's (its org: every call with an idempotency key)."""
+    layout = Layout(prefix, config.shards)
+    raw = aioredis.from_url(redis_url)
+    decider = Decider(raw, config, layout)
+    for bad in ({"general:a": -5}, {"general:lots": '[{"i":"g1","n":-5,"x":4102444800}]'}):
+        seen = []
+        for side in ("usual", "gate"):
+            org = await admin.org("pro")
+            h = {"Authorization": f"Bearer {await admin.key(org)}"}
+            assert (await client.post("/v1/consume", json={"feature": "generate_insight", "units": 1},
+                                      headers=h)).status_code == 200  # the period started
+            await decider.grant(org, "general", 1000, lot="buy")
+            await redis.hset(layout.balances(org), mapping=bad)
+            if side == "gate":
+                h = {**h, "Idempotency-Key": "once"}
+            r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 60}, headers=h)
+            out = r.json()
+            out.pop("event_id", None)
+            last = (await events(redis, layout, org))[-1]
+            fields = await redis.hmget(layout.balances(org), "general:a", "general:p", "general:lots")
+            seen.append((r.status_code, out, [last[k] for k in ("kind", "delta", "dp", "cost", "bal", "src")],
+                         fields[:2], fields[2].replace('"buy"', "").replace("g1", "") if fields[2] else None))
+        assert seen[0] == seen[1], bad
+    await raw.aclose()
