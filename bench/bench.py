@@ -109,10 +109,15 @@ def seed(redis_url: str, prefix: str, shards: int) -> str:
     return key
 
 
+# uvicorn as `quota-gw serve` runs it: its httptools protocol with the head bounded, an
+# answer's writes sent together (quota_gw/limits.py), the access log off.
+HTTP_PROTOCOL = "quota_gw.limits:BoundedHttpToolsProtocol"
+
+
 def start_server(kind: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     if kind == "uvicorn":
         cmd = [sys.executable, "-m", "uvicorn", "serve_app:factory", "--factory", "--app-dir", str(ROOT / "bench"),
-               "--port", str(port), "--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools",
+               "--port", str(port), "--host", "127.0.0.1", "--loop", "uvloop", "--http", HTTP_PROTOCOL,
                "--no-access-log", "--log-level", "warning"]
     else:
         cmd = [str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--factory", "--host",

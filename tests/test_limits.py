@@ -5,6 +5,7 @@ Raw sockets, so the test controls exactly what is sent and when."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN, served, test_config_data
+from quota_gw.limits import _Corked
 
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 40
@@ -112,3 +114,40 @@ def test_a_chunked_body_is_413_once_it_passes_the_limit(gateway):
     # 5 KiB then the limit is passed; the client would go on for 10 MB and never ends the body.
     status, raw = exchange(port, request_head(port, key, chunked=True), [chunk] * 5 + [chunk] * 10_000)
     assert status == 413 and b"invalid_request" in raw, raw
+
+
+class _Recording:
+    """A transport that records what it is asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def is_closing(self) -> bool:
+        return "close" in self.calls
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 8000) if name == "sockname" else None
+
+
+async def test_what_one_loop_pass_writes_to_a_connection_leaves_in_one_write_in_order_before_a_close() -> None:
+    """uvicorn writes an answer's head and body separately; served, they leave as one write."""
+    t = _Recording()
+    corked = _Corked(t)  # type: ignore[arg-type]
+    corked.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    corked.write(b"body")
+    assert t.calls == []
+    await asyncio.sleep(0)
+    assert t.calls == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    assert corked.get_extra_info("sockname") == ("127.0.0.1", 8000)  # the rest is the transport's
+    corked.write(b"last")
+    corked.close()
+    assert t.calls[1:] == [b"last", "close"]
+    corked.write(b"after the close")
+    await asyncio.sleep(0)
+    assert t.calls[1:] == [b"last", "close"]

@@ -150,6 +150,21 @@ async def test_a_cut_a_silence_and_garbage_are_errors_and_the_connection_is_not_
                         close_after=True)
 
 
+async def test_a_connection_reused_with_a_shorter_read_timeout_times_out_at_the_shorter_one() -> None:
+    """A connection's timer is moved, not remade, per wait: a call whose timeout ends before
+    the last call's still times out when its own ends."""
+    async def run(pool: Pool, base: str, up: Upstream) -> None:
+        assert await body_of(pool, "GET", base + "/", read_timeout=30) == (200, b"{}")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await body_of(pool, "GET", base + "/silent", read_timeout=0.2)
+        assert loop.time() - started < 5
+        assert up.connections == 1
+
+    await with_upstream([OK, None], run)
+
+
 async def test_a_refused_connection_is_an_oserror() -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -54,6 +54,7 @@ class Coalescer:
         self._held: list[tuple[asyncio.Future[Any], Any]] = []  # run, answered once WAIT replies
         self.timeout = float(redis.connection_pool.connection_kwargs.get("socket_timeout") or 5.0)
         self._pending: list[Call] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the last run()
         self._scheduled = False
         self._conn: Any = None
         self._connecting: asyncio.Lock | None = None
@@ -64,7 +65,9 @@ class Coalescer:
     def run(self, script: Function, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """The call's reply, to await: a future, not a coroutine (an await level of its own is
         passed again when the reply comes)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():  # (not asked each call: on Python 3.11 that is a getpid(2))
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, fut))
         if not self._scheduled:
@@ -114,7 +117,10 @@ class Coalescer:
     def _write(self, conn: Any, batch: list[Call]) -> None:
         metrics.count(metrics.ROUND_TRIPS)
         metrics.count(metrics.SCRIPT_CALLS, len(batch))
-        now = asyncio.get_running_loop().time()
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
         data = b"".join([s.pack(k, a) for s, k, a, _ in batch])
         for call in batch:
             self._inflight.append((call, now))

@@ -350,6 +350,7 @@ class Decider:
         self._ttl = (str(b.idempotency_ttl_s),)
         self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any], str]] = {}
         self._keys: dict[tuple[str, str], list[str]] = {}  # (org, key id) -> the gate's KEYS (_gate_keys)
+        self._settle_keys: dict[str, list[str]] = {}  # org -> SETTLE_KEYS less the last (_settle_call)
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
 
     async def aclose(self) -> None:
@@ -476,10 +477,16 @@ class Decider:
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None,
                      op: str = "commit", beyond_hold: bool = False) -> tuple[list[str], list[Any]]:
         """KEYS (lua/_lib.lua SETTLE_KEYS, in order) and ARGV of commit and release."""
-        L, org = self.layout, ident.org_id
+        org = ident.org_id
         event_id = new_id()
-        keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org),
-                L.settled(org, rid)]
+        keys = self._settle_keys.get(org)
+        if keys is None:  # the org's five, formatted once (as _gate_keys)
+            L = self.layout
+            keys = [L.balances(org), L.quotas(org), L.reservations(org), L.expiries(org), L.stream(org)]
+            if len(self._settle_keys) > 100_000:  # orgs in use are few; bound it anyway
+                self._settle_keys.clear()
+            self._settle_keys[org] = keys
+        keys = [*keys, self.layout.settled(org, rid)]
         args = SettleArgs(reservation_id=rid, event_id=event_id, org=org, key_id=ident.key_id, units=units,
                           answer_ttl_s=self._ttl[0], metadata=metadata.decode() if metadata else "",
                           fingerprint=fingerprint(op, units, metadata=metadata), beyond_hold="1" if beyond_hold else "",

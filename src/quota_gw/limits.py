@@ -7,6 +7,10 @@ unbounded header. This subclass counts the head as it arrives and, past
 problem+json and closes the connection before the app sees the request. The close lingers
 (reads are discarded for a moment) so the client reads the answer instead of a reset.
 Request bodies are bounded by the routes themselves (api.bounded_body: 413).
+
+It also sends what one pass of the event loop writes to a connection as one write (_Corked):
+uvicorn writes an answer's head and its body separately, and uvloop sends each at once: two
+system calls, and two segments for the client to read, for every answer.
 """
 
 from __future__ import annotations
@@ -40,7 +44,47 @@ class _Refused(Exception):
     """Stops the parser once the answer is sent."""
 
 
+class _Corked:
+    """A connection's transport whose writes wait for the end of the loop's current pass and
+    leave together (one system call; the order kept). Everything else is the transport's own;
+    closing, or ending the stream, sends what waits first."""
+
+    __slots__ = ("transport", "loop", "waiting")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.waiting: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.waiting:
+            self.loop.call_soon(self.send)
+        self.waiting.append(data)
+
+    def send(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        if waiting and not self.transport.is_closing():
+            self.transport.write(waiting[0] if len(waiting) == 1 else b"".join(waiting))
+
+    def is_closing(self) -> bool:  # (asked after every answer: not through __getattr__)
+        return self.transport.is_closing()
+
+    def write_eof(self) -> None:
+        self.send()
+        self.transport.write_eof()
+
+    def close(self) -> None:
+        self.send()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_Corked(transport))  # type: ignore[arg-type]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_head_bytes, self.max_headers = head_limits()

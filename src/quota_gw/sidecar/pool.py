@@ -209,6 +209,7 @@ class _Roles(dict[bytes, int]):
 
 
 _TYPE, _FRAMING = 1, 2
+_TIMER_SLACK_S = 0.001  # a timer may fire this early (the loop's clock counts milliseconds)
 _ROLES = _Roles()
 
 
@@ -226,6 +227,9 @@ class Connection(asyncio.Protocol):
         self.head_only = False  # HEAD: the answer has no body, whatever its Content-Length says
         self.waiter: asyncio.Future[None] | None = None
         self.read_timeout = 60.0
+        self.deadline = 0.0  # loop time by which the awaited bytes must have come (wait)
+        self.timer: asyncio.TimerHandle | None = None  # fires at or before the deadline
+        self.timer_at = 0.0  # when it fires
         self.idle_since = 0.0
         self.closed = False
         self.poller: Any = None  # its socket's own poll object (peer_closed)
@@ -254,6 +258,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.pool.forget(self)
         resp = self.resp
         if resp is not None and not resp.done:
@@ -323,21 +330,33 @@ class Connection(asyncio.Protocol):
             self.transport.write(data + body if body else data)
         return resp
 
-    async def wait(self) -> None:
-        """Until the parser has more for the answer, the connection breaks or `read_timeout` passes."""
+    def wait(self) -> asyncio.Future[None]:
+        """A future done when the parser has more for the answer, failed when the connection
+        breaks or `read_timeout` passes first. The connection's one timer is moved, not remade:
+        a wait sets the deadline, and the timer, firing before it, sets itself again for it (a
+        timer made and cancelled around each wait was ~4k instructions a call)."""
         loop = self.pool.loop
+        self.deadline = deadline = loop.time() + self.read_timeout
+        if self.timer_at > deadline or self.timer is None:  # (earlier: a shorter timeout than the last call's)
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_at(deadline, self._check_deadline)
+            self.timer_at = deadline
         fut = self.waiter = loop.create_future()
-        timer = loop.call_later(self.read_timeout, self._timed_out, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            self.waiter = None
+        return fut
 
-    def _timed_out(self, fut: asyncio.Future[None]) -> None:
-        if not fut.done():
-            self._fail(TimeoutError(f"no answer from the upstream within {self.read_timeout:g} s"))
-            self.close()
+    def _check_deadline(self) -> None:
+        self.timer = None
+        fut = self.waiter
+        if fut is None or fut.done() or self.closed:
+            return  # nothing waits: the next wait sets the timer again
+        loop = self.pool.loop
+        if loop.time() < self.deadline - _TIMER_SLACK_S:
+            self.timer = loop.call_at(self.deadline, self._check_deadline)
+            self.timer_at = self.deadline
+            return
+        self._fail(TimeoutError(f"no answer from the upstream within {self.read_timeout:g} s"))
+        self.close()
 
     def _wake(self) -> None:
         fut = self.waiter
@@ -369,6 +388,9 @@ class Connection(asyncio.Protocol):
         self.pool.put(self)
 
     def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True

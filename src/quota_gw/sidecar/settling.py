@@ -103,7 +103,7 @@ class Charge:
             return
         self.settled = True
         self.outcome = outcome
-        proxied(self.route.prefix, outcome).inc()
+        metrics.count(proxied(self.route.prefix, outcome))  # tallied: written with the turn's decisions
         try:
             await fn()
         except Exception:
