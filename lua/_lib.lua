@@ -883,25 +883,40 @@ local function rate_limits(limits, now)
     retry_after_ms = ceil(retry / 1000)}, writes
 end
 
+-- A user's registration and rate window in the users hash (USER_FIELDS), in one HSET: `team`
+-- nil registers the user ('' : no team); `new_tat` (nil: none) is the window, as text made here
+-- (Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions). Every decision's
+-- user write: the gate's (save_rate_limits, refuse) and the straight paths'.
+local function save_user(users_key, user, team, new_tat, rate_field)
+  if user == '' then return end
+  if not team and new_tat then
+    call('HSET', users_key, user, '', rate_field, fmt_large(new_tat))
+  elseif not team then
+    call('HSET', users_key, user, '')
+  elseif new_tat then
+    call('HSET', users_key, rate_field, fmt_large(new_tat))
+  end
+end
+
 -- The user's window lives in the users hash, written with its registration in one HSET (the
 -- user's field is only written for a user not yet registered); key and org windows are keys
 -- that expire when the window is full again.
 local function save_rate_limits(req)
-  local writes = req.rl_writes
+  local writes, user_tat = req.rl_writes, nil
   for i = 1, #writes do
     local w = writes[i]
     if w[1] == 'user' then
-      if req.register then
-        call('HSET', req.keys.users, req.user, '', req.user .. ':' .. USER_FIELDS.rate, w[2])
-        req.register = false
-      else
-        call('HSET', req.keys.users, req.user .. ':' .. USER_FIELDS.rate, w[2])
-      end
+      user_tat = w[2]
     else
       call('SET', req.keys[w[1]], w[2], 'PX', max(1, ceil(w[3] / 1000)))
     end
   end
-  if req.register then call('HSET', req.keys.users, req.user, '') end
+  if req.user ~= '' and (user_tat or req.register) then
+    local team = req.team
+    if req.register then team = nil end
+    save_user(req.keys.users, req.user, team, user_tat, req.user .. ':' .. USER_FIELDS.rate)
+  end
+  req.register = false
 end
 
 -- Reservations of an org: hash rid -> JSON record, and a zset of their expiries.
@@ -1171,7 +1186,7 @@ local function gate(k, a, write, now, meter_read)
   return req, refusal or rl_refusal or plan_refusal or level_refusal
 end
 
--- --- The straight paths' user, its write and the alert test (usual_consume, usual_reserve). --
+-- --- The straight paths' user and alert test (usual_consume, usual_reserve). ----------------
 -- Held to the gate's rules by tests/test_usual_consume.py and tests/test_usual_settle.py.
 
 -- The user of a straight call: known (or registered by it), no sub-quota, inside its rate window
@@ -1210,19 +1225,6 @@ local function usual_user(t, users_key, quotas_key, bal_key, v, user, meter, now
     if not allowed then return false end
   end
   return true, team, new_tat, rl_rem, rl_reset, rate_field
-end
-
--- The user's registration and window, as save_rate_limits writes them (the window as text made
--- here: Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions).
-local function save_usual_user(users_key, user, team, new_tat, rate_field)
-  if user == '' then return end
-  if not team and new_tat then
-    call('HSET', users_key, user, '', rate_field, fmt_large(new_tat))
-  elseif not team then
-    call('HSET', users_key, user, '')
-  elseif new_tat then
-    call('HSET', users_key, rate_field, fmt_large(new_tat))
-  end
 end
 
 -- Would a charge leaving `avail` cross a threshold not yet alerted in this period (Meter:alerts'
@@ -1431,7 +1433,7 @@ local function usual_consume(keys, argv)
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
       SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used))
   end
-  save_usual_user(users_key, user, team, new_tat, rate_field)
+  save_user(users_key, user, team, new_tat, rate_field)
   if not raw_lots then
     if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
     if take_p > 0 then
@@ -1466,7 +1468,7 @@ end
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
-  if req.register then call('HSET', req.keys.users, req.user, '') end
+  if req.register then save_user(req.keys.users, req.user, nil) end
   req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
     meta = json_encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
@@ -1644,7 +1646,7 @@ local function usual_reserve(keys, argv)
   else
     call('HSET', bal_key, f.held, held)
   end
-  save_usual_user(users_key, user, team, new_tat, rate_field)
+  save_user(users_key, user, team, new_tat, rate_field)
   call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text, tonumber(unit_cost) or total, user,
     t.feature, key_id, expires_text, t.credit_order))
   call('ZADD', expiries_key, expires_text, event_id)

@@ -363,3 +363,17 @@ async def test_hand_written_balances_out_of_range_are_left_to_the_gate(client, a
                          fields[:2], fields[2].replace('"buy"', "").replace("g1", "") if fields[2] else None))
         assert seen[0] == seen[1], bad
     await raw.aclose()
+
+
+async def test_a_user_is_registered_on_first_use_even_when_that_use_is_refused(client, admin, redis, config, prefix):
+    """auto_register_users: a user id the org has not registered is registered on first use,
+    the gate's refusal included (refuse() writes it), and so is one the usual path charges."""
+    layout = Layout(prefix, config.shards)
+    org = await admin.org("pro")
+    h = {"Authorization": f"Bearer {await admin.key(org)}"}
+    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 10**6, "user_id": "ann"},
+                          headers=h)
+    assert r.status_code == 402, r.text
+    assert await redis.hget(layout.users(org), "ann") == ""
+    assert (await consume(client, h, 1, user="bob"))[0] == 200
+    assert await redis.hget(layout.users(org), "bob") == ""
