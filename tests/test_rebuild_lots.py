@@ -24,9 +24,8 @@ import httpx
 import orjson
 import pytest
 
-from conftest import Admin, test_config_data
+from conftest import Admin, drop_database, fresh_database, test_config_data
 from quota_gw import config as config_mod
-from quota_gw import db
 from quota_gw.events import entries
 from quota_gw.app import create_app
 from quota_gw.layout import HOLDS_DUE, METER_FIELDS, SUB_QUOTAS, Layout, meter_field
@@ -103,7 +102,7 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-async def env(redis, redis_url: str, database_url: str, prefix: str, tmp_path_factory: Any) -> AsyncIterator[Any]:
+async def env(redis, redis_url: str, servers: Any, prefix: str, tmp_path_factory: Any) -> AsyncIterator[Any]:
     fake = FakeStripeAPI()
     await fake.start()
     os.environ[KEY_ENV] = "sk_test_" + secrets.token_hex(12)
@@ -116,14 +115,8 @@ async def env(redis, redis_url: str, database_url: str, prefix: str, tmp_path_fa
     tmp = tmp_path_factory.mktemp("rebuild-lots")
     cfg_path = write_config(tmp, data)
     sub = f"{prefix}:lots{secrets.token_hex(3)}"
-    admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
-    name = f"qgw_lots_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    url = await fresh_database(servers, f"lots{secrets.token_hex(3)}")
     pg = await asyncpg.connect(url)
-    await db.migrate(pg)
     cmd_env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": url, "QUOTA_GW_PREFIX": sub,
                "QUOTA_GW_CONFIG": cfg_path}
 
@@ -185,9 +178,7 @@ async def env(redis, redis_url: str, database_url: str, prefix: str, tmp_path_fa
         await pg.close()
         async for k in redis.scan_iter(match=f"{sub}:*", count=5000):
             await redis.delete(k)
-        conn = await asyncpg.connect(admin_url)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+        await drop_database(servers, url)
         await fake.stop()
         os.environ.pop(KEY_ENV, None)
         os.environ.pop(HOOK_ENV, None)

@@ -17,8 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from conftest import Admin, test_config_data
-from quota_gw import db
+from conftest import Admin, drop_database, fresh_database, test_config_data
 from quota_gw.app import create_app
 from quota_gw.layout import HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, meter_field
 from sync_worker.config_drift import config_drift
@@ -30,17 +29,11 @@ ZERO_IS_MISSING = {METER_FIELDS[n] for n in ("allocated", "purchased", "used", "
 
 
 @pytest.fixture
-async def iso(redis, redis_url: str, database_url: str, prefix: str, config, tmp_path: Path) -> AsyncIterator[Any]:
+async def iso(redis, redis_url: str, servers: Any, prefix: str, config, tmp_path: Path) -> AsyncIterator[Any]:
     """A gateway on its own database and key prefix (rebuild reads every org in the database)."""
     sub = f"{prefix}:r{secrets.token_hex(3)}"
-    admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
-    name = f"qgw_rb_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    url = await fresh_database(servers, f"rb{secrets.token_hex(3)}")
     pg = await asyncpg.connect(url)
-    await db.migrate(pg)
     app = create_app(config, redis_url, url, sub)
     cfg = write_config(tmp_path, test_config_data())
     env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": url, "QUOTA_GW_PREFIX": sub,
@@ -61,9 +54,7 @@ async def iso(redis, redis_url: str, database_url: str, prefix: str, config, tmp
     await pg.close()
     async for k in redis.scan_iter(match=f"{sub}:*", count=5000):
         await redis.delete(k)
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
+    await drop_database(servers, url)
 
 
 async def flush(redis, sub: str) -> int:
