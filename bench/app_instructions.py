@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +51,6 @@ LLM_BODY = b'{"model":"demo-1","max_tokens":16,"messages":[{"role":"user","conte
 
 def drive(path: str, n: int) -> None:
     """Runs under valgrind: warm up, then `n` requests inside sorted() (the counted part)."""
-    import uvloop
-
     import serve_app
 
     key = os.environ["BENCH_KEY"]
@@ -98,16 +97,27 @@ def drive(path: str, n: int) -> None:
         for _ in range(0, count, CONCURRENCY):
             await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
 
+    counted_run(app, batch, n)
+    if set(statuses) != {200}:
+        sys.exit(f"{path}: statuses {sorted(set(statuses))}")
+
+
+def counted_run(app: Any, run: Callable[[int], Awaitable[None]], n: int,
+                before_shutdown: Callable[[], None] | None = None) -> None:
+    """The app started (its lifespan) on a uvloop, `run(512)` to warm it, then `run(n)` inside
+    the one call callgrind counts (`sorted`, --toggle-collect), then the app stopped."""
+    import uvloop
+
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     lifespan = app.router.lifespan_context(app)
     loop.run_until_complete(lifespan.__aenter__())
     steady(app)
-    loop.run_until_complete(batch(512))
-    sorted([0], key=lambda _: loop.run_until_complete(batch(n)))  # the counted phase
+    loop.run_until_complete(run(512))
+    sorted([0], key=lambda _: loop.run_until_complete(run(n)))  # the counted phase
+    if before_shutdown:
+        before_shutdown()
     loop.run_until_complete(lifespan.__aexit__(None, None, None))
-    if set(statuses) != {200}:
-        sys.exit(f"{path}: statuses {sorted(set(statuses))}")
 
 
 def steady(app: Any) -> None:
@@ -120,8 +130,6 @@ def steady(app: Any) -> None:
 def drive_listener(key: str, n: int) -> None:
     """`drive` through the authorize listener: CONCURRENCY connections, each asking again as
     soon as its answer is in (as nginx's keep-alive connections do)."""
-    import uvloop
-
     import serve_app
 
     with socket.socket() as s:
@@ -169,16 +177,11 @@ def drive_listener(key: str, n: int) -> None:
             c.ask(count // CONCURRENCY, f)
         await asyncio.gather(*done)
 
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    lifespan = app.router.lifespan_context(app)
-    loop.run_until_complete(lifespan.__aenter__())
-    steady(app)
-    loop.run_until_complete(run(512))
-    sorted([0], key=lambda _: loop.run_until_complete(run(n)))  # the counted phase
-    for c in clients:
-        c.transport.close()
-    loop.run_until_complete(lifespan.__aexit__(None, None, None))
+    def close() -> None:
+        for c in clients:
+            c.transport.close()
+
+    counted_run(app, run, n, close)
     if refused:
         sys.exit(f"listener: {len(refused)} refused, e.g. {refused[0]!r}")
 
