@@ -62,12 +62,17 @@ class Coalescer:
         self._watching = False
         self.client_id: int | None = None
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, kept: asking asyncio each call is a getpid(2) on Python 3.11."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def run(self, script: Function, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """The call's reply, to await: a future, not a coroutine (an await level of its own is
         passed again when the reply comes)."""
-        loop = self._loop
-        if loop is None or not loop.is_running():  # (not asked each call: on Python 3.11 that is a getpid(2))
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, fut))
         if not self._scheduled:
@@ -117,10 +122,7 @@ class Coalescer:
     def _write(self, conn: Any, batch: list[Call]) -> None:
         metrics.count(metrics.ROUND_TRIPS)
         metrics.count(metrics.SCRIPT_CALLS, len(batch))
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._running_loop().time()
         data = b"".join([s.pack(k, a) for s, k, a, _ in batch])
         for call in batch:
             self._inflight.append((call, now))

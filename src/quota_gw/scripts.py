@@ -131,11 +131,7 @@ class _Encodings(dict[Any, bytes]):
     def __missing__(self, a: Any) -> bytes:
         if len(self) >= _BULK_MAX:
             self.clear()
-        if type(a) is str:  # (most misses: a call's new ids; _bulk inline)
-            b = a.encode()
-            packed = self[a] = b"$%d\r\n%s\r\n" % (len(b), b)
-        else:
-            packed = self[a] = _bulk(a)
+        packed = self[a] = _bulk(a)
         return packed
 
 
