@@ -1313,10 +1313,8 @@ local function usual_consume(keys, argv)
   local now_s = NUMBERS[x[1]] or number_of(x[1])
   local now = now_s * 1000000 + x[2]
   local meter = t.meter
-  -- read_meter's thirteen fields, in its order (written out: a call saved).
   local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
-  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.purchased_total, f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold, HOLDS_DUE, SUB_QUOTAS)
+  local v = read_meter(bal_key, meter)
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   x = v[5]
   local pe = NUMBERS[x] or number_of(x)
