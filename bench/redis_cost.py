@@ -1,9 +1,10 @@
 """Redis time per decision: the real consume beside a minimal script, same Redis, one run.
 
     .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise] [--layers] [--cpu N]
+        [--server PATH]
 
-Starts its own redis-server (7.x, on a free port, no persistence) so `INFO commandstats` counts
-only this run. One org on the plan of examples/quota-gw.yaml (rate limits on), funded so no call
+Starts its own redis-server (7.x, on a free port, no persistence; --server: another one, e.g. the
+embedded package's valkey-server) so `INFO commandstats` counts only this run. One org on the plan of examples/quota-gw.yaml (rate limits on), funded so no call
 is refused; each consume goes through the real Decider (coalesced, as the gateway sends them)
 with a random user id out of --users, so users register and per-user rate limits start. Then
 the same number of calls of a minimal check-and-decrement script (HGET, HINCRBY, TIME, XADD of
@@ -55,10 +56,11 @@ return 1
 SCRIPT_COMMANDS = ("evalsha", "eval", "fcall", "fcall_ro")
 
 
-def start_redis(cpu: int | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
-    """The server on a free port; with `cpu`, held to that core (taskset) and this process kept
-    off it, so the scheduler moving either does not swell a round."""
-    exe = shutil.which("redis-server") or shutil.which("valkey-server")
+def start_redis(cpu: int | None = None, server: str | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
+    """The server (`server`, else redis-server on PATH) on a free port; with `cpu`, held to that
+    core (taskset) and this process kept off it, so the scheduler moving either does not swell a
+    round."""
+    exe = server or shutil.which("redis-server") or shutil.which("valkey-server")
     if exe is None:
         sys.exit("redis-server (7.x) is not on PATH")
     port = free_port()
@@ -98,8 +100,8 @@ def per_call(stats: dict[str, tuple[int, float]]) -> float:
 
 
 async def run(calls: int, users: int, plan: str, feature: str, concurrency: int, rounds: int,
-              layers: bool = False, cpu: int | None = None) -> None:
-    proc, port, _ = start_redis(cpu)
+              layers: bool = False, cpu: int | None = None, server: str | None = None) -> None:
+    proc, port, _ = start_redis(cpu, server)
     r = aioredis.Redis(port=port)
     try:
         for _ in range(200):
@@ -108,7 +110,9 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
                 break
             except Exception:
                 await asyncio.sleep(0.05)
-        version = (await r.info("server"))["redis_version"]
+        info = await r.info("server")
+        version = f"{Path(info['executable']).name} {info.get('valkey_version') or info['redis_version']}" \
+            if info.get("executable") else info["redis_version"]
         cfg = config_mod.load(ROOT / "examples" / "quota-gw.yaml")
         layout = Layout("bench", cfg.shards)
         decider = Decider(r, cfg, layout)
@@ -177,7 +181,7 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
                 refused += sum(1 for s in await consumes(part, ident3) if s != 200)
                 l_cpu = (await cpu_s(r) - t0) * 1e6 / len(part)
                 rows3.append((per_call(await commandstats(r)), l_cpu))
-        print(f"redis {version}, plan {plan}, feature {feature}, {step * rounds} calls in {rounds} rounds, "
+        print(f"{version}, plan {plan}, feature {feature}, {step * rounds} calls in {rounds} rounds, "
               f"{users} user ids, {refused} refused; usec_per_call ({cmd} for consume, evalsha for minimal)")
         print("usec_per_call: INFO commandstats (wall time inside the command); cpu us/call: Redis main-thread "
               "CPU per call (INFO cpu), network I/O included")
@@ -214,8 +218,9 @@ def main() -> None:
     ap.add_argument("--layers", action="store_true", help="also consumes that walk three layers (the waterfall)")
     ap.add_argument("--cpu", type=int, default=None,
                     help="hold the server to this core (taskset) and the client off it")
+    ap.add_argument("--server", default=None, help="the redis-server or valkey-server to run (default: redis-server)")
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers, a.cpu))
+    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers, a.cpu, a.server))
 
 
 if __name__ == "__main__":
