@@ -50,7 +50,7 @@ def library() -> tuple[str, str]:
     body = [(d / "_lib.lua").read_text()]
     for op in OPERATIONS:
         flags = ", flags = {'no-writes'}" if op in READ_ONLY else ""
-        body.append(f"redis.register_function{{function_name = '__QGW_LIB___{op}', callback = function(KEYS, ARGV) init()\n"
+        body.append(f"redis.register_function{{function_name = '__QGW_LIB___{op}', callback = function(KEYS, ARGV) init(true)\n"
                     f"{(d / f'{op}.lua').read_text()}\nend{flags}}}")
     code = "\n".join(body)
     name = "qgw_" + hashlib.sha1(code.encode()).hexdigest()[:12]
