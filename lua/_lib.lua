@@ -1190,11 +1190,11 @@ end
 -- Held to the gate's rules by tests/test_usual_consume.py and tests/test_usual_settle.py.
 
 -- The user of a straight call: known (or registered by it), no sub-quota, inside its rate window
--- (the gate's gate_user, level_fits and gate_rate_limits for the usual case). `v`: read_meter's
--- reply; its 13th, SUB_QUOTAS: no sub-quota to read in an org that has none ('0'); not known: the
--- quota hash says, recorded now (a fact about the hash, whatever the call decides). Returns ok,
--- team, the new window (nil: none), its remaining, its reset (µs) and the window's field.
-local function usual_user(t, users_key, quotas_key, bal_key, v, user, meter, now)
+-- (the gate's gate_user, level_fits and gate_rate_limits for the usual case). `has_sub_quotas`:
+-- the meter's SUB_QUOTAS field, no sub-quota to read in an org that has none ('0'); not known
+-- (false): the quota hash says, recorded now (a fact about the hash, whatever the call decides).
+-- Returns ok, team, the new window (nil: none), its remaining, its reset (µs) and the window's field.
+local function straight_user(t, users_key, quotas_key, bal_key, has_sub_quotas, user, meter, now)
   if user == '' then return true, nil, nil, -1, 0 end
   local team, tat, new_tat, rl_rem, rl_reset = nil, nil, nil, -1, 0
   local rl_interval = t.rl_user_interval_us
@@ -1208,7 +1208,6 @@ local function usual_user(t, users_key, quotas_key, bal_key, v, user, meter, now
     team = call('HGET', users_key, user)
   end
   if not team and not t.auto_register then return false end
-  local has_sub_quotas = v[13]
   if not has_sub_quotas then
     has_sub_quotas = call('HLEN', quotas_key) == 0 and '0' or '1'
     call('HSET', bal_key, SUB_QUOTAS, has_sub_quotas)
@@ -1226,26 +1225,52 @@ local function usual_user(t, users_key, quotas_key, bal_key, v, user, meter, now
   end
   return true, team, new_tat, rl_rem, rl_reset, rate_field
 end
+-- straight_user with `v`, read_meter's reply (its 13th: SUB_QUOTAS).
+local function usual_user(t, users_key, quotas_key, bal_key, v, user, meter, now)
+  return straight_user(t, users_key, quotas_key, bal_key, v[13], user, meter, now)
+end
 
 -- Would a charge leaving `avail` cross a threshold not yet alerted in this period (Meter:alerts'
--- rule: the gate records the alert)? `v`: read_meter's reply.
-local function crosses_alert(spec, v, lim, pe, avail)
-  if spec == '' or lim < 0 then return false end
-  local x = v[8]
-  local base = (lim > 0 and lim or 0) + (NUMBERS[x] or number_of(x) or 0)
-  if base <= 0 then return false end
+-- rule: the gate records the alert)? In two parts: alert_base, from the meter's `ps` (its text),
+-- the thresholds and their base when `avail` is at or below one (nil: none can be crossed), then
+-- crosses_threshold, from the period and threshold last alerted (their texts), so that a reader
+-- of the meter reads those two only when a threshold is in reach.
+local function alert_base(spec, lim, x_ps, avail)
+  if spec == '' or lim < 0 then return nil end
+  local base = (lim > 0 and lim or 0) + (NUMBERS[x_ps] or number_of(x_ps) or 0)
+  if base <= 0 then return nil end
   local ts = THRESHOLDS[spec] or thresholds(spec)
-  if avail * 100 > ts.top * base then return false end  -- above every threshold: none can be crossed
+  if avail * 100 > ts.top * base then return nil end  -- above every threshold: none can be crossed
+  return ts, base
+end
+local function crosses_threshold(ts, base, avail, pe, x_alpe, x_alt)
   local lowest = 101
-  x = v[10]
-  if (NUMBERS[x] or number_of(x)) == pe then
-    x = v[11]
-    lowest = NUMBERS[x] or number_of(x) or 101
-  end
+  if (NUMBERS[x_alpe] or number_of(x_alpe)) == pe then lowest = NUMBERS[x_alt] or number_of(x_alt) or 101 end
   for i = 1, #ts do
     if ts[i] < lowest and avail * 100 <= ts[i] * base then return true end
   end
   return false
+end
+-- Both, from `v`, read_meter's reply.
+local function crosses_alert(spec, v, lim, pe, avail)
+  local ts, base = alert_base(spec, lim, v[8], avail)
+  if not ts then return false end
+  return crosses_threshold(ts, base, avail, pe, v[10], v[11])
+end
+
+-- The usual consume's read of its meter: read_meter's fields but `pt` (purchased credit ever:
+-- the gate's alone) and the period and threshold last alerted (read when a threshold is in
+-- reach): ~2,000 instructions a field (Redis finds each in the hash, sends it, Lua makes it a
+-- string). In this order: a, p, h, u, pe, lim, ps, lots, holds_due, SUB_QUOTAS.
+local function read_usual_meter(bal_key, f)
+  return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
+    f.purchased_at_start, f.lots, HOLDS_DUE, SUB_QUOTAS)
+end
+-- For the gate: read_usual_meter's reply `v` as read_meter's, the three fields it left read now
+-- (nothing was written between, but the SUB_QUOTAS mark, which the gate does not read from it).
+local function as_meter_read(bal_key, f, v)
+  local r = call('HMGET', bal_key, f.purchased_total, f.alert_period, f.alert_threshold)
+  return {v[1], v[2], v[3], v[4], v[5], v[6], r[1], v[7], v[8], r[2], r[3], v[9], v[10]}
 end
 
 -- The waterfall of a usual consume's charge with credit lots (Meter:waterfall, allocation first,
@@ -1314,39 +1339,45 @@ local function usual_consume(keys, argv)
   local now = now_s * 1000000 + x[2]
   local meter = t.meter
   local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
-  local v = read_meter(bal_key, meter)
+  local v = read_usual_meter(bal_key, f)
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   x = v[5]
   local pe = NUMBERS[x] or number_of(x)
   x = v[6]
   local lim = NUMBERS[x] or number_of(x)
-  if pe == nil or now_s >= pe or lim ~= t.allocation then return nil, now, v end  -- refresh
-  local raw_lots, lots = v[9], nil
+  if pe == nil or now_s >= pe or lim ~= t.allocation then  -- refresh
+    return nil, now, as_meter_read(bal_key, f, v)
+  end
+  local raw_lots, lots = v[8], nil
   if raw_lots == '' then raw_lots = nil end
   if raw_lots then  -- credit lots: none may be past its expiry (the gate records their `expire`)
     lots = LOTS[raw_lots] or lots_of(raw_lots)
     for j = 1, #lots do
       x = lots[j].x
-      if x > 0 and x <= now_s then return nil, now, v end
+      if x > 0 and x <= now_s then return nil, now, as_meter_read(bal_key, f, v) end
     end
   end
-  x = v[12]
-  if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then return nil, now, v end  -- the sweep
+  x = v[9]
+  if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then  -- the sweep
+    return nil, now, as_meter_read(bal_key, f, v)
+  end
   x = v[2]
   local pu = NUMBERS[x] or x and x + 0 or 0
-  if lim == 0 and pu <= 0 then return nil, now, v end  -- nothing to charge from, maybe forbidden: the gate says
-  if pu < 0 then return nil, now, v end  -- (only hand-written data: the gate's rules for it)
+  if lim == 0 and pu <= 0 then  -- nothing to charge from, maybe forbidden: the gate says
+    return nil, now, as_meter_read(bal_key, f, v)
+  end
+  if pu < 0 then return nil, now, as_meter_read(bal_key, f, v) end  -- (only hand-written data: the gate's rules for it)
   x = v[1]
   local al = NUMBERS[x] or x and x + 0 or 0
-  if al < 0 then return nil, now, v end  -- (only hand-written data: the gate's rules for it)
+  if al < 0 then return nil, now, as_meter_read(bal_key, f, v) end  -- (only hand-written data: the gate's rules for it)
   x = v[3]
   local held = NUMBERS[x] or x and x + 0 or 0
   x = v[4]
   local used = NUMBERS[x] or x and x + 0 or 0
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
-  local ok, team, new_tat, rl_rem, rl_reset, rate_field = usual_user(t, users_key, quotas_key, bal_key, v, user,
-    meter, now)
-  if not ok then return nil, now, v end
+  local ok, team, new_tat, rl_rem, rl_reset, rate_field = straight_user(t, users_key, quotas_key, bal_key, v[10],
+    user, meter, now)
+  if not ok then return nil, now, as_meter_read(bal_key, f, v) end
   -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool;
   -- lots: the meter's own waterfall, as the gate draws them).
   cost = NUMBERS[cost] or number_of(cost)
@@ -1393,7 +1424,7 @@ local function usual_consume(keys, argv)
     local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
       lots = lots, lots_dirty = nil}, Meter)
     local steps, planned, short = m:waterfall(cost, false, t.alloc_overflow, t.alloc_overflow, t.credit_order)
-    if short then return nil, now, v end
+    if short then return nil, now, as_meter_read(bal_key, f, v) end
     LOTS[raw_lots] = nil  -- the lots are this call's now: take() may change them
     take_a, take_p, src = m:take(steps, planned)
     if not m.lots_dirty then known_lots(raw_lots, m.lots) end  -- unchanged: the next reader's again
@@ -1405,17 +1436,25 @@ local function usual_consume(keys, argv)
     local left = cost - take_a
     if left > 0 then
       local overflow = t.alloc_overflow
-      if overflow == 0 and lim > 0 then return nil, now, v end
+      if overflow == 0 and lim > 0 then return nil, now, as_meter_read(bal_key, f, v) end
       take_p = overflow > 1 and left * overflow or left
-      if take_p > pu then return nil, now, v end  -- (take_p > 0: as take_p > max(0, pu))
+      if take_p > pu then return nil, now, as_meter_read(bal_key, f, v) end  -- (take_p > 0: as take_p > max(0, pu))
     end
     total = take_a + take_p
-    if total > al + pu - held then return nil, now, v end
+    if total > al + pu - held then return nil, now, as_meter_read(bal_key, f, v) end
     al, pu = al - take_a, pu - take_p
   end
   used = used + total
   -- Alerts: none may be crossed here (the gate records them).
-  if not unlimited and crosses_alert(t.alert_thresholds, v, lim, pe, al + pu - held) then return nil, now, v end
+  if not unlimited then
+    local ts, base = alert_base(t.alert_thresholds, lim, v[7], al + pu - held)
+    if ts then
+      local r = call('HMGET', bal_key, f.alert_period, f.alert_threshold)
+      if crosses_threshold(ts, base, al + pu - held, pe, r[1], r[2]) then
+        return nil, now, as_meter_read(bal_key, f, v)
+      end
+    end
+  end
   -- Decided: write the meter, the user, the event. Numbers go to Redis as text made here (fmt):
   -- Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions each.
   -- (fmt written out: a call each saved.)
