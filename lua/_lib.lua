@@ -1463,12 +1463,18 @@ local function usual_consume(keys, argv)
   if lots_meter then lots_text = lots_meter:lots_text() elseif lots_dirty then
     lots_text = changed_lots_text(bal_key, f.lots, lots)
   end
+  -- A field whose text is the one stored (the layer the charge did not draw) is not sent again:
+  -- the hash ends the same, for two arguments and a field set less (~2,500 instructions).
+  local a_text, p_text = SMALL_NUMBERS[al] or fmt_large(al), SMALL_NUMBERS[pu] or fmt_large(pu)
   if lots_text then
-    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
-      SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)
+    call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used),
+      f.lots, lots_text)
+  elseif a_text == v[1] then
+    call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
+  elseif p_text == v[2] then
+    call('HSET', bal_key, f.allocated, a_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
   else
-    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or fmt_large(al), f.purchased,
-      SMALL_NUMBERS[pu] or fmt_large(pu), f.used, SMALL_NUMBERS[used] or fmt_large(used))
+    call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
   end
   save_user(users_key, user, team, new_tat, rate_field)
   if not raw_lots then
