@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from quota_gw import decisions, layout
+from quota_gw import decisions, layout, scripts
 from quota_gw.scripts import OPERATIONS, lua_dir
 
 LIB = (lua_dir() / "_lib.lua").read_text()
@@ -178,3 +178,24 @@ def test_the_event_packer_writes_the_schema_fields_in_order() -> None:
     xadds = re.findall(r"call\('XADD', ([\w.]+), '\*', ([^,]+), (\w+)\(", code(LIB))
     # Events:add's, and the usual consume's, reserve's, commit's and release's own
     assert [(field, packer) for _, field, packer in xadds] == [("ENTRY_FIELD", "pack_event")] * 5
+
+
+async def test_the_functions_vm_collects_at_stepmul_100_and_an_eval_scripts_vm_is_left_alone(redis, config, prefix):
+    """The library's first call (init(true), scripts.library) sets the garbage collector of the
+    Functions VM, which every library on the server shares; the library run as an EVAL script
+    (init(), scripts.source) leaves the scripts' VM at Lua's default. Lua's setstepmul answers the
+    value it replaces."""
+    probe = ("#!lua name=qgwt_gc_probe\nredis.register_function('qgwt_gc_probe', "
+             "function(_, argv) return collectgarbage('setstepmul', tonumber(argv[1])) end)")
+    await redis.function_load(probe, replace=True)
+    try:
+        await redis.fcall("qgwt_gc_probe", 0, 200)  # Lua's default, whatever a library set before
+        await scripts.load(redis)  # loaded again: its first call runs init(true)
+        d = decisions.Decider(redis, config, layout.Layout(prefix, config.shards))
+        await d.balances("gc-probe-org", config.plans["pro"])
+        assert await redis.fcall("qgwt_gc_probe", 0, 100) == 100
+    finally:
+        await redis.function_delete("qgwt_gc_probe")
+    as_script = (lua_dir() / "_lib.lua").read_text() + "\ninit()\nreturn collectgarbage('setstepmul', 200)"
+    assert await redis.eval(as_script, 0) == 200
+    await d.aclose()
