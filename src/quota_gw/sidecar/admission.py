@@ -39,10 +39,12 @@ async def admit(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str
     charge = FixedCharge(sidecar, route, ident, user)
     if not redis_down:
         meta = orjson.dumps({"route": route.prefix, "method": method})
+        d: Decision | None
         try:
             d = await sidecar.ctx.decider.consume(ident, route.feature, 1, user, None, meta, sidecar.table.shadow(route))
         except REDIS_DOWN:
-            d = _down(sidecar, route)
+            _down(sidecar, route)
+            d = None
         else:
             _decided(charge, d)
         redis_down = d is None
@@ -52,8 +54,8 @@ async def admit(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str
 
 # The admission decision is awaited where it is asked for (a coroutine around it was a level
 # passed again when Redis answers), then: a refusal is raised as its problem (_decided); with
-# Redis down, a route that fails open goes on, its charge to the spool (_down: None), and one
-# that fails closed answers 503.
+# Redis down, a route that fails open goes on, its charge to the spool, and one that fails
+# closed answers 503 (_down).
 def _decided(charge: Charge, d: Decision) -> None:
     if not d.ok:
         raise d.problem()
@@ -101,7 +103,8 @@ async def hold(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str,
                 ident, route.feature, 1, user, ttl, None, shadow, cost=(prompt + budget * per) * unit,
                 min_cost=0 if shadow or unit == 0 else floor * unit)
         except REDIS_DOWN:
-            d = _down(sidecar, route)
+            _down(sidecar, route)
+            d = None
         else:
             _decided(charge, d)
         if d is None:
