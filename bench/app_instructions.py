@@ -43,8 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # (bench and quota_gw are imported in main(): the driven process imports the tree under test)
 
 CONCURRENCY = 64
-PATHS = ("/hello", "/v1/consume", "/v1/authorize", "listener:/v1/authorize", "/v1/chat/completions")
+PATHS = ("/hello", "/v1/consume", "/v1/authorize", "listener:/v1/authorize", "/v1/chat/completions",
+         "uvicorn:/v1/chat/completions")
 LISTENER = "listener:"
+UVICORN = "uvicorn:"
 BODY = b'{"feature":"generate_insight","user_id":"bench"}'
 LLM_BODY = b'{"model":"demo-1","max_tokens":16,"messages":[{"role":"user","content":"Say something about quotas."}]}'
 
@@ -56,6 +58,9 @@ def drive(path: str, n: int) -> None:
     key = os.environ["BENCH_KEY"]
     if path.startswith(LISTENER):
         drive_listener(key, n)
+        return
+    if path.startswith(UVICORN):
+        drive_uvicorn(key, n)
         return
     app = serve_app.factory()
     auth = (b"authorization", b"Bearer " + key.encode())
@@ -186,6 +191,73 @@ def drive_listener(key: str, n: int) -> None:
         sys.exit(f"listener: {len(refused)} refused, e.g. {refused[0]!r}")
 
 
+def drive_uvicorn(key: str, n: int) -> None:
+    """`drive`'s LLM call through uvicorn in this process (the protocol `quota-gw serve` uses),
+    CONCURRENCY keep-alive connections each asking again as soon as its answer is in."""
+    import functools
+
+    import serve_app
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    app = serve_app.factory()
+    config = uvicorn.Config(app=app, http="quota_gw.limits:BoundedHttpToolsProtocol", loop="none", lifespan="off",
+                            access_log=False, log_level="warning")
+    config.load()  # (wraps the app in the proxy-headers middleware, as `serve` runs it)
+    protocol = functools.partial(config.http_protocol_class, config=config, server_state=ServerState(), app_state={})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer " + key.encode()
+               + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(LLM_BODY) + LLM_BODY)
+    refused: list[bytes] = []
+
+    class Client(asyncio.Protocol):
+        """One keep-alive connection: asks `left` times, one request at a time (the answer is
+        chunked: it ends at its last chunk)."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.buffer = b""
+
+        def ask(self, left: int, done: asyncio.Future[None]) -> None:
+            self.left, self.done = left, done
+            self.transport.write(request)
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n0\r\n\r\n")) >= 0:
+                answer, self.buffer = self.buffer[:end], self.buffer[end + 7:]
+                if not answer.startswith(b"HTTP/1.1 200 "):
+                    refused.append(answer[:200])
+                self.left -= 1
+                if self.left:
+                    self.transport.write(request)
+                else:
+                    self.done.set_result(None)
+
+    clients: list[Client] = []
+    servers: list[asyncio.AbstractServer] = []
+
+    async def run(count: int) -> None:
+        loop = asyncio.get_running_loop()
+        if not servers:
+            servers.append(await loop.create_server(protocol, "127.0.0.1", 0))
+        port = servers[0].sockets[0].getsockname()[1]
+        while len(clients) < CONCURRENCY:
+            clients.append((await loop.create_connection(Client, "127.0.0.1", port))[1])
+        done = [loop.create_future() for _ in clients]
+        for c, f in zip(clients, done):
+            c.ask(count // CONCURRENCY, f)
+        await asyncio.gather(*done)
+
+    def close() -> None:
+        for c in clients:
+            c.transport.close()
+        servers[0].close()
+
+    counted_run(app, run, n, close)
+    if refused:
+        sys.exit(f"uvicorn: {len(refused)} refused, e.g. {refused[0]!r}")
+
+
 def wait_listening(port: int) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -234,7 +306,7 @@ def main() -> None:
     rs = embedded.start_redis(tmp / "redis")
     up_port = embedded.free_port()
     upstream = None
-    if "/v1/chat/completions" in paths:
+    if any(p.endswith("/v1/chat/completions") for p in paths):
         upstream = subprocess.Popen([str(Path(sys.executable).parent / "quota-gw"), "demo-upstream", "--port",
                                      str(up_port), "--log-level", "warning"])
         wait_listening(up_port)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -151,3 +152,27 @@ async def test_what_one_loop_pass_writes_to_a_connection_leaves_in_one_write_in_
     corked.write(b"after the close")
     await asyncio.sleep(0)
     assert t.calls[1:] == [b"last", "close"]
+
+
+def test_a_connection_closes_keep_alive_after_its_last_answer_not_its_first(tmp_path, redis_url, database_url, prefix):
+    """The keep-alive timer stays armed while a connection is used: a connection asked again
+    before the timeout stays open until the timeout has passed since its last answer."""
+    env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "QUOTA_GW_PREFIX": prefix}
+    with served(tmp_path, test_config_data(), env, "--timeout-keep-alive", "1") as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        ask = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            for pause in (0.0, 0.6):
+                time.sleep(pause)
+                s.sendall(ask)
+                raw = b""
+                while not _complete(raw):
+                    raw += s.recv(65536)
+                assert raw.startswith(b"HTTP/1.1 200 "), raw
+            time.sleep(0.6)  # 1.2 s after the first answer, 0.6 s after the last: open
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+            s.setblocking(True)
+            time.sleep(0.7)  # 1.3 s after the last answer: closed
+            assert s.recv(1) == b""

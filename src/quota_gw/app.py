@@ -131,7 +131,7 @@ class Gateway(Starlette):
       path form) goes to that route without the walk, unless a route listed before it matches
       too (found once, here: only the routes whose pattern could fall under the prefix are
       asked; a prefix route whose literal start the path lacks is not asked at all). Its app
-      is called directly (`_direct`; not Route.handle, whose method check a full match has
+      is called directly (in `__call__`; not Route.handle, whose method check a full match has
       passed already): the middleware's two layers of wrappers, around
       the call and around each message sent, cost ~15 µs a proxied call; an error goes through
       the middleware as it would have. (With a middleware added to the app, the call goes
@@ -191,34 +191,32 @@ class Gateway(Starlette):
                 scope.setdefault("router", self.router)
                 scope["route"] = route
                 scope.update(child)
-                # the route's app: Route.handle would first check the method, which FULL means is allowed
-                await self._direct(route.app, scope, receive, send)
+                # The route's app (Route.handle would first check the method, which FULL means is
+                # allowed), called as the router would call it, without the middleware's wrappers
+                # around it and around each message it sends; an error it raises goes through the
+                # middleware stack as it would have (before the answer started: rendered; after:
+                # re-raised). Here, not in a method: each level is passed again on every resume.
+                if self.user_middleware:
+                    scope[_DIRECT] = route.app
+                    await self._middleware()(scope, receive, send)
+                    return
+                started = False
+
+                def sending(message: Message) -> Awaitable[None]:  # send's own coroutine: no level around it
+                    nonlocal started
+                    started = True
+                    return send(message)
+
+                try:
+                    await route.app(scope, receive, sending)
+                except Exception as e:  # rendered (or re-raised) as Starlette would
+                    if started:
+                        raise
+                    scope[_DIRECT] = functools.partial(_reraise, e)
+                    await self._middleware()(scope, receive, send)
                 return
             break  # a 405, or an earlier route's path: the router says which
         await super().__call__(scope, receive, send)
-
-    async def _direct(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        """`app` called as the router would call it, without the middleware's wrappers around
-        it and around each message it sends; an error it raises goes through the middleware
-        stack as it would have (before the answer started: rendered; after: re-raised)."""
-        if self.user_middleware:
-            scope[_DIRECT] = app
-            await self._middleware()(scope, receive, send)
-            return
-        started = False
-
-        def sending(message: Message) -> Awaitable[None]:  # send's own coroutine: no level around it
-            nonlocal started
-            started = True
-            return send(message)
-
-        try:
-            await app(scope, receive, sending)
-        except Exception as e:  # rendered (or re-raised) as Starlette would
-            if started:
-                raise
-            scope[_DIRECT] = functools.partial(_reraise, e)
-            await self._middleware()(scope, receive, send)
 
     def _middleware(self) -> ASGIApp:
         """The app's middleware stack as Starlette builds it, its innermost app (the router)

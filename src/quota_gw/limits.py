@@ -10,7 +10,10 @@ Request bodies are bounded by the routes themselves (api.bounded_body: 413).
 
 It also sends what one pass of the event loop writes to a connection as one write (_Corked):
 uvicorn writes an answer's head and its body separately, and uvloop sends each at once: two
-system calls, and two segments for the client to read, for every answer.
+system calls, and two segments for the client to read, for every answer. And it keeps a
+connection's keep-alive timer armed while the connection is used (uvicorn made one at the end
+of every answer and cancelled it at the next request's first bytes): an idle connection still
+closes `timeout_keep_alive` after its last answer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .config import Behaviour
 from .problems import problem_body
 
 LINGER_S = 2.0
+_TIMER_SLACK_S = 0.001  # a timer may fire this early (the loop's clock counts milliseconds)
 
 
 @functools.cache
@@ -93,6 +97,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head = 0  # bytes of the URL and the headers parsed so far
         self._count = 0
         self._refused = False
+        self._idle = False  # no byte has come since the last answer ended
+        self._idle_since = 0.0  # when it ended (loop time)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -112,8 +118,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow(len(name) + len(value) + 4, 1)
-        super().on_header(name, value)
+        # _grow and uvicorn's on_header, inline: three Python calls a header were one
+        self._head += len(name) + len(value) + 4
+        self._count += 1
+        if self._count > self.max_headers or self._head > self.max_head_bytes:
+            self._grow(0, 0)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -122,6 +135,47 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_head, self._raw_head = True, 0
         super().on_message_complete()
+
+    # -- the keep-alive timer: armed when an answer ends and none is armed, kept while the
+    # connection is used (a request's bytes only mark it busy); when it fires it closes the
+    # connection if it has been idle timeout_keep_alive since its last answer, is set again for
+    # what is left if it has been idle less, and is left unset if a request came since (the end
+    # of its answer arms it again). uvicorn's own made a timer per answer and cancelled it at
+    # the next request's first bytes.
+    def _unset_keepalive_if_required(self) -> None:  # uvicorn: on every read, and at the end of an answer
+        self._idle = False
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, but for the timer
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle = True
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_at(self._idle_since + self.timeout_keep_alive,
+                                                             self._check_idle)
+
+    def _check_idle(self) -> None:
+        self.timeout_keep_alive_task = None
+        if not self._idle:
+            return
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > _TIMER_SLACK_S:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._check_idle)
+            return
+        self.timeout_keep_alive_handler()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # (the parser error our _Refused raised: answered already)

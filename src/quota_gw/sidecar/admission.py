@@ -10,7 +10,6 @@ the call asks for — with the budget lowered to what the org can afford (never 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -40,27 +39,32 @@ async def admit(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str
     charge = FixedCharge(sidecar, route, ident, user)
     if not redis_down:
         meta = orjson.dumps({"route": route.prefix, "method": method})
-        d = await _decide(sidecar, route, charge, sidecar.ctx.decider.consume(
-            ident, route.feature, 1, user, None, meta, sidecar.table.shadow(route)))
+        d: Decision | None
+        try:
+            d = await sidecar.ctx.decider.consume(ident, route.feature, 1, user, None, meta, sidecar.table.shadow(route))
+        except REDIS_DOWN:
+            _down(sidecar, route)
+            d = None
+        else:
+            _decided(charge, d)
         redis_down = d is None
     charge.redis_down = redis_down
     return charge
 
 
-async def _decide(sidecar: Sidecar, route: RouteConfig, charge: Charge, decision: Awaitable[Decision]) -> Decision | None:
-    """The admission decision, recorded on the charge; a refusal is raised as its problem. None:
-    Redis is down and the route fails open (the call goes on, its charge to the spool); a route
-    that fails closed answers 503."""
-    try:
-        d = await decision
-    except REDIS_DOWN:
-        if not sidecar.table.fail_open(route):
-            raise store_down() from None
-        return None
+# The admission decision is awaited where it is asked for (a coroutine around it was a level
+# passed again when Redis answers), then: a refusal is raised as its problem (_decided); with
+# Redis down, a route that fails open goes on, its charge to the spool, and one that fails
+# closed answers 503 (_down).
+def _decided(charge: Charge, d: Decision) -> None:
     if not d.ok:
         raise d.problem()
     charge.decided(d)
-    return d
+
+
+def _down(sidecar: Sidecar, route: RouteConfig) -> None:
+    if not sidecar.table.fail_open(route):
+        raise store_down() from None
 
 
 async def hold(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str, api: metering.Metering,
@@ -93,9 +97,16 @@ async def hold(sidecar: Sidecar, route: RouteConfig, ident: Identity, user: str,
     if not redis_down:
         floor = prompt + min(route.min_completion_tokens, budget) * per
         ttl = config.behaviour.reservation_ttl_s
-        d = await _decide(sidecar, route, charge, sidecar.ctx.decider.reserve(
-            ident, route.feature, 1, user, ttl, None, shadow, cost=(prompt + budget * per) * unit,
-            min_cost=0 if shadow or unit == 0 else floor * unit))
+        d: Decision | None
+        try:
+            d = await sidecar.ctx.decider.reserve(
+                ident, route.feature, 1, user, ttl, None, shadow, cost=(prompt + budget * per) * unit,
+                min_cost=0 if shadow or unit == 0 else floor * unit)
+        except REDIS_DOWN:
+            _down(sidecar, route)
+            d = None
+        else:
+            _decided(charge, d)
         if d is None:
             redis_down = True
         elif charge.rid is not None and unit > 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import Receive, Send
 
@@ -28,13 +28,18 @@ UPSTREAM_DOWN = (OSError, TimeoutError)  # pool.py's errors: the socket's, Serve
 MAX_BODY = 16 * 1024 * 1024  # request bodies are read whole (AI calls are small); larger is 413
 
 
-async def read_body(receive: Receive, method: str, framed: bool) -> bytes:
-    """The request body, whole (`framed`: Content-Length or Transfer-Encoding was sent; a GET or
-    HEAD without either has none to wait for). A client gone before its end is ClientDisconnect,
-    answered as on every route (app.on_client_gone)."""
+def read_body(receive: Receive, method: str, framed: bool) -> Awaitable[bytes]:
+    """The request body, whole, to await (`framed`: Content-Length or Transfer-Encoding was sent;
+    a GET or HEAD without either has none to wait for). A client gone before its end is
+    ClientDisconnect, answered as on every route (app.on_client_gone). receive_body's coroutine
+    itself, not one around it: each level costs its making and a pass on every resume."""
     if method in ("GET", "HEAD") and not framed:
-        return b""
-    return await receive_body(receive, None, MAX_BODY)
+        return _no_body()
+    return receive_body(receive, None, MAX_BODY)
+
+
+async def _no_body() -> bytes:
+    return b""
 
 
 async def forward(upstream: pool.Pool, route: RouteConfig, method: str, receive: Receive, send: Send, url: str,
