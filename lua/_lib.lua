@@ -1583,13 +1583,14 @@ end
 -- at most a user rate window and not past it, a meter in its period with no credit lots and no
 -- hold due, a hold or charge that fits, no alert threshold crossed) decided in straight-line
 -- code by the same rules; anything else returns nil having written nothing (but the SUB_QUOTAS
--- mark, as usual_consume), and the general path (the gate; settle_start) decides it. tests/test_usual_settle.py holds the two to the
--- same answers, events, balances and replays.
+-- mark, as usual_consume), and the general path (the gate; settle_start) decides it.
+-- tests/test_usual_settle.py holds the two to the same answers, events, balances and replays.
 --
 -- The JSON these write (the reservation record, the events' meta, the answer's extra, the
 -- settled answer) is the text cjson writes for the same table, key for key in cjson's order,
 -- built by concatenation: a cjson encode of a table was ~9,000 instructions, three a reserve.
--- Every reader (settle_start, the sweeps, expired_holds) still reads it with cjson.
+-- Every reader (settle_start, the sweeps, expired_holds) still reads it with cjson. (A commit
+-- event's `request`, the caller's metadata, is as given, on both paths: commit_meta.)
 
 -- A JSON string literal is cjson's own (a string alone: ~1,200 instructions, less than a Lua
 -- pattern scanning it for what needs escaping). A name of the config (meter, feature, credit
@@ -1612,77 +1613,136 @@ local function json_int(n)
 end
 
 -- The reservation record (reserve.lua's table) with no rate-window multiple (co) and no
--- sub-quota (ut, tt ''), in cjson's key order, and the pattern that reads exactly that text back
--- (strings without escapes, integers): ~9,700 instructions, a cjson decode ~15,700. Any other
--- record (an escaped string, a multiple, a sub-quota, an older writer's order) is decoded.
--- (`expires` and `held` as JSON already: the event and the answer write them too.)
+-- sub-quota (ut, tt ''), in cjson's key order, and the patterns that read exactly that text back
+-- (strings without escapes, integers). The part after `held` (key, sub-quotas, meter, credit
+-- order, feature) is one of few, repeated: read once per text (HOLD_TAILS, like NAME_JSON), so a
+-- record's read scans the head only: ~5,000 instructions (the whole record ~8,900, a cjson decode
+-- ~15,700). Any other record (an escaped string, a multiple, a sub-quota, an older writer's
+-- order) is decoded. (`expires` and `held` as JSON already: the event and the answer write them too.)
 local function usual_hold_text(meter, held, unit, user, feature, key_id, expires, order)
   return '{"exp":' .. expires .. ',"u":' .. json_encode(user) .. ',"unit":' .. json_int(unit) .. ',"held":'
     .. held .. ',"k":' .. json_name(key_id) .. ',"tt":"","m":' .. json_name(meter) .. ',"ut":"","o":'
     .. json_name(order) .. ',"f":' .. json_name(feature) .. '}'
 end
-local USUAL_HOLD = '^{"exp":(%d+),"u":"([^"\\]*)","unit":(%d+),"held":(%d+),"k":"[^"\\]*","tt":"",'
-  .. '"m":"([^"\\]*)","ut":"","o":"[^"\\]*","f":"([^"\\]*)"}$'
+local USUAL_HOLD_HEAD = '^{"exp":(%d+),"u":"([^"\\]*)","unit":(%d+),"held":(%d+)(.*)$'
+local USUAL_HOLD_TAIL = '^,"k":"[^"\\]*","tt":"","m":"([^"\\]*)","ut":"","o":"[^"\\]*","f":"([^"\\]*)"}$'
+local HOLD_TAILS, hold_tails_n = {}, 0  -- a record's tail -> {meter, feature}, or false: not the usual shape
+
+local function hold_tail(tail)
+  local m, f = match(tail, USUAL_HOLD_TAIL)
+  local found = m and {m, f} or false
+  if hold_tails_n >= 1000 then HOLD_TAILS, hold_tails_n = {}, 0 end  -- bounded
+  HOLD_TAILS[tail] = found
+  hold_tails_n = hold_tails_n + 1
+  return found
+end
 
 -- A hold's expiry, user, unit cost, amount, meter and feature if it is of the usual shape (no
 -- multiple, no sub-quota), else nil. (The credit order is moot: the usual meter has no lots.)
 local function read_usual_hold(raw)
-  local exp, u, unit, held, m, f = match(raw, USUAL_HOLD)
-  if exp then return tonumber(exp), u, tonumber(unit), tonumber(held), m, f end
+  local exp, u, unit, held, tail = match(raw, USUAL_HOLD_HEAD)
+  if exp then
+    local mf = HOLD_TAILS[tail]
+    if mf == nil then mf = hold_tail(tail) end
+    if mf then return exp + 0, u, NUMBERS[unit] or unit + 0, NUMBERS[held] or held + 0, mf[1], mf[2] end
+  end
   local rec = json_decode(raw)
   if rec.co or not rec.unit or not rec.exp or (rec.ut or '') ~= '' or (rec.tt or '') ~= '' then return nil end
   return rec.exp, rec.u or '', rec.unit, rec.held, rec.m, rec.f or ''
 end
 
--- reserve.lua's usual case. Returns the answer, or nil with the server time and read_meter's
--- reply once it has them (for the gate).
+-- A reserve reads the eight meter fields it needs, not read_meter's thirteen (~8,800 instructions
+-- less). When the gate decides it instead, the gate reads the thirteen again: so an org whose
+-- last reserve went to the gate (credit lots, a sub-quota, a refusal: mostly so call after call)
+-- has its next reserve read the thirteen, handed to the gate if it goes there too. Balance key ->
+-- true, bounded. (Either read decides the same: this chooses only which.)
+local GATED, gated_n = {}, 0
+
+-- usual_reserve's answer when the gate decides: nil, the server time and read_meter's reply
+-- if it was read (`full`); else the org is marked for its next reserve.
+local function to_gate(bal_key, now, full)
+  if not full then
+    if gated_n >= 1000 then GATED, gated_n = {}, 0 end  -- bounded
+    GATED[bal_key] = true
+    gated_n = gated_n + 1
+  end
+  return nil, now, full
+end
+
+-- reserve.lua's usual case. Returns the answer, or nil with the server time once it has it and
+-- read_meter's reply if it read it (for the gate).
 local function usual_reserve(keys, argv)
   -- GATE_KEYS and GATE_ARGV in order (tests/test_lua_interface.py reads these two lines).
   local bal_key, quotas_key, users_key, _, _, _, stream_key, reservations_key, expiries_key = unpack(keys)
   local event_id, org, user, key_id, cost, fingerprint, _, shadow, terms, reservation_ttl_s, unit_cost, min_cost,
     explain = unpack(argv)
   if fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
-  local t = plan_terms(terms).__index
+  local t = (PLAN_TERMS[terms] or plan_terms(terms)).__index
   if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
-  local now = now_us()
-  local now_s = floor(now / 1000000)
+  local x = call('TIME')  -- now_us(), with the seconds kept
+  local now_s = NUMBERS[x[1]] or number_of(x[1])
+  local now = now_s * 1000000 + x[2]
   local meter = t.meter
-  local v = read_meter(bal_key, meter)
-  local pe, lim, due = tonumber(v[5]), tonumber(v[6]), tonumber(v[12])
+  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
+  -- The eight fields a reserve reads (read_meter's thirteen less the used, the purchased total
+  -- and the alerts'), or read_meter's reply in their order (GATED).
+  local full, v = nil, nil
+  if GATED[bal_key] then
+    full = read_meter(bal_key, meter)
+    v = {full[1], full[2], full[3], full[12], full[5], full[6], full[9], full[13]}
+  else
+    v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, HOLDS_DUE, f.period_end, f.limit, f.lots,
+      SUB_QUOTAS)
+  end
+  -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each hold moves).
+  x = v[5]
+  local pe = NUMBERS[x] or number_of(x)
+  x = v[6]
+  local lim = NUMBERS[x] or number_of(x)
+  x = v[4]
+  local due = NUMBERS[x] or number_of(x)
   -- A period to refresh, lots: the gate.
-  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[9] and v[9] ~= '') then return nil, now, v end
-  if holds_may_be_due(due, now_s) then return nil, now, v end  -- the sweep
-  local al, pu, held = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
-  if lim == 0 and pu <= 0 then return nil, now, v end  -- maybe forbidden: the gate says
-  if al < 0 or pu < 0 then return nil, now, v end  -- (only hand-written data: the gate's rules for it)
+  if pe == nil or now_s >= pe or lim ~= t.allocation or (v[7] and v[7] ~= '') then
+    return to_gate(bal_key, now, full)
+  end
+  if holds_may_be_due(due, now_s) then return to_gate(bal_key, now, full) end  -- the sweep
+  x = v[1]
+  local al = NUMBERS[x] or x and x + 0 or 0
+  x = v[2]
+  local pu = NUMBERS[x] or x and x + 0 or 0
+  x = v[3]
+  local held = NUMBERS[x] or x and x + 0 or 0
+  if lim == 0 and pu <= 0 then return to_gate(bal_key, now, full) end  -- maybe forbidden: the gate says
+  if al < 0 or pu < 0 then return to_gate(bal_key, now, full) end  -- (only hand-written data: the gate's rules)
+  if user ~= '' then v[13] = v[8] end  -- the sub-quota mark where usual_user reads it (read_meter's 13th)
   local ok, team, new_tat, rl_rem, rl_reset, rate_field = usual_user(t, users_key, quotas_key, bal_key, v, user,
     meter, now)
-  if not ok then return nil, now, v end
+  if not ok then return to_gate(bal_key, now, full) end
   -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
   -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
   -- purchased credit at the plan's multiple (no lots: one pool).
-  cost = tonumber(cost)
+  cost = NUMBERS[cost] or cost + 0
   local unlimited = lim < 0
   local total = cost
   if not unlimited then
-    min_cost = min_cost ~= '0' and tonumber(min_cost) or 0
+    min_cost = NUMBERS[min_cost] or tonumber(min_cost) or 0
     if min_cost > 0 and cost > al + pu - held and al + pu - held >= min_cost then cost = al + pu - held end
     local take_a = min(al, cost)
     local take_p = 0
     local left = cost - take_a
     if left > 0 then
-      if t.alloc_overflow == 0 and lim > 0 then return nil, now, v end
+      if t.alloc_overflow == 0 and lim > 0 then return to_gate(bal_key, now, full) end
       take_p = left * max(1, t.alloc_overflow)
-      if take_p > max(0, pu) then return nil, now, v end
+      if take_p > max(0, pu) then return to_gate(bal_key, now, full) end
     end
     total = take_a + take_p
-    if total > al + pu - held then return nil, now, v end
+    if total > al + pu - held then return to_gate(bal_key, now, full) end
   end
   -- Decided: the hold, its record and expiry, the user, the event.
+  if full then GATED[bal_key] = nil end  -- (gated_n counts marks made: bounded all the same)
   held = held + total
-  local expires = now_s + tonumber(reservation_ttl_s)
+  local expires = now_s + (NUMBERS[reservation_ttl_s] or number_of(reservation_ttl_s))
   local expires_text, total_text = json_int(expires), json_int(total)
-  local f = meter_fields(meter)
   -- The earliest hold's expiry, once known (as reserve.lua).
   if due == 0 or expires < due then
     call('HSET', bal_key, f.held, held, HOLDS_DUE, expires_text)
@@ -1690,24 +1750,36 @@ local function usual_reserve(keys, argv)
     call('HSET', bal_key, f.held, held)
   end
   save_user(users_key, user, team, new_tat, rate_field)
-  call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text, tonumber(unit_cost) or total, user,
-    t.feature, key_id, expires_text, t.credit_order))
+  call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text,
+    NUMBERS[unit_cost] or tonumber(unit_cost) or total, user, t.feature, key_id, expires_text, t.credit_order))
   call('ZADD', expiries_key, expires_text, event_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'reserve', org, user, key_id, meter, t.feature,
     0, 0, 0, al + pu, now, '', '{"held":' .. total_text .. ',"reservation_id":' .. json_encode(event_id)
     .. ',"expires_at":' .. expires_text .. '}'))
-  local rl_limit = -1
-  if new_tat then rl_limit = t.rl_user_burst end
-  return reply({status = 201, cost = total, remaining = unlimited and -1 or al + pu - held, event_id = event_id,
-    extra = '{"expires_at":' .. expires_text .. '}', rl_limit = rl_limit, rl_remaining = rl_rem,
-    rl_reset = ceil(rl_reset / 1000000)})
+  return pack_reply(201, '', total, unlimited and -1 or al + pu - held, event_id, 0,
+    new_tat and t.rl_user_burst or -1, rl_rem, ceil(rl_reset / 1000000), 0, '', '{"expires_at":' .. expires_text .. '}',
+    '', '')
 end
 
--- The caller's metadata as the commit event's `request`: cjson's text of it, as commit.lua
--- writes it (its decode and encode change a number past 14 digits, an empty array: the same
--- value either way). Cheaper than Lua patterns looking for those (~20,000 instructions, ~48,000).
-local function request_json(metadata)
-  return json_encode(json_decode(metadata))
+-- The commit event's meta (commit.lua's and usual_commit's: one text, whichever path decides):
+-- the hold, what was asked, what could not be charged (overage, when any) in cjson's order for
+-- those keys, then the caller's metadata as `request`, as given. The metadata is JSON text the
+-- Decider made (orjson: the API's validated object, the sidecar's, the spool's), as a consume
+-- event carries it; every reader parses it (the ledger's jsonb). A cjson decode and encode of it
+-- (~20,000 instructions) changed its spelling (key order, `\/`) and rounded integers past 14 digits.
+local function commit_meta(rid_json, held, want, cost, metadata)
+  if want > cost then
+    if metadata == '' then
+      return '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":'
+        .. rid_json .. ',"requested":' .. json_int(want) .. '}'
+    end
+    return '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":'
+      .. rid_json .. ',"requested":' .. json_int(want) .. ',"request":' .. metadata .. '}'
+  elseif metadata == '' then
+    return '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid_json .. ',"requested":' .. json_int(want) .. '}'
+  end
+  return '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid_json .. ',"requested":' .. json_int(want)
+    .. ',"request":' .. metadata .. '}'
 end
 
 -- The hold a straight commit or release settles: stored in the usual shape, live, and no hold
@@ -1721,10 +1793,10 @@ local function usual_hold(reservations_key, rid)
   if not raw then return nil end  -- settle_start says 404, or answers a retry again
   local exp, u, unit, held, m, f = read_usual_hold(raw)
   if not exp then return nil end
-  local now = now_us()
-  local now_s = floor(now / 1000000)
+  local x = call('TIME')  -- now_us(), with the seconds kept
+  local now_s = NUMBERS[x[1]] or number_of(x[1])
   if now_s >= exp then return nil end  -- expired: settle_start returns it (an `expired` release)
-  return now, now_s, u, unit, held, m, f
+  return now_s * 1000000 + x[2], now_s, u, unit, held, m, f
 end
 
 -- The settled answer (settle_finish's record: a retry gets it again), as cjson writes it.
@@ -1744,15 +1816,31 @@ local function usual_commit(settle_keys, settle_argv)
     alert_thresholds = unpack(settle_argv)
   local now, now_s, user, unit, held, meter, feature = usual_hold(reservations_key, reservation_id)
   if not now then return nil end
-  local v = read_meter(bal_key, meter)
-  if holds_may_be_due(tonumber(v[12]), now_s) then return nil end
-  local pe, lim = tonumber(v[5]), tonumber(v[6])
+  -- The eleven fields a commit reads (read_meter's thirteen less the purchased total and the
+  -- sub-quota mark): HOLDS_DUE in the purchased total's place, so the alerts' are at read_meter's
+  -- (crosses_alert reads them there).
+  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
+  local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit, HOLDS_DUE,
+    f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
+  -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
+  local x = v[7]
+  if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then return nil end
+  x = v[5]
+  local pe = NUMBERS[x] or number_of(x)
+  x = v[6]
+  local lim = NUMBERS[x] or number_of(x)
   if pe == nil or now_s >= pe or lim == nil or (v[9] and v[9] ~= '') then return nil end  -- lots may lapse
-  local al, pu, used = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4]) or 0
+  x = v[1]
+  local al = NUMBERS[x] or x and x + 0 or 0
+  x = v[2]
+  local pu = NUMBERS[x] or x and x + 0 or 0
   if al < 0 or pu < 0 then return nil end
-  local h = (tonumber(v[3]) or 0) - held  -- the other holds (this one is given back)
+  x = v[4]
+  local used = NUMBERS[x] or x and x + 0 or 0
+  x = v[3]
+  local h = (NUMBERS[x] or x and x + 0 or 0) - held  -- the other holds (this one is given back)
   local unlimited = lim < 0
-  local want = tonumber(units) * unit
+  local want = (NUMBERS[units] or units + 0) * unit
   local cost = min(want, held)
   if not unlimited then cost = min(cost, al + pu) end
   if beyond_hold == '1' and want > cost and cost == held then
@@ -1773,32 +1861,17 @@ local function usual_commit(settle_keys, settle_argv)
   local src = ''
   if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
   if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
-  -- The event's meta: commit.lua's table, in cjson's order for each of its four shapes.
-  local rid = json_encode(reservation_id)
-  local meta
-  if metadata == '' and want > cost then
-    meta = '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":' .. rid
-      .. ',"requested":' .. json_int(want) .. '}'
-  elseif metadata == '' then
-    meta = '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid .. ',"requested":' .. json_int(want) .. '}'
-  elseif want > cost then
-    meta = '{"held":' .. json_int(held) .. ',"requested":' .. json_int(want) .. ',"overage":' .. json_int(want - cost)
-      .. ',"reservation_id":' .. rid .. ',"request":' .. request_json(metadata) .. '}'
-  else
-    meta = '{"request":' .. request_json(metadata) .. ',"held":' .. json_int(held) .. ',"reservation_id":' .. rid
-      .. ',"requested":' .. json_int(want) .. '}'
-  end
+  local meta = commit_meta(json_encode(reservation_id), held, want, cost, metadata)
   -- Decided: the meter (the hold given back, the charge), the hold forgotten, the event, the answer.
-  local f = meter_fields(meter)
   call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used, f.held, h)
   call('HDEL', reservations_key, reservation_id)
   call('ZREM', expiries_key, reservation_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'commit', org, user, key_id, meter, feature,
     -(take_a + take_p), -take_p, cost, al + pu, now, src, meta))
-  return usual_settled(settled_key, 'commit', fingerprint, answer_ttl_s, reply({cost = cost,
-    remaining = unlimited and -1 or al + pu - h, event_id = event_id, sources = src,
-    extra = '{"released":' .. json_int(max(0, held - cost)) .. ',"feature":' .. json_name(feature) .. ',"overage":'
-      .. json_int(max(0, want - cost)) .. ',"meter":' .. json_name(meter) .. '}'}))
+  return usual_settled(settled_key, 'commit', fingerprint, answer_ttl_s, pack_reply(200, '', cost,
+    unlimited and -1 or al + pu - h, event_id, 0, -1, -1, 0, 0, '', '{"released":' .. json_int(max(0, held - cost))
+    .. ',"feature":' .. json_name(feature) .. ',"overage":' .. json_int(max(0, want - cost)) .. ',"meter":'
+    .. json_name(meter) .. '}', src, ''))
 end
 
 -- release.lua's usual case: the whole hold given back. Returns the answer or nil.
@@ -1808,20 +1881,27 @@ local function usual_release(settle_keys, settle_argv)
   local now, now_s, user, _, held, meter, feature = usual_hold(reservations_key, reservation_id)
   if not now then return nil end
   -- The five fields a release reads (read_meter's twelve: ~12,800 instructions more a release).
-  local f = meter_fields(meter)
+  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
   local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.limit, HOLDS_DUE)
-  if holds_may_be_due(tonumber(v[5]), now_s) then return nil end
-  local al, pu, lim = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4])
-  local h = (tonumber(v[3]) or 0) - held
+  local x = v[5]
+  if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then return nil end
+  x = v[1]
+  local al = NUMBERS[x] or x and x + 0 or 0
+  x = v[2]
+  local pu = NUMBERS[x] or x and x + 0 or 0
+  x = v[4]
+  local lim = NUMBERS[x] or number_of(x)
+  x = v[3]
+  local h = (NUMBERS[x] or x and x + 0 or 0) - held
   call('HSET', bal_key, f.held, h)
   call('HDEL', reservations_key, reservation_id)
   call('ZREM', expiries_key, reservation_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'release', org, user, key_id, meter, feature,
     0, 0, 0, al + pu, now, '', '{"held":' .. json_int(held) .. ',"reservation_id":' .. json_encode(reservation_id)
     .. ',"reason":"released"}'))
-  return usual_settled(settled_key, 'release', fingerprint, answer_ttl_s, reply({
-    remaining = (lim ~= nil and lim < 0) and -1 or al + pu - h, event_id = event_id,
-    extra = '{"released":' .. json_int(held) .. '}'}))
+  return usual_settled(settled_key, 'release', fingerprint, answer_ttl_s, pack_reply(200, '', 0,
+    (lim ~= nil and lim < 0) and -1 or al + pu - h, event_id, 0, -1, -1, 0, 0, '', '{"released":' .. json_int(held)
+    .. '}', '', ''))
 end
 
 -- The library's first call: the globals (take_globals), the compiled binders and reply.

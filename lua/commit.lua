@@ -35,11 +35,10 @@ local from_a, from_p, src = m:charge(cost, rec.co ~= nil, rec.o)
 for _, q in ipairs(qs) do q.used = q.used + cost; q:save() end
 m:save_spend()
 m:save_pending(events, rec.u, rec.f)
-local meta = {reservation_id = a.reservation_id, held = rec.held, requested = want}
-if want > cost then meta.overage = want - cost end
-if a.metadata ~= '' then meta.request = json_decode(a.metadata) end
+-- The meta (the hold, what was asked, the overage, the caller's metadata as given): usual_commit's text.
 local id = events:add({id = a.event_id, kind = 'commit', user = rec.u, meter = rec.m, feature = rec.f,
-  delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), meta = json_encode(meta), src = src})
+  delta = -(from_a + from_p), dp = -from_p, cost = cost, bal = m:balance(), src = src,
+  meta = commit_meta(json_encode(a.reservation_id), rec.held, want, cost, a.metadata)})
 -- Low-balance alerts are judged here, on the actual charge, as consume judges its own: a hold
 -- changes no balance (its reserve event's delta is 0) and may be released unspent, so reserve
 -- records none. Not once the period is over: the next decision starts a new one. No threshold

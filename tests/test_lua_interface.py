@@ -124,7 +124,7 @@ def test_each_script_binds_its_keys_at_the_top() -> None:
         first = [line for line in src.splitlines() if line.strip()][0]
         # consume, reserve, commit, release: the usual case names them itself (usual_<op>, held
         # below), then binds.
-        usual = re.match(r"local usual(, now, meter_read)? = usual_%s\(KEYS, ARGV\)$" % script, first.strip())
+        usual = re.match(r"local usual(, now(, meter_read)?)? = usual_%s\(KEYS, ARGV\)$" % script, first.strip())
         assert first.startswith("local k = bind(KEYS,") or usual, script
         assert len(bound(script, "KEYS")) == len(set(bound(script, "KEYS")))
         # A script reads names, never positions.

@@ -259,6 +259,10 @@ async def test_the_usual_llm_hold_and_commit_beyond_it_answer_write_and_record_a
     assert first["usual"].ok and hold["usual"].cost == 2_000 and done["usual"].ok, (first, hold, done)
     assert 0 < done["usual"].extra["overage"] < 10_000 - 2_000 and done["usual"].remaining == 0, done["usual"]
     await both(lambda side, ident: decider.release(ident, others[1][side].event_id))
+    # Either path's commit event carries the caller's metadata as sent (lua commit_meta), not re-encoded.
+    for org, _ in orgs.values():
+        commits = [f for f in entries(await redis.xrange(layout.stream(org))) if f["org"] == org and f["kind"] == "commit"]
+        assert commits[-1]["meta"].endswith(',"request":' + meta.decode() + "}"), commits[-1]["meta"]
 
     usual = await events(redis, layout, orgs["usual"][0], ids["usual"])
     gate = await events(redis, layout, orgs["gate"][0], ids["gate"])
