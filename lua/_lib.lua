@@ -1251,11 +1251,13 @@ local function crosses_threshold(ts, base, avail, pe, x_alpe, x_alt)
   end
   return false
 end
--- Both, from `v`, read_meter's reply.
-local function crosses_alert(spec, v, lim, pe, avail)
-  local ts, base = alert_base(spec, lim, v[8], avail)
+-- Both, for a straight path that read the meter's `ps` (`x_ps`) but not the alert fields: those
+-- two read only when a threshold is in reach.
+local function crosses_alert(bal_key, f, spec, lim, x_ps, pe, avail)
+  local ts, base = alert_base(spec, lim, x_ps, avail)
   if not ts then return false end
-  return crosses_threshold(ts, base, avail, pe, v[10], v[11])
+  local r = call('HMGET', bal_key, f.alert_period, f.alert_threshold)
+  return crosses_threshold(ts, base, avail, pe, r[1], r[2])
 end
 
 -- The usual consume's read of its meter: read_meter's fields but `pt` (purchased credit ever:
@@ -1446,14 +1448,8 @@ local function usual_consume(keys, argv)
   end
   used = used + total
   -- Alerts: none may be crossed here (the gate records them).
-  if not unlimited then
-    local ts, base = alert_base(t.alert_thresholds, lim, v[7], al + pu - held)
-    if ts then
-      local r = call('HMGET', bal_key, f.alert_period, f.alert_threshold)
-      if crosses_threshold(ts, base, al + pu - held, pe, r[1], r[2]) then
-        return nil, now, as_meter_read(bal_key, f, v)
-      end
-    end
+  if not unlimited and crosses_alert(bal_key, f, t.alert_thresholds, lim, v[7], pe, al + pu - held) then
+    return nil, now, as_meter_read(bal_key, f, v)
   end
   -- Decided: write the meter, the user, the event. Numbers go to Redis as text made here (fmt):
   -- Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions each.
@@ -1816,12 +1812,11 @@ local function usual_commit(settle_keys, settle_argv)
     alert_thresholds = unpack(settle_argv)
   local now, now_s, user, unit, held, meter, feature = usual_hold(reservations_key, reservation_id)
   if not now then return nil end
-  -- The eleven fields a commit reads (read_meter's thirteen less the purchased total and the
-  -- sub-quota mark): HOLDS_DUE in the purchased total's place, so the alerts' are at read_meter's
-  -- (crosses_alert reads them there).
+  -- The nine fields a commit reads (read_meter's thirteen less the purchased total, the sub-quota
+  -- mark and the alerts', which crosses_alert reads when a threshold is in reach).
   local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
   local v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit, HOLDS_DUE,
-    f.purchased_at_start, f.lots, f.alert_period, f.alert_threshold)
+    f.purchased_at_start, f.lots)
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   local x = v[7]
   if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then return nil end
@@ -1856,7 +1851,7 @@ local function usual_commit(settle_keys, settle_argv)
     take_a = min(al, cost)
     if cost > take_a then take_p = min(pu, cost - take_a) end
     al, pu, used = al - take_a, pu - take_p, used + take_a + take_p
-    if crosses_alert(alert_thresholds, v, lim, pe, al + pu - h) then return nil end  -- Meter:alerts records it
+    if crosses_alert(bal_key, f, alert_thresholds, lim, v[8], pe, al + pu - h) then return nil end  -- Meter:alerts records it
   end
   local src = ''
   if take_a > 0 then src = 'allocated:' .. fmt(take_a) end
