@@ -132,6 +132,49 @@ def steady(app: Any) -> None:
     app.state.ctx.keys.ttl = 3600.0
 
 
+class KeepAliveClient(asyncio.Protocol):
+    """One keep-alive connection: asks `left` times, one request at a time; an answer ends at
+    `end` (a HEAD answer at its blank line, a chunked one at its last chunk). Answers other than
+    200 go to `refused`."""
+
+    def __init__(self, request: bytes, end: bytes, refused: list[bytes]) -> None:
+        self.request, self.end, self.refused = request, end, refused
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def ask(self, left: int, done: asyncio.Future[None]) -> None:
+        self.left, self.done = left, done
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (at := self.buffer.find(self.end)) >= 0:
+            answer, self.buffer = self.buffer[:at], self.buffer[at + len(self.end):]
+            if not answer.startswith(b"HTTP/1.1 200 "):
+                self.refused.append(answer[:200])
+            self.left -= 1
+            if self.left:
+                self.transport.write(self.request)
+            else:
+                self.done.set_result(None)
+
+
+async def ask_on_all(clients: list[KeepAliveClient], port: int, request: bytes, end: bytes, refused: list[bytes],
+                     count: int) -> None:
+    """CONCURRENCY connections to `port` (made once, before the counted phase), each asking
+    count // CONCURRENCY times, each again as soon as its answer is in."""
+    loop = asyncio.get_running_loop()
+    while len(clients) < CONCURRENCY:
+        clients.append((await loop.create_connection(lambda: KeepAliveClient(request, end, refused), "127.0.0.1",
+                                                     port))[1])
+    done = [loop.create_future() for _ in clients]
+    for c, f in zip(clients, done):
+        c.ask(count // CONCURRENCY, f)
+    await asyncio.gather(*done)
+
+
 def drive_listener(key: str, n: int) -> None:
     """`drive` through the authorize listener: CONCURRENCY connections, each asking again as
     soon as its answer is in (as nginx's keep-alive connections do)."""
@@ -146,41 +189,10 @@ def drive_listener(key: str, n: int) -> None:
                b"X-Original-Method: POST\r\nContent-Type: application/json\r\nAuthorization: Bearer "
                + key.encode() + b"\r\n\r\n")
     refused: list[bytes] = []
+    clients: list[KeepAliveClient] = []
 
-    class Client(asyncio.Protocol):
-        """One keep-alive connection: asks `left` times, one request at a time (a HEAD answer
-        ends at its blank line)."""
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport: Any = transport
-            self.buffer = b""
-
-        def ask(self, left: int, done: asyncio.Future[None]) -> None:
-            self.left, self.done = left, done
-            self.transport.write(request)
-
-        def data_received(self, data: bytes) -> None:
-            self.buffer += data
-            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-                answer, self.buffer = self.buffer[:end], self.buffer[end + 4:]
-                if not answer.startswith(b"HTTP/1.1 200 "):
-                    refused.append(answer[:200])
-                self.left -= 1
-                if self.left:
-                    self.transport.write(request)
-                else:
-                    self.done.set_result(None)
-
-    clients: list[Client] = []
-
-    async def run(count: int) -> None:
-        loop = asyncio.get_running_loop()
-        while len(clients) < CONCURRENCY:  # made before the counted phase (nginx keeps them open)
-            clients.append((await loop.create_connection(Client, "127.0.0.1", port))[1])
-        done = [loop.create_future() for _ in clients]
-        for c, f in zip(clients, done):
-            c.ask(count // CONCURRENCY, f)
-        await asyncio.gather(*done)
+    async def run(count: int) -> None:  # (nginx keeps its connections open)
+        await ask_on_all(clients, port, request, b"\r\n\r\n", refused, count)
 
     def close() -> None:
         for c in clients:
@@ -208,45 +220,13 @@ def drive_uvicorn(key: str, n: int) -> None:
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer " + key.encode()
                + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(LLM_BODY) + LLM_BODY)
     refused: list[bytes] = []
-
-    class Client(asyncio.Protocol):
-        """One keep-alive connection: asks `left` times, one request at a time (the answer is
-        chunked: it ends at its last chunk)."""
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport: Any = transport
-            self.buffer = b""
-
-        def ask(self, left: int, done: asyncio.Future[None]) -> None:
-            self.left, self.done = left, done
-            self.transport.write(request)
-
-        def data_received(self, data: bytes) -> None:
-            self.buffer += data
-            while (end := self.buffer.find(b"\r\n0\r\n\r\n")) >= 0:
-                answer, self.buffer = self.buffer[:end], self.buffer[end + 7:]
-                if not answer.startswith(b"HTTP/1.1 200 "):
-                    refused.append(answer[:200])
-                self.left -= 1
-                if self.left:
-                    self.transport.write(request)
-                else:
-                    self.done.set_result(None)
-
-    clients: list[Client] = []
-    servers: list[asyncio.AbstractServer] = []
+    clients: list[KeepAliveClient] = []
+    servers: list[asyncio.Server] = []
 
     async def run(count: int) -> None:
-        loop = asyncio.get_running_loop()
         if not servers:
-            servers.append(await loop.create_server(protocol, "127.0.0.1", 0))
-        port = servers[0].sockets[0].getsockname()[1]
-        while len(clients) < CONCURRENCY:
-            clients.append((await loop.create_connection(Client, "127.0.0.1", port))[1])
-        done = [loop.create_future() for _ in clients]
-        for c, f in zip(clients, done):
-            c.ask(count // CONCURRENCY, f)
-        await asyncio.gather(*done)
+            servers.append(await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0))
+        await ask_on_all(clients, servers[0].sockets[0].getsockname()[1], request, b"\r\n0\r\n\r\n", refused, count)
 
     def close() -> None:
         for c in clients:
