@@ -1650,17 +1650,20 @@ end
 -- A reserve reads the eight meter fields it needs, not read_meter's thirteen (~8,800 instructions
 -- less). When the gate decides it instead, the gate reads the thirteen again: so an org whose
 -- last reserve went to the gate (credit lots, a sub-quota, a refusal: mostly so call after call)
--- has its next reserve read the thirteen, handed to the gate if it goes there too. Balance key ->
--- true, bounded. (Either read decides the same: this chooses only which.)
+-- has its next reserve of that meter read the thirteen, handed to the gate if it goes there too.
+-- Balance key -> the meter, bounded by the keys marked. (Either read decides the same: this
+-- chooses only which.)
 local GATED, gated_n = {}, 0
 
 -- usual_reserve's answer when the gate decides: nil, the server time and read_meter's reply
 -- if it was read (`full`); else the org is marked for its next reserve.
-local function to_gate(bal_key, now, full)
+local function to_gate(bal_key, meter, now, full)
   if not full then
-    if gated_n >= 1000 then GATED, gated_n = {}, 0 end  -- bounded
-    GATED[bal_key] = true
-    gated_n = gated_n + 1
+    if GATED[bal_key] == nil then
+      if gated_n >= 1000 then GATED, gated_n = {}, 0 end  -- bounded
+      gated_n = gated_n + 1
+    end
+    GATED[bal_key] = meter
   end
   return nil, now, full
 end
@@ -1683,7 +1686,7 @@ local function usual_reserve(keys, argv)
   -- The eight fields a reserve reads (read_meter's thirteen less the used, the purchased total
   -- and the alerts'), or read_meter's reply in their order (GATED).
   local full, v = nil, nil
-  if GATED[bal_key] then
+  if GATED[bal_key] == meter then
     full = read_meter(bal_key, meter)
     v = {full[1], full[2], full[3], full[12], full[5], full[6], full[9], full[13]}
   else
@@ -1699,21 +1702,21 @@ local function usual_reserve(keys, argv)
   local due = NUMBERS[x] or number_of(x)
   -- A period to refresh, lots: the gate.
   if pe == nil or now_s >= pe or lim ~= t.allocation or (v[7] and v[7] ~= '') then
-    return to_gate(bal_key, now, full)
+    return to_gate(bal_key, meter, now, full)
   end
-  if holds_may_be_due(due, now_s) then return to_gate(bal_key, now, full) end  -- the sweep
+  if holds_may_be_due(due, now_s) then return to_gate(bal_key, meter, now, full) end  -- the sweep
   x = v[1]
   local al = NUMBERS[x] or x and x + 0 or 0
   x = v[2]
   local pu = NUMBERS[x] or x and x + 0 or 0
   x = v[3]
   local held = NUMBERS[x] or x and x + 0 or 0
-  if lim == 0 and pu <= 0 then return to_gate(bal_key, now, full) end  -- maybe forbidden: the gate says
-  if al < 0 or pu < 0 then return to_gate(bal_key, now, full) end  -- (only hand-written data: the gate's rules)
+  if lim == 0 and pu <= 0 then return to_gate(bal_key, meter, now, full) end  -- maybe forbidden: the gate says
+  if al < 0 or pu < 0 then return to_gate(bal_key, meter, now, full) end  -- (only hand-written data: the gate's rules)
   if user ~= '' then v[13] = v[8] end  -- the sub-quota mark where usual_user reads it (read_meter's 13th)
   local ok, team, new_tat, rl_rem, rl_reset, rate_field = usual_user(t, users_key, quotas_key, bal_key, v, user,
     meter, now)
-  if not ok then return to_gate(bal_key, now, full) end
+  if not ok then return to_gate(bal_key, meter, now, full) end
   -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
   -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
   -- purchased credit at the plan's multiple (no lots: one pool).
@@ -1727,15 +1730,15 @@ local function usual_reserve(keys, argv)
     local take_p = 0
     local left = cost - take_a
     if left > 0 then
-      if t.alloc_overflow == 0 and lim > 0 then return to_gate(bal_key, now, full) end
+      if t.alloc_overflow == 0 and lim > 0 then return to_gate(bal_key, meter, now, full) end
       take_p = left * max(1, t.alloc_overflow)
-      if take_p > max(0, pu) then return to_gate(bal_key, now, full) end
+      if take_p > max(0, pu) then return to_gate(bal_key, meter, now, full) end
     end
     total = take_a + take_p
-    if total > al + pu - held then return to_gate(bal_key, now, full) end
+    if total > al + pu - held then return to_gate(bal_key, meter, now, full) end
   end
   -- Decided: the hold, its record and expiry, the user, the event.
-  if full then GATED[bal_key] = nil end  -- (gated_n counts marks made: bounded all the same)
+  if full then GATED[bal_key] = false end  -- (still counted: a key marked again is not counted twice)
   held = held + total
   local expires = now_s + (NUMBERS[reservation_ttl_s] or number_of(reservation_ttl_s))
   local expires_text, total_text = json_int(expires), json_int(total)
