@@ -30,7 +30,24 @@ end
 -- measured ~600 instructions a call). A text that changes every call (a balance) is not
 -- remembered: `text + 0` parses it once (the same conversion as tonumber's, for the integer
 -- texts the scripts write).
-local NUMBERS, numbers_n = {}, 0  -- text -> number; filled by init()
+-- The library's memos (texts that repeat, kept across calls: their parsed or made values) are
+-- bounded: memo_put() puts one entry, after emptying the memo in place when it holds `most`
+-- (what is needed again comes back; a memo keeps its table, so its readers index it plainly).
+-- `refill`: what an emptied memo starts with again. The counts are kept beside the memos.
+local MEMO_COUNTS = {}
+local function memo_put(memo, most, key, value, refill)
+  local n = MEMO_COUNTS[memo] or 0
+  if n >= most then
+    for k in next, memo do memo[k] = nil end
+    if refill then refill(memo) end
+    n = 0
+  end
+  memo[key] = value
+  MEMO_COUNTS[memo] = n + 1
+  return value
+end
+
+local NUMBERS = {}  -- text -> number; filled by init()
 local SMALL_NUMBERS, DIGITS3 = {}, {}  -- filled by init(): n -> '<n>' (-1..1023), n -> '%03d' (0..999)
 local function small_texts(t)
   for n = -1, 99 do t[SMALL_NUMBERS[n]] = n end
@@ -39,10 +56,7 @@ end
 local function number_of(text)
   local n = tonumber(text)
   if n == nil then return nil end
-  if numbers_n >= 256 then NUMBERS, numbers_n = small_texts({}), 0 end  -- bounded
-  NUMBERS[text] = n
-  numbers_n = numbers_n + 1
-  return n
+  return memo_put(NUMBERS, 256, text, n, small_texts)
 end
 
 local function now_us()
@@ -143,16 +157,9 @@ end
 
 -- A meter's field names, made once per meter: loaded as Redis Functions, the library's state
 -- lives across calls, and building 11 strings a call was a fifth of a decision's Lua time.
-local METER_FIELD_NAMES, meter_field_names_n = {}, 0
+local METER_FIELD_NAMES = {}
 local function meter_fields(meter)
-  local f = METER_FIELD_NAMES[meter]
-  if f == nil then
-    if meter_field_names_n >= 1000 then METER_FIELD_NAMES, meter_field_names_n = {}, 0 end  -- bounded
-    f = field_names(meter, METER_FIELDS)
-    METER_FIELD_NAMES[meter] = f
-    meter_field_names_n = meter_field_names_n + 1
-  end
-  return f
+  return METER_FIELD_NAMES[meter] or memo_put(METER_FIELD_NAMES, 1000, meter, field_names(meter, METER_FIELDS))
 end
 
 -- A plan's terms, parsed once and kept by their text (a library's state lives across calls):
@@ -160,7 +167,7 @@ end
 local TERM_NUMBERS = {'allocation', 'rl_user_interval_us', 'rl_user_burst', 'rl_key_interval_us', 'rl_key_burst',
   'rl_org_interval_us', 'rl_org_burst', 'idem_ttl_s', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow',
   'alloc_overflow'}
-local PLAN_TERMS, plan_terms_n = {}, 0
+local PLAN_TERMS = {}
 local function plan_terms(text)
   local found = PLAN_TERMS[text]
   if found then return found end
@@ -170,11 +177,7 @@ local function plan_terms(text)
   for _, name in ipairs(TERM_NUMBERS) do t[name] = tonumber(t[name]) or 0 end
   t.rollover = t.rollover == '1'
   t.auto_register = t.auto_register == '1'
-  found = {__index = t}
-  if plan_terms_n >= 1000 then PLAN_TERMS, plan_terms_n = {}, 0 end  -- bounded
-  PLAN_TERMS[text] = found
-  plan_terms_n = plan_terms_n + 1
-  return found
+  return memo_put(PLAN_TERMS, 1000, text, {__index = t})
 end
 
 -- The answer of every operation: decisions.Decision, field for field (REPLY order), on the wire as
@@ -375,11 +378,9 @@ Meter.__index = Meter
 -- Decoded once per text (a library's state lives across calls): the text a decision writes is
 -- what the next one reads, so lots_text() keeps the lots it encoded, by their text, and the
 -- call that reads that text takes them (out of the memo: it may change them). At most 32 kept.
-local LOTS, lots_n = {}, 0
+local LOTS = {}
 local function known_lots(raw, lots)
-  if lots_n >= 32 then LOTS, lots_n = {}, 0 end
-  LOTS[raw] = lots
-  lots_n = lots_n + 1
+  memo_put(LOTS, 32, raw, lots)
 end
 -- The lots of a text, kept in the memo (decoded on a miss): for a reader that may not change them.
 local function lots_of(raw)
@@ -767,7 +768,7 @@ end
 -- period and lowest threshold alerted in it (METER_FIELDS alert_period, alert_threshold) make
 -- it once per threshold per meter per period. Called after save() so the events follow the charge.
 -- The charges judge it (consume, commit); a hold changes no balance, so reserve does not (commit.lua).
-local THRESHOLDS, thresholds_n = {}, 0  -- spec -> {numbers..., top = the highest}, parsed once per spec
+local THRESHOLDS = {}  -- spec -> {numbers..., top = the highest}, parsed once per spec
 local function thresholds(spec)
   local found = THRESHOLDS[spec]
   if found then return found end
@@ -777,10 +778,7 @@ local function thresholds(spec)
     found[#found + 1] = t
     if t > found.top then found.top = t end
   end
-  if thresholds_n >= 100 then THRESHOLDS, thresholds_n = {}, 0 end  -- bounded (# counts no string keys)
-  THRESHOLDS[spec] = found
-  thresholds_n = thresholds_n + 1
-  return found
+  return memo_put(THRESHOLDS, 100, spec, found)
 end
 
 function Meter:alerts(events, user, feature, spec)
@@ -1591,15 +1589,9 @@ end
 -- A JSON string literal is cjson's own (a string alone: ~1,200 instructions, less than a Lua
 -- pattern scanning it for what needs escaping). A name of the config (meter, feature, credit
 -- order) or a key id is few and repeats: its literal is kept, one table read a call.
-local NAME_JSON, name_json_n = {}, 0
+local NAME_JSON = {}
 local function json_name(s)
-  local found = NAME_JSON[s]
-  if found then return found end
-  found = json_encode(s)
-  if name_json_n >= 1000 then NAME_JSON, name_json_n = {}, 0 end  -- bounded
-  NAME_JSON[s] = found
-  name_json_n = name_json_n + 1
-  return found
+  return NAME_JSON[s] or memo_put(NAME_JSON, 1000, s, json_encode(s))
 end
 
 -- A JSON integer as cjson writes it: its 14 significant digits (1e+14 and up lose the rest).
@@ -1622,15 +1614,11 @@ local function usual_hold_text(meter, held, unit, user, feature, key_id, expires
 end
 local USUAL_HOLD_HEAD = '^{"exp":(%d+),"u":"([^"\\]*)","unit":(%d+),"held":(%d+)(.*)$'
 local USUAL_HOLD_TAIL = '^,"k":"[^"\\]*","tt":"","m":"([^"\\]*)","ut":"","o":"[^"\\]*","f":"([^"\\]*)"}$'
-local HOLD_TAILS, hold_tails_n = {}, 0  -- a record's tail -> {meter, feature}, or false: not the usual shape
+local HOLD_TAILS = {}  -- a record's tail -> {meter, feature}, or false: not the usual shape
 
 local function hold_tail(tail)
   local m, f = match(tail, USUAL_HOLD_TAIL)
-  local found = m and {m, f} or false
-  if hold_tails_n >= 1000 then HOLD_TAILS, hold_tails_n = {}, 0 end  -- bounded
-  HOLD_TAILS[tail] = found
-  hold_tails_n = hold_tails_n + 1
-  return found
+  return memo_put(HOLD_TAILS, 1000, tail, m and {m, f} or false)
 end
 
 -- A hold's expiry, user, unit cost, amount, meter and feature if it is of the usual shape (no
@@ -1653,17 +1641,13 @@ end
 -- has its next reserve of that meter read the thirteen, handed to the gate if it goes there too.
 -- Balance key -> the meter, bounded by the keys marked. (Either read decides the same: this
 -- chooses only which.)
-local GATED, gated_n = {}, 0
+local GATED = {}
 
 -- usual_reserve's answer when the gate decides: nil, the server time and read_meter's reply
 -- if it was read (`full`); else the org is marked for its next reserve.
 local function to_gate(bal_key, meter, now, full)
   if not full then
-    if GATED[bal_key] == nil then
-      if gated_n >= 1000 then GATED, gated_n = {}, 0 end  -- bounded
-      gated_n = gated_n + 1
-    end
-    GATED[bal_key] = meter
+    if GATED[bal_key] == nil then memo_put(GATED, 1000, bal_key, meter) else GATED[bal_key] = meter end
   end
   return nil, now, full
 end
