@@ -1314,6 +1314,17 @@ local function plan_lots_charge(lots, a, p, held, lim, price, overflow, order)
   return from_a, grant, from_g, from_p, in_lots
 end
 
+-- The start of a straight consume or reserve: the plan's terms (nil: a key's or the org's rate
+-- window, which the gate keeps), the server time (s, µs: now_us() with the seconds kept) and
+-- the meter's field names. (The caches read here, their function only on a miss.)
+local function usual_start(terms)
+  local t = (PLAN_TERMS[terms] or plan_terms(terms)).__index
+  if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
+  local x = call('TIME')
+  local now_s = NUMBERS[x[1]] or number_of(x[1])
+  return t, now_s, now_s * 1000000 + x[2], METER_FIELD_NAMES[t.meter] or meter_fields(t.meter)
+end
+
 -- --- The usual consume, straight through. ----------------------------------------------
 -- Most decisions are the same shape: no idempotency key, a user without a sub-quota, at most a
 -- user rate window (not past it), a meter in its period with no credit lot past its expiry and
@@ -1331,15 +1342,11 @@ local function usual_consume(keys, argv)
   local bal_key, quotas_key, users_key, _, _, _, stream_key = unpack(keys)
   local event_id, org, user, key_id, cost, fingerprint, metadata, shadow, terms = unpack(argv)
   if fingerprint ~= '' or shadow == '1' then return nil end
-  -- (The caches read here, their function only on a miss: a call saved each.)
-  local t = (PLAN_TERMS[terms] or plan_terms(terms)).__index
-  if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
-  local x = call('TIME')  -- now_us(), with the seconds kept
-  local now_s = NUMBERS[x[1]] or number_of(x[1])
-  local now = now_s * 1000000 + x[2]
+  local t, now_s, now, f = usual_start(terms)
+  if not t then return nil end
   local meter = t.meter
-  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
   local v = read_usual_meter(bal_key, f)
+  local x
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   x = v[5]
   local pe = NUMBERS[x] or number_of(x)
@@ -1660,13 +1667,10 @@ local function usual_reserve(keys, argv)
   local event_id, org, user, key_id, cost, fingerprint, _, shadow, terms, reservation_ttl_s, unit_cost, min_cost,
     explain = unpack(argv)
   if fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
-  local t = (PLAN_TERMS[terms] or plan_terms(terms)).__index
-  if t.rl_key_interval_us > 0 or t.rl_org_interval_us > 0 then return nil end
-  local x = call('TIME')  -- now_us(), with the seconds kept
-  local now_s = NUMBERS[x[1]] or number_of(x[1])
-  local now = now_s * 1000000 + x[2]
+  local t, now_s, now, f = usual_start(terms)
+  if not t then return nil end
   local meter = t.meter
-  local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
+  local x
   -- The eight fields a reserve reads (read_meter's thirteen less the used, the purchased total
   -- and the alerts'), or read_meter's reply in their order (GATED).
   local full, v = nil, nil
