@@ -115,12 +115,16 @@ end
 
 -- The gate's arguments (check, consume, reserve), in order: decisions.GateArgs; `terms` is the
 -- plan's terms for the feature (decisions.GateTerms, GATE_TERMS below) as one tab-joined text.
-local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'cost', 'fingerprint', 'metadata', 'shadow', 'terms',
-  'reservation_ttl_s', 'unit_cost', 'min_cost', 'explain'}
+-- A call sends them up to its last one not at its default (decisions.Decider._gate_call): one
+-- missing reads as nil, its default (each argument costs Redis ~900 instructions to receive).
+local GATE_ARGV = {'event_id', 'org', 'user', 'key_id', 'cost', 'terms', 'metadata', 'reservation_ttl_s', 'unit_cost',
+  'min_cost', 'fingerprint', 'shadow', 'explain'}
 local GATE_TERMS = {'feature', 'meter', 'allocation', 'period', 'rollover', 'rl_user_interval_us', 'rl_user_burst',
   'rl_key_interval_us', 'rl_key_burst', 'rl_org_interval_us', 'rl_org_burst', 'auto_register', 'idem_ttl_s',
   'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow', 'alloc_overflow', 'credit_order'}
-local GATE_KEYS = {'bal', 'quotas', 'users', 'rl_key', 'rl_org', 'idem', 'stream', 'reservations', 'expiries'}
+-- The last three only when the call reads them (a key's or the org's rate window in the plan, an
+-- idempotency key), else left off the end (nil).
+local GATE_KEYS = {'bal', 'quotas', 'users', 'stream', 'reservations', 'expiries', 'rl_key', 'rl_org', 'idem'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
 local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
   'fingerprint', 'beyond_hold', 'alert_thresholds'}
@@ -984,9 +988,9 @@ local function remaining(req)
   return r
 end
 
--- Returns the stored answer of an idempotent retry, or nil. An empty fingerprint: no key given.
+-- Returns the stored answer of an idempotent retry, or nil. No fingerprint (nil, ''): no key given.
 local function replay(idem_key, fp)
-  if fp == '' then return nil end
+  if not fp or fp == '' then return nil end
   local stored = call('GET', idem_key)
   if not stored then return nil end
   local r = json_decode(stored)
@@ -998,7 +1002,7 @@ local function replay(idem_key, fp)
 end
 
 local function remember(idem_key, fp, ttl, rep)
-  if fp == '' then return end
+  if not fp or fp == '' then return end
   call('SET', idem_key, json_encode({fp = fp, reply = rep}), 'EX', ttl)
 end
 
@@ -1010,6 +1014,7 @@ end
 local function gate_request(k, a, now)
   setmetatable(a, plan_terms(a.terms))
   a.keys = k
+  a.metadata = a.metadata or ''
   a.cost = tonumber(a.cost)
   a.shadow = a.shadow == '1'
   a.reservation_ttl_s = tonumber(a.reservation_ttl_s)
@@ -1338,10 +1343,10 @@ end
 local function usual_consume(keys, argv)
   -- KEYS and ARGV as named locals, not bound tables (binding them cost ~10 % of the call): the
   -- names of GATE_KEYS and GATE_ARGV in their order (tests/test_lua_interface.py reads these two
-  -- lines). A consume's ARGV ends at `terms` (decisions.GateArgs.for_consume): no explain.
-  local bal_key, quotas_key, users_key, _, _, _, stream_key = unpack(keys)
-  local event_id, org, user, key_id, cost, fingerprint, metadata, shadow, terms = unpack(argv)
-  if fingerprint ~= '' or shadow == '1' then return nil end
+  -- lines). Those a call left off the end are nil (their default).
+  local bal_key, quotas_key, users_key, stream_key = unpack(keys)
+  local event_id, org, user, key_id, cost, terms, metadata, _, _, _, fingerprint, shadow = unpack(argv)
+  if fingerprint and fingerprint ~= '' or shadow == '1' then return nil end
   local t, now_s, now, f = usual_start(terms)
   if not t then return nil end
   local meter = t.meter
@@ -1486,7 +1491,7 @@ local function usual_consume(keys, argv)
   end
   -- The event (no sink table: this is the only one).
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
-    -(take_a + take_p), -take_p, total, al + pu, now, src, metadata))
+    -(take_a + take_p), -take_p, total, al + pu, now, src, metadata or ''))
   return pack_reply(200, '', total, unlimited and -1 or al + pu - held, event_id, 0, new_tat and t.rl_user_burst or -1,
     rl_rem, ceil(rl_reset / 1000000), 0, '', '', src, '')
 end
@@ -1663,10 +1668,10 @@ end
 -- read_meter's reply if it read it (for the gate).
 local function usual_reserve(keys, argv)
   -- GATE_KEYS and GATE_ARGV in order (tests/test_lua_interface.py reads these two lines).
-  local bal_key, quotas_key, users_key, _, _, _, stream_key, reservations_key, expiries_key = unpack(keys)
-  local event_id, org, user, key_id, cost, fingerprint, _, shadow, terms, reservation_ttl_s, unit_cost, min_cost,
+  local bal_key, quotas_key, users_key, stream_key, reservations_key, expiries_key = unpack(keys)
+  local event_id, org, user, key_id, cost, terms, _, reservation_ttl_s, unit_cost, min_cost, fingerprint, shadow,
     explain = unpack(argv)
-  if fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
+  if fingerprint and fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
   local t, now_s, now, f = usual_start(terms)
   if not t then return nil end
   local meter = t.meter

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
+from quota_gw import config as config_mod
 from quota_gw import decisions, layout, scripts
 from quota_gw.scripts import OPERATIONS, lua_dir
+
+from conftest import test_config_data
 
 LIB = (lua_dir() / "_lib.lua").read_text()
 
@@ -63,7 +67,7 @@ def test_a_commit_carries_the_alert_thresholds_the_gate_does_and_a_release_none(
 
     d = decisions.Decider(Redis(), config, layout.Layout("t", 16))
     ident = decisions.Identity("key1", "org1", None, frozenset(), "pro")
-    _, terms, _ = d._priced(ident, "generate_insight")
+    _, terms, _, _ = d._priced(ident, "generate_insight")
     assert terms["alert_thresholds"] == "25,10,0"
     at = [f.name for f in dataclasses.fields(decisions.SettleArgs)].index("alert_thresholds")
     _, commit = d._settle_call(ident, "r1", 3, None, "commit")
@@ -79,37 +83,78 @@ def test_the_gates_fast_argv_is_argv_of_gate_args(config) -> None:
     d = decisions.Decider(Redis(), config, layout.Layout("t", 16))
     ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
     _, args = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1")
-    _, terms, _ = d._priced(ident, "generate_insight")
+    _, terms, _, _ = d._priced(ident, "generate_insight")
     assert args == decisions.argv(decisions.GateArgs(
         event_id="e1", org="org1", user="u1", key_id="key1", cost=3, fingerprint="fp1", metadata='{"a":1}',
         shadow=1, terms=decisions.terms_text(decisions.GateTerms(**terms))))
-    # A consume's ARGV stops after `terms` (the rest are reserve's and check's: their defaults).
-    _, short = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", b'{"a":1}', True, event_id="e1",
-                            whole=False)
-    assert short == args[:decisions.GATE["terms"] + 1]
-    assert all(f.default != dataclasses.MISSING for f in dataclasses.fields(decisions.GateArgs)[len(short):])
     sent = dict(zip([f.name for f in dataclasses.fields(decisions.GateTerms)],
                     args[decisions.GATE["terms"]].split("\t")))
     assert terms["rl_user_interval_us"] > 0 and sent["rl_user_burst"] == "20" and sent["feature"] == "generate_insight"
 
 
+def test_the_gates_argv_is_sent_up_to_its_last_field_not_at_its_default(config) -> None:
+    """Every field after `terms` has a default, which lua reads for one left off (nil): a call
+    sends its ARGV up to its last field that differs, so the usual consume sends six, and a
+    field set anywhere keeps every one before it in its place."""
+    from redis.asyncio import Redis
+
+    d = decisions.Decider(Redis(), config, layout.Layout("t", 16))
+    ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
+    fields = dataclasses.fields(decisions.GateArgs)
+    terms_at = decisions.GATE["terms"]
+    assert all(f.default == dataclasses.MISSING for f in fields[:terms_at + 1])
+    assert all(f.default != dataclasses.MISSING for f in fields[terms_at + 1:])
+
+    def sent(idem: str | None = None, metadata: bytes | None = None, shadow: bool = False, **more: Any) -> list[Any]:
+        _, args = d._gate_call(ident, "generate_insight", 3, "u1", idem, "fp1" if idem else "", metadata, shadow)
+        for name, value in more.items():
+            args[decisions.GATE[name]] = value
+        whole = list(args)
+        out = decisions.sent_argv(args)
+        assert out == whole[:len(out)] and all(  # only defaults left off
+            v == fields[i].default for i, v in enumerate(whole[len(out):], start=len(out)))
+        return out
+
+    assert len(sent()) == terms_at + 1
+    assert sent(metadata=b'{"a":1}')[-1] == '{"a":1}' and len(sent(metadata=b'{"a":1}')) == terms_at + 2
+    reserve = sent(reservation_ttl_s="600", unit_cost=1, min_cost=40)
+    assert reserve[decisions.GATE["metadata"]] == "" and reserve[-1] == 40
+    assert len(sent(reservation_ttl_s="600", unit_cost=1)) == decisions.GATE["unit_cost"] + 1
+    assert sent(idem="i1")[decisions.GATE["fingerprint"]] == "fp1"
+    assert sent(shadow=True)[-1] == 1 and sent(explain=1)[-1] == 1 and len(sent(explain=1)) == len(fields)
+
+
 def test_the_gates_keys_are_named_in_gate_keys_order_and_an_idempotency_key_stays_with_its_call(config) -> None:
     """The gate's KEYS are kept per (org, key): a call's idempotency key goes in its own copy,
-    at the place GATE_KEYS names `idem`, and never into the next call's."""
+    at the place GATE_KEYS names `idem`, and never into the next call's. The rate windows' keys
+    and the idempotency key are last: a call without them (its plan has no key or org window,
+    it has no idempotency key) leaves them off."""
     from redis.asyncio import Redis
 
     L = layout.Layout("t", 16)
     d = decisions.Decider(Redis(), config, L)
     ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
     named = {"bal": L.balances("org1"), "quotas": L.quotas("org1"), "users": L.users("org1"),
-             "rl_key": L.rate("org1", "k", "key1"), "rl_org": L.rate("org1", "o", "-"), "idem": L.idem("org1", "d", "-"),
-             "stream": L.stream("org1"), "reservations": L.reservations("org1"), "expiries": L.expiries("org1")}
+             "stream": L.stream("org1"), "reservations": L.reservations("org1"), "expiries": L.expiries("org1"),
+             "rl_key": L.rate("org1", "k", "key1"), "rl_org": L.rate("org1", "o", "-")}
+    _, terms, _, _ = d._priced(ident, "generate_insight")
+    assert terms["rl_key_interval_us"] == terms["rl_org_interval_us"] == 0  # the example's enterprise plan
     plain, _ = d._gate_call(ident, "generate_insight", 3, "u1", None, "", None, False)
     with_idem, _ = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", None, False)
     again, _ = d._gate_call(ident, "generate_insight", 3, "u1", None, "", None, False)
-    assert dict(zip(named_list("GATE_KEYS"), plain, strict=True)) == named
-    assert dict(zip(named_list("GATE_KEYS"), with_idem, strict=True)) == {**named, "idem": L.idem("org1", "d", "idem1")}
+    names = named_list("GATE_KEYS")
+    assert dict(zip(names, plain)) == {n: named[n] for n in names[:6]} and len(plain) == 6
+    assert dict(zip(names, with_idem, strict=True)) == {**named, "idem": L.idem("org1", "d", "idem1")}
     assert again == plain
+    # A plan with a key's rate window sends its key; with the org's, both.
+    data = test_config_data()
+    data["plans"]["keyed"] = {"allocations": {"general": 100}, "rate_limits": {"key": {"limit": 5, "window": "1m"}}}
+    data["plans"]["org_wide"] = {"allocations": {"general": 100}, "rate_limits": {"org": {"limit": 5, "window": "1m"}}}
+    d = decisions.Decider(Redis(), config_mod.parse(data, "test"), L)
+    for plan, sent in (("keyed", 7), ("org_wide", 8)):
+        keys, _ = d._gate_call(decisions.Identity("key1", "org1", None, frozenset(), plan), "generate_insight", 3, "u1",
+                               None, "", None, False)
+        assert keys == [named[n] for n in names[:sent]], plan
 
 
 def test_the_plan_terms_are_named_in_lua_as_in_python_in_order() -> None:

@@ -183,13 +183,15 @@ class GateArgs:
     user: str
     key_id: str
     cost: int
-    fingerprint: str  # '' = no idempotency key
-    metadata: str
-    shadow: int
     terms: str  # terms_text(GateTerms)
+    # A call's ARGV ends at its last field not at its default (Decider._gate_call): the usual
+    # ones are first, the rare ones last.
+    metadata: str = ""
     reservation_ttl_s: str = ""  # reserve
     unit_cost: int | str = ""  # reserve: what one unit commits at
     min_cost: int = 0  # reserve: hold less than asked, down to this, when that is all there is
+    fingerprint: str = ""  # '' = no idempotency key
+    shadow: int = 0
     explain: int = 0  # check: answer the waterfall as evaluated (Decision.extra)
 
 
@@ -282,7 +284,20 @@ def argv(args: Any) -> list[Any]:
 GATE = {f.name: i for i, f in enumerate(dataclasses.fields(GateArgs))}
 _G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW, _G_TERMS = (
     GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow", "terms"))
-_K_IDEM = 5  # the idempotency key's place in the gate's KEYS (lua/_lib.lua GATE_KEYS)
+_GATE_DEFAULTS = [f.default for f in dataclasses.fields(GateArgs)]  # MISSING: a field always sent
+# The gate's KEYS (lua/_lib.lua GATE_KEYS): the six every call sends, then the key's and the
+# org's rate window and the idempotency key, each sent only with what follows it or when read.
+_K_RL_KEY, _K_RL_ORG, _K_IDEM = 6, 7, 8
+
+
+def sent_argv(args: list[Any]) -> list[Any]:
+    """The gate's ARGV without the fields at the end that hold their default (lua reads one left
+    off as nil, its default): each argument costs Redis ~900 instructions to receive."""
+    n = len(args)
+    while args[n - 1] == _GATE_DEFAULTS[n - 1]:  # (stops at `terms`: no default)
+        n -= 1
+    del args[n:]
+    return args
 
 
 def new_id() -> str:
@@ -363,11 +378,13 @@ class Decider:
             raise Problem(503, "unavailable", f"org {ident.org_id} is on plan {ident.plan!r}, which the config does not define")
         return p
 
-    def _priced(self, ident: Identity, feature: str) -> tuple[str, dict[str, Any], list[Any]]:
-        """The plan's terms for a feature's meter (GateTerms fields) and the gate's ARGV template,
-        computed once per (plan, the org's entitlements, feature): an org's override is its own
-        template, found with the same one dict lookup. The template's `terms` argument is the
-        terms as text, or (its 4th item) the same without rate limits (a replayed call)."""
+    def _priced(self, ident: Identity, feature: str) -> tuple[str, dict[str, Any], list[Any], int]:
+        """The plan's terms for a feature's meter (GateTerms fields), the gate's ARGV template and
+        how many of the gate's KEYS a call without an idempotency key sends (the rate windows' keys
+        only when the plan has them), computed once per (plan, the org's entitlements, feature):
+        an org's override is its own template, found with the same one dict lookup. The template's
+        `terms` argument is the terms as text, or (stored 4th) the same without rate limits (a
+        replayed call)."""
         hit = self._terms.get((ident.plan, ident.entitlements, feature))
         if hit is None:
             meter = self.config.features[feature].meter
@@ -384,12 +401,13 @@ class Decider:
             text = terms_text(GateTerms(**terms))
             unlimited = terms_text(GateTerms(**{**terms, **{f"rl_{who}_{what}": 0 for who in ("user", "key", "org")
                                                              for what in ("interval_us", "burst")}}))
-            template = argv(GateArgs(event_id="", org="", user="", key_id="", cost=0, fingerprint="", metadata="",
-                                     shadow=0, terms=text))
+            template = argv(GateArgs(event_id="", org="", user="", key_id="", cost=0, terms=text))
+            n_keys = _K_RL_ORG + 1 if terms["rl_org_interval_us"] else \
+                _K_RL_KEY + 1 if terms["rl_key_interval_us"] else _K_RL_KEY
             if len(self._terms) > 10_000:  # overrides are few; bound it anyway
                 self._terms.clear()
-            hit = self._terms[(ident.plan, ident.entitlements, feature)] = (meter, terms, template, unlimited)
-        return hit[0], hit[1], hit[2]
+            hit = self._terms[(ident.plan, ident.entitlements, feature)] = (meter, terms, template, unlimited, n_keys)
+        return hit[0], hit[1], hit[2], hit[4]
 
     def _unlimited_terms(self, ident: Identity, feature: str) -> str:
         self._priced(ident, feature)
@@ -397,41 +415,42 @@ class Decider:
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
                    fingerprint: str, metadata: bytes | None, shadow: bool,
-                   event_id: str | None = None, whole: bool = True) -> tuple[list[str], list[Any]]:
-        """KEYS (lua/_lib.lua GATE_KEYS, in order) and ARGV (GateArgs) of the gate. Not `whole`
-        (a consume): ARGV stops after `terms`; the fields after it are reserve's and check's, and
-        one left out is its default (every argument Redis receives costs it)."""
+                   event_id: str | None = None) -> tuple[list[str], list[Any]]:
+        """KEYS (lua/_lib.lua GATE_KEYS, in order, those the call reads) and ARGV (GateArgs, whole:
+        the caller sets its own fields, then sends sent_argv(args))."""
         org = ident.org_id
-        _, _, template = self._priced(ident, feature)
+        _, _, template, n_keys = self._priced(ident, feature)
         event_id = event_id or new_id()
         keys = self._gate_keys(org, ident.key_id)
-        if idem:
-            keys[_K_IDEM] = self.layout.idem(org, "d", idem)
-        args = template.copy() if whole else template[:_G_TERMS + 1]
+        keys = [*keys, self.layout.idem(org, "d", idem)] if idem else keys[:n_keys]
+        args = template.copy()
         args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
-        args[_G_FP] = fingerprint if idem else ""
-        args[_G_META] = metadata.decode() if metadata else ""
-        args[_G_SHADOW] = int(shadow)
+        if idem:
+            args[_G_FP] = fingerprint
+        if metadata:
+            args[_G_META] = metadata.decode()
+        if shadow:
+            args[_G_SHADOW] = 1
         return keys, args
 
     def _gate_keys(self, org: str, key_id: str) -> list[str]:
-        """The gate's KEYS for a call without an idempotency key (a new list each call), built
-        once per (org, key): formatting the nine names took as long as packing the call."""
+        """The gate's KEYS but the idempotency key, built once per (org, key): formatting the
+        names took as long as packing the call. (The caller's to copy, not to change.)"""
         keys = self._keys.get((org, key_id))
         if keys is None:
             L = self.layout
-            keys = [L.balances(org), L.quotas(org), L.users(org), L.rate(org, "k", key_id), L.rate(org, "o", "-"),
-                    L.idem(org, "d", "-"), L.stream(org), L.reservations(org), L.expiries(org)]
+            keys = [L.balances(org), L.quotas(org), L.users(org), L.stream(org), L.reservations(org),
+                    L.expiries(org), L.rate(org, "k", key_id), L.rate(org, "o", "-")]
             if len(self._keys) > 100_000:  # keys in use are few; bound it anyway
                 self._keys.clear()
             self._keys[(org, key_id)] = keys
-        return keys.copy()
+        return keys
 
     def cost(self, feature: str, units: int) -> int:
         return self.config.features[feature].cost * units
 
     def _observed(self, op: str, ident: Identity, feature: str, d: Decision, t0: float) -> Decision:
-        meter, priced, _ = self._priced(ident, feature)
+        meter, priced, _, _ = self._priced(ident, feature)
         metrics.observe(op, feature, meter, int(priced["allocation"]), d, t0)
         return d
 
@@ -442,10 +461,10 @@ class Decider:
         # (the fingerprint is sent only with an idempotency key: not made without one)
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
                                      fingerprint("consume", feature, units, user, metadata=metadata) if idem else "",
-                                     metadata, shadow, whole=False)
+                                     metadata, shadow)
         if not rate_limit:  # no user, key or org rate limit
             args[_G_TERMS] = self._unlimited_terms(ident, feature)
-        d = Decision.from_reply(await self._run(self.scripts.consume, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.consume, keys, sent_argv(args)))
         return self._observed("consume", ident, feature, d, t0)
 
     async def check(self, ident: Identity, feature: str, units: int, user: str, explain: bool = False) -> Decision:
@@ -454,7 +473,7 @@ class Decider:
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, None, "", None, False)
         if explain:
             args[GATE["explain"]] = 1
-        d = Decision.from_reply(await self._run(self.scripts.check, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.check, keys, sent_argv(args)))
         return self._observed("check", ident, feature, d, t0)
 
     async def reserve(self, ident: Identity, feature: str, units: int, user: str, ttl_s: int,
@@ -471,7 +490,7 @@ class Decider:
         args[GATE["reservation_ttl_s"]] = str(ttl_s)
         args[GATE["unit_cost"]] = unit if cost is None else 1
         args[GATE["min_cost"]] = min_cost
-        d = Decision.from_reply(await self._run(self.scripts.reserve, keys, args))
+        d = Decision.from_reply(await self._run(self.scripts.reserve, keys, sent_argv(args)))
         return self._observed("reserve", ident, feature, d, t0)
 
     def _settle_call(self, ident: Identity, rid: str, units: int, metadata: bytes | None,
