@@ -363,7 +363,7 @@ class Decider:
         self._stream_reads = self._coalescer if isinstance(self._coalescer, Lanes) else redis  # charges.find
         b = config.behaviour
         self._ttl = (str(b.idempotency_ttl_s),)
-        self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any], str]] = {}
+        self._terms: dict[tuple[str, str, str], tuple[str, dict[str, Any], list[Any], str, int]] = {}
         self._keys: dict[tuple[str, str], list[str]] = {}  # (org, key id) -> the gate's KEYS (_gate_keys)
         self._settle_keys: dict[str, list[str]] = {}  # org -> SETTLE_KEYS less the last (_settle_call)
         self._alerts = ",".join(str(t) for t in sorted(config.alerts.thresholds, reverse=True))
