@@ -218,7 +218,9 @@ def test_the_event_packer_writes_the_schema_fields_in_order() -> None:
 
     assert tuple(named_list("EVENT_FIELDS")) == events.NAMES
     numbers = re.search(r"local EVENT_NUMBERS = \{(.*?)\}", code(LIB)).group(1)
-    assert set(re.findall(r"(\w+) = true", numbers)) == {f.name for f in events.FIELDS if f.type in ("int", "us")}
+    assert set(re.findall(r"(\w+) = true", numbers)) == {f.name for f in events.FIELDS if f.type == "int"}
+    # The time (µs) comes as text: fmt() of the number (Events:add) or TIME's own texts (time_text).
+    assert [f.name for f in events.FIELDS if f.type == "us"] == ["ts"]
     assert re.search(r"local ENTRY_FIELD = '(\w+)'", code(LIB)).group(1) == events.ENTRY_FIELD
     xadds = re.findall(r"call\('XADD', ([\w.]+), '\*', ([^,]+), (\w+)\(", code(LIB))
     # Events:add's, and the usual consume's, reserve's, commit's and release's own
@@ -244,3 +246,22 @@ async def test_the_functions_vm_collects_at_stepmul_100_and_an_eval_scripts_vm_i
     as_script = (lua_dir() / "_lib.lua").read_text() + "\ninit()\nreturn collectgarbage('setstepmul', 200)"
     assert await redis.eval(as_script, 0) == 200
     await d.aclose()
+
+
+async def test_the_time_as_text_is_the_number_of_microseconds(redis) -> None:
+    """time_text joins TIME's seconds and µs (not zero-padded by Redis) into the digits fmt()
+    writes for the number: the events' `ts` from the straight paths and from the gate agree."""
+    probe = LIB + """
+init()
+local out = {}
+for _, us in ipairs({'0', '5', '42', '999', '1000', '65536', '999999'}) do
+  local x = {ARGV[1], us}
+  out[#out + 1] = time_text(x) == fmt(tonumber(ARGV[1]) * 1000000 + tonumber(us)) and 1 or 0
+  out[#out + 1] = time_text(x)
+end
+return out
+"""
+    got = await redis.eval(probe, 0, "1796070308")
+    assert got[0::2] == [1] * 7
+    assert got[1::2] == ["1796070308000000", "1796070308000005", "1796070308000042", "1796070308000999",
+                         "1796070308001000", "1796070308065536", "1796070308999999"]
