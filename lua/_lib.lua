@@ -97,6 +97,14 @@ end
 local function fmt(n)
   return SMALL_NUMBERS[n] or fmt_large(n)
 end
+-- A whole number as a redis.call argument, past SMALL_NUMBERS (`SMALL_NUMBERS[n] or big_arg(n)`):
+-- Redis 7.2 and later (Valkey too) write a Lua number as its digits (ll2string, a few hundred
+-- instructions), so it goes as it is; Redis 7.0 and 7.1 write it through snprintf('%.17g')
+-- (~2,700), so fmt_large makes its text. Chosen by init() from the server's version.
+local big_arg
+local function as_is(n)
+  return n
+end
 
 -- Names the positional values of KEYS or ARGV: bind(ARGV, {'event_id', 'org'}).event_id.
 -- The hot lists (the gate's and settling's) have a compiled binder (BINDERS, made by init()):
@@ -1750,10 +1758,11 @@ local function usual_reserve(keys, argv)
   local expires = now_s + (NUMBERS[reservation_ttl_s] or number_of(reservation_ttl_s))
   local expires_text, total_text = json_int(expires), json_int(total)
   -- The earliest hold's expiry, once known (as reserve.lua).
+  local held_arg = SMALL_NUMBERS[held] or big_arg(held)
   if due == 0 or expires < due then
-    call('HSET', bal_key, f.held, held, HOLDS_DUE, expires_text)
+    call('HSET', bal_key, f.held, held_arg, HOLDS_DUE, expires_text)
   else
-    call('HSET', bal_key, f.held, held)
+    call('HSET', bal_key, f.held, held_arg)
   end
   save_user(users_key, user, team, new_tat, rate_field)
   call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text,
@@ -1869,7 +1878,19 @@ local function usual_commit(settle_keys, settle_argv)
   if take_p > 0 then src = (src == '' and '' or src .. ',') .. 'purchased:' .. fmt(take_p) end
   local meta = commit_meta(json_encode(reservation_id), held, want, cost, metadata)
   -- Decided: the meter (the hold given back, the charge), the hold forgotten, the event, the answer.
-  call('HSET', bal_key, f.allocated, al, f.purchased, pu, f.used, used, f.held, h)
+  -- (Numbers: big_arg.) A layer the charge did not draw is not sent again (the hash ends the
+  -- same: as usual_consume).
+  local used_arg, h_arg = SMALL_NUMBERS[used] or big_arg(used), SMALL_NUMBERS[h] or big_arg(h)
+  if take_p == 0 and take_a == 0 then
+    call('HSET', bal_key, f.used, used_arg, f.held, h_arg)
+  elseif take_p == 0 then
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.used, used_arg, f.held, h_arg)
+  elseif take_a == 0 then
+    call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg, f.held, h_arg)
+  else
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased,
+      SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg, f.held, h_arg)
+  end
   call('HDEL', reservations_key, reservation_id)
   call('ZREM', expiries_key, reservation_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'commit', org, user, key_id, meter, feature,
@@ -1899,7 +1920,7 @@ local function usual_release(settle_keys, settle_argv)
   local lim = NUMBERS[x] or number_of(x)
   x = v[3]
   local h = (NUMBERS[x] or x and x + 0 or 0) - held
-  call('HSET', bal_key, f.held, h)
+  call('HSET', bal_key, f.held, SMALL_NUMBERS[h] or big_arg(h))
   call('HDEL', reservations_key, reservation_id)
   call('ZREM', expiries_key, reservation_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'release', org, user, key_id, meter, feature,
@@ -1931,6 +1952,7 @@ local function init(functions_vm)
     _G.collectgarbage('setstepmul', 100)
   end
   for n = -1, 1023 do SMALL_NUMBERS[n] = format('%d', n) end
+  big_arg = (_G.redis.REDIS_VERSION_NUM or 0) >= 0x070200 and as_is or fmt_large
   for n = 0, 999 do DIGITS3[n] = format('%03d', n) end
   small_texts(NUMBERS)
   REPLAY_SPLIT = '^(' .. _G.string.rep('[^\t]*\t', 9) .. ')[^\t]*(.*)$'
