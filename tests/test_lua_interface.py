@@ -265,3 +265,21 @@ return out
     assert got[0::2] == [1] * 7
     assert got[1::2] == ["1796070308000000", "1796070308000005", "1796070308000042", "1796070308000999",
                          "1796070308001000", "1796070308065536", "1796070308999999"]
+
+
+async def test_numbers_go_to_redis_as_text_only_where_the_server_formats_them_slowly(redis, prefix) -> None:
+    """big_arg: Redis 7.2+ and Valkey write a Lua number argument as its digits (ll2string), so it
+    is sent as it is; Redis 7.0/7.1 through snprintf('%.17g'), so fmt_large makes the text. Either
+    way the hash holds the same digits."""
+    probe = LIB + """
+init()
+redis.call('HSET', KEYS[1], 'a', SMALL_NUMBERS[123456789012] or big_arg(123456789012), 'b', big_arg(4503599627370495))
+return {big_arg == as_is and 'as_is' or 'text', redis.REDIS_VERSION_NUM}
+"""
+    key = f"{prefix}:big-arg-probe"
+    try:
+        chosen, version = await redis.eval(probe, 1, key)
+        assert chosen == ("as_is" if version >= 0x070200 else "text")
+        assert await redis.hmget(key, "a", "b") == ["123456789012", "4503599627370495"]
+    finally:
+        await redis.delete(key)
