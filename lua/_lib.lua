@@ -907,17 +907,17 @@ local function rate_limits(limits, now)
 end
 
 -- A user's registration and rate window in the users hash (USER_FIELDS), in one HSET: `team`
--- nil registers the user ('' : no team); `new_tat` (nil: none) is the window, as text made here
--- (Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions). Every decision's
--- user write: the gate's (save_rate_limits, refuse) and the straight paths'.
+-- nil registers the user ('' : no team); `new_tat` (nil: none) is the window (a time in µs:
+-- big_arg). Every decision's user write: the gate's (save_rate_limits, refuse) and the straight
+-- paths'.
 local function save_user(users_key, user, team, new_tat, rate_field)
   if user == '' then return end
   if not team and new_tat then
-    call('HSET', users_key, user, '', rate_field, fmt_large(new_tat))
+    call('HSET', users_key, user, '', rate_field, big_arg(new_tat))
   elseif not team then
     call('HSET', users_key, user, '')
   elseif new_tat then
-    call('HSET', users_key, rate_field, fmt_large(new_tat))
+    call('HSET', users_key, rate_field, big_arg(new_tat))
   end
 end
 
