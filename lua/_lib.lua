@@ -1468,8 +1468,12 @@ local function usual_consume(keys, argv)
   -- the hash ends the same, for two arguments and a field set less (~2,500 instructions).
   local a_text, p_text = SMALL_NUMBERS[al] or fmt_large(al), SMALL_NUMBERS[pu] or fmt_large(pu)
   if lots_text then
-    call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used),
-      f.lots, lots_text)
+    if a_text == v[1] then  -- the allocation spent before (a charge that draws a lot, mostly)
+      call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)
+    else
+      call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used),
+        f.lots, lots_text)
+    end
   elseif a_text == v[1] then
     call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
   elseif p_text == v[2] then
