@@ -1438,14 +1438,23 @@ local function usual_consume(keys, argv)
     take_a, take_p, total = from_a, from_g + from_p, from_a + from_g + from_p
     al, pu = al - take_a, pu - take_p
     -- The layers that gave, in the waterfall's order: allocated, then grant and purchased (or
-    -- purchased and grant: credit_order 'pg').
-    local first, second = '', ''
-    if from_g > 0 then first = 'grant:' .. grant.i .. ':' .. (SMALL_NUMBERS[from_g] or fmt_large(from_g)) end
-    if from_p > 0 then second = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p)) end
-    if t.credit_order == 'pg' then first, second = second, first end
-    if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
-    if first ~= '' then src = src == '' and first or src .. ',' .. first end
-    if second ~= '' then src = src == '' and second or src .. ',' .. second end
+    -- purchased and grant: credit_order 'pg'). The grant's 'grant:<lot>:' is made once per lot,
+    -- kept on it (the memo keeps the lot across calls).
+    if from_g > 0 then
+      local head = grant.src
+      if not head then head = 'grant:' .. grant.i .. ':'; grant.src = head end
+      src = head .. (SMALL_NUMBERS[from_g] or fmt_large(from_g))
+      if from_p > 0 then
+        local purchased = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p))
+        if t.credit_order == 'pg' then src = purchased .. ',' .. src else src = src .. ',' .. purchased end
+      end
+    elseif from_p > 0 then
+      src = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p))
+    end
+    if take_a > 0 then
+      local allocated = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a))
+      src = src == '' and allocated or allocated .. ',' .. src
+    end
   elseif raw_lots and not unlimited then
     local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
       lots = lots, lots_dirty = nil}, Meter)
