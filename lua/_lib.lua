@@ -403,9 +403,12 @@ Meter.__index = Meter
 -- Decoded once per text (a library's state lives across calls): the text a decision writes is
 -- what the next one reads, so lots_text() keeps the lots it encoded, by their text, and the
 -- call that reads that text takes them (out of the memo: it may change them). At most 32 kept.
-local LOTS = {}
+-- A list in the memo may carry what usual_consume asks of it (lots_facts(), below), kept true by
+-- whoever changes it; known_lots() forgets them (the list may have changed, or come from a text).
+local LOTS, LOTS_MOST = {}, 32
 local function known_lots(raw, lots)
-  memo_put(LOTS, 32, raw, lots)
+  if lots.due then lots.due = nil end  -- (`due` first: lots_facts() sets the rest with it)
+  memo_put(LOTS, LOTS_MOST, raw, lots)
 end
 -- The lots of a text, kept in the memo (decoded on a miss): for a reader that may not change them.
 local function lots_of(raw)
@@ -567,11 +570,13 @@ end
 -- the integers in full (cjson writes 14 significant digits, through snprintf). A lot's id and
 -- expiry never change: their text is made once per lot and kept on it (the memo above keeps the
 -- lot across calls), so a write formats only what is left of each.
+-- (`open` and `close`: the same with the brackets of a list of one, the usual list.)
 local function lot_text(lot)
   local head = lot.head
   if not head then
     head = '{"i":' .. json_encode(lot.i) .. ',"n":'
-    lot.head, lot.tail = head, ',"x":' .. fmt(lot.x) .. '}'
+    local tail = ',"x":' .. fmt(lot.x) .. '}'
+    lot.head, lot.tail, lot.open, lot.close = head, tail, '[' .. head, tail .. ']'
   end
   return head .. fmt(lot.n) .. lot.tail
 end
@@ -579,7 +584,7 @@ local function encode_lots(lots)
   local lot = lots[1]
   if #lots == 1 and lot.head then  -- the usual one: a lot seen before, written out (a call saved)
     local n = lot.n
-    return '[' .. lot.head .. (SMALL_NUMBERS[n] or fmt_large(n)) .. lot.tail .. ']'
+    return lot.open .. (SMALL_NUMBERS[n] or fmt_large(n)) .. lot.close
   end
   local parts = {}
   for j = 1, #lots do parts[j] = lot_text(lots[j]) end
@@ -1299,25 +1304,39 @@ local function as_meter_read(bal_key, f, v)
   return {v[1], v[2], v[3], v[4], v[5], v[6], r[1], v[7], v[8], r[2], r[3], v[9], v[10]}
 end
 
+-- What a usual consume asks of a list of credit lots, found once and kept on it (the memo keeps the
+-- list across calls, and with it these, while they hold: see known_lots): `due`, the earliest
+-- expiry (0: none expires); `usual`, whether the lots are plan_lots_charge's shape (at most one
+-- that expires, `grant` (false: none); none below nothing, no spent one that never expires);
+-- `in_lots`, what they hold; `never`, what the ones that never expire hold. Returns `due`.
+local function lots_facts(lots)
+  local due, in_lots, never, grant, usual = 0, 0, 0, false, true
+  for j = 1, #lots do
+    local lot = lots[j]
+    local n, x = lot.n, lot.x
+    if n < 0 or n == 0 and x <= 0 then usual = false end  -- hand-written data: the meter's rules for it
+    in_lots = in_lots + n
+    if x > 0 then
+      if grant then usual = false end  -- two that expire: in the order of their expiry (the waterfall's)
+      grant = lot
+      if due == 0 or x < due then due = x end
+    else
+      never = never + n
+    end
+  end
+  lots.due, lots.usual, lots.grant, lots.in_lots, lots.never = due, usual, grant, in_lots, never
+  return due
+end
+
 -- The waterfall of a usual consume's charge with credit lots (Meter:waterfall, allocation first,
 -- written out for the shape lots are mostly in: at most one that expires), without the layers'
 -- tables. Plans only: the allocated part, the lot that expires and its part, the purchased part
 -- (the free pool, then lots that never expire) and what the lots held in all; nil when the
 -- charge does not fit or the lots are another shape (the meter's own waterfall then decides).
+-- (The lots' shape and sums: lots_facts(), found before.)
 local function plan_lots_charge(lots, a, p, held, lim, price, overflow, order)
-  local in_lots, never, grant = 0, 0, nil
-  for j = 1, #lots do
-    local lot = lots[j]
-    local n = lot.n
-    if n < 0 or n == 0 and lot.x <= 0 then return nil end  -- hand-written data: the meter's rules for it
-    in_lots = in_lots + n
-    if lot.x > 0 then
-      if grant then return nil end  -- two that expire: in the order of their expiry (the waterfall's)
-      grant = lot
-    else
-      never = never + lot.n
-    end
-  end
+  if not lots.usual then return nil end
+  local in_lots, never, grant = lots.in_lots, lots.never, lots.grant
   local from_a = a < price and a or price
   local left = price - from_a
   local from_g, from_p = 0, 0
@@ -1386,10 +1405,8 @@ local function usual_consume(keys, argv)
   if raw_lots == '' then raw_lots = nil end
   if raw_lots then  -- credit lots: none may be past its expiry (the gate records their `expire`)
     lots = LOTS[raw_lots] or lots_of(raw_lots)
-    for j = 1, #lots do
-      x = lots[j].x
-      if x > 0 and x <= now_s then return nil, now, as_meter_read(bal_key, f, v) end
-    end
+    x = lots.due or lots_facts(lots)  -- the earliest expiry
+    if x > 0 and x <= now_s then return nil, now, as_meter_read(bal_key, f, v) end
   end
   x = v[9]
   if holds_may_be_due(NUMBERS[x] or number_of(x), now_s) then  -- the sweep
@@ -1427,6 +1444,7 @@ local function usual_consume(keys, argv)
     LOTS[raw_lots] = nil  -- the lots are this call's now
     if from_g > 0 then
       grant.n = grant.n - from_g
+      lots.in_lots = in_lots - from_g  -- (the lots' other facts hold: the lot that expires stays)
       lots_dirty = true
     end
     local free = pu - in_lots
@@ -1440,20 +1458,30 @@ local function usual_consume(keys, argv)
           lots_dirty = true
         end
       end
+      lots.due = nil  -- their facts found again (lots_facts) by the next reader
       lots = unspent(lots)  -- (only a lot that never expires is forgotten spent)
     end
-    if not lots_dirty then known_lots(raw_lots, lots) end  -- unchanged: the next reader's again
+    if not lots_dirty then memo_put(LOTS, LOTS_MOST, raw_lots, lots) end  -- unchanged: the next reader's again, facts and all
     take_a, take_p, total = from_a, from_g + from_p, from_a + from_g + from_p
     al, pu = al - take_a, pu - take_p
     -- The layers that gave, in the waterfall's order: allocated, then grant and purchased (or
-    -- purchased and grant: credit_order 'pg').
-    local first, second = '', ''
-    if from_g > 0 then first = 'grant:' .. grant.i .. ':' .. (SMALL_NUMBERS[from_g] or fmt_large(from_g)) end
-    if from_p > 0 then second = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p)) end
-    if t.credit_order == 'pg' then first, second = second, first end
-    if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
-    if first ~= '' then src = src == '' and first or src .. ',' .. first end
-    if second ~= '' then src = src == '' and second or src .. ',' .. second end
+    -- purchased and grant: credit_order 'pg'). The grant's 'grant:<lot>:' is made once per lot,
+    -- kept on it (the memo keeps the lot across calls).
+    if from_g > 0 then
+      local head = grant.src
+      if not head then head = 'grant:' .. grant.i .. ':'; grant.src = head end
+      src = head .. (SMALL_NUMBERS[from_g] or fmt_large(from_g))
+      if from_p > 0 then
+        local purchased = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p))
+        if t.credit_order == 'pg' then src = purchased .. ',' .. src else src = src .. ',' .. purchased end
+      end
+    elseif from_p > 0 then
+      src = 'purchased:' .. (SMALL_NUMBERS[from_p] or fmt_large(from_p))
+    end
+    if take_a > 0 then
+      local allocated = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a))
+      src = src == '' and allocated or allocated .. ',' .. src
+    end
   elseif raw_lots and not unlimited then
     local m = setmetatable({key = bal_key, m = meter, f = f, a = al, p = pu, h = held, u = used, lim = lim,
       lots = lots, lots_dirty = nil}, Meter)
@@ -1488,15 +1516,30 @@ local function usual_consume(keys, argv)
   -- (fmt written out: a call each saved.)
   -- The lots when the charge drew one (lots_text(): after every refusal, it may delete their field).
   local lots_text
+  -- Lots left are put in the memo with their facts (kept true above), not through known_lots.
   if lots_meter then lots_text = lots_meter:lots_text() elseif lots_dirty then
-    lots_text = changed_lots_text(bal_key, f.lots, lots)
+    local lot = lots[1]
+    if #lots == 1 and lot.open then  -- the usual one, a lot seen before: encode_lots' text, a call fewer
+      local n = lot.n
+      lots_text = lot.open .. (SMALL_NUMBERS[n] or fmt_large(n)) .. lot.close
+      memo_put(LOTS, LOTS_MOST, lots_text, lots)
+    elseif lot then
+      lots_text = encode_lots(lots)
+      memo_put(LOTS, LOTS_MOST, lots_text, lots)
+    else
+      lots_text = changed_lots_text(bal_key, f.lots, lots)  -- none left: their field deleted
+    end
   end
   -- A field whose text is the one stored (the layer the charge did not draw) is not sent again:
   -- the hash ends the same, for two arguments and a field set less (~2,500 instructions).
   local a_text, p_text = SMALL_NUMBERS[al] or fmt_large(al), SMALL_NUMBERS[pu] or fmt_large(pu)
   if lots_text then
-    call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used),
-      f.lots, lots_text)
+    if a_text == v[1] then  -- the allocation spent before (a charge that draws a lot, mostly)
+      call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)
+    else
+      call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used),
+        f.lots, lots_text)
+    end
   elseif a_text == v[1] then
     call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
   elseif p_text == v[2] then

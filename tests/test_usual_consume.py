@@ -311,6 +311,67 @@ async def test_the_usual_consume_crosses_the_credit_layers_as_the_gate(client, a
     await raw.aclose()
 
 
+async def test_lots_changed_between_usual_consumes_are_drawn_as_the_gate_draws_them(client, admin, redis, redis_url,
+                                                                                    config, prefix):
+    """The usual consume keeps what it found of a list of lots (its earliest expiry, its shape, its
+    sums) on the list the memo keeps across calls, and keeps them true as it draws. Charges across
+    the lot that expires and the free pool, and a grant, a refund and a purchase changing the list
+    between them: the same answers, sources and lots, step by step, as the gate's."""
+    layout = Layout(prefix, config.shards)
+    raw = aioredis.from_url(redis_url)
+    decider = Decider(raw, config, layout)
+    steps = [("consume", 2), ("consume", 3), ("consume", 3), ("grant", 4), ("consume", 3), ("refund", 0),
+             ("consume", 2), ("consume", 4), ("purchase", 5), ("consume", 6), ("consume", 1)]
+    orgs, names, answers = {}, {}, {}
+    for side in ("usual", "gate"):
+        org = await admin.org("pro")
+        h = {"Authorization": f"Bearer {await admin.key(org)}"}
+        r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 50}, headers=h)
+        assert r.status_code == 200, r.text  # the allocation, to 0: every alert threshold passed
+        grant = (await admin.grant(org, "general", 6, expires_at=rfc3339(time.time() + 7200))).json()["event_id"]
+        await admin.grant(org, "general", 3)  # the free pool
+        await decider.grant(org, "general", 5, lot=f"buy-{side}")  # a purchase: traced, never expires
+        orgs[side], answers[side] = (org, h), []
+        names[side] = {grant: "G1", f"buy-{side}": "BUY", f"buy2-{side}": "BUY2"}
+    last: dict[str, str] = {}
+    for i, (what, n) in enumerate(steps):
+        for side, (org, h) in orgs.items():
+            if what == "grant":  # one that expires sooner: drawn first from now on
+                r = await admin.grant(org, "general", n, expires_at=rfc3339(time.time() + 3600))
+                names[side][r.json()["event_id"]] = "G2"
+            elif what == "purchase":
+                await decider.grant(org, "general", n, lot=f"buy2-{side}")
+            else:
+                if side == "gate":
+                    h = {**h, "Idempotency-Key": f"call-{i}"}
+                if what == "refund":
+                    r = await client.post("/v1/refunds", json={"event_id": last[side]}, headers=h)
+                else:
+                    r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": n}, headers=h)
+                out = r.json()
+                last[side] = out.pop("event_id", "")
+                answers[side].append(f"{r.status_code} {orjson.dumps(out).decode()}")
+            lots = await redis.hget(layout.balances(org), meter_field("general", "lots"))
+            answers[side].append(f"lots {lots or ''}")
+    for side in orgs:  # each side's lot ids by name
+        for lot_id, name in names[side].items():
+            answers[side] = [a.replace(lot_id, name) for a in answers[side]]
+    assert answers["usual"] == answers["gate"]
+    assert all(a.startswith("200 ") for a in answers["usual"] if not a.startswith("lots ")), answers["usual"]
+    recorded = {}
+    for side, (org, _) in orgs.items():
+        text = "\n".join(e["kind"] + " " + e["src"] + " " + e["bal"] for e in await events(redis, layout, org))
+        for lot_id, name in names[side].items():
+            text = text.replace(lot_id, name)
+        recorded[side] = text.split("\n")
+    assert recorded["usual"] == recorded["gate"]
+    srcs = "\n".join(recorded["usual"])
+    assert "grant:G2:" in srcs and "grant:G1:" in srcs and "purchased:" in srcs, srcs
+    balances = [(await client.get("/v1/balance", headers=h)).json()["meters"]["general"] for _, h in orgs.values()]
+    assert balances[0] == balances[1]
+    await raw.aclose()
+
+
 async def test_a_lots_text_written_by_a_charge_reads_back_whatever_its_ids_hold(client, admin, redis, redis_url,
                                                                                config, prefix):
     """The lots' text a charge writes (made in Lua, not by cjson) is JSON that
