@@ -1530,22 +1530,23 @@ local function usual_consume(keys, argv)
       lots_text = changed_lots_text(bal_key, f.lots, lots)  -- none left: their field deleted
     end
   end
-  -- A field whose text is the one stored (the layer the charge did not draw) is not sent again:
-  -- the hash ends the same, for two arguments and a field set less (~2,500 instructions).
-  local a_text, p_text = SMALL_NUMBERS[al] or fmt_large(al), SMALL_NUMBERS[pu] or fmt_large(pu)
-  if lots_text then
-    if a_text == v[1] then  -- the allocation spent before (a charge that draws a lot, mostly)
-      call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used), f.lots, lots_text)
+  -- A layer the charge did not draw (its field holds what it held) is not sent again: the hash
+  -- ends the same, for two arguments and a field set less (~2,500 instructions). (Numbers: big_arg.)
+  local used_arg = SMALL_NUMBERS[used] or big_arg(used)
+  if take_a == 0 then  -- the allocation spent before (a charge that draws credit), or nothing to take
+    if lots_text then
+      call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg, f.lots, lots_text)
     else
-      call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used),
-        f.lots, lots_text)
+      call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg)
     end
-  elseif a_text == v[1] then
-    call('HSET', bal_key, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
-  elseif p_text == v[2] then
-    call('HSET', bal_key, f.allocated, a_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
+  elseif take_p == 0 and not lots_text then  -- the usual one: the allocation alone
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.used, used_arg)
+  elseif lots_text then
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased, SMALL_NUMBERS[pu] or big_arg(pu),
+      f.used, used_arg, f.lots, lots_text)
   else
-    call('HSET', bal_key, f.allocated, a_text, f.purchased, p_text, f.used, SMALL_NUMBERS[used] or fmt_large(used))
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased, SMALL_NUMBERS[pu] or big_arg(pu),
+      f.used, used_arg)
   end
   save_user(users_key, user, team, new_tat, rate_field)
   if not raw_lots then
