@@ -233,8 +233,10 @@ local function compile_reply()
 end
 
 -- pack_reply(status, code, cost, ...): the same text from every field given, in REPLY order, no
--- table (the usual consume's); compiled by init() from REPLY.
+-- table (the straight paths'); compiled by init() from REPLY. `remaining` comes as text (the
+-- caller formats the balance once for its event and its answer: pack_event).
 local pack_reply
+local PACKED_TEXTS = {remaining = true}
 
 -- fmt(x) as an expression for the compiled packers: inline, a call fewer (~200 instructions) a field.
 local function fmt_inline(x)
@@ -243,7 +245,9 @@ end
 
 local function compile_pack_reply()
   local parts = {}
-  for i, name in ipairs(REPLY) do parts[i] = type(REPLY_DEFAULTS[name]) == 'number' and fmt_inline(name) or name end
+  for i, name in ipairs(REPLY) do
+    parts[i] = type(REPLY_DEFAULTS[name]) == 'number' and not PACKED_TEXTS[name] and fmt_inline(name) or name
+  end
   return _G.loadstring('local small, fmt_large = ...; return function(' .. concat(REPLY, ', ') .. ') return '
     .. concat(parts, " .. '\\t' .. ") .. ' end')(SMALL_NUMBERS, fmt_large)
 end
@@ -317,12 +321,13 @@ end
 local ENTRY_FIELD = 'e'
 local EVENT_FIELDS = {'id', 'kind', 'org', 'user', 'key', 'meter', 'feature', 'delta', 'dp', 'cost', 'bal', 'ts',
   'src', 'meta'}
-local EVENT_NUMBERS = {delta = true, dp = true, cost = true, bal = true}  -- written by fmt()
+local EVENT_NUMBERS = {delta = true, dp = true, cost = true}  -- written by fmt(); `bal` and `ts` come as text
 
 -- pack_event(id, kind, org, user, key, meter, feature, delta, dp, cost, bal, ts, src, meta): the
 -- entry's text, every argument given ('' none); compiled by init() from EVENT_FIELDS. fmt()
--- writes a negated zero, -(0), as 0. `ts` comes as text: the straight paths join TIME's own
--- (time_text), a fifth of formatting the µs number.
+-- writes a negated zero, -(0), as 0. `bal` and `ts` come as text: the balance is formatted once
+-- for the event and the answer's `remaining` (the same number when nothing is held), the time
+-- joined from TIME's own texts by the straight paths (time_text), a fifth of formatting it.
 local pack_event
 
 local function compile_pack_event()
@@ -353,7 +358,7 @@ function Events:add(e)
     self.ts = ts
   end
   call('XADD', self.stream, '*', ENTRY_FIELD, pack_event(id, e.kind, self.org, e.user or '', self.key,
-    e.meter or '', e.feature or '', e.delta or 0, e.dp or 0, e.cost or 0, e.bal or 0, ts, e.src or '',
+    e.meter or '', e.feature or '', e.delta or 0, e.dp or 0, e.cost or 0, fmt(e.bal or 0), ts, e.src or '',
     e.meta or ''))
   return id
 end
@@ -1461,7 +1466,7 @@ local function usual_consume(keys, argv)
       lots.due = nil  -- their facts found again (lots_facts) by the next reader
       lots = unspent(lots)  -- (only a lot that never expires is forgotten spent)
     end
-    if not lots_dirty then memo_put(LOTS, LOTS_MOST, raw_lots, lots) end  -- unchanged: the next reader's again, facts and all
+    if not lots_dirty then memo_put(LOTS, LOTS_MOST, raw_lots, lots) end  -- unchanged: the next reader's, facts and all
     take_a, take_p, total = from_a, from_g + from_p, from_a + from_g + from_p
     al, pu = al - take_a, pu - take_p
     -- The layers that gave, in the waterfall's order: allocated, then grant and purchased (or
@@ -1555,11 +1560,13 @@ local function usual_consume(keys, argv)
       src = (src == '' and '' or src .. ',') .. 'purchased:' .. (SMALL_NUMBERS[take_p] or fmt_large(take_p))
     end
   end
-  -- The event (no sink table: this is the only one).
+  -- The event (no sink table: this is the only one) and the answer.
+  local bal = al + pu
+  local bal_text = SMALL_NUMBERS[bal] or fmt_large(bal)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'consume', org, user, key_id, meter, t.feature,
-    -(take_a + take_p), -take_p, total, al + pu, time_text(time), src, metadata or ''))
-  return pack_reply(200, '', total, unlimited and -1 or al + pu - held, event_id, 0, new_tat and t.rl_user_burst or -1,
-    rl_rem, ceil(rl_reset / 1000000), 0, '', '', src, '')
+    -(take_a + take_p), -take_p, total, bal_text, time_text(time), src, metadata or ''))
+  return pack_reply(200, '', total, unlimited and '-1' or held == 0 and bal_text or fmt(bal - held), event_id, 0,
+    new_tat and t.rl_user_burst or -1, rl_rem, ceil(rl_reset / 1000000), 0, '', '', src, '')
 end
 
 -- The waterfall as evaluated (check with explain): each layer, what it had and would give,
@@ -1813,9 +1820,9 @@ local function usual_reserve(keys, argv)
     NUMBERS[unit_cost] or tonumber(unit_cost) or total, user, t.feature, key_id, expires_text, t.credit_order))
   call('ZADD', expiries_key, expires_text, event_id)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'reserve', org, user, key_id, meter, t.feature,
-    0, 0, 0, al + pu, time_text(time), '', '{"held":' .. total_text .. ',"reservation_id":' .. json_encode(event_id)
+    0, 0, 0, fmt(al + pu), time_text(time), '', '{"held":' .. total_text .. ',"reservation_id":' .. json_encode(event_id)
     .. ',"expires_at":' .. expires_text .. '}'))
-  return pack_reply(201, '', total, unlimited and -1 or al + pu - held, event_id, 0,
+  return pack_reply(201, '', total, unlimited and '-1' or fmt(al + pu - held), event_id, 0,
     new_tat and t.rl_user_burst or -1, rl_rem, ceil(rl_reset / 1000000), 0, '', '{"expires_at":' .. expires_text .. '}',
     '', '')
 end
@@ -1937,12 +1944,14 @@ local function usual_commit(settle_keys, settle_argv)
   end
   call('HDEL', reservations_key, reservation_id)
   call('ZREM', expiries_key, reservation_id)
+  local bal = al + pu
+  local bal_text = SMALL_NUMBERS[bal] or fmt_large(bal)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'commit', org, user, key_id, meter, feature,
-    -(take_a + take_p), -take_p, cost, al + pu, time_text(time), src, meta))
+    -(take_a + take_p), -take_p, cost, bal_text, time_text(time), src, meta))
   return usual_settled(settled_key, 'commit', fingerprint, answer_ttl_s, pack_reply(200, '', cost,
-    unlimited and -1 or al + pu - h, event_id, 0, -1, -1, 0, 0, '', '{"released":' .. json_int(max(0, held - cost))
-    .. ',"feature":' .. json_name(feature) .. ',"overage":' .. json_int(max(0, want - cost)) .. ',"meter":'
-    .. json_name(meter) .. '}', src, ''))
+    unlimited and '-1' or h == 0 and bal_text or fmt(bal - h), event_id, 0, -1, -1, 0, 0, '',
+    '{"released":' .. json_int(max(0, held - cost)) .. ',"feature":' .. json_name(feature) .. ',"overage":'
+    .. json_int(max(0, want - cost)) .. ',"meter":' .. json_name(meter) .. '}', src, ''))
 end
 
 -- release.lua's usual case: the whole hold given back. Returns the answer or nil.
@@ -1967,12 +1976,14 @@ local function usual_release(settle_keys, settle_argv)
   call('HSET', bal_key, f.held, SMALL_NUMBERS[h] or big_arg(h))
   call('HDEL', reservations_key, reservation_id)
   call('ZREM', expiries_key, reservation_id)
+  local bal = al + pu
+  local bal_text = SMALL_NUMBERS[bal] or fmt_large(bal)
   call('XADD', stream_key, '*', ENTRY_FIELD, pack_event(event_id, 'release', org, user, key_id, meter, feature,
-    0, 0, 0, al + pu, time_text(time), '', '{"held":' .. json_int(held) .. ',"reservation_id":' .. json_encode(reservation_id)
-    .. ',"reason":"released"}'))
+    0, 0, 0, bal_text, time_text(time), '', '{"held":' .. json_int(held) .. ',"reservation_id":'
+    .. json_encode(reservation_id) .. ',"reason":"released"}'))
   return usual_settled(settled_key, 'release', fingerprint, answer_ttl_s, pack_reply(200, '', 0,
-    (lim ~= nil and lim < 0) and -1 or al + pu - h, event_id, 0, -1, -1, 0, 0, '', '{"released":' .. json_int(held)
-    .. '}', '', ''))
+    (lim ~= nil and lim < 0) and '-1' or h == 0 and bal_text or fmt(bal - h), event_id, 0, -1, -1, 0, 0, '',
+    '{"released":' .. json_int(held) .. '}', '', ''))
 end
 
 -- The library's first call: the globals (take_globals), the compiled binders and reply.
