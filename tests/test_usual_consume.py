@@ -195,6 +195,7 @@ async def test_the_usual_consume_draws_credit_lots_as_the_gate(client, admin, re
     decider = Decider(raw, config, layout)
     users = [f"u{i}" for i in range(8)]
     orgs, names = {}, {}
+    now = time.time()  # one clock for both sides: their lots expire at the same second
     for side in ("usual", "gate"):
         org = await admin.org("pro")
         key = await admin.key(org)
@@ -203,7 +204,7 @@ async def test_the_usual_consume_draws_credit_lots_as_the_gate(client, admin, re
             assert r.status_code == 200, r.text
         ids = {}
         for n, amount in enumerate(expiring):  # the later the larger: the sooner one is drawn first
-            expires = rfc3339(time.time() + 7200 - 3600 * n)
+            expires = rfc3339(now + 7200 - 3600 * n)
             ids[(await admin.grant(org, "general", amount, expires_at=expires)).json()["event_id"]] = f"GRANT{n}"
         await decider.grant(org, "general", 5, lot=f"buy-{side}")  # a purchase: traced, never expires
         ids[f"buy-{side}"] = "BUY"
@@ -270,6 +271,7 @@ async def test_the_usual_consume_crosses_the_credit_layers_as_the_gate(client, a
     raw = aioredis.from_url(redis_url)
     decider = Decider(raw, config, layout)
     orgs, names = {}, {}
+    now = time.time()  # one clock for both sides: their lots expire at the same second
     for side in ("usual", "gate"):
         org = await admin.org("pro")
         h = {"Authorization": f"Bearer {await admin.key(org)}"}
