@@ -11,7 +11,10 @@ and read after it (`callgrind_control`). Same org, plan, feature and user ids as
 (the example's enterprise plan, rate limits on, 200,000 user ids), 64 calls at a time through
 the real Decider; the minimal script is the same HGET, HINCRBY, TIME, XADD of 4 fields,
 pipelined 64 at a time. Each side runs twice; the lower count is reported (the first
-touches the server's caches and dictionaries grow).
+touches the server's caches and dictionaries grow). Each count is given in all and inside the
+command that runs the script (FCALL, EVALSHA: callgrind_annotate's inclusive count), which is
+what redis_cost.py's time is (INFO commandstats times the command, not reading and parsing the
+request nor writing the reply): an argument fewer shows in the first more than in the second.
 
 --layers adds a third side, as in redis_cost.py: consumes of an org whose allocation is spent,
 with an expiring grant and purchased credit, so every call takes the gate's steps (credit lots).
@@ -67,19 +70,33 @@ def default_server() -> str:
     return shutil.which("redis-server") or "redis-server"
 
 
-def counted(out_dir: str, pid: int) -> int:
-    """Instructions since the last zeroing: dump the counters and read the dump's summary."""
+# The commands that run a script: what redis_cost.py times (INFO commandstats' usec_per_call is
+# the time inside the command, not reading and parsing the request nor writing the reply).
+SCRIPT_COMMAND = re.compile(r"^\s*([\d,]+) \(.*?\)\s+\S*:(?:fcallCommand|evalShaCommand) ", re.M)
+
+
+def counted(out_dir: str, pid: int) -> tuple[int, int]:
+    """Instructions since the last zeroing, in all and inside the script's command: dump the
+    counters, read the dump's summary and the command's inclusive count (callgrind_annotate;
+    Redis 7.0's binary keeps its dynamic symbols, the embedded Valkey all of them)."""
     subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=False)
     for _ in range(50):
         dumps = sorted(glob.glob(f"{out_dir}/cg.{pid}.*"), key=os.path.getmtime)
         if dumps:
             m = re.search(r"^summary:\s+(\d+)", Path(dumps[-1]).read_text(), re.M)
             if m:
+                annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", "--auto=no",
+                                            dumps[-1]], capture_output=True, text=True, check=False).stdout
+                inside = sum(int(n.replace(",", "")) for n in SCRIPT_COMMAND.findall(annotated))
                 for d in dumps:
                     os.remove(d)
-                return int(m.group(1))
+                return int(m.group(1)), inside
         time.sleep(0.1)
     raise RuntimeError("callgrind wrote no dump")
+
+
+def per_call(count: tuple[int, int], calls: int) -> tuple[float, float]:
+    return count[0] / calls, count[1] / calls
 
 
 @contextlib.asynccontextmanager
@@ -134,8 +151,8 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
         minimal = r.register_script(MINIMAL_LUA)
         await r.hset("min:{s00}:bal", "left", 10**12)
         await minimal(keys=["min:{s00}:bal", "min:{s00}:events"], args=[1, "org1", "warm"])
-        counts: dict[str, list[float]] = {"consume": [], "minimal": [], "3 layers": [], "reserve": [], "commit": [],
-                                          "release": []}
+        counts: dict[str, list[tuple[float, float]]] = {"consume": [], "minimal": [], "3 layers": [], "reserve": [],
+                                                        "commit": [], "release": []}
         sides = ("consume", "minimal") + (("3 layers",) if layers else ()) + \
             (("reserve", "commit", "release") if settle else ())
         held: list[str] = []  # reservations the reserve side made, committed by the commit side
@@ -167,16 +184,19 @@ async def run(calls: int, server: str, users: int, layers: bool = False, settle:
                     for u in part:
                         p.evalsha(minimal.sha, 2, "min:{s00}:bal", "min:{s00}:events", 1, "org1", u)
                     await p.execute()
-            counts[side].append(counted(out_dir, pid) / calls)
-        c, m = min(counts["consume"]), min(counts["minimal"])
+            counts[side].append(per_call(counted(out_dir, pid), calls))
+        (c, c_in), (m, m_in) = min(counts["consume"]), min(counts["minimal"])
         print(f"{Path(server).name} {version}, {calls} calls a side, {users} user ids")
-        print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}")
+        print(f"instructions per call: consume {c:,.0f}, minimal {m:,.0f}, ratio {c / m:.2f}; inside the command "
+              f"(what redis_cost.py times): consume {c_in:,.0f}, minimal {m_in:,.0f}, ratio {c_in / m_in:.2f}")
         for side in ("reserve", "commit", "release"):
             if counts[side]:
-                print(f"{side} {min(counts[side]):,.0f}: {min(counts[side]) / m:.2f}x the minimal script")
+                s, s_in = min(counts[side])
+                print(f"{side} {s:,.0f}: {s / m:.2f}x the minimal script (inside the command {s_in / m_in:.2f}x)")
         if layers:
-            t = min(counts["3 layers"])
-            print(f"3 layers {t:,.0f}: {t / m:.2f}x the minimal script, {t / c:.2f}x the usual consume")
+            t, t_in = min(counts["3 layers"])
+            print(f"3 layers {t:,.0f}: {t / m:.2f}x the minimal script, {t / c:.2f}x the usual consume "
+                  f"(inside the command {t_in:,.0f}: {t_in / m_in:.2f}x, {t_in / c_in:.2f}x)")
         await decider.aclose()
 
 
@@ -210,7 +230,7 @@ async def run_llm(calls: int, server: str) -> None:
                     ds = [d for _ in range(0, calls, 64) for d in await asyncio.gather(
                         *[decider.consume(ident, "chat", 34, "") for _ in range(64)])]
                 assert all(d.status < 300 for d in ds), ds[0]
-                counts[side].append(counted(out_dir, pid) / len(ds))
+                counts[side].append(per_call(counted(out_dir, pid), len(ds))[0])
         c = {k: min(v) for k, v in counts.items()}
         print(f"{Path(server).name} {version}, {len(holds)} calls a side")
         print(f"instructions per call: reserve {c['reserve']:,.0f}, commit {c['commit']:,.0f} "
