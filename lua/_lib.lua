@@ -1666,9 +1666,11 @@ end
 -- tests/test_usual_settle.py holds the two to the same answers, events, balances and replays.
 --
 -- The JSON these write (the reservation record, the events' meta, the answer's extra, the
--- settled answer) is the text cjson writes for the same table, key for key in cjson's order,
--- built by concatenation: a cjson encode of a table was ~9,000 instructions, three a reserve.
--- Every reader (settle_start, the sweeps, expired_holds) still reads it with cjson. (A commit
+-- settled answer) holds what cjson writes for the same table, built by concatenation: a cjson
+-- encode of a table was ~9,000 instructions, three a reserve. Its keys are in the order cjson
+-- writes them on Redis 7.0; cjson follows the table's hash order, which another server's Lua
+-- (Valkey's string hash) changes, so there the two paths' texts may differ in key order only:
+-- every reader parses it (settle_start, the sweeps, expired_holds with cjson; the ledger's jsonb). (A commit
 -- event's `request`, the caller's metadata, is as given, on both paths: commit_meta.)
 
 -- A JSON string literal is cjson's own (a string alone: ~1,200 instructions, less than a Lua
