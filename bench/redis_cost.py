@@ -1,7 +1,7 @@
 """Redis time per decision: the real consume beside a minimal script, same Redis, one run.
 
     .venv/bin/python bench/redis_cost.py [--calls 20000] [--users 200000] [--plan enterprise] [--layers] [--cpu N]
-        [--server PATH]
+        [--server PATH] [--interleave]
 
 Starts its own redis-server (7.x, on a free port, no persistence; --server: another one, e.g. the
 embedded package's valkey-server) so `INFO commandstats` counts only this run. One org on the plan of examples/quota-gw.yaml (rate limits on), funded so no call
@@ -19,6 +19,11 @@ and written by every call) and purchased credit, so every call walks past the al
 --cpu N holds the server to core N (taskset) and this client off it: the scheduler moving the
 server between cores, or the client onto its core, no longer swells a round. Time inside a
 command (`usec_per_call`) still counts a preemption by anything else on that core.
+
+--interleave: in each round a side's batches (64 calls) take turns with the minimal script's, in
+one INFO commandstats window (FCALL and EVALSHA are counted apart), so a burst of other work on
+the shared machine falls on both sides of the ratio alike; then the same for three layers. (No
+CPU column: INFO cpu cannot tell the two apart.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -99,8 +105,39 @@ def per_call(stats: dict[str, tuple[int, float]]) -> float:
     return sum(c * u for c, u in stats.values()) / calls if calls else 0.0
 
 
+async def interleaved_rounds(r: aioredis.Redis, ids: list[str], rounds: int, consumes: Any, minimals: Any,
+                             ident3: Identity | None) -> None:
+    """--interleave: in each round, the consumes and the minimal script take turns, a batch each
+    (FCALL and EVALSHA are counted apart in one INFO commandstats window), so whatever else the
+    machine runs falls on both sides of the ratio alike; then the same for three layers."""
+    med = statistics.median
+    rows: list[tuple[float, float, float, float]] = []  # consume, its minimal, 3 layers, its minimal
+    step = len(ids) // rounds
+    for k in range(rounds):
+        part = ids[k * step:(k + 1) * step]
+        row: list[float] = []
+        for who in ([None, ident3] if ident3 else [None]):
+            await r.config_resetstat()
+            for i in range(0, len(part), 64):
+                await consumes(part[i:i + 64], *([who] if who else []))
+                await minimals(part[i:i + 64])
+            stats = await commandstats(r)
+            row += [stats["fcall"][1], stats["evalsha"][1]]
+        rows.append((row[0], row[1], *(row[2:] if ident3 else (0.0, 0.0))))  # type: ignore[arg-type]
+    print(f"usec_per_call (INFO commandstats), {step * rounds} calls a side in {rounds} rounds, each side's batches "
+          "taking turns with the minimal script's in one stats window")
+    print(f"{'round':<6}{'consume':>10}{'minimal':>10}{'ratio':>8}" + (f"{'3 layers':>12}{'minimal':>10}{'ratio':>8}"
+                                                                      if ident3 else ""))
+    for k, (c, m, t, tm) in enumerate(rows):
+        print(f"{k + 1:<6}{c:>10.2f}{m:>10.2f}{c / m:>8.2f}" + (f"{t:>12.2f}{tm:>10.2f}{t / tm:>8.2f}" if ident3 else ""))
+    print(f"{'median':<6}{med(x[0] for x in rows):>10.2f}{med(x[1] for x in rows):>10.2f}{med(x[0] / x[1] for x in rows):>8.2f}"
+          + (f"{med(x[2] for x in rows):>12.2f}{med(x[3] for x in rows):>10.2f}{med(x[2] / x[3] for x in rows):>8.2f}"
+             if ident3 else ""))
+
+
 async def run(calls: int, users: int, plan: str, feature: str, concurrency: int, rounds: int,
-              layers: bool = False, cpu: int | None = None, server: str | None = None) -> None:
+              layers: bool = False, cpu: int | None = None, server: str | None = None,
+              interleave: bool = False) -> None:
     proc, port, _ = start_redis(cpu, server)
     r = aioredis.Redis(port=port)
     try:
@@ -152,6 +189,11 @@ async def run(calls: int, users: int, plan: str, feature: str, concurrency: int,
                 for u in part[i:i + concurrency]:
                     p.evalsha(minimal.sha, 2, "min:{s00}:bal", "min:{s00}:events", cost, "org1", u)
                 await p.execute()
+
+        if interleave:
+            await interleaved_rounds(r, ids, rounds, consumes, minimals, ident3 if layers else None)
+            await decider.aclose()
+            return
 
         # Alternating rounds, each side measured right after the other: the machine is shared, so
         # the ratio of one round is fairer than the ratio of two separate runs.
@@ -219,8 +261,11 @@ def main() -> None:
     ap.add_argument("--cpu", type=int, default=None,
                     help="hold the server to this core (taskset) and the client off it")
     ap.add_argument("--server", default=None, help="the redis-server or valkey-server to run (default: redis-server)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="each side's batches take turns with the minimal script's in one stats window")
     a = ap.parse_args()
-    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers, a.cpu, a.server))
+    asyncio.run(run(a.calls, a.users, a.plan, a.feature, a.concurrency, a.rounds, a.layers, a.cpu, a.server,
+                    a.interleave))
 
 
 if __name__ == "__main__":

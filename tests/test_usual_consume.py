@@ -271,7 +271,6 @@ async def test_the_usual_consume_crosses_the_credit_layers_as_the_gate(client, a
     raw = aioredis.from_url(redis_url)
     decider = Decider(raw, config, layout)
     orgs, names = {}, {}
-    now = time.time()  # one clock for both sides: their lots expire at the same second
     for side in ("usual", "gate"):
         org = await admin.org("pro")
         h = {"Authorization": f"Bearer {await admin.key(org)}"}
