@@ -73,9 +73,9 @@ local function time_text(x)
 end
 
 -- An integer as text, for strings built in Lua (concatenating a number writes 1e+15), and for
--- the numbers the usual consume sends Redis: redis.call writes a Lua number as its digits, exactly
--- up to 2^53 (the money range), but Redis 7.0 with snprintf('%.17g') (~2,700 instructions; Valkey
--- and later Redis more cheaply); the other operations send theirs as they are.
+-- the numbers the straight paths send Redis 7.0/7.1 (big_arg, below): redis.call writes a Lua
+-- number as its digits, exactly up to 2^53 (the money range), but there with snprintf('%.17g')
+-- (~2,700 instructions); the other operations send theirs as they are.
 -- The small integers an answer or an event carries most (costs, rate-limit counts, -1 for none)
 -- are made once: a table read instead of a format call (~1,300 instructions) each. A larger
 -- whole number (a balance, a time in µs) is joined from groups of three digits made once, one
@@ -1516,9 +1516,8 @@ local function usual_consume(keys, argv)
   if not unlimited and crosses_alert(bal_key, f, t.alert_thresholds, lim, v[7], pe, al + pu - held) then
     return nil, now, as_meter_read(bal_key, f, v)
   end
-  -- Decided: write the meter, the user, the event. Numbers go to Redis as text made here (fmt):
-  -- Redis 7.0 writes a Lua number with snprintf('%.17g'), ~2,700 instructions each.
-  -- (fmt written out: a call each saved.)
+  -- Decided: write the meter, the user, the event. Numbers go to Redis through big_arg; texts
+  -- made here (fmt written out: a call each saved).
   -- The lots when the charge drew one (lots_text(): after every refusal, it may delete their field).
   local lots_text
   -- Lots left are put in the memo with their facts (kept true above), not through known_lots.
