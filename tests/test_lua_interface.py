@@ -122,6 +122,16 @@ def test_the_gates_argv_is_sent_up_to_its_last_field_not_at_its_default(config) 
     assert len(sent(reservation_ttl_s="600", unit_cost=1)) == decisions.GATE["unit_cost"] + 1
     assert sent(idem="i1")[decisions.GATE["fingerprint"]] == "fp1"
     assert sent(shadow=True)[-1] == 1 and sent(explain=1)[-1] == 1 and len(sent(explain=1)) == len(fields)
+    # A consume's own list (not `whole`) is what the whole one sends.
+    for idem, metadata, shadow in [(None, None, False), (None, b'{"a":1}', False), ("i1", None, False),
+                                   ("i1", b'{"a":1}', False), (None, None, True), (None, b'{"a":1}', True)]:
+        for whole in (True, False):
+            _, args = d._gate_call(ident, "generate_insight", 3, "u1", idem, "fp1" if idem else "", metadata, shadow,
+                                   event_id="e1", whole=whole)
+            if whole:
+                want = decisions.sent_argv(args)
+            else:
+                assert decisions.sent_argv(args) == want, (idem, metadata, shadow)
 
 
 def test_the_gates_keys_are_named_in_gate_keys_order_and_an_idempotency_key_stays_with_its_call(config) -> None:

@@ -285,6 +285,7 @@ GATE = {f.name: i for i, f in enumerate(dataclasses.fields(GateArgs))}
 _G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW, _G_TERMS = (
     GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow", "terms"))
 _GATE_DEFAULTS = [f.default for f in dataclasses.fields(GateArgs)]  # MISSING: a field always sent
+assert _G_META == _G_TERMS + 1  # a consume's ARGV: `terms`, then its metadata (Decider._gate_call)
 # The gate's KEYS (lua/_lib.lua GATE_KEYS): the six every call sends, then the key's and the
 # org's rate window and the idempotency key, each sent only with what follows it or when read.
 _K_RL_KEY, _K_RL_ORG, _K_IDEM = 6, 7, 8
@@ -415,22 +416,28 @@ class Decider:
 
     def _gate_call(self, ident: Identity, feature: str, cost: int, user: str, idem: str | None,
                    fingerprint: str, metadata: bytes | None, shadow: bool,
-                   event_id: str | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS (lua/_lib.lua GATE_KEYS, in order, those the call reads) and ARGV (GateArgs, whole:
-        the caller sets its own fields, then sends sent_argv(args))."""
+                   event_id: str | None = None, whole: bool = True) -> tuple[list[str], list[Any]]:
+        """KEYS (lua/_lib.lua GATE_KEYS, in order, those the call reads) and ARGV (GateArgs), sent
+        as sent_argv(args). `whole`: every field, for the caller (reserve, check) to set its own;
+        not (a consume): up to `terms`, the rest only with a field of its own to send."""
         org = ident.org_id
         _, _, template, n_keys = self._priced(ident, feature)
         event_id = event_id or new_id()
         keys = self._gate_keys(org, ident.key_id)
         keys = [*keys, self.layout.idem(org, "d", idem)] if idem else keys[:n_keys]
-        args = template.copy()
+        if whole or idem or shadow:
+            args = template.copy()
+            if metadata:
+                args[_G_META] = metadata.decode()
+            if idem:
+                args[_G_FP] = fingerprint
+            if shadow:
+                args[_G_SHADOW] = 1
+        else:
+            args = template[:_G_TERMS + 1]
+            if metadata:
+                args.append(metadata.decode())  # (at _G_META: right after `terms`)
         args[_G_EVENT], args[_G_ORG], args[_G_USER], args[_G_KEY], args[_G_COST] = event_id, org, user, ident.key_id, cost
-        if idem:
-            args[_G_FP] = fingerprint
-        if metadata:
-            args[_G_META] = metadata.decode()
-        if shadow:
-            args[_G_SHADOW] = 1
         return keys, args
 
     def _gate_keys(self, org: str, key_id: str) -> list[str]:
@@ -461,7 +468,7 @@ class Decider:
         # (the fingerprint is sent only with an idempotency key: not made without one)
         keys, args = self._gate_call(ident, feature, self.cost(feature, units), user, idem,
                                      fingerprint("consume", feature, units, user, metadata=metadata) if idem else "",
-                                     metadata, shadow)
+                                     metadata, shadow, whole=False)
         if not rate_limit:  # no user, key or org rate limit
             args[_G_TERMS] = self._unlimited_terms(ident, feature)
         d = Decision.from_reply(await self._run(self.scripts.consume, keys, sent_argv(args)))
