@@ -434,7 +434,7 @@ local function decode_lots(raw)
 end
 
 -- One HMGET reads every field of the meter (the alerts' too), when holds fall due and whether
--- the org has sub-quotas (SUB_QUOTAS: the straight paths' usual_user reads it).
+-- the org has sub-quotas (SUB_QUOTAS: the straight paths' straight_user reads it).
 local function read_meter(bal_key, meter)
   local f = METER_FIELD_NAMES[meter] or meter_fields(meter)
   return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
@@ -1259,10 +1259,6 @@ local function straight_user(t, users_key, quotas_key, bal_key, has_sub_quotas, 
   end
   return true, team, new_tat, rl_rem, rl_reset, rate_field
 end
--- straight_user with `v`, read_meter's reply (its 13th: SUB_QUOTAS).
-local function usual_user(t, users_key, quotas_key, bal_key, v, user, meter, now)
-  return straight_user(t, users_key, quotas_key, bal_key, v[13], user, meter, now)
-end
 
 -- Would a charge leaving `avail` cross a threshold not yet alerted in this period (Meter:alerts'
 -- rule: the gate records the alert)? In two parts: alert_base, from the meter's `ps` (its text),
@@ -1780,9 +1776,8 @@ local function usual_reserve(keys, argv)
   local held = NUMBERS[x] or x and x + 0 or 0
   if lim == 0 and pu <= 0 then return to_gate(bal_key, meter, now, full) end  -- maybe forbidden: the gate says
   if al < 0 or pu < 0 then return to_gate(bal_key, meter, now, full) end  -- (only hand-written data: the gate's rules)
-  if user ~= '' then v[13] = v[8] end  -- the sub-quota mark where usual_user reads it (read_meter's 13th)
-  local ok, team, new_tat, rl_rem, rl_reset, rate_field = usual_user(t, users_key, quotas_key, bal_key, v, user,
-    meter, now)
+  local ok, team, new_tat, rl_rem, rl_reset, rate_field = straight_user(t, users_key, quotas_key, bal_key, v[8],
+    user, meter, now)
   if not ok then return to_gate(bal_key, meter, now, full) end
   -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
   -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
