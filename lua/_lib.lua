@@ -1830,18 +1830,9 @@ end
 -- event carries it; every reader parses it (the ledger's jsonb). A cjson decode and encode of it
 -- (~20,000 instructions) changed its spelling (key order, `\/`) and rounded integers past 14 digits.
 local function commit_meta(rid_json, held, want, cost, metadata)
-  if want > cost then
-    if metadata == '' then
-      return '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":'
-        .. rid_json .. ',"requested":' .. json_int(want) .. '}'
-    end
-    return '{"overage":' .. json_int(want - cost) .. ',"held":' .. json_int(held) .. ',"reservation_id":'
-      .. rid_json .. ',"requested":' .. json_int(want) .. ',"request":' .. metadata .. '}'
-  elseif metadata == '' then
-    return '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid_json .. ',"requested":' .. json_int(want) .. '}'
-  end
-  return '{"held":' .. json_int(held) .. ',"reservation_id":' .. rid_json .. ',"requested":' .. json_int(want)
-    .. ',"request":' .. metadata .. '}'
+  local open = want > cost and '{"overage":' .. json_int(want - cost) .. ',"held":' or '{"held":'
+  return open .. json_int(held) .. ',"reservation_id":' .. rid_json .. ',"requested":' .. json_int(want)
+    .. (metadata == '' and '}' or ',"request":' .. metadata .. '}')
 end
 
 -- The hold a straight commit or release settles: stored in the usual shape, live, and no hold
