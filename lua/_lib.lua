@@ -1518,12 +1518,7 @@ local function usual_consume(keys, argv)
   local lots_text
   -- Lots left are put in the memo with their facts (kept true above), not through known_lots.
   if lots_meter then lots_text = lots_meter:lots_text() elseif lots_dirty then
-    local lot = lots[1]
-    if #lots == 1 and lot.open then  -- the usual one, a lot seen before: encode_lots' text, a call fewer
-      local n = lot.n
-      lots_text = lot.open .. (SMALL_NUMBERS[n] or fmt_large(n)) .. lot.close
-      memo_put(LOTS, LOTS_MOST, lots_text, lots)
-    elseif lot then
+    if lots[1] then
       lots_text = encode_lots(lots)
       memo_put(LOTS, LOTS_MOST, lots_text, lots)
     else
