@@ -38,9 +38,13 @@ HOLDS_DUE = "holds_due"
 # sub-quota limit removes it in the same atomic step (store.set_sub_quota, the configuration
 # repair; rebuild, gateways stopped, after its writes), so a '0' is never stale.
 SUB_QUOTAS = "sub_quotas"
-# Users hash (Layout.users): '<user>' = the user's team ('' none), and '<user>:<suffix>' = the
-# user's state the gate keeps beside it: its rate window (GCRA theoretical arrival time, µs),
-# read with the registration in one HMGET and written in one HSET. A user id has no ':'.
+# The org's users live in the balance hash too, so that a decision reads its user with its meter
+# (one HMGET) and writes them together (one HSET): two Redis commands a call fewer than a users
+# hash of their own (docs/benchmarks.md, "Redis time per decision, round 8"). A user's fields
+# start with USER_PREFIX, which no meter name and no org field can (config.NAME_RE):
+# '@<user>' = the user's team ('' none), and '@<user>:<suffix>' = the user's state the gate keeps
+# beside it: its rate window (GCRA theoretical arrival time, µs). A user id has no ':'.
+USER_PREFIX = "@"
 USER_FIELDS = {"rate": "rl"}
 
 
@@ -49,9 +53,22 @@ def meter_field(meter: str, name: str) -> str:
     return f"{meter}:{METER_FIELDS[name]}"
 
 
+def user_team_field(user: str) -> str:
+    """A user's registration (its team, '' none) in the balance hash: user_team_field('u1') == '@u1'."""
+    return USER_PREFIX + user
+
+
 def user_field(user: str, name: str) -> str:
-    """A user's state in the users hash: user_field('u1', 'rate') == 'u1:rl'."""
-    return f"{user}:{USER_FIELDS[name]}"
+    """A user's state in the balance hash: user_field('u1', 'rate') == '@u1:rl'."""
+    return f"{USER_PREFIX}{user}:{USER_FIELDS[name]}"
+
+
+def user_of_field(field: str) -> str | None:
+    """The user a balance hash field registers ('@u1' -> 'u1'); None for any other field (a
+    meter's, an org's, a user's state)."""
+    if not field.startswith(USER_PREFIX) or ":" in field:
+        return None
+    return field[len(USER_PREFIX):]
 
 
 def quota_subject(scope: str, subject: str) -> str:
@@ -96,9 +113,6 @@ class Layout:
 
     def quotas(self, org_id: str) -> str:
         return f"{self.tag(org_id)}:q:{org_id}"
-
-    def users(self, org_id: str) -> str:
-        return f"{self.tag(org_id)}:users:{org_id}"
 
     def reservations(self, org_id: str) -> str:
         return f"{self.tag(org_id)}:rv:{org_id}"
