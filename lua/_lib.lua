@@ -139,7 +139,7 @@ local GATE_TERMS = {'feature', 'meter', 'allocation', 'period', 'rollover', 'rl_
   'alert_thresholds', 'rl_user_overflow', 'rl_key_overflow', 'rl_org_overflow', 'alloc_overflow', 'credit_order'}
 -- The last three only when the call reads them (a key's or the org's rate window in the plan, an
 -- idempotency key), else left off the end (nil).
-local GATE_KEYS = {'bal', 'quotas', 'users', 'stream', 'reservations', 'expiries', 'rl_key', 'rl_org', 'idem'}
+local GATE_KEYS = {'bal', 'quotas', 'stream', 'reservations', 'expiries', 'rl_key', 'rl_org', 'idem'}
 -- Settling a reservation (commit, release): decisions.SettleArgs.
 local SETTLE_ARGV = {'reservation_id', 'event_id', 'org', 'key_id', 'units', 'answer_ttl_s', 'metadata',
   'fingerprint', 'beyond_hold', 'alert_thresholds'}
@@ -165,7 +165,9 @@ local HOLDS_DUE = 'holds_due'
 -- step (store.set_sub_quota, the configuration repair of `rebuild --org`), or after its writes
 -- (a full rebuild, gateways stopped), so '0' is never stale.
 local SUB_QUOTAS = 'sub_quotas'
--- Users hash: '<user>' = team, '<user>:<suffix>' = the user's rate window (GCRA TAT, µs).
+-- The org's users, in the balance hash (layout.py): '@<user>' = team ('' none), '@<user>:<suffix>'
+-- = the user's rate window (GCRA TAT, µs); read with the meter, written with it.
+local USER_PREFIX = '@'
 local USER_FIELDS = {rate = 'rl'}
 
 local function field_names(prefix, fields)
@@ -916,22 +918,33 @@ local function rate_limits(limits, now)
     retry_after_ms = ceil(retry / 1000)}, writes
 end
 
--- A user's registration and rate window in the users hash (USER_FIELDS), in one HSET: `team`
--- nil registers the user ('' : no team); `new_tat` (nil: none) is the window (a time in µs:
--- big_arg). Every decision's user write: the gate's (save_rate_limits, refuse) and the straight
--- paths'.
-local function save_user(users_key, user, team, new_tat, rate_field)
-  if user == '' then return end
-  if not team and new_tat then
-    call('HSET', users_key, user, '', rate_field, big_arg(new_tat))
-  elseif not team then
-    call('HSET', users_key, user, '')
+-- A user's fields in the balance hash (USER_PREFIX): its registration and its rate window.
+local function user_fields(user)
+  local uf = USER_PREFIX .. user
+  return uf, uf .. ':' .. USER_FIELDS.rate
+end
+
+-- What a decision writes of its user, as field-value pairs for the HSET that writes its meter
+-- (none, one or two pairs: the returns end that call's arguments): `team` nil registers the user
+-- ('' : no team); `new_tat` (nil: none) is the window (a time in µs: big_arg).
+local function user_writes(user_field, team, new_tat, rate_field)
+  if not user_field then return end  -- no user
+  if not team then
+    if new_tat then return user_field, '', rate_field, big_arg(new_tat) end
+    return user_field, ''
   elseif new_tat then
-    call('HSET', users_key, rate_field, big_arg(new_tat))
+    return rate_field, big_arg(new_tat)
   end
 end
 
--- The user's window lives in the users hash, written with its registration in one HSET (the
+-- The gate's write of its user (save_rate_limits, refuse), on its own: nothing to write, no call.
+local function save_user(bal_key, user, team, new_tat)
+  if user == '' or team and not new_tat then return end
+  local uf, rate_field = user_fields(user)
+  call('HSET', bal_key, user_writes(uf, team, new_tat, rate_field))
+end
+
+-- The user's window lives in the balance hash, written with its registration in one HSET (the
 -- user's field is only written for a user not yet registered); key and org windows are keys
 -- that expire when the window is full again.
 local function save_rate_limits(req)
@@ -947,7 +960,7 @@ local function save_rate_limits(req)
   if req.user ~= '' and (user_tat or req.register) then
     local team = req.team
     if req.register then team = nil end
-    save_user(req.keys.users, req.user, team, user_tat, req.user .. ':' .. USER_FIELDS.rate)
+    save_user(req.keys.bal, req.user, team, user_tat)
   end
   req.register = false
 end
@@ -1066,10 +1079,10 @@ local function gate_user(req, write)
   if req.user == '' then return nil end
   local team
   if req.rl_user_interval_us > 0 then
-    local v = call('HMGET', req.keys.users, req.user, req.user .. ':' .. USER_FIELDS.rate)
+    local v = call('HMGET', req.keys.bal, user_fields(req.user))
     team, req.user_tat = v[1], tonumber(v[2])
   else
-    team = call('HGET', req.keys.users, req.user)
+    team = call('HGET', req.keys.bal, USER_PREFIX .. req.user)
   end
   if team then
     req.team = team
@@ -1082,7 +1095,7 @@ local function gate_user(req, write)
 end
 
 -- Step 3, rate limits (user, key, org; interval 0 = none): checked now, written on success.
--- Per limit: where its state lives (the user's in the users hash, USER_FIELDS; the key's and
+-- Per limit: where its state lives (the user's in the balance hash, USER_FIELDS; the key's and
 -- the org's a key of GATE_KEYS), its two terms and its overflow (GATE_TERMS), its layer.
 -- A call past a window whose plan says `overflow: credit` (overflow = the price multiple, 0 =
 -- none) is not refused here: it is priced at the highest multiple of the windows it is past,
@@ -1223,24 +1236,24 @@ end
 -- --- The straight paths' user and alert test (usual_consume, usual_reserve). ----------------
 -- Held to the gate's rules by tests/test_usual_consume.py and tests/test_usual_settle.py.
 
+-- The fields a straight call reads of its user after its meter's, in the same HMGET (user_fields'
+-- names; none without a user): its registration, and its window when the plan has a user window.
+local function user_reads(t, user_field, rate_field)
+  if not user_field then return end
+  if t.rl_user_interval_us > 0 then return user_field, rate_field end
+  return user_field
+end
+
 -- The user of a straight call: known (or registered by it), no sub-quota, inside its rate window
--- (the gate's gate_user, level_fits and gate_rate_limits for the usual case). `has_sub_quotas`:
--- the meter's SUB_QUOTAS field, no sub-quota to read in an org that has none ('0'); not known
--- (false): the quota hash says, recorded now (a fact about the hash, whatever the call decides).
--- Returns ok, team, the new window (nil: none), its remaining, its reset (µs) and the window's field.
-local function straight_user(t, users_key, quotas_key, bal_key, has_sub_quotas, user, meter, now)
+-- (the gate's gate_user, level_fits and gate_rate_limits for the usual case), from its fields
+-- read with the meter (user_reads: `team`, false when not registered, and `x_tat`, the window's
+-- text). `has_sub_quotas`: the meter's SUB_QUOTAS field, no sub-quota to read in an org that has
+-- none ('0'); not known (false): the quota hash says, recorded now (a fact about the hash,
+-- whatever the call decides). Returns ok, team, the new window (nil: none), its remaining and reset (µs).
+local function straight_user(t, quotas_key, bal_key, has_sub_quotas, user, meter, now, team, x_tat)
   if user == '' then return true, nil, nil, -1, 0 end
-  local team, tat, new_tat, rl_rem, rl_reset = nil, nil, nil, -1, 0
+  local new_tat, rl_rem, rl_reset = nil, -1, 0
   local rl_interval = t.rl_user_interval_us
-  local rate_field = user .. ':' .. USER_FIELDS.rate
-  if rl_interval > 0 then
-    local u = call('HMGET', users_key, user, rate_field)
-    team = u[1]
-    local x = u[2]
-    if x then tat = x + 0 end
-  else
-    team = call('HGET', users_key, user)
-  end
   if not team and not t.auto_register then return false end
   if not has_sub_quotas then
     has_sub_quotas = call('HLEN', quotas_key) == 0 and '0' or '1'
@@ -1254,10 +1267,10 @@ local function straight_user(t, users_key, quotas_key, bal_key, has_sub_quotas, 
   end
   if rl_interval > 0 then
     local allowed, _
-    allowed, new_tat, _, rl_rem, rl_reset = gcra(tat, rl_interval, t.rl_user_burst, now)
+    allowed, new_tat, _, rl_rem, rl_reset = gcra(x_tat and x_tat + 0 or nil, rl_interval, t.rl_user_burst, now)
     if not allowed then return false end
   end
-  return true, team, new_tat, rl_rem, rl_reset, rate_field
+  return true, team, new_tat, rl_rem, rl_reset
 end
 
 -- Would a charge leaving `avail` cross a threshold not yet alerted in this period (Meter:alerts'
@@ -1293,10 +1306,11 @@ end
 -- The usual consume's read of its meter: read_meter's fields but `pt` (purchased credit ever:
 -- the gate's alone) and the period and threshold last alerted (read when a threshold is in
 -- reach): ~2,000 instructions a field (Redis finds each in the hash, sends it, Lua makes it a
--- string). In this order: a, p, h, u, pe, lim, ps, lots, holds_due, SUB_QUOTAS.
-local function read_usual_meter(bal_key, f)
+-- string). In this order: a, p, h, u, pe, lim, ps, lots, holds_due, SUB_QUOTAS, then the user's
+-- fields (`...`: user_reads).
+local function read_usual_meter(bal_key, f, ...)
   return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
-    f.purchased_at_start, f.lots, HOLDS_DUE, SUB_QUOTAS)
+    f.purchased_at_start, f.lots, HOLDS_DUE, SUB_QUOTAS, ...)
 end
 -- For the gate: read_usual_meter's reply `v` as read_meter's, the three fields it left read now
 -- (nothing was written between, but the SUB_QUOTAS mark, which the gate does not read from it).
@@ -1386,13 +1400,15 @@ local function usual_consume(keys, argv)
   -- KEYS and ARGV as named locals, not bound tables (binding them cost ~10 % of the call): the
   -- names of GATE_KEYS and GATE_ARGV in their order (tests/test_lua_interface.py reads these two
   -- lines). Those a call left off the end are nil (their default).
-  local bal_key, quotas_key, users_key, stream_key = unpack(keys)
+  local bal_key, quotas_key, stream_key = unpack(keys)
   local event_id, org, user, key_id, cost, terms, metadata, _, _, _, fingerprint, shadow = unpack(argv)
   if fingerprint and fingerprint ~= '' or shadow == '1' then return nil end
   local t, now_s, now, f, time = usual_start(terms)
   if not t then return nil end
   local meter = t.meter
-  local v = read_usual_meter(bal_key, f)
+  local uf, rate_field  -- the user's fields, read with the meter and written with it
+  if user ~= '' then uf, rate_field = user_fields(user) end
+  local v = read_usual_meter(bal_key, f, user_reads(t, uf, rate_field))
   local x
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   x = v[5]
@@ -1427,8 +1443,8 @@ local function usual_consume(keys, argv)
   x = v[4]
   local used = NUMBERS[x] or x and x + 0 or 0
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
-  local ok, team, new_tat, rl_rem, rl_reset, rate_field = straight_user(t, users_key, quotas_key, bal_key, v[10],
-    user, meter, now)
+  local ok, team, new_tat, rl_rem, rl_reset = straight_user(t, quotas_key, bal_key, v[10], user, meter, now, v[11],
+    v[12])
   if not ok then return nil, now, as_meter_read(bal_key, f, v) end
   -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool;
   -- lots: the meter's own waterfall, as the gate draws them).
@@ -1527,23 +1543,26 @@ local function usual_consume(keys, argv)
   end
   -- A layer the charge did not draw (its field holds what it held) is not sent again: the hash
   -- ends the same, for two arguments and a field set less (~2,500 instructions). (Numbers: big_arg.)
+  -- The user's writes end each (user_writes).
   local used_arg = SMALL_NUMBERS[used] or big_arg(used)
   if take_a == 0 then  -- the allocation spent before (a charge that draws credit), or nothing to take
     if lots_text then
-      call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg, f.lots, lots_text)
+      call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg, f.lots, lots_text,
+        user_writes(uf, team, new_tat, rate_field))
     else
-      call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg)
+      call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg,
+        user_writes(uf, team, new_tat, rate_field))
     end
   elseif take_p == 0 and not lots_text then  -- the usual one: the allocation alone
-    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.used, used_arg)
+    call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.used, used_arg,
+      user_writes(uf, team, new_tat, rate_field))
   elseif lots_text then
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased, SMALL_NUMBERS[pu] or big_arg(pu),
-      f.used, used_arg, f.lots, lots_text)
+      f.used, used_arg, f.lots, lots_text, user_writes(uf, team, new_tat, rate_field))
   else
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased, SMALL_NUMBERS[pu] or big_arg(pu),
-      f.used, used_arg)
+      f.used, used_arg, user_writes(uf, team, new_tat, rate_field))
   end
-  save_user(users_key, user, team, new_tat, rate_field)
   if not raw_lots then
     if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
     if take_p > 0 then
@@ -1580,7 +1599,7 @@ end
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
-  if req.register then save_user(req.keys.users, req.user, nil) end
+  if req.register then save_user(req.keys.bal, req.user, nil) end
   req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
     meta = json_encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
@@ -1733,7 +1752,7 @@ end
 -- read_meter's reply if it read it (for the gate).
 local function usual_reserve(keys, argv)
   -- GATE_KEYS and GATE_ARGV in order (tests/test_lua_interface.py reads these two lines).
-  local bal_key, quotas_key, users_key, stream_key, reservations_key, expiries_key = unpack(keys)
+  local bal_key, quotas_key, stream_key, reservations_key, expiries_key = unpack(keys)
   local event_id, org, user, key_id, cost, terms, _, reservation_ttl_s, unit_cost, min_cost, fingerprint, shadow,
     explain = unpack(argv)
   if fingerprint and fingerprint ~= '' or shadow == '1' or explain == '1' then return nil end
@@ -1743,13 +1762,20 @@ local function usual_reserve(keys, argv)
   local x
   -- The eight fields a reserve reads (read_meter's thirteen less the used, the purchased total
   -- and the alerts'), or read_meter's reply in their order (GATED).
+  -- The user's fields after them (user_reads), read on their own after read_meter's.
+  local uf, rate_field
+  if user ~= '' then uf, rate_field = user_fields(user) end
   local full, v = nil, nil
   if GATED[bal_key] == meter then
     full = read_meter(bal_key, meter)
     v = {full[1], full[2], full[3], full[12], full[5], full[6], full[9], full[13]}
+    if uf then
+      local u = call('HMGET', bal_key, user_reads(t, uf, rate_field))
+      v[9], v[10] = u[1], u[2]
+    end
   else
     v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, HOLDS_DUE, f.period_end, f.limit, f.lots,
-      SUB_QUOTAS)
+      SUB_QUOTAS, user_reads(t, uf, rate_field))
   end
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each hold moves).
   x = v[5]
@@ -1771,8 +1797,8 @@ local function usual_reserve(keys, argv)
   local held = NUMBERS[x] or x and x + 0 or 0
   if lim == 0 and pu <= 0 then return to_gate(bal_key, meter, now, full) end  -- maybe forbidden: the gate says
   if al < 0 or pu < 0 then return to_gate(bal_key, meter, now, full) end  -- (only hand-written data: the gate's rules)
-  local ok, team, new_tat, rl_rem, rl_reset, rate_field = straight_user(t, users_key, quotas_key, bal_key, v[8],
-    user, meter, now)
+  local ok, team, new_tat, rl_rem, rl_reset = straight_user(t, quotas_key, bal_key, v[8], user, meter, now, v[9],
+    v[10])
   if not ok then return to_gate(bal_key, meter, now, full) end
   -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
   -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
@@ -1802,11 +1828,10 @@ local function usual_reserve(keys, argv)
   -- The earliest hold's expiry, once known (as reserve.lua).
   local held_arg = SMALL_NUMBERS[held] or big_arg(held)
   if due == 0 or expires < due then
-    call('HSET', bal_key, f.held, held_arg, HOLDS_DUE, expires_text)
+    call('HSET', bal_key, f.held, held_arg, HOLDS_DUE, expires_text, user_writes(uf, team, new_tat, rate_field))
   else
-    call('HSET', bal_key, f.held, held_arg)
+    call('HSET', bal_key, f.held, held_arg, user_writes(uf, team, new_tat, rate_field))
   end
-  save_user(users_key, user, team, new_tat, rate_field)
   call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text,
     NUMBERS[unit_cost] or tonumber(unit_cost) or total, user, t.feature, key_id, expires_text, t.credit_order))
   call('ZADD', expiries_key, expires_text, event_id)

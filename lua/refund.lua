@@ -10,7 +10,7 @@
 -- plan's period spec. sources: the charge's split (Meter:waterfall); each layer gets its share
 -- back, a grant only while its lot has not expired (an expired grant's share is `lost`). An
 -- event without sources (written before they were) gives its purchased part to the free pool.
-local k = bind(KEYS, {'bal', 'quotas', 'guard', 'stream', 'reservations', 'expiries', 'users', 'legacy_record'})
+local k = bind(KEYS, {'bal', 'quotas', 'guard', 'stream', 'reservations', 'expiries', 'legacy_record'})
 local a = bind(ARGV, {'refunded_event_id', 'event_id', 'org', 'key_id', 'metadata', 'fingerprint', 'meter',
   'allocated', 'purchased', 'cost', 'user', 'feature', 'charged_at_us', 'period', 'refund_window_s', 'sources'})
 
@@ -41,7 +41,7 @@ local rec = {m = a.meter, a = tonumber(a.allocated), p = tonumber(a.purchased), 
   u = a.user, f = a.feature, pe = period_end(a.period, floor(charged_at / 1000000)), ut = '', tt = ''}
 if rec.u ~= '' then
   rec.ut = 'u:' .. rec.u
-  local team = call('HGET', k.users, rec.u)
+  local team = call('HGET', k.bal, USER_PREFIX .. rec.u)
   if team and team ~= '' then rec.tt = 't:' .. team end
 end
 local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)

@@ -144,7 +144,7 @@ def test_the_gates_keys_are_named_in_gate_keys_order_and_an_idempotency_key_stay
     L = layout.Layout("t", 16)
     d = decisions.Decider(Redis(), config, L)
     ident = decisions.Identity("key1", "org1", None, frozenset(), "enterprise")
-    named = {"bal": L.balances("org1"), "quotas": L.quotas("org1"), "users": L.users("org1"),
+    named = {"bal": L.balances("org1"), "quotas": L.quotas("org1"),
              "stream": L.stream("org1"), "reservations": L.reservations("org1"), "expiries": L.expiries("org1"),
              "rl_key": L.rate("org1", "k", "key1"), "rl_org": L.rate("org1", "o", "-")}
     _, terms, _, _ = d._priced(ident, "generate_insight")
@@ -153,7 +153,7 @@ def test_the_gates_keys_are_named_in_gate_keys_order_and_an_idempotency_key_stay
     with_idem, _ = d._gate_call(ident, "generate_insight", 3, "u1", "idem1", "fp1", None, False)
     again, _ = d._gate_call(ident, "generate_insight", 3, "u1", None, "", None, False)
     names = named_list("GATE_KEYS")
-    assert dict(zip(names, plain)) == {n: named[n] for n in names[:6]} and len(plain) == 6
+    assert dict(zip(names, plain)) == {n: named[n] for n in names[:5]} and len(plain) == 5
     assert dict(zip(names, with_idem, strict=True)) == {**named, "idem": L.idem("org1", "d", "idem1")}
     assert again == plain
     # A plan with a key's rate window sends its key; with the org's, both.
@@ -161,7 +161,7 @@ def test_the_gates_keys_are_named_in_gate_keys_order_and_an_idempotency_key_stay
     data["plans"]["keyed"] = {"allocations": {"general": 100}, "rate_limits": {"key": {"limit": 5, "window": "1m"}}}
     data["plans"]["org_wide"] = {"allocations": {"general": 100}, "rate_limits": {"org": {"limit": 5, "window": "1m"}}}
     d = decisions.Decider(Redis(), config_mod.parse(data, "test"), L)
-    for plan, sent in (("keyed", 7), ("org_wide", 8)):
+    for plan, sent in (("keyed", 6), ("org_wide", 7)):
         keys, _ = d._gate_call(decisions.Identity("key1", "org1", None, frozenset(), plan), "generate_insight", 3, "u1",
                                None, "", None, False)
         assert keys == [named[n] for n in names[:sent]], plan
@@ -199,6 +199,9 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("METER_FIELDS") == layout.METER_FIELDS
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
     assert lua_table("USER_FIELDS") == layout.USER_FIELDS
+    assert re.search(r"local USER_PREFIX = '(\S+)'", code(LIB)).group(1) == layout.USER_PREFIX
+    assert layout.user_team_field("u1") == "@u1" and layout.user_field("u1", "rate") == "@u1:rl"
+    assert [layout.user_of_field(f) for f in ("@u1", "@u1:rl", "general:p", "holds_due")] == ["u1", None, None, None]
     assert re.search(r"local HOLDS_DUE = '(\w+)'", code(LIB)).group(1) == layout.HOLDS_DUE
     assert re.search(r"local SUB_QUOTAS = '(\w+)'", code(LIB)).group(1) == layout.SUB_QUOTAS
     assert layout.meter_field("general", "purchased") == "general:p"

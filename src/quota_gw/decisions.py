@@ -286,9 +286,10 @@ _G_EVENT, _G_ORG, _G_USER, _G_KEY, _G_COST, _G_FP, _G_META, _G_SHADOW, _G_TERMS 
     GATE[n] for n in ("event_id", "org", "user", "key_id", "cost", "fingerprint", "metadata", "shadow", "terms"))
 _GATE_DEFAULTS = [f.default for f in dataclasses.fields(GateArgs)]  # MISSING: a field always sent
 assert _G_META == _G_TERMS + 1  # a consume's ARGV: `terms`, then its metadata (Decider._gate_call)
-# The gate's KEYS (lua/_lib.lua GATE_KEYS): the six every call sends, then the key's and the
+# The gate's KEYS (lua/_lib.lua GATE_KEYS): the five every call sends, then the key's and the
 # org's rate window and the idempotency key, each sent only with what follows it or when read.
-_K_RL_KEY, _K_RL_ORG, _K_IDEM = 6, 7, 8
+# (The org's users are fields of its balance hash: layout.py.)
+_K_RL_KEY, _K_RL_ORG, _K_IDEM = 5, 6, 7
 
 
 def sent_argv(args: list[Any]) -> list[Any]:
@@ -446,8 +447,8 @@ class Decider:
         keys = self._keys.get((org, key_id))
         if keys is None:
             L = self.layout
-            keys = [L.balances(org), L.quotas(org), L.users(org), L.stream(org), L.reservations(org),
-                    L.expiries(org), L.rate(org, "k", key_id), L.rate(org, "o", "-")]
+            keys = [L.balances(org), L.quotas(org), L.stream(org), L.reservations(org), L.expiries(org),
+                    L.rate(org, "k", key_id), L.rate(org, "o", "-")]
             if len(self._keys) > 100_000:  # keys in use are few; bound it anyway
                 self._keys.clear()
             self._keys[(org, key_id)] = keys
@@ -551,7 +552,7 @@ class Decider:
             d = Decision(404, "not_found", 0, -1, "", 0, -1, -1, 0, False, "", {}, "", f"no refundable event {event_id}")
         else:
             keys = [L.balances(org), L.quotas(org), L.refund_guard(org, event_id), L.stream(org),
-                    L.reservations(org), L.expiries(org), L.users(org), L.event_record(org, event_id)]
+                    L.reservations(org), L.expiries(org), L.event_record(org, event_id)]
             args = RefundArgs(refunded_event_id=event_id, event_id=new_id(), org=org, key_id=ident.key_id,
                               metadata=metadata.decode() if metadata else "",
                               fingerprint=fingerprint("refund", metadata=metadata), meter=c.meter,

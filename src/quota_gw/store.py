@@ -27,7 +27,7 @@ from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
 from .entitlements import canonical
-from .layout import SUB_QUOTAS, quota_field, quota_subject
+from .layout import SUB_QUOTAS, quota_field, quota_subject, user_team_field
 from .problems import Problem
 from .queries import Q
 
@@ -155,7 +155,7 @@ class Store:
             return bool(await conn.fetchval(Q.upsert_user, org_id, user_id, team))
 
         async def apply(_: bool) -> None:
-            await self.redis.hset(self.layout.users(org_id), user_id, team or "")
+            await self.redis.hset(self.layout.balances(org_id), user_team_field(user_id), team or "")
 
         await self.require_org(org_id)
         return await self._postgres_then_redis(write, apply)
