@@ -131,9 +131,8 @@ class Live:
         """What a refused or invalid request must leave as it was."""
         L, org = self.layout, self.org
         with self.r.pipeline(transaction=False) as p:
-            p.hgetall(L.balances(org))
+            p.hgetall(L.balances(org))  # with the org's users in it
             p.hgetall(L.quotas(org))
-            p.hgetall(L.users(org))
             p.hgetall(L.reservations(org))
             p.zrange(L.expiries(org), 0, -1, withscores=True)
             p.hgetall(L.org(org))

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import Admin, drop_database, fresh_database, test_config_data
 from quota_gw.app import create_app
-from quota_gw.layout import HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, meter_field
+from quota_gw.layout import (HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, SUB_QUOTAS, USER_PREFIX, Layout, meter_field,
+                             user_field, user_of_field, user_team_field)
 from sync_worker.config_drift import config_drift
 from sync_worker.recovery import reconcile
 from worker_support import QUOTA_GW, WorkerProc, wait_drained, write_config
@@ -72,14 +73,14 @@ async def snapshot(redis, iso: Any, orgs: list[str]) -> dict[str, Any]:
         bal = await redis.hgetall(L.balances(o))
         # A missing a/p/u/pt reads as 0 (lua/_lib.lua load_meter); rebuild may write the 0.
         # holds_due and sub_quotas are not restored (rebuild releases the holds; absent, the next
-        # decision looks).
+        # decision looks). The users beside the meters ('@<user>...') are compared on their own.
         out[f"b:{o}"] = {k: v for k, v in bal.items() if k not in (HOLDS_DUE, SUB_QUOTAS)
+                         and not k.startswith(USER_PREFIX)
                          and not k.endswith(":" + HELD) and not (v == "0" and k.rsplit(":", 1)[1] in ZERO_IS_MISSING)}
         q = await redis.hgetall(L.quotas(o))
         out[f"q:{o}"] = {k: v for k, v in q.items() if not k.endswith(":" + QUOTA_FIELDS["held"])}
-        # A user's team is restored; its rate window (USER_FIELDS) is not: it starts afresh.
-        out[f"users:{o}"] = {k: v for k, v in (await redis.hgetall(L.users(o))).items()
-                             if not any(k.endswith(":" + suffix) for suffix in USER_FIELDS.values())}
+        # A user's team is restored; its rate window (user_field) is not: it starts afresh.
+        out[f"users:{o}"] = {k: v for k, v in bal.items() if user_of_field(k) is not None}
         out[f"org:{o}"] = await redis.hgetall(L.org(o))
     async for k in redis.scan_iter(match=f"{iso.prefix}:key:*", count=5000):
         out[k] = await redis.hgetall(k)
@@ -245,7 +246,7 @@ async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso
     await admin.quota(ent, "general", 60, team="red")
     key = await admin.key(ent)
     # A user's rate state beside its team is not configuration.
-    await redis.hset(L.users(ent), "bob:" + USER_FIELDS["rate"], "123")
+    await redis.hset(L.balances(ent), user_field("bob", "rate"), "123")
     # A user registered on first use is in Postgres through the ledger (or the stream until drained).
     assert (await c.post("/v1/consume", json={"feature": "generate_insight", "user_id": "cid"},
                          headers={"Authorization": f"Bearer {key}"})).status_code == 200
@@ -260,9 +261,9 @@ async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso
     lim = QUOTA_FIELDS["limit"]
     await redis.hset(L.org(ent), "plan", "bulk")
     await redis.hset(L.org(plain), "entitlements", '{"overflow":"credit"}')
-    await redis.hset(L.users(ent), "ann", "blue")
-    await redis.hdel(L.users(ent), "bob")
-    await redis.hset(L.users(ent), "eve", "")
+    await redis.hset(L.balances(ent), user_team_field("ann"), "blue")
+    await redis.hdel(L.balances(ent), user_team_field("bob"))
+    await redis.hset(L.balances(ent), user_team_field("eve"), "")
     await redis.hset(L.quotas(ent), f"u:ann:general:{lim}", "400")
     await redis.hset(L.quotas(ent), f"t:blue:general:{lim}", "5")
     await redis.hdel(L.quotas(ent), f"t:red:general:{lim}")
@@ -311,7 +312,7 @@ async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso
     ok = await iso.cmd("reconcile")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert await redis.hgetall(L.org(ent)) == {"plan": "pro", "name": "", "entitlements": text}
-    assert await redis.hget(L.users(ent), "bob:" + USER_FIELDS["rate"]) == "123"  # rate state left alone
+    assert await redis.hget(L.balances(ent), user_field("bob", "rate")) == "123"  # rate state left alone
 
 
 async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, redis) -> None:
@@ -322,7 +323,7 @@ async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, re
     await admin.user(org, "ann", team="red")
     lim = QUOTA_FIELDS["limit"]
     await redis.hset(L.org("ghost"), mapping={"plan": "pro", "entitlements": '{"overflow":"none"}'})
-    await redis.hset(L.users(org), mapping={"eve": "x", "eve:" + USER_FIELDS["rate"]: "1"})
+    await redis.hset(L.balances(org), mapping={user_team_field("eve"): "x", user_field("eve", "rate"): "1"})
     await redis.hset(L.quotas(org), f"u:eve:general:{lim}", "3")
     bad = await iso.cmd("reconcile")
     assert bad.returncode == 1 and "ghost config plan: redis 'pro' vs postgres (absent)" in bad.stdout, bad.stdout
@@ -332,4 +333,38 @@ async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, re
     ok = await iso.cmd("reconcile")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert await redis.exists(L.org("ghost")) == 0
-    assert await redis.hgetall(L.users(org)) == {"ann": "red"}
+    bal = await redis.hgetall(L.balances(org))
+    assert {k: v for k, v in bal.items() if k.startswith(USER_PREFIX)} == {"@ann": "red"}  # eve's rate window went too
+
+
+@pytest.mark.parametrize("how", ["repair_config", "rebuild"])
+async def test_fixing_users_leaves_the_meters_and_org_fields_of_the_balance_hash_alone(iso, redis, config,
+                                                                                       how: str) -> None:
+    """The users live in the org's balance hash beside its meters and its org fields: setting
+    them from Postgres (the configuration repair of `rebuild --org`; the full rebuild, which then
+    removes users Postgres does not have) writes and removes '@<user>' fields (a removed user's
+    state with it), and nothing else of that hash."""
+    from sync_worker.config_drift import repair_config
+    from sync_worker.recovery import rebuild
+
+    admin, L = iso.admin, iso.layout
+    org = await admin.org("pro")
+    await iso.pg.execute("INSERT INTO users (org_id, user_id, team) VALUES ($1, 'ann', 'red'), ($1, 'bob', NULL)", org)
+    # Meter fields the ledger knows nothing of (rebuild writes only meters with events), the org
+    # fields, a kept user's rate window, and drifting users: ann's team, bob missing, eve stale.
+    others = {meter_field("general", n): v for n, v in (("allocated", "100"), ("purchased", "7"), ("held", "3"),
+                                                         ("used", "40"), ("period_end", "1900000000"),
+                                                         ("limit", "-1"), ("purchased_total", "7"))}
+    others |= {HOLDS_DUE: "0", SUB_QUOTAS: "0", user_field("ann", "rate"): "42"}
+    await redis.hset(L.balances(org), mapping={**others, user_team_field("ann"): "blue", user_team_field("eve"): "",
+                                               user_field("eve", "rate"): "9"})
+    if how == "repair_config":  # rebuild --org's configuration step
+        fixed, left = await repair_config(redis, iso.pg, L, org)
+        assert left == [] and sorted(d.what for d in fixed) == ["team ann", "team bob", "team eve"], fixed
+    else:  # rebuild --force
+        rep = await rebuild(redis, iso.pg, config, L)
+        assert rep.users == 2 and rep.config_removed == 1  # eve
+    bal = await redis.hgetall(L.balances(org))
+    assert {k: v for k, v in bal.items() if not k.startswith(USER_PREFIX) or k in others} == others
+    assert {k: v for k, v in bal.items() if k.startswith(USER_PREFIX) and k not in others} == {
+        user_team_field("ann"): "red", user_team_field("bob"): ""}

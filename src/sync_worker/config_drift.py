@@ -2,10 +2,12 @@
 of truth (`quota-gw reconcile`), and the repair of it (`quota-gw rebuild`, `--org`).
 
 Compared per org: the org hash's `plan` and `entitlements` (the canonical text of the override,
-migration 009; absent = none), each user's team in the users hash (field `<user>`; the
-`<user>:<suffix>` fields are the user's rate state, not configuration) and each sub-quota's
-limit in the quotas hash. The admin store writes Postgres first, then Redis: a Redis write that
-failed (the admin got 503) leaves Redis behind until a rebuild, and this is where it shows.
+migration 009; absent = none), each user's team in the balance hash (field `@<user>`; the
+`@<user>:<suffix>` fields are the user's rate state, not configuration, and the meters' and the
+org's fields beside them are not read) and each sub-quota's limit in the quotas hash. A repair
+writes or removes only the field that drifted (a removed user's state fields go with it). The
+admin store writes Postgres first, then Redis: a Redis write that failed (the admin got 503)
+leaves Redis behind until a rebuild, and this is where it shows.
 
 Read order, as for the balances: Redis, then the streams, then Postgres in one snapshot. A user
 the gateway registered on first use (auto_register_users) is in Postgres only through the
@@ -27,7 +29,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from quota_gw.entitlements import canonical
-from quota_gw.layout import QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, quota_field, quota_subject
+from quota_gw.layout import (QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, quota_field, quota_subject, user_field,
+                             user_of_field, user_team_field)
 
 T = TypeVar("T")
 
@@ -51,21 +54,20 @@ ORGS = """SELECT o.org_id, o.plan, e.entitlements::text AS entitlements FROM org
 QUOTAS = "SELECT org_id, meter, scope, subject, quota FROM sub_quotas WHERE true {where}"
 
 _LIMIT = ":" + QUOTA_FIELDS["limit"]
-_USER_STATE = tuple(":" + s for s in USER_FIELDS.values())
 
 
 @dataclass
 class ConfigDrift:
     org: str
     what: str  # 'plan', 'entitlements', 'team <user>', 'quota <quotas hash field>'
-    key: str  # the Redis hash, and its field
+    key: str  # the Redis hash, and its field (a team's: the balance hash, '@<user>')
     field: str
     redis: str | None  # None: absent
     postgres: str | None  # None: Postgres has none (the Redis field should be absent)
 
 
 async def _redis_orgs(r: aioredis.Redis, layout: Layout) -> set[str]:
-    """Orgs that have an org, users or quotas hash under the prefix: one SCAN pass."""
+    """Orgs that have an org, balance or quotas hash under the prefix: one SCAN pass."""
     glob = "".join("\\" + c if c in "*?[]\\" else c for c in layout.prefix)
     tags = set(layout.shard_tags())
     org_head = f"{layout.prefix}:org:"
@@ -76,7 +78,7 @@ async def _redis_orgs(r: aioredis.Redis, layout: Layout) -> set[str]:
             continue
         tag, sep, rest = k.partition("}:")
         kind, _, org = rest.partition(":")
-        if sep and kind in ("users", "q") and tag + "}" in tags and org:
+        if sep and kind in ("b", "q") and tag + "}" in tags and org:
             out.add(org)
     return out
 
@@ -111,14 +113,14 @@ async def config_drift(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout
     else:
         known = {x["org_id"] for x in await pg.fetch("SELECT org_id FROM orgs")}
         orgs = sorted(known | await _redis_orgs(r, layout))
-    # 1. Redis: each org's three hashes.
+    # 1. Redis: each org's three hashes (its users are in the balance hash).
     have: dict[str, list[dict[str, str]]] = {}
     for i in range(0, len(orgs), 500):
         chunk = orgs[i:i + 500]
         async with r.pipeline(transaction=False) as p:
             for o in chunk:
                 p.hgetall(layout.org(o))
-                p.hgetall(layout.users(o))
+                p.hgetall(layout.balances(o))
                 p.hgetall(layout.quotas(o))
             res = await p.execute()
         for j, o in enumerate(chunk):
@@ -142,7 +144,7 @@ async def config_drift(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout
 
     out: list[ConfigDrift] = []
     for o in orgs:
-        org_hash, users, quotas = have[o]
+        org_hash, balances, quotas = have[o]
         row = pg_orgs.get(o)
         okey = layout.org(o)
         want_plan = row["plan"] if row else None
@@ -152,12 +154,13 @@ async def config_drift(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout
         want_ents = (canonical(row["entitlements"]) or None) if row else None
         if org_hash.get("entitlements") != want_ents:
             out.append(ConfigDrift(o, "entitlements", okey, "entitlements", org_hash.get("entitlements"), want_ents))
-        ukey = layout.users(o)
-        teams = {k: v for k, v in users.items() if not k.endswith(_USER_STATE)}
+        bkey = layout.balances(o)
+        teams = {u: v for k, v in balances.items() if (u := user_of_field(k)) is not None}
         want_teams = pg_users.get(o, {})
         for user in sorted(set(teams) | set(want_teams)):
             if teams.get(user) != want_teams.get(user):
-                out.append(ConfigDrift(o, f"team {user}", ukey, user, teams.get(user), want_teams.get(user)))
+                out.append(ConfigDrift(o, f"team {user}", bkey, user_team_field(user), teams.get(user),
+                                       want_teams.get(user)))
         qkey = layout.quotas(o)
         limits = {k: v for k, v in quotas.items() if k.endswith(_LIMIT)}
         want_limits = pg_quotas.get(o, {})
@@ -203,7 +206,8 @@ return 1
 
 async def set_from_postgres(r: aioredis.Redis, layout: Layout, d: ConfigDrift) -> bool:
     """One drifting field set as Postgres says, compare-and-set against what the check read."""
-    extra = [d.field + s for s in _USER_STATE] if d.what.startswith("team ") and d.postgres is None else []
+    user = user_of_field(d.field) if d.what.startswith("team ") else None
+    extra = [user_field(user, s) for s in USER_FIELDS] if user is not None and d.postgres is None else []
     keys = [d.key, layout.balances(d.org)] if d.what.startswith("quota ") else [d.key]
     return bool(await r.eval(CONFIG_REPAIR_LUA, len(keys), *keys, d.field, int(d.redis is not None), d.redis or "",
                              int(d.postgres is not None), d.postgres or "", *extra))

@@ -36,7 +36,8 @@ import redis.asyncio as aioredis
 from quota_gw import cluster, events
 from quota_gw.config import Config
 from quota_gw.entitlements import canonical
-from quota_gw.layout import METER_FIELDS, SUB_QUOTAS, Layout, meter_field, quota_field, quota_subject
+from quota_gw.layout import (METER_FIELDS, SUB_QUOTAS, USER_PREFIX, Layout, meter_field, quota_field, quota_subject,
+                             user_team_field)
 from quota_gw.redis_text import text_entries
 
 from . import lots
@@ -125,7 +126,7 @@ async def _write(r: aioredis.Redis, ops: list[tuple[Any, ...]]) -> None:
 
 
 async def org_keys(r: aioredis.Redis, layout: Layout, kinds: tuple[str, ...]) -> dict[str, list[str]]:
-    """Per-org keys of these kinds ('b', 'q', 'users') under the prefix, by kind: one SCAN pass
+    """Per-org keys of these kinds ('b', 'q') under the prefix, by kind: one SCAN pass
     (a SCAN walks the whole keyspace whatever its MATCH, so one pass, not one per shard)."""
     tags = set(layout.shard_tags())
     out: dict[str, list[str]] = {k: [] for k in kinds}
@@ -138,8 +139,8 @@ async def org_keys(r: aioredis.Redis, layout: Layout, kinds: tuple[str, ...]) ->
 
 
 async def state_keys(r: aioredis.Redis, layout: Layout) -> list[str]:
-    """Keys rebuild would overwrite (balances, quotas, users), if any exist."""
-    return [k for keys in (await org_keys(r, layout, ("b", "q", "users"))).values() for k in keys]
+    """Keys rebuild would overwrite (balances, with the users in them, and quotas), if any exist."""
+    return [k for keys in (await org_keys(r, layout, ("b", "q"))).values() for k in keys]
 
 
 def _glob(s: str) -> str:
@@ -229,9 +230,10 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     for u in await pg.fetch(USERS):
         users[u["org_id"]][u["user_id"]] = u["team"]
         team_of[(u["org_id"], u["user_id"])] = u["team"]
-    for org, mapping in users.items():
-        ops.append(("hset", layout.users(org), None, None, mapping))
-        rep.users += len(mapping)
+    # Each user's team, in its org's balance hash ('@<user>'); its rate window is not restored.
+    for org, teams in users.items():
+        ops.append(("hset", layout.balances(org), None, None, {user_team_field(u): t for u, t in teams.items()}))
+        rep.users += len(teams)
 
     periods = {(p["org_id"], p["meter"]): (p["pe"], p["lim"]) for p in await pg.fetch(PERIODS)}
     start_purchased = {(p["org_id"], p["meter"]): p["ps"] for p in await pg.fetch(PERIOD_START_PURCHASED)}
@@ -430,8 +432,8 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
     drift: list[Drift | LotDrift] = []
     pairs = set(ledger)
     a_p = (":" + METER_FIELDS["allocated"], ":" + METER_FIELDS["purchased"])
-    for o, fields in snap.items():
-        pairs |= {(o, k.rsplit(":", 1)[0]) for k in fields if k.endswith(a_p)}
+    for o, fields in snap.items():  # the meters' fields (not the users' beside them: '@<user>...')
+        pairs |= {(o, k.rsplit(":", 1)[0]) for k in fields if k.endswith(a_p) and not k.startswith(USER_PREFIX)}
     for o, m in sorted(pairs):
         fields = snap.get(o, {})
         want = ledger.get((o, m), [0, 0, 0])
@@ -441,7 +443,7 @@ async def reconcile(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout,
                 drift.append(Drift(o, m, METER_FIELDS[name], have, want[i]))
     lot_field = ":" + METER_FIELDS["lots"]
     lot_pairs = set(ledger_lots) | {(o, k[:-len(lot_field)]) for o, fields in snap.items()
-                                    for k in fields if k.endswith(lot_field)}
+                                    for k in fields if k.endswith(lot_field) and not k.startswith(USER_PREFIX)}
     for o, m in sorted(lot_pairs):
         text = snap.get(o, {}).get(meter_field(m, "lots"))
         now_s = t_of.get(o, 0) // 1_000_000
