@@ -156,6 +156,12 @@ async def redis(redis_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
     await r.aclose()
 
 
+def test_meters() -> list[str]:
+    """The meters of test_config_data() (reconcile and repair are told which meters to read)."""
+    meters = test_config_data()["meters"]
+    return list(meters)
+
+
 def test_config_data() -> dict[str, Any]:
     """The shipped example plus plans made for tests (no rate limits, short periods)."""
     data = yaml.safe_load((ROOT / "examples" / "quota-gw.yaml").read_text())

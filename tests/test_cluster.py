@@ -15,7 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from cluster_support import command, orgs_on_every_primary, owner_port
-from conftest import Admin
+from conftest import Admin, test_meters
 from quota_gw import metrics
 from quota_gw.app import create_app
 
@@ -145,7 +145,7 @@ async def test_reconcile_reads_every_primary(cclient, cadmin, capp, redis_cluste
         await cadmin.grant(org, "general", 7)
     pg = await asyncpg.connect(own_database_url)
     try:
-        drift, stats = await reconcile(capp.state.ctx.decider.redis, pg, layout)
+        drift, stats = await reconcile(capp.state.ctx.decider.redis, pg, layout, meters=test_meters())
     finally:
         await pg.close()
     assert drift == [] and stats["pairs"] >= 3 and stats["undrained"] >= 3
@@ -155,7 +155,7 @@ async def test_reconcile_reads_every_primary(cclient, cadmin, capp, redis_cluste
     await capp.state.ctx.decider.redis.hset(layout.balances(org), "general:p", 3)
     pg = await asyncpg.connect(own_database_url)
     try:
-        drift, _ = await reconcile(capp.state.ctx.decider.redis, pg, layout)
+        drift, _ = await reconcile(capp.state.ctx.decider.redis, pg, layout, meters=test_meters())
     finally:
         await pg.close()
     assert [(d.org, d.field, d.redis, d.ledger) for d in drift] == [(org, "p", 3, 0)]
@@ -164,9 +164,9 @@ async def test_reconcile_reads_every_primary(cclient, cadmin, capp, redis_cluste
 
     pg = await asyncpg.connect(own_database_url)
     try:
-        fixed, left = await repair(capp.state.ctx.decider.redis, pg, layout, org)
+        fixed, left = await repair(capp.state.ctx.decider.redis, pg, layout, org, meters=test_meters())
         assert [(d.field, d.ledger) for d in fixed] == [("p", 0)] and left == []
-        assert (await reconcile(capp.state.ctx.decider.redis, pg, layout))[0] == []
+        assert (await reconcile(capp.state.ctx.decider.redis, pg, layout, meters=test_meters()))[0] == []
     finally:
         await pg.close()
 

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from cluster_support import command, orgs_on_every_primary, owner_port
-from conftest import drop_database, fresh_database, test_config_data
+from conftest import drop_database, fresh_database, test_config_data, test_meters
 from quota_gw import cluster, metrics
 from quota_gw import config as config_mod
 from quota_gw.decisions import Decider, Identity
@@ -101,7 +101,7 @@ async def test_two_workers_one_killed_mid_drain_every_event_once(env) -> None:
     ids += sum(await asyncio.gather(traffic(env.deciders[0], orgs, 100, 7), traffic(env.deciders[1], orgs, 100, 8)), [])
     await wait_drained(env.r, env.layout, 60, b)  # b claims what a held, drains every shard
     await exactly_once(env.pg, ids)
-    drift, stats = await reconcile(env.r, env.pg, env.layout)
+    drift, stats = await reconcile(env.r, env.pg, env.layout, meters=test_meters())
     assert drift == [] and stats["undrained"] == 0
     done = await env.cli("reconcile")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -136,7 +136,7 @@ async def test_group_moved_back_every_event_once(env) -> None:
     ids += await traffic(env.deciders[1], orgs, 100, 2)
     await wait_drained(env.r, env.layout, 60, w)
     await exactly_once(env.pg, ids)
-    assert (await reconcile(env.r, env.pg, env.layout))[0] == []
+    assert (await reconcile(env.r, env.pg, env.layout, meters=test_meters()))[0] == []
     assert await w.stop() == 0
 
 
@@ -188,13 +188,13 @@ async def test_failover_under_load_drift_is_what_was_lost_and_repair_clears_it(e
         assert owner_port(e.cluster, e.layout.balances(victim.org_id)) == replica
         await traffic(e.deciders[1], orgs, 100, 3)
         await wait_drained(e.r, e.layout, 60, w)
-        drift, _ = await reconcile(e.r, e.pg, e.layout)
+        drift, _ = await reconcile(e.r, e.pg, e.layout, meters=test_meters())
         # Redis has `lost` more than the ledger (from the allocation or the purchased credit)
         assert {(x.org, x.meter) for x in drift} == {(victim.org_id, "general")}, drift
         assert sum(x.redis - x.ledger for x in drift if x.field in ("a", "p")) == lost, drift
-        fixed, left = await repair(e.r, e.pg, e.layout, victim.org_id)
+        fixed, left = await repair(e.r, e.pg, e.layout, victim.org_id, meters=test_meters())
         assert left == [] and len(fixed) == len(drift)
-        assert (await reconcile(e.r, e.pg, e.layout))[0] == []
+        assert (await reconcile(e.r, e.pg, e.layout, meters=test_meters()))[0] == []
         assert await w.stop() == 0
     finally:
         if stopped:

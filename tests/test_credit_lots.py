@@ -11,12 +11,11 @@ from typing import Any
 
 import orjson
 
+from conftest import test_meters
 from quota_gw.events import entries
 from quota_gw.layout import Layout, meter_field
 from sync_worker.recovery import reconcile
 from test_alerts import env, spend, until  # noqa: F401 - the module's gateway fixture
-
-
 
 
 def rfc3339(ts: float) -> str:
@@ -59,7 +58,7 @@ async def test_a_grant_expiring_in_2s_lapses_by_what_is_unspent_and_reconcile_st
                                 "WHERE org_id = $1 AND kind = 'expire'", org)
     assert row["delta"] == -6 and row["delta_purchased"] == -6
     assert '"expired": 6' in row["metadata"] or '"expired":6' in row["metadata"]
-    drift, _ = await reconcile(redis, env.pg, Layout(f"{prefix}:al", 16), org=org)
+    drift, _ = await reconcile(redis, env.pg, Layout(f"{prefix}:al", 16), org=org, meters=test_meters())
     assert drift == []
 
 

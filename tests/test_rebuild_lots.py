@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import Admin, drop_database, fresh_database, test_config_data
+from conftest import Admin, drop_database, fresh_database, test_config_data, test_meters
 from quota_gw import config as config_mod
 from quota_gw.events import entries
 from quota_gw.app import create_app
@@ -386,11 +386,11 @@ async def test_reconcile_counts_the_lot_changes_still_in_the_streams(env: Any, r
     await env.grant(fresh, 7, rebuilt.soon)
     assert (await env.consume(h, 103)).status_code == 200  # 100 allocated, 3 of the grant
     for org, lots in ((p.s, 3), (fresh, 2)):
-        drift, stats = await reconcile(env.redis, env.pg, env.layout, org=org)
+        drift, stats = await reconcile(env.redis, env.pg, env.layout, org=org, meters=test_meters())
         assert drift == [] and stats["lots"] == lots and stats["undrained"] > 0, (org, drift, stats)
     # and a lot changed behind the ledger's back is seen
     await env.redis.hset(env.layout.balances(fresh), LOTS, "[]")
-    drift, _ = await reconcile(env.redis, env.pg, env.layout, org=fresh)
+    drift, _ = await reconcile(env.redis, env.pg, env.layout, org=fresh, meters=test_meters())
     assert sorted((d.field, d.ledger.n if d.ledger else None) for d in drift) == [("lots", 4), ("lots", 40)]
 
 
@@ -473,7 +473,7 @@ async def test_lots_rebuilt_from_random_credit_traffic_are_the_lots_the_scripts_
                 await worker.stop()
                 await traffic(80)  # in the streams only
                 for org, _ in orgs:  # (the database holds other prefixes' orgs too)
-                    drift, stats = await reconcile(redis, env.pg, layout, org=org)
+                    drift, stats = await reconcile(redis, env.pg, layout, org=org, meters=test_meters())
                     assert drift == [] and stats["undrained"] > 0 and stats["lots"] > 0, drift[:5]
                 await worker.start()
                 await wait_drained(redis, layout, 30, worker)

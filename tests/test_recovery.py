@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from conftest import Admin, drop_database, fresh_database, test_config_data
+from conftest import Admin, drop_database, fresh_database, test_config_data, test_meters
 from quota_gw.app import create_app
 from quota_gw.layout import (HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, SUB_QUOTAS, USER_PREFIX, Layout, meter_field,
                              user_field, user_of_field, user_team_field)
@@ -206,7 +206,7 @@ async def test_reconcile_is_clean_under_live_traffic(iso, redis) -> None:
     # Before the worker starts every event is in the streams only; then they drain meanwhile.
     configs = []
     for _ in range(2):
-        checks.append(await reconcile(redis, iso.pg, iso.layout))
+        checks.append(await reconcile(redis, iso.pg, iso.layout, meters=test_meters()))
         configs.append(await config_drift(redis, iso.pg, iso.layout))
     w = iso.worker("live")
     await w.start()
@@ -215,7 +215,7 @@ async def test_reconcile_is_clean_under_live_traffic(iso, redis) -> None:
         assert asyncio.get_running_loop().time() < deadline, w.output()
         await asyncio.sleep(0.05)
     for _ in range(4):
-        checks.append(await reconcile(redis, iso.pg, iso.layout))
+        checks.append(await reconcile(redis, iso.pg, iso.layout, meters=test_meters()))
         configs.append(await config_drift(redis, iso.pg, iso.layout))
     stop.set()
     assert await task > 0
@@ -224,7 +224,7 @@ async def test_reconcile_is_clean_under_live_traffic(iso, redis) -> None:
     assert checks[0][1]["undrained"] > 0
     await wait_drained(redis, iso.layout, 30, w)
     assert await w.stop() == 0
-    drift, stats = await reconcile(redis, iso.pg, iso.layout)
+    drift, stats = await reconcile(redis, iso.pg, iso.layout, meters=test_meters())
     assert drift == [] and stats["undrained"] == 0 and stats["pairs"] >= 4
 
 

@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import Admin, test_config_data
+from conftest import Admin, test_config_data, test_meters
 from quota_gw import config as config_mod
 from quota_gw.app import create_app
 from quota_gw.layout import Layout
@@ -258,7 +258,7 @@ async def test_reconcile_catches_a_ledger_row_whose_split_does_not_add_up(wf: An
     assert r.status_code == 200
     await wf.drained(r.json()["event_id"])
     assert await split_drift(wf.pg, org) == []
-    drift, _ = await reconcile(redis, wf.pg, wf.layout, org=org)
+    drift, _ = await reconcile(redis, wf.pg, wf.layout, org=org, meters=test_meters())
     assert drift == []
     await wf.pg.execute("UPDATE usage_events SET sources = 'allocated:2,purchased:2' WHERE event_id = $1::uuid",
                         r.json()["event_id"])

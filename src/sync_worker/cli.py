@@ -104,7 +104,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         r_url, d_url = _stores()
         _logging(args.log_level)
         if args.org:
-            return _run(repair_main(r_url, d_url, layout, args.org))
+            return _run(repair_main(r_url, d_url, layout, args.org, cfg.meter_names))
         return _run(rebuild_main(r_url, d_url, cfg, layout, force=args.force))
 
     def cmd_reconcile(args: argparse.Namespace) -> int:
