@@ -3,7 +3,8 @@
 One loop, top to bottom (`Worker.run`):
 
 1. Connect: the ledger (ledger.py) and the streams (stream.py), which joins the consumer group
-   on every shard stream.
+   on every shard stream. Once per start, before the first batch: move the users hashes of the
+   old layout into the balance hashes (migrate_users.py).
 2. Housekeeping, when due: make the month partitions ahead, claim entries idle too long from
    dead consumers, trim the streams below what every group has acked and report lag, forget
    long-dead consumers.
@@ -31,7 +32,7 @@ import socket
 import time
 
 import asyncpg
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from quota_gw.layout import Layout
 
@@ -39,6 +40,7 @@ from . import health
 from .encoding import Batch, encode
 from .faults import NO_FAULTS, Faults
 from .ledger import Ledger, PostgresUnavailable
+from .migrate_users import migrate_at_start
 from .stream import GROUP, Streams
 
 log = logging.getLogger("quota_gw.worker")
@@ -46,6 +48,7 @@ log = logging.getLogger("quota_gw.worker")
 PARTITIONS_EVERY_S = 3600
 FORGET_EVERY_S = 3600
 FORGET_IDLE_MS = 86_400_000  # a consumer that has not read for a day and holds nothing is gone
+MIGRATE_RETRY_S = 60.0  # the users migration refused by Redis (OOM, ...): tried again this much later
 
 
 def failed_store(e: BaseException) -> str:
@@ -76,6 +79,7 @@ class Worker:
         self.ready = False  # both stores connected (/readyz)
         self._due: dict[str, float] = {}
         self._next: Batch | None = None  # read ahead while the previous batch was written
+        self.users_migrated = False  # the old users hashes were moved (migrate_users.py), this start
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from run()."""
@@ -164,6 +168,8 @@ class Worker:
 
     async def _housekeeping(self) -> None:
         assert self.ledger is not None
+        if not self.users_migrated:
+            await self._migrate_users()
         if self._due_now("partitions", PARTITIONS_EVERY_S):
             await self.ledger.ensure_partitions(self.partitions_ahead)
         if self._due_now("claim", self.claim_every_s):
@@ -172,6 +178,24 @@ class Worker:
             await self.maintain()
         if self._due_now("forget", FORGET_EVERY_S):
             await self.streams.forget(FORGET_IDLE_MS)
+
+    async def _migrate_users(self) -> None:
+        """Moves the old users hashes (migrate_users.py), once per start, before the first batch.
+        Redis unreachable: raised, so the loop backs off and tries again when it answers, as for
+        any round. Refused by Redis (a script error, OOM): logged and tried again MIGRATE_RETRY_S
+        later; draining goes on meanwhile, as a worker that cannot drain only makes it worse."""
+        if not self._due_now("migrate_users", MIGRATE_RETRY_S):
+            return
+        try:
+            await migrate_at_start(self.streams._client(), self.streams.layout, self.consumer)
+        except ResponseError as e:
+            log.warning("worker %s: moving the old users hashes failed, trying again in %.0fs: %s",
+                        self.consumer, MIGRATE_RETRY_S, e)
+            return
+        except BaseException:
+            self._due.pop("migrate_users", None)  # again as soon as Redis answers
+            raise
+        self.users_migrated = True
 
     def _due_now(self, what: str, every: float) -> bool:
         now = time.monotonic()
