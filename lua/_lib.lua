@@ -165,10 +165,12 @@ local HOLDS_DUE = 'holds_due'
 -- step (store.set_sub_quota, the configuration repair of `rebuild --org`), or after its writes
 -- (a full rebuild, gateways stopped), so '0' is never stale.
 local SUB_QUOTAS = 'sub_quotas'
--- The org's users, in the balance hash (layout.py): '@<user>' = team ('' none), '@<user>:<suffix>'
--- = the user's rate window (GCRA TAT, µs); read with the meter, written with it.
+-- The org's users, in the balance hash (layout.py): '@<user>' = the user's registration and its
+-- rate window ('' none yet, else the GCRA TAT, µs), read with the meter and written with it;
+-- '@<user>:<suffix>': what else is known of the user (its team; absent: none), read when needed.
 local USER_PREFIX = '@'
-local USER_FIELDS = {rate = 'rl'}
+local USER_FIELDS = {team = 't'}
+local TEAM_SUFFIX = ':' .. USER_FIELDS.team
 
 local function field_names(prefix, fields)
   local t = {}
@@ -918,30 +920,20 @@ local function rate_limits(limits, now)
     retry_after_ms = ceil(retry / 1000)}, writes
 end
 
--- A user's fields in the balance hash (USER_PREFIX): its registration and its rate window.
-local function user_fields(user)
-  local uf = USER_PREFIX .. user
-  return uf, uf .. ':' .. USER_FIELDS.rate
-end
-
--- What a decision writes of its user, as field-value pairs for the HSET that writes its meter
--- (none, one or two pairs: the returns end that call's arguments): `team` nil registers the user
--- ('' : no team); `new_tat` (nil: none) is the window (a time in µs: big_arg).
-local function user_writes(user_field, team, new_tat, rate_field)
-  if not user_field then return end  -- no user
-  if not team then
-    if new_tat then return user_field, '', rate_field, big_arg(new_tat) end
-    return user_field, ''
-  elseif new_tat then
-    return rate_field, big_arg(new_tat)
-  end
+-- What a decision writes of its user (its field, USER_PREFIX), as the field-value pair that ends
+-- the HSET writing its meter (nothing: the returns end that call's arguments): its new window
+-- (`new_tat`, a time in µs: big_arg), or '' to register a user not `known` yet; no user
+-- (`user_field` nil), or a known one without a new window: nothing.
+local function user_writes(user_field, known, new_tat)
+  if not user_field then return end
+  if new_tat then return user_field, big_arg(new_tat) end
+  if not known then return user_field, '' end
 end
 
 -- The gate's write of its user (save_rate_limits, refuse), on its own: nothing to write, no call.
-local function save_user(bal_key, user, team, new_tat)
-  if user == '' or team and not new_tat then return end
-  local uf, rate_field = user_fields(user)
-  call('HSET', bal_key, user_writes(uf, team, new_tat, rate_field))
+local function save_user(bal_key, user, known, new_tat)
+  if user == '' or known and not new_tat then return end
+  call('HSET', bal_key, user_writes(USER_PREFIX .. user, known, new_tat))
 end
 
 -- The user's window lives in the balance hash, written with its registration in one HSET (the
@@ -957,11 +949,7 @@ local function save_rate_limits(req)
       call('SET', req.keys[w[1]], w[2], 'PX', max(1, ceil(w[3] / 1000)))
     end
   end
-  if req.user ~= '' and (user_tat or req.register) then
-    local team = req.team
-    if req.register then team = nil end
-    save_user(req.keys.bal, req.user, team, user_tat)
-  end
+  if req.user ~= '' and (user_tat or req.register) then save_user(req.keys.bal, req.user, not req.register, user_tat) end
   req.register = false
 end
 
@@ -1077,15 +1065,11 @@ end
 -- when the call is decided (save_rate_limits, refuse). Its rate window is read with it.
 local function gate_user(req, write)
   if req.user == '' then return nil end
-  local team
-  if req.rl_user_interval_us > 0 then
-    local v = call('HMGET', req.keys.bal, user_fields(req.user))
-    team, req.user_tat = v[1], tonumber(v[2])
-  else
-    team = call('HGET', req.keys.bal, USER_PREFIX .. req.user)
-  end
-  if team then
-    req.team = team
+  local uf = USER_PREFIX .. req.user
+  local v = call('HMGET', req.keys.bal, uf, uf .. TEAM_SUFFIX)  -- registration and window, team
+  if v[1] then
+    req.team = v[2] or ''
+    req.user_tat = tonumber(v[1])  -- ('': none yet)
   elseif req.auto_register then
     req.register = write
   else
@@ -1236,41 +1220,34 @@ end
 -- --- The straight paths' user and alert test (usual_consume, usual_reserve). ----------------
 -- Held to the gate's rules by tests/test_usual_consume.py and tests/test_usual_settle.py.
 
--- The fields a straight call reads of its user after its meter's, in the same HMGET (user_fields'
--- names; none without a user): its registration, and its window when the plan has a user window.
-local function user_reads(t, user_field, rate_field)
-  if not user_field then return end
-  if t.rl_user_interval_us > 0 then return user_field, rate_field end
-  return user_field
-end
-
 -- The user of a straight call: known (or registered by it), no sub-quota, inside its rate window
--- (the gate's gate_user, level_fits and gate_rate_limits for the usual case), from its fields
--- read with the meter (user_reads: `team`, false when not registered, and `x_tat`, the window's
--- text). `has_sub_quotas`: the meter's SUB_QUOTAS field, no sub-quota to read in an org that has
--- none ('0'); not known (false): the quota hash says, recorded now (a fact about the hash,
--- whatever the call decides). Returns ok, team, the new window (nil: none), its remaining and reset (µs).
-local function straight_user(t, quotas_key, bal_key, has_sub_quotas, user, meter, now, team, x_tat)
-  if user == '' then return true, nil, nil, -1, 0 end
-  local new_tat, rl_rem, rl_reset = nil, -1, 0
-  local rl_interval = t.rl_user_interval_us
-  if not team and not t.auto_register then return false end
+-- (the gate's gate_user, level_fits and gate_rate_limits for the usual case). `user_field`: the
+-- user's field (USER_PREFIX; nil: no user), `x` its value read with the meter (false: not
+-- registered; '': no window yet; else the window). `has_sub_quotas`: the meter's SUB_QUOTAS
+-- field, no sub-quota to read in an org that has none ('0'); not known (false): the quota hash
+-- says, recorded now (a fact about the hash, whatever the call decides); the user's team is read
+-- only then. Returns ok, the new window (nil: none), its remaining and its reset (µs).
+local function straight_user(t, quotas_key, bal_key, has_sub_quotas, user_field, user, meter, now, x)
+  if not user_field then return true, nil, -1, 0 end
+  if not x and not t.auto_register then return false end
   if not has_sub_quotas then
     has_sub_quotas = call('HLEN', quotas_key) == 0 and '0' or '1'
     call('HSET', bal_key, SUB_QUOTAS, has_sub_quotas)
   end
   if has_sub_quotas ~= '0' then
     if call('HGET', quotas_key, 'u:' .. user .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then return false end
+    local team = x and call('HGET', bal_key, user_field .. TEAM_SUFFIX)
     if team and team ~= '' and call('HGET', quotas_key, 't:' .. team .. ':' .. meter .. ':' .. QUOTA_FIELDS.limit) then
       return false
     end
   end
+  local rl_interval = t.rl_user_interval_us
   if rl_interval > 0 then
-    local allowed, _
-    allowed, new_tat, _, rl_rem, rl_reset = gcra(x_tat and x_tat + 0 or nil, rl_interval, t.rl_user_burst, now)
+    local allowed, new_tat, _, rl_rem, rl_reset = gcra(x and x ~= '' and x + 0 or nil, rl_interval, t.rl_user_burst, now)
     if not allowed then return false end
+    return true, new_tat, rl_rem, rl_reset
   end
-  return true, team, new_tat, rl_rem, rl_reset
+  return true, nil, -1, 0
 end
 
 -- Would a charge leaving `avail` cross a threshold not yet alerted in this period (Meter:alerts'
@@ -1307,7 +1284,7 @@ end
 -- the gate's alone) and the period and threshold last alerted (read when a threshold is in
 -- reach): ~2,000 instructions a field (Redis finds each in the hash, sends it, Lua makes it a
 -- string). In this order: a, p, h, u, pe, lim, ps, lots, holds_due, SUB_QUOTAS, then the user's
--- fields (`...`: user_reads).
+-- field (`...`: none without a user).
 local function read_usual_meter(bal_key, f, ...)
   return call('HMGET', bal_key, f.allocated, f.purchased, f.held, f.used, f.period_end, f.limit,
     f.purchased_at_start, f.lots, HOLDS_DUE, SUB_QUOTAS, ...)
@@ -1406,9 +1383,8 @@ local function usual_consume(keys, argv)
   local t, now_s, now, f, time = usual_start(terms)
   if not t then return nil end
   local meter = t.meter
-  local uf, rate_field  -- the user's fields, read with the meter and written with it
-  if user ~= '' then uf, rate_field = user_fields(user) end
-  local v = read_usual_meter(bal_key, f, user_reads(t, uf, rate_field))
+  local uf, v  -- the user's field (registration and window), read with the meter and written with it
+  if user == '' then v = read_usual_meter(bal_key, f) else uf = USER_PREFIX .. user; v = read_usual_meter(bal_key, f, uf) end
   local x
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each charge moves).
   x = v[5]
@@ -1443,8 +1419,7 @@ local function usual_consume(keys, argv)
   x = v[4]
   local used = NUMBERS[x] or x and x + 0 or 0
   -- The user: known (or registered by this call), no sub-quota, inside its rate window.
-  local ok, team, new_tat, rl_rem, rl_reset = straight_user(t, quotas_key, bal_key, v[10], user, meter, now, v[11],
-    v[12])
+  local ok, new_tat, rl_rem, rl_reset = straight_user(t, quotas_key, bal_key, v[10], uf, user, meter, now, v[11])
   if not ok then return nil, now, as_meter_read(bal_key, f, v) end
   -- The charge: the allocation, then purchased credit at the plan's multiple (no lots: one pool;
   -- lots: the meter's own waterfall, as the gate draws them).
@@ -1548,20 +1523,20 @@ local function usual_consume(keys, argv)
   if take_a == 0 then  -- the allocation spent before (a charge that draws credit), or nothing to take
     if lots_text then
       call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg, f.lots, lots_text,
-        user_writes(uf, team, new_tat, rate_field))
+        user_writes(uf, v[11], new_tat))
     else
       call('HSET', bal_key, f.purchased, SMALL_NUMBERS[pu] or big_arg(pu), f.used, used_arg,
-        user_writes(uf, team, new_tat, rate_field))
+        user_writes(uf, v[11], new_tat))
     end
   elseif take_p == 0 and not lots_text then  -- the usual one: the allocation alone
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.used, used_arg,
-      user_writes(uf, team, new_tat, rate_field))
+      user_writes(uf, v[11], new_tat))
   elseif lots_text then
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased, SMALL_NUMBERS[pu] or big_arg(pu),
-      f.used, used_arg, f.lots, lots_text, user_writes(uf, team, new_tat, rate_field))
+      f.used, used_arg, f.lots, lots_text, user_writes(uf, v[11], new_tat))
   else
     call('HSET', bal_key, f.allocated, SMALL_NUMBERS[al] or big_arg(al), f.purchased, SMALL_NUMBERS[pu] or big_arg(pu),
-      f.used, used_arg, user_writes(uf, team, new_tat, rate_field))
+      f.used, used_arg, user_writes(uf, v[11], new_tat))
   end
   if not raw_lots then
     if take_a > 0 then src = 'allocated:' .. (SMALL_NUMBERS[take_a] or fmt_large(take_a)) end
@@ -1599,7 +1574,7 @@ end
 -- A refusal: nothing changes but one `denied` event (delta 0). In shadow mode the call
 -- passes, uncharged, and the answer says what would have happened.
 local function refuse(req, refusal)
-  if req.register then save_user(req.keys.bal, req.user, nil) end
+  if req.register then save_user(req.keys.bal, req.user, false) end
   req.events:add({id = req.event_id, kind = 'denied', user = req.user, meter = req.meter, feature = req.feature,
     delta = 0, cost = 0, bal = req.mtr:balance(),
     meta = json_encode({code = refusal[2], status = refusal[1], cost = req.cost, layer = refusal[4],
@@ -1762,20 +1737,19 @@ local function usual_reserve(keys, argv)
   local x
   -- The eight fields a reserve reads (read_meter's thirteen less the used, the purchased total
   -- and the alerts'), or read_meter's reply in their order (GATED).
-  -- The user's fields after them (user_reads), read on their own after read_meter's.
-  local uf, rate_field
-  if user ~= '' then uf, rate_field = user_fields(user) end
+  -- The user's field after them (its registration and window), read on its own after read_meter's.
+  local uf = user ~= '' and USER_PREFIX .. user or nil
   local full, v = nil, nil
   if GATED[bal_key] == meter then
     full = read_meter(bal_key, meter)
     v = {full[1], full[2], full[3], full[12], full[5], full[6], full[9], full[13]}
-    if uf then
-      local u = call('HMGET', bal_key, user_reads(t, uf, rate_field))
-      v[9], v[10] = u[1], u[2]
-    end
+    if uf then v[9] = call('HGET', bal_key, uf) end
+  elseif uf then
+    v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, HOLDS_DUE, f.period_end, f.limit, f.lots,
+      SUB_QUOTAS, uf)
   else
     v = call('HMGET', bal_key, f.allocated, f.purchased, f.held, HOLDS_DUE, f.period_end, f.limit, f.lots,
-      SUB_QUOTAS, user_reads(t, uf, rate_field))
+      SUB_QUOTAS)
   end
   -- Numbers from the meter's texts (NUMBERS: those that repeat; `+ 0`: those each hold moves).
   x = v[5]
@@ -1797,8 +1771,7 @@ local function usual_reserve(keys, argv)
   local held = NUMBERS[x] or x and x + 0 or 0
   if lim == 0 and pu <= 0 then return to_gate(bal_key, meter, now, full) end  -- maybe forbidden: the gate says
   if al < 0 or pu < 0 then return to_gate(bal_key, meter, now, full) end  -- (only hand-written data: the gate's rules)
-  local ok, team, new_tat, rl_rem, rl_reset = straight_user(t, quotas_key, bal_key, v[8], user, meter, now, v[9],
-    v[10])
+  local ok, new_tat, rl_rem, rl_reset = straight_user(t, quotas_key, bal_key, v[8], uf, user, meter, now, v[9])
   if not ok then return to_gate(bal_key, meter, now, full) end
   -- The hold: what is asked, or (min_cost, an LLM call's floor) what is left if at least the
   -- floor; then the waterfall as gate_levels runs it, without taking: the allocation, then
@@ -1828,9 +1801,9 @@ local function usual_reserve(keys, argv)
   -- The earliest hold's expiry, once known (as reserve.lua).
   local held_arg = SMALL_NUMBERS[held] or big_arg(held)
   if due == 0 or expires < due then
-    call('HSET', bal_key, f.held, held_arg, HOLDS_DUE, expires_text, user_writes(uf, team, new_tat, rate_field))
+    call('HSET', bal_key, f.held, held_arg, HOLDS_DUE, expires_text, user_writes(uf, v[9], new_tat))
   else
-    call('HSET', bal_key, f.held, held_arg, user_writes(uf, team, new_tat, rate_field))
+    call('HSET', bal_key, f.held, held_arg, user_writes(uf, v[9], new_tat))
   end
   call('HSET', reservations_key, event_id, usual_hold_text(meter, total_text,
     NUMBERS[unit_cost] or tonumber(unit_cost) or total, user, t.feature, key_id, expires_text, t.credit_order))

@@ -41,7 +41,7 @@ local rec = {m = a.meter, a = tonumber(a.allocated), p = tonumber(a.purchased), 
   u = a.user, f = a.feature, pe = period_end(a.period, floor(charged_at / 1000000)), ut = '', tt = ''}
 if rec.u ~= '' then
   rec.ut = 'u:' .. rec.u
-  local team = call('HGET', k.bal, USER_PREFIX .. rec.u)
+  local team = call('HGET', k.bal, USER_PREFIX .. rec.u .. TEAM_SUFFIX)
   if team and team ~= '' then rec.tt = 't:' .. team end
 end
 local events = new_events(k.stream, a.event_id, now, a.org, a.key_id)

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from quota_gw.layout import Layout, user_team_field
+from quota_gw.layout import Layout, user_key_field
 from quota_gw.events import entries
 
 
@@ -180,7 +180,7 @@ async def test_pricing_and_balance_shapes(client, tenant):
 async def test_unknown_users_are_registered_unless_config_says_otherwise(client, tenant, redis, prefix, config):
     org, h = await tenant("pro")
     assert (await client.post("/v1/consume", json={"feature": "generate_goal", "user_id": "newbie"}, headers=h)).status_code == 200
-    assert await redis.hget(Layout(prefix, config.shards).balances(org), user_team_field("newbie")) == ""
+    assert await redis.hget(Layout(prefix, config.shards).balances(org), user_key_field("newbie")) == ""
 
 
 async def test_health_and_readiness(client):
@@ -278,7 +278,7 @@ async def test_names_with_a_trailing_newline_are_refused(client, admin, tenant, 
     r = await client.post("/v1/consume", json={"feature": "generate_insight", "user_id": "u0\n"}, headers=h)
     assert problem(r, 422, "invalid_request")["field"] == "user_id"
     assert (await client.get("/v1/balance", headers=h)).json()["meters"]["general"]["used"] == 0
-    assert not await redis.hexists(Layout(prefix, config.shards).balances(org), user_team_field("u0\n"))
+    assert not await redis.hexists(Layout(prefix, config.shards).balances(org), user_key_field("u0\n"))
     r = await client.post("/v1/admin/orgs", json={"org_id": "a\n", "plan": "pro"}, headers=admin.h)
     assert problem(r, 422, "invalid_request")["field"] == "org_id"
     for body, field in [({"user_id": "u\n"}, "user_id"), ({"user_id": "u", "team": "t\n"}, "team")]:

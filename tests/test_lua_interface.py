@@ -200,8 +200,8 @@ def test_the_lua_spells_the_hash_fields_as_layout_does() -> None:
     assert lua_table("QUOTA_FIELDS") == layout.QUOTA_FIELDS
     assert lua_table("USER_FIELDS") == layout.USER_FIELDS
     assert re.search(r"local USER_PREFIX = '(\S+)'", code(LIB)).group(1) == layout.USER_PREFIX
-    assert layout.user_team_field("u1") == "@u1" and layout.user_field("u1", "rate") == "@u1:rl"
-    assert [layout.user_of_field(f) for f in ("@u1", "@u1:rl", "general:p", "holds_due")] == ["u1", None, None, None]
+    assert layout.user_key_field("u1") == "@u1" and layout.user_field("u1", "team") == "@u1:t"
+    assert [layout.user_of_field(f) for f in ("@u1", "@u1:t", "general:p", "holds_due")] == ["u1", None, None, None]
     assert re.search(r"local HOLDS_DUE = '(\w+)'", code(LIB)).group(1) == layout.HOLDS_DUE
     assert re.search(r"local SUB_QUOTAS = '(\w+)'", code(LIB)).group(1) == layout.SUB_QUOTAS
     assert layout.meter_field("general", "purchased") == "general:p"

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from quota_gw.decisions import Decider
 from quota_gw.events import entries
-from quota_gw.layout import SUB_QUOTAS, Layout, meter_field, quota_field, quota_subject, user_field, user_team_field
+from quota_gw.layout import SUB_QUOTAS, Layout, meter_field, quota_field, quota_subject, user_key_field
 
 INTEGER = re.compile(r"^(0|-?[1-9][0-9]*)$")  # what the ledger reads; never "-0"
 NUMERIC = ("delta", "dp", "cost", "bal", "ts")
@@ -170,7 +170,7 @@ async def test_the_usual_consume_writes_large_numbers_digit_for_digit(client, ad
     last = (await events(redis, layout, org))[-1]
     assert (last["kind"], last["bal"], last["src"]) == ("consume", str(left), f"allocated:{allocated},purchased:1000")
     assert INTEGER.match(last["ts"]) and len(last["ts"]) == 16
-    tat = await redis.hget(layout.balances(org), user_field("ann", "rate"))  # the plan's user rate window, in µs
+    tat = await redis.hget(layout.balances(org), user_key_field("ann"))  # the plan's user rate window, in µs
     assert INTEGER.match(tat) and len(tat) == 16, tat
     assert await redis.hget(layout.balances(org), SUB_QUOTAS) == "0"  # the usual path decided it
 
@@ -436,6 +436,6 @@ async def test_a_user_is_registered_on_first_use_even_when_that_use_is_refused(c
     r = await client.post("/v1/consume", json={"feature": "generate_insight", "units": 10**6, "user_id": "ann"},
                           headers=h)
     assert r.status_code == 402, r.text
-    assert await redis.hget(layout.balances(org), user_team_field("ann")) == ""
+    assert await redis.hget(layout.balances(org), user_key_field("ann")) == ""
     assert (await consume(client, h, 1, user="bob"))[0] == 200
-    assert await redis.hget(layout.balances(org), user_team_field("bob")) == ""
+    assert await redis.hget(layout.balances(org), user_key_field("bob")) == ""

@@ -42,10 +42,12 @@ SUB_QUOTAS = "sub_quotas"
 # (one HMGET) and writes them together (one HSET): two Redis commands a call fewer than a users
 # hash of their own (docs/benchmarks.md, "Redis time per decision, round 8"). A user's fields
 # start with USER_PREFIX, which no meter name and no org field can (config.NAME_RE):
-# '@<user>' = the user's team ('' none), and '@<user>:<suffix>' = the user's state the gate keeps
-# beside it: its rate window (GCRA theoretical arrival time, µs). A user id has no ':'.
+# '@<user>' = the user is registered, and its rate window: '' (none yet) or the GCRA theoretical
+# arrival time (µs) — the one field a decision reads and writes of its user; '@<user>:<suffix>' =
+# what else is known of the user (USER_FIELDS): its team (absent or '': none), read only where a
+# team matters (sub-quotas, refunds, the gate). A user id has no ':'.
 USER_PREFIX = "@"
-USER_FIELDS = {"rate": "rl"}
+USER_FIELDS = {"team": "t"}
 
 
 def meter_field(meter: str, name: str) -> str:
@@ -53,19 +55,19 @@ def meter_field(meter: str, name: str) -> str:
     return f"{meter}:{METER_FIELDS[name]}"
 
 
-def user_team_field(user: str) -> str:
-    """A user's registration (its team, '' none) in the balance hash: user_team_field('u1') == '@u1'."""
+def user_key_field(user: str) -> str:
+    """A user's registration and rate window in the balance hash: user_key_field('u1') == '@u1'."""
     return USER_PREFIX + user
 
 
 def user_field(user: str, name: str) -> str:
-    """A user's state in the balance hash: user_field('u1', 'rate') == '@u1:rl'."""
+    """What else the balance hash knows of a user: user_field('u1', 'team') == '@u1:t'."""
     return f"{USER_PREFIX}{user}:{USER_FIELDS[name]}"
 
 
 def user_of_field(field: str) -> str | None:
     """The user a balance hash field registers ('@u1' -> 'u1'); None for any other field (a
-    meter's, an org's, a user's state)."""
+    meter's, an org's, a user's team)."""
     if not field.startswith(USER_PREFIX) or ":" in field:
         return None
     return field[len(USER_PREFIX):]

@@ -27,7 +27,7 @@ from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
 from .entitlements import canonical
-from .layout import SUB_QUOTAS, quota_field, quota_subject, user_team_field
+from .layout import SUB_QUOTAS, quota_field, quota_subject, user_field, user_key_field
 from .problems import Problem
 from .queries import Q
 
@@ -155,7 +155,15 @@ class Store:
             return bool(await conn.fetchval(Q.upsert_user, org_id, user_id, team))
 
         async def apply(_: bool) -> None:
-            await self.redis.hset(self.layout.balances(org_id), user_team_field(user_id), team or "")
+            # Registered (its window, if any, kept) and its team, in one transaction on one key.
+            bal = self.layout.balances(org_id)
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hsetnx(bal, user_key_field(user_id), "")
+                if team:
+                    p.hset(bal, user_field(user_id, "team"), team)
+                else:
+                    p.hdel(bal, user_field(user_id, "team"))
+                await p.execute()
 
         await self.require_org(org_id)
         return await self._postgres_then_redis(write, apply)
