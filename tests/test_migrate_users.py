@@ -1,5 +1,6 @@
 """The upgrade of the users (sync_worker/migrate_users.py): the old users hashes move into their
-org's balance hash, a field the balance hash already has wins, nothing is left behind, and a
+org's balance hash ('@<user>' registered with its rate window, '@<user>:t' its team), what the
+balance hash already has (a decision's window, an admin's team) wins, nothing is left behind, and a
 second run moves nothing; in chunks for a large hash; at the start of a real worker; and on a
 Redis Cluster, whose every primary is scanned."""
 
@@ -14,7 +15,7 @@ import pytest
 
 from cluster_support import orgs_on_every_primary
 from quota_gw import cluster
-from quota_gw.layout import Layout, meter_field, user_field, user_team_field
+from quota_gw.layout import Layout, meter_field, user_field, user_key_field
 from sync_worker.migrate_users import migrate_users
 from sync_worker.worker import Worker
 
@@ -33,22 +34,30 @@ async def layout(redis, prefix: str) -> AsyncIterator[Layout]:
 
 
 async def seed(r: Any, layout: Layout, org: str) -> dict[str, str]:
-    """An old users hash (a team user, a no-team user, a rate window each) and a balance hash with
-    meter fields and one user field written since the upgrade. Returns the meter fields."""
-    await r.hset(old_users(layout, org), mapping={"ann": "red", "ann:rl": "1700000000000000", "bob": "",
-                                                  "bob:rl": "1700000000000005"})
+    """An old users hash (team users and a no-team user, a rate window each) and a balance hash with
+    meter fields and users written since the upgrade: bob registered by a decision that wrote his
+    window, dee registered by one with no window yet, eve's team set by an admin. Returns the meter
+    fields."""
+    await r.hset(old_users(layout, org), mapping={"ann": "red", "ann:rl": "1700000000000000", "bob": "blue",
+                                                  "bob:rl": "1700000000000005", "dee": "", "dee:rl": "1700000000000009",
+                                                  "eve": "red"})
     meters = {meter_field("general", "allocated"): "90", meter_field("general", "used"): "10", "holds_due": "0"}
-    await r.hset(layout.balances(org), mapping={**meters, user_field("bob", "rate"): "1800000000000000"})
+    await r.hset(layout.balances(org), mapping={**meters, user_key_field("bob"): "1800000000000000",
+                                                user_key_field("dee"): "", user_key_field("eve"): "",
+                                                user_field("eve", "team"): "green"})
     return meters
 
 
 async def assert_moved(r: Any, layout: Layout, org: str, meters: dict[str, str]) -> None:
     assert await r.hgetall(layout.balances(org)) == {
         **meters,
-        user_team_field("ann"): "red",
-        user_team_field("bob"): "",
-        user_field("ann", "rate"): "1700000000000000",  # the old rate window
-        user_field("bob", "rate"): "1800000000000000",  # the newer one, kept
+        user_key_field("ann"): "1700000000000000",  # the old rate window
+        user_field("ann", "team"): "red",
+        user_key_field("bob"): "1800000000000000",  # the newer one (a decision's), kept
+        user_field("bob", "team"): "blue",  # the old team, though a decision registered bob first
+        user_key_field("dee"): "1700000000000009",  # registered, no window yet: the old one comes
+        user_key_field("eve"): "",
+        user_field("eve", "team"): "green",  # the newer one (an admin's), kept
     }
     assert not await r.exists(old_users(layout, org))
 
@@ -59,9 +68,10 @@ async def test_old_users_move_into_the_balance_hash_once(redis, layout: Layout) 
     other = f"org-{secrets.token_hex(4)}"  # an org with no balance hash yet
     await redis.hset(old_users(layout, other), "cy", "blue")
     moved = await migrate_users(redis, layout)
-    assert (moved.keys, moved.users, moved.fields, moved.kept, moved.skipped) == (2, 3, 4, 1, 0)
+    # ann and cy registered; moved: ann, ann:rl, bob, dee, dee:rl, cy; kept: bob:rl, eve
+    assert (moved.keys, moved.users, moved.fields, moved.kept, moved.skipped) == (2, 2, 6, 2, 0)
     await assert_moved(redis, layout, org, meters)
-    assert await redis.hgetall(layout.balances(other)) == {user_team_field("cy"): "blue"}
+    assert await redis.hgetall(layout.balances(other)) == {user_key_field("cy"): "", user_field("cy", "team"): "blue"}
     before = {o: await redis.hgetall(layout.balances(o)) for o in (org, other)}
     again = await migrate_users(redis, layout)
     assert (again.keys, again.users, again.fields, again.kept) == (0, 0, 0, 0)
@@ -91,8 +101,8 @@ async def test_a_large_users_hash_moves_in_chunks(redis, layout: Layout) -> None
     assert (moved.keys, moved.users, moved.fields, moved.kept) == (1, 2500, 5000, 0)
     assert sum(per_script) == 5000 and len(per_script) >= 5 and max(per_script) <= 1100, per_script
     bal = await redis.hgetall(layout.balances(org))
-    assert bal == {**{user_team_field(u): t for u, t in users.items()},
-                   **{user_field(u, "rate"): str(i) for i, u in enumerate(users)}}
+    assert bal == {**{user_field(u, "team"): t for u, t in users.items() if t},
+                   **{user_key_field(u): str(i) for i, u in enumerate(users)}}
     assert not await redis.exists(old_users(layout, org))
 
 
@@ -118,7 +128,7 @@ async def test_every_primary_of_a_cluster_is_migrated(redis_cluster) -> None:
         orgs = orgs_on_every_primary(redis_cluster, layout, 6)
         meters = {o: await seed(r, layout, o) for o in orgs}
         moved = await migrate_users(r, layout)
-        assert (moved.keys, moved.users) == (len(orgs), 2 * len(orgs))
+        assert (moved.keys, moved.users) == (len(orgs), len(orgs))  # ann (bob, dee, eve were registered)
         for o in orgs:
             await assert_moved(r, layout, o, meters[o])
         assert (await migrate_users(r, layout)).keys == 0
@@ -134,5 +144,6 @@ async def test_workers_starting_at_once_move_each_field_once(redis, layout: Layo
     await redis.hset(old_users(layout, org), mapping=users)
     runs = await asyncio.gather(*(migrate_users(redis, layout, chunk=100) for _ in range(3)))
     assert sum(m.fields for m in runs) == 2500 and sum(m.kept for m in runs) == 0  # each field once
-    assert await redis.hgetall(layout.balances(org)) == {user_team_field(u): "t" for u in users}
+    assert await redis.hgetall(layout.balances(org)) == {f: v for u in users
+                                                         for f, v in ((user_key_field(u), ""), (user_field(u, "team"), "t"))}
     assert not await redis.exists(old_users(layout, org))

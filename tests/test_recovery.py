@@ -20,7 +20,7 @@ import pytest
 from conftest import Admin, drop_database, fresh_database, test_config_data, test_meters
 from quota_gw.app import create_app
 from quota_gw.layout import (HOLDS_DUE, METER_FIELDS, QUOTA_FIELDS, SUB_QUOTAS, USER_PREFIX, Layout, meter_field,
-                             user_field, user_of_field, user_team_field)
+                             user_field, user_key_field, user_of_field)
 from sync_worker.config_drift import config_drift
 from sync_worker.recovery import reconcile
 from worker_support import QUOTA_GW, WorkerProc, wait_drained, write_config
@@ -79,8 +79,9 @@ async def snapshot(redis, iso: Any, orgs: list[str]) -> dict[str, Any]:
                          and not k.endswith(":" + HELD) and not (v == "0" and k.rsplit(":", 1)[1] in ZERO_IS_MISSING)}
         q = await redis.hgetall(L.quotas(o))
         out[f"q:{o}"] = {k: v for k, v in q.items() if not k.endswith(":" + QUOTA_FIELDS["held"])}
-        # A user's team is restored; its rate window (user_field) is not: it starts afresh.
-        out[f"users:{o}"] = {k: v for k, v in bal.items() if user_of_field(k) is not None}
+        # A user ('@<user>') and its team ('@<user>:t') are restored; its rate window (the value of
+        # '@<user>') is not: it starts afresh.
+        out[f"users:{o}"] = {u: bal.get(user_field(u, "team"), "") for k in bal if (u := user_of_field(k)) is not None}
         out[f"org:{o}"] = await redis.hgetall(L.org(o))
     async for k in redis.scan_iter(match=f"{iso.prefix}:key:*", count=5000):
         out[k] = await redis.hgetall(k)
@@ -245,8 +246,8 @@ async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso
     await admin.quota(ent, "general", 40, user_id="ann")
     await admin.quota(ent, "general", 60, team="red")
     key = await admin.key(ent)
-    # A user's rate state beside its team is not configuration.
-    await redis.hset(L.balances(ent), user_field("bob", "rate"), "123")
+    # A user's rate window (the value of '@<user>') is not configuration.
+    await redis.hset(L.balances(ent), mapping={user_key_field("ann"): "123", user_key_field("bob"): "456"})
     # A user registered on first use is in Postgres through the ledger (or the stream until drained).
     assert (await c.post("/v1/consume", json={"feature": "generate_insight", "user_id": "cid"},
                          headers={"Authorization": f"Bearer {key}"})).status_code == 200
@@ -261,9 +262,9 @@ async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso
     lim = QUOTA_FIELDS["limit"]
     await redis.hset(L.org(ent), "plan", "bulk")
     await redis.hset(L.org(plain), "entitlements", '{"overflow":"credit"}')
-    await redis.hset(L.balances(ent), user_team_field("ann"), "blue")
-    await redis.hdel(L.balances(ent), user_team_field("bob"))
-    await redis.hset(L.balances(ent), user_team_field("eve"), "")
+    await redis.hset(L.balances(ent), user_field("ann", "team"), "blue")
+    await redis.hdel(L.balances(ent), user_key_field("bob"))  # its window with it
+    await redis.hset(L.balances(ent), user_key_field("eve"), "")
     await redis.hset(L.quotas(ent), f"u:ann:general:{lim}", "400")
     await redis.hset(L.quotas(ent), f"t:blue:general:{lim}", "5")
     await redis.hdel(L.quotas(ent), f"t:red:general:{lim}")
@@ -312,7 +313,8 @@ async def test_reconcile_reports_configuration_drift_and_rebuild_org_sets_it(iso
     ok = await iso.cmd("reconcile")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert await redis.hgetall(L.org(ent)) == {"plan": "pro", "name": "", "entitlements": text}
-    assert await redis.hget(L.balances(ent), user_field("bob", "rate")) == "123"  # rate state left alone
+    assert await redis.hget(L.balances(ent), user_key_field("bob")) == ""  # registered again, no window
+    assert await redis.hget(L.balances(ent), user_key_field("ann")) == "123"  # a team repair leaves the window alone
 
 
 async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, redis) -> None:
@@ -323,7 +325,7 @@ async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, re
     await admin.user(org, "ann", team="red")
     lim = QUOTA_FIELDS["limit"]
     await redis.hset(L.org("ghost"), mapping={"plan": "pro", "entitlements": '{"overflow":"none"}'})
-    await redis.hset(L.balances(org), mapping={user_team_field("eve"): "x", user_field("eve", "rate"): "1"})
+    await redis.hset(L.balances(org), mapping={user_key_field("eve"): "1", user_field("eve", "team"): "x"})
     await redis.hset(L.quotas(org), f"u:eve:general:{lim}", "3")
     bad = await iso.cmd("reconcile")
     assert bad.returncode == 1 and "ghost config plan: redis 'pro' vs postgres (absent)" in bad.stdout, bad.stdout
@@ -334,7 +336,7 @@ async def test_full_rebuild_removes_configuration_postgres_does_not_have(iso, re
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert await redis.exists(L.org("ghost")) == 0
     bal = await redis.hgetall(L.balances(org))
-    assert {k: v for k, v in bal.items() if k.startswith(USER_PREFIX)} == {"@ann": "red"}  # eve's rate window went too
+    assert {k: v for k, v in bal.items() if k.startswith(USER_PREFIX)} == {"@ann": "", "@ann:t": "red"}  # eve all gone
 
 
 @pytest.mark.parametrize("how", ["repair_config", "rebuild"])
@@ -355,9 +357,9 @@ async def test_fixing_users_leaves_the_meters_and_org_fields_of_the_balance_hash
     others = {meter_field("general", n): v for n, v in (("allocated", "100"), ("purchased", "7"), ("held", "3"),
                                                          ("used", "40"), ("period_end", "1900000000"),
                                                          ("limit", "-1"), ("purchased_total", "7"))}
-    others |= {HOLDS_DUE: "0", SUB_QUOTAS: "0", user_field("ann", "rate"): "42"}
-    await redis.hset(L.balances(org), mapping={**others, user_team_field("ann"): "blue", user_team_field("eve"): "",
-                                               user_field("eve", "rate"): "9"})
+    others |= {HOLDS_DUE: "0", SUB_QUOTAS: "0", user_key_field("ann"): "42"}
+    await redis.hset(L.balances(org), mapping={**others, user_field("ann", "team"): "blue", user_key_field("eve"): "9",
+                                               user_field("eve", "team"): ""})
     if how == "repair_config":  # rebuild --org's configuration step
         fixed, left = await repair_config(redis, iso.pg, L, org)
         assert left == [] and sorted(d.what for d in fixed) == ["team ann", "team bob", "team eve"], fixed
@@ -367,4 +369,4 @@ async def test_fixing_users_leaves_the_meters_and_org_fields_of_the_balance_hash
     bal = await redis.hgetall(L.balances(org))
     assert {k: v for k, v in bal.items() if not k.startswith(USER_PREFIX) or k in others} == others
     assert {k: v for k, v in bal.items() if k.startswith(USER_PREFIX) and k not in others} == {
-        user_team_field("ann"): "red", user_team_field("bob"): ""}
+        user_field("ann", "team"): "red", user_key_field("bob"): ""}

@@ -2,12 +2,14 @@
 of truth (`quota-gw reconcile`), and the repair of it (`quota-gw rebuild`, `--org`).
 
 Compared per org: the org hash's `plan` and `entitlements` (the canonical text of the override,
-migration 009; absent = none), each user's team in the balance hash (field `@<user>`; the
-`@<user>:<suffix>` fields are the user's rate state, not configuration, and the meters' and the
-org's fields beside them are not read) and each sub-quota's limit in the quotas hash. A repair
-writes or removes only the field that drifted (a removed user's state fields go with it). The
-admin store writes Postgres first, then Redis: a Redis write that failed (the admin got 503)
-leaves Redis behind until a rebuild, and this is where it shows.
+migration 009; absent = none), each user and its team in the balance hash (a user is registered
+by its field `@<user>`, whose value is its rate window, state, not configuration; its team is the
+field `@<user>:t`, absent or '' none; the meters' and the org's fields beside them are not read)
+and each sub-quota's limit in the quotas hash. A repair writes or removes only what drifted: a
+team is set or removed, a missing user registered (`@<user>` only where absent: a window a
+decision wrote stays), a user Postgres does not have removed with all its fields. The admin
+store writes Postgres first, then Redis: a Redis write that failed (the admin got 503) leaves
+Redis behind until a rebuild, and this is where it shows.
 
 Read order, as for the balances: Redis, then the streams, then Postgres in one snapshot. A user
 the gateway registered on first use (auto_register_users) is in Postgres only through the
@@ -30,7 +32,7 @@ import redis.asyncio as aioredis
 
 from quota_gw.entitlements import canonical
 from quota_gw.layout import (QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, quota_field, quota_subject, user_field,
-                             user_of_field, user_team_field)
+                             user_key_field, user_of_field)
 
 T = TypeVar("T")
 
@@ -62,7 +64,7 @@ class ConfigDrift:
     what: str  # 'plan', 'entitlements', 'team <user>', 'quota <quotas hash field>'
     key: str  # the Redis hash, and its field (a team's: the balance hash, '@<user>')
     field: str
-    redis: str | None  # None: absent
+    redis: str | None  # None: absent (a team's: the user is not registered; '' registered, no team)
     postgres: str | None  # None: Postgres has none (the Redis field should be absent)
 
 
@@ -155,11 +157,12 @@ async def config_drift(r: aioredis.Redis, pg: asyncpg.Connection, layout: Layout
         if org_hash.get("entitlements") != want_ents:
             out.append(ConfigDrift(o, "entitlements", okey, "entitlements", org_hash.get("entitlements"), want_ents))
         bkey = layout.balances(o)
-        teams = {u: v for k, v in balances.items() if (u := user_of_field(k)) is not None}
+        # A registered user ('@<user>', whatever its rate window) and its team ('@<user>:t', '' none).
+        teams = {u: balances.get(user_field(u, "team"), "") for k in balances if (u := user_of_field(k)) is not None}
         want_teams = pg_users.get(o, {})
         for user in sorted(set(teams) | set(want_teams)):
             if teams.get(user) != want_teams.get(user):
-                out.append(ConfigDrift(o, f"team {user}", bkey, user_team_field(user), teams.get(user),
+                out.append(ConfigDrift(o, f"team {user}", bkey, user_key_field(user), teams.get(user),
                                        want_teams.get(user)))
         qkey = layout.quotas(o)
         limits = {k: v for k, v in quotas.items() if k.endswith(_LIMIT)}
@@ -187,8 +190,8 @@ def print_config_drift(drift: list[ConfigDrift], orgs: int, out: Any = None) -> 
 
 # One field set to Postgres's value (or removed), only if it still holds what the check read: an
 # admin write meanwhile wrote both stores and wins. ARGV: field, 1 if it was present, what it
-# held, 1 to set (else remove), the value to set, then fields removed with a removal (a user's state).
-# A sub-quota limit's: KEYS[2], the org's balance hash, loses its SUB_QUOTAS mark in the same script.
+# held, 1 to set (else remove), the value to set. A sub-quota limit's: KEYS[2], the org's balance
+# hash, loses its SUB_QUOTAS mark in the same script.
 CONFIG_REPAIR_LUA = """
 local have = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
@@ -197,20 +200,46 @@ elseif have then return 0 end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
 else
-  redis.call('HDEL', KEYS[1], ARGV[1], unpack(ARGV, 6))
+  redis.call('HDEL', KEYS[1], ARGV[1])
 end
 if KEYS[2] then redis.call('HDEL', KEYS[2], '%s') end
 return 1
 """ % SUB_QUOTAS
 
+# A user of the balance hash KEYS[1] set as Postgres has it, only if it is still as the check read
+# it (registered or not; if registered, its team): an admin write or a registration on first use
+# meanwhile wins (a decision's new rate window is no change: the window is not compared). ARGV:
+# '@<user>', '@<user>:t', 1 if it was registered, the team it had ('' none), 1 to register (else
+# remove), the team to set ('' none), then the user's other fields, removed with it.
+# Registering never overwrites '@<user>': it holds the rate window.
+USER_REPAIR_LUA = """
+local registered = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+if registered ~= (ARGV[3] == '1') then return 0 end
+if registered and (redis.call('HGET', KEYS[1], ARGV[2]) or '') ~= ARGV[4] then return 0 end
+if ARGV[5] == '1' then
+  redis.call('HSETNX', KEYS[1], ARGV[1], '')
+  if ARGV[6] == '' then
+    redis.call('HDEL', KEYS[1], ARGV[2])
+  else
+    redis.call('HSET', KEYS[1], ARGV[2], ARGV[6])
+  end
+else
+  redis.call('HDEL', KEYS[1], ARGV[1], unpack(ARGV, 7))
+end
+return 1
+"""
+
 
 async def set_from_postgres(r: aioredis.Redis, layout: Layout, d: ConfigDrift) -> bool:
-    """One drifting field set as Postgres says, compare-and-set against what the check read."""
+    """One drifting field (or user) set as Postgres says, compare-and-set against what the check read."""
     user = user_of_field(d.field) if d.what.startswith("team ") else None
-    extra = [user_field(user, s) for s in USER_FIELDS] if user is not None and d.postgres is None else []
+    if user is not None:
+        return bool(await r.eval(USER_REPAIR_LUA, 1, d.key, d.field, user_field(user, "team"),
+                                 int(d.redis is not None), d.redis or "", int(d.postgres is not None),
+                                 d.postgres or "", *[user_field(user, s) for s in USER_FIELDS]))
     keys = [d.key, layout.balances(d.org)] if d.what.startswith("quota ") else [d.key]
     return bool(await r.eval(CONFIG_REPAIR_LUA, len(keys), *keys, d.field, int(d.redis is not None), d.redis or "",
-                             int(d.postgres is not None), d.postgres or "", *extra))
+                             int(d.postgres is not None), d.postgres or ""))
 
 
 async def until_clean(check: Callable[[], Awaitable[list[T]]], fix: Callable[[T], Awaitable[Any]],

