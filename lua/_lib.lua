@@ -1243,7 +1243,8 @@ local function straight_user(t, quotas_key, bal_key, has_sub_quotas, user_field,
   end
   local rl_interval = t.rl_user_interval_us
   if rl_interval > 0 then
-    local allowed, new_tat, _, rl_rem, rl_reset = gcra(x and x ~= '' and x + 0 or nil, rl_interval, t.rl_user_burst, now)
+    -- (tonumber: '' and anything but digits, only hand-written, read as no window, as the gate reads them)
+    local allowed, new_tat, _, rl_rem, rl_reset = gcra(tonumber(x), rl_interval, t.rl_user_burst, now)
     if not allowed then return false end
     return true, new_tat, rl_rem, rl_reset
   end

@@ -46,12 +46,19 @@ async def iso(redis, redis_url: str, servers: Any, prefix: str, config, tmp_path
     async def acmd(*args: str) -> subprocess.CompletedProcess[str]:
         return await asyncio.to_thread(cmd, *args)
 
+    workers: list[WorkerProc] = []  # killed at teardown: a test that fails mid-way leaves none running
+
+    def worker(name: str) -> WorkerProc:
+        workers.append(WorkerProc(cfg, redis_url, url, sub, name, tmp_path))
+        return workers[-1]
+
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
             yield SimpleNamespace(
                 client=client, admin=Admin(client), pg=pg, prefix=sub, url=url, cmd=acmd,
-                layout=Layout(sub, config.shards),
-                worker=lambda name: WorkerProc(cfg, redis_url, url, sub, name, tmp_path))
+                layout=Layout(sub, config.shards), worker=worker)
+    for w in workers:
+        await w.kill()
     await pg.close()
     async for k in redis.scan_iter(match=f"{sub}:*", count=5000):
         await redis.delete(k)

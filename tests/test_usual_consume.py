@@ -439,3 +439,20 @@ async def test_a_user_is_registered_on_first_use_even_when_that_use_is_refused(c
     assert await redis.hget(layout.balances(org), user_key_field("ann")) == ""  # registered, no window taken
     assert (await consume(client, h, 1, user="bob"))[0] == 200
     assert INTEGER.match(await redis.hget(layout.balances(org), user_key_field("bob")) or "")  # and its window
+
+
+async def test_a_user_field_that_is_not_a_window_reads_as_none_on_both_paths(client, admin, redis, config, prefix):
+    """A user's field holds its rate window (digits) or '' (layout.py); anything else (only
+    hand-written data) reads as no window yet, on the usual path as on the gate (tonumber), and
+    the call is decided, not a script error: the user is charged and its window written."""
+    layout = Layout(prefix, config.shards)
+    org = await admin.org("pro")
+    h = {"Authorization": f"Bearer {await admin.key(org)}"}
+    assert (await consume(client, h, 1, user="cy"))[0] == 200  # the period started: the next consume goes straight
+    await redis.hset(layout.balances(org), mapping={user_key_field("ann"): "red", user_key_field("bob"): "red"})
+    status, out = await consume(client, h, 1, user="ann")  # the usual path
+    assert status == 200, out
+    r = await client.post("/v1/check", json={"feature": "generate_insight", "user_id": "bob", "explain": True},
+                          headers=h)
+    assert r.status_code == 200, r.text  # the gate
+    assert INTEGER.match(await redis.hget(layout.balances(org), user_key_field("ann")) or "")

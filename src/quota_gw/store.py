@@ -47,6 +47,17 @@ def sub_quota_field(scope: str, subject: str, meter: str) -> str:
 # A sub-quota limit set (ARGV[2] its limit) or removed (ARGV[2] ''), and the balance hash's
 # SUB_QUOTAS mark removed in the same script: a consume never reads a '0' made before it.
 # KEYS: quotas, balances (the org's, one slot); ARGV: the field, the limit.
+# A user registered (HSETNX: its field holds its rate window once a decision wrote one) and its
+# team set, or removed when it has none, in one step on the balance hash (layout.py).
+USER_WRITE_LUA = """
+redis.call('HSETNX', KEYS[1], ARGV[1], '')
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+else
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+end
+return 1
+"""
 SUB_QUOTA_WRITE_LUA = """
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -155,15 +166,8 @@ class Store:
             return bool(await conn.fetchval(Q.upsert_user, org_id, user_id, team))
 
         async def apply(_: bool) -> None:
-            # Registered (its window, if any, kept) and its team, in one transaction on one key.
-            bal = self.layout.balances(org_id)
-            async with self.redis.pipeline(transaction=True) as p:
-                p.hsetnx(bal, user_key_field(user_id), "")
-                if team:
-                    p.hset(bal, user_field(user_id, "team"), team)
-                else:
-                    p.hdel(bal, user_field(user_id, "team"))
-                await p.execute()
+            await self.redis.eval(USER_WRITE_LUA, 1, self.layout.balances(org_id), user_key_field(user_id),
+                                  user_field(user_id, "team"), team or "")
 
         await self.require_org(org_id)
         return await self._postgres_then_redis(write, apply)
