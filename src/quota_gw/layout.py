@@ -48,6 +48,18 @@ SUB_QUOTAS = "sub_quotas"
 # team matters (sub-quotas, refunds, the gate). A user id has no ':'.
 USER_PREFIX = "@"
 USER_FIELDS = {"team": "t"}
+# How a user is written outside a decision (store.put_user, the configuration repair): registered
+# without touching its rate window (HSETNX: the field holds the window once a decision wrote one),
+# its team set, or removed when it has none. A script's body (one owner for both): KEYS[1] the
+# balance hash; ARGV[1] '@<user>', ARGV[2] '@<user>:t', ARGV[3] the team ('' none).
+USER_WRITE_LUA = """
+redis.call('HSETNX', KEYS[1], ARGV[1], '')
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+else
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+end
+"""
 
 
 def meter_field(meter: str, name: str) -> str:

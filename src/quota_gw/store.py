@@ -27,7 +27,7 @@ from .auth import hash_key, new_key
 from .db import Database
 from .decisions import Decider, Decision
 from .entitlements import canonical
-from .layout import SUB_QUOTAS, quota_field, quota_subject, user_field, user_key_field
+from .layout import SUB_QUOTAS, USER_WRITE_LUA, quota_field, quota_subject, user_field, user_key_field
 from .problems import Problem
 from .queries import Q
 
@@ -47,17 +47,6 @@ def sub_quota_field(scope: str, subject: str, meter: str) -> str:
 # A sub-quota limit set (ARGV[2] its limit) or removed (ARGV[2] ''), and the balance hash's
 # SUB_QUOTAS mark removed in the same script: a consume never reads a '0' made before it.
 # KEYS: quotas, balances (the org's, one slot); ARGV: the field, the limit.
-# A user registered (HSETNX: its field holds its rate window once a decision wrote one) and its
-# team set, or removed when it has none, in one step on the balance hash (layout.py).
-USER_WRITE_LUA = """
-redis.call('HSETNX', KEYS[1], ARGV[1], '')
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], ARGV[2])
-else
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-end
-return 1
-"""
 SUB_QUOTA_WRITE_LUA = """
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -166,7 +155,7 @@ class Store:
             return bool(await conn.fetchval(Q.upsert_user, org_id, user_id, team))
 
         async def apply(_: bool) -> None:
-            await self.redis.eval(USER_WRITE_LUA, 1, self.layout.balances(org_id), user_key_field(user_id),
+            await self.redis.eval(USER_WRITE_LUA + "return 1", 1, self.layout.balances(org_id), user_key_field(user_id),
                                   user_field(user_id, "team"), team or "")
 
         await self.require_org(org_id)

@@ -31,8 +31,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from quota_gw.entitlements import canonical
-from quota_gw.layout import (QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, Layout, quota_field, quota_subject, user_field,
-                             user_key_field, user_of_field)
+from quota_gw.layout import (QUOTA_FIELDS, SUB_QUOTAS, USER_FIELDS, USER_WRITE_LUA, Layout, quota_field, quota_subject,
+                             user_field, user_key_field, user_of_field)
 
 T = TypeVar("T")
 
@@ -209,34 +209,27 @@ return 1
 # A user of the balance hash KEYS[1] set as Postgres has it, only if it is still as the check read
 # it (registered or not; if registered, its team): an admin write or a registration on first use
 # meanwhile wins (a decision's new rate window is no change: the window is not compared). ARGV:
-# '@<user>', '@<user>:t', 1 if it was registered, the team it had ('' none), 1 to register (else
-# remove), the team to set ('' none), then the user's other fields, removed with it.
-# Registering never overwrites '@<user>': it holds the rate window.
+# '@<user>', '@<user>:t', the team to set ('' none), 1 if it was registered, the team it had
+# ('' none), 1 to register (layout.USER_WRITE_LUA: never overwriting '@<user>', which holds the
+# rate window) else remove, then the user's other fields, removed with it.
 USER_REPAIR_LUA = """
 local registered = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
-if registered ~= (ARGV[3] == '1') then return 0 end
-if registered and (redis.call('HGET', KEYS[1], ARGV[2]) or '') ~= ARGV[4] then return 0 end
-if ARGV[5] == '1' then
-  redis.call('HSETNX', KEYS[1], ARGV[1], '')
-  if ARGV[6] == '' then
-    redis.call('HDEL', KEYS[1], ARGV[2])
-  else
-    redis.call('HSET', KEYS[1], ARGV[2], ARGV[6])
-  end
-else
+if registered ~= (ARGV[4] == '1') then return 0 end
+if registered and (redis.call('HGET', KEYS[1], ARGV[2]) or '') ~= ARGV[5] then return 0 end
+if ARGV[6] ~= '1' then
   redis.call('HDEL', KEYS[1], ARGV[1], unpack(ARGV, 7))
+  return 1
 end
-return 1
-"""
+""" + USER_WRITE_LUA + "return 1"
 
 
 async def set_from_postgres(r: aioredis.Redis, layout: Layout, d: ConfigDrift) -> bool:
     """One drifting field (or user) set as Postgres says, compare-and-set against what the check read."""
     user = user_of_field(d.field) if d.what.startswith("team ") else None
     if user is not None:
-        return bool(await r.eval(USER_REPAIR_LUA, 1, d.key, d.field, user_field(user, "team"),
+        return bool(await r.eval(USER_REPAIR_LUA, 1, d.key, d.field, user_field(user, "team"), d.postgres or "",
                                  int(d.redis is not None), d.redis or "", int(d.postgres is not None),
-                                 d.postgres or "", *[user_field(user, s) for s in USER_FIELDS]))
+                                 *[user_field(user, s) for s in USER_FIELDS]))
     keys = [d.key, layout.balances(d.org)] if d.what.startswith("quota ") else [d.key]
     return bool(await r.eval(CONFIG_REPAIR_LUA, len(keys), *keys, d.field, int(d.redis is not None), d.redis or "",
                              int(d.postgres is not None), d.postgres or ""))
