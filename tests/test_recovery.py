@@ -377,3 +377,15 @@ async def test_fixing_users_leaves_the_meters_and_org_fields_of_the_balance_hash
     assert {k: v for k, v in bal.items() if not k.startswith(USER_PREFIX) or k in others} == others
     assert {k: v for k, v in bal.items() if k.startswith(USER_PREFIX) and k not in others} == {
         user_field("ann", "team"): "red", user_key_field("bob"): ""}
+
+
+async def test_the_configuration_check_reads_every_user_of_a_large_balance_hash(iso, redis) -> None:
+    """An org's users are fields of its balance hash; the check reads it by HSCAN, 1,000 fields a
+    command (not one HGETALL holding Redis for all of them): every user of an org with many is
+    seen, here 2,500 that only Redis knows, each one drift, and the meter beside them none."""
+    org = await iso.admin.org("bulk")
+    await iso.admin.grant(org, "general", 5)
+    await redis.hset(iso.layout.balances(org), mapping={user_key_field(f"u{i}"): "" for i in range(2500)})
+    drift, checked = await config_drift(redis, iso.pg, iso.layout, org)
+    assert checked == 1
+    assert sorted(d.what for d in drift) == sorted(f"team u{i}" for i in range(2500)), drift[:3]
